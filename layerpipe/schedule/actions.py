@@ -1,0 +1,129 @@
+"""Actions: the instructions a pipeline rank executes, and their compact notation.
+
+An action prints as ``<stage><KIND>[<microbatch>]``, the notation of
+``torch.distributed.pipelining``: ``2F0`` is stage 2's forward of micro-batch
+0, ``1SEND_F4`` sends stage 1's output for micro-batch 4 to the next stage,
+``0GATHER`` all-gathers stage 0's sharded weights and ``0REDUCE[2/4]`` issues
+portion 2 of 4 of stage 0's gradient reduction.  ``parse_action`` reads the
+notation back.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import NamedTuple, Sequence
+
+
+class Kind(str, Enum):
+    """What an action does.  The value is the text used in the notation."""
+
+    F = "F"  # forward of one micro-batch through one stage
+    B = "B"  # full backward (input and weight gradients)
+    I = "I"  # noqa: E741  input-gradient half of B (needed by the previous stage)
+    W = "W"  # weight-gradient half of B (can wait)
+    R = "R"  # recompute the stage's forward intermediates before its backward
+    SEND_F = "SEND_F"  # send this stage's output to the next stage
+    RECV_F = "RECV_F"  # receive this stage's input from the previous stage
+    SEND_B = "SEND_B"  # send the gradient of this stage's input to the previous stage
+    RECV_B = "RECV_B"  # receive the gradient of this stage's output from the next stage
+    GATHER = "GATHER"  # all-gather the stage's sharded weights into a full buffer
+    RELEASE = "RELEASE"  # free the stage's gathered weight buffer (ZeRO-3)
+    REDUCE = "REDUCE"  # reduce the stage's gradients across data-parallel replicas
+    STEP = "STEP"  # optimizer step for the stage
+
+    # Enum's own __hash__ is Python code; actions are hashed by the million.
+    __hash__ = str.__hash__
+
+    def __str__(self) -> str:
+        return self.value
+
+
+COMPUTE_KINDS = frozenset({Kind.F, Kind.B, Kind.I, Kind.W, Kind.R})
+"""Kinds that run the stage's layers and take a micro-batch."""
+
+BACKWARD_KINDS = frozenset({Kind.B, Kind.I, Kind.W})
+"""Kinds that produce gradients."""
+
+P2P_KINDS = frozenset({Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B})
+"""Point-to-point kinds between pipeline ranks; they take a micro-batch."""
+
+STAGE_KINDS = frozenset({Kind.GATHER, Kind.RELEASE, Kind.REDUCE, Kind.STEP})
+"""Kinds that act on a whole stage and take no micro-batch."""
+
+_MICROBATCH_KINDS = COMPUTE_KINDS | P2P_KINDS
+
+
+class Action(NamedTuple):
+    """One instruction of a program.
+
+    ``microbatch`` is set exactly for compute and point-to-point kinds.
+    ``portion`` and ``portions`` are set only for a reduce split into parts
+    (1-based: portion 2 of 4 prints as ``REDUCE[2/4]``).
+    """
+
+    stage: int
+    kind: Kind
+    microbatch: int | None = None
+    portion: int | None = None
+    portions: int | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.stage}{self.kind.value}"
+        if self.microbatch is not None:
+            text += str(self.microbatch)
+        if self.portions is not None:
+            text += f"[{self.portion}/{self.portions}]"
+        return text
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+Program = tuple[Action, ...]
+"""The ordered actions of one rank for one step."""
+
+_ACTION_PATTERN = re.compile(
+    r"(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|GATHER|RELEASE|REDUCE|STEP|F|B|I|W|R)(\d*)(?:\[(\d+)/(\d+)\])?"
+)
+
+
+def parse_action(text: str) -> Action:
+    """Return the action written as ``text`` (the inverse of ``str(action)``).
+
+    Refuses, with ``ValueError``, text that is not one action in the notation,
+    a micro-batch on a whole-stage kind, a missing micro-batch on a compute or
+    point-to-point kind, a portion on anything but ``REDUCE``, and a portion
+    outside ``1..portions``.
+    """
+    match = _ACTION_PATTERN.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not an action: {text!r} (expected e.g. 2F0, 1SEND_F4, 0GATHER, 0REDUCE[2/4])")
+    stage, kind_text, microbatch, portion, portions = match.groups()
+    kind = Kind(kind_text)
+    if kind in _MICROBATCH_KINDS and not microbatch:
+        raise ValueError(f"not an action: {text!r} ({kind.value} needs a micro-batch number)")
+    if kind not in _MICROBATCH_KINDS and microbatch:
+        raise ValueError(f"not an action: {text!r} ({kind.value} takes no micro-batch number)")
+    if portions is not None:
+        if kind is not Kind.REDUCE:
+            raise ValueError(f"not an action: {text!r} (only REDUCE is split into portions)")
+        if not 1 <= int(portion) <= int(portions):
+            raise ValueError(f"not an action: {text!r} (portion must be between 1 and {portions})")
+        return Action(int(stage), kind, None, int(portion), int(portions))
+    return Action(int(stage), kind, int(microbatch) if microbatch else None)
+
+
+def parse_program(text: str) -> Program:
+    """Return the program written as whitespace-separated actions."""
+    return tuple(parse_action(word) for word in text.split())
+
+
+def format_program(program: Sequence[Action]) -> str:
+    """Return the program as space-separated actions, e.g. ``0F0 0F1 0B0``."""
+    return " ".join(map(str, program))
+
+
+def compute_only(program: Sequence[Action]) -> Program:
+    """Return the program's compute actions (F, B, I, W, R) in order."""
+    return tuple(action for action in program if action.kind in COMPUTE_KINDS)

@@ -1,0 +1,168 @@
+"""Generators: the compute program (F, B, I, W) of every rank for one step.
+
+Each generator takes a placement and the number of micro-batches and returns
+one program per rank.  Orders that ``torch.distributed.pipelining`` also
+generates are the same order here, with its idle slots dropped (tests check
+this against the installed torch).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .actions import Action, Kind, Program
+from .placement import Placement
+
+F, B, I, W = Kind.F, Kind.B, Kind.I, Kind.W
+
+
+def gpipe(placement: Placement, microbatches: int) -> tuple[Program, ...]:
+    """Return GPipe: every forward of the step, then every backward, micro-batches in order.
+
+    Equals ``ScheduleGPipe``'s order.
+    """
+    programs = []
+    for rank in range(placement.ranks):
+        stages = placement.stages_of(rank)
+        forwards = [Action(stage, F, mb) for stage in stages for mb in range(microbatches)]
+        backwards = [Action(stage, B, mb) for stage in reversed(stages) for mb in range(microbatches)]
+        programs.append(tuple(forwards + backwards))
+    return tuple(programs)
+
+
+def one_f_one_b(placement: Placement, microbatches: int) -> tuple[Program, ...]:
+    """Return 1F1B: ``p-1-r`` warm-up forwards on rank ``r``, then one forward one backward, then the rest.
+
+    This is the order of DeepSpeed and Megatron.  It deliberately differs from
+    torch 2.13's ``Schedule1F1B.pipeline_order``, which numbers the last
+    rank's forwards from 1 and so skips micro-batch 0 there.
+    """
+    programs = []
+    for rank in range(placement.ranks):
+        (stage,) = placement.stages_of(rank)
+        warmup = min(placement.ranks - 1 - rank, microbatches)
+        program = [Action(stage, F, mb) for mb in range(warmup)]
+        for mb in range(microbatches - warmup):
+            program += [Action(stage, F, warmup + mb), Action(stage, B, mb)]
+        program += [Action(stage, B, mb) for mb in range(microbatches - warmup, microbatches)]
+        programs.append(tuple(program))
+    return tuple(programs)
+
+
+def _groups(microbatches: int, group_size: int) -> list[range]:
+    """Return the micro-batch groups: ``group_size`` each, the remainder joining the last group.
+
+    A last group smaller than the pipeline would deadlock the
+    one-forward-one-backward phase, so no group is made smaller than
+    ``group_size``.
+    """
+    starts = list(range(0, microbatches - group_size + 1, group_size)) or [0]
+    return [range(first, end) for first, end in zip(starts, starts[1:] + [microbatches])]
+
+
+def _group_order(stages: tuple[int, ...], microbatches: int, group_size: int, reverse: bool) -> list[tuple[int, int]]:
+    """Return (stage, micro-batch) pairs: a group of micro-batches per stage, stage by stage, group by group."""
+    local = list(reversed(stages)) if reverse else list(stages)
+    return [(stage, mb) for group in _groups(microbatches, group_size) for stage in local for mb in group]
+
+
+def grouped(placement: Placement, microbatches: int, group_size: int) -> tuple[Program, ...]:
+    """Return the grouped family on the looping placement: 1F1B over groups of ``N`` micro-batches.
+
+    A rank runs ``N`` micro-batches through one of its stages before moving to
+    the next (Megatron's ``microbatch_group_size_per_vp_stage``).  Rank ``r``
+    warms up with ``(v-1)·N + 2·(p-1-r)`` forwards (``N`` of the largest group), then alternates one
+    forward and one backward, then finishes the backwards; backwards visit the
+    stages in reverse.  ``N = p`` is Megatron's interleaved order; ``N = m``
+    runs every micro-batch of a stage before the next stage (layered gradient
+    accumulation) with the breadth-first bubble.  When ``N`` does not divide
+    ``m`` the last group also takes the remainder (Megatron would run a
+    smaller last group, which deadlocks when it is smaller than ``p``).
+    """
+    programs = []
+    for rank in range(placement.ranks):
+        stages = placement.stages_of(rank)
+        forwards = _group_order(stages, microbatches, group_size, reverse=False)
+        backwards = _group_order(stages, microbatches, group_size, reverse=True)
+        total = len(forwards)
+        largest_group = max(len(group) for group in _groups(microbatches, group_size))
+        warmup = min((len(stages) - 1) * largest_group + 2 * (placement.ranks - 1 - rank), total)
+        program = [Action(stage, F, mb) for stage, mb in forwards[:warmup]]
+        for index in range(total - warmup):
+            forward_stage, forward_mb = forwards[warmup + index]
+            backward_stage, backward_mb = backwards[index]
+            program += [Action(forward_stage, F, forward_mb), Action(backward_stage, B, backward_mb)]
+        program += [Action(stage, B, mb) for stage, mb in backwards[total - warmup:]]
+        programs.append(tuple(program))
+    return tuple(programs)
+
+
+def interleaved(placement: Placement, microbatches: int) -> tuple[Program, ...]:
+    """Return Megatron's interleaved (depth-first) 1F1B: the grouped order with ``N = m // max(1, m // p)``.
+
+    ``N`` is ``p`` whenever ``p`` divides ``m``; the general rule is the one of
+    ``ScheduleInterleaved1F1B``, whose order this equals.
+    """
+    return grouped(placement, microbatches, microbatches // max(1, microbatches // placement.ranks))
+
+
+def breadth_first(placement: Placement, microbatches: int) -> tuple[Program, ...]:
+    """Return breadth-first: each rank runs all micro-batches through a stage before its next stage.
+
+    Forward visits the rank's stages in increasing order; backward visits them
+    in decreasing order and finishes every micro-batch of a stage before any
+    earlier stage (layered gradient accumulation), micro-batches in reverse as
+    in ``ScheduleLoopedBFS``, whose order this equals.  Works on any placement
+    (looping or V-shape).
+    """
+    programs = []
+    for rank in range(placement.ranks):
+        stages = placement.stages_of(rank)
+        forwards = [Action(stage, F, mb) for stage in stages for mb in range(microbatches)]
+        backwards = [Action(stage, B, mb) for stage in reversed(stages) for mb in reversed(range(microbatches))]
+        programs.append(tuple(forwards + backwards))
+    return tuple(programs)
+
+
+def zero_bubble(placement: Placement, microbatches: int) -> tuple[Program, ...]:
+    """Return ZB-H1 (Qi et al. 2024), interleaved over ``v`` stages per rank as ZB1P.
+
+    ``B`` is split into ``I`` (input gradient, needed upstream at once) and
+    ``W`` (weight gradient, can wait).  Rank ``r`` warms up with
+    ``(v-1)·N + (p-1-r)`` forwards, then alternates forward and ``I``; from
+    its ``r``-th steady step on, each step also runs the oldest waiting ``W``,
+    and the remaining ``W`` close the step, filling the bubble.  With unit
+    ``F``, ``I`` and ``W`` the step takes ``3·m + p - 1`` instead of 1F1B's
+    ``3·m + 3·(p-1)``.  Equals ``ScheduleInterleavedZeroBubble``'s order.
+    """
+    group_size = microbatches // max(1, microbatches // placement.ranks)
+    programs = []
+    for rank in range(placement.ranks):
+        stages = placement.stages_of(rank)
+        forwards = _group_order(stages, microbatches, group_size, reverse=False)
+        backwards = _group_order(stages, microbatches, group_size, reverse=True)
+        total = len(forwards)
+        warmup = min((len(stages) - 1) * group_size + (placement.ranks - 1 - rank), total)
+        program = [Action(stage, F, mb) for stage, mb in forwards[:warmup]]
+        weights_done = 0
+        for index in range(total):
+            if warmup + index < total:
+                program.append(Action(forwards[warmup + index][0], F, forwards[warmup + index][1]))
+            program.append(Action(backwards[index][0], I, backwards[index][1]))
+            if index >= rank:
+                program.append(Action(backwards[weights_done][0], W, backwards[weights_done][1]))
+                weights_done += 1
+        program += [Action(stage, W, mb) for stage, mb in backwards[weights_done:]]
+        programs.append(tuple(program))
+    return tuple(programs)
+
+
+GENERATORS: dict[str, Callable[..., tuple[Program, ...]]] = {
+    "gpipe": gpipe,
+    "1f1b": one_f_one_b,
+    "interleaved": interleaved,
+    "breadth-first": breadth_first,
+    "grouped": grouped,
+    "zero-bubble": zero_bubble,
+}
+"""Generator of each schedule name; ``grouped`` also takes ``group_size``."""

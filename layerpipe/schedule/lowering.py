@@ -1,0 +1,210 @@
+"""Lowering passes: each takes the programs of all ranks and returns new programs.
+
+The passes, in the order ``lower`` applies them:
+
+* ``add_weight_gathers`` — ZeRO-3: ``GATHER`` a stage's sharded weights before
+  it is used (prefetched one run of actions ahead) and ``RELEASE`` them after;
+* ``add_gradient_reduces`` — ``REDUCE`` a stage's gradients right after its
+  last backward, optionally in portions issued in a fixed priority order;
+* ``add_optimizer_steps`` — ``STEP`` every stage at the end (ZeRO-1/2 then
+  all-gather the updated weight shards with ``GATHER``);
+* ``add_p2p`` — ``SEND``/``RECV`` pairs for every activation and gradient that
+  crosses ranks;
+* ``add_recompute`` — ``R`` right before the backward of recomputed stages.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Iterable, Sequence
+
+from .actions import BACKWARD_KINDS, COMPUTE_KINDS, Action, Kind, Program
+from .placement import Placement
+
+F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
+
+
+def add_p2p(programs: Sequence[Program], placement: Placement) -> tuple[Program, ...]:
+    """Return programs with a ``SEND`` after every producer and a ``RECV`` before every consumer that cross ranks.
+
+    ``sSEND_Fi`` follows ``sFi`` when stage ``s+1`` lives elsewhere, and
+    ``(s+1)RECV_Fi`` precedes ``(s+1)Fi``.  Likewise ``sSEND_Bi`` follows the
+    ``B`` (or ``I``) of stage ``s`` when stage ``s-1`` lives elsewhere and
+    ``(s-1)RECV_Bi`` precedes the backward of ``s-1``.
+    """
+    ranks = placement.stage_ranks
+    stages = placement.stages
+    sends_forward = [s + 1 < stages and ranks[s + 1] != ranks[s] for s in range(stages)]
+    receives_forward = [s > 0 and ranks[s - 1] != ranks[s] for s in range(stages)]
+    new = tuple.__new__  # builds Actions without the keyword handling of Action(...): this pass is hot
+    send_f, recv_f, send_b, recv_b = Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B
+    lowered = []
+    for program in programs:
+        out: list[Action] = []
+        append = out.append
+        for action in program:
+            stage, kind, mb, _, _ = action
+            if kind is F:
+                if receives_forward[stage]:
+                    append(new(Action, (stage, recv_f, mb, None, None)))
+                append(action)
+                if sends_forward[stage]:
+                    append(new(Action, (stage, send_f, mb, None, None)))
+            elif kind is B or kind is I:
+                if sends_forward[stage]:
+                    append(new(Action, (stage, recv_b, mb, None, None)))
+                append(action)
+                if receives_forward[stage]:
+                    append(new(Action, (stage, send_b, mb, None, None)))
+            else:
+                append(action)
+        lowered.append(tuple(out))
+    return tuple(lowered)
+
+
+def add_recompute(programs: Sequence[Program], stages: Iterable[int]) -> tuple[Program, ...]:
+    """Return programs with ``sRi`` right before the backward (``B`` or ``I``) of every recomputed stage ``s``.
+
+    Run after ``add_p2p`` so that the recompute follows the receipt of the
+    output gradient: it happens after the loss gradient, never during forward.
+    """
+    recomputed = frozenset(stages)
+    lowered = []
+    for program in programs:
+        out: list[Action] = []
+        for action in program:
+            if (action.kind is B or action.kind is I) and action.stage in recomputed:
+                out.append(Action(action.stage, R, action.microbatch))
+            out.append(action)
+        lowered.append(tuple(out))
+    return tuple(lowered)
+
+
+def _runs(program: Program) -> list[tuple[int, int, int]]:
+    """Return the maximal runs of consecutive compute actions on one stage as (stage, first, last) indices."""
+    runs: list[tuple[int, int, int]] = []
+    for index, action in enumerate(program):
+        if action.kind not in COMPUTE_KINDS:
+            continue
+        if runs and runs[-1][0] == action.stage:
+            runs[-1] = (action.stage, runs[-1][1], index)
+        else:
+            runs.append((action.stage, index, index))
+    return runs
+
+
+def _gather_plan(runs: list[tuple[int, int, int]], buffers: int) -> tuple[dict[int, list[Action]], dict[int, list[Action]]]:
+    """Decide where GATHER and RELEASE go for one rank: (actions before index, actions after index).
+
+    A stage is gathered when a run needs it and it is not held; when
+    ``buffers`` are full, the held stage used farthest in the future is
+    released after its last use so far (Belady's rule; the stage of the
+    previous run is kept if any other can go, so that the gather overlaps that
+    run).  A gather is issued at the start of the previous run when a buffer
+    is free then, else right after the release that frees one.
+    """
+    before: dict[int, list[Action]] = {}
+    after: dict[int, list[Action]] = {}
+    held: dict[int, int] = {}  # stage -> index of its last use so far
+    free_since = [-1] * buffers  # per free buffer: the program index after which it is free, earliest first
+    uses: dict[int, list[int]] = {}
+    for position, (stage, _, _) in enumerate(runs):
+        uses.setdefault(stage, []).append(position)
+
+    def next_use(candidate: int, position: int) -> float:
+        later = bisect.bisect_left(uses[candidate], position)
+        return uses[candidate][later] if later < len(uses[candidate]) else float("inf")
+
+    for position, (stage, first, last) in enumerate(runs):
+        if stage not in held:
+            previous_stage = runs[position - 1][0] if position else None
+            if not free_since:
+                candidates = [s for s in held if s != previous_stage] or list(held)
+                victim = max(candidates, key=lambda s: (next_use(s, position), s))
+                after.setdefault(held[victim], []).append(Action(victim, Kind.RELEASE))
+                free_since.append(held.pop(victim))
+            freed_at = free_since.pop(0)
+            previous_first = runs[position - 1][1] if position else first
+            if freed_at < previous_first:
+                before.setdefault(previous_first, []).append(Action(stage, Kind.GATHER))
+            else:
+                after.setdefault(freed_at, []).append(Action(stage, Kind.GATHER))
+        held[stage] = last
+    for stage, last in held.items():
+        after.setdefault(last, []).append(Action(stage, Kind.RELEASE))
+    return before, after
+
+
+def add_weight_gathers(programs: Sequence[Program], weight_buffers: int | None = None) -> tuple[Program, ...]:
+    """Return ZeRO-3 programs: ``GATHER`` each stage before use, ``RELEASE`` it after.
+
+    ``weight_buffers`` bounds the gathered stages a rank holds at once
+    (``None``: all of its stages, so each is gathered exactly once per step and
+    released after its last use).  With fewer buffers, gathers repeat where
+    the order switches between stages: once per group for depth-first
+    orders, but still a constant number per step for breadth-first.
+    """
+    lowered = []
+    for program in programs:
+        runs = _runs(program)
+        buffers = weight_buffers if weight_buffers is not None else len({stage for stage, _, _ in runs}) or 1
+        before, after = _gather_plan(runs, buffers)
+        out: list[Action] = []
+        for index, action in enumerate(program):
+            out += before.get(index, ())
+            out.append(action)
+            out += after.get(index, ())
+        lowered.append(tuple(out))
+    return tuple(lowered)
+
+
+def add_gradient_reduces(programs: Sequence[Program], portions: int = 1) -> tuple[Program, ...]:
+    """Return programs with each stage's ``REDUCE`` right after its last backward action.
+
+    With ``portions > 1`` the reduce is split.  When a stage finishes its
+    backward, its first portion is issued at once, followed by the held-back
+    remaining portions of the stage that finished before it; the stage's own
+    remaining portions wait until the next stage finishes (or the end of the
+    program).  So the first portion of stage ``s+1`` travels while ``s``
+    computes its backward, then ``s`` goes out ahead of the rest of ``s+1``:
+    earlier layers first, in one order that every replica derives from the
+    program alone.
+    """
+    lowered = []
+    for program in programs:
+        last_backward = {action.stage: index for index, action in enumerate(program) if action.kind in BACKWARD_KINDS}
+        finishing = {index: stage for stage, index in last_backward.items()}
+        out: list[Action] = []
+        held_back: list[Action] = []
+        for index, action in enumerate(program):
+            out.append(action)
+            stage = finishing.get(index)
+            if stage is None:
+                continue
+            if portions == 1:
+                out.append(Action(stage, Kind.REDUCE))
+                continue
+            out.append(Action(stage, Kind.REDUCE, None, 1, portions))
+            out += held_back
+            held_back = [Action(stage, Kind.REDUCE, None, k, portions) for k in range(2, portions + 1)]
+        out += held_back
+        lowered.append(tuple(out))
+    return tuple(lowered)
+
+
+def add_optimizer_steps(programs: Sequence[Program], zero: int = 0) -> tuple[Program, ...]:
+    """Return programs ending with ``STEP`` of each local stage, lowest stage first.
+
+    With ZeRO-1 or ZeRO-2 each replica steps its shard of the optimizer, so the
+    updated weights are all-gathered with a ``GATHER`` after each ``STEP``.
+    """
+    lowered = []
+    for program in programs:
+        stages = sorted({action.stage for action in program if action.kind in COMPUTE_KINDS})
+        tail: list[Action] = []
+        for stage in stages:
+            tail.append(Action(stage, Kind.STEP))
+            if zero in (1, 2):
+                tail.append(Action(stage, Kind.GATHER))
+        lowered.append(tuple(program) + tuple(tail))
+    return tuple(lowered)

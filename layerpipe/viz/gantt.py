@@ -1,0 +1,109 @@
+"""Gantt charts of timelines (matplotlib): one band per rank, compute above, communication below."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..schedule.actions import parse_action
+from ..sim.timeline import Timeline
+
+COLOURS = {
+    "F": "#4C78A8",
+    "B": "#F58518",
+    "I": "#E45756",
+    "W": "#72B7B2",
+    "R": "#B279A2",
+    "STEP": "#54A24B",
+    "SEND_F": "#9DB9D8",
+    "RECV_F": "#C9D8EA",
+    "SEND_B": "#F9C08A",
+    "RECV_B": "#FCDDBE",
+    "GATHER": "#8E6C8A",
+    "REDUCE": "#D62728",
+}
+LABELS = {
+    "F": "forward", "B": "backward", "I": "input gradient", "W": "weight gradient", "R": "recompute",
+    "STEP": "optimizer step", "SEND_F": "send activation", "SEND_B": "send gradient",
+    "GATHER": "gather weights", "REDUCE": "reduce gradients",
+}
+_LANES = {"compute": (0.42, 0.5), "p2p": (0.22, 0.18), "data_parallel": (0.02, 0.18)}
+_MAX_LABELLED = 600
+
+
+def _parsed(action):
+    return parse_action(action) if isinstance(action, str) else action
+
+
+def draw_timeline(axes, timeline: Timeline, title: str = "") -> None:
+    """Draw ``timeline`` on matplotlib ``axes``: rank 0 on top, forward/backward/communication in distinct colours.
+
+    Compute bars carry their micro-batch number when the step is small enough
+    to read; later stages of a rank are drawn lighter.
+    """
+    by_colour: dict[tuple[str, str, float], list[tuple[float, float, int]]] = {}
+    compute_events = [event for event in timeline.events if event[1] == "compute"]
+    label = len(compute_events) <= _MAX_LABELLED
+    stages_of_rank: dict[int, list[int]] = {}
+    for rank, stream, action, start, end in timeline.events:
+        action = _parsed(action)
+        stages_of_rank.setdefault(rank, [])
+        if action.stage not in stages_of_rank[rank] and stream == "compute":
+            stages_of_rank[rank].append(action.stage)
+    for rank, stream, action, start, end in timeline.events:
+        action = _parsed(action)
+        if stream == "p2p" and action.kind.value.startswith("RECV"):
+            continue  # the sender's bar already shows the transfer
+        local = sorted(stages_of_rank.get(rank, [action.stage]))
+        depth = local.index(action.stage) / max(1, len(local)) if action.stage in local else 0.0
+        key = (action.kind.value, stream, round(depth, 3) if stream == "compute" else 0.0)
+        by_colour.setdefault(key, []).append((start, end - start, rank))
+        if label and stream == "compute" and action.microbatch is not None:
+            bottom, height = _LANES[stream]
+            axes.text(start + (end - start) / 2, timeline.ranks - 1 - rank + bottom + height / 2, str(action.microbatch),
+                      ha="center", va="center", fontsize=7, color="white")
+    labelled = set()
+    for (kind, stream, depth), bars in sorted(by_colour.items()):
+        bottom, height = _LANES.get(stream, (0.0, 0.2))
+        rows: dict[int, list[tuple[float, float]]] = {}
+        for start, width, rank in bars:
+            rows.setdefault(rank, []).append((start, width))
+        for rank, spans in rows.items():
+            legend = LABELS.get(kind) if kind not in labelled else None
+            labelled.add(kind)
+            axes.broken_barh(spans, (timeline.ranks - 1 - rank + bottom, height), facecolors=COLOURS.get(kind, "#999999"),
+                             alpha=1.0 - 0.45 * depth, edgecolor="white", linewidth=0.3, label=legend)
+    axes.set_yticks([timeline.ranks - 1 - rank + 0.5 for rank in range(timeline.ranks)])
+    axes.set_yticklabels([f"rank {rank}" for rank in range(timeline.ranks)])
+    axes.set_ylim(0, timeline.ranks)
+    axes.set_xlim(left=0)
+    axes.set_xlabel(f"time ({timeline.unit})")
+    if title or timeline.title:
+        axes.set_title(title or timeline.title, loc="left", fontsize=10)
+
+
+def plot_timelines(timelines: Sequence[Timeline], path: str, titles: Sequence[str] = ()) -> None:
+    """Write a PNG with the timelines stacked, sharing one time axis, and a legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heights = [max(1.2, 0.45 * timeline.ranks + 0.8) for timeline in timelines]
+    figure, axes_list = plt.subplots(len(timelines), 1, figsize=(12, sum(heights) + 0.6), sharex=True,
+                                     gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for index, (axes, timeline) in enumerate(zip(axes_list[:, 0], timelines)):
+        draw_timeline(axes, timeline, titles[index] if index < len(titles) else "")
+    handles, labels = {}, []
+    for axes in axes_list[:, 0]:
+        for handle, label in zip(*axes.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+    figure.legend(list(handles.values()), list(handles), loc="upper right", fontsize=8, ncol=min(5, len(handles)))
+    figure.tight_layout(rect=(0, 0, 1, 0.97 if len(timelines) > 1 else 0.93))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_timeline(timeline: Timeline, path: str, title: str = "") -> None:
+    """Write a PNG Gantt chart of one timeline."""
+    plot_timelines([timeline], path, [title] if title else [])

@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from layerpipe.cli import main
+
+
+def test_schedule_prints_one_line_per_rank(capsys):
+    assert main(["schedule", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["rank 0: 0F0 0F1 0B0 0F2 0B1 0B2", "rank 1: 1F0 1B0 1F1 1B1 1F2 1B2"]
+
+
+def test_schedule_lowered_shows_communication(capsys):
+    assert main(["schedule", "--schedule", "gpipe", "-p", "2", "-m", "1", "--lowered", "--dp", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "rank 0: 0F0 0SEND_F0 0RECV_B0 0B0 0REDUCE 0STEP"
+
+
+def test_simulate_json(capsys):
+    assert main(["simulate", "--schedule", "gpipe", "-p", "4", "-m", "8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["bubble_fraction"] == pytest.approx(3 / 11)
+    assert {"step_time", "ideal_time", "ranks", "collectives"} <= set(data)
+    assert set(data["ranks"][0]) >= {"busy", "idle", "peak_activations"}
+    assert set(data["collectives"]) >= {"gather", "reduce"}
+
+
+def test_simulate_writes_plot_and_trace(tmp_path, capsys):
+    plot, trace = tmp_path / "t.png", tmp_path / "t.json"
+    assert main(["simulate", "-p", "2", "-m", "4", "--plot", str(plot), "--trace", str(trace)]) == 0
+    assert plot.stat().st_size > 1000 and json.loads(trace.read_text())["traceEvents"]
+
+
+def test_compare_prints_a_row_per_schedule(tmp_path, capsys):
+    assert main(["compare", "-p", "2", "-m", "4", "--schedules", "gpipe,breadth-first", "--plot", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("gpipe") and out[2].startswith("breadth-first")
+
+
+@pytest.mark.parametrize("arguments,option", [
+    (["schedule", "--schedule", "gpipe", "--stages-per-rank", "2"], "--stages-per-rank 2"),
+    (["schedule", "--schedule", "grouped", "-p", "4", "-m", "8", "--group-size", "9"], "--group-size 9"),
+    (["schedule", "--schedule", "grouped", "-p", "4", "-m", "8"], "--group-size"),
+    (["simulate", "--microbatches", "0"], "--microbatches"),
+    (["simulate", "--ranks", "-1"], "--ranks"),
+    (["simulate", "--schedule", "nope"], "--schedule"),
+    (["simulate", "--recompute", "9"], "--recompute 9"),
+    (["simulate", "--forward-time", "x"], "--forward-time"),
+])
+def test_bad_input_is_one_line_naming_the_option(arguments, option):
+    run = subprocess.run([sys.executable, "-m", "layerpipe.cli", *arguments], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stdout == ""
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert option in run.stderr and "Traceback" not in run.stderr
+
+
+def test_help_explains_each_command():
+    for command in ("schedule", "simulate", "compare"):
+        run = subprocess.run([sys.executable, "-m", "layerpipe.cli", command, "--help"], capture_output=True, text=True)
+        assert run.returncode == 0 and "--microbatches" in run.stdout

@@ -1,0 +1,57 @@
+"""Property-based: every generated program validates, lowers and simulates without deadlock."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from layerpipe.schedule.actions import COMPUTE_KINDS
+from layerpipe.schedule.build import build_schedule
+from layerpipe.schedule.config import ConfigError, ScheduleConfig
+from layerpipe.schedule.validation import validate
+from layerpipe.sim.cost import CostModel
+from layerpipe.sim.simulator import simulate
+
+
+@st.composite
+def configs(draw):
+    name = draw(st.sampled_from(["gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble"]))
+    ranks = draw(st.integers(1, 6))
+    stages_per_rank = 1 if name in ("gpipe", "1f1b") else draw(st.integers(1, 4))
+    microbatches = draw(st.integers(1, 20))
+    group_size = None
+    if name == "grouped":
+        microbatches = max(microbatches, ranks)
+        group_size = draw(st.integers(ranks, microbatches))
+    if name in ("interleaved", "zero-bubble"):
+        rounds = max(1, microbatches // ranks)
+        microbatches -= microbatches % rounds
+    data_parallel = draw(st.sampled_from([1, 2]))
+    zero = draw(st.integers(0, 3))
+    stages = ranks * stages_per_rank
+    recompute = tuple(sorted(draw(st.sets(st.integers(0, stages - 1), max_size=2))))
+    return ScheduleConfig(name, ranks, microbatches, stages_per_rank, group_size, data_parallel=data_parallel, zero=zero,
+                          reduce_portions=draw(st.integers(1, 3)), weight_buffers=draw(st.none() | st.integers(1, 3)),
+                          recompute=recompute)
+
+
+@settings(max_examples=300, deadline=None)
+@given(configs(), st.floats(0.1, 3.0), st.floats(0.0, 1.0))
+def test_generated_programs_validate_lower_and_simulate(config, backward_time, p2p_latency):
+    schedule = build_schedule(config)  # validates the lowered programs
+    validate(schedule.compute, schedule.placement, config.microbatches)
+    result = simulate(schedule, CostModel(backward_time=backward_time, p2p_latency=p2p_latency, weight_bytes=1.0))
+    compute_events = sum(1 for event in result.timeline.events if event[1] == "compute")
+    assert compute_events == sum(1 for p in schedule.programs for a in p if a.kind in COMPUTE_KINDS or a.kind.value == "STEP")
+    assert 0 <= result.bubble_fraction < 1
+    assert result.step_time >= result.ideal_time
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(-2, 10), st.integers(-2, 10), st.integers(-2, 12))
+def test_bad_sizes_are_refused_with_a_config_error(ranks, microbatches, group_size):
+    config = ScheduleConfig("grouped", ranks, microbatches, 2, group_size)
+    try:
+        build_schedule(config)
+    except ConfigError as error:
+        assert str(error).startswith("--")
+    else:
+        assert 1 <= ranks <= group_size <= microbatches

@@ -1,0 +1,149 @@
+"""The simulator against the reference facts of DESIGN.md."""
+
+import itertools
+import math
+
+import pytest
+
+from layerpipe.schedule.actions import parse_program
+from layerpipe.schedule.build import Schedule
+from layerpipe.schedule.config import ScheduleConfig
+from layerpipe.schedule.lowering import add_p2p
+from layerpipe.schedule.placement import contiguous
+from layerpipe.schedule.validation import ScheduleError
+from layerpipe.sim.cost import CostModel, collective_time
+from layerpipe.sim.simulator import simulate
+
+UNIT = CostModel(forward_time=1, backward_time=2)
+DIVISIBLE = [(p, v, m) for p, v, m in itertools.product([1, 2, 3, 4, 8], [1, 2, 3, 4], [4, 8, 12, 16, 24, 32])
+             if m >= p and m % p == 0]
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("ranks,microbatches", [(p, m) for p in (1, 2, 3, 4, 8) for m in (1, 2, 3, 5, 8, 16)])
+def test_gpipe_and_1f1b_bubble(schedule_of, name, ranks, microbatches):
+    result = simulate(schedule_of(name, ranks, microbatches), UNIT)
+    assert result.bubble_fraction == pytest.approx((ranks - 1) / (microbatches + ranks - 1), abs=1e-12)
+
+
+@pytest.mark.parametrize("ranks,stages_per_rank,microbatches", DIVISIBLE)
+def test_looping_schedules_bubble(schedule_of, ranks, stages_per_rank, microbatches):
+    expected = (ranks - 1) / (stages_per_rank * microbatches + ranks - 1)
+    for name, options in [("interleaved", {}), ("breadth-first", {}), ("grouped", {"group_size": ranks}),
+                          ("grouped", {"group_size": microbatches})]:
+        result = simulate(schedule_of(name, ranks, microbatches, stages_per_rank, **options), UNIT)
+        assert result.bubble_fraction == pytest.approx(expected, abs=1e-12), (name, options)
+
+
+@pytest.mark.parametrize("ranks,stages_per_rank,microbatches", DIVISIBLE)
+def test_zero_bubble_step_fills_the_bubble_with_weight_gradients(schedule_of, ranks, stages_per_rank, microbatches):
+    """With F = I = W = 1, ZB-H1's step is 3vm + p - 1, against 3vm + 3(p-1) for 1F1B."""
+    result = simulate(schedule_of("zero-bubble", ranks, microbatches, stages_per_rank), UNIT)
+    assert result.step_time == pytest.approx(3 * stages_per_rank * microbatches + ranks - 1)
+
+
+@pytest.mark.parametrize("ranks,microbatches", [(p, m) for p in (1, 2, 4, 8) for m in (1, 3, 8, 16)])
+def test_peak_activations(schedule_of, ranks, microbatches):
+    gpipe = simulate(schedule_of("gpipe", ranks, microbatches), UNIT)
+    assert [rank.peak_activations for rank in gpipe.ranks] == [microbatches] * ranks
+    one_f_one_b = simulate(schedule_of("1f1b", ranks, microbatches), UNIT)
+    assert [rank.peak_activations for rank in one_f_one_b.ranks] == [min(ranks - r, microbatches) for r in range(ranks)]
+    for stages_per_rank in (1, 2, 3):
+        breadth_first = simulate(schedule_of("breadth-first", ranks, microbatches, stages_per_rank), UNIT)
+        assert [rank.peak_activations for rank in breadth_first.ranks] == [stages_per_rank * microbatches] * ranks
+
+
+def test_activation_bytes_and_recompute(schedule_of):
+    cost = CostModel(activation_bytes=100.0, boundary_bytes=10.0)
+    plain = simulate(schedule_of("gpipe", 2, 4), cost)
+    recomputed = simulate(schedule_of("gpipe", 2, 4, recompute=(0, 1)), cost)
+    assert plain.ranks[0].peak_activation_bytes == 400.0
+    # three inputs kept, plus one micro-batch recomputed at a time
+    assert recomputed.ranks[0].peak_activation_bytes == 4 * 10.0 + 100.0
+    assert recomputed.ranks[0].peak_activations == 1
+    assert recomputed.ranks[0].busy == plain.ranks[0].busy + 4 * 1.0
+
+
+def test_ideal_time_and_idle(schedule_of):
+    result = simulate(schedule_of("1f1b", 4, 8), UNIT)
+    assert result.ideal_time == 24
+    assert all(rank.busy + rank.idle == pytest.approx(result.step_time) for rank in result.ranks)
+
+
+def test_p2p_latency_lengthens_the_step(schedule_of):
+    base = simulate(schedule_of("gpipe", 4, 4), UNIT)
+    slow = simulate(schedule_of("gpipe", 4, 4), CostModel(p2p_latency=0.5))
+    assert slow.step_time == pytest.approx(base.step_time + 2 * 3 * 0.5)
+    assert max(rank.exposed_communication for rank in slow.ranks) > 0
+
+
+def test_ring_collective_formulas():
+    assert collective_time("all_gather", 8.0, 4, 1.0, 0.0) == 6.0
+    assert collective_time("reduce_scatter", 8.0, 4, 1.0, 0.0) == 6.0
+    assert collective_time("all_reduce", 8.0, 4, 1.0, 0.0) == 12.0
+    assert collective_time("all_reduce", 8.0, 1, 1.0, 5.0) == 0.0
+
+
+@pytest.mark.parametrize("microbatches", [4, 8, 16])
+def test_breadth_first_zero3_one_gather_and_one_reduce_per_stage(schedule_of, microbatches):
+    result = simulate(schedule_of("breadth-first", 4, microbatches, 2, data_parallel=2, zero=3),
+                      CostModel(weight_bytes=1.0, dp_bandwidth=1.0))
+    assert (result.gathers, result.reduces) == (8, 8)
+
+
+def test_interleaved_zero3_needs_more_gathers_with_bounded_buffers(schedule_of):
+    cost = CostModel(weight_bytes=1.0, dp_bandwidth=1.0)
+
+    def gathers(name, microbatches):
+        config = dict(data_parallel=2, zero=3, weight_buffers=1)
+        return simulate(schedule_of(name, 4, microbatches, 2, **config), cost).gathers
+
+    breadth_first = [gathers("breadth-first", m) for m in (4, 8, 16)]
+    interleaved = [gathers("interleaved", m) for m in (4, 8, 16)]
+    assert breadth_first == [breadth_first[0]] * 3
+    assert interleaved[0] == breadth_first[0]  # m = p: one group, the same order of stages
+    assert breadth_first[0] < interleaved[1] < interleaved[2]
+
+
+def test_breadth_first_hides_reduces_better_than_interleaved(schedule_of):
+    """A stage's reduce hides behind m backwards in breadth-first, behind N = p in interleaved."""
+    cost = CostModel(weight_bytes=8.0, dp_bandwidth=1.0)  # all-reduce over 8 replicas: 14 units, a backward is 2
+    breadth_first = simulate(schedule_of("breadth-first", 4, 16, 2, data_parallel=8), cost)
+    interleaved = simulate(schedule_of("interleaved", 4, 16, 2, data_parallel=8), cost)
+    exposed = lambda result: max(rank.exposed_communication for rank in result.ranks)  # noqa: E731
+    assert exposed(breadth_first) == pytest.approx(14.0)  # only the first stage's reduce is left at the end
+    assert exposed(interleaved) > exposed(breadth_first)
+
+
+def test_without_overlap_communication_occupies_compute(schedule_of):
+    schedule = schedule_of("breadth-first", 2, 4, 2, data_parallel=2, zero=0)
+    cost = CostModel(weight_bytes=2.0, dp_bandwidth=1.0, overlap=False)
+    overlapped = simulate(schedule, CostModel(weight_bytes=2.0, dp_bandwidth=1.0))
+    serial = simulate(schedule, cost)
+    assert serial.step_time > overlapped.step_time
+    assert all(event[1] != "data_parallel" or event[3] <= serial.step_time for event in serial.timeline.events)
+
+
+def test_reduces_in_portions_split_the_collective_time(schedule_of):
+    cost = CostModel(weight_bytes=4.0, dp_bandwidth=1.0)
+    result = simulate(schedule_of("breadth-first", 2, 4, 2, data_parallel=2, zero=2, reduce_portions=4), cost)
+    durations = [end - start for _, _, action, start, end in result.timeline.events if action.kind.value == "REDUCE"]
+    assert durations and all(d == pytest.approx(0.5) for d in durations)
+    assert (result.reduces, result.reduce_portions) == (4, 16)
+
+
+def test_simulator_reports_deadlock():
+    placement = contiguous(2)
+    programs = add_p2p((parse_program("0F0 0B0 0F1 0B1"), parse_program("1F1 1B1 1F0 1B0")), placement)
+    schedule = Schedule(ScheduleConfig("1f1b", 2, 2), placement, programs, programs)
+    with pytest.raises(ScheduleError, match="deadlock: rank 0 blocked at 0RECV_B0"):
+        simulate(schedule)
+
+
+def test_timeline_streams_and_json_round_trip(schedule_of):
+    from layerpipe.sim.timeline import Timeline
+    result = simulate(schedule_of("breadth-first", 2, 2, 2, data_parallel=2, zero=3), CostModel(weight_bytes=1.0))
+    assert {event[1] for event in result.timeline.events} == {"compute", "p2p", "data_parallel"}
+    again = Timeline.from_json(result.timeline.to_json())
+    assert [str(e[2]) for e in again.events] == [str(e[2]) for e in result.timeline.events]
+    assert math.isclose(again.step_time, result.timeline.step_time)

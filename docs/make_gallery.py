@@ -48,16 +48,17 @@ def main() -> None:
     lines += ["| schedule | step time | bubble | peak activations (rank 0) |", "| --- | ---: | ---: | ---: |"]
     results = []
     for name, config, caption in SCHEDULE_PICTURES:
-        result = simulate(build_schedule(config), unit)
-        results.append((name, config, caption, result))
+        schedule = build_schedule(config)
+        result = simulate(schedule, unit)
+        results.append((name, config, caption, schedule, result))
         lines.append(f"| {name} | {result.step_time:g} | {result.bubble_fraction:.1%} | {result.ranks[0].peak_activations} |")
     lines.append("")
     lines.append("Looping schedules run twice as many stages of half the size, so compare step times within a "
                  "placement; the bubble fraction is comparable across all of them.")
-    for name, config, caption, result in results:
+    for name, config, caption, schedule, result in results:
         path = os.path.join(GALLERY, f"{name}.png")
         plot_timeline(result.timeline, path, f"{name}: p={config.ranks} v={config.stages_per_rank} m={config.microbatches}")
-        program = format_program(build_schedule(config).compute[0])
+        program = format_program(schedule.compute[0])
         lines += ["", f"## {name}", "", caption, "", f"![{name}](gallery/{name}.png)", "",
                   f"`layerpipe schedule --schedule {config.schedule} --ranks {config.ranks} "
                   f"--stages-per-rank {config.stages_per_rank} --microbatches {config.microbatches}"

@@ -160,7 +160,7 @@ def _command_simulate(args: argparse.Namespace) -> None:
         from .viz.chrome_trace import write_chrome_trace
         write_chrome_trace(result.timeline, args.trace)
     if args.json:
-        print(json.dumps({"config": _config_json(config), **result.to_json()}))
+        print(json.dumps({"config": config.to_json(), **result.to_json()}))
     else:
         print(_title(config))
         print(_summary(result))
@@ -173,10 +173,6 @@ def _title(config: ScheduleConfig) -> str:
     if config.data_parallel > 1:
         text += f" dp={config.data_parallel} zero={config.zero}"
     return text
-
-
-def _config_json(config: ScheduleConfig) -> dict:
-    return {**config.__dict__, "recompute": list(config.recompute)}
 
 
 def _same_model_cost(cost: CostModel, reference_stages: int, stages_per_rank: int) -> CostModel:
@@ -212,7 +208,7 @@ def _command_compare(args: argparse.Namespace) -> None:
         timelines.append(result.timeline)
         titles.append(_title(config))
     if args.json:
-        print(json.dumps([{"config": _config_json(config), **result.to_json()} for _, config, result in rows]))
+        print(json.dumps([{"config": config.to_json(), **result.to_json()} for _, config, result in rows]))
     else:
         print(f"{'schedule':<14} {'v':>2} {'step time':>10} {'bubble':>8} {'exposed comm':>13} {'peak act.':>10} {'gathers':>8} {'reduces':>8}")
         for name, config, result in rows:

@@ -42,6 +42,10 @@ class ScheduleConfig:
         """Return the total number of stages, ``ranks * stages_per_rank``."""
         return self.ranks * self.stages_per_rank
 
+    def to_json(self) -> dict:
+        """Return the configuration as a JSON-ready dictionary of its fields."""
+        return {**self.__dict__, "recompute": list(self.recompute)}
+
     @property
     def placement_name(self) -> str:
         """Return the placement this configuration uses, with ``auto`` resolved."""

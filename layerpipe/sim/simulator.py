@@ -231,7 +231,7 @@ def _simulate(schedule: Schedule, cost: CostModel) -> SimResult:
                 portions += 1
                 counts[_REDUCE] += action.portion in (None, 1)
     timeline = Timeline(ranks, tuple(events), "simulated", "unit", config.schedule,
-                        {"config": config.__dict__ | {"recompute": list(config.recompute)}})
+                        {"config": config.to_json()})
     return SimResult(
         timeline=timeline,
         step_time=step_time,

@@ -1,0 +1,27 @@
+"""layerpipe: pipeline-parallel training for PyTorch, built around the breadth-first schedule.
+
+``layerpipe.Pipeline`` and ``layerpipe.launch`` import torch when first used,
+so the schedule engine and simulator (``layerpipe.schedule``, ``layerpipe.sim``)
+stay importable without it.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Pipeline": ("layerpipe.runtime.pipeline", "Pipeline"),
+    "launch": ("layerpipe.runtime.launch", "launch"),
+    "LaunchError": ("layerpipe.runtime.launch", "LaunchError"),
+    "PipelineError": ("layerpipe.runtime.stage", "PipelineError"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module), attribute)
+    raise AttributeError(f"module 'layerpipe' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

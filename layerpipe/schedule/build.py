@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .actions import Program
+from .actions import Kind, Program
 from .bulk import collector_paused
 from .config import ScheduleConfig, validate_config
 from .generators import GENERATORS
@@ -69,3 +69,13 @@ def build_schedule(config: ScheduleConfig, check: bool = True) -> Schedule:
         if check:
             validate(programs, placement, config.microbatches)
     return Schedule(config, placement, compute, programs)
+
+
+def forward_programs(schedule: Schedule) -> tuple[Program, ...]:
+    """Return the programs of a forward-only pass (evaluation, inference): the schedule's forwards with their transfers.
+
+    The order of forwards is the schedule's own, so evaluation streams
+    micro-batches the way training does.
+    """
+    forwards = tuple(tuple(action for action in program if action.kind is Kind.F) for program in schedule.compute)
+    return add_p2p(forwards, schedule.placement)

@@ -1,0 +1,1 @@
+"""The runtime: partitioning, local launching, the executor and the ``Pipeline`` API (imports torch)."""

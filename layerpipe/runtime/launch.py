@@ -1,0 +1,169 @@
+"""Start local processes with a process group each: for notebooks, tests and the demo.
+
+``launch(fn, nprocs)`` starts ``nprocs`` processes on this machine, sets the
+same environment ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``), initialises the default process group,
+calls ``fn(*args)`` in each and returns the per-rank results.  When a rank
+fails, the others get a short grace period to report their own failure and
+are then stopped; ``LaunchError`` carries every rank's report, the first
+failure's traceback in full.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import pickle
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+GRACE_SECONDS = 3.0
+"""How long the other ranks may keep running after one rank failed, to report their own state."""
+
+
+class LaunchError(RuntimeError):
+    """One or more ranks failed; ``reports`` maps rank to what it reported."""
+
+    def __init__(self, reports: dict[int, str]):
+        self.reports = reports
+        first = min(reports, key=lambda rank: (reports[rank].startswith("stopped"), rank))
+        lines = [f"rank {first} failed:", reports[first].rstrip()]
+        for rank in sorted(reports):
+            if rank != first:
+                lines.append(f"rank {rank}: " + reports[rank].strip().splitlines()[-1])
+        super().__init__("\n".join(lines))
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def default_backend() -> str:
+    """Return ``nccl`` when CUDA devices are present, ``gloo`` otherwise."""
+    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+def init_process_group(timeout: float = 300.0, backend: str | None = None) -> None:
+    """Initialise the default process group from the ``torchrun`` environment, unless it already exists.
+
+    Sets one intra-op thread per process on CPU (``LAYERPIPE_THREADS`` overrides).
+    """
+    if dist.is_initialized():
+        return
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        torch.set_num_threads(int(os.environ.get("LAYERPIPE_THREADS", "1")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+
+
+def _worker(rank: int, nprocs: int, port: int, fn: Callable, args: tuple, result_dir: str,
+            timeout: float, backend: str | None) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    path = os.path.join(result_dir, f"rank{rank}.pickle")
+    try:
+        init_process_group(timeout, backend)
+        result = ("ok", fn(*args))
+    except BaseException:  # noqa: BLE001 - every failure is reported to the parent
+        result = ("error", traceback.format_exc())
+    try:
+        with open(path + ".part", "wb") as handle:
+            pickle.dump(result, handle)
+    except Exception:  # noqa: BLE001 - an unpicklable result is reported as a failure
+        with open(path + ".part", "wb") as handle:
+            pickle.dump(("error", traceback.format_exc()), handle)
+    os.replace(path + ".part", path)
+    if result[0] == "ok" and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if result[0] == "ok" else 1)
+
+
+def _start_method(requested: str | None) -> str:
+    if requested:
+        return requested
+    # fork starts in milliseconds and runs functions defined in a notebook; CUDA forbids it once initialised.
+    if "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized():
+        return "fork"
+    return "spawn"
+
+
+def launch(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, timeout: float = 300.0,
+           backend: str | None = None, start_method: str | None = None) -> list[Any]:
+    """Run ``fn(*args)`` in ``nprocs`` local processes with a process group; return each rank's result.
+
+    ``timeout`` (seconds) bounds every collective and transfer of the
+    process group.  Raises ``LaunchError`` naming the failing rank with its
+    traceback, and what the other ranks reported, when any rank fails.
+    Refuses ``nprocs < 1`` with ``ValueError``.
+    """
+    if nprocs < 1:
+        raise ValueError(f"nprocs {nprocs}: must be at least 1")
+    context = multiprocessing.get_context(_start_method(start_method))
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="layerpipe-launch-") as result_dir:
+        processes = [
+            context.Process(target=_worker, args=(rank, nprocs, port, fn, args, result_dir, timeout, backend),
+                            daemon=False)
+            for rank in range(nprocs)
+        ]
+        for process in processes:
+            process.start()
+        _wait(processes)
+        results, reports = [], {}
+        for rank, process in enumerate(processes):
+            path = os.path.join(result_dir, f"rank{rank}.pickle")
+            if os.path.exists(path):
+                with open(path, "rb") as handle:
+                    status, value = pickle.load(handle)
+            else:
+                status, value = "error", _stopped_report(process)
+            if status == "ok":
+                results.append(value)
+            else:
+                reports[rank] = value
+        if reports:
+            raise LaunchError(reports)
+        return results
+
+
+def _stopped_report(process) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        return f"stopped by signal {-code} after another rank failed (it was still running)"
+    return f"exited with status {code} without reporting a result"
+
+
+def _wait(processes) -> None:
+    """Wait for every process; once one fails, give the rest ``GRACE_SECONDS`` and then stop them."""
+    failed_at = None
+    while True:
+        alive = [p for p in processes if p.exitcode is None]
+        if not alive:
+            return
+        if failed_at is None and any(p.exitcode not in (None, 0) for p in processes):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > GRACE_SECONDS:
+            for process in alive:
+                process.terminate()
+            for process in alive:
+                process.join(5)
+                if process.exitcode is None:
+                    process.kill()
+                    process.join()
+            return
+        alive[0].join(0.05)

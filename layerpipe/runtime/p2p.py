@@ -1,0 +1,154 @@
+"""Point-to-point transfers of one rank's program: non-blocking sends, receives posted ahead.
+
+A message is identified by the stage that sends it, its direction and its
+micro-batch.  Each peer's messages to this rank are known in the order the
+peer sends them (every rank holds every program), so receives are posted in
+that order: on gloo up to ``lookahead`` messages ahead of the ``RECV`` that
+needs them, so transfers overlap compute; on NCCL exactly at the ``RECV``,
+because NCCL runs a pair's operations in issue order and an early receive
+would hold back this rank's sends to the same peer.  Sends never block: they
+are waited for when the program ends.  Every wait has a timeout whose error
+names the rank, the action and the peer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..schedule.actions import Action, Kind, Program
+from ..schedule.placement import Placement
+from .stage import PipelineError, TensorMeta, differentiable
+
+TENSOR_SLOTS = 64
+"""Tags reserve this many tensors per message."""
+
+
+def message_of(action: Action) -> tuple[int, bool, int]:
+    """Return ``(sending stage, backward?, micro-batch)`` of a send or receive action."""
+    stage, kind, microbatch = action[0], action[1], action[2]
+    if kind is Kind.SEND_F or kind is Kind.SEND_B:
+        return stage, kind is Kind.SEND_B, microbatch
+    if kind is Kind.RECV_F:
+        return stage - 1, False, microbatch
+    return stage + 1, True, microbatch
+
+
+def describe(action: Action) -> str:
+    """Return what a receive waits for or a send delivers, in words."""
+    sender, backward, microbatch = message_of(action)
+    if backward:
+        return f"the gradient of stage {sender - 1}'s output for micro-batch {microbatch} (from stage {sender})"
+    return f"stage {sender}'s output for micro-batch {microbatch}"
+
+
+class Mailbox:
+    """The transfers of ``rank`` while it runs ``programs[rank]``."""
+
+    def __init__(self, rank: int, programs: Sequence[Program], placement: Placement, microbatches: int,
+                 boundary_metas: Sequence[tuple[TensorMeta, ...]], device: torch.device, timeout: float,
+                 lookahead: int, global_ranks: Sequence[int]):
+        self.rank = rank
+        self.placement = placement
+        self.microbatches = microbatches
+        self.boundary_metas = boundary_metas
+        self.device = device
+        self.timeout = timeout
+        self.timedelta = datetime.timedelta(seconds=timeout)
+        self.lookahead = lookahead
+        self.global_ranks = global_ranks
+        self.incoming: dict[int, list[tuple[int, bool, int]]] = {}
+        for peer, program in enumerate(programs):
+            if peer == rank:
+                continue
+            for action in program:
+                if action.kind is Kind.SEND_F or action.kind is Kind.SEND_B:
+                    if self._peer_of(action) == rank:
+                        self.incoming.setdefault(peer, []).append(message_of(action))
+        self.position = {message: (peer, index) for peer, messages in self.incoming.items()
+                         for index, message in enumerate(messages)}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the transfers of the previous run (call before running the program again)."""
+        self.posted = {peer: 0 for peer in self.incoming}
+        self.receives: dict[tuple[int, bool, int], tuple[float, list, list]] = {}
+        self.sends: list[tuple[Action, float, list, list]] = []
+        if self.lookahead:
+            for peer in self.incoming:
+                self._post_through(peer, self.lookahead - 1)
+
+    def _peer_of(self, action: Action) -> int:
+        stage, kind = action[0], action[1]
+        target = stage + 1 if kind is Kind.SEND_F or kind is Kind.RECV_B else stage - 1
+        return self.placement.stage_ranks[target]
+
+    def _metas(self, message: tuple[int, bool, int]) -> tuple[TensorMeta, ...]:
+        sender, backward, _ = message
+        if backward:
+            return tuple(meta for meta in self.boundary_metas[sender - 1] if differentiable(meta))
+        return self.boundary_metas[sender]
+
+    def _tag(self, message: tuple[int, bool, int]) -> int:
+        sender, backward, microbatch = message
+        return ((sender * 2 + backward) * self.microbatches + microbatch) * TENSOR_SLOTS
+
+    def _post_through(self, peer: int, index: int) -> None:
+        messages = self.incoming[peer]
+        index = min(index, len(messages) - 1)
+        source = self.global_ranks[peer]
+        while self.posted[peer] <= index:
+            message = messages[self.posted[peer]]
+            tag = self._tag(message)
+            buffers = [torch.empty(meta.shape, dtype=meta.dtype, device=self.device) for meta in self._metas(message)]
+            works = [dist.irecv(buffer, src=source, tag=tag + slot) for slot, buffer in enumerate(buffers)]
+            self.receives[message] = (time.perf_counter(), buffers, works)
+            self.posted[peer] += 1
+
+    def receive(self, action: Action) -> tuple[tuple[torch.Tensor, ...], float]:
+        """Return the tensors ``action`` (a ``RECV``) waits for and when their receive was posted.
+
+        Raises ``PipelineError`` naming the action and peer when they do not
+        arrive within the timeout or the peer is gone.
+        """
+        message = message_of(action)
+        peer, index = self.position[message]
+        self._post_through(peer, index + self.lookahead)
+        posted, buffers, works = self.receives.pop(message)
+        for work in works:
+            self._wait(work, action, f"waiting for {describe(action)} from rank {peer}")
+        return tuple(buffers), posted
+
+    def send(self, action: Action, tensors: Sequence[torch.Tensor]) -> None:
+        """Start sending ``tensors`` for ``action`` (a ``SEND``) without waiting."""
+        message = message_of(action)
+        peer = self._peer_of(action)
+        tag = self._tag(message)
+        destination = self.global_ranks[peer]
+        payload = [t.detach().contiguous() for t in tensors]
+        works = [dist.isend(tensor, dst=destination, tag=tag + slot) for slot, tensor in enumerate(payload)]
+        self.sends.append((action, time.perf_counter(), works, payload))
+
+    def finish(self) -> list[tuple[Action, float, float]]:
+        """Wait for every send; return ``(action, start, end)`` for each, end being when it was seen complete."""
+        done = []
+        for action, start, works, _ in self.sends:
+            peer = self._peer_of(action)
+            for work in works:
+                self._wait(work, action, f"waiting for rank {peer} to receive {describe(action)}")
+            done.append((action, start, time.perf_counter()))
+        self.sends = []
+        return done
+
+    def _wait(self, work, action: Action, what: str) -> None:
+        try:
+            work.wait(self.timedelta)
+        except RuntimeError as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            timed_out = "timed out" in reason.lower() or "timeout" in reason.lower()
+            verb = f"timed out after {self.timeout:g} s" if timed_out else "failed"
+            raise PipelineError(f"rank {self.rank}: {verb} at {action} {what} ({reason})") from error

@@ -1,0 +1,105 @@
+"""A stage: a contiguous run of the user's layers, and the tensors that cross its boundaries.
+
+A layer may return one tensor or a tuple of tensors; a tuple is passed to
+the next layer as separate arguments.  Stages therefore take and return
+tuples of tensors, and ``TensorMeta`` describes one tensor crossing a stage
+boundary (agreed between ranks on the first step, checked afterwards).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+
+class PipelineError(RuntimeError):
+    """Something went wrong while running a pipeline program; the message names rank, action and peer."""
+
+
+class TensorMeta(NamedTuple):
+    """Shape and dtype of one tensor crossing a stage boundary."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def __str__(self) -> str:
+        return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)}"
+
+
+def as_tuple(value) -> tuple:
+    """Return ``value`` as a tuple of tensors (a single tensor becomes a 1-tuple)."""
+    return value if isinstance(value, tuple) else (value,)
+
+
+def metas_of(tensors: Sequence[torch.Tensor]) -> tuple[TensorMeta, ...]:
+    """Return the ``TensorMeta`` of each tensor."""
+    return tuple(TensorMeta(tuple(t.shape), t.dtype) for t in tensors)
+
+
+def differentiable(meta: TensorMeta) -> bool:
+    """Return whether a tensor of this kind carries a gradient back (floating point and complex do)."""
+    return meta.dtype.is_floating_point or meta.dtype.is_complex
+
+
+class Stage(nn.Module):
+    """Layers ``first .. first+len(layers)-1`` of the model, run in order.
+
+    Parameters are named ``"<layer index>.<name>"`` as in
+    ``nn.Sequential(*all_layers)``.
+    """
+
+    def __init__(self, index: int, first: int, layers: Sequence[nn.Module]):
+        super().__init__()
+        self.index = index
+        self.first = first
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        value = inputs
+        for layer in self.layers:
+            value = layer(*value) if isinstance(value, tuple) else layer(value)
+        return as_tuple(value)
+
+    def named_model_parameters(self):
+        """Yield ``(name, parameter)`` with names as in ``nn.Sequential`` over the whole model."""
+        for offset, layer in enumerate(self.layers):
+            for name, parameter in layer.named_parameters():
+                yield f"{self.first + offset}.{name}", parameter
+
+
+# A header describes the tensors of a boundary: count, then per tensor dtype code, rank and sizes.
+HEADER_LENGTH = 256
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
+
+
+def encode_header(metas: Sequence[TensorMeta]) -> torch.Tensor:
+    """Return an int64 tensor of ``HEADER_LENGTH`` describing ``metas``.
+
+    Refuses a dtype outside the supported list and a description too long
+    for the header, with ``PipelineError``.
+    """
+    words = [len(metas)]
+    for meta in metas:
+        if meta.dtype not in _DTYPES:
+            raise PipelineError(f"a stage output has dtype {meta.dtype}, which layerpipe cannot send "
+                                f"(supported: {', '.join(str(d) for d in _DTYPES)})")
+        words += [_DTYPES.index(meta.dtype), len(meta.shape), *meta.shape]
+    if len(words) > HEADER_LENGTH:
+        raise PipelineError(f"a stage passes {len(metas)} tensors whose description does not fit in "
+                            f"{HEADER_LENGTH} words: pass fewer tensors between stages")
+    return torch.tensor(words + [0] * (HEADER_LENGTH - len(words)), dtype=torch.int64)
+
+
+def decode_header(header: torch.Tensor) -> tuple[TensorMeta, ...]:
+    """Return the metas that ``encode_header`` wrote."""
+    words = header.tolist()
+    count, position, metas = words[0], 1, []
+    for _ in range(count):
+        dtype, ndim = _DTYPES[words[position]], words[position + 1]
+        shape = tuple(words[position + 2: position + 2 + ndim])
+        metas.append(TensorMeta(shape, dtype))
+        position += 2 + ndim
+    return tuple(metas)

@@ -30,11 +30,16 @@ GRACE_SECONDS = 3.0
 
 
 class LaunchError(RuntimeError):
-    """One or more ranks failed; ``reports`` maps rank to what it reported."""
+    """One or more ranks failed; ``reports`` maps rank to what it reported.
 
-    def __init__(self, reports: dict[int, str]):
+    The message shows the traceback of the rank that failed first (by the
+    time it reported) and the last line of every other rank's report.
+    """
+
+    def __init__(self, reports: dict[int, str], failed_at: dict[int, float] | None = None):
         self.reports = reports
-        first = min(reports, key=lambda rank: (reports[rank].startswith("stopped"), rank))
+        failed_at = failed_at or {}
+        first = min(reports, key=lambda rank: (failed_at.get(rank, float("inf")), rank))
         lines = [f"rank {first} failed:", reports[first].rstrip()]
         for rank in sorted(reports):
             if rank != first:
@@ -78,13 +83,13 @@ def _worker(rank: int, nprocs: int, port: int, fn: Callable, args: tuple, result
         init_process_group(timeout, backend)
         result = ("ok", fn(*args))
     except BaseException:  # noqa: BLE001 - every failure is reported to the parent
-        result = ("error", traceback.format_exc())
+        result = ("error", traceback.format_exc(), time.time())
     try:
         with open(path + ".part", "wb") as handle:
             pickle.dump(result, handle)
     except Exception:  # noqa: BLE001 - an unpicklable result is reported as a failure
         with open(path + ".part", "wb") as handle:
-            pickle.dump(("error", traceback.format_exc()), handle)
+            pickle.dump(("error", traceback.format_exc(), time.time()), handle)
     os.replace(path + ".part", path)
     if result[0] == "ok" and dist.is_initialized():
         dist.destroy_process_group()
@@ -124,20 +129,21 @@ def launch(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, timeout: fl
         for process in processes:
             process.start()
         _wait(processes)
-        results, reports = [], {}
+        results, reports, failed_at = [], {}, {}
         for rank, process in enumerate(processes):
             path = os.path.join(result_dir, f"rank{rank}.pickle")
             if os.path.exists(path):
                 with open(path, "rb") as handle:
-                    status, value = pickle.load(handle)
+                    status, value, *when = pickle.load(handle)
             else:
-                status, value = "error", _stopped_report(process)
+                status, value, when = "error", _stopped_report(process), []
             if status == "ok":
                 results.append(value)
             else:
                 reports[rank] = value
+                failed_at.update({rank: when[0]} if when else {})
         if reports:
-            raise LaunchError(reports)
+            raise LaunchError(reports, failed_at)
         return results
 
 

@@ -100,14 +100,17 @@ class Mailbox:
     def _post_through(self, peer: int, index: int) -> None:
         messages = self.incoming[peer]
         index = min(index, len(messages) - 1)
-        source = self.global_ranks[peer]
         while self.posted[peer] <= index:
             message = messages[self.posted[peer]]
-            tag = self._tag(message)
-            buffers = [torch.empty(meta.shape, dtype=meta.dtype, device=self.device) for meta in self._metas(message)]
-            works = [dist.irecv(buffer, src=source, tag=tag + slot) for slot, buffer in enumerate(buffers)]
-            self.receives[message] = (time.perf_counter(), buffers, works)
+            self.receives[message] = self._post(message, peer)
             self.posted[peer] += 1
+
+    def _post(self, message: tuple[int, bool, int], peer: int) -> tuple[float, list, list]:
+        tag = self._tag(message)
+        source = self.global_ranks[peer]
+        buffers = [torch.empty(meta.shape, dtype=meta.dtype, device=self.device) for meta in self._metas(message)]
+        works = [dist.irecv(buffer, src=source, tag=tag + slot) for slot, buffer in enumerate(buffers)]
+        return time.perf_counter(), buffers, works
 
     def receive(self, action: Action) -> tuple[tuple[torch.Tensor, ...], float]:
         """Return the tensors ``action`` (a ``RECV``) waits for and when their receive was posted.
@@ -116,9 +119,13 @@ class Mailbox:
         arrive within the timeout or the peer is gone.
         """
         message = message_of(action)
-        peer, index = self.position[message]
-        self._post_through(peer, index + self.lookahead)
-        posted, buffers, works = self.receives.pop(message)
+        if message in self.position:
+            peer, index = self.position[message]
+            self._post_through(peer, index + self.lookahead)
+            posted, buffers, works = self.receives.pop(message)
+        else:  # the peer's program never sends it: post anyway, so the wait times out and says so
+            peer = self._peer_of(action)
+            posted, buffers, works = self._post(message, peer)
         for work in works:
             self._wait(work, action, f"waiting for {describe(action)} from rank {peer}")
         return tuple(buffers), posted

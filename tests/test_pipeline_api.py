@@ -1,0 +1,60 @@
+"""The Pipeline surface: parameter names, evaluation, pipelined inference and measured timelines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import layerpipe
+from layerpipe.schedule.actions import COMPUTE_KINDS
+
+from runtime_models import Chain, batch, mlp_layers, relative_error
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _surface():
+    layers = mlp_layers()
+    reference = Chain(*[layer for layer in mlp_layers()])
+    pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, schedule="interleaved", microbatches=4,
+                              stages_per_rank=2, timeout=30)
+    inputs, targets = batch(8)
+    rank = torch.distributed.get_rank()
+    expected_output = reference(inputs).detach()
+    expected_loss = float(nn.functional.mse_loss(expected_output, targets))
+    evaluated = pipe.eval_step(inputs, targets)
+    output = pipe.forward(inputs)
+    output_error = None if output is None else relative_error(output, expected_output)
+    grads_untouched = all(p.grad is None for p in pipe.parameters())
+    pipe.train_step(inputs, targets)
+    timeline = pipe.timeline()
+    program = pipe.schedule.programs[rank]
+    return {
+        "names": [name for name, _ in pipe.named_parameters()],
+        "owned": {name: relative_error(p.detach(), dict(reference.named_parameters())[name].detach())
+                  for name, p in pipe.named_parameters()},
+        "eval_error": abs(evaluated - expected_loss) / expected_loss,
+        "output_error": output_error,
+        "grads_untouched": grads_untouched,
+        "compute_events": sorted(str(e[2]) for e in timeline.events if e[0] == rank and e[1] == "compute"),
+        "program_compute": sorted(str(a) for a in program if a.kind in COMPUTE_KINDS or a.kind.value == "STEP"),
+        "sources": (timeline.source, timeline.unit, timeline.ranks),
+        "starts_at_zero": min(e[3] for e in timeline.events) == 0.0,
+    }
+
+
+def test_named_parameters_eval_step_forward_and_timeline_on_two_ranks():
+    results = layerpipe.launch(_surface, 2, timeout=60)
+    names = [name for result in results for name in result["names"]]
+    assert sorted(names) == sorted(name for name, _ in Chain(*mlp_layers()).named_parameters())
+    assert all(error == 0.0 for result in results for error in result["owned"].values()), \
+        "pipe.named_parameters() names layers[i]'s parameters 'i.<name>' (same values as the reference)"
+    for result in results:
+        assert result["eval_error"] <= 1e-12
+        assert result["grads_untouched"], "eval_step and forward leave gradients alone"
+        assert result["compute_events"] == result["program_compute"], "one measured event per compute action"
+        assert result["sources"] == ("measured", "s", 2)
+        assert result["starts_at_zero"]
+    assert results[0]["output_error"] is None, "outputs live on the last stage's rank only"
+    assert results[1]["output_error"] <= 1e-12

@@ -1,0 +1,128 @@
+"""What users see when a pipeline run goes wrong: one clear message, every rank ends, waits time out."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import layerpipe
+from layerpipe.runtime.launch import LaunchError
+from layerpipe.runtime.partition import PartitionError, partition
+from layerpipe.schedule.actions import Kind
+from layerpipe.schedule.build import build_schedule
+from layerpipe.schedule.config import ScheduleConfig
+
+from runtime_models import batch, mlp_layers
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _train_once(samples: int, microbatches: int, layers=None, schedule="breadth-first", timeout=60.0):
+    layers = layers if layers is not None else mlp_layers()
+    pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, schedule=schedule, microbatches=microbatches,
+                              timeout=timeout)
+    inputs, targets = batch(samples)
+    return pipe.train_step(inputs, targets)
+
+
+def test_a_batch_that_does_not_split_into_microbatches_is_refused_with_the_sizes():
+    with pytest.raises(LaunchError) as caught:
+        layerpipe.launch(_train_once, 2, (10, 4))
+    assert "inputs batch of 10 samples: must split into 4 equal micro-batches" in str(caught.value)
+
+
+def test_fewer_layers_than_stages_is_refused_before_any_process_starts():
+    with pytest.raises(PartitionError, match="the model has 3 layers but the pipeline has 4 stages"):
+        partition([nn.Linear(2, 2) for _ in range(3)], 4)
+
+
+def test_fewer_layers_than_stages_is_refused_inside_a_pipeline():
+    with pytest.raises(LaunchError, match="the model has 1 layers but the pipeline has 2 stages"):
+        layerpipe.launch(_train_once, 2, (4, 2, [nn.Linear(6, 3).double()]))
+
+
+class RaiseOnRank(nn.Module):
+    """Raises on the given rank once the step's second micro-batch arrives (after shapes were agreed)."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+        self.calls = 0
+        self.linear = nn.Linear(6, 6)
+
+    def forward(self, x):
+        self.calls += 1
+        if torch.distributed.get_rank() == self.rank and self.calls > 2:
+            raise ValueError(f"boom in a layer on rank {self.rank}")
+        return self.linear(x)
+
+
+def _train_with_a_failing_layer():
+    layers = [nn.Linear(6, 6).double(), RaiseOnRank(1).double(), nn.Linear(6, 3).double()]
+    return _train_once(8, 4, layers, timeout=600.0)
+
+
+@pytest.mark.timeout(120)
+def test_a_layer_raising_on_one_rank_stops_every_rank_and_shows_the_original_error():
+    with pytest.raises(LaunchError) as caught:
+        layerpipe.launch(_train_with_a_failing_layer, 2)
+    message = str(caught.value)
+    assert message.startswith("rank 1 failed:")
+    assert "ValueError: boom in a layer on rank 1" in message
+    assert 0 in caught.value.reports, "rank 0, blocked on a receive, is stopped and reported"
+
+
+def _train_with_a_lost_send():
+    schedule = build_schedule(ScheduleConfig("gpipe", ranks=2, microbatches=2))
+    programs = list(schedule.programs)
+    programs[0] = tuple(a for a in programs[0] if not (a.kind is Kind.SEND_F and a.microbatch == 1))
+    broken = dataclasses.replace(schedule, programs=tuple(programs))
+    pipe = layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, schedule=broken, timeout=2.0)
+    inputs, targets = batch(4)
+    return pipe.train_step(inputs, targets)
+
+
+@pytest.mark.timeout(120)
+def test_a_hang_times_out_and_each_rank_names_its_blocked_action_and_peer():
+    with pytest.raises(LaunchError) as caught:
+        layerpipe.launch(_train_with_a_lost_send, 2, timeout=2.0)
+    reports = caught.value.reports
+    assert set(reports) == {0, 1}
+    assert "rank 1: timed out after 2 s at 1RECV_F1 waiting for stage 0's output for micro-batch 1 from rank 0" \
+        in reports[1]
+    assert "rank 0: timed out after 2 s at 0RECV_B0 waiting for the gradient of stage 0's output for " \
+           "micro-batch 0 (from stage 1) from rank 1" in reports[0]
+
+
+class ShrinkOnLargeInput(nn.Module):
+    """Drops a column when the micro-batch's first value is large: a shape that changes after the first step."""
+
+    def forward(self, x):
+        return x[:, :-1] if float(x[0, 0]) > 100 else x
+
+
+def _train_with_a_changing_shape():
+    layers = [ShrinkOnLargeInput(), nn.Linear(6, 3).double()]
+    pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, schedule="gpipe", microbatches=4, timeout=30.0)
+    inputs, targets = batch(8)
+    pipe.train_step(inputs, targets)
+    inputs[4, 0] = 1000.0  # first sample of micro-batch 2
+    return pipe.train_step(inputs, targets)
+
+
+@pytest.mark.timeout(120)
+def test_a_stage_output_that_changes_shape_names_the_stage_and_microbatch():
+    with pytest.raises(LaunchError) as caught:
+        layerpipe.launch(_train_with_a_changing_shape, 2, timeout=10.0)
+    assert "stage 0 produced (float64[2, 5]) for micro-batch 2, but the pipeline agreed on (float64[2, 6])" \
+        in str(caught.value)
+
+
+def test_options_of_later_work_are_refused_not_ignored():
+    for options, text in (({"data_parallel": 2}, "data_parallel=2"), ({"zero": 1}, "zero=1"),
+                          ({"recompute": "all"}, "recompute='all'")):
+        with pytest.raises(Exception, match=text):
+            layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, **options)

@@ -223,10 +223,12 @@ def _command_compare(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of the ``layerpipe`` command."""
     parser = _Parser(prog="layerpipe", description=(
-        "Pipeline-parallel training schedules as programs. 'schedule' prints each rank's program, "
+        "Pipeline-parallel training. 'train' trains a small GPT on local processes; 'schedule' prints each rank's program, "
         "'simulate' runs it against a cost model, 'compare' runs several schedules side by side."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.add_parser("train", help="train a small GPT with a pipeline schedule on local processes "
+                        "(the main job; see 'layerpipe train --help')", add_help=False)
 
     schedule = commands.add_parser("schedule", help="print each rank's program, one line per rank",
                                    description="Print each rank's program: 'rank 0: 0F0 0F1 ...'. "
@@ -264,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for bad input, with one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -256,9 +256,12 @@ class Executor:
                     raise PipelineError(f"rank {rank}: the executor cannot run {action} yet "
                                         f"({kind.value} belongs to data parallelism or recomputation)")
                 emit((rank, "compute", action, start, clock()))
+                if mailbox.sends:
+                    for sent in mailbox.poll():
+                        emit((rank, "p2p", *sent))
 
-        for action, start, end in mailbox.finish():
-            emit((rank, "p2p", action, start, end))
+        for sent in mailbox.finish():
+            emit((rank, "p2p", *sent))
         loss_sum = None
         if losses:
             loss_sum = float(torch.stack([loss.detach() for loss in losses.values()]).sum())

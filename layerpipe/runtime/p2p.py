@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from collections import deque
 from typing import Sequence
 
 import torch
@@ -77,7 +78,7 @@ class Mailbox:
         """Forget the transfers of the previous run (call before running the program again)."""
         self.posted = {peer: 0 for peer in self.incoming}
         self.receives: dict[tuple[int, bool, int], tuple[float, list, list]] = {}
-        self.sends: list[tuple[Action, float, list, list]] = []
+        self.sends: deque[tuple[Action, float, list, list]] = deque()
         if self.lookahead:
             for peer in self.incoming:
                 self._post_through(peer, self.lookahead - 1)
@@ -140,15 +141,24 @@ class Mailbox:
         works = [dist.isend(tensor, dst=destination, tag=tag + slot) for slot, tensor in enumerate(payload)]
         self.sends.append((action, time.perf_counter(), works, payload))
 
+    def poll(self) -> list[tuple[Action, float, float]]:
+        """Return ``(action, start, end)`` of the oldest sends that have completed since the last poll."""
+        done = []
+        now = time.perf_counter()
+        while self.sends and all(work.is_completed() for work in self.sends[0][2]):
+            action, start, _, _ = self.sends.popleft()
+            done.append((action, start, now))
+        return done
+
     def finish(self) -> list[tuple[Action, float, float]]:
         """Wait for every send; return ``(action, start, end)`` for each, end being when it was seen complete."""
         done = []
-        for action, start, works, _ in self.sends:
+        while self.sends:
+            action, start, works, _ = self.sends.popleft()
             peer = self._peer_of(action)
             for work in works:
                 self._wait(work, action, f"waiting for rank {peer} to receive {describe(action)}")
             done.append((action, start, time.perf_counter()))
-        self.sends = []
         return done
 
     def _wait(self, work, action: Action, what: str) -> None:

@@ -8,6 +8,7 @@ data, see ``layerpipe.schedule``) and returns the mean loss on every rank.
 
 from __future__ import annotations
 
+import datetime
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -20,7 +21,9 @@ from ..sim.timeline import Timeline
 from .executor import Executor, RunResult
 from .launch import init_process_group
 from .partition import partition as split_layers
-from .stage import Stage, as_tuple
+from .stage import PipelineError, Stage, as_tuple
+
+_LOSS_TAG = (1 << 28) - 1
 
 Tensors = torch.Tensor | Sequence[torch.Tensor]
 
@@ -78,7 +81,10 @@ class Pipeline:
                 if parameters:
                     optimizers[index] = optimizer(parameters)
         self.optimizers = optimizers
+        # NCCL runs a pair's operations in issue order, so nothing is received ahead of the program there.
         lookahead = 0 if dist.get_backend() == "nccl" else 1
+        self._early_loss_receive = lookahead > 0
+        self._timeout = datetime.timedelta(seconds=timeout)
         self.executor = Executor(self.rank, placement, self.microbatches, self.stages, loss_fn, self.device,
                                  timeout, range(world), optimizers, lookahead)
         self.loss_rank = placement.stage_ranks[-1]
@@ -97,13 +103,15 @@ class Pipeline:
         """
         for stage in self.stages.values():
             stage.zero_grad(set_to_none=True)
+        posted = self._post_loss_receive() if self._early_loss_receive else None
         result = self._run("train", self.schedule.programs, inputs, targets)
-        return self._share_loss(result)
+        return self._share_loss(result, posted)
 
     def eval_step(self, inputs: Tensors, targets: Tensors) -> float:
         """Return the mean loss over the batch without gradients (forward only, pipelined)."""
+        posted = self._post_loss_receive() if self._early_loss_receive else None
         result = self._run("eval", self._forward_programs, inputs, targets)
-        return self._share_loss(result)
+        return self._share_loss(result, posted)
 
     def forward(self, inputs: Tensors):
         """Return the model's output for the batch on the last stage's rank (``None`` on the others)."""
@@ -176,14 +184,35 @@ class Pipeline:
         self.last_events = result.events
         return result
 
-    def _share_loss(self, result: RunResult) -> float:
-        if dist.get_world_size() == 1:
-            return result.loss_sum / self.microbatches
-        value = torch.zeros(1, dtype=torch.float64, device=self.device)
+    def _post_loss_receive(self):
+        """Post the receive of the step's mean loss from the last stage's rank (gloo: before the program runs)."""
         if self.rank == self.loss_rank:
-            value.fill_(result.loss_sum / self.microbatches)
-        dist.broadcast(value, src=self.loss_rank)
-        return float(value.item())
+            return None
+        buffer = torch.zeros(1, dtype=torch.float64, device=self.device)
+        return buffer, dist.irecv(buffer, src=self.loss_rank, tag=_LOSS_TAG)
+
+    def _share_loss(self, result: RunResult, posted) -> float:
+        """Return the step's mean loss: computed on the last stage's rank, sent point-to-point to the others.
+
+        A receive posted before the program runs costs the other ranks
+        nothing, where a broadcast would hold every rank at the end of the step.
+        """
+        world = dist.get_world_size()
+        if self.rank == self.loss_rank:
+            loss = result.loss_sum / self.microbatches
+            if world > 1:
+                value = torch.full((1,), loss, dtype=torch.float64, device=self.device)
+                works = [dist.isend(value, dst=peer, tag=_LOSS_TAG) for peer in range(world) if peer != self.rank]
+                for work in works:
+                    work.wait(self._timeout)
+            return loss
+        buffer, work = posted if posted is not None else self._post_loss_receive()
+        try:
+            work.wait(self._timeout)
+        except RuntimeError as error:
+            raise PipelineError(f"rank {self.rank}: timed out waiting for the step's loss from rank {self.loss_rank} "
+                                f"({str(error).strip().splitlines()[-1]})") from error
+        return float(buffer.item())
 
 
 def _split(batch: Tensors, microbatches: int, name: str) -> list[tuple[torch.Tensor, ...]]:

@@ -1,0 +1,104 @@
+"""A small GPT as a list of layers, ready to be split into pipeline stages.
+
+The model is the usual decoder-only transformer (token and position
+embeddings, pre-norm blocks of causal self-attention and an MLP, a final
+norm and a linear head), written as ``gpt_layers(config)``: a list whose
+entries are the embedding, each block and the head, so a pipeline can cut
+it between any two of them.  Every layer maps a ``(batch, time, width)``
+tensor to another, except the embedding (token ids in) and the head (logits
+out).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Sizes of the model: vocabulary, context length, width, heads and blocks."""
+
+    vocab_size: int = 65
+    block_size: int = 64
+    width: int = 128
+    heads: int = 4
+    blocks: int = 4
+    dropout: float = 0.0
+
+    def to_json(self) -> dict:
+        """Return the sizes as a JSON-ready dictionary."""
+        return asdict(self)
+
+
+class Embedding(nn.Module):
+    """Token ids ``(batch, time)`` to vectors ``(batch, time, width)``: token plus position embedding."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.tokens = nn.Embedding(config.vocab_size, config.width)
+        self.positions = nn.Embedding(config.block_size, config.width)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return self.dropout(self.tokens(ids) + self.positions(positions))
+
+
+class Block(nn.Module):
+    """One transformer block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.heads = config.heads
+        self.norm1 = nn.LayerNorm(config.width)
+        self.qkv = nn.Linear(config.width, 3 * config.width)
+        self.projection = nn.Linear(config.width, config.width)
+        self.norm2 = nn.LayerNorm(config.width)
+        self.mlp = nn.Sequential(nn.Linear(config.width, 4 * config.width), nn.GELU(),
+                                 nn.Linear(4 * config.width, config.width), nn.Dropout(config.dropout))
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, time, width = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(width, dim=2)
+        q, k, v = (t.view(batch, time, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
+        attended = functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                           dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.projection(attended.transpose(1, 2).reshape(batch, time, width))
+        return x + self.mlp(self.norm2(x))
+
+
+class Head(nn.Module):
+    """Vectors ``(batch, time, width)`` to next-token logits ``(batch, time, vocabulary)``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.width)
+        self.linear = nn.Linear(config.width, config.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(x))
+
+
+def gpt_layers(config: GPTConfig, seed: int = 0) -> list[nn.Module]:
+    """Return ``[Embedding, Block × blocks, Head]`` initialised from ``seed`` (GPT-2's scheme)."""
+    torch.manual_seed(seed)
+    layers = [Embedding(config), *(Block(config) for _ in range(config.blocks)), Head(config)]
+    for layer in layers:
+        for name, parameter in layer.named_parameters():
+            if parameter.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * config.blocks) if name.endswith("projection.weight") else 0.02
+                nn.init.normal_(parameter, mean=0.0, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(parameter)
+    return layers
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Return the mean cross-entropy of ``logits (batch, time, vocabulary)`` against ``targets (batch, time)``."""
+    return functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

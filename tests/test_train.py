@@ -1,0 +1,105 @@
+"""`layerpipe train`: the main job end to end on small sizes, its config file and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SMALL = ["--steps", "60", "--width", "32", "--heads", "2", "--blocks", "2", "--block-size", "32",
+         "--batch-size", "16", "--microbatches", "4", "--sample-length", "20", "--learning-rate", "0.01"]
+
+
+def run_train(*arguments, cwd=None):
+    return subprocess.run([sys.executable, "-m", "layerpipe.cli", "train", *arguments], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+@pytest.mark.multiprocess
+def test_train_writes_every_output_and_the_loss_falls(tmp_path):
+    output = tmp_path / "run"
+    done = run_train(*SMALL, "--output", str(output))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert len(summary["losses"]) == 60
+    assert summary["first_loss"] == summary["losses"][0] and summary["final_loss"] == summary["losses"][-1]
+    assert summary["final_loss"] < 0.8 * summary["first_loss"]
+    assert summary["tokens_per_second"] > 0 and summary["step_time"] > 0 and summary["simulated_step_time"] > 0
+    assert len(summary["peak_memory_bytes"]) == 2 and all(b > 0 for b in summary["peak_memory_bytes"])
+    assert summary["config"]["schedule"] == "breadth-first" and summary["config"]["ranks"] == 2
+    for name in ("loss.png", "timeline.png", "timeline.json", "timeline-data.json"):
+        assert (output / name).stat().st_size > 0, name
+    assert any((output / "checkpoint").iterdir())
+    assert "sample:" in done.stdout and len(summary["sample"]) >= 20
+
+
+@pytest.mark.multiprocess
+def test_the_checkpoint_loads_back_into_the_model_layers(tmp_path):
+    import torch
+    from torch.distributed import checkpoint
+
+    from layerpipe.models.gpt import GPTConfig, gpt_layers
+    from layerpipe.models.text import CharacterText, load_corpus
+
+    output = tmp_path / "run"
+    assert run_train(*SMALL, "--steps", "3", "--output", str(output)).returncode == 0
+    vocabulary = CharacterText.from_text(*load_corpus()).vocab_size
+    model = torch.nn.Sequential(*gpt_layers(GPTConfig(vocab_size=vocabulary, block_size=32, width=32, heads=2,
+                                                      blocks=2), seed=123))
+    state = model.state_dict()
+    checkpoint.load(state, checkpoint_id=str(output / "checkpoint"), no_dist=True)
+    model.load_state_dict(state)
+    fresh = torch.nn.Sequential(*gpt_layers(GPTConfig(vocab_size=vocabulary, block_size=32, width=32, heads=2,
+                                                      blocks=2), seed=123))
+    assert not torch.equal(model[0].tokens.weight, fresh[0].tokens.weight), "trained weights were loaded"
+
+
+@pytest.mark.multiprocess
+def test_a_toml_config_sets_options_and_the_command_line_wins(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('schedule = "1f1b"\nstages_per_rank = 1\nsteps = 2\nwidth = 32\nheads = 2\nblocks = 2\n'
+                      'block_size = 16\nbatch_size = 8\nmicrobatches = 4\nsample_length = 5\n')
+    output = tmp_path / "run"
+    done = run_train("--config", str(config), "--steps", "3", "--output", str(output))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["config"]["schedule"] == "1f1b" and summary["config"]["steps"] == 3
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--microbatches", "5"], "--batch-size 32: must be a multiple of --microbatches (5)"),
+    (["--blocks", "1"], "--blocks 1: the model has 3 layers but 4 stages"),
+    (["--schedule", "grouped"], "--group-size: --schedule grouped needs one"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--heads", "3"], "--heads 3: must divide --width (128)"),
+    (["--config", "missing.toml"], "--config missing.toml: no such file"),
+])
+def test_bad_options_give_one_line_and_status_2(tmp_path, arguments, message):
+    done = run_train(*arguments, "--output", str(tmp_path / "never"), cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"layerpipe train: error: {message}"), lines
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_an_unknown_toml_key_is_named(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("stages = 3\n")
+    done = run_train("--config", str(config), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--config" in done.stderr and "unknown key 'stages'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.multiprocess
+def test_train_runs_under_torchrun(tmp_path):
+    output = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "layerpipe.train", *SMALL, "--steps", "5", "--output", str(output)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["config"]["ranks"] == 2 and len(summary["losses"]) == 5

@@ -82,7 +82,7 @@ class Pipeline:
                     optimizers[index] = optimizer(parameters)
         self.optimizers = optimizers
         # NCCL runs a pair's operations in issue order, so nothing is received ahead of the program there.
-        lookahead = 0 if dist.get_backend() == "nccl" else 1
+        lookahead = 0 if dist.get_backend() == "nccl" else 2
         self._early_loss_receive = lookahead > 0
         self._timeout = datetime.timedelta(seconds=timeout)
         self.executor = Executor(self.rank, placement, self.microbatches, self.stages, loss_fn, self.device,

@@ -126,3 +126,13 @@ def test_options_of_later_work_are_refused_not_ignored():
                           ({"recompute": "all"}, "recompute='all'")):
         with pytest.raises(Exception, match=text):
             layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, **options)
+
+
+def _grouped_without_group_size():
+    layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, schedule="grouped", microbatches=4)
+
+
+def test_schedule_options_are_refused_with_the_python_argument_names():
+    with pytest.raises(LaunchError, match=r"group_size: schedule grouped needs one, between ranks \(2\) and "
+                                          r"microbatches \(4\)"):
+        layerpipe.launch(_grouped_without_group_size, 2)

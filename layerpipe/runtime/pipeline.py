@@ -60,7 +60,10 @@ class Pipeline:
         else:
             config = ScheduleConfig(schedule, ranks=world, microbatches=microbatches,
                                     stages_per_rank=stages_per_rank, group_size=group_size, placement=placement)
-            self.schedule = build_schedule(config)
+            try:
+                self.schedule = build_schedule(config)
+            except ConfigError as error:
+                raise ConfigError(_python_names(str(error))) from None
         if self.schedule.config.ranks != world:
             raise ConfigError(f"schedule for {self.schedule.config.ranks} ranks: the process group has {world} "
                               f"processes (start as many processes as pipeline ranks)")
@@ -222,6 +225,13 @@ def _split(batch: Tensors, microbatches: int, name: str) -> list[tuple[torch.Ten
         raise ValueError(f"{name} batch of {size} samples: must split into {microbatches} equal micro-batches "
                          f"(a multiple of microbatches={microbatches} along the first dimension)")
     return list(zip(*(t.chunk(microbatches) for t in tensors)))
+
+
+def _python_names(message: str) -> str:
+    """Return a schedule configuration message with the command line's option names as ``Pipeline`` arguments."""
+    for flag in ("--group-size", "--stages-per-rank", "--microbatches", "--schedule", "--placement", "--ranks"):
+        message = message.replace(flag, flag[2:].replace("-", "_"))
+    return message
 
 
 def _default_device() -> torch.device:

@@ -46,7 +46,9 @@ class RunResult:
     ``loss_sum`` is the sum of the micro-batch losses (last stage only, else
     ``None``); ``outputs`` the last stage's outputs per micro-batch in
     forward-only runs; ``events`` the measured ``(rank, stream, action, start,
-    end)`` rows in ``time.perf_counter`` seconds.
+    end)`` rows in ``time.perf_counter`` seconds: a receive from when the rank
+    waits for it to its arrival, a send while it is being posted (gloo tells
+    a send's completion only to a wait, which would block).
     """
 
     loss_sum: float | None
@@ -237,16 +239,18 @@ class Executor:
                         held_for_weights[key] = (tensors, grads)
                     elif tensors and self.parameters[stage]:
                         torch.autograd.backward(tensors, grads, inputs=self.parameters[stage])
-                elif kind is SEND_F:
-                    mailbox.send(action, stage_outputs[key] if training else stage_outputs.pop(key))
-                    continue
-                elif kind is SEND_B:
-                    mailbox.send(action, input_grads.pop(key))
+                elif kind is SEND_F or kind is SEND_B:
+                    if kind is SEND_F:
+                        mailbox.send(action, stage_outputs[key] if training else stage_outputs.pop(key))
+                    else:
+                        mailbox.send(action, input_grads.pop(key))
+                    emit((rank, "p2p", action, start, clock()))
                     continue
                 elif kind is RECV_F or kind is RECV_B:
-                    tensors, posted = mailbox.receive(action)
+                    tensors, _ = mailbox.receive(action)
                     (received if kind is RECV_F else output_grads)[key] = tensors
-                    emit((rank, "p2p", action, posted, clock()))
+                    # From the moment the rank waits: the receive itself was posted ahead and runs unseen.
+                    emit((rank, "p2p", action, start, clock()))
                     continue
                 elif kind is STEP:
                     optimizer = self.optimizers.get(stage)
@@ -256,12 +260,8 @@ class Executor:
                     raise PipelineError(f"rank {rank}: the executor cannot run {action} yet "
                                         f"({kind.value} belongs to data parallelism or recomputation)")
                 emit((rank, "compute", action, start, clock()))
-                if mailbox.sends:
-                    for sent in mailbox.poll():
-                        emit((rank, "p2p", *sent))
 
-        for sent in mailbox.finish():
-            emit((rank, "p2p", *sent))
+        mailbox.finish()
         loss_sum = None
         if losses:
             loss_sum = float(torch.stack([loss.detach() for loss in losses.values()]).sum())

@@ -141,25 +141,13 @@ class Mailbox:
         works = [dist.isend(tensor, dst=destination, tag=tag + slot) for slot, tensor in enumerate(payload)]
         self.sends.append((action, time.perf_counter(), works, payload))
 
-    def poll(self) -> list[tuple[Action, float, float]]:
-        """Return ``(action, start, end)`` of the oldest sends that have completed since the last poll."""
-        done = []
-        now = time.perf_counter()
-        while self.sends and all(work.is_completed() for work in self.sends[0][2]):
-            action, start, _, _ = self.sends.popleft()
-            done.append((action, start, now))
-        return done
-
-    def finish(self) -> list[tuple[Action, float, float]]:
-        """Wait for every send; return ``(action, start, end)`` for each, end being when it was seen complete."""
-        done = []
+    def finish(self) -> None:
+        """Wait for every send of the program (each names its action and peer if it times out)."""
         while self.sends:
-            action, start, works, _ = self.sends.popleft()
+            action, _, works, _ = self.sends.popleft()
             peer = self._peer_of(action)
             for work in works:
                 self._wait(work, action, f"waiting for rank {peer} to receive {describe(action)}")
-            done.append((action, start, time.perf_counter()))
-        return done
 
     def _wait(self, work, action: Action, what: str) -> None:
         try:

@@ -57,6 +57,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+_ACCEPTED = {"int": (int,), "float": (int, float), "str": (str,), "int | None": (int,)}
+"""What each TrainConfig field type accepts, keyed by the type as written (the module defers annotations)."""
+
 _HELP = {
     "schedule": "pipeline schedule: " + ", ".join(SCHEDULES),
     "ranks": "pipeline ranks (local processes; under torchrun the world size)",
@@ -90,18 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str, "int | None": int}[str(field.type)]
-        parser.add_argument(flag, type=kind, default=None, help=f"{_HELP[field.name]} (default {field.default})",
+        accepted = _ACCEPTED[str(field.type)]
+        parser.add_argument(flag, type=accepted[-1], default=None, help=f"{_HELP[field.name]} (default {field.default})",
                             choices=SCHEDULES if field.name == "schedule" else None)
     return parser
 
 
-def config_from(arguments: argparse.Namespace) -> TrainConfig:
-    """Return the configuration from a TOML file and command-line options; refuse bad values with ``ConfigError``."""
+def config_from(arguments: argparse.Namespace, world: int | None = None) -> TrainConfig:
+    """Return the configuration from a TOML file and command-line options; refuse bad values with ``ConfigError``.
+
+    ``world``, under torchrun, is the number of processes it started: it
+    sets ``ranks``, and a different ``--ranks`` is refused.
+    """
     values: dict = {}
     if arguments.config:
         values.update(_read_toml(arguments.config))
     values.update({k: v for k, v in vars(arguments).items() if k != "config" and v is not None})
+    if world is not None:
+        if arguments.ranks is not None and arguments.ranks != world:
+            raise ConfigError(f"--ranks {arguments.ranks}: torchrun started {world} processes; "
+                              f"leave --ranks out or make them equal")
+        values["ranks"] = world
     config = TrainConfig(**values)
     check_config(config)
     return config
@@ -120,9 +132,9 @@ def _read_toml(path: str) -> dict:
         name = key.replace("-", "_")
         if name not in names:
             raise ConfigError(f"--config {path}: unknown key {key!r} (valid: {', '.join(sorted(names))})")
-        expected = {"int": (int,), "float": (int, float), "str": (str,), "int | None": (int,)}[str(names[name].type)]
+        expected = _ACCEPTED[str(names[name].type)]
         if isinstance(value, bool) or not isinstance(value, expected):
-            raise ConfigError(f"--config {path}: {key} = {value!r} must be a {expected[0].__name__}")
+            raise ConfigError(f"--config {path}: {key} = {value!r} must be a {expected[-1].__name__}")
     return {key.replace("-", "_"): value for key, value in data.items()}
 
 
@@ -154,14 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
     try:
-        config = config_from(arguments)
-        if under_torchrun:
-            world = int(os.environ["WORLD_SIZE"])
-            if arguments.ranks is not None and arguments.ranks != world:
-                raise ConfigError(f"--ranks {arguments.ranks}: torchrun started {world} processes; "
-                                  f"leave --ranks out or make them equal")
-            config = dataclasses.replace(config, ranks=world)
-            check_config(config)
+        config = config_from(arguments, int(os.environ["WORLD_SIZE"]) if under_torchrun else None)
     except (ConfigError, TypeError) as error:
         print(f"layerpipe train: error: {error}", file=sys.stderr)
         return 2
@@ -240,7 +245,7 @@ def run(config: TrainConfig) -> dict | None:
     dist.all_gather_object(peaks, peak_memory_bytes(pipe.device))
     if rank != 0:
         return None
-    summary = write_outputs(config, model, text, losses, step_times, tokens_per_step, eval_loss, measured, peaks,
+    summary = write_outputs(config, pipe.schedule, model, text, losses, step_times, tokens_per_step, eval_loss, measured, peaks,
                             sample, time.perf_counter() - started)
     print(f"\nloss {summary['first_loss']:.3f} → {summary['final_loss']:.3f} "
           f"({100 * (1 - summary['final_loss'] / summary['first_loss']):.0f}% lower), held-out loss {eval_loss:.3f}")
@@ -281,7 +286,7 @@ def generate(pipe, text, config: TrainConfig, model) -> str:
     return text.decode(ids)
 
 
-def write_outputs(config, model, text, losses, step_times, tokens_per_step, eval_loss, measured, peaks, sample,
+def write_outputs(config, schedule, model, text, losses, step_times, tokens_per_step, eval_loss, measured, peaks, sample,
                   wall_time) -> dict:
     """Write summary.json, loss.png, timeline.png, timeline.json and timeline-data.json; return the summary."""
     import matplotlib
@@ -289,14 +294,11 @@ def write_outputs(config, model, text, losses, step_times, tokens_per_step, eval
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .schedule.build import build_schedule
     from .sim.calibrate import calibrated_cost
     from .sim.simulator import simulate
     from .viz.chrome_trace import write_chrome_trace
     from .viz.gantt import plot_timeline
 
-    schedule = build_schedule(ScheduleConfig(config.schedule, config.ranks, config.microbatches,
-                                             config.stages_per_rank, group_size=config.group_size))
     simulated = simulate(schedule, calibrated_cost(measured, schedule.placement.stages))
     steady = step_times[1:] or step_times
     summary = {

@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from ..schedule.actions import Action, Kind, Program
 from ..schedule.placement import Placement
-from .p2p import Mailbox
-from .stage import PipelineError, Stage, TensorMeta, as_tuple, decode_header, differentiable, encode_header, \
+from .p2p import Mailbox, failure_reason
+from .stage import PipelineError, Stage, TensorMeta, as_tuple, carries_gradient, decode_header, encode_header, \
     HEADER_LENGTH, metas_of
 
 F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
@@ -131,7 +131,7 @@ class Executor:
                 tensors.append(buffer)
         except RuntimeError as error:
             raise PipelineError(f"rank {self.rank}: failed while agreeing tensor shapes, waiting for stage "
-                                f"{stage - 1}'s output from rank {peer} ({str(error).strip().splitlines()[-1]})"
+                                f"{stage - 1}'s output from rank {peer} ({failure_reason(error)})"
                                 ) from error
         return tuple(tensors)
 
@@ -223,12 +223,12 @@ class Executor:
                         arguments = stage_inputs.pop(key)
                         del stage_outputs[key]
                         if stage > 0:
-                            gradients = tuple(_grad_or_zeros(a) for a in arguments if differentiable_tensor(a))
+                            gradients = tuple(_grad_or_zeros(a) for a in arguments if carries_gradient(a.dtype))
                             self._deliver_input_grads(stage, microbatch, gradients, output_grads, input_grads)
                     elif kind is I:
                         arguments = stage_inputs.pop(key)
                         del stage_outputs[key]
-                        wanted = [a for a in arguments if differentiable_tensor(a)] if stage > 0 else []
+                        wanted = [a for a in arguments if carries_gradient(a.dtype)] if stage > 0 else []
                         if wanted and tensors:
                             found = torch.autograd.grad(tensors, wanted, grads, retain_graph=True, allow_unused=True)
                             gradients = tuple(torch.zeros_like(a) if g is None else g for a, g in zip(wanted, found))
@@ -247,7 +247,7 @@ class Executor:
                     emit((rank, "p2p", action, start, clock()))
                     continue
                 elif kind is RECV_F or kind is RECV_B:
-                    tensors, _ = mailbox.receive(action)
+                    tensors = mailbox.receive(action)
                     (received if kind is RECV_F else output_grads)[key] = tensors
                     # From the moment the rank waits: the receive itself was posted ahead and runs unseen.
                     emit((rank, "p2p", action, start, clock()))
@@ -296,7 +296,7 @@ class Executor:
         produced = stage_outputs[(stage, microbatch)]
         grads = output_grads.pop((stage, microbatch))
         tensors, incoming = [], []
-        for tensor, grad in zip((t for t in produced if differentiable_tensor(t)), grads):
+        for tensor, grad in zip((t for t in produced if carries_gradient(t.dtype)), grads):
             if tensor.requires_grad:
                 tensors.append(tensor)
                 incoming.append(grad)
@@ -309,15 +309,10 @@ class Executor:
             input_grads[(stage, microbatch)] = gradients
 
 
-def differentiable_tensor(tensor: torch.Tensor) -> bool:
-    """Return whether ``tensor`` carries a gradient between stages."""
-    return tensor.is_floating_point() or tensor.is_complex()
-
-
 def _leaf(tensor: torch.Tensor, training: bool) -> torch.Tensor:
     """Return ``tensor`` cut from its producer's graph; a floating leaf requires a gradient when training."""
     leaf = tensor.detach()
-    if training and differentiable_tensor(leaf):
+    if training and carries_gradient(leaf.dtype):
         leaf.requires_grad_(True)
     return leaf
 

@@ -14,7 +14,6 @@ names the rank, the action and the peer.
 from __future__ import annotations
 
 import datetime
-import time
 from collections import deque
 from typing import Sequence
 
@@ -23,10 +22,30 @@ import torch.distributed as dist
 
 from ..schedule.actions import Action, Kind, Program
 from ..schedule.placement import Placement
-from .stage import PipelineError, TensorMeta, differentiable
+from .stage import PipelineError, TensorMeta, carries_gradient
 
 TENSOR_SLOTS = 64
 """Tags reserve this many tensors per message."""
+
+
+def failure_reason(error: BaseException) -> str:
+    """Return the last line of a communication error (gloo puts the cause there)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1]
+
+
+def wait_for(work, timeout: float, rank: int, what: str) -> None:
+    """Wait for ``work`` at most ``timeout`` seconds; on failure raise ``PipelineError`` naming ``rank`` and ``what``.
+
+    The message reads ``rank 0: timed out after 2 s <what> (<cause>)``, or
+    ``failed`` instead of ``timed out`` when the peer went away.
+    """
+    try:
+        work.wait(datetime.timedelta(seconds=timeout))
+    except RuntimeError as error:
+        reason = failure_reason(error)
+        timed_out = "timed out" in reason.lower() or "timeout" in reason.lower()
+        verb = f"timed out after {timeout:g} s" if timed_out else "failed"
+        raise PipelineError(f"rank {rank}: {verb} {what} ({reason})") from error
 
 
 def message_of(action: Action) -> tuple[int, bool, int]:
@@ -59,7 +78,6 @@ class Mailbox:
         self.boundary_metas = boundary_metas
         self.device = device
         self.timeout = timeout
-        self.timedelta = datetime.timedelta(seconds=timeout)
         self.lookahead = lookahead
         self.global_ranks = global_ranks
         self.incoming: dict[int, list[tuple[int, bool, int]]] = {}
@@ -77,8 +95,8 @@ class Mailbox:
     def reset(self) -> None:
         """Forget the transfers of the previous run (call before running the program again)."""
         self.posted = {peer: 0 for peer in self.incoming}
-        self.receives: dict[tuple[int, bool, int], tuple[float, list, list]] = {}
-        self.sends: deque[tuple[Action, float, list, list]] = deque()
+        self.receives: dict[tuple[int, bool, int], tuple[list, list]] = {}
+        self.sends: deque[tuple[Action, list, list]] = deque()
         if self.lookahead:
             for peer in self.incoming:
                 self._post_through(peer, self.lookahead - 1)
@@ -91,7 +109,7 @@ class Mailbox:
     def _metas(self, message: tuple[int, bool, int]) -> tuple[TensorMeta, ...]:
         sender, backward, _ = message
         if backward:
-            return tuple(meta for meta in self.boundary_metas[sender - 1] if differentiable(meta))
+            return tuple(meta for meta in self.boundary_metas[sender - 1] if carries_gradient(meta.dtype))
         return self.boundary_metas[sender]
 
     def _tag(self, message: tuple[int, bool, int]) -> int:
@@ -106,15 +124,15 @@ class Mailbox:
             self.receives[message] = self._post(message, peer)
             self.posted[peer] += 1
 
-    def _post(self, message: tuple[int, bool, int], peer: int) -> tuple[float, list, list]:
+    def _post(self, message: tuple[int, bool, int], peer: int) -> tuple[list, list]:
         tag = self._tag(message)
         source = self.global_ranks[peer]
         buffers = [torch.empty(meta.shape, dtype=meta.dtype, device=self.device) for meta in self._metas(message)]
         works = [dist.irecv(buffer, src=source, tag=tag + slot) for slot, buffer in enumerate(buffers)]
-        return time.perf_counter(), buffers, works
+        return buffers, works
 
-    def receive(self, action: Action) -> tuple[tuple[torch.Tensor, ...], float]:
-        """Return the tensors ``action`` (a ``RECV``) waits for and when their receive was posted.
+    def receive(self, action: Action) -> tuple[torch.Tensor, ...]:
+        """Return the tensors ``action`` (a ``RECV``) waits for.
 
         Raises ``PipelineError`` naming the action and peer when they do not
         arrive within the timeout or the peer is gone.
@@ -123,13 +141,13 @@ class Mailbox:
         if message in self.position:
             peer, index = self.position[message]
             self._post_through(peer, index + self.lookahead)
-            posted, buffers, works = self.receives.pop(message)
+            buffers, works = self.receives.pop(message)
         else:  # the peer's program never sends it: post anyway, so the wait times out and says so
             peer = self._peer_of(action)
-            posted, buffers, works = self._post(message, peer)
+            buffers, works = self._post(message, peer)
         for work in works:
-            self._wait(work, action, f"waiting for {describe(action)} from rank {peer}")
-        return tuple(buffers), posted
+            wait_for(work, self.timeout, self.rank, f"at {action} waiting for {describe(action)} from rank {peer}")
+        return tuple(buffers)
 
     def send(self, action: Action, tensors: Sequence[torch.Tensor]) -> None:
         """Start sending ``tensors`` for ``action`` (a ``SEND``) without waiting."""
@@ -139,21 +157,12 @@ class Mailbox:
         destination = self.global_ranks[peer]
         payload = [t.detach().contiguous() for t in tensors]
         works = [dist.isend(tensor, dst=destination, tag=tag + slot) for slot, tensor in enumerate(payload)]
-        self.sends.append((action, time.perf_counter(), works, payload))
+        self.sends.append((action, works, payload))
 
     def finish(self) -> None:
         """Wait for every send of the program (each names its action and peer if it times out)."""
         while self.sends:
-            action, _, works, _ = self.sends.popleft()
+            action, works, _ = self.sends.popleft()
             peer = self._peer_of(action)
             for work in works:
-                self._wait(work, action, f"waiting for rank {peer} to receive {describe(action)}")
-
-    def _wait(self, work, action: Action, what: str) -> None:
-        try:
-            work.wait(self.timedelta)
-        except RuntimeError as error:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
-            timed_out = "timed out" in reason.lower() or "timeout" in reason.lower()
-            verb = f"timed out after {self.timeout:g} s" if timed_out else "failed"
-            raise PipelineError(f"rank {self.rank}: {verb} at {action} {what} ({reason})") from error
+                wait_for(work, self.timeout, self.rank, f"at {action} waiting for rank {peer} to receive {describe(action)}")

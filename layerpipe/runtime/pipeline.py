@@ -8,7 +8,6 @@ data, see ``layerpipe.schedule``) and returns the mean loss on every rank.
 
 from __future__ import annotations
 
-import datetime
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -21,7 +20,8 @@ from ..sim.timeline import Timeline
 from .executor import Executor, RunResult
 from .launch import init_process_group
 from .partition import partition as split_layers
-from .stage import PipelineError, Stage, as_tuple
+from .p2p import wait_for
+from .stage import Stage, as_tuple
 
 _LOSS_TAG = (1 << 28) - 1
 
@@ -87,14 +87,13 @@ class Pipeline:
         # NCCL runs a pair's operations in issue order, so nothing is received ahead of the program there.
         lookahead = 0 if dist.get_backend() == "nccl" else 2
         self._early_loss_receive = lookahead > 0
-        self._timeout = datetime.timedelta(seconds=timeout)
+        self._timeout = timeout
         self.executor = Executor(self.rank, placement, self.microbatches, self.stages, loss_fn, self.device,
                                  timeout, range(world), optimizers, lookahead)
         self.loss_rank = placement.stage_ranks[-1]
         self._forward_programs = forward_programs(self.schedule)
         self._metas: dict[tuple, tuple] = {}
         self.last_events: tuple[tuple, ...] = ()
-        self.last_run_started = 0.0
 
     # ---------------------------------------------------------------- public surface
     def train_step(self, inputs: Tensors, targets: Tensors) -> float:
@@ -207,14 +206,10 @@ class Pipeline:
                 value = torch.full((1,), loss, dtype=torch.float64, device=self.device)
                 works = [dist.isend(value, dst=peer, tag=_LOSS_TAG) for peer in range(world) if peer != self.rank]
                 for work in works:
-                    work.wait(self._timeout)
+                    wait_for(work, self._timeout, self.rank, "sending the step's loss to the other ranks")
             return loss
         buffer, work = posted if posted is not None else self._post_loss_receive()
-        try:
-            work.wait(self._timeout)
-        except RuntimeError as error:
-            raise PipelineError(f"rank {self.rank}: timed out waiting for the step's loss from rank {self.loss_rank} "
-                                f"({str(error).strip().splitlines()[-1]})") from error
+        wait_for(work, self._timeout, self.rank, f"waiting for the step's loss from rank {self.loss_rank}")
         return float(buffer.item())
 
 

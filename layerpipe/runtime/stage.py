@@ -38,9 +38,9 @@ def metas_of(tensors: Sequence[torch.Tensor]) -> tuple[TensorMeta, ...]:
     return tuple(TensorMeta(tuple(t.shape), t.dtype) for t in tensors)
 
 
-def differentiable(meta: TensorMeta) -> bool:
-    """Return whether a tensor of this kind carries a gradient back (floating point and complex do)."""
-    return meta.dtype.is_floating_point or meta.dtype.is_complex
+def carries_gradient(dtype: torch.dtype) -> bool:
+    """Return whether a tensor of this dtype carries a gradient between stages (floating point and complex do)."""
+    return dtype.is_floating_point or dtype.is_complex
 
 
 class Stage(nn.Module):

@@ -194,12 +194,12 @@ class Executor:
                     if stage == 0:
                         arguments = tuple(t.to(self.device, non_blocking=True) for t in inputs[microbatch])
                     else:
-                        source = stage_outputs if ranks[stage - 1] == rank else received
-                        arrived = source[key if source is received else (stage - 1, microbatch)]
-                        if source is stage_outputs and not training:
-                            del stage_outputs[(stage - 1, microbatch)]
-                        if source is received:
-                            del received[key]
+                        if ranks[stage - 1] != rank:
+                            arrived = received.pop(key)
+                        elif training:  # the previous stage's backward still needs its output
+                            arrived = stage_outputs[(stage - 1, microbatch)]
+                        else:
+                            arrived = stage_outputs.pop((stage - 1, microbatch))
                         arguments = tuple(_leaf(t, training) for t in arrived)
                     produced = self._forward(stage, microbatch, arguments, metas)
                     if stage == last:

@@ -89,7 +89,7 @@ def reference_run(layers, steps: int, samples: int, lr: float = 0.05):
         optimizer.zero_grad()
         loss = nn.functional.mse_loss(model(inputs), targets)
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
         optimizer.step()
     return losses, grads, {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
 import layerpipe
+from layerpipe.schedule.config import ConfigError
 from layerpipe.runtime.launch import LaunchError
 from layerpipe.runtime.partition import PartitionError, partition
 from layerpipe.schedule.actions import Kind
@@ -31,7 +34,7 @@ def _train_once(samples: int, microbatches: int, layers=None, schedule="breadth-
 def test_a_batch_that_does_not_split_into_microbatches_is_refused_with_the_sizes():
     with pytest.raises(LaunchError) as caught:
         layerpipe.launch(_train_once, 2, (10, 4))
-    assert "inputs batch of 10 samples: must split into 4 equal micro-batches" in str(caught.value)
+    assert "inputs batch of 10 samples: must split into microbatches=4 equal micro-batches" in str(caught.value)
 
 
 def test_fewer_layers_than_stages_is_refused_before_any_process_starts():
@@ -121,11 +124,26 @@ def test_a_stage_output_that_changes_shape_names_the_stage_and_microbatch():
         in str(caught.value)
 
 
-def test_options_of_later_work_are_refused_not_ignored():
-    for options, text in (({"data_parallel": 2}, "data_parallel=2"), ({"zero": 1}, "zero=1"),
-                          ({"recompute": "all"}, "recompute='all'")):
-        with pytest.raises(Exception, match=text):
-            layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, **options)
+@pytest.mark.parametrize("options, text", [
+    ({"data_parallel": 2}, "data_parallel=2: must divide the 1 processes"),
+    ({"zero": 4}, "zero 4: must be 0, 1, 2 or 3"),
+    ({"recompute": "all"}, "recompute='all': choose one of none, full, selective"),
+    ({"recompute": ["full"]}, r"recompute=\['full'\]: the last stage \(0\) cannot recompute"),
+    ({"recompute": ["none", "full"]}, "give one of none, full, selective for each of the 1 stages"),
+    ({"reduce_portions": 0}, "reduce_portions 0: must be a positive whole number"),
+])
+def test_bad_data_parallel_and_recompute_options_are_refused_in_one_line(options, text):
+    message = layerpipe.launch(_refused_message, 1, (options,))[0]
+    assert re.search(text, message), message
+    assert "\n" not in message
+
+
+def _refused_message(options: dict) -> str:
+    try:
+        layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, microbatches=2, **options)
+    except ConfigError as error:
+        return str(error)
+    return "accepted"
 
 
 def _grouped_without_group_size():

@@ -3,33 +3,41 @@
 It is the second interpreter of the programs the simulator runs, with the
 same semantics: compute actions run in program order on the rank's compute
 stream, sends never block, a ``RECV`` blocks until its data has arrived,
-and ``STEP`` applies the stage's optimizer.  The executor decides nothing
-about order; everything it does is an action of the program.
+``GATHER`` and ``REDUCE`` issue their collective on the data-parallel stream
+(``collectives.py``) and return at once, a stage's compute waits for its
+gather and its ``STEP`` for its reduces, and ``R`` rebuilds the recorded
+regions of a recomputed stage (``recompute.py``).  The executor decides
+nothing about order; everything it does is an action of the program.
 
-Gradients: the last stage scales each micro-batch's loss by ``1/m``, so the
-accumulated gradients are those of the mean loss over the step's batch
-(``loss_fn`` returns a mean over its micro-batch and micro-batches are
-equal).  A stage's floating-point inputs are leaves that require a gradient,
-so ``B`` (or ``I``) leaves in them the gradient to send to the previous stage.
+Gradients: the last stage scales each micro-batch's loss by ``1/(m·d)``
+over ``d`` replicas, so the gradients summed by the reduce are those of the
+mean loss over the step's global batch (``loss_fn`` returns a mean over its
+micro-batch and micro-batches are equal).  A stage's floating-point inputs
+are leaves that require a gradient, so ``B`` (or ``I``) leaves in them the
+gradient to send to the previous stage.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ..schedule.actions import Action, Kind, Program
+from ..schedule.actions import COMPUTE_KINDS, Action, Kind, Program
 from ..schedule.placement import Placement
+from .collectives import Collectives
+from .memory import ActivationMeter
 from .p2p import Mailbox, failure_reason
+from .recompute import Recording, recomputed, recording
+from .sharding import StageShard
 from .stage import PipelineError, Stage, TensorMeta, as_tuple, carries_gradient, decode_header, encode_header, \
     HEADER_LENGTH, metas_of
 
 F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
 SEND_F, RECV_F, SEND_B, RECV_B, STEP = Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B, Kind.STEP
+GATHER, RELEASE, REDUCE = Kind.GATHER, Kind.RELEASE, Kind.REDUCE
 
 _AGREE_TAG = 1 << 28
 
@@ -39,8 +47,7 @@ def _agree_tag(stage: int, slot: int) -> int:
     return _AGREE_TAG + stage * 256 + slot
 
 
-@dataclass(frozen=True)
-class RunResult:
+class RunResult(NamedTuple):
     """What one run of a program produced on this rank.
 
     ``loss_sum`` is the sum of the micro-batch losses (last stage only, else
@@ -48,12 +55,17 @@ class RunResult:
     forward-only runs; ``events`` the measured ``(rank, stream, action, start,
     end)`` rows in ``time.perf_counter`` seconds: a receive from when the rank
     waits for it to its arrival, a send while it is being posted (gloo tells
-    a send's completion only to a wait, which would block).
+    a send's completion only to a wait, which would block), a collective from
+    its issue to its completion; ``exposed_data_parallel`` the seconds the
+    rank waited for collectives; ``peak_activation_bytes`` the peak of saved
+    activations during the run when a meter is attached.
     """
 
     loss_sum: float | None
     outputs: tuple | None
     events: tuple[tuple, ...]
+    exposed_data_parallel: float = 0.0
+    peak_activation_bytes: int | None = None
 
 
 class Executor:
@@ -64,7 +76,9 @@ class Executor:
 
     def __init__(self, rank: int, placement: Placement, microbatches: int, stages: dict[int, Stage],
                  loss_fn: Callable, device: torch.device, timeout: float, global_ranks: Sequence[int],
-                 optimizers: dict[int, torch.optim.Optimizer] | None = None, lookahead: int = 1):
+                 optimizers: dict[int, torch.optim.Optimizer] | None = None, lookahead: int = 1,
+                 shards: dict[int, StageShard] | None = None, recompute: dict[int, str] | None = None,
+                 replicas: int = 1, meter: ActivationMeter | None = None):
         self.rank = rank
         self.placement = placement
         self.microbatches = microbatches
@@ -75,8 +89,15 @@ class Executor:
         self.global_ranks = tuple(global_ranks)
         self.optimizers = optimizers or {}
         self.lookahead = lookahead
+        self.shards = shards or {}
+        self.recompute = recompute or {}
+        self.loss_scale = 1.0 / (microbatches * replicas)
+        self.meter = meter
+        self.forward_bytes: dict[int, int] = {}  # activation bytes one forward of the stage saved (largest seen)
         self.last_stage = placement.stages - 1
         self.parameters = {s: [p for p in stage.parameters() if p.requires_grad] for s, stage in stages.items()}
+        self.collectives = Collectives(rank, timeout, completion_times=device.type == "cpu")
+        self.buffer_peak: dict[str, int] = {}  # peak bytes of parameter and gradient buffers in the last run
         self._mailboxes: dict[tuple, Mailbox] = {}
 
     # ---------------------------------------------------------------- agreement
@@ -103,7 +124,7 @@ class Executor:
                     try:
                         previous_output = self.stages[stage](*inputs)
                     except Exception as error:
-                        raise type(error)(f"rank {self.rank}: stage {stage} failed on micro-batch 0 "
+                        raise PipelineError(f"rank {self.rank}: stage {stage} failed on micro-batch 0 "
                                           f"while agreeing tensor shapes: {error}") from error
                     found = metas_of(previous_output)
                     if stage < self.last_stage and ranks[stage + 1] != self.rank:
@@ -170,25 +191,41 @@ class Executor:
         computing a loss.  Raises ``PipelineError`` naming the stage and
         micro-batch when a stage's output differs from the agreed shapes.
         """
+        self.collectives.reset()
+        self.buffer_peak = {}
+        self._note_buffers()
+        if self.meter is not None:
+            self.meter.reset_peak()
+            with self.meter.hooks():
+                result = self._run(program, mailbox, metas, inputs, targets, training)
+            return result._replace(peak_activation_bytes=self.meter.peak)
+        return self._run(program, mailbox, metas, inputs, targets, training)
+
+    def _run(self, program, mailbox, metas, inputs, targets, training) -> RunResult:
         rank, ranks, last = self.rank, self.placement.stage_ranks, self.last_stage
-        scale = 1.0 / self.microbatches
+        scale = self.loss_scale
         stage_inputs: dict[tuple[int, int], tuple] = {}
         stage_outputs: dict[tuple[int, int], tuple] = {}
         received: dict[tuple[int, int], tuple] = {}
         output_grads: dict[tuple[int, int], tuple] = {}
         input_grads: dict[tuple[int, int], tuple] = {}
         held_for_weights: dict[tuple[int, int], tuple] = {}
+        recordings: dict[tuple[int, int], Recording] = {}
         losses: dict[int, torch.Tensor] = {}
         outputs: dict[int, tuple] = {}
         events: list[tuple] = []
         emit = events.append
         clock = time.perf_counter
+        collectives = self.collectives
+        pending = collectives.pending
         grad_mode = torch.enable_grad() if training else torch.no_grad()
 
         with grad_mode:
             for action in program:
                 stage, kind, microbatch = action[0], action[1], action[2]
                 key = (stage, microbatch)
+                if (stage, GATHER) in pending and kind in COMPUTE_KINDS:
+                    collectives.wait(stage, GATHER, action)
                 start = clock()
                 if kind is F:
                     if stage == 0:
@@ -201,7 +238,12 @@ class Executor:
                         else:
                             arrived = stage_outputs.pop((stage - 1, microbatch))
                         arguments = tuple(_leaf(t, training) for t in arrived)
-                    produced = self._forward(stage, microbatch, arguments, metas)
+                    mode = self.recompute.get(stage, "none") if training else "none"
+                    if mode == "none":
+                        produced = self._forward(stage, microbatch, arguments, metas)
+                    else:
+                        with recording(recordings.setdefault(key, Recording())):
+                            produced = self._forward(stage, microbatch, arguments, metas, whole=mode == "full")
                     if stage == last:
                         value = produced[0] if len(produced) == 1 else produced
                         if targets is None:
@@ -212,6 +254,10 @@ class Executor:
                         stage_inputs[key] = arguments
                     stage_outputs[key] = produced
                 elif kind is B or kind is I or kind is W:
+                    shard = self.shards.get(stage)
+                    if shard is not None and shard.zero >= 2 and not shard.has_gradients:
+                        shard.before_backward()
+                        self._note_buffers()
                     if kind is W:
                         tensors, grads = held_for_weights.pop(key)
                     else:
@@ -222,6 +268,7 @@ class Executor:
                             torch.autograd.backward(tensors, grads)
                         arguments = stage_inputs.pop(key)
                         del stage_outputs[key]
+                        recordings.pop(key, None)
                         if stage > 0:
                             gradients = tuple(_grad_or_zeros(a) for a in arguments if carries_gradient(a.dtype))
                             self._deliver_input_grads(stage, microbatch, gradients, output_grads, input_grads)
@@ -237,8 +284,12 @@ class Executor:
                         if stage > 0:
                             self._deliver_input_grads(stage, microbatch, gradients, output_grads, input_grads)
                         held_for_weights[key] = (tensors, grads)
-                    elif tensors and self.parameters[stage]:
-                        torch.autograd.backward(tensors, grads, inputs=self.parameters[stage])
+                    else:
+                        if tensors and self.parameters[stage]:
+                            torch.autograd.backward(tensors, grads, inputs=self.parameters[stage])
+                        recordings.pop(key, None)
+                elif kind is R:
+                    recordings[key].recompute()
                 elif kind is SEND_F or kind is SEND_B:
                     if kind is SEND_F:
                         mailbox.send(action, stage_outputs[key] if training else stage_outputs.pop(key))
@@ -252,24 +303,49 @@ class Executor:
                     # From the moment the rank waits: the receive itself was posted ahead and runs unseen.
                     emit((rank, "p2p", action, start, clock()))
                     continue
+                elif kind is GATHER:
+                    collectives.issue(action, self.shards[stage].gather())
+                    self._note_buffers()
+                    continue
+                elif kind is REDUCE:
+                    collectives.issue(action, self.shards[stage].reduce(action.portion or 1, action.portions or 1))
+                    continue
+                elif kind is RELEASE:
+                    collectives.wait(stage, GATHER, action)
+                    self.shards[stage].release()
+                    continue
                 elif kind is STEP:
+                    collectives.wait(stage, REDUCE, action)
+                    if stage in self.shards:
+                        self.shards[stage].reduced()
                     optimizer = self.optimizers.get(stage)
                     if optimizer is not None:
                         optimizer.step()
-                else:
-                    raise PipelineError(f"rank {rank}: the executor cannot run {action} yet "
-                                        f"({kind.value} belongs to data parallelism or recomputation)")
                 emit((rank, "compute", action, start, clock()))
 
         mailbox.finish()
+        collectives.finish()
         loss_sum = None
         if losses:
             loss_sum = float(torch.stack([loss.detach() for loss in losses.values()]).sum())
         gathered = tuple(outputs[i] for i in sorted(outputs)) if outputs else None
-        return RunResult(loss_sum, gathered, tuple(events))
+        return RunResult(loss_sum, gathered, tuple(events) + tuple(collectives.events), collectives.exposed)
 
-    def _forward(self, stage: int, microbatch: int, arguments: tuple, metas) -> tuple:
-        produced = self.stages[stage](*arguments)
+    def _note_buffers(self) -> None:
+        """Raise ``buffer_peak`` (bytes of parameter and gradient buffers per kind) to what the shards hold now."""
+        totals: dict[str, int] = {}
+        for shard in self.shards.values():
+            for kind, size in shard.buffer_bytes().items():
+                totals[kind] = totals.get(kind, 0) + size
+        self.buffer_peak = {kind: max(size, self.buffer_peak.get(kind, 0)) for kind, size in totals.items()}
+
+    def _forward(self, stage: int, microbatch: int, arguments: tuple, metas, whole: bool = False) -> tuple:
+        """Return the stage's outputs for one micro-batch; ``whole``: as one recomputed region (stores its input only)."""
+        meter = self.meter
+        before = meter.current if meter is not None else 0
+        produced = recomputed(self.stages[stage], *arguments) if whole else self.stages[stage](*arguments)
+        if meter is not None:
+            self.forward_bytes[stage] = max(self.forward_bytes.get(stage, 0), meter.current - before)
         expected = metas[stage]
         if len(produced) != len(expected) or any(
                 tuple(t.shape) != meta.shape or t.dtype != meta.dtype for t, meta in zip(produced, expected)):

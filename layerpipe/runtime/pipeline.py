@@ -8,6 +8,7 @@ data, see ``layerpipe.schedule``) and returns the mean loss on every rank.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -19,8 +20,12 @@ from ..schedule.config import ConfigError, ScheduleConfig
 from ..sim.timeline import Timeline
 from .executor import Executor, RunResult
 from .launch import init_process_group
+from .layout import Layout, make_groups
+from .memory import ActivationMeter, optimizer_state_bytes
 from .partition import partition as split_layers
 from .p2p import wait_for
+from .recompute import MODES as RECOMPUTE_MODES
+from .sharding import StageShard
 from .stage import Stage, as_tuple
 
 _LOSS_TAG = (1 << 28) - 1
@@ -29,46 +34,74 @@ Tensors = torch.Tensor | Sequence[torch.Tensor]
 
 
 class Pipeline:
-    """A model split into ``ranks × stages_per_rank`` stages, trained with a pipeline schedule.
+    """A model split into ``ranks × stages_per_rank`` stages, trained with a pipeline schedule on ``data_parallel`` replicas.
 
     ``layers``: ``list[nn.Module]`` or ``nn.Sequential``, identical on every
     process.  ``loss_fn(output, target)`` returns the mean loss over one
     micro-batch.  ``optimizer``: optional ``callable(params) -> Optimizer``,
-    called once per local stage.  ``partition``: ``"parameters"`` (default),
-    ``"time"`` (measured on ``sample``, a callable returning one micro-batch
-    input) or the first layer index of every stage.  ``schedule`` may also
-    be a built ``Schedule`` whose programs are run as they are.
-    ``timeout`` bounds every wait, in seconds.
+    called once per local stage (with the stage's parameters at ``zero=0``,
+    with its flat shard at ``zero`` 1–3).  ``partition``: ``"parameters"``
+    (default), ``"time"`` (measured on ``sample``, a callable returning one
+    micro-batch input) or the first layer index of every stage.
 
-    Refuses, with ``ConfigError``, options that are not implemented in the
-    runtime yet (``data_parallel > 1``, ``zero``, ``recompute``), a schedule
-    whose rank count differs from the process group's, and invalid schedule
-    options; with ``PartitionError``, fewer layers than stages.
+    The process group's ``world = pipeline ranks × data_parallel``; see
+    ``layout.Layout`` for which process plays which part.  ``zero`` (0–3)
+    shards optimizer state, gradients and weights over the replicas
+    (``sharding.py``); ``weight_buffers`` bounds the gathered stages a rank
+    holds at once at ``zero=3``; ``reduce_portions`` splits each stage's
+    gradient reduce into that many portions sent in priority order;
+    ``recompute`` is ``"none"``, ``"full"`` or ``"selective"`` for every
+    stage but the last (which computes the loss gradient from its own
+    forward), or one of those per stage.  ``track_memory`` counts saved
+    activation bytes (``memory()``).  ``schedule`` may also be a built
+    ``Schedule`` whose programs are run as they are.  ``timeout`` bounds every
+    wait, in seconds.
+
+    Refuses, with ``ConfigError``, a process count that is not a multiple of
+    ``data_parallel``, a schedule whose rank count does not match, invalid
+    schedule or recomputation options; with ``PartitionError``, fewer layers
+    than stages.
     """
 
     def __init__(self, layers: Sequence[nn.Module] | nn.Sequential, loss_fn: Callable,
                  schedule: str | Schedule = "breadth-first", microbatches: int = 8, stages_per_rank: int = 1,
                  group_size: int | None = None, optimizer: Callable | None = None,
                  partition: str | Sequence[int] = "parameters", placement: str = "auto", data_parallel: int = 1,
-                 zero: int = 0, recompute: Sequence[int] | str = (), device: torch.device | str | None = None,
-                 timeout: float = 300.0, sample: Callable[[], object] | None = None):
-        _refuse_later_options(data_parallel, zero, recompute)
+                 zero: int = 0, recompute: str | Sequence[str] = "none", reduce_portions: int = 1,
+                 weight_buffers: int | None = None, device: torch.device | str | None = None,
+                 timeout: float = 300.0, sample: Callable[[], object] | None = None, track_memory: bool = False):
         init_process_group(timeout)
         world = dist.get_world_size()
         if isinstance(schedule, Schedule):
             self.schedule = schedule
+            data_parallel = schedule.config.data_parallel
+            modes = tuple("full" if s in schedule.config.recompute else "none"
+                          for s in range(schedule.config.stages))
         else:
-            config = ScheduleConfig(schedule, ranks=world, microbatches=microbatches,
-                                    stages_per_rank=stages_per_rank, group_size=group_size, placement=placement)
+            if not isinstance(data_parallel, int) or data_parallel < 1 or world % data_parallel:
+                raise ConfigError(f"data_parallel={data_parallel}: must divide the {world} processes "
+                                  f"(world = pipeline ranks × data_parallel)")
+            stages = world // data_parallel * stages_per_rank if isinstance(stages_per_rank, int) else 0
+            modes = recompute_modes(recompute, stages)
+            config = ScheduleConfig(schedule, ranks=world // data_parallel, microbatches=microbatches,
+                                    stages_per_rank=stages_per_rank, group_size=group_size, placement=placement,
+                                    data_parallel=data_parallel, zero=zero, reduce_portions=reduce_portions,
+                                    weight_buffers=weight_buffers,
+                                    recompute=tuple(s for s, mode in enumerate(modes) if mode != "none"))
             try:
                 self.schedule = build_schedule(config)
             except ConfigError as error:
                 raise ConfigError(_python_names(str(error))) from None
-        if self.schedule.config.ranks != world:
-            raise ConfigError(f"schedule for {self.schedule.config.ranks} ranks: the process group has {world} "
-                              f"processes (start as many processes as pipeline ranks)")
-        self.rank = dist.get_rank()
-        self.microbatches = self.schedule.config.microbatches
+        config = self.schedule.config
+        self.layout = Layout(config.ranks, data_parallel)
+        if self.layout.world != world:
+            raise ConfigError(f"schedule for {config.ranks} ranks × data_parallel={data_parallel}: the process group "
+                              f"has {world} processes (start pipeline ranks × data_parallel processes)")
+        self.global_rank = dist.get_rank()
+        self.rank = self.layout.pipeline_rank(self.global_rank)
+        self.replica = self.layout.replica(self.global_rank)
+        self.groups = make_groups(self.layout, self.global_rank)
+        self.microbatches = config.microbatches
         self.device = torch.device(device) if device is not None else _default_device()
         layers = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
         placement = self.schedule.placement
@@ -77,47 +110,63 @@ class Pipeline:
             stage: Stage(stage, first, layers[first:end]).to(self.device)
             for stage, (first, end) in enumerate(self.boundaries) if placement.stage_ranks[stage] == self.rank
         }
-        optimizers = {}
+        self.shards = {index: StageShard(stage, config.zero, data_parallel, self.replica, self.groups.data,
+                                         self.device) for index, stage in self.stages.items()}
+        self.optimizers = {}
         if optimizer is not None:
-            for index, stage in self.stages.items():
-                parameters = [p for p in stage.parameters() if p.requires_grad]
-                if parameters:
-                    optimizers[index] = optimizer(parameters)
-        self.optimizers = optimizers
+            for index, shard in self.shards.items():
+                if shard.optimized:
+                    self.optimizers[index] = optimizer(shard.optimized)
+        self.recompute = {stage: mode for stage, mode in enumerate(modes) if stage in self.stages and mode != "none"}
+        self.meter = ActivationMeter(self._weight_pointers) if track_memory else None
         # NCCL runs a pair's operations in issue order, so nothing is received ahead of the program there.
         lookahead = 0 if dist.get_backend() == "nccl" else 2
         self._early_loss_receive = lookahead > 0
         self._timeout = timeout
+        members = self.layout.pipeline_members(self.replica)
         self.executor = Executor(self.rank, placement, self.microbatches, self.stages, loss_fn, self.device,
-                                 timeout, range(world), optimizers, lookahead)
-        self.loss_rank = placement.stage_ranks[-1]
+                                 timeout, members, self.optimizers, lookahead, self.shards, self.recompute,
+                                 data_parallel, self.meter)
+        self.loss_rank = members[placement.stage_ranks[-1]]
         self._forward_programs = forward_programs(self.schedule)
         self._metas: dict[tuple, tuple] = {}
         self.last_events: tuple[tuple, ...] = ()
+        self.last_result: RunResult | None = None
 
     # ---------------------------------------------------------------- public surface
     def train_step(self, inputs: Tensors, targets: Tensors) -> float:
-        """Run one training step on the whole batch; return the mean loss on every rank.
+        """Run one training step on the global batch; return its mean loss on every rank.
 
-        Leaves in each local parameter's ``.grad`` the gradient of that mean
-        loss and applies the optimizer when one was given.  Refuses a batch
-        that does not split into equal micro-batches with ``ValueError``.
+        Every process passes the same global batch; replica ``d`` trains on
+        its ``d``-th contiguous share.  Leaves the gradient of the mean loss
+        over the global batch in the local parameters' ``.grad`` (in the
+        shard's ``.grad`` from ZeRO-2 on) and applies the optimizer when one
+        was given.  Refuses a batch that does not split into equal
+        micro-batches with ``ValueError``.
         """
-        for stage in self.stages.values():
-            stage.zero_grad(set_to_none=True)
+        for shard in self.shards.values():
+            shard.begin_step()
         posted = self._post_loss_receive() if self._early_loss_receive else None
         result = self._run("train", self.schedule.programs, inputs, targets)
         return self._share_loss(result, posted)
 
     def eval_step(self, inputs: Tensors, targets: Tensors) -> float:
-        """Return the mean loss over the batch without gradients (forward only, pipelined)."""
+        """Return the mean loss over the global batch without gradients (forward only, pipelined, split over replicas).
+
+        Collective over the data-parallel group at ZeRO-3 (every stage is gathered for the pass), as is ``forward``.
+        """
         posted = self._post_loss_receive() if self._early_loss_receive else None
-        result = self._run("eval", self._forward_programs, inputs, targets)
+        with self._all_gathered():
+            result = self._run("eval", self._forward_programs, inputs, targets)
         return self._share_loss(result, posted)
 
     def forward(self, inputs: Tensors):
-        """Return the model's output for the batch on the last stage's rank (``None`` on the others)."""
-        result = self._run("forward", self._forward_programs, inputs, None)
+        """Return the model's output for the whole batch on each replica's last-stage rank (``None`` on the others).
+
+        Inference is not split over replicas: each runs the whole batch.
+        """
+        with self._all_gathered():
+            result = self._run("forward", self._forward_programs, inputs, None, split=False)
         if result.outputs is None:
             return None
         joined = tuple(torch.cat(parts) for parts in zip(*result.outputs))
@@ -125,25 +174,56 @@ class Pipeline:
 
     __call__ = forward
 
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Yield this rank's parameters named as in ``nn.Sequential(*layers)`` (``"3.weight"``)."""
-        for index in sorted(self.stages):
-            yield from self.stages[index].named_model_parameters()
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield this process's parameters named as in ``nn.Sequential(*layers)`` (``"3.weight"``).
 
-    def parameters(self) -> Iterator[nn.Parameter]:
-        """Yield this rank's parameters."""
+        At ZeRO-3 each is the part of the parameter this replica stores: a
+        flat view of its shard (see ``gathered_state_dict`` for full values).
+        """
+        for index in sorted(self.shards):
+            yield from self.shards[index].local_parameters()
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        """Yield this process's parameters (see ``named_parameters``)."""
         for _, parameter in self.named_parameters():
             yield parameter
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Return this rank's parameters and buffers named as in ``nn.Sequential(*layers)``."""
+    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        """Return copies of this rank's stages' full parameters and buffers, named as in ``nn.Sequential(*layers)``.
+
+        Collective over the data-parallel group at ZeRO-3, where weights are
+        stored sharded: every replica must call it.
+        """
         state = {}
         for index in sorted(self.stages):
             stage = self.stages[index]
+            full = self.shards[index].full_parameters()
             for offset, layer in enumerate(stage.layers):
-                for name, tensor in layer.state_dict().items():
-                    state[f"{stage.first + offset}.{name}"] = tensor
+                prefix = f"{stage.first + offset}."
+                for name, tensor in layer.named_buffers():
+                    state[prefix + name] = tensor.detach().clone()
+                for name, parameter in layer.named_parameters():
+                    state[prefix + name] = full.get(prefix + name, parameter.detach())
         return state
+
+    state_dict = gathered_state_dict
+
+    def memory(self) -> dict[str, int | None]:
+        """Return this process's memory in the last step, in bytes.
+
+        ``activations``: peak bytes of tensors saved for backward (``None``
+        unless ``track_memory``); ``parameters`` and ``gradients``: peak of
+        the stage buffers (full and shard); ``optimizer``: optimizer state;
+        ``forward_activations``: per local stage, what one forward saved.
+        """
+        peak = self.executor.buffer_peak
+        return {
+            "activations": self.last_result.peak_activation_bytes if self.last_result else None,
+            "parameters": peak.get("parameters", 0),
+            "gradients": peak.get("gradients", 0),
+            "optimizer": optimizer_state_bytes(self.optimizers.values()),
+            "forward_activations": dict(self.executor.forward_bytes),
+        }
 
     def train(self, mode: bool = True) -> "Pipeline":
         """Set the local stages to training (or evaluation) mode; return the pipeline."""
@@ -156,14 +236,14 @@ class Pipeline:
         return self.train(False)
 
     def timeline(self, title: str = "") -> Timeline:
-        """Return the measured timeline of the last step, gathered from every rank (collective).
+        """Return the measured timeline of this replica's last step, gathered from its pipeline ranks (collective).
 
         Times are seconds from the earliest start on any rank.
         """
         events = list(self.last_events)
-        if dist.get_world_size() > 1:
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, events)
+        if self.layout.pipeline > 1:
+            gathered: list = [None] * self.layout.pipeline
+            dist.all_gather_object(gathered, events, group=self.groups.pipeline)
             events = [event for part in gathered for event in part]
         origin = min((event[3] for event in events), default=0.0)
         rows = tuple(sorted(((r, stream, str(action), start - origin, end - origin)
@@ -172,60 +252,92 @@ class Pipeline:
                         {"config": self.schedule.config.to_json()})
 
     # ---------------------------------------------------------------- internals
-    def _run(self, mode: str, programs, inputs: Tensors, targets: Tensors | None) -> RunResult:
-        input_parts = _split(inputs, self.microbatches, "inputs")
-        target_parts = _split(targets, self.microbatches, "targets") if targets is not None else None
+    def _run(self, mode: str, programs, inputs: Tensors, targets: Tensors | None, split: bool = True) -> RunResult:
+        replicas = self.layout.data if split else 1
+        replica = self.replica if split else 0
+        input_parts = _split(inputs, self.microbatches, "inputs", replicas, replica)
+        target_parts = _split(targets, self.microbatches, "targets", replicas, replica) if targets is not None else None
         signature = tuple((tuple(t.shape), t.dtype) for t in input_parts[0])
         metas = self._metas.get(signature)
         if metas is None:
-            metas = self.executor.agree(input_parts[0])
+            with self._all_gathered():
+                metas = self.executor.agree(input_parts[0])
             self._metas[signature] = metas
         mailbox = self.executor.mailbox((mode != "train", signature), programs, metas)
         result = self.executor.run(programs[self.rank], mailbox, metas, input_parts, target_parts,
                                    training=mode == "train")
         self.last_events = result.events
+        self.last_result = result
         return result
+
+    @contextmanager
+    def _all_gathered(self):
+        """Hold every local stage's full weights inside the block (forward-only programs have no ``GATHER``).
+
+        Collective over the data-parallel group at ZeRO-3, where weights are stored sharded.
+        """
+        released = [shard for shard in self.shards.values() if not shard.gathered]
+        for shard in released:
+            wait_for(shard.gather(), self._timeout, self.global_rank,
+                     f"gathering stage {shard.stage_index}'s weights for a forward-only pass")
+        try:
+            yield
+        finally:
+            for shard in released:
+                shard.release()
+
+    def _weight_pointers(self) -> list[int]:
+        return [shard.flat.untyped_storage().data_ptr() for shard in self.shards.values()]
 
     def _post_loss_receive(self):
         """Post the receive of the step's mean loss from the last stage's rank (gloo: before the program runs)."""
-        if self.rank == self.loss_rank:
+        if self.global_rank == self.loss_rank:
             return None
         buffer = torch.zeros(1, dtype=torch.float64, device=self.device)
         return buffer, dist.irecv(buffer, src=self.loss_rank, tag=_LOSS_TAG)
 
     def _share_loss(self, result: RunResult, posted) -> float:
-        """Return the step's mean loss: computed on the last stage's rank, sent point-to-point to the others.
+        """Return the step's mean loss: averaged over the replicas' last-stage ranks, sent point-to-point to the others.
 
         A receive posted before the program runs costs the other ranks
         nothing, where a broadcast would hold every rank at the end of the step.
         """
-        world = dist.get_world_size()
-        if self.rank == self.loss_rank:
-            loss = result.loss_sum / self.microbatches
-            if world > 1:
-                value = torch.full((1,), loss, dtype=torch.float64, device=self.device)
-                works = [dist.isend(value, dst=peer, tag=_LOSS_TAG) for peer in range(world) if peer != self.rank]
-                for work in works:
-                    wait_for(work, self._timeout, self.rank, "sending the step's loss to the other ranks")
-            return loss
+        if self.global_rank == self.loss_rank:
+            value = torch.full((1,), result.loss_sum / self.microbatches, dtype=torch.float64, device=self.device)
+            if self.groups.loss is not None:
+                work = dist.all_reduce(value, group=self.groups.loss, async_op=True)
+                wait_for(work, self._timeout, self.global_rank, "averaging the step's loss over the replicas")
+                value /= self.layout.data
+            peers = [peer for peer in self.layout.pipeline_members(self.replica) if peer != self.global_rank]
+            works = [dist.isend(value, dst=peer, tag=_LOSS_TAG) for peer in peers]
+            for work in works:
+                wait_for(work, self._timeout, self.global_rank, "sending the step's loss to the other ranks")
+            return float(value.item())
         buffer, work = posted if posted is not None else self._post_loss_receive()
-        wait_for(work, self._timeout, self.rank, f"waiting for the step's loss from rank {self.loss_rank}")
+        wait_for(work, self._timeout, self.global_rank, f"waiting for the step's loss from rank {self.loss_rank}")
         return float(buffer.item())
 
 
-def _split(batch: Tensors, microbatches: int, name: str) -> list[tuple[torch.Tensor, ...]]:
+def _split(batch: Tensors, microbatches: int, name: str, replicas: int = 1,
+           replica: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Return replica ``replica``'s contiguous share of the batch as ``microbatches`` equal micro-batches."""
     tensors = as_tuple(batch if isinstance(batch, torch.Tensor) else tuple(batch))
     size = tensors[0].shape[0] if tensors and tensors[0].dim() else 0
-    if size == 0 or size % microbatches or any(t.shape[0] != size for t in tensors):
-        raise ValueError(f"{name} batch of {size} samples: must split into {microbatches} equal micro-batches "
-                         f"(a multiple of microbatches={microbatches} along the first dimension)")
+    parts = microbatches * replicas
+    if size == 0 or size % parts or any(t.shape[0] != size for t in tensors):
+        across = f"data_parallel={replicas} × " if replicas > 1 else ""
+        raise ValueError(f"{name} batch of {size} samples: must split into {across}microbatches={microbatches} "
+                         f"equal micro-batches (a multiple of {parts} along the first dimension)")
+    share = size // replicas
+    tensors = tuple(t[replica * share:(replica + 1) * share] for t in tensors)
     return list(zip(*(t.chunk(microbatches) for t in tensors)))
 
 
 def _python_names(message: str) -> str:
     """Return a schedule configuration message with the command line's option names as ``Pipeline`` arguments."""
-    for flag in ("--group-size", "--stages-per-rank", "--microbatches", "--schedule", "--placement", "--ranks"):
-        message = message.replace(flag, flag[2:].replace("-", "_"))
+    for flag in ("--group-size", "--stages-per-rank", "--microbatches", "--schedule", "--placement", "--ranks",
+                 "--reduce-portions", "--weight-buffers", "--zero", "--dp"):
+        message = message.replace(flag, "data_parallel" if flag == "--dp" else flag[2:].replace("-", "_"))
     return message
 
 
@@ -235,15 +347,26 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _refuse_later_options(data_parallel: int, zero: int, recompute) -> None:
-    if data_parallel != 1:
-        raise ConfigError(f"data_parallel={data_parallel}: the runtime runs one pipeline replica so far "
-                          f"(data_parallel=1); the simulator already models --dp")
-    if zero != 0:
-        raise ConfigError(f"zero={zero}: sharded data parallelism is not in the runtime yet (zero=0)")
-    if recompute:
-        raise ConfigError(f"recompute={recompute!r}: activation recomputation is not in the runtime yet "
-                          f"(recompute=())")
+def recompute_modes(recompute: str | Sequence[str], stages: int) -> tuple[str, ...]:
+    """Return the recomputation mode of every stage from ``Pipeline``'s ``recompute`` argument.
+
+    One mode applies to every stage but the last; a sequence gives one mode
+    per stage.  Refuses, with ``ConfigError``, an unknown mode, a sequence of
+    the wrong length, and recomputing the last stage (it computes the loss
+    gradient from its forward, and recomputation happens after that gradient).
+    """
+    choices = ", ".join(RECOMPUTE_MODES)
+    if isinstance(recompute, str):
+        if recompute not in RECOMPUTE_MODES:
+            raise ConfigError(f"recompute={recompute!r}: choose one of {choices}, or one per stage")
+        return tuple(recompute if stage < stages - 1 else "none" for stage in range(stages))
+    modes = tuple(recompute)
+    if len(modes) != stages or any(mode not in RECOMPUTE_MODES for mode in modes):
+        raise ConfigError(f"recompute={list(modes)!r}: give one of {choices} for each of the {stages} stages")
+    if modes and modes[-1] != "none":
+        raise ConfigError(f"recompute={list(modes)!r}: the last stage ({stages - 1}) cannot recompute: it computes the "
+                          f"loss gradient from its own forward, and recomputation runs after that gradient")
+    return modes
 
 
 def peak_memory_bytes(device: torch.device) -> int:

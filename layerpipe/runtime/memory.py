@@ -1,0 +1,79 @@
+"""Memory accounting: bytes of activations autograd saves, and of parameter, gradient and optimizer buffers.
+
+``ActivationMeter`` is a pair of ``torch.autograd.graph.saved_tensors_hooks``:
+every tensor autograd saves for a backward is wrapped in a small holder that
+adds its storage's bytes to a running total when saved and takes them off
+when the graph that holds it is freed.  A storage saved several times (a
+tensor and its views) counts once; weights (parameters and the flat stage
+buffers they live in) are not activations and are not counted.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+class _Held:
+    """A saved tensor, counted while autograd keeps it."""
+
+    __slots__ = ("meter", "key", "tensor")
+
+    def __init__(self, meter: "ActivationMeter", key: int, tensor: torch.Tensor):
+        self.meter = meter
+        self.key = key
+        self.tensor = tensor
+
+    def __del__(self) -> None:
+        self.meter._drop(self.key)
+
+
+class ActivationMeter:
+    """Live and peak bytes of saved activations; ``weight_pointers()`` returns the storages not to count."""
+
+    def __init__(self, weight_pointers: Callable[[], Iterable[int]]):
+        self.weight_pointers = weight_pointers
+        self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, holders]
+        self.current = 0
+        self.peak = 0
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is alive now."""
+        self.peak = self.current
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """Return the context manager that counts tensors saved inside it."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if isinstance(tensor, nn.Parameter) or key == 0 or key in set(self.weight_pointers()):
+            return tensor
+        entry = self.live.get(key)
+        if entry is None:
+            self.live[key] = [storage.nbytes(), 1]
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        else:
+            entry[1] += 1
+        return _Held(self, key, tensor)
+
+    @staticmethod
+    def _unpack(held):
+        return held.tensor if isinstance(held, _Held) else held
+
+    def _drop(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.live[key]
+            self.current -= entry[0]
+
+
+def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
+    """Return the bytes of every tensor in the optimizers' state."""
+    return sum(value.untyped_storage().nbytes() for optimizer in optimizers for state in optimizer.state.values()
+               for value in state.values() if isinstance(value, torch.Tensor) and value.dim() > 0)

@@ -1,0 +1,229 @@
+"""One stage's parameters and gradients on one flat buffer, sharded over its data-parallel replicas.
+
+Every parameter of the stage becomes a view into one flat parameter buffer
+and its ``.grad`` a view into one flat gradient buffer, both padded to a
+multiple of the replica count ``d``; replica ``j`` owns elements
+``[j·S, (j+1)·S)`` (``S`` = padded length / ``d``).  The ZeRO level decides
+what each replica keeps and which collective a ``GATHER`` or ``REDUCE``
+action issues:
+
+====  ==================================  ====================  ===============================
+zero  optimizer steps                     ``REDUCE``            ``GATHER``
+====  ==================================  ====================  ===============================
+0     the stage's parameters              all-reduce            —
+1     its shard (a view of the buffer)    all-reduce            all-gather after the step
+2     its shard (a view of the buffer)    reduce-scatter        all-gather after the step
+3     its shard (stored apart)            reduce-scatter        all-gather before use
+====  ==================================  ====================  ===============================
+
+At ZeRO-3 the flat parameter buffer's storage is emptied on ``RELEASE`` and
+refilled on ``GATHER``; the parameters (and the tensors autograd saved from
+them) are views of that storage, so they see the gathered values again
+without being rebuilt.  At ZeRO-2 and 3 the flat gradient buffer is emptied
+once its shard has been reduced.  All collectives are issued with
+``async_op=True`` and return the work to wait on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .p2p import wait_for
+from .stage import PipelineError, Stage
+
+
+def _portion(length: int, portion: int, portions: int) -> tuple[int, int]:
+    """Return the bounds of 1-based ``portion`` of ``portions`` near-equal parts of ``range(length)``."""
+    return (portion - 1) * length // portions, portion * length // portions
+
+
+class StageShard:
+    """The flat buffers of one local stage and the collectives that keep them consistent across replicas."""
+
+    def __init__(self, stage: Stage, zero: int, replicas: int, replica: int, group, device: torch.device):
+        self.stage_index = stage.index
+        self.zero = zero if replicas > 1 else 0  # one replica: nothing to shard, the full buffer is its own shard
+        self.replicas = replicas
+        self.replica = replica
+        self.group = group
+        named = [(name, p) for name, p in stage.named_model_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.parameters = [p for _, p in named]
+        dtypes = {p.dtype for p in self.parameters}
+        if len(dtypes) > 1:
+            raise PipelineError(f"stage {stage.index} holds parameters of several dtypes "
+                                f"({', '.join(sorted(str(d) for d in dtypes))}): sharded data parallelism keeps "
+                                f"one flat buffer per stage and needs one dtype")
+        dtype = dtypes.pop() if dtypes else torch.float32
+        self.sizes = [p.numel() for p in self.parameters]
+        self.length = sum(self.sizes)
+        self.shard_size = -(-self.length // replicas)
+        padded = self.shard_size * replicas
+        self.flat = torch.zeros(padded, dtype=dtype, device=device)
+        self.flat_grad = torch.zeros(padded, dtype=dtype, device=device)
+        offset = 0
+        for parameter, size in zip(self.parameters, self.sizes):
+            self.flat[offset:offset + size].copy_(parameter.detach().reshape(-1))
+            parameter.data = self.flat[offset:offset + size].view_as(parameter)
+            offset += size
+        self._attach_gradients()
+        low, high = replica * self.shard_size, (replica + 1) * self.shard_size
+        if self.zero == 0:
+            self.optimized = list(self.parameters)
+        else:
+            data = self.flat[low:high].clone() if self.zero == 3 else self.flat[low:high]
+            shard = nn.Parameter(data)
+            shard.grad = self.flat_grad[low:high] if self.zero == 1 else torch.zeros_like(data)
+            self.optimized = [shard]
+        self.shard = self.optimized[0] if self.zero else None
+        self.gathered = True
+        if self.zero == 3:
+            self.release()
+        self.reduced()
+
+    # ---------------------------------------------------------------- per step
+    def begin_step(self) -> None:
+        """Zero the gradient buffer for a new step (ZeRO-2/3: it is emptied after each reduce and refilled at first use)."""
+        if self.zero < 2:
+            self.flat_grad.zero_()
+
+    @property
+    def has_gradients(self) -> bool:
+        """Return whether the full gradient buffer is allocated (always, below ZeRO-2)."""
+        return self.flat_grad.untyped_storage().nbytes() > 0 or self.flat_grad.numel() == 0
+
+    def before_backward(self) -> None:
+        """Refill the emptied gradient buffer with zeros before a backward accumulates into it (ZeRO-2/3)."""
+        self.flat_grad.untyped_storage().resize_(self.flat_grad.numel() * self.flat_grad.element_size())
+        self.flat_grad.zero_()
+        self._attach_gradients()
+
+    def _attach_gradients(self) -> None:
+        offset = 0
+        for parameter, size in zip(self.parameters, self.sizes):
+            parameter.grad = self.flat_grad[offset:offset + size].view_as(parameter)
+            offset += size
+
+    def gather(self):
+        """Issue the all-gather of the replicas' shards into the full parameter buffer; return its work.
+
+        At ZeRO-3 the buffer's storage is allocated first; at ZeRO-1/2 the
+        shard is already in place (a view of the buffer).
+        """
+        if self.zero == 3:
+            self._fill_storage()
+            source = self.shard.detach()
+        else:
+            source = self.flat[self.replica * self.shard_size:(self.replica + 1) * self.shard_size]
+        self.gathered = True
+        return _all_gather(self.flat, source, self.group)
+
+    def release(self) -> None:
+        """Free the full parameter buffer's storage (ZeRO-3); the shard stays."""
+        self.flat.untyped_storage().resize_(0)
+        self.gathered = False
+
+    def _fill_storage(self) -> None:
+        storage = self.flat.untyped_storage()
+        if storage.nbytes() == 0:
+            storage.resize_(self.flat.numel() * self.flat.element_size())
+
+    def reduce(self, portion: int = 1, portions: int = 1):
+        """Issue the reduction of one portion of the gradients (summed over replicas); return its work.
+
+        All-reduce of a contiguous part of the buffer at ZeRO-0/1;
+        reduce-scatter of the same part of every replica's shard into this
+        replica's shard at ZeRO-2/3.  Returns ``None`` for an empty portion
+        (every replica skips it alike).
+        """
+        if self.zero < 2:
+            low, high = _portion(self.flat_grad.numel(), portion, portions)
+            if low == high:
+                return None
+            return dist.all_reduce(self.flat_grad[low:high], group=self.group, async_op=True)
+        if portions == 1:
+            scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            return scatter(self.shard.grad, self.flat_grad, group=self.group, async_op=True)
+        low, high = _portion(self.shard_size, portion, portions)
+        if low == high:
+            return None
+        parts = [self.flat_grad[j * self.shard_size + low:j * self.shard_size + high] for j in range(self.replicas)]
+        return dist.reduce_scatter(self.shard.grad[low:high], parts, group=self.group, async_op=True)
+
+    def reduced(self) -> None:
+        """After the last portion arrived: free the full gradient buffer at ZeRO-2/3 (only the shard is stepped).
+
+        Until the stage's next backward refills it, the parameters' ``.grad`` is ``None``.
+        """
+        if self.zero >= 2:
+            for parameter in self.parameters:
+                parameter.grad = None
+            self.flat_grad.untyped_storage().resize_(0)
+
+    # ---------------------------------------------------------------- views for the user
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Return copies of the stage's full parameters by model name (collective at ZeRO-3 when released)."""
+        if not self.gathered:
+            wait_for(self.gather(), 300.0, self.replica, f"gathering stage {self.stage_index}'s weights")
+            values = {name: p.detach().clone() for name, p in zip(self.names, self.parameters)}
+            self.release()
+            return values
+        return {name: p.detach().clone() for name, p in zip(self.names, self.parameters)}
+
+    def shard_ranges(self):
+        """Yield ``(name, start, end)``: the elements ``[start, end)`` of each flattened parameter in this replica's shard.
+
+        ``start == end`` for a parameter wholly outside the shard.
+        """
+        low, high = self.replica * self.shard_size, (self.replica + 1) * self.shard_size
+        offset = 0
+        for name, size in zip(self.names, self.sizes):
+            start, end = max(offset, low), min(offset + size, high)
+            yield name, start - offset, max(start, end) - offset
+            offset += size
+
+    def local_parameters(self):
+        """Yield ``(name, tensor)`` for what this replica stores of each parameter (see ``shard_ranges``).
+
+        The parameters themselves below ZeRO-3; at ZeRO-3 flat views of the shard.
+        """
+        if self.zero != 3:
+            yield from zip(self.names, self.parameters)
+            return
+        yield from self._shard_pieces(self.shard)
+
+    def local_gradients(self):
+        """Yield ``(name, tensor)``: the reduced gradient of what this replica steps of each parameter.
+
+        The full ``.grad`` at ZeRO-0/1; at ZeRO-2/3 flat views of the shard's
+        gradient, covering the elements ``shard_ranges`` names.
+        """
+        if self.zero < 2:
+            yield from ((name, p.grad) for name, p in zip(self.names, self.parameters))
+            return
+        yield from self._shard_pieces(self.shard.grad)
+
+    def _shard_pieces(self, shard: torch.Tensor):
+        low = self.replica * self.shard_size
+        offsets = [0]
+        for size in self.sizes:
+            offsets.append(offsets[-1] + size)
+        for (name, start, end), offset in zip(self.shard_ranges(), offsets):
+            yield name, shard[offset + start - low:offset + end - low]
+
+    def buffer_bytes(self) -> dict[str, int]:
+        """Return the bytes this replica holds now in parameter and gradient buffers (full and shard)."""
+        parameters = self.flat.untyped_storage().nbytes()
+        gradients = self.flat_grad.untyped_storage().nbytes()
+        if self.zero == 3:
+            parameters += self.shard.untyped_storage().nbytes()
+        if self.zero >= 2:
+            gradients += self.shard.grad.untyped_storage().nbytes()
+        return {"parameters": parameters, "gradients": gradients}
+
+
+def _all_gather(output: torch.Tensor, shard: torch.Tensor, group):
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(output, shard, group=group, async_op=True)

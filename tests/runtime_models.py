@@ -99,3 +99,17 @@ def relative_error(found: torch.Tensor, expected: torch.Tensor) -> float:
     """Return max |found - expected| / max(max |expected|, 1e-30)."""
     scale = max(float(expected.abs().max()), 1e-30)
     return float((found - expected).abs().max()) / scale
+
+
+def wide_layers(stages: int = 4, width: int = 8, hidden: int = 64, seed: int = 0) -> list[nn.Module]:
+    """Return ``stages`` groups of five layers whose saved activations (two ``hidden``-wide tanh outputs) dwarf their input.
+
+    Cut with ``partition=[0, 5, 10, ...]``, each stage stores ``width + 2·hidden``
+    numbers per sample for its backward, or only its ``width``-wide input when recomputed.
+    """
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(stages):
+        layers += [nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, width)]
+    layers[-1] = nn.Linear(hidden, 3)
+    return [layer.double() for layer in layers]

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from ..runtime.recompute import recomputed
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -61,17 +63,29 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.width)
         self.mlp = nn.Sequential(nn.Linear(config.width, 4 * config.width), nn.GELU(),
                                  nn.Linear(4 * config.width, config.width), nn.Dropout(config.dropout))
-        self.dropout = config.dropout
+        self.attention_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, time, width = x.shape
         q, k, v = self.qkv(self.norm1(x)).split(width, dim=2)
         q, k, v = (t.view(batch, time, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
-        attended = functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                           dropout_p=self.dropout if self.training else 0.0)
+        attended = recomputed(self.attention, q, k, v)
         x = x + self.projection(attended.transpose(1, 2).reshape(batch, time, width))
         return x + self.mlp(self.norm2(x))
 
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of ``(batch, heads, time, head width)`` queries, keys and values.
+
+        Written out, so autograd stores the ``time × time`` attention weights
+        of every head: cheap to compute again and costly to keep, which is
+        why ``recompute="selective"`` recomputes exactly this (Korthikanti et
+        al. 2022, "Reducing Activation Recomputation in Large Transformer Models").
+        """
+        time = q.shape[-2]
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        future = torch.ones(time, time, dtype=torch.bool, device=q.device).triu(1)
+        weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        return self.attention_dropout(weights) @ v
 
 class Head(nn.Module):
     """Vectors ``(batch, time, width)`` to next-token logits ``(batch, time, vocabulary)``."""

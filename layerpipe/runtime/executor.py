@@ -268,7 +268,7 @@ class Executor:
                             torch.autograd.backward(tensors, grads)
                         arguments = stage_inputs.pop(key)
                         del stage_outputs[key]
-                        recordings.pop(key, None)
+                        _release(recordings.pop(key, None))
                         if stage > 0:
                             gradients = tuple(_grad_or_zeros(a) for a in arguments if carries_gradient(a.dtype))
                             self._deliver_input_grads(stage, microbatch, gradients, output_grads, input_grads)
@@ -287,7 +287,7 @@ class Executor:
                     else:
                         if tensors and self.parameters[stage]:
                             torch.autograd.backward(tensors, grads, inputs=self.parameters[stage])
-                        recordings.pop(key, None)
+                        _release(recordings.pop(key, None))
                 elif kind is R:
                     recordings[key].recompute()
                 elif kind is SEND_F or kind is SEND_B:
@@ -383,6 +383,11 @@ class Executor:
             output_grads[(stage - 1, microbatch)] = gradients
         else:
             input_grads[(stage, microbatch)] = gradients
+
+
+def _release(recorded: Recording | None) -> None:
+    if recorded is not None:
+        recorded.release()
 
 
 def _leaf(tensor: torch.Tensor, training: bool) -> torch.Tensor:

@@ -2,10 +2,12 @@
 
 ``ActivationMeter`` is a pair of ``torch.autograd.graph.saved_tensors_hooks``:
 every tensor autograd saves for a backward is wrapped in a small holder that
-adds its storage's bytes to a running total when saved and takes them off
-when the graph that holds it is freed.  A storage saved several times (a
-tensor and its views) counts once; weights (parameters and the flat stage
-buffers they live in) are not activations and are not counted.
+adds its bytes to a running total when saved and takes them off when the
+graph that holds it is freed.  A tensor saved several times (by two
+operations, or as a same-sized view) counts once; weights (parameters and
+the flat stage buffers they live in) are not activations and are not
+counted.  A saved slice counts its own bytes, not its whole storage's: a
+micro-batch cut from the batch costs what the micro-batch holds.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class _Held:
 
     __slots__ = ("meter", "key", "tensor")
 
-    def __init__(self, meter: "ActivationMeter", key: int, tensor: torch.Tensor):
+    def __init__(self, meter: "ActivationMeter", key: tuple[int, int], tensor: torch.Tensor):
         self.meter = meter
         self.key = key
         self.tensor = tensor
@@ -35,7 +37,7 @@ class ActivationMeter:
 
     def __init__(self, weight_pointers: Callable[[], Iterable[int]]):
         self.weight_pointers = weight_pointers
-        self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, holders]
+        self.live: dict[tuple[int, int], list[int]] = {}  # (data pointer, bytes) -> [bytes, holders]
         self.current = 0
         self.peak = 0
 
@@ -48,24 +50,26 @@ class ActivationMeter:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor):
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if isinstance(tensor, nn.Parameter) or key == 0 or key in set(self.weight_pointers()):
+        pointer = tensor.untyped_storage().data_ptr()
+        if isinstance(tensor, nn.Parameter) or pointer == 0 or pointer in set(self.weight_pointers()):
             return tensor
+        size = tensor.numel() * tensor.element_size()
+        key = (tensor.data_ptr(), size)
         entry = self.live.get(key)
         if entry is None:
-            self.live[key] = [storage.nbytes(), 1]
-            self.current += storage.nbytes()
+            self.live[key] = [size, 1]
+            self.current += size
             self.peak = max(self.peak, self.current)
         else:
             entry[1] += 1
-        return _Held(self, key, tensor)
+        # Held detached: a saved output holding its own grad_fn would make a cycle that outlives a retained graph.
+        return _Held(self, key, tensor.detach())
 
     @staticmethod
     def _unpack(held):
         return held.tensor if isinstance(held, _Held) else held
 
-    def _drop(self, key: int) -> None:
+    def _drop(self, key: tuple[int, int]) -> None:
         entry = self.live[key]
         entry[1] -= 1
         if entry[1] == 0:

@@ -104,6 +104,17 @@ class Recording:
         for region in self.regions:
             region.recompute()
 
+    def release(self) -> None:
+        """Free the rebuilt graphs once the backward that needed them is done.
+
+        The autograd node of a region may outlive the backward (an output
+        tensor still refers to it), so its graph is dropped here, by the
+        program, rather than whenever the node happens to die.
+        """
+        for region in self.regions:
+            region.leaves = region.outputs = None
+        self.regions = []
+
 
 _active: Recording | None = None
 

@@ -28,7 +28,7 @@ import tomllib
 from dataclasses import dataclass
 from statistics import median
 
-from .schedule.config import SCHEDULES, ConfigError, ScheduleConfig, validate_config
+from .schedule.config import RECOMPUTE_MODES, SCHEDULES, ConfigError, ScheduleConfig, validate_config
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,11 @@ class TrainConfig:
     stages_per_rank: int = 2
     microbatches: int = 8
     group_size: int | None = None
+    data_parallel: int = 1
+    zero: int = 0
+    reduce_portions: int = 1
+    weight_buffers: int | None = None
+    recompute: str = "none"
     steps: int = 1000
     batch_size: int = 32
     block_size: int = 64
@@ -62,10 +67,15 @@ _ACCEPTED = {"int": (int,), "float": (int, float), "str": (str,), "int | None": 
 
 _HELP = {
     "schedule": "pipeline schedule: " + ", ".join(SCHEDULES),
-    "ranks": "pipeline ranks (local processes; under torchrun the world size)",
+    "ranks": "pipeline ranks (local processes: ranks × data-parallel; under torchrun the world size / data-parallel)",
     "stages_per_rank": "stages per rank v (looping placement: stage s on rank s %% ranks)",
     "microbatches": "micro-batches per step m",
     "group_size": "micro-batches per group for --schedule grouped (between ranks and microbatches)",
+    "data_parallel": "data-parallel replicas of the pipeline; each trains on its share of the batch",
+    "zero": "sharding over the replicas: 0 replicated, 1 optimizer state, 2 and gradients, 3 and weights",
+    "reduce_portions": "portions each stage's gradient reduce is split into, sent earlier layers first",
+    "weight_buffers": "gathered stage weights a rank may hold at once with --zero 3 (default: all its stages)",
+    "recompute": "activation recomputation of every stage but the last: none, full or selective (attention)",
     "steps": "optimizer steps",
     "batch_size": "sequences per step (a multiple of --microbatches)",
     "block_size": "characters per sequence",
@@ -94,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         accepted = _ACCEPTED[str(field.type)]
+        choices = {"schedule": SCHEDULES, "recompute": RECOMPUTE_MODES, "zero": (0, 1, 2, 3)}.get(field.name)
         parser.add_argument(flag, type=accepted[-1], default=None, help=f"{_HELP[field.name]} (default {field.default})",
-                            choices=SCHEDULES if field.name == "schedule" else None)
+                            choices=choices)
     return parser
 
 
@@ -103,17 +114,21 @@ def config_from(arguments: argparse.Namespace, world: int | None = None) -> Trai
     """Return the configuration from a TOML file and command-line options; refuse bad values with ``ConfigError``.
 
     ``world``, under torchrun, is the number of processes it started: it
-    sets ``ranks``, and a different ``--ranks`` is refused.
+    sets ``ranks`` to ``world / data_parallel``, and a different ``--ranks``
+    is refused.
     """
     values: dict = {}
     if arguments.config:
         values.update(_read_toml(arguments.config))
     values.update({k: v for k, v in vars(arguments).items() if k != "config" and v is not None})
     if world is not None:
-        if arguments.ranks is not None and arguments.ranks != world:
-            raise ConfigError(f"--ranks {arguments.ranks}: torchrun started {world} processes; "
-                              f"leave --ranks out or make them equal")
-        values["ranks"] = world
+        data_parallel = values.get("data_parallel", 1)
+        if not isinstance(data_parallel, int) or data_parallel < 1 or world % data_parallel:
+            raise ConfigError(f"--data-parallel {data_parallel}: must divide the {world} processes torchrun started")
+        if arguments.ranks is not None and arguments.ranks * data_parallel != world:
+            raise ConfigError(f"--ranks {arguments.ranks}: torchrun started {world} processes = --ranks × "
+                              f"--data-parallel ({data_parallel}); leave --ranks out or make them agree")
+        values["ranks"] = world // data_parallel
     config = TrainConfig(**values)
     check_config(config)
     return config
@@ -140,17 +155,20 @@ def _read_toml(path: str) -> dict:
 
 def check_config(config: TrainConfig) -> None:
     """Refuse, with ``ConfigError`` naming the option, sizes that cannot train."""
-    for name in ("ranks", "stages_per_rank", "microbatches", "steps", "batch_size", "block_size", "width", "heads",
-                 "blocks"):
+    for name in ("ranks", "stages_per_rank", "microbatches", "data_parallel", "reduce_portions", "steps", "batch_size",
+                 "block_size", "width", "heads", "blocks"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
     if config.learning_rate <= 0 or config.timeout <= 0:
         raise ConfigError("--learning-rate and --timeout: must be positive")
+    if config.recompute not in RECOMPUTE_MODES:
+        raise ConfigError(f"--recompute {config.recompute}: choose one of {', '.join(RECOMPUTE_MODES)}")
     validate_config(ScheduleConfig(config.schedule, config.ranks, config.microbatches, config.stages_per_rank,
-                                   group_size=config.group_size))
-    if config.batch_size % config.microbatches:
+                                   group_size=config.group_size, data_parallel=config.data_parallel, zero=config.zero,
+                                   reduce_portions=config.reduce_portions, weight_buffers=config.weight_buffers))
+    if config.batch_size % (config.microbatches * config.data_parallel):
         raise ConfigError(f"--batch-size {config.batch_size}: must be a multiple of --microbatches "
-                          f"({config.microbatches})")
+                          f"({config.microbatches}) × --data-parallel ({config.data_parallel})")
     if config.width % config.heads:
         raise ConfigError(f"--heads {config.heads}: must divide --width ({config.width})")
     stages = config.ranks * config.stages_per_rank
@@ -176,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime.launch import LaunchError, launch
 
     try:
-        launch(run, config.ranks, (config,), timeout=config.timeout)
+        launch(run, config.ranks * config.data_parallel, (config,), timeout=config.timeout)
     except LaunchError as error:
         print(f"layerpipe train: failed\n{error}", file=sys.stderr)
         return 1
@@ -208,9 +226,13 @@ def run(config: TrainConfig) -> dict | None:
                       heads=config.heads, blocks=config.blocks)
     pipe = Pipeline(gpt_layers(model, config.seed), next_token_loss, schedule=config.schedule,
                     microbatches=config.microbatches, stages_per_rank=config.stages_per_rank,
-                    group_size=config.group_size, timeout=config.timeout,
+                    group_size=config.group_size, data_parallel=config.data_parallel, zero=config.zero,
+                    reduce_portions=config.reduce_portions, weight_buffers=config.weight_buffers,
+                    recompute=config.recompute, track_memory=True, timeout=config.timeout,
                     optimizer=lambda params: torch.optim.AdamW(params, lr=config.learning_rate,
                                                                betas=(0.9, 0.99), weight_decay=0.01))
+    if rank == 0:
+        print(pipe.layout.describe())
     generator = torch.Generator().manual_seed(config.seed)
     tokens_per_step = config.batch_size * config.block_size
     losses, step_times = [], []
@@ -243,14 +265,19 @@ def run(config: TrainConfig) -> dict | None:
     checkpoint.save(pipe.state_dict(), checkpoint_id=os.path.join(config.output, "checkpoint"))
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak_memory_bytes(pipe.device))
+    memory = [None] * dist.get_world_size()
+    dist.all_gather_object(memory, memory_report(pipe))
     if rank != 0:
         return None
     summary = write_outputs(config, pipe.schedule, model, text, losses, step_times, tokens_per_step, eval_loss, measured, peaks,
-                            sample, time.perf_counter() - started)
+                            sample, time.perf_counter() - started, memory)
     print(f"\nloss {summary['first_loss']:.3f} → {summary['final_loss']:.3f} "
           f"({100 * (1 - summary['final_loss'] / summary['first_loss']):.0f}% lower), held-out loss {eval_loss:.3f}")
     print(f"step time {1000 * summary['step_time']:.1f} ms measured, {1000 * summary['simulated_step_time']:.1f} ms "
           f"simulated from the measured action times; {summary['tokens_per_second']:,.0f} tokens/s")
+    own = memory[0]
+    print(f"saved activations on process 0: {own['measured']['activations'] / 2**20:.2f} MiB at peak measured, "
+          f"{own['predicted']['activations'] / 2**20:.2f} MiB by the memory model")
     print(f"wrote {config.output}/: summary.json loss.png timeline.png timeline.json checkpoint/")
     print("\nsample:\n" + sample)
     return summary
@@ -280,14 +307,40 @@ def generate(pipe, text, config: TrainConfig, model) -> str:
         if logits is not None:
             probabilities = torch.softmax(logits[0, position].double().cpu() / 0.8, dim=-1)
             token[0] = int(torch.multinomial(probabilities, 1, generator=generator))
-        if dist.get_world_size() > 1:
-            dist.broadcast(token, src=pipe.loss_rank)
+        if dist.get_world_size() > 1:  # every replica computed the same logits: replica 0's last-stage rank samples
+            dist.broadcast(token, src=pipe.layout.global_rank(pipe.layout.pipeline - 1, 0))
         ids.append(int(token[0]))
     return text.decode(ids)
 
 
+def memory_report(pipe) -> dict:
+    """Return this process's measured memory of the last step beside the simulator's memory model, in bytes.
+
+    The model is fed the sizes measured here: what one forward of each stage
+    saved (only its input when recomputed) and what one ``R`` added back.
+    """
+    from .sim.memory import activation_peak, buffer_peak
+
+    measured = pipe.memory()
+    stages = pipe.schedule.placement.stages
+    forward = measured["forward_activations"]
+    regenerated = measured["recomputed_activations"]
+    recomputed = frozenset(pipe.schedule.config.recompute)
+    stored = [regenerated.get(s, 0) if s in recomputed else forward.get(s, 0) for s in range(stages)]
+    kept = [forward.get(s, 0) for s in range(stages)]
+    program = pipe.schedule.programs[pipe.rank]
+    weights = [0.0] * stages
+    for index, shard in pipe.shards.items():
+        weights[index] = shard.length * shard.flat.element_size()
+    predicted = buffer_peak(program, weights, pipe.schedule.config.zero, pipe.layout.data)
+    predicted["activations"] = activation_peak(program, stored, kept, recomputed).bytes
+    return {"process": pipe.global_rank, "pipeline_rank": pipe.rank, "replica": pipe.replica,
+            "measured": {key: measured[key] for key in ("activations", "parameters", "gradients", "optimizer")},
+            "predicted": predicted}
+
+
 def write_outputs(config, schedule, model, text, losses, step_times, tokens_per_step, eval_loss, measured, peaks, sample,
-                  wall_time) -> dict:
+                  wall_time, memory=None) -> dict:
     """Write summary.json, loss.png, timeline.png, timeline.json and timeline-data.json; return the summary."""
     import matplotlib
 
@@ -315,6 +368,9 @@ def write_outputs(config, schedule, model, text, losses, step_times, tokens_per_
         "measured_last_step_time": measured.step_time,
         "peak_memory_bytes": peaks,
         "peak_memory_kind": "peak resident set size of each rank's process (CPU) or CUDA allocator peak (GPU)",
+        "memory": memory,
+        "memory_kind": "per process, last step, bytes: saved activations (autograd saved-tensor hooks) and parameter, "
+                       "gradient and optimizer buffers, measured and as the simulator's memory model predicts",
         "sample": sample,
         "wall_time": wall_time,
         "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",

@@ -37,6 +37,23 @@ def test_train_writes_every_output_and_the_loss_falls(tmp_path):
 
 
 @pytest.mark.multiprocess
+def test_train_with_sharded_data_parallelism_prints_the_layout_and_reports_memory_beside_the_model(tmp_path):
+    output = tmp_path / "run"
+    done = run_train(*SMALL, "--steps", "4", "--data-parallel", "2", "--zero", "3", "--recompute", "selective",
+                     "--reduce-portions", "2", "--output", str(output))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 pipeline ranks × 2 data-parallel replicas = 4 processes" in done.stdout
+    summary = json.loads((output / "summary.json").read_text())
+    assert [entry["process"] for entry in summary["memory"]] == [0, 1, 2, 3]
+    for entry in summary["memory"]:
+        measured, predicted = entry["measured"], entry["predicted"]
+        assert measured["activations"] > 0
+        assert abs(measured["activations"] - predicted["activations"]) <= 0.1 * predicted["activations"], entry
+        for kind in ("parameters", "gradients", "optimizer"):
+            assert measured[kind] == pytest.approx(predicted[kind], rel=0.01), (kind, entry)
+
+
+@pytest.mark.multiprocess
 def test_the_checkpoint_loads_back_into_the_model_layers(tmp_path):
     import torch
     from torch.distributed import checkpoint
@@ -76,6 +93,11 @@ def test_a_toml_config_sets_options_and_the_command_line_wins(tmp_path):
     (["--steps", "0"], "--steps 0: must be at least 1"),
     (["--heads", "3"], "--heads 3: must divide --width (128)"),
     (["--config", "missing.toml"], "--config missing.toml: no such file"),
+    (["--data-parallel", "3"], "--batch-size 32: must be a multiple of --microbatches (8) × --data-parallel (3)"),
+    (["--data-parallel", "0"], "--data-parallel 0: must be at least 1"),
+    (["--weight-buffers", "0"], "--weight-buffers 0: must be a positive whole number"),
+    (["--zero", "5"], "argument --zero: invalid choice: 5"),
+    (["--recompute", "half"], "argument --recompute: invalid choice: 'half'"),
 ])
 def test_bad_options_give_one_line_and_status_2(tmp_path, arguments, message):
     done = run_train(*arguments, "--output", str(tmp_path / "never"), cwd=tmp_path)

@@ -94,6 +94,7 @@ class Executor:
         self.loss_scale = 1.0 / (microbatches * replicas)
         self.meter = meter
         self.forward_bytes: dict[int, int] = {}  # activation bytes one forward of the stage saved (largest seen)
+        self.recompute_bytes: dict[int, int] = {}  # activation bytes one R of the stage added back (largest seen)
         self.last_stage = placement.stages - 1
         self.parameters = {s: [p for p in stage.parameters() if p.requires_grad] for s, stage in stages.items()}
         self.collectives = Collectives(rank, timeout, completion_times=device.type == "cpu")
@@ -238,6 +239,7 @@ class Executor:
                         else:
                             arrived = stage_outputs.pop((stage - 1, microbatch))
                         arguments = tuple(_leaf(t, training) for t in arrived)
+                    saved_before = self.meter.current if self.meter is not None else 0
                     mode = self.recompute.get(stage, "none") if training else "none"
                     if mode == "none":
                         produced = self._forward(stage, microbatch, arguments, metas)
@@ -250,6 +252,9 @@ class Executor:
                             outputs[microbatch] = produced
                         else:
                             losses[microbatch] = self._loss(value, targets[microbatch], microbatch)
+                    if self.meter is not None:  # with the loss's own saved tensors on the last stage
+                        self.forward_bytes[stage] = max(self.forward_bytes.get(stage, 0),
+                                                        self.meter.current - saved_before)
                     if training:
                         stage_inputs[key] = arguments
                     stage_outputs[key] = produced
@@ -289,7 +294,10 @@ class Executor:
                             torch.autograd.backward(tensors, grads, inputs=self.parameters[stage])
                         _release(recordings.pop(key, None))
                 elif kind is R:
+                    before = self.meter.current if self.meter is not None else 0
                     recordings[key].recompute()
+                    if self.meter is not None:
+                        self.recompute_bytes[stage] = max(self.recompute_bytes.get(stage, 0), self.meter.current - before)
                 elif kind is SEND_F or kind is SEND_B:
                     if kind is SEND_F:
                         mailbox.send(action, stage_outputs[key] if training else stage_outputs.pop(key))
@@ -341,11 +349,7 @@ class Executor:
 
     def _forward(self, stage: int, microbatch: int, arguments: tuple, metas, whole: bool = False) -> tuple:
         """Return the stage's outputs for one micro-batch; ``whole``: as one recomputed region (stores its input only)."""
-        meter = self.meter
-        before = meter.current if meter is not None else 0
         produced = recomputed(self.stages[stage], *arguments) if whole else self.stages[stage](*arguments)
-        if meter is not None:
-            self.forward_bytes[stage] = max(self.forward_bytes.get(stage, 0), meter.current - before)
         expected = metas[stage]
         if len(produced) != len(expected) or any(
                 tuple(t.shape) != meta.shape or t.dtype != meta.dtype for t, meta in zip(produced, expected)):

@@ -131,7 +131,8 @@ class Pipeline:
         self._forward_programs = forward_programs(self.schedule)
         self._metas: dict[tuple, tuple] = {}
         self.last_events: tuple[tuple, ...] = ()
-        self.last_result: RunResult | None = None
+        self._last_training_peak: int | None = None
+        self._last_training_buffers: dict[str, int] = {}
 
     # ---------------------------------------------------------------- public surface
     def train_step(self, inputs: Tensors, targets: Tensors) -> float:
@@ -148,6 +149,8 @@ class Pipeline:
             shard.begin_step()
         posted = self._post_loss_receive() if self._early_loss_receive else None
         result = self._run("train", self.schedule.programs, inputs, targets)
+        self._last_training_peak = result.peak_activation_bytes
+        self._last_training_buffers = dict(self.executor.buffer_peak)
         return self._share_loss(result, posted)
 
     def eval_step(self, inputs: Tensors, targets: Tensors) -> float:
@@ -209,20 +212,22 @@ class Pipeline:
     state_dict = gathered_state_dict
 
     def memory(self) -> dict[str, int | None]:
-        """Return this process's memory in the last step, in bytes.
+        """Return this process's memory in the last training step, in bytes.
 
         ``activations``: peak bytes of tensors saved for backward (``None``
         unless ``track_memory``); ``parameters`` and ``gradients``: peak of
         the stage buffers (full and shard); ``optimizer``: optimizer state;
-        ``forward_activations``: per local stage, what one forward saved.
+        ``forward_activations``: per local stage, what one forward saved;
+        ``recomputed_activations``: per recomputed stage, what one ``R`` added.
         """
-        peak = self.executor.buffer_peak
+        peak = self._last_training_buffers
         return {
-            "activations": self.last_result.peak_activation_bytes if self.last_result else None,
+            "activations": self._last_training_peak,
             "parameters": peak.get("parameters", 0),
             "gradients": peak.get("gradients", 0),
             "optimizer": optimizer_state_bytes(self.optimizers.values()),
             "forward_activations": dict(self.executor.forward_bytes),
+            "recomputed_activations": dict(self.executor.recompute_bytes),
         }
 
     def train(self, mode: bool = True) -> "Pipeline":
@@ -267,7 +272,6 @@ class Pipeline:
         result = self.executor.run(programs[self.rank], mailbox, metas, input_parts, target_parts,
                                    training=mode == "train")
         self.last_events = result.events
-        self.last_result = result
         return result
 
     @contextmanager

@@ -24,10 +24,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from ..schedule.config import RECOMPUTE_MODES as MODES
 from .stage import as_tuple, carries_gradient
-
-MODES = ("none", "full", "selective")
-"""Recomputation modes of a stage."""
 
 
 class Region:

@@ -9,6 +9,9 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-b
 
 PLACEMENTS = ("auto", "contiguous", "looping", "vshape")
 
+RECOMPUTE_MODES = ("none", "full", "selective")
+"""How a stage recomputes: not at all, all of it (stores its input only), or the regions its layers mark."""
+
 
 class ConfigError(ValueError):
     """Bad user input; the message names the option, the value and what is valid."""

@@ -57,3 +57,47 @@ def activation_peak(
         if size > peak_size:
             peak_size = size
     return ActivationPeak(peak_count, peak_size)
+
+
+def buffer_peak(program: Program, weight_bytes: Sequence[float], zero: int, replicas: int,
+                optimizer_states: int = 2) -> dict[str, float]:
+    """Return the peak bytes of parameter, gradient and optimizer-state buffers one rank holds over ``program``.
+
+    ``weight_bytes[s]`` is stage ``s``'s parameters; the rank holds the
+    stages its program computes.  The rules are the runtime's
+    (``runtime/sharding.py``): below ZeRO-3 full parameters, at ZeRO-3 a
+    shard (``1/replicas``) plus the stages gathered at once (``GATHER`` to
+    ``RELEASE``); below ZeRO-2 full gradients, at ZeRO-2/3 a shard plus each
+    stage's full gradient from its first backward to its ``STEP``; the
+    optimizer keeps ``optimizer_states`` tensors the size of what it steps
+    (AdamW: 2), full at ZeRO-0 and a shard above.  With one replica every
+    level is ZeRO-0.
+    """
+    zero = zero if replicas > 1 else 0
+    stages = sorted({action.stage for action in program if action.kind in (Kind.F, Kind.B, Kind.I, Kind.W)})
+    full = sum(weight_bytes[s] for s in stages)
+    shard = full / replicas
+    parameters = gradients = full
+    if zero == 3:
+        parameters = _running_peak(program, weight_bytes, Kind.GATHER, Kind.RELEASE, shard)
+    if zero >= 2:
+        gradients = _running_peak(program, weight_bytes, None, Kind.STEP, shard)
+    return {"parameters": parameters, "gradients": gradients,
+            "optimizer": optimizer_states * (full if zero == 0 else shard)}
+
+
+def _running_peak(program: Program, weight_bytes: Sequence[float], opening: Kind | None, closing: Kind,
+                  base: float) -> float:
+    """Return the peak of ``base`` plus the full stage buffers open at once (``opening``: first backward when ``None``)."""
+    current = peak = base
+    open_stages: set[int] = set()
+    for action in program:
+        opens = action.kind is opening if opening is not None else action.kind in (Kind.B, Kind.I, Kind.W)
+        if opens and action.stage not in open_stages:
+            open_stages.add(action.stage)
+            current += weight_bytes[action.stage]
+            peak = max(peak, current)
+        elif action.kind is closing and action.stage in open_stages:
+            open_stages.discard(action.stage)
+            current -= weight_bytes[action.stage]
+    return peak

@@ -41,12 +41,7 @@ def _layerpipe_step(schedule: str, v: int, microbatches: int):
     pipe = layerpipe.Pipeline(gpt_layers(MODEL), next_token_loss, schedule=schedule, microbatches=microbatches,
                               stages_per_rank=v, timeout=120)
 
-    def step(inputs, targets):
-        for parameter in pipe.parameters():
-            parameter.grad = None
-        pipe.train_step(inputs, targets)
-
-    return step
+    return pipe.train_step
 
 
 def _torch_step(schedule_name: str, v: int, microbatches: int):

@@ -58,3 +58,19 @@ def test_named_parameters_eval_step_forward_and_timeline_on_two_ranks():
         assert result["starts_at_zero"]
     assert results[0]["output_error"] is None, "outputs live on the last stage's rank only"
     assert results[1]["output_error"] <= 1e-12
+
+
+def _gradients_after_a_user_zero_grad():
+    pipe = layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, microbatches=2, timeout=30)
+    inputs, targets = batch(4)
+    pipe.train_step(inputs, targets)
+    first = {name: p.grad.clone() for name, p in pipe.named_parameters()}
+    for parameter in pipe.parameters():
+        parameter.grad = None  # what optimizer.zero_grad() does by default
+    pipe.train_step(inputs, targets)
+    return max(float((p.grad - first[name]).abs().max()) for name, p in pipe.named_parameters())
+
+
+@pytest.mark.multiprocess
+def test_a_step_after_zero_grad_sets_grads_to_none_still_accumulates_from_zero():
+    assert layerpipe.launch(_gradients_after_a_user_zero_grad, 2) == [0.0, 0.0]

@@ -131,6 +131,7 @@ class Pipeline:
         self._forward_programs = forward_programs(self.schedule)
         self._metas: dict[tuple, tuple] = {}
         self.last_events: tuple[tuple, ...] = ()
+        self.last_exposed_communication = 0.0  # seconds the last run waited for data-parallel collectives
         self._last_training_peak: int | None = None
         self._last_training_buffers: dict[str, int] = {}
 
@@ -272,6 +273,7 @@ class Pipeline:
         result = self.executor.run(programs[self.rank], mailbox, metas, input_parts, target_parts,
                                    training=mode == "train")
         self.last_events = result.events
+        self.last_exposed_communication = result.exposed_data_parallel
         return result
 
     @contextmanager

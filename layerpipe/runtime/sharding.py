@@ -85,9 +85,15 @@ class StageShard:
 
     # ---------------------------------------------------------------- per step
     def begin_step(self) -> None:
-        """Zero the gradient buffer for a new step (ZeRO-2/3: it is emptied after each reduce and refilled at first use)."""
-        if self.zero < 2:
+        """Zero the gradient buffer for a new step and point every ``.grad`` into it again.
+
+        Re-pointing undoes an ``optimizer.zero_grad()`` (which sets ``.grad``
+        to ``None``) between steps.  At ZeRO-2/3 the buffer is emptied after
+        each reduce and refilled, zeroed, at the stage's first backward.
+        """
+        if self.has_gradients:
             self.flat_grad.zero_()
+            self._attach_gradients()
 
     @property
     def has_gradients(self) -> bool:

@@ -67,6 +67,9 @@ def _schedule_options(parser: argparse.ArgumentParser, default_schedule: str | N
                        help="sharding level with --dp: 0 replicated, 1 optimizer state, 2 + gradients, 3 + weights")
     group.add_argument("--reduce-portions", type=_whole(1), default=1, metavar="K",
                        help="split each stage's gradient reduce into K portions issued lowest stage first")
+    group.add_argument("--reduce-order", default="priority", choices=("priority", "bucketed"),
+                       help="priority: portions interleaved so the earliest layers complete first; bucketed: a "
+                            "stage's portions together as it finishes, like DDP's buckets (default: priority)")
     group.add_argument("--weight-buffers", type=_whole(1), default=None, metavar="K",
                        help="ZeRO-3: gathered stage weight buffers a rank may hold at once (default: all its stages)")
     group.add_argument("--recompute", default="none", metavar="STAGES",
@@ -116,7 +119,7 @@ def config_from_args(args: argparse.Namespace, schedule: str | None = None) -> S
     return ScheduleConfig(
         schedule=name, ranks=args.ranks, microbatches=args.microbatches, stages_per_rank=stages_per_rank,
         group_size=args.group_size, placement=args.placement, data_parallel=args.dp, zero=args.zero,
-        reduce_portions=args.reduce_portions, weight_buffers=args.weight_buffers,
+        reduce_portions=args.reduce_portions, reduce_order=args.reduce_order, weight_buffers=args.weight_buffers,
         recompute=_recompute_stages(args.recompute, stages),
     )
 

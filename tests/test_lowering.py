@@ -78,11 +78,16 @@ def test_reduce_follows_each_stage_last_backward():
 
 
 def test_reduce_portions_go_out_lower_stages_first():
-    """The first portion of stage s+1 goes out while s computes; then s, then the rest of s+1."""
+    """The first portion of stage s+1 goes out while s computes; then s, then the rest of s+1; stage 0 whole."""
     (lowered,) = add_gradient_reduces((parse_program("4B0 4B1 2B0 2B1 0B0 0B1"),), portions=3)
     assert format_program(lowered) == (
         "4B0 4B1 4REDUCE[1/3] 2B0 2B1 2REDUCE[1/3] 4REDUCE[2/3] 4REDUCE[3/3] "
-        "0B0 0B1 0REDUCE[1/3] 2REDUCE[2/3] 2REDUCE[3/3] 0REDUCE[2/3] 0REDUCE[3/3]")
+        "0B0 0B1 0REDUCE[1/3] 0REDUCE[2/3] 0REDUCE[3/3] 2REDUCE[2/3] 2REDUCE[3/3]")
+
+
+def test_bucketed_reduces_go_out_whole_in_finishing_order():
+    (lowered,) = add_gradient_reduces((parse_program("2B0 2B1 0B0 0B1"),), portions=2, prioritised=False)
+    assert format_program(lowered) == "2B0 2B1 2REDUCE[1/2] 2REDUCE[2/2] 0B0 0B1 0REDUCE[1/2] 0REDUCE[2/2]"
 
 
 def test_optimizer_steps_are_appended_lowest_stage_first():

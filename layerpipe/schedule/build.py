@@ -47,7 +47,7 @@ def lower(compute: tuple[Program, ...], config: ScheduleConfig, placement: Place
     if config.data_parallel > 1 and config.zero == 3:
         programs = add_weight_gathers(programs, config.weight_buffers)
     if config.data_parallel > 1:
-        programs = add_gradient_reduces(programs, config.reduce_portions)
+        programs = add_gradient_reduces(programs, config.reduce_portions, config.reduce_order == "priority")
     programs = add_optimizer_steps(programs, config.zero if config.data_parallel > 1 else 0)
     programs = add_p2p(programs, placement)
     if config.recompute:

@@ -9,6 +9,9 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-b
 
 PLACEMENTS = ("auto", "contiguous", "looping", "vshape")
 
+REDUCE_ORDERS = ("priority", "bucketed")
+"""How a stage's reduce portions are issued: interleaved by priority, or together when the stage finishes."""
+
 RECOMPUTE_MODES = ("none", "full", "selective")
 """How a stage recomputes: not at all, all of it (stores its input only), or the regions its layers mark."""
 
@@ -21,7 +24,10 @@ class ConfigError(ValueError):
 class ScheduleConfig:
     """Everything that decides the programs of one training step.
 
-    ``group_size`` is only for ``grouped``.  ``weight_buffers`` is how many
+    ``group_size`` is only for ``grouped``.  ``reduce_order`` is
+    ``priority`` (portions interleaved, earliest layers complete first) or
+    ``bucketed`` (each stage's portions together as it finishes, as DDP's
+    buckets).  ``weight_buffers`` is how many
     gathered stage weight buffers a ZeRO-3 rank may hold at once (``None``:
     all of its stages, so each is gathered once per step).  ``recompute``
     lists the stages that store only their input during forward and
@@ -39,6 +45,7 @@ class ScheduleConfig:
     reduce_portions: int = 1
     weight_buffers: int | None = None
     recompute: tuple[int, ...] = ()
+    reduce_order: str = "priority"
 
     @property
     def stages(self) -> int:
@@ -116,6 +123,8 @@ def validate_config(config: ScheduleConfig) -> ScheduleConfig:
     if config.placement == "looping" and name in ("gpipe", "1f1b"):
         raise ConfigError(f"--placement looping: {name} runs on the contiguous placement")
 
+    if config.reduce_order not in REDUCE_ORDERS:
+        raise ConfigError(f"--reduce-order {config.reduce_order}: choose one of {', '.join(REDUCE_ORDERS)}")
     if config.zero not in (0, 1, 2, 3):
         raise ConfigError(f"--zero {config.zero}: must be 0, 1, 2 or 3")
     if config.weight_buffers is not None:

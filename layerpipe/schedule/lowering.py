@@ -158,22 +158,27 @@ def add_weight_gathers(programs: Sequence[Program], weight_buffers: int | None =
     return tuple(lowered)
 
 
-def add_gradient_reduces(programs: Sequence[Program], portions: int = 1) -> tuple[Program, ...]:
+def add_gradient_reduces(programs: Sequence[Program], portions: int = 1, prioritised: bool = True) -> tuple[Program, ...]:
     """Return programs with each stage's ``REDUCE`` right after its last backward action.
 
-    With ``portions > 1`` the reduce is split.  When a stage finishes its
-    backward, its first portion is issued at once, followed by the held-back
-    remaining portions of the stage that finished before it; the stage's own
-    remaining portions wait until the next stage finishes (or the end of the
-    program).  So the first portion of stage ``s+1`` travels while ``s``
-    computes its backward, then ``s`` goes out ahead of the rest of ``s+1``:
-    earlier layers first, in one order that every replica derives from the
-    program alone.
+    With ``portions > 1`` the reduce is split.  Prioritised (the default):
+    when a stage finishes its backward, its first portion is issued at once,
+    followed by the held-back remaining portions of the stage that finished
+    before it; the stage's own remaining portions wait until the next stage
+    finishes.  The rank's last stage to finish (its earliest layers) issues
+    all of its portions before the held-back rest.  So the first portion of
+    stage ``s+1`` travels while ``s`` computes its backward, then ``s`` goes
+    out ahead of the rest of ``s+1``, and the earliest layers — the first
+    the next step's forward needs — are complete first: one order that every
+    replica derives from the program alone.  With ``prioritised`` false all
+    portions of a stage are issued together when it finishes, in finishing
+    order, as fixed-size buckets are in PyTorch's DDP.
     """
     lowered = []
     for program in programs:
         last_backward = {action.stage: index for index, action in enumerate(program) if action.kind in BACKWARD_KINDS}
         finishing = {index: stage for stage, index in last_backward.items()}
+        final = max(finishing, default=None)
         out: list[Action] = []
         held_back: list[Action] = []
         for index, action in enumerate(program):
@@ -184,9 +189,13 @@ def add_gradient_reduces(programs: Sequence[Program], portions: int = 1) -> tupl
             if portions == 1:
                 out.append(Action(stage, Kind.REDUCE))
                 continue
-            out.append(Action(stage, Kind.REDUCE, None, 1, portions))
-            out += held_back
-            held_back = [Action(stage, Kind.REDUCE, None, k, portions) for k in range(2, portions + 1)]
+            own = [Action(stage, Kind.REDUCE, None, k, portions) for k in range(1, portions + 1)]
+            if not prioritised or index == final:
+                out += own + held_back
+                held_back = []
+            else:
+                out += own[:1] + held_back
+                held_back = own[1:]
         out += held_back
         lowered.append(tuple(out))
     return tuple(lowered)

@@ -49,7 +49,8 @@ class Pipeline:
     shards optimizer state, gradients and weights over the replicas
     (``sharding.py``); ``weight_buffers`` bounds the gathered stages a rank
     holds at once at ``zero=3``; ``reduce_portions`` splits each stage's
-    gradient reduce into that many portions sent in priority order;
+    gradient reduce into that many portions, sent in priority order (or,
+    with ``reduce_order="bucketed"``, together as each stage finishes);
     ``recompute`` is ``"none"``, ``"full"`` or ``"selective"`` for every
     stage but the last (which computes the loss gradient from its own
     forward), or one of those per stage.  ``track_memory`` counts saved
@@ -68,7 +69,7 @@ class Pipeline:
                  group_size: int | None = None, optimizer: Callable | None = None,
                  partition: str | Sequence[int] = "parameters", placement: str = "auto", data_parallel: int = 1,
                  zero: int = 0, recompute: str | Sequence[str] = "none", reduce_portions: int = 1,
-                 weight_buffers: int | None = None, device: torch.device | str | None = None,
+                 reduce_order: str = "priority", weight_buffers: int | None = None, device: torch.device | str | None = None,
                  timeout: float = 300.0, sample: Callable[[], object] | None = None, track_memory: bool = False):
         init_process_group(timeout)
         world = dist.get_world_size()
@@ -86,7 +87,7 @@ class Pipeline:
             config = ScheduleConfig(schedule, ranks=world // data_parallel, microbatches=microbatches,
                                     stages_per_rank=stages_per_rank, group_size=group_size, placement=placement,
                                     data_parallel=data_parallel, zero=zero, reduce_portions=reduce_portions,
-                                    weight_buffers=weight_buffers,
+                                    reduce_order=reduce_order, weight_buffers=weight_buffers,
                                     recompute=tuple(s for s, mode in enumerate(modes) if mode != "none"))
             try:
                 self.schedule = build_schedule(config)
@@ -342,7 +343,7 @@ def _split(batch: Tensors, microbatches: int, name: str, replicas: int = 1,
 def _python_names(message: str) -> str:
     """Return a schedule configuration message with the command line's option names as ``Pipeline`` arguments."""
     for flag in ("--group-size", "--stages-per-rank", "--microbatches", "--schedule", "--placement", "--ranks",
-                 "--reduce-portions", "--weight-buffers", "--zero", "--dp"):
+                 "--reduce-portions", "--reduce-order", "--weight-buffers", "--zero", "--dp"):
         message = message.replace(flag, "data_parallel" if flag == "--dp" else flag[2:].replace("-", "_"))
     return message
 

@@ -202,7 +202,7 @@ class Pipeline:
         state = {}
         for index in sorted(self.stages):
             stage = self.stages[index]
-            full = self.shards[index].full_parameters()
+            full = self.shards[index].full_parameters(self._timeout, self.global_rank)
             for offset, layer in enumerate(stage.layers):
                 prefix = f"{stage.first + offset}."
                 for name, tensor in layer.named_buffers():

@@ -169,10 +169,13 @@ class StageShard:
             self.flat_grad.untyped_storage().resize_(0)
 
     # ---------------------------------------------------------------- views for the user
-    def full_parameters(self) -> dict[str, torch.Tensor]:
-        """Return copies of the stage's full parameters by model name (collective at ZeRO-3 when released)."""
+    def full_parameters(self, timeout: float, rank: int) -> dict[str, torch.Tensor]:
+        """Return copies of the stage's full parameters by model name (collective at ZeRO-3 when released).
+
+        ``timeout`` bounds the gather; ``rank`` names this process in its error.
+        """
         if not self.gathered:
-            wait_for(self.gather(), 300.0, self.replica, f"gathering stage {self.stage_index}'s weights")
+            wait_for(self.gather(), timeout, rank, f"gathering stage {self.stage_index}'s weights for a state dict")
             values = {name: p.detach().clone() for name, p in zip(self.names, self.parameters)}
             self.release()
             return values

@@ -25,14 +25,14 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 
-from ..schedule.actions import COMPUTE_KINDS, Action, Kind, Program
+from ..schedule.actions import COMPUTE_KINDS, Kind, Program
 from ..schedule.placement import Placement
 from .collectives import Collectives
 from .memory import ActivationMeter
 from .p2p import Mailbox, failure_reason
 from .recompute import Recording, recomputed, recording
 from .sharding import StageShard
-from .stage import PipelineError, Stage, TensorMeta, as_tuple, carries_gradient, decode_header, encode_header, \
+from .stage import PipelineError, Stage, TensorMeta, carries_gradient, decode_header, encode_header, \
     HEADER_LENGTH, metas_of
 
 F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..schedule.build import Schedule, build_schedule, forward_programs
-from ..schedule.config import ConfigError, ScheduleConfig
+from ..schedule.config import RECOMPUTE_MODES, ConfigError, ScheduleConfig
 from ..sim.timeline import Timeline
 from .executor import Executor, RunResult
 from .launch import init_process_group
@@ -24,7 +24,6 @@ from .layout import Layout, make_groups
 from .memory import ActivationMeter, optimizer_state_bytes
 from .partition import partition as split_layers
 from .p2p import wait_for
-from .recompute import MODES as RECOMPUTE_MODES
 from .sharding import StageShard
 from .stage import Stage, as_tuple
 

@@ -24,7 +24,6 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..schedule.config import RECOMPUTE_MODES as MODES
 from .stage import as_tuple, carries_gradient
 
 

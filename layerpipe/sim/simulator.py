@@ -28,7 +28,7 @@ from ..schedule.bulk import collector_paused
 from ..schedule.validation import ScheduleError, blocked_report
 from .cost import CostModel, collective_time, per_stage
 from .memory import activation_peak
-from .timeline import Timeline, TimelineEvent
+from .timeline import Timeline
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def plot_timelines(timelines: Sequence[Timeline], path: str, titles: Sequence[st
                                      gridspec_kw={"height_ratios": heights}, squeeze=False)
     for index, (axes, timeline) in enumerate(zip(axes_list[:, 0], timelines)):
         draw_timeline(axes, timeline, titles[index] if index < len(titles) else "")
-    handles, labels = {}, []
+    handles = {}
     for axes in axes_list[:, 0]:
         for handle, label in zip(*axes.get_legend_handles_labels()):
             if label not in handles:

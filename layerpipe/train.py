@@ -331,7 +331,7 @@ def memory_report(pipe) -> dict:
     program = pipe.schedule.programs[pipe.rank]
     weights = [0.0] * stages
     for index, shard in pipe.shards.items():
-        weights[index] = shard.length * shard.flat.element_size()
+        weights[index] = shard.weight_bytes
     predicted = buffer_peak(program, weights, pipe.schedule.config.zero, pipe.layout.data)
     predicted["activations"] = activation_peak(program, stored, kept, recomputed).bytes
     return {"process": pipe.global_rank, "pipeline_rank": pipe.rank, "replica": pipe.replica,

@@ -58,7 +58,8 @@ class RunResult(NamedTuple):
     a send's completion only to a wait, which would block), a collective from
     its issue to its completion; ``exposed_data_parallel`` the seconds the
     rank waited for collectives; ``peak_activation_bytes`` the peak of saved
-    activations during the run when a meter is attached.
+    activations during the run when a meter is attached; ``buffer_peak`` the
+    peak bytes of the stages' parameter and gradient buffers, per kind.
     """
 
     loss_sum: float | None
@@ -66,6 +67,7 @@ class RunResult(NamedTuple):
     events: tuple[tuple, ...]
     exposed_data_parallel: float = 0.0
     peak_activation_bytes: int | None = None
+    buffer_peak: dict | None = None
 
 
 class Executor:
@@ -98,7 +100,6 @@ class Executor:
         self.last_stage = placement.stages - 1
         self.parameters = {s: [p for p in stage.parameters() if p.requires_grad] for s, stage in stages.items()}
         self.collectives = Collectives(rank, timeout, completion_times=device.type == "cpu")
-        self.buffer_peak: dict[str, int] = {}  # peak bytes of parameter and gradient buffers in the last run
         self._mailboxes: dict[tuple, Mailbox] = {}
 
     # ---------------------------------------------------------------- agreement
@@ -193,8 +194,6 @@ class Executor:
         micro-batch when a stage's output differs from the agreed shapes.
         """
         self.collectives.reset()
-        self.buffer_peak = {}
-        self._note_buffers()
         if self.meter is not None:
             self.meter.reset_peak()
             with self.meter.hooks():
@@ -219,6 +218,8 @@ class Executor:
         clock = time.perf_counter
         collectives = self.collectives
         pending = collectives.pending
+        buffer_peak: dict[str, int] = {}
+        self._note_buffers(buffer_peak)
         grad_mode = torch.enable_grad() if training else torch.no_grad()
 
         with grad_mode:
@@ -252,9 +253,7 @@ class Executor:
                             outputs[microbatch] = produced
                         else:
                             losses[microbatch] = self._loss(value, targets[microbatch], microbatch)
-                    if self.meter is not None:  # with the loss's own saved tensors on the last stage
-                        self.forward_bytes[stage] = max(self.forward_bytes.get(stage, 0),
-                                                        self.meter.current - saved_before)
+                    self._note_saved(self.forward_bytes, stage, saved_before)  # with the loss's on the last stage
                     if training:
                         stage_inputs[key] = arguments
                     stage_outputs[key] = produced
@@ -262,7 +261,7 @@ class Executor:
                     shard = self.shards.get(stage)
                     if shard is not None and shard.zero >= 2 and not shard.has_gradients:
                         shard.before_backward()
-                        self._note_buffers()
+                        self._note_buffers(buffer_peak)
                     if kind is W:
                         tensors, grads = held_for_weights.pop(key)
                     else:
@@ -294,10 +293,9 @@ class Executor:
                             torch.autograd.backward(tensors, grads, inputs=self.parameters[stage])
                         _release(recordings.pop(key, None))
                 elif kind is R:
-                    before = self.meter.current if self.meter is not None else 0
+                    saved_before = self.meter.current if self.meter is not None else 0
                     recordings[key].recompute()
-                    if self.meter is not None:
-                        self.recompute_bytes[stage] = max(self.recompute_bytes.get(stage, 0), self.meter.current - before)
+                    self._note_saved(self.recompute_bytes, stage, saved_before)
                 elif kind is SEND_F or kind is SEND_B:
                     if kind is SEND_F:
                         mailbox.send(action, stage_outputs[key] if training else stage_outputs.pop(key))
@@ -313,7 +311,7 @@ class Executor:
                     continue
                 elif kind is GATHER:
                     collectives.issue(action, self.shards[stage].gather())
-                    self._note_buffers()
+                    self._note_buffers(buffer_peak)
                     continue
                 elif kind is REDUCE:
                     collectives.issue(action, self.shards[stage].reduce(action.portion or 1, action.portions or 1))
@@ -337,15 +335,22 @@ class Executor:
         if losses:
             loss_sum = float(torch.stack([loss.detach() for loss in losses.values()]).sum())
         gathered = tuple(outputs[i] for i in sorted(outputs)) if outputs else None
-        return RunResult(loss_sum, gathered, tuple(events) + tuple(collectives.events), collectives.exposed)
+        return RunResult(loss_sum, gathered, tuple(events) + tuple(collectives.events), collectives.exposed,
+                         buffer_peak=buffer_peak)
 
-    def _note_buffers(self) -> None:
-        """Raise ``buffer_peak`` (bytes of parameter and gradient buffers per kind) to what the shards hold now."""
+    def _note_buffers(self, peak: dict[str, int]) -> None:
+        """Raise ``peak`` (bytes of parameter and gradient buffers per kind) to what the shards hold now."""
         totals: dict[str, int] = {}
         for shard in self.shards.values():
             for kind, size in shard.buffer_bytes().items():
                 totals[kind] = totals.get(kind, 0) + size
-        self.buffer_peak = {kind: max(size, self.buffer_peak.get(kind, 0)) for kind, size in totals.items()}
+        for kind, size in totals.items():
+            peak[kind] = max(size, peak.get(kind, 0))
+
+    def _note_saved(self, largest: dict[int, int], stage: int, before: int) -> None:
+        """Raise ``largest[stage]`` to the activation bytes saved since the meter read ``before``."""
+        if self.meter is not None:
+            largest[stage] = max(largest.get(stage, 0), self.meter.current - before)
 
     def _forward(self, stage: int, microbatch: int, arguments: tuple, metas, whole: bool = False) -> tuple:
         """Return the stage's outputs for one micro-batch; ``whole``: as one recomputed region (stores its input only)."""

@@ -51,7 +51,7 @@ class ActivationMeter:
 
     def _pack(self, tensor: torch.Tensor):
         pointer = tensor.untyped_storage().data_ptr()
-        if isinstance(tensor, nn.Parameter) or pointer == 0 or pointer in set(self.weight_pointers()):
+        if isinstance(tensor, nn.Parameter) or pointer == 0 or pointer in self.weight_pointers():
             return tensor
         size = tensor.numel() * tensor.element_size()
         key = (tensor.data_ptr(), size)

@@ -130,10 +130,8 @@ class Pipeline:
         self.loss_rank = members[placement.stage_ranks[-1]]
         self._forward_programs = forward_programs(self.schedule)
         self._metas: dict[tuple, tuple] = {}
-        self.last_events: tuple[tuple, ...] = ()
-        self.last_exposed_communication = 0.0  # seconds the last run waited for data-parallel collectives
-        self._last_training_peak: int | None = None
-        self._last_training_buffers: dict[str, int] = {}
+        self.last_result: RunResult | None = None  # of the last run: training, evaluation or forward
+        self._last_training: RunResult | None = None
 
     # ---------------------------------------------------------------- public surface
     def train_step(self, inputs: Tensors, targets: Tensors) -> float:
@@ -150,8 +148,7 @@ class Pipeline:
             shard.begin_step()
         posted = self._post_loss_receive() if self._early_loss_receive else None
         result = self._run("train", self.schedule.programs, inputs, targets)
-        self._last_training_peak = result.peak_activation_bytes
-        self._last_training_buffers = dict(self.executor.buffer_peak)
+        self._last_training = result
         return self._share_loss(result, posted)
 
     def eval_step(self, inputs: Tensors, targets: Tensors) -> float:
@@ -221,9 +218,10 @@ class Pipeline:
         ``forward_activations``: per local stage, what one forward saved;
         ``recomputed_activations``: per recomputed stage, what one ``R`` added.
         """
-        peak = self._last_training_buffers
+        last = self._last_training
+        peak = last.buffer_peak if last is not None else {}
         return {
-            "activations": self._last_training_peak,
+            "activations": last.peak_activation_bytes if last is not None else None,
             "parameters": peak.get("parameters", 0),
             "gradients": peak.get("gradients", 0),
             "optimizer": optimizer_state_bytes(self.optimizers.values()),
@@ -246,7 +244,7 @@ class Pipeline:
 
         Times are seconds from the earliest start on any rank.
         """
-        events = list(self.last_events)
+        events = list(self.last_result.events) if self.last_result is not None else []
         if self.layout.pipeline > 1:
             gathered: list = [None] * self.layout.pipeline
             dist.all_gather_object(gathered, events, group=self.groups.pipeline)
@@ -272,8 +270,7 @@ class Pipeline:
         mailbox = self.executor.mailbox((mode != "train", signature), programs, metas)
         result = self.executor.run(programs[self.rank], mailbox, metas, input_parts, target_parts,
                                    training=mode == "train")
-        self.last_events = result.events
-        self.last_exposed_communication = result.exposed_data_parallel
+        self.last_result = result
         return result
 
     @contextmanager
@@ -291,6 +288,11 @@ class Pipeline:
         finally:
             for shard in released:
                 shard.release()
+
+    @property
+    def last_exposed_communication(self) -> float:
+        """Return the seconds the last run waited for data-parallel collectives."""
+        return self.last_result.exposed_data_parallel if self.last_result is not None else 0.0
 
     def _weight_pointers(self) -> list[int]:
         return [shard.flat.untyped_storage().data_ptr() for shard in self.shards.values()]

@@ -57,19 +57,21 @@ class StageShard:
                                 f"({', '.join(sorted(str(d) for d in dtypes))}): sharded data parallelism keeps "
                                 f"one flat buffer per stage and needs one dtype")
         dtype = dtypes.pop() if dtypes else torch.float32
-        self.sizes = [p.numel() for p in self.parameters]
-        self.length = sum(self.sizes)
+        self.spans: list[tuple[int, int]] = []  # where each parameter lies in the flat buffers
+        for parameter in self.parameters:
+            start = self.spans[-1][1] if self.spans else 0
+            self.spans.append((start, start + parameter.numel()))
+        self.length = self.spans[-1][1] if self.spans else 0
         self.shard_size = -(-self.length // replicas)
+        low, high = replica * self.shard_size, (replica + 1) * self.shard_size
+        self.shard_bounds = (low, high)
         padded = self.shard_size * replicas
         self.flat = torch.zeros(padded, dtype=dtype, device=device)
         self.flat_grad = torch.zeros(padded, dtype=dtype, device=device)
-        offset = 0
-        for parameter, size in zip(self.parameters, self.sizes):
-            self.flat[offset:offset + size].copy_(parameter.detach().reshape(-1))
-            parameter.data = self.flat[offset:offset + size].view_as(parameter)
-            offset += size
+        for parameter, (start, end) in zip(self.parameters, self.spans):
+            self.flat[start:end].copy_(parameter.detach().reshape(-1))
+            parameter.data = self.flat[start:end].view_as(parameter)
         self._attach_gradients()
-        low, high = replica * self.shard_size, (replica + 1) * self.shard_size
         if self.zero == 0:
             self.optimized = list(self.parameters)
         else:
@@ -102,15 +104,13 @@ class StageShard:
 
     def before_backward(self) -> None:
         """Refill the emptied gradient buffer with zeros before a backward accumulates into it (ZeRO-2/3)."""
-        self.flat_grad.untyped_storage().resize_(self.flat_grad.numel() * self.flat_grad.element_size())
+        _allocate(self.flat_grad)
         self.flat_grad.zero_()
         self._attach_gradients()
 
     def _attach_gradients(self) -> None:
-        offset = 0
-        for parameter, size in zip(self.parameters, self.sizes):
-            parameter.grad = self.flat_grad[offset:offset + size].view_as(parameter)
-            offset += size
+        for parameter, (start, end) in zip(self.parameters, self.spans):
+            parameter.grad = self.flat_grad[start:end].view_as(parameter)
 
     def gather(self):
         """Issue the all-gather of the replicas' shards into the full parameter buffer; return its work.
@@ -119,22 +119,17 @@ class StageShard:
         shard is already in place (a view of the buffer).
         """
         if self.zero == 3:
-            self._fill_storage()
+            _allocate(self.flat)
             source = self.shard.detach()
         else:
-            source = self.flat[self.replica * self.shard_size:(self.replica + 1) * self.shard_size]
+            source = self.flat[self.shard_bounds[0]:self.shard_bounds[1]]
         self.gathered = True
-        return _all_gather(self.flat, source, self.group)
+        return all_gather_into(self.flat, source, self.group)
 
     def release(self) -> None:
         """Free the full parameter buffer's storage (ZeRO-3); the shard stays."""
         self.flat.untyped_storage().resize_(0)
         self.gathered = False
-
-    def _fill_storage(self) -> None:
-        storage = self.flat.untyped_storage()
-        if storage.nbytes() == 0:
-            storage.resize_(self.flat.numel() * self.flat.element_size())
 
     def reduce(self, portion: int = 1, portions: int = 1):
         """Issue the reduction of one portion of the gradients (summed over replicas); return its work.
@@ -174,24 +169,21 @@ class StageShard:
 
         ``timeout`` bounds the gather; ``rank`` names this process in its error.
         """
-        if not self.gathered:
+        released = not self.gathered
+        if released:
             wait_for(self.gather(), timeout, rank, f"gathering stage {self.stage_index}'s weights for a state dict")
-            values = {name: p.detach().clone() for name, p in zip(self.names, self.parameters)}
+        values = {name: p.detach().clone() for name, p in zip(self.names, self.parameters)}
+        if released:
             self.release()
-            return values
-        return {name: p.detach().clone() for name, p in zip(self.names, self.parameters)}
+        return values
 
     def shard_ranges(self):
         """Yield ``(name, start, end)``: the elements ``[start, end)`` of each flattened parameter in this replica's shard.
 
         ``start == end`` for a parameter wholly outside the shard.
         """
-        low, high = self.replica * self.shard_size, (self.replica + 1) * self.shard_size
-        offset = 0
-        for name, size in zip(self.names, self.sizes):
-            start, end = max(offset, low), min(offset + size, high)
-            yield name, start - offset, max(start, end) - offset
-            offset += size
+        for name, offset, start, end in self._clipped():
+            yield name, start - offset, end - offset
 
     def local_parameters(self):
         """Yield ``(name, tensor)`` for what this replica stores of each parameter (see ``shard_ranges``).
@@ -215,12 +207,21 @@ class StageShard:
         yield from self._shard_pieces(self.shard.grad)
 
     def _shard_pieces(self, shard: torch.Tensor):
-        low = self.replica * self.shard_size
-        offsets = [0]
-        for size in self.sizes:
-            offsets.append(offsets[-1] + size)
-        for (name, start, end), offset in zip(self.shard_ranges(), offsets):
-            yield name, shard[offset + start - low:offset + end - low]
+        low = self.shard_bounds[0]
+        for name, _, start, end in self._clipped():
+            yield name, shard[start - low:end - low]
+
+    def _clipped(self):
+        """Yield ``(name, offset, start, end)``: each parameter's offset and its flat range clipped to the shard."""
+        low, high = self.shard_bounds
+        for name, (offset, stop) in zip(self.names, self.spans):
+            start = max(offset, low)
+            yield name, offset, start, max(start, min(stop, high))
+
+    @property
+    def weight_bytes(self) -> int:
+        """Return the bytes of the stage's parameters (unpadded, one full copy)."""
+        return self.length * self.flat.element_size()
 
     def buffer_bytes(self) -> dict[str, int]:
         """Return the bytes this replica holds now in parameter and gradient buffers (full and shard)."""
@@ -233,6 +234,14 @@ class StageShard:
         return {"parameters": parameters, "gradients": gradients}
 
 
-def _all_gather(output: torch.Tensor, shard: torch.Tensor, group):
+def _allocate(tensor: torch.Tensor) -> None:
+    """Give an emptied buffer its storage back (contents undefined) if it has none."""
+    storage = tensor.untyped_storage()
+    if storage.nbytes() == 0:
+        storage.resize_(tensor.numel() * tensor.element_size())
+
+
+def all_gather_into(output: torch.Tensor, shard: torch.Tensor, group):
+    """Issue the all-gather of every replica's ``shard`` into ``output``; return the work (newer torch names it ``all_gather_single``)."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return gather(output, shard, group=group, async_op=True)

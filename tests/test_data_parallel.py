@@ -36,8 +36,7 @@ def pipeline_options(schedule: str, pipeline: int) -> dict:
     microbatches = 2 * pipeline
     looping = schedule not in ("gpipe", "1f1b")
     return {"schedule": schedule, "microbatches": microbatches, "stages_per_rank": 2 if looping else 1,
-            "group_size": pipeline + 1 if schedule == "grouped" and pipeline > 1 else
-            (microbatches if schedule == "grouped" else None)}
+            "group_size": pipeline + 1 if schedule == "grouped" else None}
 
 
 def run_configurations(pipeline: int, data: int, cases: list[tuple]) -> list[tuple]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-from ..schedule.actions import Kind, Program
+from ..schedule.actions import BACKWARD_KINDS, COMPUTE_KINDS, Kind, Program
 
 
 class ActivationPeak(NamedTuple):
@@ -74,7 +74,7 @@ def buffer_peak(program: Program, weight_bytes: Sequence[float], zero: int, repl
     level is ZeRO-0.
     """
     zero = zero if replicas > 1 else 0
-    stages = sorted({action.stage for action in program if action.kind in (Kind.F, Kind.B, Kind.I, Kind.W)})
+    stages = sorted({action.stage for action in program if action.kind in COMPUTE_KINDS})
     full = sum(weight_bytes[s] for s in stages)
     shard = full / replicas
     parameters = gradients = full
@@ -92,7 +92,7 @@ def _running_peak(program: Program, weight_bytes: Sequence[float], opening: Kind
     current = peak = base
     open_stages: set[int] = set()
     for action in program:
-        opens = action.kind is opening if opening is not None else action.kind in (Kind.B, Kind.I, Kind.W)
+        opens = action.kind is opening if opening is not None else action.kind in BACKWARD_KINDS
         if opens and action.stage not in open_stages:
             open_stages.add(action.stage)
             current += weight_bytes[action.stage]

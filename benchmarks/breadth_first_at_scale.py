@@ -17,7 +17,6 @@ simulator's, from the stated costs; none is taken from the paper.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 from datetime import date
@@ -26,6 +25,8 @@ from layerpipe.schedule.build import build_schedule
 from layerpipe.schedule.config import ScheduleConfig
 from layerpipe.sim.cost import CostModel
 from layerpipe.sim.simulator import simulate
+
+from results_files import write_results
 
 LAYERS, WIDTH, TOKENS, TENSOR_PARALLEL = 64, 8192, 2048, 8
 PIPELINE, STAGES_PER_RANK, REPLICAS = 8, 8, 64
@@ -118,9 +119,6 @@ def main() -> None:
     args = parser.parse_args()
     rows = run(args.microbatches)
     machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores); simulated, no hardware involved"
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "breadth_first_at_scale.json"), "w") as handle:
-        json.dump({"date": date.today().isoformat(), "machine": machine, "rows": rows}, handle, indent=2)
     lines = [f"# Breadth-first vs depth-first at ZeRO-3 on a slow network (simulated, {date.today().isoformat()})", "",
              "| m | batch per GPU | schedule | step time (s) | utilisation | exposed comm. (ms) | gathers per rank |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -128,10 +126,9 @@ def main() -> None:
         lines.append(f"| {row['microbatches']} | {row['batch_per_gpu']:.3g} | {row['schedule']} | "
                      f"{row['step_time']:.3f} | {100 * row['utilisation']:.1f} % | "
                      f"{1000 * row['exposed_communication']:.0f} | {row['gathers_per_rank']:.0f} |")
-    with open(os.path.join(args.output, "breadth_first_at_scale.md"), "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    record = {"date": date.today().isoformat(), "machine": machine, "rows": rows}
+    print(write_results(args.output, "breadth_first_at_scale", record, lines))
     plot(rows, args.picture)
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

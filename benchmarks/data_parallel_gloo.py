@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -35,8 +34,11 @@ import torch.distributed as dist
 from torch import nn
 
 import layerpipe
+from layerpipe.runtime.sharding import all_gather_into
 from layerpipe.sim.calibrate import calibrated_cost
 from layerpipe.sim.simulator import simulate
+
+from results_files import write_results
 
 CONFIGURATIONS = (("breadth-first", "breadth-first", None), ("interleaved", "interleaved", None),
                   ("interleaved, 1 weight buffer", "interleaved", 1))
@@ -61,7 +63,7 @@ def collective_costs(group, size: int, repeats: int = 5) -> tuple[float, float]:
         for _ in range(repeats):
             dist.barrier(group)
             start = time.perf_counter()
-            dist.all_gather_into_tensor(full, shard, group=group)
+            all_gather_into(full, shard, group).wait()
             samples.append(time.perf_counter() - start)
         times.append((elements * 4, statistics.median(samples)))
     (small_bytes, small_time), (large_bytes, large_time) = times
@@ -102,7 +104,7 @@ def worker(repeats: int, width: int, microbatches: int) -> dict | None:
     for name, pipe in pipes.items():
         measured = pipe.timeline(name)
         cost = dataclasses.replace(calibrated_cost(measured, pipe.schedule.placement.stages),
-                                   weight_bytes=4.0 * pipe.shards[min(pipe.shards)].length,
+                                   weight_bytes=pipe.shards[min(pipe.shards)].weight_bytes,
                                    dp_latency=latency, dp_bandwidth=bandwidth)
         predicted = simulate(pipe.schedule, cost)
         rows.append({"configuration": name, "step_time": statistics.median(times[name]),
@@ -139,12 +141,8 @@ def main() -> None:
             f"{row['step_time'] / base['step_time']:.2f} | {1e3 * row['exposed_communication']:.1f} | "
             f"{row['exposed_communication'] / max(base['exposed_communication'], 1e-9):.2f} | "
             f"{1e3 * row['simulated_step_time']:.1f} | {1e3 * row['simulated_exposed_communication']:.1f} |")
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "data_parallel_gloo.json"), "w") as handle:
-        json.dump({"date": today, "machine": machine, "arguments": vars(args), **result}, handle, indent=2)
-    with open(os.path.join(args.output, "data_parallel_gloo.md"), "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    record = {"date": today, "machine": machine, "arguments": vars(args), **result}
+    print(write_results(args.output, "data_parallel_gloo", record, lines))
 
 
 if __name__ == "__main__":

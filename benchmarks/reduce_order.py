@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -27,6 +26,7 @@ from layerpipe.schedule.build import build_schedule
 from layerpipe.sim.simulator import simulate
 
 from breadth_first_at_scale import configurations, layer_costs
+from results_files import write_results
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -70,13 +70,8 @@ def main() -> None:
     for row in rows:
         lines.append(f"| {row['microbatches']} | {row['schedule']} | {row['reduce']} | {row['stage0_ready']:.3f} | "
                      f"{row['step_time']:.3f} | {1000 * row['exposed_communication']:.0f} |")
-    os.makedirs(args.output, exist_ok=True)
     machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores); simulated"
-    with open(os.path.join(args.output, "reduce_order.json"), "w") as handle:
-        json.dump({"date": today, "machine": machine, "rows": rows}, handle, indent=2)
-    with open(os.path.join(args.output, "reduce_order.md"), "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_results(args.output, "reduce_order", {"date": today, "machine": machine, "rows": rows}, lines))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,8 @@ from torch import nn
 import layerpipe
 from layerpipe.models.gpt import GPTConfig, gpt_layers, next_token_loss
 from layerpipe.runtime.partition import partition
+
+from results_files import write_results
 
 PAIRS = (("gpipe", "ScheduleGPipe", 1), ("1f1b", "Schedule1F1B", 1),
          ("interleaved", "ScheduleInterleaved1F1B", 2), ("breadth-first", "ScheduleLoopedBFS", 2))
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     results = layerpipe.launch(worker, args.ranks, (args.repeats, args.microbatches), timeout=300)[0]
     machine = f"{platform.node()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     date = datetime.date.today().isoformat()
-    lines = [f"# layerpipe executor vs torch.distributed.pipelining", "",
+    lines = ["# layerpipe executor vs torch.distributed.pipelining", "",
              f"{date}, {machine}; {args.ranks} ranks (gloo, one thread each), {args.microbatches} micro-batches, "
              f"GPT {MODEL.blocks} blocks × width {MODEL.width}, batch {BATCH} × {MODEL.block_size} tokens, "
              f"forward+backward per step, median of {args.repeats} alternating repetitions.", "",
@@ -116,16 +117,10 @@ def main(argv=None) -> int:
     for ours, row in results.items():
         lines.append(f"| {ours} | {row['torch_schedule']} | {row['stages_per_rank']} | {1000 * row['layerpipe']:.1f} "
                      f"| {1000 * row['torch']:.1f} | {row['layerpipe'] / row['torch']:.3f} |")
-    report = "\n".join(lines) + "\n"
-    print(report)
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "runtime_vs_torch.json"), "w") as handle:
-        json.dump({"date": date, "machine": machine, "ranks": args.ranks, "microbatches": args.microbatches,
-                   "repeats": args.repeats, "model": MODEL.to_json(), "batch": BATCH, "results": results}, handle,
-                  indent=2)
-    with open(os.path.join(folder, "runtime_vs_torch.md"), "w") as handle:
-        handle.write(report)
+    record = {"date": date, "machine": machine, "ranks": args.ranks, "microbatches": args.microbatches,
+              "repeats": args.repeats, "model": MODEL.to_json(), "batch": BATCH, "results": results}
+    print(write_results(folder, "runtime_vs_torch", record, lines))
     return 0
 
 

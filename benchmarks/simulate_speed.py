@@ -8,7 +8,6 @@ DESIGN.md asks for p = 64, v = 4, m = 512 to lower and simulate in well under a 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -19,6 +18,8 @@ from layerpipe.schedule.build import build_schedule
 from layerpipe.schedule.config import ScheduleConfig
 from layerpipe.schedule.validation import validate
 from layerpipe.sim.simulator import simulate
+
+from results_files import write_results
 
 CASES = [
     ("breadth-first", ScheduleConfig("breadth-first", 64, 512, 4)),
@@ -57,19 +58,13 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     report = {"date": date.today().isoformat(), "machine": machine, "repeats": args.repeats,
               "ranks": 64, "stages_per_rank": 4, "microbatches": 512, "rows": rows}
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "simulate_speed.json"), "w") as handle:
-        json.dump(report, handle, indent=2)
     lines = [f"# Build and simulate speed, p = 64, v = 4, m = 512 ({report['date']}, {machine}, median of {args.repeats})", "",
              "| case | actions | generate + lower (s) | simulate (s) | lower + simulate (s) | validate (s) |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         lines.append(f"| {row['case']} | {int(row['actions']):,} | {row['generate_and_lower']:.3f} | {row['simulate']:.3f} "
                      f"| {row['lower_and_simulate']:.3f} | {row['validate']:.3f} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(args.output, "simulate_speed.md"), "w") as handle:
-        handle.write(text)
-    print(text)
+    print(write_results(args.output, "simulate_speed", report, lines))
 
 
 if __name__ == "__main__":

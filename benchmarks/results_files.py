@@ -1,0 +1,17 @@
+"""Where every benchmark writes its results: ``<folder>/<name>.json`` and ``<folder>/<name>.md``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def write_results(folder: str, name: str, record: dict, lines: list[str]) -> str:
+    """Write ``record`` as JSON and ``lines`` as a Markdown table; return the Markdown text."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.json"), "w") as handle:
+        json.dump(record, handle, indent=2)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(folder, f"{name}.md"), "w") as handle:
+        handle.write(text)
+    return text

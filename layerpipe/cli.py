@@ -9,6 +9,7 @@ import math
 import sys
 from typing import Sequence
 
+from .knobs import COMMAND_LINE
 from .schedule.actions import format_program
 from .schedule.build import build_schedule
 from .schedule.config import SCHEDULES, ConfigError, ScheduleConfig
@@ -72,8 +73,9 @@ def _schedule_options(parser: argparse.ArgumentParser, default_schedule: str | N
                             "stage's portions together as it finishes, like DDP's buckets (default: priority)")
     group.add_argument("--weight-buffers", type=_whole(1), default=None, metavar="K",
                        help="ZeRO-3: gathered stage weight buffers a rank may hold at once (default: all its stages)")
-    group.add_argument("--recompute", default="none", metavar="STAGES",
-                       help="stages that recompute activations before backward: none, all, or a list like 0,2")
+    group.add_argument("--recompute", default="none", metavar="MODE",
+                       help="activation recomputation: none, full or selective for every stage but the last, "
+                            "or one mode per stage, comma-separated")
 
 
 def _cost_options(parser: argparse.ArgumentParser) -> None:
@@ -94,17 +96,6 @@ def _cost_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-overlap", action="store_true", help="communication blocks compute instead of running on its own stream")
 
 
-def _recompute_stages(text: str, stages: int) -> tuple[int, ...]:
-    if text == "none":
-        return ()
-    if text == "all":
-        return tuple(range(stages))
-    try:
-        return tuple(sorted({int(part) for part in text.split(",")}))
-    except ValueError:
-        raise ConfigError(f"--recompute {text}: must be none, all, or stage numbers like 0,2") from None
-
-
 def config_from_args(args: argparse.Namespace, schedule: str | None = None) -> ScheduleConfig:
     """Return the schedule configuration the parsed options describe.
 
@@ -115,12 +106,11 @@ def config_from_args(args: argparse.Namespace, schedule: str | None = None) -> S
     stages_per_rank = args.stages_per_rank
     if stages_per_rank is None or (schedule is not None and name in ("gpipe", "1f1b")):
         stages_per_rank = 1 if name in ("gpipe", "1f1b") else (stages_per_rank or 2)
-    stages = args.ranks * stages_per_rank
     return ScheduleConfig(
         schedule=name, ranks=args.ranks, microbatches=args.microbatches, stages_per_rank=stages_per_rank,
         group_size=args.group_size, placement=args.placement, data_parallel=args.dp, zero=args.zero,
         reduce_portions=args.reduce_portions, reduce_order=args.reduce_order, weight_buffers=args.weight_buffers,
-        recompute=_recompute_stages(args.recompute, stages),
+        recompute=args.recompute,
     )
 
 
@@ -281,7 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         args.run(args)
-    except (ConfigError, ScheduleError) as error:
+    except ConfigError as error:
+        print(f"layerpipe: error: {error.render(COMMAND_LINE)}", file=sys.stderr)
+        return 2
+    except ScheduleError as error:
         print(f"layerpipe: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -28,6 +28,7 @@ import tomllib
 from dataclasses import dataclass
 from statistics import median
 
+from .knobs import COMMAND_LINE
 from .schedule.config import RECOMPUTE_MODES, SCHEDULES, ConfigError, ScheduleConfig, validate_config
 
 
@@ -185,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
     try:
         config = config_from(arguments, int(os.environ["WORLD_SIZE"]) if under_torchrun else None)
-    except (ConfigError, TypeError) as error:
+    except ConfigError as error:
+        print(f"layerpipe train: error: {error.render(COMMAND_LINE)}", file=sys.stderr)
+        return 2
+    except TypeError as error:
         print(f"layerpipe train: error: {error}", file=sys.stderr)
         return 2
     if under_torchrun:
@@ -308,7 +312,7 @@ def generate(pipe, text, config: TrainConfig, model) -> str:
             probabilities = torch.softmax(logits[0, position].double().cpu() / 0.8, dim=-1)
             token[0] = int(torch.multinomial(probabilities, 1, generator=generator))
         if dist.get_world_size() > 1:  # every replica computed the same logits: replica 0's last-stage rank samples
-            dist.broadcast(token, src=pipe.layout.global_rank(pipe.layout.pipeline - 1, 0))
+            dist.broadcast(token, src=pipe.layout.global_rank(pipe.schedule.placement.loss_rank, 0))
         ids.append(int(token[0]))
     return text.decode(ids)
 
@@ -325,14 +329,14 @@ def memory_report(pipe) -> dict:
     stages = pipe.schedule.placement.stages
     forward = measured["forward_activations"]
     regenerated = measured["recomputed_activations"]
-    recomputed = frozenset(pipe.schedule.config.recompute)
+    recomputed = frozenset(pipe.schedule.config.recomputed_stages)
     stored = [regenerated.get(s, 0) if s in recomputed else forward.get(s, 0) for s in range(stages)]
     kept = [forward.get(s, 0) for s in range(stages)]
     program = pipe.schedule.programs[pipe.rank]
     weights = [0.0] * stages
     for index, shard in pipe.shards.items():
         weights[index] = shard.weight_bytes
-    predicted = buffer_peak(program, weights, pipe.schedule.config.zero, pipe.layout.data)
+    predicted = buffer_peak(program, weights, pipe.schedule.config.zero, pipe.layout.data_parallel)
     predicted["activations"] = activation_peak(program, stored, kept, recomputed).bytes
     return {"process": pipe.global_rank, "pipeline_rank": pipe.rank, "replica": pipe.replica,
             "measured": {key: measured[key] for key in ("activations", "parameters", "gradients", "optimizer")},

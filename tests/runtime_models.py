@@ -95,6 +95,14 @@ def reference_run(layers, steps: int, samples: int, lr: float = 0.05):
     return losses, grads, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+def reference_loss(layers, parameters: dict, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Return the single-process mean-squared-error loss of ``layers`` holding ``parameters`` (by ``nn.Sequential`` name)."""
+    model = Chain(*copy.deepcopy(layers))
+    model.load_state_dict(parameters, strict=False)
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(model(inputs), targets))
+
+
 def relative_error(found: torch.Tensor, expected: torch.Tensor) -> float:
     """Return max |found - expected| / max(max |expected|, 1e-30)."""
     scale = max(float(expected.abs().max()), 1e-30)

@@ -4,7 +4,8 @@ For each configuration: the loss of three AdamW steps, every gradient this
 process reduces at every step, and the full parameters after the steps
 (``gathered_state_dict``), relative error at most 1e-10 — for every
 schedule, ``pipeline × data`` ∈ {1×2, 2×2, 4×1, 1×4}, ``zero`` 0–3, with and
-without recomputation and portioned reduces.  One launch per layout runs
+without recomputation and portioned reduces; and the V-shape placement
+(whose last stage, and so its loss, is on pipeline rank 0) on 2×2.  One launch per layout runs
 all of its configurations.
 """
 
@@ -18,7 +19,9 @@ from torch import nn
 
 import layerpipe
 
-from runtime_models import batch, mlp_layers, reference_run, relative_error
+from layerpipe.schedule.actions import Kind
+
+from runtime_models import batch, mlp_layers, reference_loss, reference_run, relative_error
 
 STEPS = 3
 TOLERANCE = 1e-10
@@ -27,8 +30,9 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-b
 
 def configurations(pipeline: int, data: int) -> list[tuple]:
     """Return ``(schedule, zero, recompute, reduce portions)`` for one layout: the whole cross product."""
-    zeros = (0, 1, 2, 3) if data > 1 else (0, 3)  # with one replica there is nothing to shard
-    return list(itertools.product(SCHEDULES, zeros, ("none", "full"), (1, 3)))
+    zeros = (0, 1, 2, 3) if data > 1 else (0,)  # with one replica there is nothing to shard (and zero > 0 is refused)
+    portions = (1, 3) if data > 1 else (1,)
+    return list(itertools.product(SCHEDULES, zeros, ("none", "full"), portions))
 
 
 def pipeline_options(schedule: str, pipeline: int) -> dict:
@@ -39,11 +43,14 @@ def pipeline_options(schedule: str, pipeline: int) -> dict:
             "group_size": pipeline + 1 if schedule == "grouped" else None}
 
 
-def run_configurations(pipeline: int, data: int, cases: list[tuple]) -> list[tuple]:
-    """Worker: train every case for ``STEPS`` steps; return the largest relative errors per case."""
+def run_configurations(pipeline: int, data: int, cases: list[tuple], placement: str = "auto") -> list[tuple]:
+    """Worker: train every case for ``STEPS`` steps, then evaluate; return the largest relative errors per case.
+
+    Also returns whether the evaluation ran ``GATHER`` actions (from its program, at ZeRO-3).
+    """
     results = []
     for schedule, zero, recompute, portions in cases:
-        options = pipeline_options(schedule, pipeline)
+        options = {**pipeline_options(schedule, pipeline), "placement": placement}
         samples = options["microbatches"] * data * 2
         layers = mlp_layers()
         expected_losses, expected_grads, expected_params = reference_run(layers, STEPS, samples)
@@ -64,15 +71,36 @@ def run_configurations(pipeline: int, data: int, cases: list[tuple]) -> list[tup
                         expected = expected.reshape(-1)[start:end]
                     if expected.numel():
                         grad_error = max(grad_error, relative_error(gradient.reshape(expected.shape), expected))
+        inputs, targets = batch(samples, seed=99)
+        expected_eval = reference_loss(mlp_layers(), expected_params, inputs, targets)  # the pipeline owns `layers` now
+        eval_error = abs(pipe.eval_step(inputs, targets) - expected_eval) / expected_eval
+        eval_gathers = any(event[2].kind is Kind.GATHER for event in pipe.last_result.events)
         state = pipe.gathered_state_dict()
         param_error = max((relative_error(state[name], expected_params[name]) for name, _ in
                            pipe.named_parameters()), default=0.0)
         names = sorted(state)
-        results.append(((schedule, zero, recompute, portions), loss_error, grad_error, param_error, names))
+        results.append(((schedule, zero, recompute, portions), max(loss_error, eval_error), grad_error, param_error,
+                        names, eval_gathers))
     return results
 
 
 LAYOUTS = [(1, 2), (2, 2), (4, 1), (1, 4)]
+
+
+def check_results(pipeline: int, data: int, cases: list[tuple], per_process: list[list[tuple]]) -> None:
+    """Assert every case of every process matched the reference: parameters placed once, errors within tolerance."""
+    expected_names = sorted(dict(nn.Sequential(*mlp_layers()).named_parameters()))
+    for index, case in enumerate(cases):
+        rows = [results[index] for results in per_process]
+        for replica in range(data):
+            names = sorted(name for rank in range(pipeline) for name in rows[rank * data + replica][4])
+            assert names == expected_names, f"{case}: every parameter lives on exactly one rank of each replica"
+        for process, (_, loss_error, grad_error, param_error, _, eval_gathers) in enumerate(rows):
+            assert loss_error <= TOLERANCE, f"{pipeline}x{data} {case} process {process}: loss error {loss_error:.2e}"
+            assert grad_error <= TOLERANCE, f"{pipeline}x{data} {case} process {process}: gradient error {grad_error:.2e}"
+            assert param_error <= TOLERANCE, f"{pipeline}x{data} {case} process {process}: parameter error {param_error:.2e}"
+            sharded = case[1] == 3 and data > 1
+            assert eval_gathers == sharded, f"{case}: evaluation gathers weights from its program exactly at ZeRO-3"
 
 
 @pytest.mark.multiprocess
@@ -80,13 +108,12 @@ LAYOUTS = [(1, 2), (2, 2), (4, 1), (1, 4)]
 def test_every_schedule_and_zero_level_matches_the_single_process_reference(pipeline, data):
     cases = configurations(pipeline, data)
     per_process = layerpipe.launch(run_configurations, pipeline * data, (pipeline, data, cases), timeout=600)
-    expected_names = sorted(dict(nn.Sequential(*mlp_layers()).named_parameters()))
-    for index, case in enumerate(cases):
-        rows = [results[index] for results in per_process]
-        for replica in range(data):
-            names = sorted(name for rank in range(pipeline) for name in rows[rank * data + replica][4])
-            assert names == expected_names, f"{case}: every parameter lives on exactly one rank of each replica"
-        for process, (_, loss_error, grad_error, param_error, _) in enumerate(rows):
-            assert loss_error <= TOLERANCE, f"{pipeline}x{data} {case} process {process}: loss error {loss_error:.2e}"
-            assert grad_error <= TOLERANCE, f"{pipeline}x{data} {case} process {process}: gradient error {grad_error:.2e}"
-            assert param_error <= TOLERANCE, f"{pipeline}x{data} {case} process {process}: parameter error {param_error:.2e}"
+    check_results(pipeline, data, cases, per_process)
+
+
+@pytest.mark.multiprocess
+def test_vshape_placement_with_data_parallelism_matches_the_reference_on_every_replica():
+    """The V-shape puts the last stage on pipeline rank 0: the loss is averaged over that rank's replicas."""
+    cases = list(itertools.product(("breadth-first",), (0, 1, 2, 3), ("none", "full"), (1, 3)))
+    per_process = layerpipe.launch(run_configurations, 4, (2, 2, cases, "vshape"), timeout=600)
+    check_results(2, 2, cases, per_process)

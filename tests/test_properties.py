@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from layerpipe.schedule.actions import COMPUTE_KINDS
 from layerpipe.schedule.build import build_schedule
+from layerpipe.knobs import COMMAND_LINE
 from layerpipe.schedule.config import ConfigError, ScheduleConfig
 from layerpipe.schedule.validation import validate
 from layerpipe.sim.cost import CostModel
@@ -25,12 +26,13 @@ def configs(draw):
         rounds = max(1, microbatches // ranks)
         microbatches -= microbatches % rounds
     data_parallel = draw(st.sampled_from([1, 2]))
-    zero = draw(st.integers(0, 3))
+    zero = draw(st.integers(0, 3)) if data_parallel > 1 else 0
     stages = ranks * stages_per_rank
-    recompute = tuple(sorted(draw(st.sets(st.integers(0, stages - 1), max_size=2))))
+    modes = draw(st.lists(st.sampled_from(["none", "full", "selective"]), min_size=stages - 1, max_size=stages - 1))
     return ScheduleConfig(name, ranks, microbatches, stages_per_rank, group_size, data_parallel=data_parallel, zero=zero,
-                          reduce_portions=draw(st.integers(1, 3)), weight_buffers=draw(st.none() | st.integers(1, 3)),
-                          recompute=recompute)
+                          reduce_portions=draw(st.integers(1, 3)) if data_parallel > 1 else 1,
+                          weight_buffers=draw(st.none() | st.integers(1, 3)) if zero == 3 else None,
+                          recompute=tuple(modes) + ("none",))
 
 
 @settings(max_examples=300, deadline=None)
@@ -52,6 +54,7 @@ def test_bad_sizes_are_refused_with_a_config_error(ranks, microbatches, group_si
     try:
         build_schedule(config)
     except ConfigError as error:
-        assert str(error).startswith("--")
+        assert error.field in ("ranks", "microbatches", "group_size")
+        assert error.render(COMMAND_LINE).startswith(f"--{error.field.replace('_', '-')} ")
     else:
         assert 1 <= ranks <= group_size <= microbatches

@@ -68,7 +68,7 @@ def _peaks(recompute: str):
     pipe.train_step(inputs, targets)
     memory = pipe.memory()
     return memory["activations"], memory["forward_activations"], pipe.schedule.programs[pipe.rank], \
-        pipe.schedule.config.recompute
+        pipe.schedule.config.recomputed_stages
 
 
 def _both_peaks():

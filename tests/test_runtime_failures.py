@@ -26,7 +26,7 @@ pytestmark = pytest.mark.multiprocess
 def _train_once(samples: int, microbatches: int, layers=None, schedule="breadth-first", timeout=60.0):
     layers = layers if layers is not None else mlp_layers()
     pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, schedule=schedule, microbatches=microbatches,
-                              timeout=timeout)
+                              stages_per_rank=1, timeout=timeout)
     inputs, targets = batch(samples)
     return pipe.train_step(inputs, targets)
 
@@ -126,11 +126,13 @@ def test_a_stage_output_that_changes_shape_names_the_stage_and_microbatch():
 
 @pytest.mark.parametrize("options, text", [
     ({"data_parallel": 2}, "data_parallel=2: must divide the 1 processes"),
-    ({"zero": 4}, "zero 4: must be 0, 1, 2 or 3"),
+    ({"zero": 4}, "zero=4: choose one of 0, 1, 2, 3"),
+    ({"zero": 3}, "zero=3: shards over data-parallel replicas: needs data_parallel above 1"),
     ({"recompute": "all"}, "recompute='all': choose one of none, full, selective"),
-    ({"recompute": ["full"]}, r"recompute=\['full'\]: the last stage \(0\) cannot recompute"),
-    ({"recompute": ["none", "full"]}, "give one of none, full, selective for each of the 1 stages"),
-    ({"reduce_portions": 0}, "reduce_portions 0: must be a positive whole number"),
+    ({"recompute": ["full"]}, r"recompute=\('full',\): the last stage \(0\) cannot recompute"),
+    ({"recompute": ["none", "full"]}, "give one mode for each of the 1 stages"),
+    ({"reduce_portions": 0}, "reduce_portions=0: must be a whole number of at least 1"),
+    ({"replicas": 2}, "replicas=2: not an option of Pipeline; the schedule options are microbatches, "),
 ])
 def test_bad_data_parallel_and_recompute_options_are_refused_in_one_line(options, text):
     message = layerpipe.launch(_refused_message, 1, (options,))[0]
@@ -140,7 +142,7 @@ def test_bad_data_parallel_and_recompute_options_are_refused_in_one_line(options
 
 def _refused_message(options: dict) -> str:
     try:
-        layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, microbatches=2, **options)
+        layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, microbatches=2, **{"stages_per_rank": 1, **options})
     except ConfigError as error:
         return str(error)
     return "accepted"
@@ -151,6 +153,6 @@ def _grouped_without_group_size():
 
 
 def test_schedule_options_are_refused_with_the_python_argument_names():
-    with pytest.raises(LaunchError, match=r"group_size: schedule grouped needs one, between ranks \(2\) and "
-                                          r"microbatches \(4\)"):
+    with pytest.raises(LaunchError, match=r"group_size=None: the grouped schedule needs one, between ranks \(2\) "
+                                          r"and microbatches \(4\)"):
         layerpipe.launch(_grouped_without_group_size, 2)

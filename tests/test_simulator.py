@@ -56,7 +56,7 @@ def test_peak_activations(schedule_of, ranks, microbatches):
 def test_activation_bytes_and_recompute(schedule_of):
     cost = CostModel(activation_bytes=100.0, boundary_bytes=10.0)
     plain = simulate(schedule_of("gpipe", 2, 4), cost)
-    recomputed = simulate(schedule_of("gpipe", 2, 4, recompute=(0, 1)), cost)
+    recomputed = simulate(schedule_of("gpipe", 2, 4, recompute="full"), cost)
     assert plain.ranks[0].peak_activation_bytes == 400.0
     # three inputs kept, plus one micro-batch recomputed at a time
     assert recomputed.ranks[0].peak_activation_bytes == 4 * 10.0 + 100.0

@@ -89,13 +89,13 @@ def test_a_toml_config_sets_options_and_the_command_line_wins(tmp_path):
 @pytest.mark.parametrize("arguments, message", [
     (["--microbatches", "5"], "--batch-size 32: must be a multiple of --microbatches (5)"),
     (["--blocks", "1"], "--blocks 1: the model has 3 layers but 4 stages"),
-    (["--schedule", "grouped"], "--group-size: --schedule grouped needs one"),
+    (["--schedule", "grouped"], "--group-size: the grouped schedule needs one"),
     (["--steps", "0"], "--steps 0: must be at least 1"),
     (["--heads", "3"], "--heads 3: must divide --width (128)"),
     (["--config", "missing.toml"], "--config missing.toml: no such file"),
     (["--data-parallel", "3"], "--batch-size 32: must be a multiple of --microbatches (8) × --data-parallel (3)"),
     (["--data-parallel", "0"], "--data-parallel 0: must be at least 1"),
-    (["--weight-buffers", "0"], "--weight-buffers 0: must be a positive whole number"),
+    (["--weight-buffers", "0"], "--weight-buffers 0: must be a whole number of at least 1"),
     (["--zero", "5"], "argument --zero: invalid choice: 5"),
     (["--recompute", "half"], "argument --recompute: invalid choice: 'half'"),
 ])

@@ -3,7 +3,7 @@ import pytest
 from layerpipe.schedule.actions import parse_program
 from layerpipe.schedule.lowering import add_p2p
 from layerpipe.schedule.placement import contiguous
-from layerpipe.schedule.validation import ScheduleError, check_deadlock, validate
+from layerpipe.schedule.validation import ScheduleError, check_transfers, validate
 
 TWO = contiguous(2)
 
@@ -54,4 +54,4 @@ def test_deadlock_names_each_blocked_rank_and_what_it_waits_for():
 def test_sends_do_not_block():
     # both ranks send before receiving: fine when sends are non-blocking
     programs = add_p2p((parse_program("0F0 0B0"), parse_program("1F0 1B0")), TWO)
-    check_deadlock(programs, TWO)
+    check_transfers(programs, TWO)

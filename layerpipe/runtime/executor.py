@@ -9,6 +9,12 @@ gather and its ``STEP`` for its reduces, and ``R`` rebuilds the recorded
 regions of a recomputed stage (``recompute.py``).  The executor decides
 nothing about order; everything it does is an action of the program.
 
+Each action kind has one handler (``Executor.HANDLERS``, in the spirit of
+DeepSpeed's instruction map); the handlers share a ``RunState`` holding the
+tensors of one run.  Before a handler runs, the action waits for the
+collectives ``AWAITS`` names (the same table the simulator reads).  A new
+action kind is a new handler and a table entry.
+
 Gradients: the last stage scales each micro-batch's loss by ``1/(m·d)``
 over ``d`` replicas, so the gradients summed by the reduce are those of the
 mean loss over the step's global batch (``loss_fn`` returns a mean over its
@@ -20,31 +26,25 @@ gradient to send to the previous stage.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ..schedule.actions import COMPUTE_KINDS, Kind, Program
-from ..schedule.placement import Placement
+from ..schedule.actions import AWAITS, Action, Kind, Program
 from .collectives import Collectives
+from .context import RankContext
 from .memory import ActivationMeter
 from .p2p import Mailbox, failure_reason
 from .recompute import Recording, recomputed, recording
 from .sharding import StageShard
 from .stage import PipelineError, Stage, TensorMeta, carries_gradient, decode_header, encode_header, \
     HEADER_LENGTH, metas_of
+from .tags import agree_tag, check_capacity, check_tensor_count
 
 F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
-SEND_F, RECV_F, SEND_B, RECV_B, STEP = Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B, Kind.STEP
-GATHER, RELEASE, REDUCE = Kind.GATHER, Kind.RELEASE, Kind.REDUCE
-
-_AGREE_TAG = 1 << 28
-
-
-def _agree_tag(stage: int, slot: int) -> int:
-    """Return the tag of slot ``slot`` (0 is the header) of stage ``stage``'s output while agreeing shapes."""
-    return _AGREE_TAG + stage * 256 + slot
+COMPUTE, P2P = "compute", "p2p"
 
 
 class RunResult(NamedTuple):
@@ -70,36 +70,61 @@ class RunResult(NamedTuple):
     buffer_peak: dict | None = None
 
 
-class Executor:
-    """Runs programs of ``rank`` over the stages it holds.
+@dataclass(frozen=True)
+class LocalStage:
+    """One stage this rank holds: its layers, their sharded buffers, its optimizer and its recomputation mode."""
 
-    ``global_ranks[r]`` is the process-group rank of pipeline rank ``r``.
+    module: Stage
+    shard: StageShard
+    optimizer: torch.optim.Optimizer | None = None
+    recompute: str = "none"
+
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        """Return the stage's trainable parameters."""
+        return self.shard.parameters
+
+
+@dataclass
+class RunState:
+    """The tensors of one run of a program, keyed by ``(stage, micro-batch)``, shared by the handlers."""
+
+    mailbox: Mailbox
+    metas: tuple
+    inputs: Sequence[tuple] | None
+    targets: Sequence | None
+    training: bool
+    stage_inputs: dict = field(default_factory=dict)  # what a forward took, for its backward
+    stage_outputs: dict = field(default_factory=dict)  # what a forward produced, until sent or differentiated
+    received: dict = field(default_factory=dict)  # activations received for a forward
+    output_grads: dict = field(default_factory=dict)  # gradients of a stage's outputs, for its backward
+    input_grads: dict = field(default_factory=dict)  # gradients of a stage's inputs, to send back
+    held_for_weights: dict = field(default_factory=dict)  # roots kept by I for the W that follows
+    recordings: dict = field(default_factory=dict)  # recomputation regions per forward
+    losses: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+    events: list = field(default_factory=list)
+    buffer_peak: dict = field(default_factory=dict)
+
+
+class Executor:
+    """Runs programs of ``context.rank`` over the stages it holds (``stages``, by stage index).
+
+    ``loss_fn(output, target)`` returns a micro-batch's mean loss; ``meter``,
+    when given, counts the activation bytes autograd saves.
     """
 
-    def __init__(self, rank: int, placement: Placement, microbatches: int, stages: dict[int, Stage],
-                 loss_fn: Callable, device: torch.device, timeout: float, global_ranks: Sequence[int],
-                 optimizers: dict[int, torch.optim.Optimizer] | None = None, lookahead: int = 1,
-                 shards: dict[int, StageShard] | None = None, recompute: dict[int, str] | None = None,
-                 replicas: int = 1, meter: ActivationMeter | None = None):
-        self.rank = rank
-        self.placement = placement
-        self.microbatches = microbatches
+    def __init__(self, context: RankContext, stages: dict[int, LocalStage], loss_fn: Callable,
+                 meter: ActivationMeter | None = None):
+        check_capacity(context.placement.stages, context.microbatches)
+        self.context = context
         self.stages = stages
         self.loss_fn = loss_fn
-        self.device = device
-        self.timeout = timeout
-        self.global_ranks = tuple(global_ranks)
-        self.optimizers = optimizers or {}
-        self.lookahead = lookahead
-        self.shards = shards or {}
-        self.recompute = recompute or {}
-        self.loss_scale = 1.0 / (microbatches * replicas)
         self.meter = meter
+        self.loss_scale = 1.0 / (context.microbatches * context.replicas)
         self.forward_bytes: dict[int, int] = {}  # activation bytes one forward of the stage saved (largest seen)
         self.recompute_bytes: dict[int, int] = {}  # activation bytes one R of the stage added back (largest seen)
-        self.last_stage = placement.stages - 1
-        self.parameters = {s: [p for p in stage.parameters() if p.requires_grad] for s, stage in stages.items()}
-        self.collectives = Collectives(rank, timeout, completion_times=device.type == "cpu")
+        self.collectives = Collectives(context.rank, context.timeout, completion_times=context.device.type == "cpu")
         self._mailboxes: dict[tuple, Mailbox] = {}
 
     # ---------------------------------------------------------------- agreement
@@ -108,59 +133,63 @@ class Executor:
 
         Each rank runs its stages without gradients in stage order and sends
         a header and the tensors to the next stage's rank.  Collective: every
-        rank calls it with the same input.
+        rank calls it with the same input.  Refuses, with ``PipelineError``,
+        a stage that fails or passes more tensors than a message carries.
         """
-        ranks = self.placement.stage_ranks
-        metas: list[tuple[TensorMeta, ...]] = []
+        placement = self.context.placement
+        metas: list[tuple[TensorMeta, ...] | None] = []
         previous_output = None
         with torch.no_grad():
-            for stage in range(self.placement.stages):
-                owner = ranks[stage]
-                if owner == self.rank:
-                    if stage == 0:
-                        inputs = tuple(t.to(self.device) for t in first_microbatch)
-                    elif ranks[stage - 1] == self.rank:
-                        inputs = previous_output
-                    else:
-                        inputs = self._agree_receive(stage, ranks[stage - 1])
-                    try:
-                        previous_output = self.stages[stage](*inputs)
-                    except Exception as error:
-                        raise PipelineError(f"rank {self.rank}: stage {stage} failed on micro-batch 0 "
-                                          f"while agreeing tensor shapes: {error}") from error
-                    found = metas_of(previous_output)
-                    if stage < self.last_stage and ranks[stage + 1] != self.rank:
-                        self._agree_send(stage, ranks[stage + 1], previous_output, found)
+            for stage in range(placement.stages):
+                if not self.context.owns(stage):
+                    metas.append(None)
+                    continue
+                if stage == 0:
+                    inputs = tuple(t.to(self.context.device) for t in first_microbatch)
+                elif placement.receives_forward[stage]:
+                    inputs = self._agree_receive(stage, placement.rank_of(stage - 1))
                 else:
-                    found = None
+                    inputs = previous_output
+                previous_output = self._agree_forward(stage, inputs)
+                found = metas_of(previous_output)
+                check_tensor_count(stage, len(found))
+                if placement.sends_forward[stage]:
+                    self._agree_send(stage, placement.rank_of(stage + 1), previous_output, found)
                 metas.append(found)
         return self._share_metas(metas)
 
+    def _agree_forward(self, stage: int, inputs: tuple) -> tuple:
+        try:
+            return self.stages[stage].module(*inputs)
+        except Exception as error:
+            raise PipelineError(f"rank {self.context.rank}: stage {stage} failed on micro-batch 0 "
+                                f"while agreeing tensor shapes: {error}") from error
+
     def _agree_send(self, stage: int, peer: int, tensors, metas) -> None:
-        destination = self.global_ranks[peer]
-        dist.send(encode_header(metas).to(self.device), dst=destination, tag=_agree_tag(stage, 0))
+        destination = self.context.peers[peer]
+        dist.send(encode_header(metas).to(self.context.device), dst=destination, tag=agree_tag(stage, 0))
         for slot, tensor in enumerate(tensors):
-            dist.send(tensor.contiguous(), dst=destination, tag=_agree_tag(stage, 1 + slot))
+            dist.send(tensor.contiguous(), dst=destination, tag=agree_tag(stage, 1 + slot))
 
     def _agree_receive(self, stage: int, peer: int) -> tuple[torch.Tensor, ...]:
-        source = self.global_ranks[peer]
-        header = torch.empty(HEADER_LENGTH, dtype=torch.int64, device=self.device)
+        source, device = self.context.peers[peer], self.context.device
+        header = torch.empty(HEADER_LENGTH, dtype=torch.int64, device=device)
         try:
-            dist.recv(header, src=source, tag=_agree_tag(stage - 1, 0))
+            dist.recv(header, src=source, tag=agree_tag(stage - 1, 0))
             tensors = []
             for slot, meta in enumerate(decode_header(header.cpu())):
-                buffer = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
-                dist.recv(buffer, src=source, tag=_agree_tag(stage - 1, 1 + slot))
+                buffer = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+                dist.recv(buffer, src=source, tag=agree_tag(stage - 1, 1 + slot))
                 tensors.append(buffer)
         except RuntimeError as error:
-            raise PipelineError(f"rank {self.rank}: failed while agreeing tensor shapes, waiting for stage "
+            raise PipelineError(f"rank {self.context.rank}: failed while agreeing tensor shapes, waiting for stage "
                                 f"{stage - 1}'s output from rank {peer} ({failure_reason(error)})"
                                 ) from error
         return tuple(tensors)
 
     def _share_metas(self, metas: list) -> tuple[tuple[TensorMeta, ...], ...]:
         """Return the metas of every stage, each filled in by the rank that owns it."""
-        if len(self.global_ranks) == 1:
+        if len(self.context.peers) == 1:
             return tuple(metas)
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, [(s, m) for s, m in enumerate(metas) if m is not None])
@@ -175,8 +204,7 @@ class Executor:
         """Return the (cached) mailbox for ``programs`` with boundary ``metas``; ``key`` names the pair."""
         mailbox = self._mailboxes.get(key)
         if mailbox is None:
-            mailbox = Mailbox(self.rank, programs, self.placement, self.microbatches, metas, self.device,
-                              self.timeout, self.lookahead, self.global_ranks)
+            mailbox = Mailbox(self.context, programs, metas)
             self._mailboxes[key] = mailbox
         else:
             mailbox.reset()
@@ -188,198 +216,212 @@ class Executor:
 
         ``inputs[i]`` and ``targets[i]`` are micro-batch ``i``'s tensors
         (needed only on the ranks of the first and the last stage).  With
-        ``training`` false the program must hold forwards and transfers only;
-        with ``targets`` ``None`` the last stage keeps its outputs instead of
-        computing a loss.  Raises ``PipelineError`` naming the stage and
-        micro-batch when a stage's output differs from the agreed shapes.
+        ``training`` false the program must hold forwards, transfers and
+        weight gathers only; with ``targets`` ``None`` the last stage keeps
+        its outputs instead of computing a loss.  Raises ``PipelineError``
+        naming the stage and micro-batch when a stage's output differs from
+        the agreed shapes.
         """
         self.collectives.reset()
-        if self.meter is not None:
-            self.meter.reset_peak()
-            with self.meter.hooks():
-                result = self._run(program, mailbox, metas, inputs, targets, training)
-            return result._replace(peak_activation_bytes=self.meter.peak)
-        return self._run(program, mailbox, metas, inputs, targets, training)
+        state = RunState(mailbox, metas, inputs, targets, training)
+        if self.meter is None:
+            return self._run(program, state)
+        self.meter.reset_peak()
+        with self.meter.hooks():
+            result = self._run(program, state)
+        return result._replace(peak_activation_bytes=self.meter.peak)
 
-    def _run(self, program, mailbox, metas, inputs, targets, training) -> RunResult:
-        rank, ranks, last = self.rank, self.placement.stage_ranks, self.last_stage
-        scale = self.loss_scale
-        stage_inputs: dict[tuple[int, int], tuple] = {}
-        stage_outputs: dict[tuple[int, int], tuple] = {}
-        received: dict[tuple[int, int], tuple] = {}
-        output_grads: dict[tuple[int, int], tuple] = {}
-        input_grads: dict[tuple[int, int], tuple] = {}
-        held_for_weights: dict[tuple[int, int], tuple] = {}
-        recordings: dict[tuple[int, int], Recording] = {}
-        losses: dict[int, torch.Tensor] = {}
-        outputs: dict[int, tuple] = {}
-        events: list[tuple] = []
-        emit = events.append
-        clock = time.perf_counter
-        collectives = self.collectives
-        pending = collectives.pending
-        buffer_peak: dict[str, int] = {}
-        self._note_buffers(buffer_peak)
-        grad_mode = torch.enable_grad() if training else torch.no_grad()
-
-        with grad_mode:
+    def _run(self, program: Program, state: RunState) -> RunResult:
+        rank, handlers, collectives = self.context.rank, self.HANDLERS, self.collectives
+        pending, emit, clock = collectives.pending, state.events.append, time.perf_counter
+        self._note_buffers(state)
+        with torch.enable_grad() if state.training else torch.no_grad():
             for action in program:
-                stage, kind, microbatch = action[0], action[1], action[2]
-                key = (stage, microbatch)
-                if (stage, GATHER) in pending and kind in COMPUTE_KINDS:
-                    collectives.wait(stage, GATHER, action)
+                awaited = AWAITS.get(action.kind)
+                if awaited is not None and (action.stage, awaited) in pending:
+                    collectives.wait(action.stage, awaited, action)
                 start = clock()
-                if kind is F:
-                    if stage == 0:
-                        arguments = tuple(t.to(self.device, non_blocking=True) for t in inputs[microbatch])
-                    else:
-                        if ranks[stage - 1] != rank:
-                            arrived = received.pop(key)
-                        elif training:  # the previous stage's backward still needs its output
-                            arrived = stage_outputs[(stage - 1, microbatch)]
-                        else:
-                            arrived = stage_outputs.pop((stage - 1, microbatch))
-                        arguments = tuple(_leaf(t, training) for t in arrived)
-                    saved_before = self.meter.current if self.meter is not None else 0
-                    mode = self.recompute.get(stage, "none") if training else "none"
-                    if mode == "none":
-                        produced = self._forward(stage, microbatch, arguments, metas)
-                    else:
-                        with recording(recordings.setdefault(key, Recording())):
-                            produced = self._forward(stage, microbatch, arguments, metas, whole=mode == "full")
-                    if stage == last:
-                        value = produced[0] if len(produced) == 1 else produced
-                        if targets is None:
-                            outputs[microbatch] = produced
-                        else:
-                            losses[microbatch] = self._loss(value, targets[microbatch], microbatch)
-                    self._note_saved(self.forward_bytes, stage, saved_before)  # with the loss's on the last stage
-                    if training:
-                        stage_inputs[key] = arguments
-                    stage_outputs[key] = produced
-                elif kind is B or kind is I or kind is W:
-                    shard = self.shards.get(stage)
-                    if shard is not None and shard.zero >= 2 and not shard.has_gradients:
-                        shard.before_backward()
-                        self._note_buffers(buffer_peak)
-                    if kind is W:
-                        tensors, grads = held_for_weights.pop(key)
-                    else:
-                        tensors, grads = self._backward_roots(stage, microbatch, stage_outputs, output_grads,
-                                                              losses, scale)
-                    if kind is B:
-                        if tensors:
-                            torch.autograd.backward(tensors, grads)
-                        arguments = stage_inputs.pop(key)
-                        del stage_outputs[key]
-                        _release(recordings.pop(key, None))
-                        if stage > 0:
-                            gradients = tuple(_grad_or_zeros(a) for a in arguments if carries_gradient(a.dtype))
-                            self._deliver_input_grads(stage, microbatch, gradients, output_grads, input_grads)
-                    elif kind is I:
-                        arguments = stage_inputs.pop(key)
-                        del stage_outputs[key]
-                        wanted = [a for a in arguments if carries_gradient(a.dtype)] if stage > 0 else []
-                        if wanted and tensors:
-                            found = torch.autograd.grad(tensors, wanted, grads, retain_graph=True, allow_unused=True)
-                            gradients = tuple(torch.zeros_like(a) if g is None else g for a, g in zip(wanted, found))
-                        else:
-                            gradients = tuple(torch.zeros_like(a) for a in wanted)
-                        if stage > 0:
-                            self._deliver_input_grads(stage, microbatch, gradients, output_grads, input_grads)
-                        held_for_weights[key] = (tensors, grads)
-                    else:
-                        if tensors and self.parameters[stage]:
-                            torch.autograd.backward(tensors, grads, inputs=self.parameters[stage])
-                        _release(recordings.pop(key, None))
-                elif kind is R:
-                    saved_before = self.meter.current if self.meter is not None else 0
-                    recordings[key].recompute()
-                    self._note_saved(self.recompute_bytes, stage, saved_before)
-                elif kind is SEND_F or kind is SEND_B:
-                    if kind is SEND_F:
-                        mailbox.send(action, stage_outputs[key] if training else stage_outputs.pop(key))
-                    else:
-                        mailbox.send(action, input_grads.pop(key))
-                    emit((rank, "p2p", action, start, clock()))
-                    continue
-                elif kind is RECV_F or kind is RECV_B:
-                    tensors = mailbox.receive(action)
-                    (received if kind is RECV_F else output_grads)[key] = tensors
-                    # From the moment the rank waits: the receive itself was posted ahead and runs unseen.
-                    emit((rank, "p2p", action, start, clock()))
-                    continue
-                elif kind is GATHER:
-                    collectives.issue(action, self.shards[stage].gather())
-                    self._note_buffers(buffer_peak)
-                    continue
-                elif kind is REDUCE:
-                    collectives.issue(action, self.shards[stage].reduce(action.portion or 1, action.portions or 1))
-                    continue
-                elif kind is RELEASE:
-                    collectives.wait(stage, GATHER, action)
-                    self.shards[stage].release()
-                    continue
-                elif kind is STEP:
-                    collectives.wait(stage, REDUCE, action)
-                    if stage in self.shards:
-                        self.shards[stage].reduced()
-                    optimizer = self.optimizers.get(stage)
-                    if optimizer is not None:
-                        optimizer.step()
-                emit((rank, "compute", action, start, clock()))
-
-        mailbox.finish()
+                stream = handlers[action.kind](self, action, state)
+                if stream is not None:
+                    emit((rank, stream, action, start, clock()))
+        state.mailbox.finish()
         collectives.finish()
-        loss_sum = None
-        if losses:
-            loss_sum = float(torch.stack([loss.detach() for loss in losses.values()]).sum())
-        gathered = tuple(outputs[i] for i in sorted(outputs)) if outputs else None
-        return RunResult(loss_sum, gathered, tuple(events) + tuple(collectives.events), collectives.exposed,
-                         buffer_peak=buffer_peak)
+        loss_sum = float(torch.stack([loss.detach() for loss in state.losses.values()]).sum()) if state.losses else None
+        outputs = tuple(state.outputs[i] for i in sorted(state.outputs)) if state.outputs else None
+        return RunResult(loss_sum, outputs, tuple(state.events) + tuple(collectives.events), collectives.exposed,
+                         buffer_peak=state.buffer_peak)
 
-    def _note_buffers(self, peak: dict[str, int]) -> None:
-        """Raise ``peak`` (bytes of parameter and gradient buffers per kind) to what the shards hold now."""
+    # ---------------------------------------------------------------- handlers: compute
+    def _forward(self, action: Action, state: RunState) -> str:
+        stage, microbatch = action.stage, action.microbatch
+        key = (stage, microbatch)
+        arguments = self._forward_arguments(action, state)
+        saved_before = self.meter.current if self.meter is not None else 0
+        mode = self.stages[stage].recompute if state.training else "none"
+        if mode == "none":
+            produced = self._stage_forward(stage, microbatch, arguments, state.metas)
+        else:
+            with recording(state.recordings.setdefault(key, Recording())):
+                produced = self._stage_forward(stage, microbatch, arguments, state.metas, whole=mode == "full")
+        if stage == self.context.last_stage:
+            if state.targets is None:
+                state.outputs[microbatch] = produced
+            else:
+                value = produced[0] if len(produced) == 1 else produced
+                state.losses[microbatch] = self._loss(value, state.targets[microbatch], microbatch)
+        self._note_saved(self.forward_bytes, stage, saved_before)  # with the loss's on the last stage
+        if state.training:
+            state.stage_inputs[key] = arguments
+        state.stage_outputs[key] = produced
+        return COMPUTE
+
+    def _forward_arguments(self, action: Action, state: RunState) -> tuple:
+        """Return a forward's inputs: the micro-batch, the received activations, or the previous local stage's output."""
+        stage, microbatch = action.stage, action.microbatch
+        if stage == 0:
+            return tuple(t.to(self.context.device, non_blocking=True) for t in state.inputs[microbatch])
+        if self.context.placement.receives_forward[stage]:
+            arrived = state.received.pop((stage, microbatch))
+        elif state.training:  # the previous stage's backward still needs its output
+            arrived = state.stage_outputs[(stage - 1, microbatch)]
+        else:
+            arrived = state.stage_outputs.pop((stage - 1, microbatch))
+        return tuple(_leaf(t, state.training) for t in arrived)
+
+    def _backward(self, action: Action, state: RunState) -> str:
+        key = self._begin_backward(action, state)
+        tensors, grads = self._backward_roots(action, state)
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        arguments = state.stage_inputs.pop(key)
+        del state.stage_outputs[key]
+        _free_recording(state.recordings.pop(key, None))
+        if action.stage > 0:
+            self._deliver_input_grads(action, state, tuple(
+                _grad_or_zeros(a) for a in arguments if carries_gradient(a.dtype)))
+        return COMPUTE
+
+    def _input_backward(self, action: Action, state: RunState) -> str:
+        key = self._begin_backward(action, state)
+        tensors, grads = self._backward_roots(action, state)
+        arguments = state.stage_inputs.pop(key)
+        del state.stage_outputs[key]
+        if action.stage > 0:
+            wanted = [a for a in arguments if carries_gradient(a.dtype)]
+            found = (torch.autograd.grad(tensors, wanted, grads, retain_graph=True, allow_unused=True)
+                     if wanted and tensors else [None] * len(wanted))
+            gradients = tuple(torch.zeros_like(a) if g is None else g for a, g in zip(wanted, found))
+            self._deliver_input_grads(action, state, gradients)
+        state.held_for_weights[key] = (tensors, grads)
+        return COMPUTE
+
+    def _weight_backward(self, action: Action, state: RunState) -> str:
+        key = self._begin_backward(action, state)
+        tensors, grads = state.held_for_weights.pop(key)
+        parameters = self.stages[action.stage].parameters
+        if tensors and parameters:
+            torch.autograd.backward(tensors, grads, inputs=parameters)
+        _free_recording(state.recordings.pop(key, None))
+        return COMPUTE
+
+    def _recompute(self, action: Action, state: RunState) -> str:
+        saved_before = self.meter.current if self.meter is not None else 0
+        state.recordings[(action.stage, action.microbatch)].recompute()
+        self._note_saved(self.recompute_bytes, action.stage, saved_before)
+        return COMPUTE
+
+    def _step(self, action: Action, state: RunState) -> str:
+        local = self.stages[action.stage]
+        local.shard.reduced()
+        if local.optimizer is not None:
+            local.optimizer.step()
+        return COMPUTE
+
+    # ---------------------------------------------------------------- handlers: communication
+    def _send(self, action: Action, state: RunState) -> str:
+        key = (action.stage, action.microbatch)
+        if action.kind is Kind.SEND_B:
+            tensors = state.input_grads.pop(key)
+        else:
+            tensors = state.stage_outputs[key] if state.training else state.stage_outputs.pop(key)
+        state.mailbox.send(action, tensors)
+        return P2P
+
+    def _receive(self, action: Action, state: RunState) -> str:
+        # Measured from the moment the rank waits: the receive itself was posted ahead and runs unseen.
+        tensors = state.mailbox.receive(action)
+        (state.received if action.kind is Kind.RECV_F else state.output_grads)[(action.stage, action.microbatch)] = tensors
+        return P2P
+
+    def _gather(self, action: Action, state: RunState) -> None:
+        self.collectives.issue(action, self.stages[action.stage].shard.gather())
+        self._note_buffers(state)
+
+    def _reduce(self, action: Action, state: RunState) -> None:
+        self.collectives.issue(action, self.stages[action.stage].shard.reduce(action.portion or 1, action.portions or 1))
+
+    def _release_weights(self, action: Action, state: RunState) -> None:
+        self.stages[action.stage].shard.release()
+
+    HANDLERS: dict[Kind, Callable] = {
+        F: _forward, B: _backward, I: _input_backward, W: _weight_backward, R: _recompute, Kind.STEP: _step,
+        Kind.SEND_F: _send, Kind.SEND_B: _send, Kind.RECV_F: _receive, Kind.RECV_B: _receive,
+        Kind.GATHER: _gather, Kind.REDUCE: _reduce, Kind.RELEASE: _release_weights,
+    }
+    """The handler of each action kind; it returns the stream to record the action on, or ``None`` when the
+    action records itself (collectives, from issue to completion)."""
+
+    # ---------------------------------------------------------------- helpers
+    def _begin_backward(self, action: Action, state: RunState) -> tuple[int, int]:
+        """Make sure the stage's gradient buffer exists (the shard's policy); return the action's key."""
+        if self.stages[action.stage].shard.ensure_gradients():
+            self._note_buffers(state)
+        return action.stage, action.microbatch
+
+    def _note_buffers(self, state: RunState) -> None:
+        """Raise the run's buffer peak (bytes of parameter and gradient buffers per kind) to what the shards hold now."""
         totals: dict[str, int] = {}
-        for shard in self.shards.values():
-            for kind, size in shard.buffer_bytes().items():
+        for local in self.stages.values():
+            for kind, size in local.shard.buffer_bytes().items():
                 totals[kind] = totals.get(kind, 0) + size
         for kind, size in totals.items():
-            peak[kind] = max(size, peak.get(kind, 0))
+            state.buffer_peak[kind] = max(size, state.buffer_peak.get(kind, 0))
 
     def _note_saved(self, largest: dict[int, int], stage: int, before: int) -> None:
         """Raise ``largest[stage]`` to the activation bytes saved since the meter read ``before``."""
         if self.meter is not None:
             largest[stage] = max(largest.get(stage, 0), self.meter.current - before)
 
-    def _forward(self, stage: int, microbatch: int, arguments: tuple, metas, whole: bool = False) -> tuple:
+    def _stage_forward(self, stage: int, microbatch: int, arguments: tuple, metas, whole: bool = False) -> tuple:
         """Return the stage's outputs for one micro-batch; ``whole``: as one recomputed region (stores its input only)."""
-        produced = recomputed(self.stages[stage], *arguments) if whole else self.stages[stage](*arguments)
+        module = self.stages[stage].module
+        produced = recomputed(module, *arguments) if whole else module(*arguments)
         expected = metas[stage]
         if len(produced) != len(expected) or any(
                 tuple(t.shape) != meta.shape or t.dtype != meta.dtype for t, meta in zip(produced, expected)):
             found = ", ".join(str(m) for m in metas_of(produced))
             agreed = ", ".join(str(m) for m in expected)
-            raise PipelineError(f"rank {self.rank}: stage {stage} produced ({found}) for micro-batch {microbatch}, "
-                                f"but the pipeline agreed on ({agreed}) from micro-batch 0 of the first step: "
-                                f"every micro-batch must give a stage outputs of the same shapes and dtypes")
+            raise PipelineError(f"rank {self.context.rank}: stage {stage} produced ({found}) for micro-batch "
+                                f"{microbatch}, but the pipeline agreed on ({agreed}) from micro-batch 0 of the first "
+                                f"step: every micro-batch must give a stage outputs of the same shapes and dtypes")
         return produced
 
     def _loss(self, value, target, microbatch: int) -> torch.Tensor:
-        target = tuple(t.to(self.device, non_blocking=True) for t in target)
+        target = tuple(t.to(self.context.device, non_blocking=True) for t in target)
         loss = self.loss_fn(value, target[0] if len(target) == 1 else target)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise PipelineError(f"rank {self.rank}: loss_fn returned {type(loss).__name__} "
+            raise PipelineError(f"rank {self.context.rank}: loss_fn returned {type(loss).__name__} "
                                 f"{tuple(getattr(loss, 'shape', ()))} for micro-batch {microbatch}: "
                                 f"it must return a scalar tensor (the mean loss over the micro-batch)")
         return loss
 
-    def _backward_roots(self, stage, microbatch, stage_outputs, output_grads, losses, scale):
+    def _backward_roots(self, action: Action, state: RunState):
         """Return the tensors to differentiate and their incoming gradients for a stage's backward."""
-        if stage == self.last_stage:
-            return [losses[microbatch] * scale], None
-        produced = stage_outputs[(stage, microbatch)]
-        grads = output_grads.pop((stage, microbatch))
+        stage, microbatch = action.stage, action.microbatch
+        if stage == self.context.last_stage:
+            return [state.losses[microbatch] * self.loss_scale], None
+        produced = state.stage_outputs[(stage, microbatch)]
+        grads = state.output_grads.pop((stage, microbatch))
         tensors, incoming = [], []
         for tensor, grad in zip((t for t in produced if carries_gradient(t.dtype)), grads):
             if tensor.requires_grad:
@@ -387,14 +429,16 @@ class Executor:
                 incoming.append(grad)
         return tensors, incoming
 
-    def _deliver_input_grads(self, stage, microbatch, gradients, output_grads, input_grads) -> None:
-        if self.placement.stage_ranks[stage - 1] == self.rank:
-            output_grads[(stage - 1, microbatch)] = gradients
+    def _deliver_input_grads(self, action: Action, state: RunState, gradients: tuple) -> None:
+        """Keep the gradients of a stage's inputs for the previous stage: locally, or to be sent to its rank."""
+        stage, microbatch = action.stage, action.microbatch
+        if self.context.placement.receives_forward[stage]:
+            state.input_grads[(stage, microbatch)] = gradients
         else:
-            input_grads[(stage, microbatch)] = gradients
+            state.output_grads[(stage - 1, microbatch)] = gradients
 
 
-def _release(recorded: Recording | None) -> None:
+def _free_recording(recorded: Recording | None) -> None:
     if recorded is not None:
         recorded.release()
 

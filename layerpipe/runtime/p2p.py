@@ -20,12 +20,10 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from ..schedule.actions import Action, Kind, Program
-from ..schedule.placement import Placement
+from ..schedule.actions import Action, Kind, Message, Program, message_of, peer_stage
+from .context import RankContext
 from .stage import PipelineError, TensorMeta, carries_gradient
-
-TENSOR_SLOTS = 64
-"""Tags reserve this many tensors per message."""
+from .tags import message_tag
 
 
 def failure_reason(error: BaseException) -> str:
@@ -48,45 +46,26 @@ def wait_for(work, timeout: float, rank: int, what: str) -> None:
         raise PipelineError(f"rank {rank}: {verb} {what} ({reason})") from error
 
 
-def message_of(action: Action) -> tuple[int, bool, int]:
-    """Return ``(sending stage, backward?, micro-batch)`` of a send or receive action."""
-    stage, kind, microbatch = action[0], action[1], action[2]
-    if kind is Kind.SEND_F or kind is Kind.SEND_B:
-        return stage, kind is Kind.SEND_B, microbatch
-    if kind is Kind.RECV_F:
-        return stage - 1, False, microbatch
-    return stage + 1, True, microbatch
-
-
 def describe(action: Action) -> str:
     """Return what a receive waits for or a send delivers, in words."""
-    sender, backward, microbatch = message_of(action)
-    if backward:
-        return f"the gradient of stage {sender - 1}'s output for micro-batch {microbatch} (from stage {sender})"
-    return f"stage {sender}'s output for micro-batch {microbatch}"
+    return message_of(action).describe()
 
 
 class Mailbox:
-    """The transfers of ``rank`` while it runs ``programs[rank]``."""
+    """The transfers of ``context.rank`` while it runs its program of ``programs``."""
 
-    def __init__(self, rank: int, programs: Sequence[Program], placement: Placement, microbatches: int,
-                 boundary_metas: Sequence[tuple[TensorMeta, ...]], device: torch.device, timeout: float,
-                 lookahead: int, global_ranks: Sequence[int]):
-        self.rank = rank
-        self.placement = placement
-        self.microbatches = microbatches
+    def __init__(self, context: RankContext, programs: Sequence[Program],
+                 boundary_metas: Sequence[tuple[TensorMeta, ...]]):
+        self.context = context
         self.boundary_metas = boundary_metas
-        self.device = device
-        self.timeout = timeout
-        self.lookahead = lookahead
-        self.global_ranks = global_ranks
-        self.incoming: dict[int, list[tuple[int, bool, int]]] = {}
+        rank, placement = context.rank, context.placement
+        self.incoming: dict[int, list[Message]] = {}
         for peer, program in enumerate(programs):
             if peer == rank:
                 continue
             for action in program:
                 if action.kind is Kind.SEND_F or action.kind is Kind.SEND_B:
-                    if self._peer_of(action) == rank:
+                    if placement.rank_of(peer_stage(action)) == rank:
                         self.incoming.setdefault(peer, []).append(message_of(action))
         self.position = {message: (peer, index) for peer, messages in self.incoming.items()
                          for index, message in enumerate(messages)}
@@ -95,26 +74,19 @@ class Mailbox:
     def reset(self) -> None:
         """Forget the transfers of the previous run (call before running the program again)."""
         self.posted = {peer: 0 for peer in self.incoming}
-        self.receives: dict[tuple[int, bool, int], tuple[list, list]] = {}
+        self.receives: dict[Message, tuple[list, list]] = {}
         self.sends: deque[tuple[Action, list, list]] = deque()
-        if self.lookahead:
+        if self.context.lookahead:
             for peer in self.incoming:
-                self._post_through(peer, self.lookahead - 1)
+                self._post_through(peer, self.context.lookahead - 1)
 
     def _peer_of(self, action: Action) -> int:
-        stage, kind = action[0], action[1]
-        target = stage + 1 if kind is Kind.SEND_F or kind is Kind.RECV_B else stage - 1
-        return self.placement.stage_ranks[target]
+        return self.context.placement.rank_of(peer_stage(action))
 
-    def _metas(self, message: tuple[int, bool, int]) -> tuple[TensorMeta, ...]:
-        sender, backward, _ = message
-        if backward:
-            return tuple(meta for meta in self.boundary_metas[sender - 1] if carries_gradient(meta.dtype))
-        return self.boundary_metas[sender]
-
-    def _tag(self, message: tuple[int, bool, int]) -> int:
-        sender, backward, microbatch = message
-        return ((sender * 2 + backward) * self.microbatches + microbatch) * TENSOR_SLOTS
+    def _metas(self, message: Message) -> tuple[TensorMeta, ...]:
+        if message.backward:
+            return tuple(meta for meta in self.boundary_metas[message.receiver] if carries_gradient(meta.dtype))
+        return self.boundary_metas[message.sender]
 
     def _post_through(self, peer: int, index: int) -> None:
         messages = self.incoming[peer]
@@ -124,11 +96,12 @@ class Mailbox:
             self.receives[message] = self._post(message, peer)
             self.posted[peer] += 1
 
-    def _post(self, message: tuple[int, bool, int], peer: int) -> tuple[list, list]:
-        tag = self._tag(message)
-        source = self.global_ranks[peer]
-        buffers = [torch.empty(meta.shape, dtype=meta.dtype, device=self.device) for meta in self._metas(message)]
-        works = [dist.irecv(buffer, src=source, tag=tag + slot) for slot, buffer in enumerate(buffers)]
+    def _post(self, message: Message, peer: int) -> tuple[list, list]:
+        context = self.context
+        source = context.peers[peer]
+        buffers = [torch.empty(meta.shape, dtype=meta.dtype, device=context.device) for meta in self._metas(message)]
+        works = [dist.irecv(buffer, src=source, tag=message_tag(message, context.microbatches, slot))
+                 for slot, buffer in enumerate(buffers)]
         return buffers, works
 
     def receive(self, action: Action) -> tuple[torch.Tensor, ...]:
@@ -140,23 +113,23 @@ class Mailbox:
         message = message_of(action)
         if message in self.position:
             peer, index = self.position[message]
-            self._post_through(peer, index + self.lookahead)
+            self._post_through(peer, index + self.context.lookahead)
             buffers, works = self.receives.pop(message)
         else:  # the peer's program never sends it: post anyway, so the wait times out and says so
             peer = self._peer_of(action)
             buffers, works = self._post(message, peer)
         for work in works:
-            wait_for(work, self.timeout, self.rank, f"at {action} waiting for {describe(action)} from rank {peer}")
+            wait_for(work, self.context.timeout, self.context.rank,
+                     f"at {action} waiting for {message.describe()} from rank {peer}")
         return tuple(buffers)
 
     def send(self, action: Action, tensors: Sequence[torch.Tensor]) -> None:
         """Start sending ``tensors`` for ``action`` (a ``SEND``) without waiting."""
         message = message_of(action)
-        peer = self._peer_of(action)
-        tag = self._tag(message)
-        destination = self.global_ranks[peer]
+        destination = self.context.peers[self._peer_of(action)]
         payload = [t.detach().contiguous() for t in tensors]
-        works = [dist.isend(tensor, dst=destination, tag=tag + slot) for slot, tensor in enumerate(payload)]
+        works = [dist.isend(tensor, dst=destination, tag=message_tag(message, self.context.microbatches, slot))
+                 for slot, tensor in enumerate(payload)]
         self.sends.append((action, works, payload))
 
     def finish(self) -> None:
@@ -165,4 +138,5 @@ class Mailbox:
             action, works, _ = self.sends.popleft()
             peer = self._peer_of(action)
             for work in works:
-                wait_for(work, self.timeout, self.rank, f"at {action} waiting for rank {peer} to receive {describe(action)}")
+                wait_for(work, self.context.timeout, self.context.rank,
+                         f"at {action} waiting for rank {peer} to receive {describe(action)}")

@@ -8,6 +8,8 @@ data, see ``layerpipe.schedule``) and returns the mean loss on every rank.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
@@ -15,10 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..schedule.build import Schedule, build_schedule, forward_programs
-from ..schedule.config import RECOMPUTE_MODES, ConfigError, ScheduleConfig
+from ..knobs import knobs
+from ..schedule.build import Schedule, build_schedule
+from ..schedule.config import ConfigError, ScheduleConfig
 from ..sim.timeline import Timeline
-from .executor import Executor, RunResult
+from .context import RankContext
+from .executor import Executor, LocalStage, RunResult
 from .launch import init_process_group
 from .layout import Layout, make_groups
 from .memory import ActivationMeter, optimizer_state_bytes
@@ -26,8 +30,7 @@ from .partition import partition as split_layers
 from .p2p import wait_for
 from .sharding import StageShard
 from .stage import Stage, as_tuple
-
-_LOSS_TAG = (1 << 28) - 1
+from .tags import LOSS_TAG
 
 Tensors = torch.Tensor | Sequence[torch.Tensor]
 
@@ -37,98 +40,70 @@ class Pipeline:
 
     ``layers``: ``list[nn.Module]`` or ``nn.Sequential``, identical on every
     process.  ``loss_fn(output, target)`` returns the mean loss over one
-    micro-batch.  ``optimizer``: optional ``callable(params) -> Optimizer``,
-    called once per local stage (with the stage's parameters at ``zero=0``,
-    with its flat shard at ``zero`` 1–3).  ``partition``: ``"parameters"``
-    (default), ``"time"`` (measured on ``sample``, a callable returning one
-    micro-batch input) or the first layer index of every stage.
+    micro-batch.  ``schedule``: a schedule name, a ``ScheduleConfig``, or a
+    built ``Schedule`` whose programs are run as they are.  With a name, the
+    keyword ``options`` are the other fields of ``ScheduleConfig``
+    (``microbatches``, ``stages_per_rank``, ``group_size``, ``placement``,
+    ``data_parallel``, ``zero``, ``reduce_portions``, ``reduce_order``,
+    ``weight_buffers``, ``recompute``; see their help there); ``ranks`` is
+    always the process count divided by ``data_parallel``.
 
-    The process group's ``world = pipeline ranks × data_parallel``; see
-    ``layout.Layout`` for which process plays which part.  ``zero`` (0–3)
-    shards optimizer state, gradients and weights over the replicas
-    (``sharding.py``); ``weight_buffers`` bounds the gathered stages a rank
-    holds at once at ``zero=3``; ``reduce_portions`` splits each stage's
-    gradient reduce into that many portions, sent in priority order (or,
-    with ``reduce_order="bucketed"``, together as each stage finishes);
-    ``recompute`` is ``"none"``, ``"full"`` or ``"selective"`` for every
-    stage but the last (which computes the loss gradient from its own
-    forward), or one of those per stage.  ``track_memory`` counts saved
-    activation bytes (``memory()``).  ``schedule`` may also be a built
-    ``Schedule`` whose programs are run as they are.  ``timeout`` bounds every
-    wait, in seconds.
+    ``optimizer``: optional ``callable(params) -> Optimizer``, called once
+    per local stage (with the stage's parameters at ``zero=0``, with its
+    flat shard at ``zero`` 1–3).  ``partition``: ``"parameters"`` (default),
+    ``"time"`` (measured on ``sample``, a callable returning one micro-batch
+    input) or the first layer index of every stage.  ``track_memory`` counts
+    saved activation bytes (``memory()``).  ``timeout`` bounds every wait,
+    in seconds.  The process group's ``world = pipeline ranks ×
+    data_parallel``; see ``layout.Layout`` for which process plays which part.
 
-    Refuses, with ``ConfigError``, a process count that is not a multiple of
+    Refuses, with ``ConfigError`` naming the argument, the value and what is
+    valid: an unknown option, a process count that is not a multiple of
     ``data_parallel``, a schedule whose rank count does not match, invalid
-    schedule or recomputation options; with ``PartitionError``, fewer layers
-    than stages.
+    schedule options; with ``PartitionError``, fewer layers than stages.
     """
 
     def __init__(self, layers: Sequence[nn.Module] | nn.Sequential, loss_fn: Callable,
-                 schedule: str | Schedule = "breadth-first", microbatches: int = 8, stages_per_rank: int = 1,
-                 group_size: int | None = None, optimizer: Callable | None = None,
-                 partition: str | Sequence[int] = "parameters", placement: str = "auto", data_parallel: int = 1,
-                 zero: int = 0, recompute: str | Sequence[str] = "none", reduce_portions: int = 1,
-                 reduce_order: str = "priority", weight_buffers: int | None = None, device: torch.device | str | None = None,
-                 timeout: float = 300.0, sample: Callable[[], object] | None = None, track_memory: bool = False):
+                 schedule: str | ScheduleConfig | Schedule = "breadth-first", *, optimizer: Callable | None = None,
+                 partition: str | Sequence[int] = "parameters", device: torch.device | str | None = None,
+                 timeout: float = 300.0, sample: Callable[[], object] | None = None, track_memory: bool = False,
+                 **options):
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < math.inf:
+            raise ConfigError("timeout", timeout, "must be a number of seconds above 0")
         init_process_group(timeout)
-        world = dist.get_world_size()
-        if isinstance(schedule, Schedule):
-            self.schedule = schedule
-            data_parallel = schedule.config.data_parallel
-            modes = tuple("full" if s in schedule.config.recompute else "none"
-                          for s in range(schedule.config.stages))
-        else:
-            if not isinstance(data_parallel, int) or data_parallel < 1 or world % data_parallel:
-                raise ConfigError(f"data_parallel={data_parallel}: must divide the {world} processes "
-                                  f"(world = pipeline ranks × data_parallel)")
-            stages = world // data_parallel * stages_per_rank if isinstance(stages_per_rank, int) else 0
-            modes = recompute_modes(recompute, stages)
-            config = ScheduleConfig(schedule, ranks=world // data_parallel, microbatches=microbatches,
-                                    stages_per_rank=stages_per_rank, group_size=group_size, placement=placement,
-                                    data_parallel=data_parallel, zero=zero, reduce_portions=reduce_portions,
-                                    reduce_order=reduce_order, weight_buffers=weight_buffers,
-                                    recompute=tuple(s for s, mode in enumerate(modes) if mode != "none"))
-            try:
-                self.schedule = build_schedule(config)
-            except ConfigError as error:
-                raise ConfigError(_python_names(str(error))) from None
+        self.schedule = _schedule_for(schedule, options, dist.get_world_size())
         config = self.schedule.config
-        self.layout = Layout(config.ranks, data_parallel)
-        if self.layout.world != world:
-            raise ConfigError(f"schedule for {config.ranks} ranks × data_parallel={data_parallel}: the process group "
-                              f"has {world} processes (start pipeline ranks × data_parallel processes)")
+        self.layout = Layout(config.ranks, config.data_parallel)
         self.global_rank = dist.get_rank()
         self.rank = self.layout.pipeline_rank(self.global_rank)
         self.replica = self.layout.replica(self.global_rank)
-        self.groups = make_groups(self.layout, self.global_rank)
+        placement = self.schedule.placement
+        self.groups = make_groups(self.layout, self.global_rank, loss_pipeline_rank=placement.loss_rank)
         self.microbatches = config.microbatches
         self.device = torch.device(device) if device is not None else _default_device()
         layers = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
-        placement = self.schedule.placement
         self.boundaries = split_layers(layers, placement.stages, partition, sample)
         self.stages = {
             stage: Stage(stage, first, layers[first:end]).to(self.device)
-            for stage, (first, end) in enumerate(self.boundaries) if placement.stage_ranks[stage] == self.rank
+            for stage, (first, end) in enumerate(self.boundaries) if placement.rank_of(stage) == self.rank
         }
-        self.shards = {index: StageShard(stage, config.zero, data_parallel, self.replica, self.groups.data,
+        self.shards = {index: StageShard(stage, config.zero, config.data_parallel, self.replica, self.groups.data,
                                          self.device) for index, stage in self.stages.items()}
-        self.optimizers = {}
-        if optimizer is not None:
-            for index, shard in self.shards.items():
-                if shard.optimized:
-                    self.optimizers[index] = optimizer(shard.optimized)
-        self.recompute = {stage: mode for stage, mode in enumerate(modes) if stage in self.stages and mode != "none"}
+        self.optimizers = {index: optimizer(shard.optimized) for index, shard in self.shards.items()
+                           if optimizer is not None and shard.optimized}
         self.meter = ActivationMeter(self._weight_pointers) if track_memory else None
         # NCCL runs a pair's operations in issue order, so nothing is received ahead of the program there.
         lookahead = 0 if dist.get_backend() == "nccl" else 2
         self._early_loss_receive = lookahead > 0
         self._timeout = timeout
         members = self.layout.pipeline_members(self.replica)
-        self.executor = Executor(self.rank, placement, self.microbatches, self.stages, loss_fn, self.device,
-                                 timeout, members, self.optimizers, lookahead, self.shards, self.recompute,
-                                 data_parallel, self.meter)
-        self.loss_rank = members[placement.stage_ranks[-1]]
-        self._forward_programs = forward_programs(self.schedule)
+        context = RankContext(self.rank, placement, self.microbatches, members, self.device, timeout, lookahead,
+                              config.data_parallel)
+        modes = config.recompute_modes
+        local = {index: LocalStage(stage, self.shards[index], self.optimizers.get(index), modes[index])
+                 for index, stage in self.stages.items()}
+        self.executor = Executor(context, local, loss_fn, self.meter)
+        self.loss_rank = members[placement.loss_rank]
         self._metas: dict[tuple, tuple] = {}
         self.last_result: RunResult | None = None  # of the last run: training, evaluation or forward
         self._last_training: RunResult | None = None
@@ -154,11 +129,10 @@ class Pipeline:
     def eval_step(self, inputs: Tensors, targets: Tensors) -> float:
         """Return the mean loss over the global batch without gradients (forward only, pipelined, split over replicas).
 
-        Collective over the data-parallel group at ZeRO-3 (every stage is gathered for the pass), as is ``forward``.
+        Collective over the data-parallel group at ZeRO-3 (the forward programs gather each stage), as is ``forward``.
         """
         posted = self._post_loss_receive() if self._early_loss_receive else None
-        with self._all_gathered():
-            result = self._run("eval", self._forward_programs, inputs, targets)
+        result = self._run("eval", self.schedule.forward, inputs, targets)
         return self._share_loss(result, posted)
 
     def forward(self, inputs: Tensors):
@@ -166,8 +140,7 @@ class Pipeline:
 
         Inference is not split over replicas: each runs the whole batch.
         """
-        with self._all_gathered():
-            result = self._run("forward", self._forward_programs, inputs, None, split=False)
+        result = self._run("forward", self.schedule.forward, inputs, None, split=False)
         if result.outputs is None:
             return None
         joined = tuple(torch.cat(parts) for parts in zip(*result.outputs))
@@ -257,7 +230,7 @@ class Pipeline:
 
     # ---------------------------------------------------------------- internals
     def _run(self, mode: str, programs, inputs: Tensors, targets: Tensors | None, split: bool = True) -> RunResult:
-        replicas = self.layout.data if split else 1
+        replicas = self.layout.data_parallel if split else 1
         replica = self.replica if split else 0
         input_parts = _split(inputs, self.microbatches, "inputs", replicas, replica)
         target_parts = _split(targets, self.microbatches, "targets", replicas, replica) if targets is not None else None
@@ -275,14 +248,14 @@ class Pipeline:
 
     @contextmanager
     def _all_gathered(self):
-        """Hold every local stage's full weights inside the block (forward-only programs have no ``GATHER``).
+        """Hold every local stage's full weights inside the block (to agree the boundary shapes, before any program runs).
 
         Collective over the data-parallel group at ZeRO-3, where weights are stored sharded.
         """
         released = [shard for shard in self.shards.values() if not shard.gathered]
         for shard in released:
             wait_for(shard.gather(), self._timeout, self.global_rank,
-                     f"gathering stage {shard.stage_index}'s weights for a forward-only pass")
+                     f"gathering stage {shard.stage_index}'s weights to agree the boundary shapes")
         try:
             yield
         finally:
@@ -302,7 +275,7 @@ class Pipeline:
         if self.global_rank == self.loss_rank:
             return None
         buffer = torch.zeros(1, dtype=torch.float64, device=self.device)
-        return buffer, dist.irecv(buffer, src=self.loss_rank, tag=_LOSS_TAG)
+        return buffer, dist.irecv(buffer, src=self.loss_rank, tag=LOSS_TAG)
 
     def _share_loss(self, result: RunResult, posted) -> float:
         """Return the step's mean loss: averaged over the replicas' last-stage ranks, sent point-to-point to the others.
@@ -315,9 +288,9 @@ class Pipeline:
             if self.groups.loss is not None:
                 work = dist.all_reduce(value, group=self.groups.loss, async_op=True)
                 wait_for(work, self._timeout, self.global_rank, "averaging the step's loss over the replicas")
-                value /= self.layout.data
+                value /= self.layout.data_parallel
             peers = [peer for peer in self.layout.pipeline_members(self.replica) if peer != self.global_rank]
-            works = [dist.isend(value, dst=peer, tag=_LOSS_TAG) for peer in peers]
+            works = [dist.isend(value, dst=peer, tag=LOSS_TAG) for peer in peers]
             for work in works:
                 wait_for(work, self._timeout, self.global_rank, "sending the step's loss to the other ranks")
             return float(value.item())
@@ -341,40 +314,40 @@ def _split(batch: Tensors, microbatches: int, name: str, replicas: int = 1,
     return list(zip(*(t.chunk(microbatches) for t in tensors)))
 
 
-def _python_names(message: str) -> str:
-    """Return a schedule configuration message with the command line's option names as ``Pipeline`` arguments."""
-    for flag in ("--group-size", "--stages-per-rank", "--microbatches", "--schedule", "--placement", "--ranks",
-                 "--reduce-portions", "--reduce-order", "--weight-buffers", "--zero", "--dp"):
-        message = message.replace(flag, "data_parallel" if flag == "--dp" else flag[2:].replace("-", "_"))
-    return message
+def _schedule_for(schedule: str | ScheduleConfig | Schedule, options: dict, world: int) -> Schedule:
+    """Return the built schedule ``Pipeline`` runs on ``world`` processes: as given, or from a config or a name and options.
+
+    Refuses, with ``ConfigError``, options beside a built schedule or a
+    config, unknown options, and a schedule whose ranks × data_parallel is
+    not ``world``.
+    """
+    names = [field.name for field in knobs(ScheduleConfig) if field.name not in ("schedule", "ranks")]
+    if isinstance(schedule, (Schedule, ScheduleConfig)) and options:
+        raise ConfigError(next(iter(options)), next(iter(options.values())),
+                          f"give it inside the {type(schedule).__name__}, not beside it")
+    for name, value in options.items():
+        if name not in names:
+            raise ConfigError(name, value, f"not an option of Pipeline; the schedule options are {', '.join(names)}")
+    if isinstance(schedule, str):
+        data_parallel = options.get("data_parallel", 1)
+        if not isinstance(data_parallel, int) or isinstance(data_parallel, bool) or data_parallel < 1 \
+                or world % data_parallel:
+            raise ConfigError("data_parallel", data_parallel, f"must divide the {world} processes "
+                              f"(world = pipeline ranks × data_parallel)")
+        schedule = ScheduleConfig(schedule, ranks=world // data_parallel, **options)
+    if isinstance(schedule, ScheduleConfig):
+        schedule = build_schedule(schedule)
+    config = schedule.config
+    if config.ranks * config.data_parallel != world:
+        raise ConfigError("schedule", f"{config.ranks} ranks × data_parallel={config.data_parallel}",
+                          f"the process group has {world} processes (start pipeline ranks × data_parallel processes)")
+    return schedule
 
 
 def _default_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def recompute_modes(recompute: str | Sequence[str], stages: int) -> tuple[str, ...]:
-    """Return the recomputation mode of every stage from ``Pipeline``'s ``recompute`` argument.
-
-    One mode applies to every stage but the last; a sequence gives one mode
-    per stage.  Refuses, with ``ConfigError``, an unknown mode, a sequence of
-    the wrong length, and recomputing the last stage (it computes the loss
-    gradient from its forward, and recomputation happens after that gradient).
-    """
-    choices = ", ".join(RECOMPUTE_MODES)
-    if isinstance(recompute, str):
-        if recompute not in RECOMPUTE_MODES:
-            raise ConfigError(f"recompute={recompute!r}: choose one of {choices}, or one per stage")
-        return tuple(recompute if stage < stages - 1 else "none" for stage in range(stages))
-    modes = tuple(recompute)
-    if len(modes) != stages or any(mode not in RECOMPUTE_MODES for mode in modes):
-        raise ConfigError(f"recompute={list(modes)!r}: give one of {choices} for each of the {stages} stages")
-    if modes and modes[-1] != "none":
-        raise ConfigError(f"recompute={list(modes)!r}: the last stage ({stages - 1}) cannot recompute: it computes the "
-                          f"loss gradient from its own forward, and recomputation runs after that gradient")
-    return modes
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -102,6 +102,13 @@ class StageShard:
         """Return whether the full gradient buffer is allocated (always, below ZeRO-2)."""
         return self.flat_grad.untyped_storage().nbytes() > 0 or self.flat_grad.numel() == 0
 
+    def ensure_gradients(self) -> bool:
+        """Refill the emptied gradient buffer (ZeRO-2/3) before a backward accumulates into it; return whether it did."""
+        if self.has_gradients:
+            return False
+        self.before_backward()
+        return True
+
     def before_backward(self) -> None:
         """Refill the emptied gradient buffer with zeros before a backward accumulates into it (ZeRO-2/3)."""
         _allocate(self.flat_grad)

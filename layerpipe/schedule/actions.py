@@ -48,10 +48,16 @@ BACKWARD_KINDS = frozenset({Kind.B, Kind.I, Kind.W})
 P2P_KINDS = frozenset({Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B})
 """Point-to-point kinds between pipeline ranks; they take a micro-batch."""
 
-STAGE_KINDS = frozenset({Kind.GATHER, Kind.RELEASE, Kind.REDUCE, Kind.STEP})
-"""Kinds that act on a whole stage and take no micro-batch."""
-
 _MICROBATCH_KINDS = COMPUTE_KINDS | P2P_KINDS
+
+AWAITS: dict[Kind, Kind] = {
+    **{kind: Kind.GATHER for kind in COMPUTE_KINDS},
+    Kind.RELEASE: Kind.GATHER,
+    Kind.STEP: Kind.REDUCE,
+}
+"""The wait rules of both interpreters: an action of this kind waits until the collectives of the named kind
+issued earlier for its stage have finished (compute and ``RELEASE`` wait for the stage's ``GATHER``, ``STEP`` for
+its ``REDUCE`` portions).  Nothing else waits for a collective until the end of the program."""
 
 
 class Action(NamedTuple):
@@ -124,6 +130,60 @@ def format_program(program: Sequence[Action]) -> str:
     return " ".join(map(str, program))
 
 
-def compute_only(program: Sequence[Action]) -> Program:
-    """Return the program's compute actions (F, B, I, W, R) in order."""
-    return tuple(action for action in program if action.kind in COMPUTE_KINDS)
+class Message(NamedTuple):
+    """One point-to-point message: the stage that sends it, its direction and its micro-batch.
+
+    A forward message carries stage ``sender``'s output to stage
+    ``sender + 1``; a backward message carries the gradient of stage
+    ``sender - 1``'s output from stage ``sender`` back to it.
+    """
+
+    sender: int
+    backward: bool
+    microbatch: int
+
+    @property
+    def receiver(self) -> int:
+        """Return the stage the message goes to."""
+        return self.sender - 1 if self.backward else self.sender + 1
+
+    def number(self, microbatches: int) -> int:
+        """Return a small integer naming the message uniquely among those of one step (``0 ≤ n < 2·stages·m``)."""
+        return (self.sender * 2 + self.backward) * microbatches + self.microbatch
+
+    def send(self) -> Action:
+        """Return the send action of the message."""
+        return Action(self.sender, Kind.SEND_B if self.backward else Kind.SEND_F, self.microbatch)
+
+    def receive(self) -> Action:
+        """Return the receive action of the message."""
+        return Action(self.receiver, Kind.RECV_B if self.backward else Kind.RECV_F, self.microbatch)
+
+    def describe(self) -> str:
+        """Return what the message carries, in words."""
+        if self.backward:
+            return (f"the gradient of stage {self.receiver}'s output for micro-batch {self.microbatch} "
+                    f"(from stage {self.sender})")
+        return f"stage {self.sender}'s output for micro-batch {self.microbatch}"
+
+
+_MESSAGE_SHAPE = {Kind.SEND_F: (0, False), Kind.SEND_B: (0, True), Kind.RECV_F: (-1, False), Kind.RECV_B: (1, True)}
+"""Per transfer kind: the sending stage's offset from the action's stage, and whether the message goes backward."""
+
+
+def message_of(action: Action) -> Message:
+    """Return the message a ``SEND_*`` delivers or a ``RECV_*`` waits for.
+
+    The one place that matches a send to its receive: validation, the
+    simulator and the runtime all ask it.  Refuses other kinds with ``ValueError``.
+    """
+    shape = _MESSAGE_SHAPE.get(action[1])
+    if shape is None:
+        raise ValueError(f"{action} is not a send or a receive")
+    return tuple.__new__(Message, (action[0] + shape[0], shape[1], action[2]))  # Message(...) without its keyword handling: this is hot
+
+
+def peer_stage(action: Action) -> int:
+    """Return the stage on the other side of a send or receive."""
+    message = message_of(action)
+    return message.receiver if action[1] is Kind.SEND_F or action[1] is Kind.SEND_B else message.sender

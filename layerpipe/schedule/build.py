@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from .actions import Kind, Program
 from .bulk import collector_paused
@@ -15,12 +16,32 @@ from .validation import validate
 
 @dataclass(frozen=True)
 class Schedule:
-    """A configuration with its placement, compute programs and lowered programs."""
+    """A configuration with its placement, compute programs and lowered programs.
+
+    ``programs`` run a training step; ``forward`` a forward-only pass
+    (evaluation, inference) with the same lowering: the schedule's forwards
+    in its own order, their transfers and, at ZeRO-3, their weight gathers.
+    """
 
     config: ScheduleConfig
     placement: Placement
     compute: tuple[Program, ...]
     programs: tuple[Program, ...]
+
+    @cached_property
+    def forward(self) -> tuple[Program, ...]:
+        """Return the lowered programs of a forward-only pass (built on first use)."""
+        with collector_paused():
+            return lower(self.forward_compute, self.config, self.placement, training=False)
+
+    def forward_only(self) -> "Schedule":
+        """Return this schedule with its forward-only programs as ``programs`` (to simulate an evaluation)."""
+        return Schedule(self.config, self.placement, self.forward_compute, self.forward)
+
+    @property
+    def forward_compute(self) -> tuple[Program, ...]:
+        """Return the compute programs of a forward-only pass: the schedule's forwards in order."""
+        return tuple(tuple(action for action in program if action.kind is Kind.F) for program in self.compute)
 
 
 def make_placement(config: ScheduleConfig) -> Placement:
@@ -41,22 +62,28 @@ def compute_programs(config: ScheduleConfig, placement: Placement) -> tuple[Prog
     return generator(placement, config.microbatches)
 
 
-def lower(compute: tuple[Program, ...], config: ScheduleConfig, placement: Placement) -> tuple[Program, ...]:
-    """Return the compute programs with every lowering pass the configuration asks for applied."""
+def lower(compute: tuple[Program, ...], config: ScheduleConfig, placement: Placement,
+          training: bool = True) -> tuple[Program, ...]:
+    """Return the compute programs with every lowering pass the configuration asks for applied.
+
+    With ``training`` false (forward-only programs) only weight gathers and
+    transfers are added: nothing is reduced, stepped or recomputed.
+    """
     programs = compute
-    if config.data_parallel > 1 and config.zero == 3:
+    if config.zero == 3:
         programs = add_weight_gathers(programs, config.weight_buffers)
-    if config.data_parallel > 1:
+    if training and config.data_parallel > 1:
         programs = add_gradient_reduces(programs, config.reduce_portions, config.reduce_order == "priority")
-    programs = add_optimizer_steps(programs, config.zero if config.data_parallel > 1 else 0)
+    if training:
+        programs = add_optimizer_steps(programs, config.zero)
     programs = add_p2p(programs, placement)
-    if config.recompute:
-        programs = add_recompute(programs, config.recompute)
+    if training and config.recomputed_stages:
+        programs = add_recompute(programs, config.recomputed_stages)
     return programs
 
 
 def build_schedule(config: ScheduleConfig, check: bool = True) -> Schedule:
-    """Return the schedule of ``config``: placement, compute programs and lowered programs.
+    """Return the schedule of ``config``: placement, compute programs, lowered training and forward-only programs.
 
     Refuses an inconsistent configuration with ``ConfigError`` and, when
     ``check`` is true, programs that cannot run with ``ScheduleError``.
@@ -69,13 +96,3 @@ def build_schedule(config: ScheduleConfig, check: bool = True) -> Schedule:
         if check:
             validate(programs, placement, config.microbatches)
     return Schedule(config, placement, compute, programs)
-
-
-def forward_programs(schedule: Schedule) -> tuple[Program, ...]:
-    """Return the programs of a forward-only pass (evaluation, inference): the schedule's forwards with their transfers.
-
-    The order of forwards is the schedule's own, so evaluation streams
-    micro-batches the way training does.
-    """
-    forwards = tuple(tuple(action for action in program if action.kind is Kind.F) for program in schedule.compute)
-    return add_p2p(forwards, schedule.placement)

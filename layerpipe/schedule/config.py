@@ -1,11 +1,24 @@
-"""The schedule configuration, validated once where it enters the program."""
+"""The schedule configuration: every knob that decides the programs of one training step, defined once.
+
+Each field carries its help and its own validity rule (``layerpipe.knobs``);
+``validate_config`` adds the rules that relate fields to each other.  The
+command line, TOML files and ``layerpipe.Pipeline`` all read these fields.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..knobs import ConfigError, check_fields, knob, one_of, optional, whole
+
+__all__ = ["ConfigError", "ScheduleConfig", "validate_config", "SCHEDULES", "PLACEMENTS", "REDUCE_ORDERS",
+           "RECOMPUTE_MODES", "ONE_STAGE_SCHEDULES"]
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble")
 """Schedule names understood by ``build_schedule`` and the command line."""
+
+ONE_STAGE_SCHEDULES = ("gpipe", "1f1b")
+"""Schedules that place one stage per rank; the others loop ``stages_per_rank`` stages over the ranks."""
 
 PLACEMENTS = ("auto", "contiguous", "looping", "vshape")
 
@@ -16,45 +29,71 @@ RECOMPUTE_MODES = ("none", "full", "selective")
 """How a stage recomputes: not at all, all of it (stores its input only), or the regions its layers mark."""
 
 
-class ConfigError(ValueError):
-    """Bad user input; the message names the option, the value and what is valid."""
+def _recompute_rule(value: object) -> str | None:
+    modes = (value,) if isinstance(value, str) else value
+    if not isinstance(modes, tuple) or not modes or any(mode not in RECOMPUTE_MODES for mode in modes):
+        return f"choose one of {', '.join(RECOMPUTE_MODES)} for every stage but the last, or one per stage (comma-separated)"
+    return None
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Everything that decides the programs of one training step.
+    """Everything that decides the programs of one training step (see each field's help)."""
 
-    ``group_size`` is only for ``grouped``.  ``reduce_order`` is
-    ``priority`` (portions interleaved, earliest layers complete first) or
-    ``bucketed`` (each stage's portions together as it finishes, as DDP's
-    buckets).  ``weight_buffers`` is how many
-    gathered stage weight buffers a ZeRO-3 rank may hold at once (``None``:
-    all of its stages, so each is gathered once per step).  ``recompute``
-    lists the stages that store only their input during forward and
-    recompute the rest before their backward.
-    """
+    schedule: str = knob("breadth-first", "pipeline schedule: " + ", ".join(SCHEDULES), check=one_of(SCHEDULES),
+                         metavar="NAME")
+    ranks: int = knob(4, "pipeline ranks P", check=whole(1), metavar="P", short="-p")
+    microbatches: int = knob(8, "micro-batches per step M (per data-parallel replica)", check=whole(1), metavar="M",
+                             short="-m")
+    stages_per_rank: int | None = knob(None, "stages on each rank V; looping placement puts stage s on rank s %% P",
+                                       check=optional(whole(1)), metavar="V", short="-v",
+                                       default_text="1 for gpipe and 1f1b, 2 for the looping schedules")
+    group_size: int | None = knob(None, "grouped only: micro-batches run per stage before switching, P <= N <= M "
+                                  "(N = P is interleaved, N = M breadth-first)", check=optional(whole(1)),
+                                  metavar="N", short="-n")
+    placement: str = knob("auto", "stage placement: " + ", ".join(PLACEMENTS) + "; vshape puts stages r and 2P-1-r "
+                          "on rank r (breadth-first, V = 2); auto is contiguous for V = 1, else looping",
+                          check=one_of(PLACEMENTS))
+    data_parallel: int = knob(1, "data-parallel replicas D of the pipeline; each trains on its share of the batch",
+                              check=whole(1), metavar="D")
+    zero: int = knob(0, "sharding over the replicas (needs D > 1): 0 replicated, 1 optimizer state, "
+                     "2 and gradients, 3 and weights", check=one_of((0, 1, 2, 3)))
+    reduce_portions: int = knob(1, "portions each stage's gradient reduce is split into (needs D > 1)",
+                                check=whole(1), metavar="K")
+    reduce_order: str = knob("priority", "priority: portions interleaved so the earliest layers complete first; "
+                             "bucketed: a stage's portions together as it finishes, like DDP's buckets",
+                             check=one_of(REDUCE_ORDERS))
+    weight_buffers: int | None = knob(None, "gathered stage weight buffers a rank may hold at once (zero 3 only)",
+                                      check=optional(whole(1)), metavar="K", default_text="all of the rank's stages")
+    recompute: str | tuple[str, ...] = knob("none", "activation recomputation: none, full or selective for every "
+                                            "stage but the last, or one mode per stage, comma-separated",
+                                            check=_recompute_rule, metavar="MODE")
 
-    schedule: str
-    ranks: int
-    microbatches: int
-    stages_per_rank: int = 1
-    group_size: int | None = None
-    placement: str = "auto"
-    data_parallel: int = 1
-    zero: int = 0
-    reduce_portions: int = 1
-    weight_buffers: int | None = None
-    recompute: tuple[int, ...] = ()
-    reduce_order: str = "priority"
+    def __post_init__(self) -> None:
+        if self.stages_per_rank is None:
+            chosen = 1 if self.schedule in ONE_STAGE_SCHEDULES else 2
+            object.__setattr__(self, "stages_per_rank", chosen)
+        if isinstance(self.recompute, str) and "," in self.recompute:
+            object.__setattr__(self, "recompute", tuple(part.strip() for part in self.recompute.split(",")))
+        elif isinstance(self.recompute, list):
+            object.__setattr__(self, "recompute", tuple(self.recompute))
 
     @property
     def stages(self) -> int:
         """Return the total number of stages, ``ranks * stages_per_rank``."""
         return self.ranks * self.stages_per_rank
 
-    def to_json(self) -> dict:
-        """Return the configuration as a JSON-ready dictionary of its fields."""
-        return {**self.__dict__, "recompute": list(self.recompute)}
+    @property
+    def recompute_modes(self) -> tuple[str, ...]:
+        """Return the recomputation mode of every stage (one mode given applies to every stage but the last)."""
+        if isinstance(self.recompute, str):
+            return tuple(self.recompute if stage < self.stages - 1 else "none" for stage in range(self.stages))
+        return tuple(self.recompute)
+
+    @property
+    def recomputed_stages(self) -> tuple[int, ...]:
+        """Return the stages that recompute (mode ``full`` or ``selective``)."""
+        return tuple(stage for stage, mode in enumerate(self.recompute_modes) if mode != "none")
 
     @property
     def placement_name(self) -> str:
@@ -63,73 +102,76 @@ class ScheduleConfig:
             return self.placement
         return "contiguous" if self.stages_per_rank == 1 else "looping"
 
-
-def _positive(option: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{option} {value}: must be a positive whole number")
-
-
-def interleaved_round_size(ranks: int, microbatches: int) -> int:
-    """Return the micro-batches run per stage before switching, as torch's interleaved 1F1B does.
-
-    That is ``m // max(1, m // p)``: ``p`` when ``p`` divides ``m``.
-    """
-    return microbatches // max(1, microbatches // ranks)
+    def to_json(self) -> dict:
+        """Return the configuration as a JSON-ready dictionary of its fields."""
+        recompute = self.recompute if isinstance(self.recompute, str) else list(self.recompute)
+        return {**self.__dict__, "recompute": recompute}
 
 
 def validate_config(config: ScheduleConfig) -> ScheduleConfig:
     """Return ``config`` unchanged if it is consistent, else raise ``ConfigError``.
 
-    The error names the command-line option, the value given and what would
-    be valid, e.g. ``--group-size 3: must be between --ranks (4) and
-    --microbatches (8)``.
+    Each field's own rule first, then the rules between fields.  The error
+    names the field, the value and what would be valid, e.g. ``group_size=3:
+    must be between ranks (4) and microbatches (8)``.
     """
-    if config.schedule not in SCHEDULES:
-        raise ConfigError(f"--schedule {config.schedule}: unknown; choose one of {', '.join(SCHEDULES)}")
-    _positive("--ranks", config.ranks)
-    _positive("--microbatches", config.microbatches)
-    _positive("--stages-per-rank", config.stages_per_rank)
-    _positive("--dp", config.data_parallel)
-    _positive("--reduce-portions", config.reduce_portions)
-    p, m, v = config.ranks, config.microbatches, config.stages_per_rank
-    name = config.schedule
+    check_fields(config)
+    _check_stages(config)
+    _check_placement(config)
+    _check_data_parallel(config)
+    _check_recompute(config)
+    return config
 
-    if name in ("gpipe", "1f1b") and v != 1:
-        raise ConfigError(f"--stages-per-rank {v}: {name} places one stage per rank; use 1, or a looping schedule "
+
+def _check_stages(config: ScheduleConfig) -> None:
+    p, m, v, name = config.ranks, config.microbatches, config.stages_per_rank, config.schedule
+    if name in ONE_STAGE_SCHEDULES and v != 1:
+        raise ConfigError("stages_per_rank", v, f"{name} places one stage per rank; use 1, or a looping schedule "
                           "(interleaved, breadth-first, grouped, zero-bubble)")
     if config.group_size is not None and name != "grouped":
-        raise ConfigError(f"--group-size {config.group_size}: only --schedule grouped takes a group size")
+        raise ConfigError("group_size", config.group_size, "only the grouped schedule takes a group size")
     if name == "grouped":
         if config.group_size is None:
-            raise ConfigError(f"--group-size: --schedule grouped needs one, between --ranks ({p}) and --microbatches ({m})")
-        _positive("--group-size", config.group_size)
+            raise ConfigError("group_size", None, f"the grouped schedule needs one, between `ranks` ({p}) and "
+                              f"`microbatches` ({m})")
         if m < p:
-            raise ConfigError(f"--microbatches {m}: grouped needs at least --ranks ({p}) micro-batches")
+            raise ConfigError("microbatches", m, f"grouped needs at least `ranks` ({p}) micro-batches")
         if not p <= config.group_size <= m:
-            raise ConfigError(f"--group-size {config.group_size}: must be between --ranks ({p}) and --microbatches ({m})")
+            raise ConfigError("group_size", config.group_size, f"must be between `ranks` ({p}) and `microbatches` ({m})")
     if name in ("interleaved", "zero-bubble"):
         rounds = max(1, m // p)
         if m % rounds:
-            raise ConfigError(f"--microbatches {m}: {name} with --ranks {p} needs a multiple of {rounds} "
-                              f"(m // p rounds of equal size, as in torch.distributed.pipelining), e.g. {rounds * (m // rounds)}")
+            raise ConfigError("microbatches", m, f"{name} with `ranks` {p} needs a multiple of {rounds} (m // p rounds "
+                              f"of equal size, as in torch.distributed.pipelining), e.g. {rounds * (m // rounds)}")
 
-    if config.placement not in PLACEMENTS:
-        raise ConfigError(f"--placement {config.placement}: unknown; choose one of {', '.join(PLACEMENTS)}")
+
+def _check_placement(config: ScheduleConfig) -> None:
+    name, v = config.schedule, config.stages_per_rank
     if config.placement == "vshape" and (name != "breadth-first" or v != 2):
-        raise ConfigError(f"--placement vshape: needs --schedule breadth-first with --stages-per-rank 2 "
+        raise ConfigError("placement", "vshape", f"needs the breadth-first schedule with `stages_per_rank` 2 "
                           f"(got {name} with {v})")
     if config.placement == "contiguous" and v != 1:
-        raise ConfigError(f"--placement contiguous: needs --stages-per-rank 1 (got {v})")
-    if config.placement == "looping" and name in ("gpipe", "1f1b"):
-        raise ConfigError(f"--placement looping: {name} runs on the contiguous placement")
+        raise ConfigError("placement", "contiguous", f"needs `stages_per_rank` 1 (got {v})")
+    if config.placement == "looping" and name in ONE_STAGE_SCHEDULES:
+        raise ConfigError("placement", "looping", f"{name} runs on the contiguous placement")
 
-    if config.reduce_order not in REDUCE_ORDERS:
-        raise ConfigError(f"--reduce-order {config.reduce_order}: choose one of {', '.join(REDUCE_ORDERS)}")
-    if config.zero not in (0, 1, 2, 3):
-        raise ConfigError(f"--zero {config.zero}: must be 0, 1, 2 or 3")
-    if config.weight_buffers is not None:
-        _positive("--weight-buffers", config.weight_buffers)
-    for stage in config.recompute:
-        if not isinstance(stage, int) or not 0 <= stage < config.stages:
-            raise ConfigError(f"--recompute {stage}: not a stage; stages are 0..{config.stages - 1}")
-    return config
+
+def _check_data_parallel(config: ScheduleConfig) -> None:
+    if config.data_parallel == 1:
+        if config.zero:
+            raise ConfigError("zero", config.zero, "shards over data-parallel replicas: needs `data_parallel` above 1")
+        if config.reduce_portions != 1:
+            raise ConfigError("reduce_portions", config.reduce_portions,
+                              "splits the reduce over data-parallel replicas: needs `data_parallel` above 1")
+    if config.weight_buffers is not None and config.zero != 3:
+        raise ConfigError("weight_buffers", config.weight_buffers, "bounds gathered weights: needs `zero` 3")
+
+
+def _check_recompute(config: ScheduleConfig) -> None:
+    modes = config.recompute_modes
+    if len(modes) != config.stages:
+        raise ConfigError("recompute", config.recompute, f"give one mode for each of the {config.stages} stages, "
+                          f"or one mode for all")
+    if modes[-1] != "none":
+        raise ConfigError("recompute", config.recompute, f"the last stage ({config.stages - 1}) cannot recompute: it "
+                          f"computes the loss gradient from its own forward, and recomputation runs after that gradient")

@@ -32,10 +32,7 @@ def add_p2p(programs: Sequence[Program], placement: Placement) -> tuple[Program,
     ``B`` (or ``I``) of stage ``s`` when stage ``s-1`` lives elsewhere and
     ``(s-1)RECV_Bi`` precedes the backward of ``s-1``.
     """
-    ranks = placement.stage_ranks
-    stages = placement.stages
-    sends_forward = [s + 1 < stages and ranks[s + 1] != ranks[s] for s in range(stages)]
-    receives_forward = [s > 0 and ranks[s - 1] != ranks[s] for s in range(stages)]
+    sends_forward, receives_forward = placement.sends_forward, placement.receives_forward
     new = tuple.__new__  # builds Actions without the keyword handling of Action(...): this pass is hot
     send_f, recv_f, send_b, recv_b = Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B
     lowered = []

@@ -34,6 +34,23 @@ class Placement:
         """Return the stages that ``rank`` owns, in increasing order."""
         return self._stages_by_rank[rank]
 
+    @cached_property
+    def sends_forward(self) -> tuple[bool, ...]:
+        """Return, per stage, whether its output crosses to another rank (so the next stage receives it)."""
+        ranks = self.stage_ranks
+        return tuple(s + 1 < len(ranks) and ranks[s + 1] != ranks[s] for s in range(len(ranks)))
+
+    @cached_property
+    def receives_forward(self) -> tuple[bool, ...]:
+        """Return, per stage, whether its input comes from another rank (so it sends its input gradient back)."""
+        ranks = self.stage_ranks
+        return tuple(s > 0 and ranks[s - 1] != ranks[s] for s in range(len(ranks)))
+
+    @property
+    def loss_rank(self) -> int:
+        """Return the rank of the last stage: the rank that computes the loss (rank 0 on the V-shape)."""
+        return self.stage_ranks[-1]
+
     @property
     def stages_per_rank(self) -> int:
         """Return ``v``, the number of stages on each rank (the same on all)."""

@@ -3,8 +3,9 @@
 ``validate`` raises ``ScheduleError`` naming the rank, the action and what it
 waits for.  It checks, in order: coverage (every forward and backward of every
 stage and micro-batch exactly once, on the owning rank), local order
-(dependencies on one rank come first), matching sends and receives, and
-freedom from deadlock when receives block until the matching send is issued.
+(dependencies on one rank come first), and, in one run of the programs,
+matching sends and receives and freedom from deadlock when receives block
+until the matching send is issued.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from typing import Sequence
 
-from .actions import COMPUTE_KINDS, P2P_KINDS, Action, Kind, Program
+from .actions import COMPUTE_KINDS, P2P_KINDS, Action, Kind, Message, Program, message_of
 from .lowering import add_p2p
 from .placement import Placement
 
@@ -88,43 +89,14 @@ def check_local_order(programs: Sequence[Program], placement: Placement) -> None
     return None
 
 
-def _matching_send(action: Action) -> Action:
-    """Return the send that a receive waits for."""
-    if action.kind is Kind.RECV_F:
-        return Action(action.stage - 1, Kind.SEND_F, action.microbatch)
-    return Action(action.stage + 1, Kind.SEND_B, action.microbatch)
-
-
-def check_p2p(programs: Sequence[Program], placement: Placement) -> None:
-    """Raise unless every send has exactly one receive on the peer rank and every cross-rank input is received first."""
-    sends: Counter = Counter()
-    receives: Counter = Counter()
-    crosses_back = [s > 0 and placement.rank_of(s - 1) != placement.rank_of(s) for s in range(placement.stages)]
-    crosses_on = [s + 1 < placement.stages and placement.rank_of(s + 1) != placement.rank_of(s) for s in range(placement.stages)]
-    send_f, send_b, recv_f, recv_b = Kind.SEND_F, Kind.SEND_B, Kind.RECV_F, Kind.RECV_B
-    for rank, program in enumerate(programs):
-        received: set[tuple] = set()
-        for action in program:
-            stage, kind, mb, _, _ = action
-            if kind is send_f or kind is send_b:
-                sends[action] += 1
-            elif kind is recv_f:
-                receives[(stage - 1, send_f, mb, None, None)] += 1
-                received.add(action)
-            elif kind is recv_b:
-                receives[(stage + 1, send_b, mb, None, None)] += 1
-                received.add(action)
-            elif kind is F and crosses_back[stage] and (stage, recv_f, mb, None, None) not in received:
-                raise ScheduleError(f"rank {rank}: {action} needs {Action(stage, recv_f, mb)} before it")
-            elif (kind is B or kind is I) and crosses_on[stage] and (stage, recv_b, mb, None, None) not in received:
-                raise ScheduleError(f"rank {rank}: {action} needs {Action(stage, recv_b, mb)} before it")
-    for send in sends - receives:
-        raise ScheduleError(f"rank {placement.rank_of(send.stage)}: {send} has no matching receive")
-    for send in receives - sends:
-        stage, kind = send[0], send[1]
-        receiver = stage + (1 if kind is send_f else -1)
-        raise ScheduleError(f"rank {placement.rank_of(receiver)}: the receive of {Action(stage, kind, send[2])} "
-                            f"has no matching send on rank {placement.rank_of(stage)}")
+def _needed_message(action: Action, placement: Placement) -> Message | None:
+    """Return the message a compute action needs received first on its rank (``None`` when its data is local)."""
+    stage, kind, microbatch = action[0], action[1], action[2]
+    if kind is F and placement.receives_forward[stage]:
+        return Message(stage - 1, False, microbatch)
+    if (kind is B or kind is I) and placement.sends_forward[stage]:
+        return Message(stage + 1, True, microbatch)
+    return None
 
 
 def blocked_report(programs: Sequence[Program], positions: Sequence[int], placement: Placement) -> str:
@@ -135,44 +107,73 @@ def blocked_report(programs: Sequence[Program], positions: Sequence[int], placem
             continue
         action = program[position]
         if action.kind in (Kind.RECV_F, Kind.RECV_B):
-            send = _matching_send(action)
+            send = message_of(action).send()
             lines.append(f"rank {rank} blocked at {action} (action {position}): waits for {send} from rank {placement.rank_of(send.stage)}")
         else:
             lines.append(f"rank {rank} blocked at {action} (action {position})")
     return "; ".join(lines)
 
 
-def check_deadlock(programs: Sequence[Program], placement: Placement) -> None:
-    """Raise if the programs deadlock when each receive blocks until its matching send has been issued.
+def _unsent_receive(programs: Sequence[Program], positions: Sequence[int], placement: Placement) -> str | None:
+    """Return the error for a blocked receive whose send appears in no program, if there is one."""
+    sent = {message_of(action) for program in programs for action in program
+            if action.kind is Kind.SEND_F or action.kind is Kind.SEND_B}
+    for rank, (program, position) in enumerate(zip(programs, positions)):
+        if position < len(program) and program[position].kind in (Kind.RECV_F, Kind.RECV_B):
+            message = message_of(program[position])
+            if message not in sent:
+                return (f"rank {rank}: the receive of {message.send()} has no matching send "
+                        f"on rank {placement.rank_of(message.sender)}")
+    return None
 
-    Sends never block.  The error lists each blocked rank, the receive it is
-    stuck at and the peer it waits for.
+
+def check_transfers(programs: Sequence[Program], placement: Placement) -> None:
+    """Raise unless the programs run to the end when sends never block and each receive blocks until its send.
+
+    Also raises when a cross-rank input is used before it is received, a
+    receive has no send, or a send has no receive.  Runs the programs once,
+    in an order they could execute in; on a deadlock the error lists each
+    blocked rank, the receive it is stuck at and the peer it waits for.
     """
     positions = [0] * len(programs)
-    issued: set[tuple] = set()
-    waiting: dict[tuple, int] = {}
+    sent: dict[Message, int] = {}  # message -> sends issued so far
+    received: dict[Message, int] = {}
+    waiting: dict[Message, int] = {}
     runnable = deque(range(len(programs)))
+    receives_forward, sends_forward = placement.receives_forward, placement.sends_forward
+    recv_f, recv_b, send_f, send_b = Kind.RECV_F, Kind.RECV_B, Kind.SEND_F, Kind.SEND_B
     while runnable:
         rank = runnable.popleft()
         program, index = programs[rank], positions[rank]
-        while index < len(program):
+        end = len(program)
+        while index < end:
             action = program[index]
-            kind = action.kind
-            if kind is Kind.RECV_F or kind is Kind.RECV_B:
-                send = (action.stage - 1, Kind.SEND_F, action.microbatch, None, None) if kind is Kind.RECV_F \
-                    else (action.stage + 1, Kind.SEND_B, action.microbatch, None, None)
-                if send not in issued:
-                    waiting[send] = rank
+            kind = action[1]
+            if kind is recv_f or kind is recv_b:
+                message = message_of(action)
+                count = received.get(message, 0)
+                if count >= sent.get(message, 0):
+                    waiting[message] = rank
                     break
-            elif kind is Kind.SEND_F or kind is Kind.SEND_B:
-                issued.add(action)
-                waiter = waiting.pop(action, None)
+                received[message] = count + 1
+            elif kind is send_f or kind is send_b:
+                message = message_of(action)
+                sent[message] = sent.get(message, 0) + 1
+                waiter = waiting.pop(message, None)
                 if waiter is not None:
                     runnable.append(waiter)
+            elif (kind is F and receives_forward[action[0]]) or ((kind is B or kind is I) and sends_forward[action[0]]):
+                message = _needed_message(action, placement)
+                if message not in received:
+                    raise ScheduleError(f"rank {rank}: {action} needs {message.receive()} before it")
             index += 1
         positions[rank] = index
     if any(position < len(program) for position, program in zip(positions, programs)):
-        raise ScheduleError("deadlock: " + blocked_report(programs, positions, placement))
+        raise ScheduleError(_unsent_receive(programs, positions, placement)
+                            or "deadlock: " + blocked_report(programs, positions, placement))
+    for message, count in sent.items():
+        if received.get(message, 0) < count:
+            raise ScheduleError(f"rank {placement.rank_of(message.sender)}: {message.send()} has no matching receive")
 
 
 def validate(programs: Sequence[Program], placement: Placement, microbatches: int) -> None:
@@ -184,5 +185,4 @@ def validate(programs: Sequence[Program], placement: Placement, microbatches: in
     check_local_order(programs, placement)
     if not any(action.kind in P2P_KINDS for program in programs for action in program):
         programs = add_p2p(programs, placement)
-    check_p2p(programs, placement)
-    check_deadlock(programs, placement)
+    check_transfers(programs, placement)

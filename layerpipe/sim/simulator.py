@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from ..schedule.actions import Kind
+from ..schedule.actions import AWAITS, P2P_KINDS, Action, Kind, message_of
 from ..schedule.build import Schedule
 from ..schedule.bulk import collector_paused
 from ..schedule.validation import ScheduleError, blocked_report
@@ -74,9 +74,8 @@ class SimResult:
         }
 
 
-_F, _B, _I, _W, _R, _STEP = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R, Kind.STEP
 _SEND_F, _SEND_B, _RECV_F, _RECV_B = Kind.SEND_F, Kind.SEND_B, Kind.RECV_F, Kind.RECV_B
-_GATHER, _REDUCE, _RELEASE = Kind.GATHER, Kind.REDUCE, Kind.RELEASE
+_GATHER, _REDUCE = Kind.GATHER, Kind.REDUCE
 
 
 def simulate(schedule: Schedule, cost: CostModel = CostModel()) -> SimResult:
@@ -85,160 +84,163 @@ def simulate(schedule: Schedule, cost: CostModel = CostModel()) -> SimResult:
     Raises ``ScheduleError`` naming each blocked rank if the programs deadlock.
     """
     with collector_paused():
-        return _simulate(schedule, cost)
+        costs = _Costs.of(schedule, cost)
+        run = _Run(schedule.placement.ranks, cost.overlap)
+        _run_programs(schedule.programs, costs, run)
+        if any(position < len(program) for position, program in zip(run.positions, schedule.programs)):
+            raise ScheduleError("deadlock: " + blocked_report(schedule.programs, run.positions, schedule.placement))
+        return _result(schedule, cost, run)
 
 
-def _simulate(schedule: Schedule, cost: CostModel) -> SimResult:
-    config, placement, programs = schedule.config, schedule.placement, schedule.programs
-    stages, ranks, microbatches = placement.stages, placement.ranks, config.microbatches
-    forward = per_stage(cost.forward_time, stages, "forward_time")
-    backward = per_stage(cost.backward_time, stages, "backward_time")
-    recompute = per_stage(cost.forward_time if cost.recompute_time is None else cost.recompute_time, stages, "recompute_time")
-    boundary = per_stage(cost.boundary_bytes, stages, "boundary_bytes")
-    weights = per_stage(cost.weight_bytes, stages, "weight_bytes")
-    share = cost.input_gradient_share
-    duration = {
-        _F: forward,
-        _B: backward,
-        _I: tuple(time * share for time in backward),
-        _W: tuple(time * (1 - share) for time in backward),
-        _R: recompute,
-        _STEP: (cost.optimizer_time,) * stages,
-    }
-    send_forward = tuple(cost.p2p_latency + size / cost.p2p_bandwidth for size in boundary)
-    send_backward = tuple(cost.p2p_latency + (boundary[s - 1] if s else 0.0) / cost.p2p_bandwidth for s in range(stages))
-    replicas = config.data_parallel
-    reduce_kind = "all_reduce" if config.zero < 2 else "reduce_scatter"
-    gather_time = tuple(collective_time("all_gather", size, replicas, cost.dp_bandwidth, cost.dp_latency) for size in weights)
-    reduce_time = tuple(collective_time(reduce_kind, size, replicas, cost.dp_bandwidth, cost.dp_latency) for size in weights)
-    overlap = cost.overlap
+@dataclass(frozen=True)
+class _Costs:
+    """Per stage, how long each kind of action takes, and the base number of each transfer kind's messages."""
 
-    compute_free = [0.0] * ranks  # also the time the rank issues its next action
-    p2p_free = [0.0] * ranks
-    dp_free = [0.0] * ranks
-    busy = [0.0] * ranks
-    exposed = [0.0] * ranks
-    positions = [0] * ranks
-    arrivals: dict[int, tuple[float, float, float]] = {}  # transfer key -> (start, end, issued)
-    waiting: dict[int, int] = {}  # transfer key -> rank blocked on it
-    weights_ready: dict[int, float] = {}
-    reduced: dict[int, float] = {}
-    sharded = config.data_parallel > 1 and config.zero == 3
-    events: list[tuple] = []  # rows of TimelineEvent, built as plain tuples: this loop is hot
-    emit = events.append
-    runnable = deque(range(ranks))
-    compute, p2p, data_parallel = "compute", "p2p", "data_parallel"
+    duration: dict  # compute kind -> per-stage time (compute stream)
+    transfer: dict  # SEND kind -> per-stage time (p2p stream)
+    collective: dict  # GATHER / REDUCE -> per-stage time of the whole collective (data-parallel stream)
+    message_base: dict  # transfer kind -> per-stage Message.number of its micro-batch 0
 
+    @staticmethod
+    def of(schedule: Schedule, cost: CostModel) -> "_Costs":
+        config, stages = schedule.config, schedule.placement.stages
+        backward = per_stage(cost.backward_time, stages, "backward_time")
+        share = cost.input_gradient_share
+        recompute = cost.forward_time if cost.recompute_time is None else cost.recompute_time
+        duration = {Kind.F: per_stage(cost.forward_time, stages, "forward_time"), Kind.B: backward,
+                    Kind.I: tuple(time * share for time in backward),
+                    Kind.W: tuple(time * (1 - share) for time in backward),
+                    Kind.R: per_stage(recompute, stages, "recompute_time"), Kind.STEP: (cost.optimizer_time,) * stages}
+        boundary = per_stage(cost.boundary_bytes, stages, "boundary_bytes")
+        transfer = {_SEND_F: tuple(cost.p2p_latency + size / cost.p2p_bandwidth for size in boundary),
+                    _SEND_B: tuple(cost.p2p_latency + (boundary[s - 1] if s else 0.0) / cost.p2p_bandwidth
+                                   for s in range(stages))}
+        weights = per_stage(cost.weight_bytes, stages, "weight_bytes")
+        replicas = config.data_parallel
+        reduce_kind = "all_reduce" if config.zero < 2 else "reduce_scatter"
+        collective = {
+            _GATHER: tuple(collective_time("all_gather", size, replicas, cost.dp_bandwidth, cost.dp_latency) for size in weights),
+            _REDUCE: tuple(collective_time(reduce_kind, size, replicas, cost.dp_bandwidth, cost.dp_latency) for size in weights),
+        }
+        microbatches = config.microbatches
+        message_base = {kind: tuple(message_of(Action(stage, kind, 0)).number(microbatches) for stage in range(stages))
+                        for kind in P2P_KINDS}
+        return _Costs(duration, transfer, collective, message_base)
+
+
+class _Run:
+    """The state of a simulation: per rank, when each stream is free, the position in the program and the totals."""
+
+    def __init__(self, ranks: int, overlap: bool):
+        self.overlap = overlap
+        self.compute_free = [0.0] * ranks  # also the time the rank issues its next action
+        self.p2p_free = [0.0] * ranks
+        self.dp_free = [0.0] * ranks
+        self.busy = [0.0] * ranks
+        self.exposed = [0.0] * ranks
+        self.positions = [0] * ranks
+        self.arrivals: dict[int, tuple[float, float, float]] = {}  # message number -> (start, end, issued)
+        self.waiting: dict[int, int] = {}  # message number -> rank blocked on it
+        self.finished = {_GATHER: {}, _REDUCE: {}}  # collective kind -> stage -> when its last one ends
+        self.events: list[tuple] = []  # rows of TimelineEvent, built as plain tuples: this loop is hot
+
+
+def _run_programs(programs, costs: _Costs, run: _Run) -> None:
+    """Run every rank until it ends or blocks on a receive; a send wakes the rank waiting for it."""
+    runnable = deque(range(len(programs)))
     while runnable:
         rank = runnable.popleft()
-        program = programs[rank]
-        index = positions[rank]
-        now = compute_free[rank]
-        rank_busy = 0.0
-        rank_exposed = 0.0
-        end_of_program = len(program)
-        while index < end_of_program:
-            action = program[index]
-            stage, kind, microbatch, _, portions = action
-            times = duration.get(kind)
-            if times is not None:
-                start = now
-                if kind is _STEP:
-                    ready = reduced.get(stage, 0.0)
-                    if ready > start:
-                        rank_exposed += ready - start
-                        start = ready
-                elif sharded:
-                    ready = weights_ready.get(stage, 0.0)
-                    if ready > start:
-                        rank_exposed += ready - start
-                        start = ready
-                now = start + times[stage]
-                rank_busy += now - start
-                emit((rank, compute, action, start, now))
-            elif kind is _SEND_F or kind is _SEND_B:
-                if kind is _SEND_F:
-                    key = (stage + 1) * 2 * microbatches + microbatch
-                    time = send_forward[stage]
-                else:
-                    key = ((stage - 1) * 2 + 1) * microbatches + microbatch
-                    time = send_backward[stage]
-                start = now
-                if overlap:
-                    if p2p_free[rank] > start:
-                        start = p2p_free[rank]
-                    p2p_free[rank] = start + time
-                else:
-                    now = start + time
-                arrivals[key] = (start, start + time, start if overlap else now)
-                emit((rank, p2p, action, start, start + time))
-                waiter = waiting.pop(key, None)
-                if waiter is not None:
-                    runnable.append(waiter)
-            elif kind is _RECV_F or kind is _RECV_B:
-                key = (stage * 2 + (kind is _RECV_B)) * microbatches + microbatch
-                transfer = arrivals.get(key)
-                if transfer is None:
-                    waiting[key] = rank
-                    break
-                start, arrived, issued = transfer
-                if arrived > now:
-                    rank_exposed += arrived - (issued if issued > now else now)
-                    now = arrived
-                emit((rank, p2p, action, start, arrived))
-            elif kind is _GATHER or kind is _REDUCE:
-                time = gather_time[stage] if kind is _GATHER else reduce_time[stage] / (portions or 1)
-                start = now
-                if overlap:
-                    if dp_free[rank] > start:
-                        start = dp_free[rank]
-                    dp_free[rank] = start + time
-                else:
-                    now = start + time
-                if kind is _GATHER:
-                    weights_ready[stage] = start + time
-                else:
-                    reduced[stage] = start + time
-                emit((rank, data_parallel, action, start, start + time))
-            index += 1
-        positions[rank] = index
-        compute_free[rank] = now
-        busy[rank] += rank_busy
-        exposed[rank] += rank_exposed
+        woken = _advance(rank, programs[rank], costs, run)
+        runnable.extend(woken)
 
-    if any(position < len(program) for position, program in zip(positions, programs)):
-        raise ScheduleError("deadlock: " + blocked_report(programs, positions, placement))
 
-    finish = [max(compute_free[r], p2p_free[r], dp_free[r]) for r in range(ranks)]
-    for rank in range(ranks):
-        if dp_free[rank] > compute_free[rank]:
-            exposed[rank] += dp_free[rank] - compute_free[rank]
+def _advance(rank: int, program, costs: _Costs, run: _Run) -> list[int]:
+    """Run ``rank`` from its position until it ends or blocks; return the ranks its sends woke.
+
+    The wait rules are ``AWAITS``: an action waits for the collectives of its stage that the table names.
+    """
+    duration, transfer, collective, message_base = costs.duration, costs.transfer, costs.collective, costs.message_base
+    awaited = {kind: run.finished[AWAITS[kind]] for kind in duration}  # per compute kind: stage -> ready time
+    finished, arrivals, waiting, emit, overlap = run.finished, run.arrivals, run.waiting, run.events.append, run.overlap
+    p2p_free, dp_free = run.p2p_free, run.dp_free
+    index, end_of_program, now, busy, exposed, woken = run.positions[rank], len(program), run.compute_free[rank], 0.0, 0.0, []
+    while index < end_of_program:
+        action = program[index]
+        stage, kind, microbatch, _, portions = action
+        times = duration.get(kind)
+        if times is not None:
+            start = awaited[kind].get(stage, 0.0)
+            if start > now:
+                exposed += start - now
+            else:
+                start = now
+            now = start + times[stage]
+            busy += now - start
+            emit((rank, "compute", action, start, now))
+        elif kind is _SEND_F or kind is _SEND_B:
+            key = message_base[kind][stage] + microbatch
+            start = p2p_free[rank] if overlap and p2p_free[rank] > now else now
+            end = start + transfer[kind][stage]
+            if overlap:
+                p2p_free[rank] = end
+            else:
+                now = end
+            arrivals[key] = (start, end, start if overlap else now)
+            emit((rank, "p2p", action, start, end))
+            if key in waiting:
+                woken.append(waiting.pop(key))
+        elif kind is _RECV_F or kind is _RECV_B:
+            key = message_base[kind][stage] + microbatch
+            transfer_times = arrivals.get(key)
+            if transfer_times is None:
+                waiting[key] = rank
+                break
+            start, arrived, issued = transfer_times
+            if arrived > now:
+                exposed += arrived - (issued if issued > now else now)
+                now = arrived
+            emit((rank, "p2p", action, start, arrived))
+        elif kind is _GATHER or kind is _REDUCE:
+            start = dp_free[rank] if overlap and dp_free[rank] > now else now
+            end = start + collective[kind][stage] / (portions or 1)
+            if overlap:
+                dp_free[rank] = end
+            else:
+                now = end
+            finished[kind][stage] = end
+            emit((rank, "data_parallel", action, start, end))
+        index += 1
+    run.positions[rank], run.compute_free[rank] = index, now
+    run.busy[rank] += busy
+    run.exposed[rank] += exposed
+    return woken
+
+
+def _result(schedule: Schedule, cost: CostModel, run: _Run) -> SimResult:
+    """Return the metrics of a finished simulation: step time, bubble, exposed communication, memory, collectives."""
+    config, placement, programs = schedule.config, schedule.placement, schedule.programs
+    ranks, stages = placement.ranks, placement.stages
+    finish = [max(run.compute_free[r], run.p2p_free[r], run.dp_free[r]) for r in range(ranks)]
+    exposed = [run.exposed[r] + max(0.0, run.dp_free[r] - run.compute_free[r]) for r in range(ranks)]
     step_time = max(finish, default=0.0)
     activation = per_stage(cost.activation_bytes, stages, "activation_bytes")
+    boundary = per_stage(cost.boundary_bytes, stages, "boundary_bytes")
     inputs = tuple(boundary[s - 1] if s else boundary[0] for s in range(stages))
-    recomputed = frozenset(config.recompute)
+    recomputed = frozenset(config.recomputed_stages)
     metrics = []
     for rank in range(ranks):
         peak = activation_peak(programs[rank], activation, inputs, recomputed)
-        metrics.append(RankMetrics(rank, busy[rank], step_time - busy[rank], exposed[rank], peak.count, peak.bytes))
-    counts = {_GATHER: 0, _REDUCE: 0}
-    portions = 0
-    for program in programs:
-        for action in program:
-            if action.kind is _GATHER:
-                counts[_GATHER] += 1
-            elif action.kind is _REDUCE:
-                portions += 1
-                counts[_REDUCE] += action.portion in (None, 1)
-    timeline = Timeline(ranks, tuple(events), "simulated", "unit", config.schedule,
-                        {"config": config.to_json()})
+        metrics.append(RankMetrics(rank, run.busy[rank], step_time - run.busy[rank], exposed[rank], peak.count, peak.bytes))
+    kinds = [action.kind for program in programs for action in program if action.kind is _GATHER or action.kind is _REDUCE]
+    reduces = [action for program in programs for action in program if action.kind is _REDUCE]
+    timeline = Timeline(ranks, tuple(run.events), "simulated", "unit", config.schedule, {"config": config.to_json()})
     return SimResult(
         timeline=timeline,
         step_time=step_time,
-        ideal_time=max(busy, default=0.0),
-        bubble_fraction=1 - sum(busy) / (ranks * step_time) if step_time else 0.0,
+        ideal_time=max(run.busy, default=0.0),
+        bubble_fraction=1 - sum(run.busy) / (ranks * step_time) if step_time else 0.0,
         ranks=tuple(metrics),
-        gathers=counts[_GATHER],
-        reduces=counts[_REDUCE],
-        reduce_portions=portions,
+        gathers=kinds.count(_GATHER),
+        reduces=sum(action.portion in (None, 1) for action in reduces),
+        reduce_portions=len(reduces),
     )

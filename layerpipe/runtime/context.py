@@ -1,0 +1,38 @@
+"""The rank context: who this process is in its pipeline and how it reaches its peers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..schedule.placement import Placement
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """What every part of a rank's runtime (executor, mailbox, collectives) needs to know about the rank.
+
+    ``rank`` is the pipeline rank; ``peers[r]`` the process-group rank of
+    pipeline rank ``r`` of this replica; ``lookahead`` how many messages a
+    receive is posted ahead of the ``RECV`` that needs it (0 on NCCL);
+    ``replicas`` the data-parallel replicas the step's batch is split over.
+    """
+
+    rank: int
+    placement: Placement
+    microbatches: int
+    peers: tuple[int, ...]
+    device: torch.device
+    timeout: float
+    lookahead: int = 1
+    replicas: int = 1
+
+    @property
+    def last_stage(self) -> int:
+        """Return the index of the last stage (the one that computes the loss)."""
+        return self.placement.stages - 1
+
+    def owns(self, stage: int) -> bool:
+        """Return whether this rank holds ``stage``."""
+        return self.placement.stage_ranks[stage] == self.rank

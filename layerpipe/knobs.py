@@ -104,8 +104,9 @@ def optional(rule: Check) -> Check:
 def number(minimum: float = 0.0, *, above: bool = False, infinite: bool = False) -> Check:
     """Return the rule "a number ≥ ``minimum``" (``> minimum`` when ``above``; infinity only when ``infinite``)."""
     def check(value: Any) -> str | None:
-        relation = "above" if above else "at least"
-        wanted = f"must be a number {relation} {minimum:g}" + (" (inf allowed)" if infinite else "")
+        relation = "above" if above else "of at least"
+        wanted = f"must be a number {relation} {minimum:g} (or inf)" if infinite else \
+            f"must be a finite number {relation} {minimum:g}"
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             return wanted
         if math.isinf(value) and not (infinite and value > 0):
@@ -155,6 +156,12 @@ def parse_text(cls: type, name: str, text: str) -> Any:
     if declared.endswith("| None") and text.lower() == "none":
         return None
     base = declared.split("|")[0].strip()
+    if base == "PerStage":  # one number for every stage, or one per stage
+        try:
+            values = tuple(float(part) for part in text.split(","))
+        except ValueError:
+            raise ConfigError(name, text, "must be a number, or one number per stage (comma-separated)") from None
+        return values[0] if len(values) == 1 else values
     try:
         if base == "int":
             return int(text)

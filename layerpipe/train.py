@@ -93,7 +93,7 @@ _HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``layerpipe train`` (every option defaults to the config file, then TrainConfig)."""
-    from .cli import _Parser
+    from .options import Parser as _Parser
 
     parser = _Parser(
         prog="layerpipe train",

@@ -14,7 +14,7 @@ def test_schedule_prints_one_line_per_rank(capsys):
 
 
 def test_schedule_lowered_shows_communication(capsys):
-    assert main(["schedule", "--schedule", "gpipe", "-p", "2", "-m", "1", "--lowered", "--dp", "2"]) == 0
+    assert main(["schedule", "--schedule", "gpipe", "-p", "2", "-m", "1", "--lowered", "--data-parallel", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "rank 0: 0F0 0SEND_F0 0RECV_B0 0B0 0REDUCE 0STEP"
 
@@ -48,6 +48,15 @@ def test_compare_prints_a_row_per_schedule(tmp_path, capsys):
     (["simulate", "--ranks", "-1"], "--ranks"),
     (["simulate", "--schedule", "nope"], "--schedule"),
     (["simulate", "--recompute", "9"], "--recompute 9"),
+    (["simulate", "--p2p-bandwidth", "0"], "--p2p-bandwidth 0"),
+    (["simulate", "--dp-bandwidth", "0"], "--dp-bandwidth 0"),
+    (["simulate", "--forward-time", "inf"], "--forward-time inf"),
+    (["simulate", "--zero", "3"], "--zero 3: shards over data-parallel replicas"),
+    (["schedule", "--zero", "3"], "--zero 3"),
+    (["compare", "--schedules", "grouped"], "--schedules grouped: grouped needs --group-size"),
+    (["simulate", "--plot", "/nonexistent-folder/t.png"], "--plot /nonexistent-folder/t.png: the folder"),
+    (["simulate", "--plot", "t.bmpx"], "--plot t.bmpx: must end in one of"),
+    (["simulate", "--trace", "/nonexistent-folder/t.json"], "--trace /nonexistent-folder/t.json"),
     (["simulate", "--forward-time", "x"], "--forward-time"),
 ])
 def test_bad_input_is_one_line_naming_the_option(arguments, option):

@@ -50,19 +50,19 @@ class ScheduleConfig:
                                        default_text="1 for gpipe and 1f1b, 2 for the looping schedules")
     group_size: int | None = knob(None, "grouped only: micro-batches run per stage before switching, P <= N <= M "
                                   "(N = P is interleaved, N = M breadth-first)", check=optional(whole(1)),
-                                  metavar="N", short="-n")
+                                  metavar="N", short="-n", default_text="none; grouped needs one")
     placement: str = knob("auto", "stage placement: " + ", ".join(PLACEMENTS) + "; vshape puts stages r and 2P-1-r "
                           "on rank r (breadth-first, V = 2); auto is contiguous for V = 1, else looping",
-                          check=one_of(PLACEMENTS))
+                          check=one_of(PLACEMENTS), metavar="NAME")
     data_parallel: int = knob(1, "data-parallel replicas D of the pipeline; each trains on its share of the batch",
                               check=whole(1), metavar="D")
     zero: int = knob(0, "sharding over the replicas (needs D > 1): 0 replicated, 1 optimizer state, "
-                     "2 and gradients, 3 and weights", check=one_of((0, 1, 2, 3)))
+                     "2 and gradients, 3 and weights", check=one_of((0, 1, 2, 3)), metavar="LEVEL")
     reduce_portions: int = knob(1, "portions each stage's gradient reduce is split into (needs D > 1)",
                                 check=whole(1), metavar="K")
     reduce_order: str = knob("priority", "priority: portions interleaved so the earliest layers complete first; "
                              "bucketed: a stage's portions together as it finishes, like DDP's buckets",
-                             check=one_of(REDUCE_ORDERS))
+                             check=one_of(REDUCE_ORDERS), metavar="ORDER")
     weight_buffers: int | None = knob(None, "gathered stage weight buffers a rank may hold at once (zero 3 only)",
                                       check=optional(whole(1)), metavar="K", default_text="all of the rank's stages")
     recompute: str | tuple[str, ...] = knob("none", "activation recomputation: none, full or selective for every "

@@ -6,40 +6,66 @@ import math
 from dataclasses import dataclass
 from typing import Sequence, Union
 
+from ..knobs import Check, knob, number
+
 PerStage = Union[float, Sequence[float]]
 """One value for every stage, or one value per stage."""
 
 
+def _per_stage_rule(rule: Check) -> Check:
+    """Return ``rule`` applied to one value or to each value of a per-stage sequence."""
+    def check(value: object) -> str | None:
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        reasons = [rule(item) for item in values]
+        found = next((reason for reason in reasons if reason is not None), None)
+        return None if found is None else found + (" (for every stage)" if isinstance(value, (tuple, list)) else "")
+    return check
+
+
+_TIME = _per_stage_rule(number(0.0))
+_BYTES = _per_stage_rule(number(0.0))
+_SECONDS = number(0.0)
+_BANDWIDTH = number(0.0, above=True, infinite=True)
+
+
 @dataclass(frozen=True)
 class CostModel:
-    """Times are in any unit (seconds on a real machine, 1 = one forward by default); sizes in bytes.
+    """How long each action takes and how many bytes it holds or moves (see each field's help).
 
-    * ``forward_time``, ``backward_time``: one micro-batch through one stage;
-      ``I`` takes ``input_gradient_share`` of ``backward_time`` and ``W`` the rest.
-    * ``recompute_time``: an ``R`` action (default: the forward time).
-    * ``optimizer_time``: a ``STEP``.
-    * point-to-point: ``p2p_latency + boundary_bytes / p2p_bandwidth`` per transfer,
-      where ``boundary_bytes[s]`` is stage ``s``'s output for one micro-batch.
-    * data parallel, ring collectives over ``d`` replicas: all-gather and
-      reduce-scatter move ``(d-1)/d`` of ``weight_bytes`` per rank, all-reduce twice that,
-      each at ``dp_bandwidth`` after ``dp_latency``.
-    * ``activation_bytes[s]``: what stage ``s`` stores per micro-batch for its backward.
-    * ``overlap``: communication runs on its own streams; when false it occupies the compute stream.
+    Times are in any unit (seconds on a real machine, 1 = one forward by
+    default); sizes in bytes.  Point-to-point transfers take ``p2p_latency +
+    boundary_bytes / p2p_bandwidth``, where ``boundary_bytes[s]`` is stage
+    ``s``'s output for one micro-batch.  Data-parallel collectives are rings
+    over ``d`` replicas: all-gather and reduce-scatter move ``(d-1)/d`` of
+    ``weight_bytes`` per rank, all-reduce twice that, each at
+    ``dp_bandwidth`` after ``dp_latency``.  A per-stage value is one number
+    for every stage or one per stage (comma-separated on the command line).
     """
 
-    forward_time: PerStage = 1.0
-    backward_time: PerStage = 2.0
-    input_gradient_share: float = 0.5
-    recompute_time: PerStage | None = None
-    optimizer_time: float = 0.0
-    p2p_latency: float = 0.0
-    p2p_bandwidth: float = math.inf
-    boundary_bytes: PerStage = 0.0
-    activation_bytes: PerStage = 0.0
-    weight_bytes: PerStage = 0.0
-    dp_latency: float = 0.0
-    dp_bandwidth: float = math.inf
-    overlap: bool = True
+    forward_time: PerStage = knob(1.0, "forward of one micro-batch through one stage", check=_TIME, metavar="T")
+    backward_time: PerStage = knob(2.0, "full backward (B) of one micro-batch through one stage", check=_TIME,
+                                   metavar="T")
+    input_gradient_share: float = knob(0.5, "share of the backward spent on the input gradient I (zero-bubble); "
+                                       "W takes the rest", check=lambda v: number(0.0)(v) or (
+                                           "must be at most 1" if v > 1 else None), metavar="SHARE")
+    recompute_time: PerStage | None = knob(None, "one recompute R", check=lambda v: None if v is None else _TIME(v),
+                                           metavar="T", default_text="the forward time")
+    optimizer_time: float = knob(0.0, "optimizer step (STEP) of one stage", check=_SECONDS, metavar="T")
+    p2p_latency: float = knob(0.0, "latency of one point-to-point transfer between pipeline ranks", check=_SECONDS,
+                              metavar="T")
+    p2p_bandwidth: float = knob(math.inf, "bytes per time unit between pipeline ranks", check=_BANDWIDTH,
+                                metavar="BYTES")
+    boundary_bytes: PerStage = knob(0.0, "bytes of a stage's output for one micro-batch", check=_BYTES,
+                                    metavar="BYTES")
+    activation_bytes: PerStage = knob(0.0, "bytes a stage stores per micro-batch for its backward", check=_BYTES,
+                                      metavar="BYTES")
+    weight_bytes: PerStage = knob(0.0, "bytes of one stage's weights (and of its gradients)", check=_BYTES,
+                                  metavar="BYTES")
+    dp_latency: float = knob(0.0, "latency of one data-parallel collective", check=_SECONDS, metavar="T")
+    dp_bandwidth: float = knob(math.inf, "bytes per time unit of the data-parallel link", check=_BANDWIDTH,
+                               metavar="BYTES")
+    overlap: bool = knob(True, "communication runs on its own streams; with --no-overlap it occupies the compute "
+                         "stream")
 
 
 def per_stage(value: PerStage, stages: int, name: str) -> tuple[float, ...]:

@@ -1,0 +1,7 @@
+"""``python -m layerpipe``: the ``layerpipe`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

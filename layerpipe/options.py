@@ -1,0 +1,101 @@
+"""Command-line options and TOML keys generated from configuration knobs (``layerpipe.knobs``).
+
+``add_knobs`` adds one option per knob of a configuration to an argparse
+parser, with the knob's help and its default; ``given`` reads back the
+options the user gave; ``read_toml`` reads a TOML file of the same knobs.
+Values are parsed and checked by the knobs themselves, so the command line,
+TOML and Python refuse the same bad values with the same words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from typing import Any, Iterable
+
+from .knobs import ConfigError, check_type, knobs, parse_text, toml_spelling
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr, without the usage block."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def flag(name: str) -> str:
+    """Return the command-line flag of field ``name`` (``group_size`` → ``--group-size``)."""
+    return "--" + name.replace("_", "-")
+
+
+def _default_text(field: dataclasses.Field, default: Any) -> str:
+    text = field.metadata.get("default_text")
+    if text is not None:
+        return text
+    if default is None:
+        return "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    return str(default)
+
+
+def add_knobs(parser: argparse.ArgumentParser | Any, defaults: Any, skip: Iterable[str] = ()) -> None:
+    """Add an option for every knob of the configuration ``defaults`` (an instance: its values are the defaults shown).
+
+    Options default to ``None`` (not given); values stay text until the
+    knob parses them.  A boolean knob gets ``--name`` and ``--no-name``.
+    """
+    for field in knobs(type(defaults)):
+        if field.name in skip:
+            continue
+        help_text = f"{field.metadata['help']} (default: {_default_text(field, getattr(defaults, field.name))})"
+        names = [flag(field.name)] + ([field.metadata["short"]] if field.metadata.get("short") else [])
+        if field.type == "bool":
+            parser.add_argument(*names, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=help_text.replace("%", "%%"))
+            continue
+        parser.add_argument(*names, dest=field.name, default=None, metavar=field.metadata.get("metavar") or "VALUE",
+                            help=help_text.replace("%%", "%").replace("%", "%%"))
+
+
+def given(arguments: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """Return the knobs of ``cls`` the user gave on the command line, parsed to their types.
+
+    Refuses, with ``ConfigError``, text that is not of a knob's type.
+    """
+    values = {}
+    for field in knobs(cls):
+        text = getattr(arguments, field.name, None)
+        if text is not None:
+            values[field.name] = text if isinstance(text, bool) else parse_text(cls, field.name, text)
+    return values
+
+
+def read_toml(path: str, classes: Iterable[type]) -> dict[type, dict[str, Any]]:
+    """Return the keys of TOML file ``path`` grouped by the configuration class whose knob each one is.
+
+    Refuses, with ``ConfigError`` naming the file: a missing or unreadable
+    file, invalid TOML, an unknown key, a value of the wrong type.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError("config", path, f"cannot be read ({error.strerror or error})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("config", path, f"is not valid TOML ({error})") from None
+    owners = {field.name: cls for cls in classes for field in knobs(cls)}
+    grouped: dict[type, dict[str, Any]] = {cls: {} for cls in classes}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in owners:
+            raise ConfigError(None, None, f"{path}: unknown key {key!r} (valid: {', '.join(sorted(owners))})")
+        try:
+            check_type(owners[name], name, value)
+        except ConfigError as error:
+            raise ConfigError(None, None, error.render(toml_spelling(path))) from None
+        grouped[owners[name]][name] = value
+    return grouped

@@ -21,7 +21,7 @@ import os
 import platform
 from datetime import date
 
-from layerpipe.schedule.actions import Kind, parse_action
+from layerpipe.schedule.actions import Kind
 from layerpipe.schedule.build import build_schedule
 from layerpipe.sim.simulator import simulate
 
@@ -34,8 +34,7 @@ BUCKET_BYTES = 25 * 2**20
 def stage0_ready(result) -> float:
     """Return when the last reduce portion of stage 0 ends on rank 0."""
     ends = [end for rank, stream, action, _, end in result.timeline.events
-            if rank == 0 and stream == "data_parallel" and parse_action(str(action)).kind is Kind.REDUCE
-            and parse_action(str(action)).stage == 0]
+            if rank == 0 and stream == "data_parallel" and action.kind is Kind.REDUCE and action.stage == 0]
     return max(ends)
 
 

@@ -18,7 +18,7 @@ def torch_order(schedule_class, ranks, stages_per_rank, microbatches, rank):
     state = types.SimpleNamespace(
         _num_stages=ranks, _stages=[None] * stages_per_rank, n_local_stages=stages_per_rank, pp_group_size=ranks,
         _n_microbatches=microbatches, number_of_rounds=max(1, microbatches // ranks),
-        microbatches_per_round=microbatches // max(1, microbatches // ranks))
+        microbatches_per_round=generators.interleaved_group_size(ranks, microbatches))
     if schedule_class is torch_schedules.ScheduleGPipe:
         order = schedule_class._get_pipeline_order(state)[rank]
     else:

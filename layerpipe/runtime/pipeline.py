@@ -20,7 +20,7 @@ from torch import nn
 from ..knobs import knobs
 from ..schedule.build import Schedule, build_schedule
 from ..schedule.config import ConfigError, ScheduleConfig
-from ..sim.timeline import Timeline
+from ..sim.timeline import Timeline, TimelineEvent
 from .context import RankContext
 from .executor import Executor, LocalStage, RunResult
 from .launch import init_process_group
@@ -223,7 +223,7 @@ class Pipeline:
             dist.all_gather_object(gathered, events, group=self.groups.pipeline)
             events = [event for part in gathered for event in part]
         origin = min((event[3] for event in events), default=0.0)
-        rows = tuple(sorted(((r, stream, str(action), start - origin, end - origin)
+        rows = tuple(sorted((TimelineEvent(r, stream, action, start - origin, end - origin)
                              for r, stream, action, start, end in events), key=lambda row: (row[0], row[3])))
         return Timeline(self.schedule.config.ranks, rows, "measured", "s", title or self.schedule.config.schedule,
                         {"config": self.schedule.config.to_json()})

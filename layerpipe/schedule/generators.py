@@ -97,13 +97,22 @@ def grouped(placement: Placement, microbatches: int, group_size: int) -> tuple[P
     return tuple(programs)
 
 
+def interleaved_group_size(ranks: int, microbatches: int) -> int:
+    """Return the micro-batches run per stage before switching in torch's interleaved orders: ``m // max(1, m // p)``.
+
+    That is ``p`` whenever ``p`` divides ``m``; interleaved and zero-bubble
+    need ``m`` to be a multiple of the number of such rounds, ``max(1, m // p)``.
+    """
+    return microbatches // max(1, microbatches // ranks)
+
+
 def interleaved(placement: Placement, microbatches: int) -> tuple[Program, ...]:
     """Return Megatron's interleaved (depth-first) 1F1B: the grouped order with ``N = m // max(1, m // p)``.
 
     ``N`` is ``p`` whenever ``p`` divides ``m``; the general rule is the one of
     ``ScheduleInterleaved1F1B``, whose order this equals.
     """
-    return grouped(placement, microbatches, microbatches // max(1, microbatches // placement.ranks))
+    return grouped(placement, microbatches, interleaved_group_size(placement.ranks, microbatches))
 
 
 def breadth_first(placement: Placement, microbatches: int) -> tuple[Program, ...]:
@@ -135,7 +144,7 @@ def zero_bubble(placement: Placement, microbatches: int) -> tuple[Program, ...]:
     ``F``, ``I`` and ``W`` the step takes ``3·m + p - 1`` instead of 1F1B's
     ``3·m + 3·(p-1)``.  Equals ``ScheduleInterleavedZeroBubble``'s order.
     """
-    group_size = microbatches // max(1, microbatches // placement.ranks)
+    group_size = interleaved_group_size(placement.ranks, microbatches)
     programs = []
     for rank in range(placement.ranks):
         stages = placement.stages_of(rank)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from statistics import median
 
-from ..schedule.actions import Kind, parse_action
+from ..schedule.actions import Kind
 from .cost import CostModel
 from .timeline import Timeline
 
@@ -23,8 +23,7 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
     for _, stream, action, start, end in timeline.events:
         if stream != "compute":
             continue
-        parsed = parse_action(str(action))
-        durations[(parsed.kind.value, parsed.stage)].append(end - start)
+        durations[(action.kind.value, action.stage)].append(end - start)
 
     def typical(kind: Kind, stage: int) -> float | None:
         found = durations.get((kind.value, stage))

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
+
+from ..schedule.actions import Action, parse_action
 
 STREAMS = ("compute", "p2p", "data_parallel")
 """Each rank has a compute stream, a point-to-point stream and a data-parallel stream."""
 
 
 class TimelineEvent(NamedTuple):
-    """One action on one stream: ``action`` is the action's notation (or the action itself)."""
+    """One action on one stream of one rank, from ``start`` to ``end``."""
 
     rank: int
     stream: str
-    action: Any
+    action: Action
     start: float
     end: float
 
@@ -61,7 +63,7 @@ class Timeline:
     @staticmethod
     def from_json(data: dict) -> "Timeline":
         """Return the timeline that ``to_json`` wrote."""
-        events = tuple(TimelineEvent(int(r), str(s), str(a), float(b), float(e)) for r, s, a, b, e in data["events"])
+        events = tuple(TimelineEvent(int(r), str(s), parse_action(a), float(b), float(e)) for r, s, a, b, e in data["events"])
         return Timeline(int(data["ranks"]), events, data.get("source", "simulated"), data.get("unit", "unit"),
                         data.get("title", ""), dict(data.get("metadata", {})))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..schedule.actions import parse_action
 from ..sim.timeline import Timeline
 
 COLOURS = {
@@ -30,8 +29,6 @@ _LANES = {"compute": (0.42, 0.5), "p2p": (0.22, 0.18), "data_parallel": (0.02, 0
 _MAX_LABELLED = 600
 
 
-def _parsed(action):
-    return parse_action(action) if isinstance(action, str) else action
 
 
 def draw_timeline(axes, timeline: Timeline, title: str = "") -> None:
@@ -45,12 +42,10 @@ def draw_timeline(axes, timeline: Timeline, title: str = "") -> None:
     label = len(compute_events) <= _MAX_LABELLED
     stages_of_rank: dict[int, list[int]] = {}
     for rank, stream, action, start, end in timeline.events:
-        action = _parsed(action)
         stages_of_rank.setdefault(rank, [])
         if action.stage not in stages_of_rank[rank] and stream == "compute":
             stages_of_rank[rank].append(action.stage)
     for rank, stream, action, start, end in timeline.events:
-        action = _parsed(action)
         if stream == "p2p" and action.kind.value.startswith("RECV"):
             continue  # the sender's bar already shows the transfer
         local = sorted(stages_of_rank.get(rank, [action.stage]))

@@ -74,19 +74,20 @@ def _required_before(action: Action, placement: Placement) -> list[Action]:
 
 
 def check_local_order(programs: Sequence[Program], placement: Placement) -> None:
-    """Raise if an action on a rank comes before another action of that rank it depends on."""
+    """Raise if a compute action on a rank comes before another action of that rank it depends on."""
     for rank, program in enumerate(programs):
         done: set[Action] = set()
         backward_done: set[tuple[int, int]] = set()
         for action in program:
+            if action.kind not in COMPUTE_KINDS:
+                continue
             for need in _required_before(action, placement):
                 met = (need.stage, need.microbatch) in backward_done if need.kind is B else need in done
                 if not met:
                     raise ScheduleError(f"rank {rank}: {action} waits for {need}, which does not come before it on rank {rank}")
             done.add(action)
-            if action.kind in (B, I):
+            if action.kind is B or action.kind is I:
                 backward_done.add((action.stage, action.microbatch))
-    return None
 
 
 def _needed_message(action: Action, placement: Placement) -> Message | None:

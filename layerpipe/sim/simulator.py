@@ -142,34 +142,38 @@ class _Run:
         self.arrivals: dict[int, tuple[float, float, float]] = {}  # message number -> (start, end, issued)
         self.waiting: dict[int, int] = {}  # message number -> rank blocked on it
         self.finished = {_GATHER: {}, _REDUCE: {}}  # collective kind -> stage -> when its last one ends
+        self.awaited = {kind: self.finished[collective] for kind, collective in AWAITS.items()
+                        if collective in self.finished}  # per action kind: stage -> when what it waits for ends
         self.events: list[tuple] = []  # rows of TimelineEvent, built as plain tuples: this loop is hot
 
 
 def _run_programs(programs, costs: _Costs, run: _Run) -> None:
     """Run every rank until it ends or blocks on a receive; a send wakes the rank waiting for it."""
     runnable = deque(range(len(programs)))
+    shared = (costs.duration, costs.transfer, costs.collective, costs.message_base, run.awaited, run.finished,
+              run.arrivals, run.waiting, run.events.append, run.overlap, run.p2p_free, run.dp_free, runnable.append)
     while runnable:
         rank = runnable.popleft()
-        woken = _advance(rank, programs[rank], costs, run)
-        runnable.extend(woken)
+        _advance(rank, programs[rank], shared, run)
 
 
-def _advance(rank: int, program, costs: _Costs, run: _Run) -> list[int]:
-    """Run ``rank`` from its position until it ends or blocks; return the ranks its sends woke.
+def _advance(rank: int, program, shared: tuple, run: _Run) -> None:
+    """Run ``rank`` from its position until it ends or blocks; a send wakes the rank waiting for it.
 
-    The wait rules are ``AWAITS``: an action waits for the collectives of its stage that the table names.
+    ``shared`` holds the costs and the run's tables, unpacked once per call
+    (this loop is the simulator's hot path).  The wait rules are ``AWAITS``:
+    an action waits for the collectives of its stage that the table names.
     """
-    duration, transfer, collective, message_base = costs.duration, costs.transfer, costs.collective, costs.message_base
-    awaited = {kind: run.finished[AWAITS[kind]] for kind in duration}  # per compute kind: stage -> ready time
-    finished, arrivals, waiting, emit, overlap = run.finished, run.arrivals, run.waiting, run.events.append, run.overlap
-    p2p_free, dp_free = run.p2p_free, run.dp_free
-    index, end_of_program, now, busy, exposed, woken = run.positions[rank], len(program), run.compute_free[rank], 0.0, 0.0, []
+    duration, transfer, collective, message_base, awaited, finished, arrivals, waiting, emit, overlap, \
+        p2p_free, dp_free, wake = shared
+    index, end_of_program, now, busy, exposed = run.positions[rank], len(program), run.compute_free[rank], 0.0, 0.0
     while index < end_of_program:
         action = program[index]
         stage, kind, microbatch, _, portions = action
         times = duration.get(kind)
         if times is not None:
-            start = awaited[kind].get(stage, 0.0)
+            ready = awaited[kind]  # stage -> when the collective it waits for ends; empty without collectives
+            start = ready.get(stage, 0.0) if ready else 0.0
             if start > now:
                 exposed += start - now
             else:
@@ -188,7 +192,7 @@ def _advance(rank: int, program, costs: _Costs, run: _Run) -> list[int]:
             arrivals[key] = (start, end, start if overlap else now)
             emit((rank, "p2p", action, start, end))
             if key in waiting:
-                woken.append(waiting.pop(key))
+                wake(waiting.pop(key))
         elif kind is _RECV_F or kind is _RECV_B:
             key = message_base[kind][stage] + microbatch
             transfer_times = arrivals.get(key)
@@ -213,7 +217,6 @@ def _advance(rank: int, program, costs: _Costs, run: _Run) -> list[int]:
     run.positions[rank], run.compute_free[rank] = index, now
     run.busy[rank] += busy
     run.exposed[rank] += exposed
-    return woken
 
 
 def _result(schedule: Schedule, cost: CostModel, run: _Run) -> SimResult:

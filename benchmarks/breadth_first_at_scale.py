@@ -22,43 +22,11 @@ import platform
 from datetime import date
 
 from layerpipe.schedule.build import build_schedule
-from layerpipe.schedule.config import ScheduleConfig
-from layerpipe.sim.cost import CostModel
+from layerpipe.sim.scenarios import (NETWORK, PIPELINE, REPLICAS, STAGES_PER_RANK, TENSOR_PARALLEL,
+                                    paper_52b_configurations as configurations, paper_52b_costs as layer_costs)
 from layerpipe.sim.simulator import simulate
 
 from results_files import write_results
-
-LAYERS, WIDTH, TOKENS, TENSOR_PARALLEL = 64, 8192, 2048, 8
-PIPELINE, STAGES_PER_RANK, REPLICAS = 8, 8, 64
-EFFECTIVE_FLOPS = 150e12  # per GPU, bf16, sustained
-NETWORK = 25e9 / 8  # bytes/s per GPU between nodes: one 200 Gb/s link per node shared by its 8 GPUs
-
-
-def layer_costs(network: float = NETWORK) -> CostModel:
-    """Return the cost of one one-layer stage for one micro-batch (one sequence), per GPU, in seconds."""
-    parameters = 12 * WIDTH * WIDTH / TENSOR_PARALLEL
-    forward = 2 * parameters * TOKENS / EFFECTIVE_FLOPS
-    return CostModel(
-        forward_time=forward,
-        backward_time=2 * forward,
-        p2p_latency=10e-6,
-        p2p_bandwidth=network,
-        boundary_bytes=2 * TOKENS * WIDTH / TENSOR_PARALLEL,
-        weight_bytes=2 * parameters,  # bf16 weights gathered, bf16 gradients reduce-scattered
-        dp_latency=50e-6,
-        dp_bandwidth=network,
-    )
-
-
-def configurations(microbatches: int) -> dict[str, ScheduleConfig]:
-    """Return the compared schedules at ``microbatches`` micro-batches per replica."""
-    common = dict(ranks=PIPELINE, microbatches=microbatches, stages_per_rank=STAGES_PER_RANK,
-                  data_parallel=REPLICAS, zero=3)
-    return {
-        "breadth-first": ScheduleConfig("breadth-first", **common),
-        "depth-first, weights resident": ScheduleConfig("interleaved", **common),
-        "depth-first, 2 weight buffers": ScheduleConfig("interleaved", weight_buffers=2, **common),
-    }
 
 
 def run(microbatch_counts: list[int]) -> list[dict]:

@@ -83,6 +83,8 @@ def read_toml(path: str, classes: Iterable[type]) -> dict[type, dict[str, Any]]:
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("config", path, "no such file") from None
     except OSError as error:
         raise ConfigError("config", path, f"cannot be read ({error.strerror or error})") from None
     except tomllib.TOMLDecodeError as error:
@@ -92,7 +94,7 @@ def read_toml(path: str, classes: Iterable[type]) -> dict[type, dict[str, Any]]:
     for key, value in data.items():
         name = key.replace("-", "_")
         if name not in owners:
-            raise ConfigError(None, None, f"{path}: unknown key {key!r} (valid: {', '.join(sorted(owners))})")
+            raise ConfigError("config", path, f"unknown key {key!r} (valid: {', '.join(sorted(owners))})")
         try:
             check_type(owners[name], name, value)
         except ConfigError as error:

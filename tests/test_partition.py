@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from layerpipe.runtime.partition import PartitionError, balance, balance_by_parameters, balance_by_time, partition
+from layerpipe.runtime.partition import (PartitionError, balance, balance_by_parameters, balance_by_time,
+                                         measure_layer_times, partition)
 
 
 def brute_force_best(weights, stages):
@@ -56,11 +57,23 @@ class Slow(nn.Module):
         return x
 
 
-def test_time_balance_follows_measured_cost_not_parameter_count():
-    torch.manual_seed(0)
+def test_time_balance_follows_the_cost_of_each_layer_not_its_parameter_count():
     layers = [Slow(1), Slow(1), Slow(1), Slow(40)]  # equal parameters, one layer 40 times slower
-    assert balance_by_time(layers, 2, torch.randn(32, 64)) == ((0, 3), (3, 4))
+    costs = lambda layers, sample: [layer.repeats for layer in layers]  # noqa: E731 - the cost the timer would find
+    assert balance_by_time(layers, 2, torch.randn(32, 64), measure=costs) == ((0, 3), (3, 4))
     assert balance_by_parameters(layers, 2) == ((0, 2), (2, 4))
+
+
+def test_measured_layer_times_are_one_positive_time_per_layer_and_leave_no_gradients():
+    layers = [Slow(1), nn.Tanh(), Slow(3)]
+    times = measure_layer_times(layers, torch.randn(8, 64), repeats=2)
+    assert len(times) == 3 and all(time > 0 for time in times)
+    assert all(parameter.grad is None for layer in layers for parameter in layer.parameters())
+
+
+def test_partition_by_time_measures_on_the_sample():
+    layers = [Slow(1), Slow(1), Slow(1)]
+    assert partition(layers, 3, "time", sample=lambda: torch.randn(4, 64)) == ((0, 1), (1, 2), (2, 3))
 
 
 def test_explicit_starts_are_used_and_bad_ones_named():

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
@@ -46,14 +45,10 @@ def test_the_loss_gradient_of_a_microbatch_precedes_every_recompute_of_it(schedu
     loss_gradient_end = {}
     recomputes = []
     for _, _, action, start, end in rows:
-        found = re.fullmatch(r"(\d+)([BR])(\d+)", action)
-        if found is None:
-            continue
-        stage, kind, microbatch = int(found[1]), found[2], int(found[3])
-        if kind == "B" and stage == last:
-            loss_gradient_end[microbatch] = end
-        elif kind == "R":
-            recomputes.append((stage, microbatch, start))
+        if action.kind is Kind.B and action.stage == last:
+            loss_gradient_end[action.microbatch] = end
+        elif action.kind is Kind.R:
+            recomputes.append((action.stage, action.microbatch, start))
     assert len(recomputes) == last * 4, "every stage but the last recomputes every micro-batch once"
     for stage, microbatch, start in recomputes:
         assert start >= loss_gradient_end[microbatch], \

@@ -3,20 +3,15 @@
 With fully sharded data parallelism on a slow network and a small batch per
 GPU, breadth-first beats depth-first (each stage's reduce hides behind the
 backward of earlier stages instead of queuing at the end), and the gap
-closes as the number of micro-batches grows.  Same costs as
-``benchmarks/breadth_first_at_scale.py``.
+closes as the number of micro-batches grows.  The setting is
+``layerpipe.sim.scenarios.paper_52b``, which ``benchmarks/breadth_first_at_scale.py`` also runs.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from layerpipe.schedule.build import build_schedule
+from layerpipe.sim.scenarios import paper_52b_configurations as configurations, paper_52b_costs as layer_costs
 from layerpipe.sim.simulator import simulate
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from breadth_first_at_scale import configurations, layer_costs  # noqa: E402
 
 
 def utilisation(microbatches: int, name: str) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -90,14 +91,14 @@ def test_a_toml_config_sets_options_and_the_command_line_wins(tmp_path):
     (["--microbatches", "5"], "--batch-size 32: must be a multiple of --microbatches (5)"),
     (["--blocks", "1"], "--blocks 1: the model has 3 layers but 4 stages"),
     (["--schedule", "grouped"], "--group-size: the grouped schedule needs one"),
-    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--steps", "0"], "--steps 0: must be a whole number of at least 1"),
     (["--heads", "3"], "--heads 3: must divide --width (128)"),
     (["--config", "missing.toml"], "--config missing.toml: no such file"),
     (["--data-parallel", "3"], "--batch-size 32: must be a multiple of --microbatches (8) × --data-parallel (3)"),
-    (["--data-parallel", "0"], "--data-parallel 0: must be at least 1"),
+    (["--data-parallel", "0"], "--data-parallel 0: must be a whole number of at least 1"),
     (["--weight-buffers", "0"], "--weight-buffers 0: must be a whole number of at least 1"),
-    (["--zero", "5"], "argument --zero: invalid choice: 5"),
-    (["--recompute", "half"], "argument --recompute: invalid choice: 'half'"),
+    (["--zero", "5"], "--zero 5: choose one of 0, 1, 2, 3"),
+    (["--recompute", "half"], "--recompute half: choose one of none, full, selective"),
 ])
 def test_bad_options_give_one_line_and_status_2(tmp_path, arguments, message):
     done = run_train(*arguments, "--output", str(tmp_path / "never"), cwd=tmp_path)
@@ -125,3 +126,29 @@ def test_train_runs_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["config"]["ranks"] == 2 and len(summary["losses"]) == 5
+
+
+def test_an_output_that_is_a_file_is_refused_before_training(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    done = run_train("--output", str(taken), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"layerpipe train: error: --output {taken}: is a file; name a folder (it is created if missing)"]
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_ends_every_process_with_one_line_and_status_130(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "layerpipe", "train", *SMALL, "--steps", "100000",
+                                "--output", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        assert process.stdout.readline().startswith("layout:"), "training started"
+        os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C reaches every process of the group
+        _, error = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130
+    assert error.strip().splitlines()[-1] == "layerpipe train: interrupted"
+    assert "Traceback" not in error

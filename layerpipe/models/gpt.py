@@ -12,29 +12,13 @@ out).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 from torch.nn import functional
 
-from ..runtime.recompute import recomputed
+from .config import GPTConfig
 
-
-@dataclass(frozen=True)
-class GPTConfig:
-    """Sizes of the model: vocabulary, context length, width, heads and blocks."""
-
-    vocab_size: int = 65
-    block_size: int = 64
-    width: int = 128
-    heads: int = 4
-    blocks: int = 4
-    dropout: float = 0.0
-
-    def to_json(self) -> dict:
-        """Return the sizes as a JSON-ready dictionary."""
-        return asdict(self)
+__all__ = ["GPTConfig", "Embedding", "Block", "CausalAttention", "Head", "gpt_layers", "next_token_loss"]
 
 
 class Embedding(nn.Module):
@@ -51,6 +35,31 @@ class Embedding(nn.Module):
         return self.dropout(self.tokens(ids) + self.positions(positions))
 
 
+class CausalAttention(nn.Module):
+    """Causal attention of ``(batch, heads, time, head width)`` queries, keys and values.
+
+    Written out, so autograd stores the ``time × time`` attention weights of
+    every head: cheap to compute again and costly to keep.  The class
+    attribute ``recompute_region`` marks it for layerpipe's
+    ``recompute="selective"``, which recomputes exactly this (Korthikanti et
+    al. 2022, "Reducing Activation Recomputation in Large Transformer
+    Models"); the model itself knows nothing of the runtime.
+    """
+
+    recompute_region = True
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        time = q.shape[-2]
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        future = torch.ones(time, time, dtype=torch.bool, device=q.device).triu(1)
+        weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        return self.dropout(weights) @ v
+
+
 class Block(nn.Module):
     """One transformer block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
 
@@ -59,33 +68,20 @@ class Block(nn.Module):
         self.heads = config.heads
         self.norm1 = nn.LayerNorm(config.width)
         self.qkv = nn.Linear(config.width, 3 * config.width)
+        self.attention = CausalAttention(config.dropout)
         self.projection = nn.Linear(config.width, config.width)
         self.norm2 = nn.LayerNorm(config.width)
         self.mlp = nn.Sequential(nn.Linear(config.width, 4 * config.width), nn.GELU(),
                                  nn.Linear(4 * config.width, config.width), nn.Dropout(config.dropout))
-        self.attention_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, time, width = x.shape
         q, k, v = self.qkv(self.norm1(x)).split(width, dim=2)
         q, k, v = (t.view(batch, time, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
-        attended = recomputed(self.attention, q, k, v)
+        attended = self.attention(q, k, v)
         x = x + self.projection(attended.transpose(1, 2).reshape(batch, time, width))
         return x + self.mlp(self.norm2(x))
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of ``(batch, heads, time, head width)`` queries, keys and values.
-
-        Written out, so autograd stores the ``time × time`` attention weights
-        of every head: cheap to compute again and costly to keep, which is
-        why ``recompute="selective"`` recomputes exactly this (Korthikanti et
-        al. 2022, "Reducing Activation Recomputation in Large Transformer Models").
-        """
-        time = q.shape[-2]
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        future = torch.ones(time, time, dtype=torch.bool, device=q.device).triu(1)
-        weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-        return self.attention_dropout(weights) @ v
 
 class Head(nn.Module):
     """Vectors ``(batch, time, width)`` to next-token logits ``(batch, time, vocabulary)``."""

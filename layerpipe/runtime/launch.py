@@ -128,7 +128,11 @@ def launch(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, timeout: fl
         ]
         for process in processes:
             process.start()
-        _wait(processes)
+        try:
+            _wait(processes)
+        except KeyboardInterrupt:  # Ctrl-C: every process ends, and the caller says so once
+            _stop(processes)
+            raise
         results, reports, failed_at = [], {}, {}
         for rank, process in enumerate(processes):
             path = os.path.join(result_dir, f"rank{rank}.pickle")
@@ -164,12 +168,18 @@ def _wait(processes) -> None:
         if failed_at is None and any(p.exitcode not in (None, 0) for p in processes):
             failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > GRACE_SECONDS:
-            for process in alive:
-                process.terminate()
-            for process in alive:
-                process.join(5)
-                if process.exitcode is None:
-                    process.kill()
-                    process.join()
+            _stop(alive)
             return
         alive[0].join(0.05)
+
+
+def _stop(processes) -> None:
+    """End every process still running: terminate, and kill what has not ended five seconds later."""
+    alive = [process for process in processes if process.exitcode is None]
+    for process in alive:
+        process.terminate()
+    for process in alive:
+        process.join(5)
+        if process.exitcode is None:
+            process.kill()
+            process.join()

@@ -111,10 +111,17 @@ def measure_layer_times(layers: Sequence[nn.Module], sample: torch.Tensor | tupl
     return times
 
 
-def balance_by_time(layers: Sequence[nn.Module], stages: int, sample: torch.Tensor | tuple) -> Boundaries:
-    """Return stage ranges with balanced measured forward+backward time on ``sample``."""
+def balance_by_time(layers: Sequence[nn.Module], stages: int, sample: torch.Tensor | tuple,
+                    measure: Callable[[Sequence[nn.Module], object], Sequence[float]] | None = None) -> Boundaries:
+    """Return stage ranges with balanced forward+backward time per layer on ``sample``.
+
+    ``measure(layers, sample)`` returns one time per layer (default:
+    ``measure_layer_times``, which times the layers on this machine); tests
+    inject known costs through it.
+    """
     _check_count(len(layers), stages)
-    return balance(measure_layer_times(layers, sample), stages)
+    times = (measure or measure_layer_times)(layers, sample)
+    return balance(times, stages)
 
 
 def explicit_boundaries(layers: int, stages: int, starts: Sequence[int]) -> Boundaries:

@@ -28,6 +28,7 @@ from .layout import Layout, make_groups
 from .memory import ActivationMeter, optimizer_state_bytes
 from .partition import partition as split_layers
 from .p2p import wait_for
+from .recompute import mark_regions
 from .sharding import StageShard
 from .stage import Stage, as_tuple
 from .tags import LOSS_TAG
@@ -87,6 +88,8 @@ class Pipeline:
             stage: Stage(stage, first, layers[first:end]).to(self.device)
             for stage, (first, end) in enumerate(self.boundaries) if placement.rank_of(stage) == self.rank
         }
+        for stage in self.stages.values():
+            mark_regions(stage)  # submodules marked recompute_region become regions for recompute="selective"
         self.shards = {index: StageShard(stage, config.zero, config.data_parallel, self.replica, self.groups.data,
                                          self.device) for index, stage in self.stages.items()}
         self.optimizers = {index: optimizer(shard.optimized) for index, shard in self.shards.items()

@@ -11,8 +11,11 @@ the region then goes through it.  So intermediate activations exist only
 between ``R`` and the backward that consumes them.
 
 Stage modes: ``none``; ``full`` — the whole stage is one region (it stores
-its input only); ``selective`` — only the regions its layers mark by calling
-``recomputed`` (cheap to recompute, expensive to store) are dropped.
+its input only); ``selective`` — only the regions its layers mark (cheap to
+recompute, expensive to store) are dropped.  A layer marks a region by
+holding a submodule whose class sets ``recompute_region = True``;
+``mark_regions`` makes each such submodule's calls go through
+``recomputed``, so a model needs no import from the runtime.
 """
 
 from __future__ import annotations
@@ -127,18 +130,45 @@ def recording(target: Recording) -> Iterator[Recording]:
         _active = previous
 
 
-def recomputed(function: Callable, *inputs: torch.Tensor):
+def recomputed(function: Callable, *inputs: torch.Tensor, owner: nn.Module | None = None):
     """Return ``function(*inputs)``; inside a ``recording`` with gradients enabled, as a recomputed region.
 
-    ``function`` may be an ``nn.Module``: its parameters that require a
-    gradient get their gradients through the region.  Outside a recording
-    (a plain forward, evaluation) this is an ordinary call, so a model that
-    marks its regions runs unchanged anywhere.
+    ``function`` may be an ``nn.Module`` (or a function of ``owner``): the
+    module's parameters that require a gradient get their gradients through
+    the region.  Outside a recording (a plain forward, evaluation) this is an
+    ordinary call, so a model whose regions are marked runs unchanged anywhere.
     """
     if _active is None or not torch.is_grad_enabled():
         return function(*inputs)
-    parameters = tuple(p for p in function.parameters() if p.requires_grad) if isinstance(function, nn.Module) else ()
+    source = owner if owner is not None else function
+    parameters = tuple(p for p in source.parameters() if p.requires_grad) if isinstance(source, nn.Module) else ()
     region = Region(function, parameters)
     _active.regions.append(region)
     outputs = _Recomputed.apply(region, len(inputs), *inputs, *parameters)
     return outputs if region.returns_tuple else outputs[0]
+
+
+def mark_regions(module: nn.Module) -> int:
+    """Route the calls of every submodule whose class sets ``recompute_region = True`` through ``recomputed``.
+
+    Returns how many submodules are marked regions.  Marking twice changes
+    nothing.  The submodule's ``forward`` is wrapped on the instance: the
+    layers belong to the pipeline from then on.
+    """
+    count = 0
+    for submodule in module.modules():
+        if getattr(type(submodule), "recompute_region", False) is not True:
+            continue
+        count += 1
+        if getattr(submodule, "_layerpipe_region", False):
+            continue
+        original = submodule.forward
+        submodule.forward = _region_call(original, submodule)
+        submodule._layerpipe_region = True
+    return count
+
+
+def _region_call(original: Callable, owner: nn.Module) -> Callable:
+    def forward(*inputs: torch.Tensor):
+        return recomputed(original, *inputs, owner=owner)
+    return forward

@@ -1,0 +1,80 @@
+"""Does ``layerpipe train`` under torchrun exit 0 every time on a busy machine?
+
+Run: python benchmarks/torchrun_exit_stress.py [--runs 30]
+Writes benchmarks/results/torchrun_exit_stress.{json,md} (machine and date included).
+
+A process that leaves a C++ thread joinable at interpreter exit aborts
+(``terminate called without an active exception``, exit -6) only now and
+then, more often when the machine is busy.  This runs a tiny ``layerpipe
+train`` under ``torchrun --standalone --nproc-per-node 2`` ``--runs`` times
+while another process keeps one core busy, and counts the exit statuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+
+from results_files import write_results
+
+TINY = ["--steps", "3", "--width", "32", "--heads", "2", "--blocks", "2", "--block-size", "16", "--batch-size", "8",
+        "--microbatches", "4", "--sample-length", "5"]
+
+
+def keep_busy(seconds: float) -> None:
+    """Spin on one core for ``seconds``."""
+    end = time.monotonic() + seconds
+    value = 0
+    while time.monotonic() < end:
+        value = (value * 31 + 7) % 1_000_003
+
+
+def one_run(folder: str) -> tuple[int, str]:
+    """Return the exit status of one torchrun of layerpipe train and the last line of its stderr."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "layerpipe.train", *TINY, "--output", folder], capture_output=True, text=True,
+                          timeout=600)
+    return done.returncode, (done.stderr.strip().splitlines() or [""])[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    busy = multiprocessing.Process(target=keep_busy, args=(3600.0,), daemon=True)
+    busy.start()
+    statuses: collections.Counter = collections.Counter()
+    failures = []
+    started = time.perf_counter()
+    try:
+        for run in range(args.runs):
+            with tempfile.TemporaryDirectory() as folder:
+                status, last = one_run(os.path.join(folder, "run"))
+            statuses[status] += 1
+            if status:
+                failures.append({"run": run, "status": status, "last_line": last})
+            print(f"run {run + 1}/{args.runs}: exit {status}", flush=True)
+    finally:
+        busy.terminate()
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    report = {"date": date.today().isoformat(), "machine": machine, "runs": args.runs,
+              "statuses": {str(k): v for k, v in statuses.items()}, "failures": failures,
+              "seconds": time.perf_counter() - started}
+    lines = [f"# layerpipe train under torchrun on a busy machine ({report['date']}, {machine})", "",
+             f"{args.runs} runs of `torchrun --standalone --nproc-per-node 2 -m layerpipe.train` (3 steps, tiny model) "
+             f"while one core spins: {statuses.get(0, 0)} exited 0.", "",
+             "| exit status | runs |", "| ---: | ---: |", *[f"| {k} | {v} |" for k, v in sorted(statuses.items())]]
+    print(write_results(args.output, "torchrun_exit_stress", report, lines))
+
+
+if __name__ == "__main__":
+    main()

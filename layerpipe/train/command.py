@@ -1,0 +1,62 @@
+"""``layerpipe train``: read the options, start the processes (or join torchrun's), and answer failures in one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..knobs import ConfigError
+from .config import build_parser, config_from
+
+INTERRUPTED = 130
+"""Exit status after Ctrl-C, as a shell reports a process ended by SIGINT."""
+
+
+def under_torchrun() -> bool:
+    """Return whether this process was started by torchrun (or another launcher that sets RANK and WORLD_SIZE)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``layerpipe train``; return the exit status.
+
+    2 for bad options (one line on stderr, before any process starts), 1 when
+    a rank fails (its report on stderr), 130 after Ctrl-C (one line).
+    """
+    arguments = build_parser().parse_args(argv)
+    try:
+        config = config_from(arguments, int(os.environ["WORLD_SIZE"]) if under_torchrun() else None)
+    except ConfigError as error:
+        print(f"layerpipe train: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return _run_here(config) if under_torchrun() else _launch(config)
+    except KeyboardInterrupt:
+        print("\nlayerpipe train: interrupted", file=sys.stderr)  # after the progress bar's unfinished line
+        return INTERRUPTED
+
+
+def _run_here(config) -> int:
+    """Train in this process, one of torchrun's; end the process group (and its threads) before returning."""
+    import torch.distributed as dist
+
+    from .loop import run
+
+    try:
+        run(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _launch(config) -> int:
+    from ..runtime.launch import LaunchError, launch
+    from .loop import run
+
+    try:
+        launch(run, config.processes, (config,), timeout=config.timeout)
+    except LaunchError as error:
+        print(f"layerpipe train: failed\n{error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,146 @@
+"""The configuration of a training run: the schedule's knobs, the model's and the run's own, defined once.
+
+``TrainConfig`` holds a ``ScheduleConfig`` and a ``GPTConfig`` instead of
+copying their fields.  The command line and TOML files are flat: every knob
+of the three is one option (``--stages-per-rank``) or one key
+(``stages_per_rank = 2``), routed to the configuration that owns it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..knobs import COMMAND_LINE, ConfigError, Spelling, check_fields, knob, knobs, number, toml_spelling, whole
+from ..models.config import GPTConfig
+from ..options import Parser, add_knobs, given, read_toml
+from ..schedule.config import ScheduleConfig, validate_config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run is set up by; the defaults finish in about two minutes on two cores."""
+
+    pipeline: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(ranks=2))
+    model: GPTConfig = field(default_factory=GPTConfig)
+    steps: int = knob(1000, "optimizer steps", check=whole(1))
+    batch_size: int = knob(32, "sequences per step (a multiple of microbatches × data_parallel)", check=whole(1))
+    learning_rate: float = knob(3e-3, "peak AdamW learning rate (cosine decay to a tenth)",
+                                check=number(0.0, above=True), metavar="RATE")
+    seed: int = knob(0, "seed for weights and batches (the same on every rank)", check=whole(0))
+    sample_length: int = knob(300, "characters of text to generate after training", check=whole(0), metavar="N")
+    output: str = knob("layerpipe-run", "folder for summary.json, pictures, trace and checkpoint", metavar="DIR")
+    timeout: float = knob(300.0, "seconds any rank may wait for a peer before it reports what it waits for",
+                          check=number(0.0, above=True), metavar="SECONDS")
+
+    @property
+    def processes(self) -> int:
+        """Return the number of processes the run needs: pipeline ranks × data-parallel replicas."""
+        return self.pipeline.ranks * self.pipeline.data_parallel
+
+    def to_json(self) -> dict:
+        """Return every knob as one flat JSON-ready dictionary (the keys a TOML file takes)."""
+        return {**self.pipeline.to_json(), **{f.name: getattr(self.model, f.name) for f in knobs(GPTConfig)},
+                **{f.name: getattr(self, f.name) for f in knobs(TrainConfig)}}
+
+
+PARTS = (ScheduleConfig, GPTConfig, TrainConfig)
+"""The configurations whose knobs ``layerpipe train`` takes, in the order ``--help`` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of ``layerpipe train``: one option per knob, defaults from ``TrainConfig()``."""
+    parser = Parser(
+        prog="layerpipe train",
+        description="Train a small character-level GPT with pipeline parallelism on local processes "
+                    "(or under torchrun) and write a summary, pictures, a trace and a checkpoint.",
+        epilog="Options may also come from a TOML file (--config run.toml) whose keys are the option names "
+               "with underscores, e.g. stages_per_rank = 2; options on the command line win.")
+    parser.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
+    defaults = TrainConfig()
+    add_knobs(parser.add_argument_group("schedule (ScheduleConfig)"), defaults.pipeline)
+    add_knobs(parser.add_argument_group("model (GPTConfig)"), defaults.model)
+    add_knobs(parser.add_argument_group("run"), defaults)
+    return parser
+
+
+def config_from(arguments: argparse.Namespace, world: int | None = None) -> TrainConfig:
+    """Return the configuration from a TOML file and command-line options; refuse bad values with ``ConfigError``.
+
+    The error names the knob in the spelling of where its value came from
+    (``--ranks 0`` or ``run.toml: ranks = 0``).  ``world``, under torchrun,
+    is the number of processes it started: it sets ``ranks`` to ``world /
+    data_parallel``, and a different ``--ranks`` is refused.
+    """
+    values: dict[type, dict[str, Any]] = {cls: {} for cls in PARTS}
+    spelling: dict[str, Spelling] = {}
+    try:
+        if arguments.config:
+            for cls, found in read_toml(arguments.config, PARTS).items():
+                values[cls].update(found)
+                spelling.update({name: toml_spelling(arguments.config) for name in found})
+        for cls in PARTS:
+            found = given(arguments, cls)
+            values[cls].update(found)
+            spelling.update({name: COMMAND_LINE for name in found})
+        if world is not None:
+            values[ScheduleConfig]["ranks"] = _ranks_under_torchrun(values[ScheduleConfig], world)
+        config = TrainConfig(pipeline=ScheduleConfig(**{"ranks": 2, **values[ScheduleConfig]}),
+                             model=GPTConfig(**values[GPTConfig]), **values[TrainConfig])
+        check_config(config)
+    except ConfigError as error:
+        raise ConfigError(None, None, error.render(spelling.get(error.field, COMMAND_LINE))) from None
+    return config
+
+
+def _ranks_under_torchrun(schedule_values: dict, world: int) -> int:
+    data_parallel = schedule_values.get("data_parallel", 1)
+    if not isinstance(data_parallel, int) or data_parallel < 1 or world % data_parallel:
+        raise ConfigError("data_parallel", data_parallel, f"must divide the {world} processes torchrun started")
+    ranks = schedule_values.get("ranks")
+    if ranks is not None and ranks * data_parallel != world:
+        raise ConfigError("ranks", ranks, f"torchrun started {world} processes = `ranks` × `data_parallel` "
+                          f"({data_parallel}); leave `ranks` out or make them agree")
+    return world // data_parallel
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse, with ``ConfigError`` naming the knob, a configuration that cannot train."""
+    validate_config(config.pipeline)
+    check_fields(config.model)
+    check_fields(config)
+    schedule, model = config.pipeline, config.model
+    if config.batch_size % (schedule.microbatches * schedule.data_parallel):
+        raise ConfigError("batch_size", config.batch_size, f"must be a multiple of `microbatches` "
+                          f"({schedule.microbatches}) × `data_parallel` ({schedule.data_parallel})")
+    if model.width % model.heads:
+        raise ConfigError("heads", model.heads, f"must divide `width` ({model.width})")
+    if model.blocks + 2 < schedule.stages:
+        raise ConfigError("blocks", model.blocks, f"the model has {model.blocks + 2} layers but {schedule.stages} "
+                          f"stages (`ranks` × `stages_per_rank`) need one each: use {schedule.stages - 2} or more")
+    check_output(config.output)
+
+
+def check_output(output: str) -> None:
+    """Refuse, with ``ConfigError``, an output folder that cannot be written: an existing file, or an unwritable place."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ConfigError("output", output, "is a file; name a folder (it is created if missing)")
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    target = output if os.path.isdir(output) else parent
+    if not os.path.isdir(target) or not os.access(target, os.W_OK | os.X_OK):
+        raise ConfigError("output", output, f"{target} is not a writable folder")
+
+
+def replaced(config: TrainConfig, **changes: Any) -> TrainConfig:
+    """Return ``config`` with knobs changed by name, whichever part (schedule, model, run) owns them."""
+    parts = {cls: {} for cls in PARTS}
+    owners = {f.name: cls for cls in PARTS for f in knobs(cls)}
+    for name, value in changes.items():
+        parts[owners[name]][name] = value
+    return dataclasses.replace(config, pipeline=dataclasses.replace(config.pipeline, **parts[ScheduleConfig]),
+                               model=dataclasses.replace(config.model, **parts[GPTConfig]), **parts[TrainConfig])

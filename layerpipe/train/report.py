@@ -1,0 +1,151 @@
+"""What ``layerpipe train`` reports: one record of the run, written as summary.json, pictures and a trace.
+
+``RunRecord`` holds everything the run produced; ``write_outputs`` writes
+``summary.json``, ``loss.png``, ``timeline.png``, ``timeline.json`` (Chrome
+trace) and ``timeline-data.json`` (the measured timeline in layerpipe's own
+format, which ``layerpipe.sim.timeline.Timeline.from_json`` reads back), and
+``print_summary`` the closing lines.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from dataclasses import dataclass
+from statistics import median
+
+from ..models.config import GPTConfig
+from ..schedule.build import Schedule
+from ..sim.timeline import Timeline
+from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Everything one training run produced, as rank 0 holds it at the end."""
+
+    config: TrainConfig
+    schedule: Schedule
+    model: GPTConfig
+    corpus: str
+    losses: tuple[float, ...]
+    step_times: tuple[float, ...]
+    eval_loss: float
+    measured: Timeline
+    peak_memory: tuple[int, ...]
+    sample: str
+    wall_time: float
+    memory: tuple[dict, ...]
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Return the tokens one step trains on."""
+        return self.config.batch_size * self.model.block_size
+
+
+def memory_report(pipe) -> dict:
+    """Return this process's measured memory of the last step beside the simulator's memory model, in bytes.
+
+    The model is fed the sizes measured here: what one forward of each stage
+    saved (only its input when recomputed) and what one ``R`` added back.
+    """
+    from ..sim.memory import activation_peak, buffer_peak
+
+    measured = pipe.memory()
+    stages = pipe.schedule.placement.stages
+    forward, regenerated = measured["forward_activations"], measured["recomputed_activations"]
+    recomputed = frozenset(pipe.schedule.config.recomputed_stages)
+    stored = [regenerated.get(s, 0) if s in recomputed else forward.get(s, 0) for s in range(stages)]
+    kept = [forward.get(s, 0) for s in range(stages)]
+    program = pipe.schedule.programs[pipe.rank]
+    weights = [0.0] * stages
+    for index, shard in pipe.shards.items():
+        weights[index] = shard.weight_bytes
+    predicted = buffer_peak(program, weights, pipe.schedule.config.zero, pipe.layout.data_parallel)
+    predicted["activations"] = activation_peak(program, stored, kept, recomputed).bytes
+    return {"process": pipe.global_rank, "pipeline_rank": pipe.rank, "replica": pipe.replica,
+            "measured": {key: measured[key] for key in ("activations", "parameters", "gradients", "optimizer")},
+            "predicted": predicted}
+
+
+def summary_of(record: RunRecord, simulated_step_time: float) -> dict:
+    """Return the summary.json dictionary of a run."""
+    steady = list(record.step_times[1:] or record.step_times)
+    return {
+        "config": record.config.to_json(),
+        "model": record.model.to_json(),
+        "corpus": record.corpus,
+        "losses": list(record.losses),
+        "first_loss": record.losses[0],
+        "final_loss": record.losses[-1],
+        "eval_loss": record.eval_loss,
+        "step_time": median(steady),
+        "tokens_per_second": record.tokens_per_step * len(steady) / sum(steady),
+        "simulated_step_time": simulated_step_time,
+        "measured_last_step_time": record.measured.step_time,
+        "peak_memory_bytes": list(record.peak_memory),
+        "peak_memory_kind": "peak resident set size of each rank's process (CPU) or CUDA allocator peak (GPU)",
+        "memory": list(record.memory),
+        "memory_kind": "per process, last step, bytes: saved activations (autograd saved-tensor hooks) and parameter, "
+                       "gradient and optimizer buffers, measured and as the simulator's memory model predicts",
+        "sample": record.sample,
+        "wall_time": record.wall_time,
+        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def write_outputs(record: RunRecord) -> dict:
+    """Write summary.json, loss.png, timeline.png, timeline.json and timeline-data.json; return the summary."""
+    from ..sim.calibrate import calibrated_cost
+    from ..sim.simulator import simulate
+    from ..viz.chrome_trace import write_chrome_trace
+    from ..viz.gantt import plot_timeline
+
+    output, schedule = record.config.output, record.config.pipeline
+    simulated = simulate(record.schedule, calibrated_cost(record.measured, record.schedule.placement.stages))
+    summary = summary_of(record, simulated.step_time)
+    with open(os.path.join(output, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    record.measured.save(os.path.join(output, "timeline-data.json"))
+    write_chrome_trace(record.measured, os.path.join(output, "timeline.json"))
+    plot_timeline(record.measured, os.path.join(output, "timeline.png"),
+                  f"{schedule.schedule}: measured step, {schedule.ranks} ranks × {schedule.stages_per_rank} stages, "
+                  f"{schedule.microbatches} micro-batches")
+    plot_losses(record, os.path.join(output, "loss.png"))
+    return summary
+
+
+def plot_losses(record: RunRecord, path: str) -> None:
+    """Draw the training loss of every step to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    axes.plot(range(1, len(record.losses) + 1), record.losses, linewidth=1)
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss (cross-entropy)")
+    axes.set_title(f"{record.model.blocks}-block GPT on {record.corpus}, {record.config.pipeline.schedule}")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def print_summary(record: RunRecord, summary: dict) -> None:
+    """Print the closing lines of a run: loss, speed, memory, what was written, and the sample."""
+    first, final = summary["first_loss"], summary["final_loss"]
+    print(f"\nloss {first:.3f} → {final:.3f} ({100 * (1 - final / first):.0f}% lower), "
+          f"held-out loss {record.eval_loss:.3f}")
+    print(f"step time {1000 * summary['step_time']:.1f} ms measured, {1000 * summary['simulated_step_time']:.1f} ms "
+          f"simulated from the measured action times; {summary['tokens_per_second']:,.0f} tokens/s")
+    own = record.memory[0]
+    print(f"saved activations on process 0: {own['measured']['activations'] / 2**20:.2f} MiB at peak measured, "
+          f"{own['predicted']['activations'] / 2**20:.2f} MiB by the memory model")
+    print(f"wrote {record.config.output}/: summary.json loss.png timeline.png timeline.json timeline-data.json "
+          f"checkpoint/")
+    print("\nsample:\n" + record.sample)

@@ -131,3 +131,18 @@ def test_selective_and_full_recomputation_of_the_gpt_change_no_number_and_keep_l
             assert param_error <= 1e-10, f"rank {rank} {mode}: parameter error {param_error:.2e}"
         if rank == 0:  # rank 1 holds the last stage, which never recomputes
             assert runs["full"][2] < runs["selective"][2] < runs["none"][2], runs
+
+
+def test_marked_regions_of_copied_or_pickled_layers_belong_to_the_copy():
+    import copy
+    import pickle
+
+    from layerpipe.runtime.recompute import mark_regions
+
+    model = nn.Sequential(*gpt_layers(GPTConfig(vocab_size=10, block_size=8, width=16, heads=2, blocks=2, dropout=0.5)))
+    assert mark_regions(model) == 2 and mark_regions(model) == 2, "one region per block, marked once"
+    ids = torch.randint(0, 10, (2, 8))
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert all(block.attention.forward.module is block.attention for block in twin[1:3])
+        twin.eval()  # only the copy: its attention dropout must follow it, not the original still in training mode
+        assert torch.equal(twin(ids), twin(ids))

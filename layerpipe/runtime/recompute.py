@@ -152,23 +152,30 @@ def mark_regions(module: nn.Module) -> int:
     """Route the calls of every submodule whose class sets ``recompute_region = True`` through ``recomputed``.
 
     Returns how many submodules are marked regions.  Marking twice changes
-    nothing.  The submodule's ``forward`` is wrapped on the instance: the
-    layers belong to the pipeline from then on.
+    nothing.  The submodule's ``forward`` is replaced on the instance by a
+    ``RegionForward``, which a deep copy or a pickle of the layers carries
+    along bound to the copy (outside a recording it is an ordinary call).
     """
     count = 0
     for submodule in module.modules():
         if getattr(type(submodule), "recompute_region", False) is not True:
             continue
         count += 1
-        if getattr(submodule, "_layerpipe_region", False):
-            continue
-        original = submodule.forward
-        submodule.forward = _region_call(original, submodule)
-        submodule._layerpipe_region = True
+        if not isinstance(vars(submodule).get("forward"), RegionForward):
+            submodule.forward = RegionForward(submodule)
     return count
 
 
-def _region_call(original: Callable, owner: nn.Module) -> Callable:
-    def forward(*inputs: torch.Tensor):
-        return recomputed(original, *inputs, owner=owner)
-    return forward
+class RegionForward:
+    """The ``forward`` of a marked submodule: its class's ``forward``, called through ``recomputed``.
+
+    A plain object rather than a closure, so that ``copy.deepcopy`` binds
+    the copy's calls to the copy (not to the original module) and the
+    layers still pickle.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *inputs: torch.Tensor):
+        return recomputed(type(self.module).forward.__get__(self.module), *inputs, owner=self.module)

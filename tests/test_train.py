@@ -137,6 +137,15 @@ def test_an_output_that_is_a_file_is_refused_before_training(tmp_path):
         f"layerpipe train: error: --output {taken}: is a file; name a folder (it is created if missing)"]
 
 
+def test_an_output_inside_a_file_is_refused_before_training(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    done = run_train("--output", str(taken / "run"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"layerpipe train: error: --output {taken / 'run'}: {taken} is not a writable folder"]
+
+
 @pytest.mark.multiprocess
 def test_ctrl_c_ends_every_process_with_one_line_and_status_130(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "layerpipe", "train", *SMALL, "--steps", "100000",
@@ -152,3 +161,5 @@ def test_ctrl_c_ends_every_process_with_one_line_and_status_130(tmp_path):
     assert process.returncode == 130
     assert error.strip().splitlines()[-1] == "layerpipe train: interrupted"
     assert "Traceback" not in error
+    with pytest.raises(ProcessLookupError):  # no worker outlived the command
+        os.killpg(process.pid, 0)

@@ -38,11 +38,11 @@ def keep_busy(seconds: float) -> None:
 
 
 def one_run(folder: str) -> tuple[int, str]:
-    """Return the exit status of one torchrun of layerpipe train and the last line of its stderr."""
+    """Return the exit status of one torchrun of layerpipe train and the last lines of its stderr."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "layerpipe.train", *TINY, "--output", folder], capture_output=True, text=True,
                           timeout=600)
-    return done.returncode, (done.stderr.strip().splitlines() or [""])[-1]
+    return done.returncode, "\n".join(done.stderr.strip().splitlines()[-25:])
 
 
 def main() -> None:
@@ -61,7 +61,7 @@ def main() -> None:
                 status, last = one_run(os.path.join(folder, "run"))
             statuses[status] += 1
             if status:
-                failures.append({"run": run, "status": status, "last_line": last})
+                failures.append({"run": run, "status": status, "stderr_tail": last})
             print(f"run {run + 1}/{args.runs}: exit {status}", flush=True)
     finally:
         busy.terminate()

@@ -67,7 +67,7 @@ def main() -> None:
                   "```", f"rank 0: {program}", "```"]
 
     lines += ["", "## Sharded data parallelism (ZeRO-3): gathers and reduces per step", "",
-              "With `--dp 2 --zero 3`, weights are gathered before use and released after. `weight buffers` is how "
+              "With `--data-parallel 2 --zero 3`, weights are gathered before use and released after. `weight buffers` is how "
               "many gathered stages a rank may hold at once (`--weight-buffers`; `all` is the default: each stage "
               "stays gathered from its first to its last use in the step). Counts are per pipeline replica, "
               f"`p = {P}`, `v = 4`.", "",

@@ -58,7 +58,7 @@ def add_knobs(parser: argparse.ArgumentParser | Any, defaults: Any, skip: Iterab
                                 help=help_text.replace("%", "%%"))
             continue
         parser.add_argument(*names, dest=field.name, default=None, metavar=field.metadata.get("metavar") or "VALUE",
-                            help=help_text.replace("%%", "%").replace("%", "%%"))
+                            help=help_text.replace("%", "%%"))
 
 
 def given(arguments: argparse.Namespace, cls: type) -> dict[str, Any]:

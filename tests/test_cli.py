@@ -71,3 +71,24 @@ def test_help_explains_each_command():
     for command in ("schedule", "simulate", "compare"):
         run = subprocess.run([sys.executable, "-m", "layerpipe.cli", command, "--help"], capture_output=True, text=True)
         assert run.returncode == 0 and "--microbatches" in run.stdout
+
+
+def test_plot_and_trace_say_what_they_wrote(tmp_path, capsys):
+    plot, trace = tmp_path / "t.svg", tmp_path / "t.json"
+    assert main(["simulate", "-p", "2", "-m", "2", "--json", "--plot", str(plot), "--trace", str(trace)]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout stays one JSON object
+    assert captured.err.splitlines() == [f"wrote {plot}", f"wrote {trace}"]
+
+
+def test_version_and_python_dash_m():
+    for command in (["-m", "layerpipe", "--version"], ["-m", "layerpipe.cli", "--version"]):
+        run = subprocess.run([sys.executable, *command], capture_output=True, text=True)
+        assert run.returncode == 0 and run.stdout.startswith("layerpipe 0.")
+
+
+def test_help_shows_each_default_once_and_none_empty():
+    run = subprocess.run([sys.executable, "-m", "layerpipe", "simulate", "--help"], capture_output=True, text=True)
+    text = " ".join(run.stdout.split())
+    assert "(default: )" not in text and "(default: None)" not in text
+    assert text.count("(default: 8)") == 1  # --microbatches, once

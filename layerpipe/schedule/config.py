@@ -42,10 +42,11 @@ class ScheduleConfig:
 
     schedule: str = knob("breadth-first", "pipeline schedule: " + ", ".join(SCHEDULES), check=one_of(SCHEDULES),
                          metavar="NAME")
-    ranks: int = knob(4, "pipeline ranks P", check=whole(1), metavar="P", short="-p")
+    ranks: int = knob(4, "pipeline ranks P (a run has P × data_parallel processes)",
+                      check=whole(1), metavar="P", short="-p")
     microbatches: int = knob(8, "micro-batches per step M (per data-parallel replica)", check=whole(1), metavar="M",
                              short="-m")
-    stages_per_rank: int | None = knob(None, "stages on each rank V; looping placement puts stage s on rank s %% P",
+    stages_per_rank: int | None = knob(None, "stages on each rank V; looping placement puts stage s on rank s % P",
                                        check=optional(whole(1)), metavar="V", short="-v",
                                        default_text="1 for gpipe and 1f1b, 2 for the looping schedules")
     group_size: int | None = knob(None, "grouped only: micro-batches run per stage before switching, P <= N <= M "

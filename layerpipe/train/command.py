@@ -37,15 +37,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_here(config) -> int:
-    """Train in this process, one of torchrun's; end the process group (and its threads) before returning."""
+    """Train in this process, one of torchrun's; end the process group (and its threads) before returning.
+
+    Every rank waits for the others to finish (rank 0 writes the outputs),
+    then drops the run's objects — collected now, not at interpreter exit,
+    where a process group still alive aborts the process — and destroys
+    the group.
+    """
+    import gc
+
     import torch.distributed as dist
 
     from .loop import run
 
+    finished = False
     try:
         run(config)
+        finished = True
     finally:
         if dist.is_initialized():
+            if finished:
+                dist.barrier()
+            gc.collect()
             dist.destroy_process_group()
     return 0
 

@@ -26,11 +26,12 @@ class TrainConfig:
 
     pipeline: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(ranks=2))
     model: GPTConfig = field(default_factory=GPTConfig)
-    steps: int = knob(1000, "optimizer steps", check=whole(1))
-    batch_size: int = knob(32, "sequences per step (a multiple of microbatches × data_parallel)", check=whole(1))
+    steps: int = knob(1000, "optimizer steps", check=whole(1), metavar="N")
+    batch_size: int = knob(32, "sequences per step (a multiple of microbatches × data_parallel)", check=whole(1),
+                           metavar="N")
     learning_rate: float = knob(3e-3, "peak AdamW learning rate (cosine decay to a tenth)",
                                 check=number(0.0, above=True), metavar="RATE")
-    seed: int = knob(0, "seed for weights and batches (the same on every rank)", check=whole(0))
+    seed: int = knob(0, "seed for weights and batches (the same on every rank)", check=whole(0), metavar="N")
     sample_length: int = knob(300, "characters of text to generate after training", check=whole(0), metavar="N")
     output: str = knob("layerpipe-run", "folder for summary.json, pictures, trace and checkpoint", metavar="DIR")
     timeout: float = knob(300.0, "seconds any rank may wait for a peer before it reports what it waits for",

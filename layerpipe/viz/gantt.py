@@ -24,6 +24,7 @@ LABELS = {
     "F": "forward", "B": "backward", "I": "input gradient", "W": "weight gradient", "R": "recompute",
     "STEP": "optimizer step", "SEND_F": "send activation", "SEND_B": "send gradient",
     "GATHER": "gather weights", "REDUCE": "reduce gradients",
+    "RECV_F": "wait for activation", "RECV_B": "wait for gradient",
 }
 _LANES = {"compute": (0.42, 0.5), "p2p": (0.22, 0.18), "data_parallel": (0.02, 0.18)}
 _MAX_LABELLED = 600
@@ -46,8 +47,8 @@ def draw_timeline(axes, timeline: Timeline, title: str = "") -> None:
         if action.stage not in stages_of_rank[rank] and stream == "compute":
             stages_of_rank[rank].append(action.stage)
     for rank, stream, action, start, end in timeline.events:
-        if stream == "p2p" and action.kind.value.startswith("RECV"):
-            continue  # the sender's bar already shows the transfer
+        if stream == "p2p" and action.kind.value.startswith("RECV") and timeline.source != "measured":
+            continue  # simulated: the sender's bar already shows the transfer; measured: the receive is the wait
         local = sorted(stages_of_rank.get(rank, [action.stage]))
         depth = local.index(action.stage) / max(1, len(local)) if action.stage in local else 0.0
         key = (action.kind.value, stream, round(depth, 3) if stream == "compute" else 0.0)

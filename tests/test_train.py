@@ -117,15 +117,36 @@ def test_an_unknown_toml_key_is_named(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+AND_THE_THREADS_LEFT = """
+import glob, runpy, sys
+try:
+    runpy.run_module("layerpipe.train", run_name="__main__", alter_sys=True)  # what -m layerpipe.train runs
+except SystemExit as end:
+    status = end.code
+names = [open(task).read().strip() for task in glob.glob("/proc/self/task/*/comm")]
+print("gloo threads left:", sorted(name for name in names if "gloo" in name), file=sys.stderr)
+sys.exit(status)
+"""
+
+
 @pytest.mark.multiprocess
-def test_train_runs_under_torchrun(tmp_path):
-    output = tmp_path / "run"
+def test_train_runs_under_torchrun_and_leaves_no_process_group_thread(tmp_path):
+    """A process group's threads still running at interpreter exit abort the process now and then (exit -6).
+
+    So the command must end them, not merely usually get away with it: after
+    ``layerpipe.train`` returns, no gloo thread is left in either process.
+    """
+    output, script = tmp_path / "run", tmp_path / "train_and_list_threads.py"
+    script.write_text(AND_THE_THREADS_LEFT)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "layerpipe.train", *SMALL, "--steps", "5", "--output", str(output)],
+                           str(script), *SMALL, "--steps", "5", "--output", str(output)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["config"]["ranks"] == 2 and len(summary["losses"]) == 5
+    if os.path.isdir("/proc/self/task"):  # Linux: thread names are readable
+        left = [line for line in done.stderr.splitlines() if line.startswith("gloo threads left:")]
+        assert left == ["gloo threads left: []"] * 2, left
 
 
 def test_an_output_that_is_a_file_is_refused_before_training(tmp_path):

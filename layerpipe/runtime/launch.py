@@ -24,6 +24,11 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: this module's functions take ``group=group.WORLD`` as a
+# default, evaluated at import.  Imported later (torch.optim does, lazily, through torch._dynamo) they would hold the
+# default group, and with it gloo's threads, past ``destroy_process_group`` until interpreter exit, where a joinable
+# thread aborts the process now and then ("terminate called without an active exception", exit -6).
+import torch.distributed.nn.functional  # noqa: F401
 
 GRACE_SECONDS = 3.0
 """How long the other ranks may keep running after one rank failed, to report their own state."""
@@ -62,7 +67,9 @@ def default_backend() -> str:
 def init_process_group(timeout: float = 300.0, backend: str | None = None) -> None:
     """Initialise the default process group from the ``torchrun`` environment, unless it already exists.
 
-    Sets one intra-op thread per process on CPU (``LAYERPIPE_THREADS`` overrides).
+    Sets one intra-op thread per process on CPU (``LAYERPIPE_THREADS`` overrides).  Whoever calls it ends the
+    group with ``dist.destroy_process_group()`` before the process exits; nothing in layerpipe keeps it alive past
+    that (see the import of ``torch.distributed.nn.functional`` above).
     """
     if dist.is_initialized():
         return

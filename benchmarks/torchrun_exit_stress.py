@@ -8,6 +8,8 @@ A process that leaves a C++ thread joinable at interpreter exit aborts
 then, more often when the machine is busy.  This runs a tiny ``layerpipe
 train`` under ``torchrun --standalone --nproc-per-node 2`` ``--runs`` times
 while another process keeps one core busy, and counts the exit statuses.
+``tests/test_train.py`` checks the cause itself, deterministically: no
+gloo thread is left in either process after ``layerpipe.train`` returns.
 """
 
 from __future__ import annotations
@@ -45,11 +47,25 @@ def one_run(folder: str) -> tuple[int, str]:
     return done.returncode, "\n".join(done.stderr.strip().splitlines()[-25:])
 
 
+def commit() -> str:
+    """Return the checkout's commit (with ``+`` when layerpipe/ has uncommitted changes), or ``unknown``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../layerpipe"], capture_output=True, text=True,
+                               cwd=here, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
+    measured = commit()
     busy = multiprocessing.Process(target=keep_busy, args=(3600.0,), daemon=True)
     busy.start()
     statuses: collections.Counter = collections.Counter()
@@ -66,14 +82,20 @@ def main() -> None:
     finally:
         busy.terminate()
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    report = {"date": date.today().isoformat(), "machine": machine, "runs": args.runs,
+    report = {"date": date.today().isoformat(), "machine": machine, "commit": measured, "runs": args.runs,
               "statuses": {str(k): v for k, v in statuses.items()}, "failures": failures,
               "seconds": time.perf_counter() - started}
-    lines = [f"# layerpipe train under torchrun on a busy machine ({report['date']}, {machine})", "",
-             f"{args.runs} runs of `torchrun --standalone --nproc-per-node 2 -m layerpipe.train` (3 steps, tiny model) "
-             f"while one core spins: {statuses.get(0, 0)} exited 0.", "",
-             "| exit status | runs |", "| ---: | ---: |", *[f"| {k} | {v} |" for k, v in sorted(statuses.items())]]
-    print(write_results(args.output, "torchrun_exit_stress", report, lines))
+    print(write_results(args.output, "torchrun_exit_stress", report, report_lines(report)))
+
+
+def report_lines(report: dict) -> list[str]:
+    """Return the Markdown of a report: what ran, on what, and how many runs ended with each exit status."""
+    statuses = report["statuses"]
+    return [f"# layerpipe train under torchrun on a busy machine ({report['date']}, {report['machine']})", "",
+            f"{report['runs']} runs of `torchrun --standalone --nproc-per-node 2 -m layerpipe.train` (3 steps, tiny "
+            f"model) while one core spins: {statuses.get('0', 0)} exited 0 (commit {report['commit']}, "
+            f"{report['seconds']:.0f} s).", "",
+            "| exit status | runs |", "| ---: | ---: |", *[f"| {k} | {v} |" for k, v in sorted(statuses.items())]]
 
 
 if __name__ == "__main__":

@@ -74,3 +74,23 @@ def _gradients_after_a_user_zero_grad():
 @pytest.mark.multiprocess
 def test_a_step_after_zero_grad_sets_grads_to_none_still_accumulates_from_zero():
     assert layerpipe.launch(_gradients_after_a_user_zero_grad, 2) == [0.0, 0.0]
+
+
+def _recompute_modes_of_each_way_to_give_a_schedule():
+    from layerpipe.schedule.build import build_schedule
+    from layerpipe.schedule.config import ScheduleConfig
+
+    config = ScheduleConfig("breadth-first", ranks=2, microbatches=2, recompute="selective")
+    ways = {"keywords": dict(schedule="breadth-first", microbatches=2, recompute="selective"),
+            "config": dict(schedule=config), "built": dict(schedule=build_schedule(config))}
+    found = {}
+    for name, options in ways.items():
+        pipe = layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, timeout=30, **options)
+        found[name] = {stage: local.recompute for stage, local in pipe.executor.stages.items()}
+    return found
+
+
+def test_a_config_or_a_built_schedule_keeps_selective_recomputation_as_keywords_do():
+    for found in layerpipe.launch(_recompute_modes_of_each_way_to_give_a_schedule, 2):
+        assert found["keywords"] == found["config"] == found["built"]
+        assert set(found["built"].values()) <= {"selective", "none"} and "selective" in found["built"].values()

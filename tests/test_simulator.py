@@ -147,3 +147,13 @@ def test_timeline_streams_and_json_round_trip(schedule_of):
     again = Timeline.from_json(result.timeline.to_json())
     assert [str(e[2]) for e in again.events] == [str(e[2]) for e in result.timeline.events]
     assert math.isclose(again.step_time, result.timeline.step_time)
+
+
+def test_evaluation_programs_gather_at_zero3_and_simulate_without_reduces_or_steps(schedule_of):
+    schedule = schedule_of("breadth-first", 2, 4, 2, data_parallel=2, zero=3, recompute="full")
+    evaluation = schedule.forward_only()
+    kinds = {action.kind.value for program in evaluation.programs for action in program}
+    assert {"F", "GATHER", "RELEASE", "SEND_F", "RECV_F"} == kinds
+    result = simulate(evaluation, CostModel(weight_bytes=2.0, dp_bandwidth=1.0))
+    assert (result.gathers, result.reduces) == (4, 0)
+    assert result.step_time > simulate(schedule_of("breadth-first", 2, 4, 2).forward_only(), UNIT).step_time

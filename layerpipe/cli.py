@@ -52,6 +52,21 @@ def cost_model(args: argparse.Namespace) -> CostModel:
     return cost
 
 
+_CALLS_HELP = ("consecutive train_step calls to simulate: flushed schedules repeat their step, async streams "
+               "N×M sub-minibatches without draining between calls (default: 1)")
+
+
+def _calls(text: str) -> int:
+    """Parse ``--calls``: a whole number of at least 1 (argparse turns the refusal into one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _writable(option: str, path: str | None, endings: Sequence[str]) -> None:
     """Refuse, with ``ConfigError``, an output file in a missing folder or with an ending that cannot be written."""
     if path is None:
@@ -70,14 +85,19 @@ def _wrote(path: str) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def _steady(result: SimResult) -> str:
+    return "-" if result.steady_bubble is None else f"{result.steady_bubble:.2%}"
+
+
 def _summary(result: SimResult) -> str:
     lines = [
         f"step time {result.step_time:.4g}   ideal {result.ideal_time:.4g}   bubble {result.bubble_fraction:.2%}   "
-        f"gathers {result.gathers}   reduces {result.reduces}",
-        f"{'rank':>4} {'busy':>10} {'idle':>10} {'exposed comm':>13} {'peak activations':>17}",
+        f"steady-state bubble {_steady(result)}   gathers {result.gathers}   reduces {result.reduces}",
+        f"{'rank':>4} {'busy':>10} {'idle':>10} {'exposed comm':>13} {'peak activations':>17} {'weight versions':>16}",
     ]
     for rank in result.ranks:
-        lines.append(f"{rank.rank:>4} {rank.busy:>10.4g} {rank.idle:>10.4g} {rank.exposed_communication:>13.4g} {rank.peak_activations:>17}")
+        lines.append(f"{rank.rank:>4} {rank.busy:>10.4g} {rank.idle:>10.4g} {rank.exposed_communication:>13.4g} "
+                     f"{rank.peak_activations:>17} {rank.weight_versions:>16}")
     return "\n".join(lines)
 
 
@@ -91,11 +111,11 @@ def _command_simulate(args: argparse.Namespace) -> None:
     config, cost = schedule_config(args), cost_model(args)
     _writable("plot", args.plot, PICTURE_FORMATS)
     _writable("trace", args.trace, ("json",))
-    result = simulate(build_schedule(config), cost)
+    result = simulate(build_schedule(config, calls=args.calls), cost)
     if args.json:
-        print(json.dumps({"config": config.to_json(), **result.to_json()}))
+        print(json.dumps({"config": config.to_json(), "calls": args.calls, **result.to_json()}))
     else:
-        print(_title(config))
+        print(_title(config) + (f", {args.calls} calls (times are for all of them)" if args.calls > 1 else ""))
         print(_summary(result))
     if args.plot:
         from .viz.gantt import plot_timeline
@@ -160,16 +180,19 @@ def _command_compare(args: argparse.Namespace) -> None:
     rows = []
     for name in names:
         config = schedule_config(args, name)
-        result = simulate(build_schedule(config), _same_model_cost(cost, reference_stages, config.stages_per_rank))
+        result = simulate(build_schedule(config, calls=args.calls),
+                          _same_model_cost(cost, reference_stages, config.stages_per_rank))
         rows.append((name, config, result))
     if args.json:
         print(json.dumps([{"config": config.to_json(), **result.to_json()} for _, config, result in rows]))
     else:
-        print(f"{'schedule':<14} {'v':>2} {'step time':>10} {'bubble':>8} {'exposed comm':>13} {'peak act.':>10} {'gathers':>8} {'reduces':>8}")
+        print(f"{'schedule':<14} {'v':>2} {'step time':>10} {'bubble':>8} {'steady':>8} {'exposed comm':>13} "
+              f"{'peak act.':>10} {'versions':>9} {'gathers':>8} {'reduces':>8}")
         for name, config, result in rows:
             print(f"{name:<14} {config.stages_per_rank:>2} {result.step_time:>10.4g} {result.bubble_fraction:>8.2%} "
-                  f"{max(r.exposed_communication for r in result.ranks):>13.4g} "
-                  f"{max(r.peak_activations for r in result.ranks):>10} {result.gathers:>8} {result.reduces:>8}")
+                  f"{_steady(result):>8} {max(r.exposed_communication for r in result.ranks):>13.4g} "
+                  f"{max(r.peak_activations for r in result.ranks):>10} "
+                  f"{max(r.weight_versions for r in result.ranks):>9} {result.gathers:>8} {result.reduces:>8}")
     if args.plot:
         from .viz.gantt import plot_timelines
         plot_timelines([result.timeline for _, _, result in rows], args.plot,
@@ -206,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Run the lowered programs against a cost model and report step time, "
                                           "bubble fraction, exposed communication and peak activations per rank.")
     _add_schedule_and_cost(sim, cost=True)
+    sim.add_argument("--calls", type=_calls, default=1, metavar="N", help=_CALLS_HELP)
     sim.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     sim.add_argument("--plot", metavar="FILE.png", help="write a Gantt chart of the simulated timeline "
                      f"({', '.join(PICTURE_FORMATS)})")
@@ -220,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--schedules", default=None, metavar="A,B,...",
                          help="schedules to compare (default: all; grouped only with --group-size)")
     _add_schedule_and_cost(compare, cost=True, skip=("schedule",))
+    compare.add_argument("--calls", type=_calls, default=1, metavar="N", help=_CALLS_HELP)
     compare.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     compare.add_argument("--plot", metavar="FILE.png", help="write one picture stacking the timelines")
     compare.set_defaults(run=_command_compare)

@@ -14,7 +14,9 @@ from layerpipe.sim.simulator import simulate
 
 @st.composite
 def configs(draw):
-    name = draw(st.sampled_from(["gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble"]))
+    name = draw(st.sampled_from(["gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble", "async"]))
+    if name == "async":
+        return _async_config(draw)
     ranks = draw(st.integers(1, 6))
     stages_per_rank = 1 if name in ("gpipe", "1f1b") else draw(st.integers(1, 4))
     microbatches = draw(st.integers(1, 20))
@@ -33,6 +35,13 @@ def configs(draw):
                           reduce_portions=draw(st.integers(1, 3)) if data_parallel > 1 else 1,
                           weight_buffers=draw(st.none() | st.integers(1, 3)) if zero == 3 else None,
                           recompute=tuple(modes) + ("none",))
+
+
+def _async_config(draw) -> ScheduleConfig:
+    every = draw(st.integers(1, 3))
+    data_parallel = draw(st.sampled_from([1, 2]))
+    return ScheduleConfig("async", draw(st.integers(1, 6)), every * draw(st.integers(1, 8)), update_every=every,
+                          data_parallel=data_parallel, zero=draw(st.integers(0, 1)) if data_parallel > 1 else 0)
 
 
 @settings(max_examples=300, deadline=None)

@@ -133,6 +133,7 @@ def test_a_stage_output_that_changes_shape_names_the_stage_and_microbatch():
     ({"recompute": ["none", "full"]}, "give one mode for each of the 1 stages"),
     ({"reduce_portions": 0}, "reduce_portions=0: must be a whole number of at least 1"),
     ({"replicas": 2}, "replicas=2: not an option of Pipeline; the schedule options are microbatches, "),
+    ({"schedule": "async"}, "schedule='async': the runtime does not run the async schedule yet"),
 ])
 def test_bad_data_parallel_and_recompute_options_are_refused_in_one_line(options, text):
     message = layerpipe.launch(_refused_message, 1, (options,))[0]

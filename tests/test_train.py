@@ -98,6 +98,7 @@ def test_a_toml_config_sets_options_and_the_command_line_wins(tmp_path):
     (["--data-parallel", "0"], "--data-parallel 0: must be a whole number of at least 1"),
     (["--weight-buffers", "0"], "--weight-buffers 0: must be a whole number of at least 1"),
     (["--zero", "3"], "--zero 3: shards over data-parallel replicas: needs --data-parallel above 1"),
+    (["--schedule", "async"], "--schedule async: layerpipe train does not run the async schedule yet"),
     (["--learning-rate", "-1", "--timeout", "0"], "--learning-rate -1.0: must be a finite number above 0"),
     (["--zero", "5"], "--zero 5: choose one of 0, 1, 2, 3"),
     (["--recompute", "half"], "--recompute half: choose one of none, full, selective"),

@@ -317,6 +317,11 @@ def _split(batch: Tensors, microbatches: int, name: str, replicas: int = 1,
     return list(zip(*(t.chunk(microbatches) for t in tensors)))
 
 
+NOT_RUN_YET = {"async": "the runtime does not run the async schedule yet (its weight stashing and delay "
+                         "corrections are still to come); `layerpipe schedule` and `layerpipe simulate` show it"}
+"""Schedules the engine and simulator know that the runtime refuses, with why."""
+
+
 def _schedule_for(schedule: str | ScheduleConfig | Schedule, options: dict, world: int) -> Schedule:
     """Return the built schedule ``Pipeline`` runs on ``world`` processes: as given, or from a config or a name and options.
 
@@ -341,6 +346,8 @@ def _schedule_for(schedule: str | ScheduleConfig | Schedule, options: dict, worl
     if isinstance(schedule, ScheduleConfig):
         schedule = build_schedule(schedule)
     config = schedule.config
+    if config.schedule in NOT_RUN_YET:
+        raise ConfigError("schedule", config.schedule, NOT_RUN_YET[config.schedule])
     if config.ranks * config.data_parallel != world:
         raise ConfigError("schedule", f"{config.ranks} ranks × data_parallel={config.data_parallel}",
                           f"the process group has {world} processes (start pipeline ranks × data_parallel processes)")

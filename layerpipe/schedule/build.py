@@ -7,9 +7,10 @@ from functools import cached_property
 
 from .actions import Kind, Program
 from .bulk import collector_paused
-from .config import ScheduleConfig, validate_config
+from .config import ConfigError, ScheduleConfig, validate_config
 from .generators import GENERATORS
-from .lowering import add_gradient_reduces, add_optimizer_steps, add_p2p, add_recompute, add_weight_gathers
+from .lowering import (add_gradient_reduces, add_optimizer_steps, add_p2p, add_periodic_updates, add_recompute,
+                       add_weight_gathers)
 from .placement import Placement, contiguous, looping, vshape
 from .validation import validate
 
@@ -27,6 +28,13 @@ class Schedule:
     placement: Placement
     compute: tuple[Program, ...]
     programs: tuple[Program, ...]
+    calls: int = 1
+    """How many consecutive ``train_step`` calls the programs span (micro-batches are numbered across them)."""
+
+    @property
+    def microbatch_count(self) -> int:
+        """Return the micro-batches the programs run, over all their calls."""
+        return self.config.microbatches * self.calls
 
     @cached_property
     def forward(self) -> tuple[Program, ...]:
@@ -36,7 +44,7 @@ class Schedule:
 
     def forward_only(self) -> "Schedule":
         """Return this schedule with its forward-only programs as ``programs`` (to simulate an evaluation)."""
-        return Schedule(self.config, self.placement, self.forward_compute, self.forward)
+        return Schedule(self.config, self.placement, self.forward_compute, self.forward, self.calls)
 
     @property
     def forward_compute(self) -> tuple[Program, ...]:
@@ -72,9 +80,11 @@ def lower(compute: tuple[Program, ...], config: ScheduleConfig, placement: Place
     programs = compute
     if config.zero == 3:
         programs = add_weight_gathers(programs, config.weight_buffers)
-    if training and config.data_parallel > 1:
-        programs = add_gradient_reduces(programs, config.reduce_portions, config.reduce_order == "priority")
-    if training:
+    if training and config.schedule == "async":
+        programs = add_periodic_updates(programs, config.update_every, config.zero, config.data_parallel)
+    elif training:
+        if config.data_parallel > 1:
+            programs = add_gradient_reduces(programs, config.reduce_portions, config.reduce_order == "priority")
         programs = add_optimizer_steps(programs, config.zero)
     programs = add_p2p(programs, placement)
     if training and config.recomputed_stages:
@@ -82,17 +92,37 @@ def lower(compute: tuple[Program, ...], config: ScheduleConfig, placement: Place
     return programs
 
 
-def build_schedule(config: ScheduleConfig, check: bool = True) -> Schedule:
+def build_schedule(config: ScheduleConfig, check: bool = True, calls: int = 1) -> Schedule:
     """Return the schedule of ``config``: placement, compute programs, lowered training and forward-only programs.
 
-    Refuses an inconsistent configuration with ``ConfigError`` and, when
-    ``check`` is true, programs that cannot run with ``ScheduleError``.
+    With ``calls`` > 1 the programs span that many consecutive ``train_step``
+    calls (for the simulator): a flushed schedule's step repeated, its
+    micro-batches numbered on (call ``n`` runs ``n·m .. n·m + m - 1``); the
+    async stream runs ``calls·m`` sub-minibatches without draining between
+    calls, and drains at the end.  Refuses an inconsistent configuration
+    with ``ConfigError`` and, when ``check`` is true, programs that cannot
+    run with ``ScheduleError``.
     """
     validate_config(config)
+    if not isinstance(calls, int) or calls < 1:
+        raise ConfigError("calls", calls, "must be a whole number of at least 1")
     placement = make_placement(config)
     with collector_paused():
-        compute = compute_programs(config, placement)
-        programs = lower(compute, config, placement)
+        if config.schedule == "async":
+            compute = GENERATORS["async"](placement, config.microbatches * calls)
+            programs = lower(compute, config, placement)
+        else:
+            compute, programs = compute_programs(config, placement), None
+            programs = _repeated(lower(compute, config, placement), config.microbatches, calls)
+            compute = _repeated(compute, config.microbatches, calls)
         if check:
-            validate(programs, placement, config.microbatches)
-    return Schedule(config, placement, compute, programs)
+            validate(programs, placement, config.microbatches * calls)
+    return Schedule(config, placement, compute, programs, calls)
+
+
+def _repeated(programs: tuple[Program, ...], microbatches: int, calls: int) -> tuple[Program, ...]:
+    """Return each program run ``calls`` times in a row, call ``n``'s micro-batches numbered from ``n·microbatches``."""
+    if calls == 1:
+        return programs
+    return tuple(tuple(action if action.microbatch is None else action._replace(microbatch=action.microbatch + call * microbatches)
+                       for call in range(calls) for action in program) for program in programs)

@@ -14,10 +14,11 @@ from ..knobs import ConfigError, check_fields, knob, one_of, optional, whole
 __all__ = ["ConfigError", "ScheduleConfig", "validate_config", "SCHEDULES", "PLACEMENTS", "REDUCE_ORDERS",
            "RECOMPUTE_MODES", "ONE_STAGE_SCHEDULES"]
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble")
-"""Schedule names understood by ``build_schedule`` and the command line."""
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble", "async")
+"""Schedule names understood by ``build_schedule`` and the command line (``async``: pipelined backpropagation,
+a stream of sub-minibatches that never drains between steps)."""
 
-ONE_STAGE_SCHEDULES = ("gpipe", "1f1b")
+ONE_STAGE_SCHEDULES = ("gpipe", "1f1b", "async")
 """Schedules that place one stage per rank; the others loop ``stages_per_rank`` stages over the ranks."""
 
 PLACEMENTS = ("auto", "contiguous", "looping", "vshape")
@@ -66,6 +67,9 @@ class ScheduleConfig:
                              check=one_of(REDUCE_ORDERS), metavar="ORDER")
     weight_buffers: int | None = knob(None, "gathered stage weight buffers a rank may hold at once (zero 3 only)",
                                       check=optional(whole(1)), metavar="K", default_text="all of the rank's stages")
+    update_every: int | None = knob(None, "async only: each stage updates its weights after this many of its "
+                                    "backwards (k; the virtual minibatch is k sub-minibatches)",
+                                    check=optional(whole(1)), metavar="K", default_text="1 for async")
     recompute: str | tuple[str, ...] = knob("none", "activation recomputation: none, full or selective for every "
                                             "stage but the last, or one mode per stage, comma-separated",
                                             check=_recompute_rule, metavar="MODE")
@@ -74,6 +78,8 @@ class ScheduleConfig:
         if self.stages_per_rank is None:
             chosen = 1 if self.schedule in ONE_STAGE_SCHEDULES else 2
             object.__setattr__(self, "stages_per_rank", chosen)
+        if self.update_every is None and self.schedule == "async":
+            object.__setattr__(self, "update_every", 1)
         if isinstance(self.recompute, str) and "," in self.recompute:
             object.__setattr__(self, "recompute", tuple(part.strip() for part in self.recompute.split(",")))
         elif isinstance(self.recompute, list):
@@ -121,6 +127,7 @@ def validate_config(config: ScheduleConfig) -> ScheduleConfig:
     _check_placement(config)
     _check_data_parallel(config)
     _check_recompute(config)
+    _check_async(config)
     return config
 
 
@@ -176,3 +183,20 @@ def _check_recompute(config: ScheduleConfig) -> None:
     if modes[-1] != "none":
         raise ConfigError("recompute", config.recompute, f"the last stage ({config.stages - 1}) cannot recompute: it "
                           f"computes the loss gradient from its own forward, and recomputation runs after that gradient")
+
+
+def _check_async(config: ScheduleConfig) -> None:
+    if config.schedule != "async":
+        if config.update_every is not None:
+            raise ConfigError("update_every", config.update_every, "only the async schedule takes it")
+        return
+    if config.microbatches % config.update_every:
+        raise ConfigError("microbatches", config.microbatches, f"async needs a multiple of `update_every` "
+                          f"({config.update_every}), so that every call ends on whole virtual minibatches")
+    if config.zero > 1:
+        raise ConfigError("zero", config.zero, "async updates each stage on its own after every k backwards: "
+                          "use `zero` 0 or 1")
+    if config.recomputed_stages:
+        raise ConfigError("recompute", config.recompute, "async does not recompute yet: use none")
+    if config.reduce_portions != 1:
+        raise ConfigError("reduce_portions", config.reduce_portions, "async reduces each update whole: use 1")

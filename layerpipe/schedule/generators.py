@@ -166,6 +166,33 @@ def zero_bubble(placement: Placement, microbatches: int) -> tuple[Program, ...]:
     return tuple(programs)
 
 
+def asynchronous(placement: Placement, microbatches: int) -> tuple[Program, ...]:
+    """Return pipelined backpropagation: a stream of sub-minibatches, one forward and one backward per stage per tick.
+
+    Stage ``s`` of ``S`` runs, at tick ``t``, the forward of sub-minibatch
+    ``t - s`` and then the backward of sub-minibatch ``t - 2(S-1) + s``, so a
+    sub-minibatch's forward and backward at stage ``s`` are ``2(S-1-s)``
+    ticks apart and the stage holds ``2(S-1-s) + 1`` of them in flight.  The
+    stream never drains between steps; these programs end with the drain of
+    the last sub-minibatch (the flush at the end of training, an evaluation
+    or a checkpoint).  When to update the weights is the lowering's
+    (``add_periodic_updates``).  Needs one stage per rank.
+    """
+    stages = placement.stages
+    programs = []
+    for rank in range(placement.ranks):
+        (stage,) = placement.stages_of(rank)
+        delay = 2 * (stages - 1 - stage)
+        program = []
+        for tick in range(stage, microbatches + stage + delay):
+            if tick - stage < microbatches:
+                program.append(Action(stage, F, tick - stage))
+            if 0 <= tick - stage - delay:
+                program.append(Action(stage, B, tick - stage - delay))
+        programs.append(tuple(program))
+    return tuple(programs)
+
+
 GENERATORS: dict[str, Callable[..., tuple[Program, ...]]] = {
     "gpipe": gpipe,
     "1f1b": one_f_one_b,
@@ -173,5 +200,6 @@ GENERATORS: dict[str, Callable[..., tuple[Program, ...]]] = {
     "breadth-first": breadth_first,
     "grouped": grouped,
     "zero-bubble": zero_bubble,
+    "async": asynchronous,
 }
 """Generator of each schedule name; ``grouped`` also takes ``group_size``."""

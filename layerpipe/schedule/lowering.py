@@ -8,6 +8,8 @@ The passes, in the order ``lower`` applies them:
   last backward, optionally in portions issued in a fixed priority order;
 * ``add_optimizer_steps`` — ``STEP`` every stage at the end (ZeRO-1/2 then
   all-gather the updated weight shards with ``GATHER``);
+* ``add_periodic_updates`` — instead of the two above, for the async
+  schedule: ``REDUCE`` and ``STEP`` a stage after every ``k`` of its backwards;
 * ``add_p2p`` — ``SEND``/``RECV`` pairs for every activation and gradient that
   crosses ranks;
 * ``add_recompute`` — ``R`` right before the backward of recomputed stages.
@@ -214,3 +216,37 @@ def add_optimizer_steps(programs: Sequence[Program], zero: int = 0) -> tuple[Pro
                 tail.append(Action(stage, Kind.GATHER))
         lowered.append(tuple(program) + tuple(tail))
     return tuple(lowered)
+
+
+def add_periodic_updates(programs: Sequence[Program], every: int, zero: int = 0,
+                         data_parallel: int = 1) -> tuple[Program, ...]:
+    """Return programs where each stage updates after every ``every`` of its backwards (pipelined backpropagation).
+
+    After the ``every``-th, ``2·every``-th, ... backward (``B``, or ``W`` when
+    split) of a stage come its ``REDUCE`` (with data parallelism), its
+    ``STEP`` and, at ZeRO-1, the ``GATHER`` of the updated shards.  Each stage
+    updates on its own: nothing waits for the other stages.
+    """
+    lowered = []
+    for program in programs:
+        freeing = W if any(action.kind is W for action in program) else B
+        done: dict[int, int] = {}
+        out: list[Action] = []
+        for action in program:
+            out.append(action)
+            if action.kind is not freeing:
+                continue
+            done[action.stage] = done.get(action.stage, 0) + 1
+            if done[action.stage] % every == 0:
+                out += _update(action.stage, zero, data_parallel)
+        lowered.append(tuple(out))
+    return tuple(lowered)
+
+
+def _update(stage: int, zero: int, data_parallel: int) -> list[Action]:
+    """Return the actions of one weight update of ``stage``: reduce, step, and gather the shards at ZeRO-1/2."""
+    actions = [Action(stage, Kind.REDUCE)] if data_parallel > 1 else []
+    actions.append(Action(stage, Kind.STEP))
+    if zero in (1, 2):
+        actions.append(Action(stage, Kind.GATHER))
+    return actions

@@ -101,3 +101,32 @@ def _running_peak(program: Program, weight_bytes: Sequence[float], opening: Kind
             open_stages.discard(action.stage)
             current -= weight_bytes[action.stage]
     return peak
+
+
+def weight_versions(program: Program) -> dict[int, int]:
+    """Return, per stage of the program, the most weight versions the rank must hold at once to stash them.
+
+    Each ``STEP`` of a stage makes a new version; a forward uses the current
+    one, and its backward (``W`` when split) needs that same version until it
+    ends (PipeDream's weight stashing).  The count is the current version
+    plus the older ones some sub-minibatch in flight still needs: 1 for
+    every flushed schedule, more for the async stream when a stage updates
+    while sub-minibatches are in flight.
+    """
+    freeing = Kind.W if any(action.kind is Kind.W for action in program) else Kind.B
+    current: dict[int, int] = {}
+    in_flight: dict[int, dict[int, int]] = {}  # stage -> micro-batch -> version its forward used
+    most: dict[int, int] = {}
+    for action in program:
+        stage, kind = action.stage, action.kind
+        if kind is Kind.F:
+            in_flight.setdefault(stage, {})[action.microbatch] = current.get(stage, 0)
+        elif kind is freeing:
+            in_flight.get(stage, {}).pop(action.microbatch, None)
+        elif kind is Kind.STEP:
+            current[stage] = current.get(stage, 0) + 1
+        else:
+            continue
+        alive = set(in_flight.get(stage, {}).values()) | {current.get(stage, 0)}
+        most[stage] = max(most.get(stage, 1), len(alive))
+    return most

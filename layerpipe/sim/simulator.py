@@ -22,12 +22,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from ..schedule.actions import AWAITS, P2P_KINDS, Action, Kind, message_of
+from ..schedule.actions import AWAITS, BACKWARD_KINDS, P2P_KINDS, Action, Kind, message_of
 from ..schedule.build import Schedule
 from ..schedule.bulk import collector_paused
 from ..schedule.validation import ScheduleError, blocked_report
 from .cost import CostModel, collective_time, per_stage
-from .memory import activation_peak
+from .memory import activation_peak, weight_versions
 from .timeline import Timeline
 
 
@@ -41,6 +41,7 @@ class RankMetrics:
     exposed_communication: float
     peak_activations: int
     peak_activation_bytes: float
+    weight_versions: int = 1
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class SimResult:
     """Timeline and metrics of one simulated step.
 
     ``bubble_fraction`` is ``1 - (total compute busy time) / (p × step_time)``;
+    ``steady_bubble`` the same over the steady state only: from the moment
+    every rank has started backwards to the moment the first rank has ended
+    its forwards (``None`` when the programs have no such window, as GPipe's);
     ``ideal_time`` is the busiest rank's compute time; ``gathers`` and
     ``reduces`` count the collectives of one pipeline replica (a reduce split
     into portions counts once; ``reduce_portions`` counts the parts).
@@ -61,6 +65,7 @@ class SimResult:
     gathers: int
     reduces: int
     reduce_portions: int
+    steady_bubble: float | None = None
 
     def to_json(self) -> dict:
         """Return the metrics as a JSON-ready dictionary (without the timeline)."""
@@ -68,6 +73,7 @@ class SimResult:
             "step_time": self.step_time,
             "ideal_time": self.ideal_time,
             "bubble_fraction": self.bubble_fraction,
+            "steady_bubble": self.steady_bubble,
             "exposed_communication": max((rank.exposed_communication for rank in self.ranks), default=0.0),
             "ranks": [rank.__dict__ for rank in self.ranks],
             "collectives": {"gather": self.gathers, "reduce": self.reduces, "reduce_portions": self.reduce_portions},
@@ -122,7 +128,7 @@ class _Costs:
             _GATHER: tuple(collective_time("all_gather", size, replicas, cost.dp_bandwidth, cost.dp_latency) for size in weights),
             _REDUCE: tuple(collective_time(reduce_kind, size, replicas, cost.dp_bandwidth, cost.dp_latency) for size in weights),
         }
-        microbatches = config.microbatches
+        microbatches = schedule.microbatch_count
         message_base = {kind: tuple(message_of(Action(stage, kind, 0)).number(microbatches) for stage in range(stages))
                         for kind in P2P_KINDS}
         return _Costs(duration, transfer, collective, message_base)
@@ -233,7 +239,9 @@ def _result(schedule: Schedule, cost: CostModel, run: _Run) -> SimResult:
     metrics = []
     for rank in range(ranks):
         peak = activation_peak(programs[rank], activation, inputs, recomputed)
-        metrics.append(RankMetrics(rank, run.busy[rank], step_time - run.busy[rank], exposed[rank], peak.count, peak.bytes))
+        versions = max(weight_versions(programs[rank]).values(), default=1)
+        metrics.append(RankMetrics(rank, run.busy[rank], step_time - run.busy[rank], exposed[rank], peak.count, peak.bytes,
+                                   versions))
     kinds = [action.kind for program in programs for action in program if action.kind is _GATHER or action.kind is _REDUCE]
     reduces = [action for program in programs for action in program if action.kind is _REDUCE]
     timeline = Timeline(ranks, tuple(run.events), "simulated", "unit", config.schedule, {"config": config.to_json()})
@@ -246,4 +254,28 @@ def _result(schedule: Schedule, cost: CostModel, run: _Run) -> SimResult:
         gathers=kinds.count(_GATHER),
         reduces=sum(action.portion in (None, 1) for action in reduces),
         reduce_portions=len(reduces),
+        steady_bubble=steady_bubble(run.events, ranks),
     )
+
+
+def steady_bubble(events: list[tuple], ranks: int) -> float | None:
+    """Return the idle share of the compute streams between every rank's first backward and the first rank's last forward.
+
+    ``None`` when that window is empty (a schedule without a steady state).
+    """
+    first_backward, last_forward = [None] * ranks, [None] * ranks
+    for rank, stream, action, start, end in events:
+        if stream != "compute":
+            continue
+        if action.kind in BACKWARD_KINDS and (first_backward[rank] is None or start < first_backward[rank]):
+            first_backward[rank] = start
+        if action.kind is Kind.F and (last_forward[rank] is None or end > last_forward[rank]):
+            last_forward[rank] = end
+    if None in first_backward or None in last_forward:
+        return None
+    low, high = max(first_backward), min(last_forward)
+    if high <= low:
+        return None
+    busy = sum(min(end, high) - max(start, low) for _, stream, _, start, end in events
+               if stream == "compute" and end > low and start < high)
+    return 1 - busy / (ranks * (high - low))

@@ -111,6 +111,9 @@ def _ranks_under_torchrun(schedule_values: dict, world: int) -> int:
 def check_config(config: TrainConfig) -> None:
     """Refuse, with ``ConfigError`` naming the knob, a configuration that cannot train."""
     validate_config(config.pipeline)
+    if config.pipeline.schedule == "async":
+        raise ConfigError("schedule", "async", "layerpipe train does not run the async schedule yet; "
+                          "`layerpipe simulate --schedule async` shows it")
     check_fields(config.model)
     check_fields(config)
     schedule, model = config.pipeline, config.model

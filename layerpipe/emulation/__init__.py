@@ -1,0 +1,5 @@
+"""Single-process emulation of asynchronous pipelined backpropagation (``PipelinedBackprop``)."""
+
+from .pipelined import WEIGHT_POLICIES, PipelinedBackprop, VersionRecord
+
+__all__ = ["PipelinedBackprop", "VersionRecord", "WEIGHT_POLICIES"]

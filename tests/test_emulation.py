@@ -1,0 +1,122 @@
+"""The single-process emulator of pipelined backpropagation, against synchronous training and the schedule's facts.
+
+Degenerate cases are exact in float64: one stage, or any number of stages with
+the delays forced to zero, is synchronous training with gradient
+accumulation over the virtual minibatch.  With delays, every sub-minibatch's
+forward and backward at stage ``s`` are ``2(S-1-s)`` ticks apart, stashed
+weights give each backward its forward's version, and the versions a stage
+needs match the simulator's count for the same schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from layerpipe.emulation import PipelinedBackprop
+from layerpipe.knobs import ConfigError
+from layerpipe.schedule.build import build_schedule
+from layerpipe.schedule.config import ScheduleConfig
+from layerpipe.sim.simulator import simulate
+
+WIDTH, SAMPLES = 5, 4
+
+
+def stages_of(count: int, seed: int = 0) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    return [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()).double() for _ in range(count - 1)] + \
+        [nn.Linear(WIDTH, 2).double()]
+
+
+def data(microbatches: int, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(SAMPLES, WIDTH, dtype=torch.float64, generator=generator) for _ in range(microbatches)]
+    targets = [torch.randn(SAMPLES, 2, dtype=torch.float64, generator=generator) for _ in range(microbatches)]
+    return inputs, targets
+
+
+def optimizer(parameters):
+    return torch.optim.AdamW(parameters, lr=0.05)
+
+
+def synchronous(stages, inputs, targets, every):
+    """Return the parameters after synchronous training with gradient accumulation over ``every`` sub-minibatches."""
+    model = nn.Sequential(*copy.deepcopy(stages))
+    step = optimizer(list(model.parameters()))
+    for first in range(0, len(inputs), every):
+        step.zero_grad()
+        for index in range(first, first + every):
+            (nn.functional.mse_loss(model(inputs[index]), targets[index]) / every).backward()
+        step.step()
+    return [p.detach() for p in model.parameters()]
+
+
+def emulated(stages, inputs, targets, every, policy="stashed", zero_delay=False):
+    pipe = PipelinedBackprop(stages, nn.functional.mse_loss, optimizer, every, policy, zero_delay)
+    losses = pipe.train(inputs, targets)
+    return [p.detach() for stage in stages for p in stage.parameters()], losses, pipe
+
+
+@pytest.mark.parametrize("every", [1, 2, 4])
+def test_one_stage_is_synchronous_training_with_gradient_accumulation(every):
+    inputs, targets = data(8)
+    expected = synchronous(stages_of(1), inputs, targets, every)
+    found, _, _ = emulated(stages_of(1), inputs, targets, every)
+    assert all(torch.equal(a, b) for a, b in zip(found, expected))
+
+
+@pytest.mark.parametrize("policy", ["stashed", "live"])
+@pytest.mark.parametrize("stages, every", [(2, 1), (2, 2), (4, 1), (4, 4)])
+def test_zero_delays_are_synchronous_training_for_every_policy(stages, every, policy):
+    inputs, targets = data(8)
+    expected = synchronous(stages_of(stages), inputs, targets, every)
+    found, _, _ = emulated(stages_of(stages), inputs, targets, every, policy, zero_delay=True)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-13) for a, b in zip(found, expected))
+
+
+@pytest.mark.parametrize("policy", ["stashed", "live", "double-buffered"])
+@pytest.mark.parametrize("stages", [2, 4])
+def test_each_stage_sees_its_delay_and_the_policy_decides_the_backward_weights(stages, policy):
+    every = 2 * (stages - 1) if policy == "double-buffered" else 2
+    inputs, targets = data(12)
+    _, losses, pipe = emulated(stages_of(stages), inputs, targets, every, policy)
+    assert len(losses) == 12 and all(loss > 0 for loss in losses)
+    assert len(pipe.records) == 12 * stages
+    for record in pipe.records:
+        assert record.staleness == 2 * (stages - 1 - record.stage)
+        if policy == "live":
+            assert record.backward_version >= record.forward_version
+        else:
+            assert record.backward_version == record.forward_version
+        assert record.update_version > record.forward_version
+    if stages > 1 and policy != "live":
+        assert any(record.update_version - record.forward_version > 1 for record in pipe.records), \
+            "with delays, some gradients reach an update made after their forward's"
+
+
+@pytest.mark.parametrize("every", [1, 2, 4])
+def test_the_weight_versions_a_stage_needs_match_the_simulator(every):
+    stages, microbatches = 4, 16
+    _, _, pipe = emulated(stages_of(stages), *data(microbatches), every)
+    config = ScheduleConfig("async", ranks=stages, microbatches=microbatches, update_every=every)
+    simulated = simulate(build_schedule(config))
+    assert pipe.weight_versions() == {rank.rank: rank.weight_versions for rank in simulated.ranks}
+
+
+def test_double_buffered_never_needs_more_than_two_versions():
+    _, _, pipe = emulated(stages_of(3), *data(12), 4, "double-buffered")
+    assert max(pipe.weight_versions().values()) <= 2
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(update_every=0), "update_every=0: must be a whole number of at least 1"),
+    (dict(weight_policy="newest"), "weight_policy='newest': choose one of stashed, double-buffered, live"),
+    (dict(update_every=2, weight_policy="double-buffered"), "update_every=2: double-buffered weights hold two"),
+])
+def test_bad_options_are_refused_in_one_line(arguments, message):
+    with pytest.raises(ConfigError) as caught:
+        PipelinedBackprop(stages_of(3), nn.functional.mse_loss, optimizer, **arguments)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)

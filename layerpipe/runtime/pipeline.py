@@ -8,7 +8,7 @@ data, see ``layerpipe.schedule``) and returns the mean loss on every rank.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
@@ -94,7 +94,8 @@ class Pipeline:
                                          self.device) for index, stage in self.stages.items()}
         self.optimizers = {index: optimizer(shard.optimized) for index, shard in self.shards.items()
                            if optimizer is not None and shard.optimized}
-        self.meter = ActivationMeter(self._weight_pointers) if track_memory else None
+        # A function of the shards, not a bound method: the meter must not keep the pipeline (and its groups) alive.
+        self.meter = ActivationMeter(functools.partial(_weight_pointers, self.shards)) if track_memory else None
         # NCCL runs a pair's operations in issue order, so nothing is received ahead of the program there.
         lookahead = 0 if dist.get_backend() == "nccl" else 2
         self._early_loss_receive = lookahead > 0
@@ -270,9 +271,6 @@ class Pipeline:
         """Return the seconds the last run waited for data-parallel collectives."""
         return self.last_result.exposed_data_parallel if self.last_result is not None else 0.0
 
-    def _weight_pointers(self) -> list[int]:
-        return [shard.flat.untyped_storage().data_ptr() for shard in self.shards.values()]
-
     def _post_loss_receive(self):
         """Post the receive of the step's mean loss from the last stage's rank (gloo: before the program runs)."""
         if self.global_rank == self.loss_rank:
@@ -352,6 +350,11 @@ def _schedule_for(schedule: str | ScheduleConfig | Schedule, options: dict, worl
         raise ConfigError("schedule", f"{config.ranks} ranks × data_parallel={config.data_parallel}",
                           f"the process group has {world} processes (start pipeline ranks × data_parallel processes)")
     return schedule
+
+
+def _weight_pointers(shards: dict) -> list[int]:
+    """Return where the stages' flat weight buffers live (saved tensors there are weights, not activations)."""
+    return [shard.flat.untyped_storage().data_ptr() for shard in shards.values()]
 
 
 def _default_device() -> torch.device:

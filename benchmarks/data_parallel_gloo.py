@@ -105,7 +105,7 @@ def worker(repeats: int, width: int, microbatches: int) -> dict | None:
         measured = pipe.timeline(name)
         cost = dataclasses.replace(calibrated_cost(measured, pipe.schedule.placement.stages),
                                    weight_bytes=pipe.shards[min(pipe.shards)].weight_bytes,
-                                   dp_latency=latency, dp_bandwidth=bandwidth)
+                                   data_parallel_latency=latency, data_parallel_bandwidth=bandwidth)
         predicted = simulate(pipe.schedule, cost)
         rows.append({"configuration": name, "step_time": statistics.median(times[name]),
                      "exposed_communication": statistics.median(exposed[name]),
@@ -115,7 +115,7 @@ def worker(repeats: int, width: int, microbatches: int) -> dict | None:
                      "samples": times[name]})
     if dist.get_rank() != 0:
         return None
-    return {"rows": rows, "dp_latency": latency, "dp_bandwidth": bandwidth}
+    return {"rows": rows, "data_parallel_latency": latency, "data_parallel_bandwidth": bandwidth}
 
 
 def main() -> None:
@@ -132,7 +132,7 @@ def main() -> None:
     lines = [f"# Breadth-first vs interleaved at ZeRO-3, gloo, pipeline × data = 2 × 2 ({today})", "",
              f"Machine: {machine}. Model: 4 stages of 2 × Linear({args.width}, {args.width}), float32; "
              f"m = {args.microbatches}, micro-batch of 2 samples; {args.repeats} alternating repetitions, medians. "
-             f"Collectives measured at {result['dp_bandwidth'] / 1e9:.2f} GB/s after {1e3 * result['dp_latency']:.2f} ms.",
+             f"Collectives measured at {result['data_parallel_bandwidth'] / 1e9:.2f} GB/s after {1e3 * result['data_parallel_latency']:.2f} ms.",
              "", "| configuration | gathers / step | step time (ms) | ratio | exposed comm. (ms) | ratio | "
              "simulated step (ms) | simulated exposed (ms) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"]:

@@ -2,7 +2,7 @@
 
 Run: python benchmarks/simulate_speed.py [--repeats 5] [--baseline DIR]
 Writes benchmarks/results/simulate_speed.json and .md (machine and date included).
-DESIGN.md asks for p = 64, v = 4, m = 512 to lower and simulate in well under a second.
+The design asks for p = 64, v = 4, m = 512 to lower and simulate in well under a second.
 
 ``--baseline DIR`` also times the layerpipe of another checkout (e.g. ``git
 worktree add /tmp/base HEAD~5``) in the same run: each repetition runs both,
@@ -32,7 +32,7 @@ from results_files import write_results
 CASES = [
     ("breadth-first", ScheduleConfig("breadth-first", 64, 512, 4)),
     ("interleaved", ScheduleConfig("interleaved", 64, 512, 4)),
-    ("breadth-first, dp 8, ZeRO-3", ScheduleConfig("breadth-first", 64, 512, 4, data_parallel=8, zero=3)),
+    ("breadth-first, data_parallel 8, ZeRO-3", ScheduleConfig("breadth-first", 64, 512, 4, data_parallel=8, zero=3)),
 ]
 
 

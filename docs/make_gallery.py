@@ -91,7 +91,7 @@ def main() -> None:
               "residency to match; with fewer buffers its gathers grow with `m`, because it returns to each stage once "
               "per group of `p` micro-batches.", ""]
 
-    slow = CostModel(forward_time=1, backward_time=2, weight_bytes=8, dp_bandwidth=1)
+    slow = CostModel(forward_time=1, backward_time=2, weight_bytes=8, data_parallel_bandwidth=1)
     lines += ["## Reduces hidden behind backward", "",
               "Data parallelism over 8 replicas, all-reduce of one stage's gradients = 14 units (a backward is 2), "
               f"`p = {P}`, `v = 2`, `m = 16`. Breadth-first reduces a stage as soon as all its micro-batches are "
@@ -102,7 +102,7 @@ def main() -> None:
     for name in ("breadth-first", "interleaved"):
         result = simulate(build_schedule(ScheduleConfig(name, P, 16, 2, data_parallel=8)), slow)
         timelines.append(result.timeline)
-        titles.append(f"{name}, dp 8, slow data-parallel link")
+        titles.append(f"{name}, data_parallel 8, slow data-parallel link")
         lines.append(f"| {name} | {result.step_time:g} | {max(r.exposed_communication for r in result.ranks):g} |")
     plot_timelines(timelines, os.path.join(GALLERY, "reduce-overlap.png"), titles)
     lines += ["", "![reduce overlap](gallery/reduce-overlap.png)", ""]
@@ -120,7 +120,7 @@ def main() -> None:
         result = simulate(build_schedule(config, calls=8), unit)
         steady = "-" if result.steady_bubble is None else f"{result.steady_bubble:.1%}"
         lines.append(f"| {label} | {result.step_time:g} | {result.bubble_fraction:.1%} | {steady} | "
-                     f"{result.ranks[0].peak_activations} | {result.ranks[0].weight_versions} |")
+                     f"{result.ranks[0].peak_activations} | {result.weight_versions[0]} |")
     lines.append("")
     with open(os.path.join(HERE, "schedules.md"), "w") as handle:
         handle.write("\n".join(lines))

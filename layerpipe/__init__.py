@@ -12,6 +12,8 @@ _LAZY = {
     "launch": ("layerpipe.runtime.launch", "launch"),
     "LaunchError": ("layerpipe.runtime.launch", "LaunchError"),
     "PipelineError": ("layerpipe.runtime.stage", "PipelineError"),
+    "ScheduleConfig": ("layerpipe.schedule.config", "ScheduleConfig"),
+    "ConfigError": ("layerpipe.knobs", "ConfigError"),
 }
 
 

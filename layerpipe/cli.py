@@ -15,11 +15,11 @@ import sys
 from typing import Sequence
 
 from . import __version__
-from .knobs import COMMAND_LINE, ConfigError, check_fields
+from .knobs import COMMAND_LINE, ConfigError
 from .options import Parser, add_knobs, given
 from .schedule.actions import format_program
 from .schedule.build import build_schedule
-from .schedule.config import ONE_STAGE_SCHEDULES, SCHEDULES, ScheduleConfig
+from .schedule.config import ONE_STAGE_SCHEDULES, SCHEDULES, ScheduleConfig, validate_config
 from .schedule.validation import ScheduleError
 from .sim.cost import CostModel
 from .sim.simulator import SimResult, simulate
@@ -46,25 +46,12 @@ def schedule_config(args: argparse.Namespace, schedule: str | None = None) -> Sc
 
 
 def cost_model(args: argparse.Namespace) -> CostModel:
-    """Return the cost model the parsed options describe; refuses bad values with ``ConfigError``."""
-    cost = CostModel(**given(args, CostModel))
-    check_fields(cost)
-    return cost
+    """Return the cost model the parsed options describe (``simulate`` refuses its bad values)."""
+    return CostModel(**given(args, CostModel))
 
 
 _CALLS_HELP = ("consecutive train_step calls to simulate: flushed schedules repeat their step, async streams "
                "N×M sub-minibatches without draining between calls (default: 1)")
-
-
-def _calls(text: str) -> int:
-    """Parse ``--calls``: a whole number of at least 1 (argparse turns the refusal into one line)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _writable(option: str, path: str | None, endings: Sequence[str]) -> None:
@@ -95,9 +82,9 @@ def _summary(result: SimResult) -> str:
         f"steady-state bubble {_steady(result)}   gathers {result.gathers}   reduces {result.reduces}",
         f"{'rank':>4} {'busy':>10} {'idle':>10} {'exposed comm':>13} {'peak activations':>17} {'weight versions':>16}",
     ]
-    for rank in result.ranks:
+    for rank, versions in zip(result.ranks, result.weight_versions):
         lines.append(f"{rank.rank:>4} {rank.busy:>10.4g} {rank.idle:>10.4g} {rank.exposed_communication:>13.4g} "
-                     f"{rank.peak_activations:>17} {rank.weight_versions:>16}")
+                     f"{rank.peak_activations:>17} {versions:>16}")
     return "\n".join(lines)
 
 
@@ -132,7 +119,7 @@ def _title(config: ScheduleConfig) -> str:
     if config.group_size is not None:
         text += f" N={config.group_size}"
     if config.data_parallel > 1:
-        text += f" dp={config.data_parallel} zero={config.zero}"
+        text += f" data_parallel={config.data_parallel} zero={config.zero}"
     return text
 
 
@@ -152,6 +139,11 @@ def _same_model_cost(cost: CostModel, reference_stages: int, stages_per_rank: in
     scale = reference_stages / stages_per_rank
     if scale == 1:
         return cost
+    for name in ("forward_time", "backward_time", "recompute_time", "boundary_bytes", "activation_bytes", "weight_bytes"):
+        value = getattr(cost, name)
+        if isinstance(value, (tuple, list)):
+            raise ConfigError(name, value, "compare runs schedules with different numbers of stages: give one value "
+                              "(one per stage works with simulate)")
     recompute = None if cost.recompute_time is None else _scaled(cost.recompute_time, scale)
     return dataclasses.replace(cost, forward_time=_scaled(cost.forward_time, scale),
                                backward_time=_scaled(cost.backward_time, scale), recompute_time=recompute,
@@ -161,8 +153,8 @@ def _same_model_cost(cost: CostModel, reference_stages: int, stages_per_rank: in
 
 def _compared_schedules(args: argparse.Namespace) -> list[str]:
     """Return the schedules ``compare`` runs: those named, or all (grouped only with a group size)."""
-    if args.schedules is None:
-        return [name for name in SCHEDULES if name != "grouped" or args.group_size is not None]
+    if args.schedules is None:  # every schedule the options allow
+        return [name for name in SCHEDULES if _allowed(args, name)]
     names = [name.strip() for name in args.schedules.split(",")]
     for name in names:
         if name not in SCHEDULES:
@@ -170,6 +162,14 @@ def _compared_schedules(args: argparse.Namespace) -> list[str]:
         if name == "grouped" and args.group_size is None:
             raise ConfigError("schedules", args.schedules, "grouped needs `group_size` too")
     return names
+
+
+def _allowed(args: argparse.Namespace, name: str) -> bool:
+    try:
+        validate_config(schedule_config(args, name))
+    except ConfigError:
+        return False
+    return True
 
 
 def _command_compare(args: argparse.Namespace) -> None:
@@ -192,7 +192,7 @@ def _command_compare(args: argparse.Namespace) -> None:
             print(f"{name:<14} {config.stages_per_rank:>2} {result.step_time:>10.4g} {result.bubble_fraction:>8.2%} "
                   f"{_steady(result):>8} {max(r.exposed_communication for r in result.ranks):>13.4g} "
                   f"{max(r.peak_activations for r in result.ranks):>10} "
-                  f"{max(r.weight_versions for r in result.ranks):>9} {result.gathers:>8} {result.reduces:>8}")
+                  f"{max(result.weight_versions):>9} {result.gathers:>8} {result.reduces:>8}")
     if args.plot:
         from .viz.gantt import plot_timelines
         plot_timelines([result.timeline for _, _, result in rows], args.plot,
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Run the lowered programs against a cost model and report step time, "
                                           "bubble fraction, exposed communication and peak activations per rank.")
     _add_schedule_and_cost(sim, cost=True)
-    sim.add_argument("--calls", type=_calls, default=1, metavar="N", help=_CALLS_HELP)
+    sim.add_argument("--calls", type=int, default=1, metavar="N", help=_CALLS_HELP)
     sim.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     sim.add_argument("--plot", metavar="FILE.png", help="write a Gantt chart of the simulated timeline "
                      f"({', '.join(PICTURE_FORMATS)})")
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--schedules", default=None, metavar="A,B,...",
                          help="schedules to compare (default: all; grouped only with --group-size)")
     _add_schedule_and_cost(compare, cost=True, skip=("schedule",))
-    compare.add_argument("--calls", type=_calls, default=1, metavar="N", help=_CALLS_HELP)
+    compare.add_argument("--calls", type=int, default=1, metavar="N", help=_CALLS_HELP)
     compare.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     compare.add_argument("--plot", metavar="FILE.png", help="write one picture stacking the timelines")
     compare.set_defaults(run=_command_compare)
@@ -265,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         args.run(args)
+    except BrokenPipeError:  # the reader stopped early (``| head``): not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except ConfigError as error:
         print(f"layerpipe {args.command}: error: {error.render(COMMAND_LINE)}", file=sys.stderr)
         return 2

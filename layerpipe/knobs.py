@@ -76,7 +76,16 @@ class ConfigError(ValueError):
         if valid is None:  # a message about no one knob
             field, valid = None, str(field)
         self.field, self.value, self.valid = field, value, valid
+        self.spelling = PYTHON
         super().__init__(self.render(PYTHON))
+
+    def __str__(self) -> str:
+        return self.render(self.spelling)
+
+    def spelled(self, spelling: Spelling) -> "ConfigError":
+        """Return this error, to be shown in ``spelling`` (field and value are kept for callers)."""
+        self.spelling = spelling
+        return self
 
     def render(self, spelling: Spelling) -> str:
         """Return the message with field names in ``spelling``."""
@@ -180,6 +189,8 @@ def check_type(cls: type, name: str, value: Any) -> None:
     declared = field_type(cls, name)
     if value is None and declared.endswith("| None"):
         return
+    if "tuple[str" in declared and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return  # one text per stage, e.g. recompute = ["full", "none"]
     base = declared.split("|")[0].strip()
     accepted = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}.get(base)
     if accepted is None:

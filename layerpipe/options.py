@@ -98,6 +98,6 @@ def read_toml(path: str, classes: Iterable[type]) -> dict[type, dict[str, Any]]:
         try:
             check_type(owners[name], name, value)
         except ConfigError as error:
-            raise ConfigError(None, None, error.render(toml_spelling(path))) from None
+            raise error.spelled(toml_spelling(path)) from None
         grouped[owners[name]][name] = value
     return grouped

@@ -74,8 +74,7 @@ def test_stashed_weight_versions_per_stage_follow_the_delay_and_the_update_perio
         delay = 2 * (stages - 1 - rank)
         assert weight_versions(program) == {rank: math.ceil(delay / every) + 1}
     result = simulate(schedule)
-    assert [rank.weight_versions for rank in result.ranks] == [math.ceil(2 * (stages - 1 - r) / every) + 1
-                                                              for r in range(stages)]
+    assert list(result.weight_versions) == [math.ceil(2 * (stages - 1 - r) / every) + 1 for r in range(stages)]
     assert [rank.peak_activations for rank in result.ranks] == [2 * (stages - 1 - r) + 1 for r in range(stages)]
 
 

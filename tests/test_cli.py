@@ -49,7 +49,7 @@ def test_compare_prints_a_row_per_schedule(tmp_path, capsys):
     (["simulate", "--schedule", "nope"], "--schedule"),
     (["simulate", "--recompute", "9"], "--recompute 9"),
     (["simulate", "--p2p-bandwidth", "0"], "--p2p-bandwidth 0"),
-    (["simulate", "--dp-bandwidth", "0"], "--dp-bandwidth 0"),
+    (["simulate", "--data-parallel-bandwidth", "0"], "--data-parallel-bandwidth 0"),
     (["simulate", "--forward-time", "inf"], "--forward-time inf"),
     (["simulate", "--zero", "3"], "--zero 3: shards over data-parallel replicas"),
     (["schedule", "--zero", "3"], "--zero 3"),
@@ -92,3 +92,31 @@ def test_help_shows_each_default_once_and_none_empty():
     text = " ".join(run.stdout.split())
     assert "(default: )" not in text and "(default: None)" not in text
     assert text.count("(default: 8)") == 1  # --microbatches, once
+
+
+@pytest.mark.parametrize("arguments, text", [
+    (["simulate", "--forward-time", "1,1,2,2"], "--forward-time 1.0,1.0,2.0,2.0: 4 values for 8 stages"),
+    (["compare", "--ranks", "2", "--forward-time", "1,1,2,2"], "compare runs schedules with different numbers"),
+    (["simulate", "--calls", "0"], "--calls 0: must be a whole number of at least 1"),
+])
+def test_per_stage_costs_and_calls_are_checked_in_one_line(arguments, text, capsys):
+    assert main(arguments) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and text in error[0]
+
+
+def test_per_stage_costs_of_the_right_length_are_used(capsys):
+    assert main(["simulate", "-p", "2", "-v", "2", "--forward-time", "1,1,2,2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step_time"] > 0
+
+
+def test_compare_by_default_runs_the_schedules_the_options_allow(capsys):
+    assert main(["compare", "-p", "2", "-m", "4", "--data-parallel", "2", "--zero", "3"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert "breadth-first" in names and "async" not in names  # async updates at ZeRO 0 or 1 only
+
+
+def test_a_reader_that_stops_early_is_no_error():
+    run = subprocess.run(f"{sys.executable} -m layerpipe simulate -p 16 -v 4 -m 64 | head -1", shell=True,
+                         capture_output=True, text=True)
+    assert run.stdout.startswith("breadth-first") and "Traceback" not in run.stderr

@@ -26,7 +26,7 @@ BAD = {
     # CostModel
     "forward_time": -1.0, "backward_time": -1.0, "input_gradient_share": 2.0, "recompute_time": -1.0,
     "optimizer_time": -1.0, "p2p_latency": -1.0, "p2p_bandwidth": 0.0, "boundary_bytes": -1.0,
-    "activation_bytes": -1.0, "weight_bytes": -1.0, "dp_latency": -1.0, "dp_bandwidth": 0.0,
+    "activation_bytes": -1.0, "weight_bytes": -1.0, "data_parallel_latency": -1.0, "data_parallel_bandwidth": 0.0,
     # GPTConfig
     "block_size": 0, "width": 0, "heads": 0, "blocks": 0, "dropout": 1.0,
     # TrainConfig
@@ -128,3 +128,26 @@ def test_train_picks_one_stage_per_rank_for_gpipe_and_two_for_breadth_first(tmp_
     output = ["--output", str(tmp_path / "run")]
     assert config_from(train_parser().parse_args(["--schedule", "gpipe", *output])).pipeline.stages_per_rank == 1
     assert config_from(train_parser().parse_args(output)).pipeline.stages_per_rank == 2
+
+
+def test_python_simulate_refuses_a_bad_cost_model_by_its_field():
+    from layerpipe.schedule.build import build_schedule
+    from layerpipe.sim.simulator import simulate
+
+    with pytest.raises(ConfigError) as caught:
+        simulate(build_schedule(ScheduleConfig()), CostModel(p2p_bandwidth=0))
+    assert caught.value.field == "p2p_bandwidth"
+
+
+def test_a_toml_file_takes_one_recompute_mode_per_stage(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('recompute = ["full", "none", "none", "none"]\n')
+    config = config_from(train_parser().parse_args(["--config", str(path), "--output", str(tmp_path / "run")]))
+    assert config.pipeline.recompute_modes == ("full", "none", "none", "none")
+
+
+def test_train_errors_keep_their_field_and_value_for_python_callers(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        config_from(train_parser().parse_args(["--ranks", "0", "--output", str(tmp_path / "run")]))
+    assert (caught.value.field, caught.value.value) == ("ranks", 0)
+    assert str(caught.value) == "--ranks 0: must be a whole number of at least 1"

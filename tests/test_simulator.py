@@ -1,4 +1,4 @@
-"""The simulator against the reference facts of DESIGN.md."""
+"""The simulator against the reference facts of the design (bubbles, in-flight activations, collective counts)."""
 
 import itertools
 import math
@@ -87,12 +87,12 @@ def test_ring_collective_formulas():
 @pytest.mark.parametrize("microbatches", [4, 8, 16])
 def test_breadth_first_zero3_one_gather_and_one_reduce_per_stage(schedule_of, microbatches):
     result = simulate(schedule_of("breadth-first", 4, microbatches, 2, data_parallel=2, zero=3),
-                      CostModel(weight_bytes=1.0, dp_bandwidth=1.0))
+                      CostModel(weight_bytes=1.0, data_parallel_bandwidth=1.0))
     assert (result.gathers, result.reduces) == (8, 8)
 
 
 def test_interleaved_zero3_needs_more_gathers_with_bounded_buffers(schedule_of):
-    cost = CostModel(weight_bytes=1.0, dp_bandwidth=1.0)
+    cost = CostModel(weight_bytes=1.0, data_parallel_bandwidth=1.0)
 
     def gathers(name, microbatches):
         config = dict(data_parallel=2, zero=3, weight_buffers=1)
@@ -107,7 +107,7 @@ def test_interleaved_zero3_needs_more_gathers_with_bounded_buffers(schedule_of):
 
 def test_breadth_first_hides_reduces_better_than_interleaved(schedule_of):
     """A stage's reduce hides behind m backwards in breadth-first, behind N = p in interleaved."""
-    cost = CostModel(weight_bytes=8.0, dp_bandwidth=1.0)  # all-reduce over 8 replicas: 14 units, a backward is 2
+    cost = CostModel(weight_bytes=8.0, data_parallel_bandwidth=1.0)  # all-reduce over 8 replicas: 14 units, a backward is 2
     breadth_first = simulate(schedule_of("breadth-first", 4, 16, 2, data_parallel=8), cost)
     interleaved = simulate(schedule_of("interleaved", 4, 16, 2, data_parallel=8), cost)
     exposed = lambda result: max(rank.exposed_communication for rank in result.ranks)  # noqa: E731
@@ -117,15 +117,15 @@ def test_breadth_first_hides_reduces_better_than_interleaved(schedule_of):
 
 def test_without_overlap_communication_occupies_compute(schedule_of):
     schedule = schedule_of("breadth-first", 2, 4, 2, data_parallel=2, zero=0)
-    cost = CostModel(weight_bytes=2.0, dp_bandwidth=1.0, overlap=False)
-    overlapped = simulate(schedule, CostModel(weight_bytes=2.0, dp_bandwidth=1.0))
+    cost = CostModel(weight_bytes=2.0, data_parallel_bandwidth=1.0, overlap=False)
+    overlapped = simulate(schedule, CostModel(weight_bytes=2.0, data_parallel_bandwidth=1.0))
     serial = simulate(schedule, cost)
     assert serial.step_time > overlapped.step_time
     assert all(event[1] != "data_parallel" or event[3] <= serial.step_time for event in serial.timeline.events)
 
 
 def test_reduces_in_portions_split_the_collective_time(schedule_of):
-    cost = CostModel(weight_bytes=4.0, dp_bandwidth=1.0)
+    cost = CostModel(weight_bytes=4.0, data_parallel_bandwidth=1.0)
     result = simulate(schedule_of("breadth-first", 2, 4, 2, data_parallel=2, zero=2, reduce_portions=4), cost)
     durations = [end - start for _, _, action, start, end in result.timeline.events if action.kind.value == "REDUCE"]
     assert durations and all(d == pytest.approx(0.5) for d in durations)
@@ -154,6 +154,6 @@ def test_evaluation_programs_gather_at_zero3_and_simulate_without_reduces_or_ste
     evaluation = schedule.forward_only()
     kinds = {action.kind.value for program in evaluation.programs for action in program}
     assert {"F", "GATHER", "RELEASE", "SEND_F", "RECV_F"} == kinds
-    result = simulate(evaluation, CostModel(weight_bytes=2.0, dp_bandwidth=1.0))
+    result = simulate(evaluation, CostModel(weight_bytes=2.0, data_parallel_bandwidth=1.0))
     assert (result.gathers, result.reduces) == (4, 0)
     assert result.step_time > simulate(schedule_of("breadth-first", 2, 4, 2).forward_only(), UNIT).step_time

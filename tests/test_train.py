@@ -167,7 +167,15 @@ def test_an_output_inside_a_file_is_refused_before_training(tmp_path):
     done = run_train("--output", str(taken / "run"), cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"layerpipe train: error: --output {taken / 'run'}: {taken} is not a writable folder"]
+        f"layerpipe train: error: --output {taken / 'run'}: cannot be written (Not a directory)"]
+
+
+def test_an_output_holding_a_folder_where_a_result_file_goes_is_refused_before_training(tmp_path):
+    (tmp_path / "run" / "loss.png").mkdir(parents=True)
+    done = run_train("--output", str(tmp_path / "run"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"layerpipe train: error: --output {tmp_path / 'run'}: holds a folder named loss.png, a file the run writes"]
 
 
 @pytest.mark.multiprocess

@@ -58,12 +58,11 @@ def check_coverage(programs: Sequence[Program], placement: Placement, microbatch
 def _required_before(action: Action, placement: Placement) -> list[Action]:
     """Return the same-rank actions that must come before ``action`` (either B or I stands for a backward)."""
     stage, kind, mb = action.stage, action.kind, action.microbatch
-    rank = placement.rank_of(stage)
     if kind is F:
-        return [Action(stage - 1, F, mb)] if stage > 0 and placement.rank_of(stage - 1) == rank else []
+        return [Action(stage - 1, F, mb)] if stage > 0 and not placement.receives_forward[stage] else []
     if kind in (B, I):
         needs = [Action(stage, F, mb)]
-        if stage + 1 < placement.stages and placement.rank_of(stage + 1) == rank:
+        if stage + 1 < placement.stages and not placement.sends_forward[stage]:
             needs.append(Action(stage + 1, B, mb))  # or its I: checked by _done
         return needs
     if kind is W:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-from ..knobs import Check, knob, number
+from ..knobs import Check, ConfigError, knob, number
 
 PerStage = Union[float, Sequence[float]]
 """One value for every stage, or one value per stage."""
@@ -38,43 +38,44 @@ class CostModel:
     ``s``'s output for one micro-batch.  Data-parallel collectives are rings
     over ``d`` replicas: all-gather and reduce-scatter move ``(d-1)/d`` of
     ``weight_bytes`` per rank, all-reduce twice that, each at
-    ``dp_bandwidth`` after ``dp_latency``.  A per-stage value is one number
+    ``data_parallel_bandwidth`` after ``data_parallel_latency``.  A per-stage value is one number
     for every stage or one per stage (comma-separated on the command line).
     """
 
-    forward_time: PerStage = knob(1.0, "forward of one micro-batch through one stage", check=_TIME, metavar="T")
-    backward_time: PerStage = knob(2.0, "full backward (B) of one micro-batch through one stage", check=_TIME,
+    forward_time: PerStage = knob(1.0, "forward of one micro-batch through one stage (one value, or one per stage: 1,1,2,2)", check=_TIME, metavar="T")
+    backward_time: PerStage = knob(2.0, "full backward (B) of one micro-batch through one stage (one value, or one per stage: 1,1,2,2)", check=_TIME,
                                    metavar="T")
     input_gradient_share: float = knob(0.5, "share of the backward spent on the input gradient I (zero-bubble); "
                                        "W takes the rest", check=lambda v: number(0.0)(v) or (
                                            "must be at most 1" if v > 1 else None), metavar="SHARE")
-    recompute_time: PerStage | None = knob(None, "one recompute R", check=lambda v: None if v is None else _TIME(v),
+    recompute_time: PerStage | None = knob(None, "one recompute R (one value, or one per stage: 1,1,2,2)", check=lambda v: None if v is None else _TIME(v),
                                            metavar="T", default_text="the forward time")
     optimizer_time: float = knob(0.0, "optimizer step (STEP) of one stage", check=_SECONDS, metavar="T")
     p2p_latency: float = knob(0.0, "latency of one point-to-point transfer between pipeline ranks", check=_SECONDS,
                               metavar="T")
     p2p_bandwidth: float = knob(math.inf, "bytes per time unit between pipeline ranks", check=_BANDWIDTH,
                                 metavar="BYTES")
-    boundary_bytes: PerStage = knob(0.0, "bytes of a stage's output for one micro-batch", check=_BYTES,
+    boundary_bytes: PerStage = knob(0.0, "bytes of a stage's output for one micro-batch (one value, or one per stage: 1,1,2,2)", check=_BYTES,
                                     metavar="BYTES")
-    activation_bytes: PerStage = knob(0.0, "bytes a stage stores per micro-batch for its backward", check=_BYTES,
+    activation_bytes: PerStage = knob(0.0, "bytes a stage stores per micro-batch for its backward (one value, or one per stage: 1,1,2,2)", check=_BYTES,
                                       metavar="BYTES")
-    weight_bytes: PerStage = knob(0.0, "bytes of one stage's weights (and of its gradients)", check=_BYTES,
+    weight_bytes: PerStage = knob(0.0, "bytes of one stage's weights (and of its gradients) (one value, or one per stage: 1,1,2,2)", check=_BYTES,
                                   metavar="BYTES")
-    dp_latency: float = knob(0.0, "latency of one data-parallel collective", check=_SECONDS, metavar="T")
-    dp_bandwidth: float = knob(math.inf, "bytes per time unit of the data-parallel link", check=_BANDWIDTH,
+    data_parallel_latency: float = knob(0.0, "latency of one data-parallel collective", check=_SECONDS, metavar="T")
+    data_parallel_bandwidth: float = knob(math.inf, "bytes per time unit of the data-parallel link", check=_BANDWIDTH,
                                metavar="BYTES")
     overlap: bool = knob(True, "communication runs on its own streams; with --no-overlap it occupies the compute "
                          "stream")
 
 
 def per_stage(value: PerStage, stages: int, name: str) -> tuple[float, ...]:
-    """Return ``value`` as one float per stage; refuses a sequence of the wrong length."""
+    """Return ``value`` as one float per stage; refuses a sequence of the wrong length with ``ConfigError``."""
     if isinstance(value, (int, float)):
         return (float(value),) * stages
     values = tuple(float(item) for item in value)
     if len(values) != stages:
-        raise ValueError(f"{name}: {len(values)} values for {stages} stages")
+        raise ConfigError(name, tuple(value), f"{len(values)} values for {stages} stages: give one value, "
+                          f"or one per stage")
     return values
 
 

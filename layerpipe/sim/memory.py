@@ -110,23 +110,37 @@ def weight_versions(program: Program) -> dict[int, int]:
     one, and its backward (``W`` when split) needs that same version until it
     ends (PipeDream's weight stashing).  The count is the current version
     plus the older ones some sub-minibatch in flight still needs: 1 for
-    every flushed schedule, more for the async stream when a stage updates
-    while sub-minibatches are in flight.
+    every flushed schedule (its steps come after all its compute), more for
+    the async stream when a stage updates while sub-minibatches are in flight.
     """
-    freeing = Kind.W if any(action.kind is Kind.W for action in program) else Kind.B
+    stages = {action[0] for action in program if action[1] in COMPUTE_KINDS}
+    last_compute = next((index for index in range(len(program) - 1, -1, -1) if program[index][1] in COMPUTE_KINDS), -1)
+    if not any(action[1] is Kind.STEP for action in program[:last_compute]):
+        return {stage: 1 for stage in stages}
+    return _stashed_versions(program)
+
+
+def _stashed_versions(program: Program) -> dict[int, int]:
+    freeing = Kind.W if any(action[1] is Kind.W for action in program) else Kind.B
     current: dict[int, int] = {}
-    in_flight: dict[int, dict[int, int]] = {}  # stage -> micro-batch -> version its forward used
+    forward_version: dict[tuple[int, int], int] = {}  # (stage, micro-batch) -> version its forward used
+    in_flight: dict[int, dict[int, int]] = {}  # stage -> version -> sub-minibatches in flight that need it
     most: dict[int, int] = {}
-    for action in program:
-        stage, kind = action.stage, action.kind
+    for stage, kind, microbatch, _, _ in program:
+        counts = in_flight.setdefault(stage, {})
         if kind is Kind.F:
-            in_flight.setdefault(stage, {})[action.microbatch] = current.get(stage, 0)
+            version = current.get(stage, 0)
+            forward_version[(stage, microbatch)] = version
+            counts[version] = counts.get(version, 0) + 1
         elif kind is freeing:
-            in_flight.get(stage, {}).pop(action.microbatch, None)
+            version = forward_version.pop((stage, microbatch))
+            counts[version] -= 1
+            if not counts[version]:
+                del counts[version]
         elif kind is Kind.STEP:
             current[stage] = current.get(stage, 0) + 1
         else:
             continue
-        alive = set(in_flight.get(stage, {}).values()) | {current.get(stage, 0)}
-        most[stage] = max(most.get(stage, 1), len(alive))
+        alive = len(counts) + (current.get(stage, 0) not in counts)
+        most[stage] = max(most.get(stage, 1), alive)
     return most

@@ -30,8 +30,8 @@ def paper_52b_costs(network: float = NETWORK) -> CostModel:
         p2p_bandwidth=network,
         boundary_bytes=2 * TOKENS * WIDTH / TENSOR_PARALLEL,
         weight_bytes=2 * parameters,  # bf16 weights gathered, bf16 gradients reduce-scattered
-        dp_latency=50e-6,
-        dp_bandwidth=network,
+        data_parallel_latency=50e-6,
+        data_parallel_bandwidth=network,
     )
 
 

@@ -20,8 +20,10 @@ bubble, not communication.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
+from ..knobs import check_fields
 from ..schedule.actions import AWAITS, BACKWARD_KINDS, P2P_KINDS, Action, Kind, message_of
 from ..schedule.build import Schedule
 from ..schedule.bulk import collector_paused
@@ -41,7 +43,6 @@ class RankMetrics:
     exposed_communication: float
     peak_activations: int
     peak_activation_bytes: float
-    weight_versions: int = 1
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class SimResult:
     ``steady_bubble`` the same over the steady state only: from the moment
     every rank has started backwards to the moment the first rank has ended
     its forwards (``None`` when the programs have no such window, as GPipe's);
+    ``weight_versions`` per rank what stashing weights would cost; both are
+    computed when first asked;
     ``ideal_time`` is the busiest rank's compute time; ``gathers`` and
     ``reduces`` count the collectives of one pipeline replica (a reduce split
     into portions counts once; ``reduce_portions`` counts the parts).
@@ -65,7 +68,17 @@ class SimResult:
     gathers: int
     reduces: int
     reduce_portions: int
-    steady_bubble: float | None = None
+    programs: tuple = field(default=(), repr=False, compare=False)
+
+    @cached_property
+    def steady_bubble(self) -> float | None:
+        """Return the bubble of the steady state (computed when first asked: it reads every event)."""
+        return steady_bubble(self.timeline.events, self.timeline.ranks)
+
+    @cached_property
+    def weight_versions(self) -> tuple[int, ...]:
+        """Return, per rank, the most versions of one of its stages' weights that stashing needs at once."""
+        return tuple(max(weight_versions(program).values(), default=1) for program in self.programs)
 
     def to_json(self) -> dict:
         """Return the metrics as a JSON-ready dictionary (without the timeline)."""
@@ -74,6 +87,7 @@ class SimResult:
             "ideal_time": self.ideal_time,
             "bubble_fraction": self.bubble_fraction,
             "steady_bubble": self.steady_bubble,
+            "weight_versions": list(self.weight_versions),
             "exposed_communication": max((rank.exposed_communication for rank in self.ranks), default=0.0),
             "ranks": [rank.__dict__ for rank in self.ranks],
             "collectives": {"gather": self.gathers, "reduce": self.reduces, "reduce_portions": self.reduce_portions},
@@ -87,8 +101,12 @@ _GATHER, _REDUCE = Kind.GATHER, Kind.REDUCE
 def simulate(schedule: Schedule, cost: CostModel = CostModel()) -> SimResult:
     """Return the simulated timeline and metrics of one step of ``schedule``.
 
-    Raises ``ScheduleError`` naming each blocked rank if the programs deadlock.
+    Refuses, with ``ConfigError`` naming the field, a cost model with a bad
+    value (a bandwidth of 0, an infinite time, a per-stage list of the wrong
+    length); raises ``ScheduleError`` naming each blocked rank if the
+    programs deadlock.
     """
+    check_fields(cost)
     with collector_paused():
         costs = _Costs.of(schedule, cost)
         run = _Run(schedule.placement.ranks, cost.overlap)
@@ -125,8 +143,8 @@ class _Costs:
         replicas = config.data_parallel
         reduce_kind = "all_reduce" if config.zero < 2 else "reduce_scatter"
         collective = {
-            _GATHER: tuple(collective_time("all_gather", size, replicas, cost.dp_bandwidth, cost.dp_latency) for size in weights),
-            _REDUCE: tuple(collective_time(reduce_kind, size, replicas, cost.dp_bandwidth, cost.dp_latency) for size in weights),
+            _GATHER: tuple(collective_time("all_gather", size, replicas, cost.data_parallel_bandwidth, cost.data_parallel_latency) for size in weights),
+            _REDUCE: tuple(collective_time(reduce_kind, size, replicas, cost.data_parallel_bandwidth, cost.data_parallel_latency) for size in weights),
         }
         microbatches = schedule.microbatch_count
         message_base = {kind: tuple(message_of(Action(stage, kind, 0)).number(microbatches) for stage in range(stages))
@@ -239,9 +257,7 @@ def _result(schedule: Schedule, cost: CostModel, run: _Run) -> SimResult:
     metrics = []
     for rank in range(ranks):
         peak = activation_peak(programs[rank], activation, inputs, recomputed)
-        versions = max(weight_versions(programs[rank]).values(), default=1)
-        metrics.append(RankMetrics(rank, run.busy[rank], step_time - run.busy[rank], exposed[rank], peak.count, peak.bytes,
-                                   versions))
+        metrics.append(RankMetrics(rank, run.busy[rank], step_time - run.busy[rank], exposed[rank], peak.count, peak.bytes))
     kinds = [action.kind for program in programs for action in program if action.kind is _GATHER or action.kind is _REDUCE]
     reduces = [action for program in programs for action in program if action.kind is _REDUCE]
     timeline = Timeline(ranks, tuple(run.events), "simulated", "unit", config.schedule, {"config": config.to_json()})
@@ -254,7 +270,7 @@ def _result(schedule: Schedule, cost: CostModel, run: _Run) -> SimResult:
         gathers=kinds.count(_GATHER),
         reduces=sum(action.portion in (None, 1) for action in reduces),
         reduce_portions=len(reduces),
-        steady_bubble=steady_bubble(run.events, ranks),
+        programs=programs,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +94,7 @@ def config_from(arguments: argparse.Namespace, world: int | None = None) -> Trai
                              model=GPTConfig(**values[GPTConfig]), **values[TrainConfig])
         check_config(config)
     except ConfigError as error:
-        raise ConfigError(None, None, error.render(spelling.get(error.field, COMMAND_LINE))) from None
+        raise error.spelled(spelling.get(error.field, COMMAND_LINE)) from None
     return config
 
 
@@ -128,16 +129,29 @@ def check_config(config: TrainConfig) -> None:
     check_output(config.output)
 
 
+OUTPUT_FILES = ("summary.json", "loss.png", "timeline.png", "timeline.json", "timeline-data.json")
+"""The files ``layerpipe train`` writes into ``--output`` (beside ``checkpoint/``)."""
+
+
 def check_output(output: str) -> None:
-    """Refuse, with ``ConfigError``, an output folder that cannot be written: an existing file, or an unwritable place."""
+    """Refuse, with ``ConfigError``, an output folder the run could not write into, before any process starts.
+
+    Creates the folder (the run would) and writes and removes one file in
+    it; refuses an existing file in its place, a folder that cannot be
+    made or written, and a folder where an output file's name is taken by
+    a folder.
+    """
     if os.path.exists(output) and not os.path.isdir(output):
         raise ConfigError("output", output, "is a file; name a folder (it is created if missing)")
-    parent = os.path.dirname(os.path.abspath(output))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    target = output if os.path.isdir(output) else parent
-    if not os.path.isdir(target) or not os.access(target, os.W_OK | os.X_OK):
-        raise ConfigError("output", output, f"{target} is not a writable folder")
+    try:
+        os.makedirs(output, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as error:
+        raise ConfigError("output", output, f"cannot be written ({error.strerror or error})") from None
+    for name in OUTPUT_FILES:
+        if os.path.isdir(os.path.join(output, name)):
+            raise ConfigError("output", output, f"holds a folder named {name}, a file the run writes")
 
 
 def replaced(config: TrainConfig, **changes: Any) -> TrainConfig:

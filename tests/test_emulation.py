@@ -120,3 +120,24 @@ def test_bad_options_are_refused_in_one_line(arguments, message):
     with pytest.raises(ConfigError) as caught:
         PipelinedBackprop(stages_of(3), nn.functional.mse_loss, optimizer, **arguments)
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_the_delay_aware_warm_up_starts_delayed_stages_slow_and_ends_at_the_full_rate():
+    pipe = PipelinedBackprop(stages_of(4), nn.functional.mse_loss, optimizer, update_every=2, delay_warmup=10)
+    assert [pipe.stale_updates(stage) for stage in range(4)] == [3, 2, 1, 0]
+    assert pipe.learning_rate_factor(0, 0) == pytest.approx(1 / 3)
+    assert pipe.learning_rate_factor(0, 5) == pytest.approx(3 ** -0.5)
+    assert pipe.learning_rate_factor(0, 10) == pipe.learning_rate_factor(0, 50) == 1.0
+    assert pipe.learning_rate_factor(3, 0) == pipe.learning_rate_factor(2, 0) == 1.0
+    inputs, targets = data(8)
+    pipe.train(inputs, targets)
+    first = pipe.stages[0].optimizer.param_groups[0]
+    assert first["lr"] == pytest.approx(0.05 * pipe.learning_rate_factor(0, 3))  # its 4th update used this rate
+    assert pipe.stages[3].optimizer.param_groups[0]["lr"] == 0.05
+
+
+def test_without_warm_up_the_learning_rate_is_the_optimizers():
+    found, _, pipe = emulated(stages_of(3), *data(8), 2)
+    assert all(stage.optimizer.param_groups[0]["lr"] == 0.05 for stage in pipe.stages)
+    with pytest.raises(ConfigError, match="delay_warmup=-1: must be a whole number of updates"):
+        PipelinedBackprop(stages_of(3), nn.functional.mse_loss, optimizer, delay_warmup=-1)

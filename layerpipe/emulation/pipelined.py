@@ -20,6 +20,11 @@ Weight policies (which weights a backward uses):
 * ``live`` — the current weights: the forward is run again from the stored
   input with the current weights, and both gradients come from that.
 
+``delay_warmup=K`` scales a stage's learning rate by ``τ^-(1 - min(u/K, 1))``
+at its ``u``-th update, ``τ`` being how many of its updates its gradients
+are stale: delayed stages start slow and reach the full rate after ``K``
+updates (PipeMare's rescheduling).
+
 ``zero_delay=True`` runs every sub-minibatch's forward and backward through
 all stages before the next one starts — synchronous training with gradient
 accumulation — the degenerate case the asynchronous runs are compared with.
@@ -102,8 +107,11 @@ class PipelinedBackprop:
     """
 
     def __init__(self, stages: Sequence[nn.Module], loss_fn: Callable, optimizer: Callable, update_every: int = 1,
-                 weight_policy: str = "stashed", zero_delay: bool = False):
+                 weight_policy: str = "stashed", zero_delay: bool = False, delay_warmup: int = 0):
         _check(len(stages), update_every, weight_policy)
+        if isinstance(delay_warmup, bool) or not isinstance(delay_warmup, int) or delay_warmup < 0:
+            raise ConfigError("delay_warmup", delay_warmup, "must be a whole number of updates, 0 for none")
+        self.delay_warmup = delay_warmup
         self.stages = [_Stage(index, module, optimizer([p for p in module.parameters() if p.requires_grad]),
                               weight_policy) for index, module in enumerate(stages)]
         self.loss_fn, self.update_every, self.zero_delay = loss_fn, update_every, zero_delay
@@ -193,6 +201,33 @@ class PipelinedBackprop:
         del stage.in_flight[microbatch]
         self._count_backward(stage, microbatch, version, backward_version, forward_tick, tick)
 
+    def stale_updates(self, stage: int) -> int:
+        """Return how many of its own updates a stage makes while a sub-minibatch is in flight: ``ceil(delay / k)``."""
+        return -(-self.delay(stage) // self.update_every)
+
+    def learning_rate_factor(self, stage: int, update: int) -> float:
+        """Return the factor of the stage's learning rate at its ``update``-th update under the delay-aware warm-up.
+
+        ``τ^-(1 - min(update / K, 1))`` for a stage whose gradients are ``τ``
+        updates stale and a warm-up of ``K = delay_warmup`` updates: the rate
+        starts at ``1/τ`` and reaches the optimizer's own at update ``K``
+        (PipeMare's learning-rate rescheduling, Yang et al., MLSys 2021, in the
+        form of PluralisResearch/AsyncPP's ``adjust_learning_rate``).  1 without
+        a warm-up and for a stage without delay.
+        """
+        stale = self.stale_updates(stage)
+        if not self.delay_warmup or stale <= 1:
+            return 1.0
+        return float(stale) ** -(1.0 - min(update / self.delay_warmup, 1.0))
+
+    def _warm_up(self, stage: _Stage) -> None:
+        if not self.delay_warmup:
+            return
+        factor = self.learning_rate_factor(stage.index, stage.version)
+        for group in stage.optimizer.param_groups:
+            group.setdefault("initial_lr_of_warmup", group["lr"])
+            group["lr"] = group["initial_lr_of_warmup"] * factor
+
     def _deliver(self, stage: _Stage, microbatch: int, wanted, gradients) -> None:
         """Keep the gradients of the stage's inputs for the previous stage's backward."""
         if stage.index:
@@ -207,6 +242,7 @@ class PipelinedBackprop:
         pending.append(len(self.records))
         self.records.append(VersionRecord(stage.index, microbatch, version, backward_version, -1, forward_tick, tick))
         if stage.backwards % self.update_every == 0:
+            self._warm_up(stage)
             stage.optimizer.step()
             stage.optimizer.zero_grad(set_to_none=True)
             stage.version += 1

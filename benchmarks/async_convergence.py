@@ -1,6 +1,6 @@
 """Does pipelined backpropagation train as well as synchronous training? A study on scikit-learn's digits.
 
-Run: python benchmarks/async_convergence.py [--seeds 3] [--epochs 8]
+Run: python benchmarks/async_convergence.py [--seeds 3] [--epochs 5]
 Writes benchmarks/results/async_convergence.{json,md} and docs/async/convergence.png.
 
 One model — eight residual blocks ``x + tanh(Wx + b)`` of width 64 and a
@@ -142,7 +142,7 @@ def plot(rows: list[dict], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--update-every", type=int, default=1)
     parser.add_argument("--output", default=os.path.join(HERE, "results"))

@@ -141,3 +141,67 @@ def test_without_warm_up_the_learning_rate_is_the_optimizers():
     assert all(stage.optimizer.param_groups[0]["lr"] == 0.05 for stage in pipe.stages)
     with pytest.raises(ConfigError, match="delay_warmup=-1: must be a whole number of updates"):
         PipelinedBackprop(stages_of(3), nn.functional.mse_loss, optimizer, delay_warmup=-1)
+
+
+class TwoOut(nn.Module):
+    """Returns a float tensor, an integer tensor and a float mask that needs no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH).double()
+
+    def forward(self, x):
+        h = torch.tanh(self.linear(x))
+        return h, (x[:, 0] > 0).long(), torch.ones_like(x)
+
+
+class TakeThree(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, 2).double()
+
+    def forward(self, h, sign, mask):
+        return self.linear(h * mask) + sign.unsqueeze(1).double()
+
+
+@pytest.mark.parametrize("policy", ["stashed", "live"])
+def test_stages_may_pass_integer_tensors_and_tensors_that_need_no_gradient(policy):
+    torch.manual_seed(0)
+    stages = [TwoOut(), TakeThree()]
+    inputs, targets = data(4)
+    pipe = PipelinedBackprop(stages, nn.functional.mse_loss, optimizer, 1, policy)
+    assert len(pipe.train(inputs, targets)) == 4
+
+
+def test_live_weights_recompute_with_the_forwards_dropout_masks():
+    def dropped(seed=0):
+        torch.manual_seed(seed)
+        return [nn.Sequential(nn.Linear(WIDTH, 2), nn.Dropout(0.5)).double()]
+
+    inputs, targets = data(6)
+    results = []
+    for policy in ("stashed", "live"):
+        torch.manual_seed(7)
+        stages = dropped()
+        PipelinedBackprop(stages, nn.functional.mse_loss, optimizer, 2, policy, zero_delay=True).train(inputs, targets)
+        results.append([p.detach().clone() for p in stages[0].parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_live_weights_hold_one_version_and_losses_are_the_sub_minibatch_losses_unscaled():
+    inputs, targets = data(6)
+    _, losses, pipe = emulated(stages_of(3), inputs, targets, 3, "live")
+    assert pipe.weight_versions() == {0: 1, 1: 1, 2: 1}
+    reference = nn.Sequential(*stages_of(3))
+    with torch.no_grad():
+        assert losses[0] == float(nn.functional.mse_loss(reference(inputs[0]), targets[0]))
+
+
+def test_a_partial_virtual_minibatch_is_refused_and_records_number_on_across_calls():
+    pipe = PipelinedBackprop(stages_of(2), nn.functional.mse_loss, optimizer, update_every=4)
+    with pytest.raises(ConfigError, match="microbatches=6: give as many targets as inputs, in a multiple of"):
+        pipe.train(*data(6))
+    pipe.train(*data(4))
+    pipe.train(*data(4))
+    keys = [(record.stage, record.microbatch) for record in pipe.records]
+    assert len(keys) == len(set(keys)) == 16 and all(record.update_version > 0 for record in pipe.records)

@@ -119,13 +119,24 @@ class PipelinedBackprop:
         self.losses: dict[int, float] = {}
         self._targets: Sequence[torch.Tensor] = ()
         self._pending: dict[int, list[int]] = {}  # stage -> records waiting for the version of their update
+        self._offset = (0, 0)  # sub-minibatches and ticks of the earlier calls, so records stay unique
 
     def delay(self, stage: int) -> int:
         """Return the ticks between a sub-minibatch's forward and backward at ``stage``: ``2(S-1-s)``, or 0."""
         return 0 if self.zero_delay else 2 * (len(self.stages) - 1 - stage)
 
     def train(self, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> list[float]:
-        """Stream the sub-minibatches through the pipeline and drain it; return each sub-minibatch's loss in order."""
+        """Stream the sub-minibatches through the pipeline and drain it; return each sub-minibatch's loss in order.
+
+        Each call is a stream of its own that ends drained (one call over
+        ``n·m`` sub-minibatches is what ``n`` calls of the async schedule
+        run); records number sub-minibatches and ticks on across calls.
+        Refuses, with ``ConfigError``, a count that is not a whole number of
+        virtual minibatches (``update_every`` sub-minibatches each).
+        """
+        if len(inputs) % self.update_every or len(inputs) != len(targets):
+            raise ConfigError("microbatches", len(inputs), f"give as many targets as inputs, in a multiple of "
+                              f"`update_every` ({self.update_every}) sub-minibatches")
         self.losses, self._targets = {}, targets
         if self.zero_delay:
             for microbatch in range(len(inputs)):
@@ -134,6 +145,8 @@ class PipelinedBackprop:
             ticks = len(inputs) + 2 * (len(self.stages) - 1)
             for tick in range(ticks):
                 self._run_tick(tick, inputs, targets)
+        spent = len(inputs) if self.zero_delay else len(inputs) + 2 * (len(self.stages) - 1)
+        self._offset = (self._offset[0] + len(inputs), self._offset[1] + spent)
         return [self.losses[microbatch] for microbatch in range(len(inputs))]
 
     # ---------------------------------------------------------------- ticks
@@ -159,47 +172,58 @@ class PipelinedBackprop:
             received = (inputs[microbatch],)
         else:
             received = self.stages[stage.index - 1].in_flight[microbatch][3]
-        leaves = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in received)
+        leaves = tuple(t.detach().requires_grad_(_carries_gradient(t)) for t in received)
         keep_graph = stage.policy != "live"  # live runs the forward again at the backward
+        random_state = torch.get_rng_state()  # live's second forward draws the same dropout masks
         with torch.set_grad_enabled(keep_graph):
             outputs = self._stage_outputs(stage, stage.version, leaves, microbatch)
-        if stage.index == len(self.stages) - 1:
-            self.losses[microbatch] = float(outputs[0].detach()) * self.update_every
-        stage.in_flight[microbatch] = (stage.version, tick, leaves, outputs)
+        stage.in_flight[microbatch] = (stage.version, tick, leaves, outputs, random_state)
         stage.forget_unused_versions()
 
     def weight_versions(self) -> dict[int, int]:
-        """Return, per stage, the most weight versions it needed at once (what stashing them costs)."""
-        return {stage.index: stage.most_versions for stage in self.stages}
+        """Return, per stage, the most weight versions it held at once: what stashing cost (1 with live weights)."""
+        return {stage.index: 1 if stage.policy == "live" else stage.most_versions for stage in self.stages}
 
     def _stage_outputs(self, stage: _Stage, version: int, leaves: tuple, microbatch: int) -> tuple:
-        """Return the stage's outputs on ``leaves`` with weights ``version``; the last stage's is its scaled loss."""
+        """Return the stage's outputs on ``leaves`` with weights ``version``; the last stage's is its scaled loss.
+
+        The last stage also records the sub-minibatch's loss, before scaling.
+        """
         outputs = _as_tuple(functional_call(stage.module, stage.weights(version), leaves))
         if stage.index < len(self.stages) - 1:
             return outputs
         loss = self.loss_fn(outputs[0] if len(outputs) == 1 else outputs, self._targets[microbatch])
+        self.losses[microbatch] = float(loss.detach())
         return (loss / self.update_every,)
 
     def _backward(self, stage: _Stage, microbatch: int, tick: int) -> None:
-        version, forward_tick, leaves, outputs = stage.in_flight[microbatch]
-        if stage.index == len(self.stages) - 1:
-            gradients = None
-        else:
-            gradients = self.stages[stage.index + 1].sent_back.pop(microbatch)
+        version, forward_tick, leaves, outputs, random_state = stage.in_flight[microbatch]
         backward_version = version
         if stage.policy == "live":  # the forward again, from the stored input, with the current weights
             backward_version = stage.version
-            with torch.enable_grad():
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                torch.set_rng_state(random_state)
                 outputs = self._stage_outputs(stage, backward_version, leaves, microbatch)
+        roots, gradients = self._roots(stage, microbatch, outputs)
         weights = list(stage.weights(backward_version).values())
-        wanted = [leaf for leaf in leaves if leaf.requires_grad] if stage.index else []
-        found = torch.autograd.grad(outputs, wanted + weights, gradients, allow_unused=True)
+        wanted = [leaf for leaf in leaves if _carries_gradient(leaf)] if stage.index else []
+        found = torch.autograd.grad(roots, wanted + weights, gradients, allow_unused=True) if roots \
+            else (None,) * (len(wanted) + len(weights))
         self._deliver(stage, microbatch, wanted, found[:len(wanted)])
         for parameter, gradient in zip(stage.parameters, found[len(wanted):]):
             if gradient is not None:
                 parameter.grad = gradient.clone() if parameter.grad is None else parameter.grad + gradient
         del stage.in_flight[microbatch]
         self._count_backward(stage, microbatch, version, backward_version, forward_tick, tick)
+
+    def _roots(self, stage: _Stage, microbatch: int, outputs: tuple) -> tuple[list, list | None]:
+        """Return the outputs to differentiate and their incoming gradients (the next stage sent one per float input)."""
+        if stage.index == len(self.stages) - 1:
+            return list(outputs), None
+        sent = self.stages[stage.index + 1].sent_back.pop(microbatch)
+        pairs = zip((output for output in outputs if _carries_gradient(output)), sent)
+        kept = [(output, gradient) for output, gradient in pairs if output.requires_grad]
+        return [output for output, _ in kept], [gradient for _, gradient in kept]
 
     def stale_updates(self, stage: int) -> int:
         """Return how many of its own updates a stage makes while a sub-minibatch is in flight: ``ceil(delay / k)``."""
@@ -240,7 +264,9 @@ class PipelinedBackprop:
         stage.backwards += 1
         pending = self._pending.setdefault(stage.index, [])
         pending.append(len(self.records))
-        self.records.append(VersionRecord(stage.index, microbatch, version, backward_version, -1, forward_tick, tick))
+        offset, ticks = self._offset
+        self.records.append(VersionRecord(stage.index, offset + microbatch, version, backward_version, -1,
+                                          ticks + forward_tick, ticks + tick))
         if stage.backwards % self.update_every == 0:
             self._warm_up(stage)
             stage.optimizer.step()
@@ -250,6 +276,10 @@ class PipelinedBackprop:
                 self.records[index] = dataclasses.replace(self.records[index], update_version=stage.version)
             pending.clear()
         stage.forget_unused_versions()
+
+
+def _carries_gradient(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
 
 
 def _as_tuple(value) -> tuple:

@@ -104,7 +104,7 @@ def build_schedule(config: ScheduleConfig, check: bool = True, calls: int = 1) -
     run with ``ScheduleError``.
     """
     validate_config(config)
-    if not isinstance(calls, int) or calls < 1:
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
         raise ConfigError("calls", calls, "must be a whole number of at least 1")
     placement = make_placement(config)
     with collector_paused():

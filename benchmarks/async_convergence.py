@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--update-every", type=int, default=1)
     parser.add_argument("--output", default=os.path.join(HERE, "results"))
+    parser.add_argument("--plot", default=os.path.join(os.path.dirname(HERE), "docs", "async", "convergence.png"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = study(args.seeds, args.epochs, args.stages, args.update_every)
@@ -161,7 +162,7 @@ def main() -> None:
         lines.append(f"| {row['stages']} | {row['variant']} | {row['update_every']} | "
                      f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} | "
                      f"{row['loss_mean']:.3f} ± {row['loss_std']:.3f} |")
-    plot(rows, os.path.join(os.path.dirname(HERE), "docs", "async", "convergence.png"))
+    plot(rows, args.plot)
     print(write_results(args.output, "async_convergence", report, lines))
 
 

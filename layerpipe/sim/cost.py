@@ -42,24 +42,24 @@ class CostModel:
     for every stage or one per stage (comma-separated on the command line).
     """
 
-    forward_time: PerStage = knob(1.0, "forward of one micro-batch through one stage (one value, or one per stage: 1,1,2,2)", check=_TIME, metavar="T")
-    backward_time: PerStage = knob(2.0, "full backward (B) of one micro-batch through one stage (one value, or one per stage: 1,1,2,2)", check=_TIME,
+    forward_time: PerStage = knob(1.0, "forward of one micro-batch through one stage (one value, or one per stage, comma-separated)", check=_TIME, metavar="T")
+    backward_time: PerStage = knob(2.0, "full backward (B) of one micro-batch through one stage (one value, or one per stage, comma-separated)", check=_TIME,
                                    metavar="T")
     input_gradient_share: float = knob(0.5, "share of the backward spent on the input gradient I (zero-bubble); "
                                        "W takes the rest", check=lambda v: number(0.0)(v) or (
                                            "must be at most 1" if v > 1 else None), metavar="SHARE")
-    recompute_time: PerStage | None = knob(None, "one recompute R (one value, or one per stage: 1,1,2,2)", check=lambda v: None if v is None else _TIME(v),
+    recompute_time: PerStage | None = knob(None, "one recompute R (one value, or one per stage, comma-separated)", check=lambda v: None if v is None else _TIME(v),
                                            metavar="T", default_text="the forward time")
     optimizer_time: float = knob(0.0, "optimizer step (STEP) of one stage", check=_SECONDS, metavar="T")
     p2p_latency: float = knob(0.0, "latency of one point-to-point transfer between pipeline ranks", check=_SECONDS,
                               metavar="T")
     p2p_bandwidth: float = knob(math.inf, "bytes per time unit between pipeline ranks", check=_BANDWIDTH,
                                 metavar="BYTES")
-    boundary_bytes: PerStage = knob(0.0, "bytes of a stage's output for one micro-batch (one value, or one per stage: 1,1,2,2)", check=_BYTES,
+    boundary_bytes: PerStage = knob(0.0, "bytes of a stage's output for one micro-batch (one value, or one per stage, comma-separated)", check=_BYTES,
                                     metavar="BYTES")
-    activation_bytes: PerStage = knob(0.0, "bytes a stage stores per micro-batch for its backward (one value, or one per stage: 1,1,2,2)", check=_BYTES,
+    activation_bytes: PerStage = knob(0.0, "bytes a stage stores per micro-batch for its backward (one value, or one per stage, comma-separated)", check=_BYTES,
                                       metavar="BYTES")
-    weight_bytes: PerStage = knob(0.0, "bytes of one stage's weights (and of its gradients) (one value, or one per stage: 1,1,2,2)", check=_BYTES,
+    weight_bytes: PerStage = knob(0.0, "bytes of one stage's weights (and of its gradients) (one value, or one per stage, comma-separated)", check=_BYTES,
                                   metavar="BYTES")
     data_parallel_latency: float = knob(0.0, "latency of one data-parallel collective", check=_SECONDS, metavar="T")
     data_parallel_bandwidth: float = knob(math.inf, "bytes per time unit of the data-parallel link", check=_BANDWIDTH,

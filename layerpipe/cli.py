@@ -123,13 +123,6 @@ def _title(config: ScheduleConfig) -> str:
     return text
 
 
-def _scaled(value, scale: float):
-    """Return a per-stage cost value (one number or one per stage) times ``scale``."""
-    if isinstance(value, (tuple, list)):
-        return tuple(item * scale for item in value)
-    return value * scale
-
-
 def _same_model_cost(cost: CostModel, reference_stages: int, stages_per_rank: int) -> CostModel:
     """Return ``cost`` for a schedule with ``stages_per_rank`` stages running the same model.
 
@@ -144,11 +137,10 @@ def _same_model_cost(cost: CostModel, reference_stages: int, stages_per_rank: in
         if isinstance(value, (tuple, list)):
             raise ConfigError(name, value, "compare runs schedules with different numbers of stages: give one value "
                               "(one per stage works with simulate)")
-    recompute = None if cost.recompute_time is None else _scaled(cost.recompute_time, scale)
-    return dataclasses.replace(cost, forward_time=_scaled(cost.forward_time, scale),
-                               backward_time=_scaled(cost.backward_time, scale), recompute_time=recompute,
-                               activation_bytes=_scaled(cost.activation_bytes, scale),
-                               weight_bytes=_scaled(cost.weight_bytes, scale))
+    recompute = None if cost.recompute_time is None else cost.recompute_time * scale
+    return dataclasses.replace(cost, forward_time=cost.forward_time * scale, backward_time=cost.backward_time * scale,
+                               recompute_time=recompute, activation_bytes=cost.activation_bytes * scale,
+                               weight_bytes=cost.weight_bytes * scale)
 
 
 def _compared_schedules(args: argparse.Namespace) -> list[str]:

@@ -68,13 +68,11 @@ class ConfigError(ValueError):
 
     ``valid`` may mention other fields as ```name```; ``render`` writes
     them, and the field itself, in an entry point's spelling.  ``str()``
-    uses Python's (``group_size=3: must be between ranks (4) and microbatches (8)``).
-    A ``field`` of ``None`` is an error about no one knob (e.g. a file).
+    uses Python's (``group_size=3: must be between ranks (4) and microbatches (8)``)
+    unless ``spelled`` chose another.
     """
 
-    def __init__(self, field: str | None, value: Any = None, valid: str | None = None):
-        if valid is None:  # a message about no one knob
-            field, valid = None, str(field)
+    def __init__(self, field: str, value: Any, valid: str):
         self.field, self.value, self.valid = field, value, valid
         self.spelling = PYTHON
         super().__init__(self.render(PYTHON))
@@ -90,8 +88,6 @@ class ConfigError(ValueError):
     def render(self, spelling: Spelling) -> str:
         """Return the message with field names in ``spelling``."""
         reason = _MENTION.sub(lambda match: spelling.name(match.group(1)), self.valid)
-        if self.field is None:
-            return reason
         return f"{spelling.assignment(self.field, self.value)}: {reason}"
 
 
@@ -147,6 +143,10 @@ def check_fields(config: Any) -> None:
             raise ConfigError(field.name, value, reason)
 
 
+_KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+"""How a refusal names each field type."""
+
+
 def field_type(cls: type, name: str) -> str:
     """Return the declared type of field ``name`` as written (``int``, ``int | None``, ``float``, ...)."""
     for field in dataclasses.fields(cls):
@@ -179,8 +179,7 @@ def parse_text(cls: type, name: str, text: str) -> Any:
         if base == "bool":
             return {"true": True, "false": False}[text.lower()]
     except (ValueError, KeyError):
-        kind = {"int": "a whole number", "float": "a number", "bool": "true or false"}[base]
-        raise ConfigError(name, text, f"must be {kind}") from None
+        raise ConfigError(name, text, f"must be {_KIND_WORDS[base]}") from None
     return text
 
 
@@ -196,5 +195,4 @@ def check_type(cls: type, name: str, value: Any) -> None:
     if accepted is None:
         return
     if (isinstance(value, bool) and base != "bool") or not isinstance(value, accepted):
-        kind = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}[base]
-        raise ConfigError(name, value, f"must be {kind}")
+        raise ConfigError(name, value, f"must be {_KIND_WORDS[base]}")

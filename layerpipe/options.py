@@ -14,7 +14,7 @@ import dataclasses
 import tomllib
 from typing import Any, Iterable
 
-from .knobs import ConfigError, check_type, knobs, parse_text, toml_spelling
+from .knobs import COMMAND_LINE, ConfigError, check_type, knobs, parse_text, toml_spelling
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,11 +22,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def flag(name: str) -> str:
-    """Return the command-line flag of field ``name`` (``group_size`` → ``--group-size``)."""
-    return "--" + name.replace("_", "-")
 
 
 def _default_text(field: dataclasses.Field, default: Any) -> str:
@@ -52,7 +47,7 @@ def add_knobs(parser: argparse.ArgumentParser | Any, defaults: Any, skip: Iterab
         if field.name in skip:
             continue
         help_text = f"{field.metadata['help']} (default: {_default_text(field, getattr(defaults, field.name))})"
-        names = [flag(field.name)] + ([field.metadata["short"]] if field.metadata.get("short") else [])
+        names = [COMMAND_LINE.name(field.name)] + ([field.metadata["short"]] if field.metadata.get("short") else [])
         if field.type == "bool":
             parser.add_argument(*names, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
                                 help=help_text.replace("%", "%%"))

@@ -9,7 +9,6 @@ data, see ``layerpipe.schedule``) and returns the mean loss on every rank.
 from __future__ import annotations
 
 import functools
-import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
@@ -17,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..knobs import knobs
+from ..knobs import knobs, number
 from ..schedule.build import Schedule, build_schedule
-from ..schedule.config import ConfigError, ScheduleConfig
+from ..schedule.config import ConfigError, ScheduleConfig, pipeline_ranks
 from ..sim.timeline import Timeline, TimelineEvent
 from .context import RankContext
 from .executor import Executor, LocalStage, RunResult
@@ -69,8 +68,8 @@ class Pipeline:
                  partition: str | Sequence[int] = "parameters", device: torch.device | str | None = None,
                  timeout: float = 300.0, sample: Callable[[], object] | None = None, track_memory: bool = False,
                  **options):
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < math.inf:
-            raise ConfigError("timeout", timeout, "must be a number of seconds above 0")
+        if number(0.0, above=True)(timeout) is not None:
+            raise ConfigError("timeout", timeout, "must be a finite number of seconds above 0")
         init_process_group(timeout)
         self.schedule = _schedule_for(schedule, options, dist.get_world_size())
         config = self.schedule.config
@@ -335,12 +334,7 @@ def _schedule_for(schedule: str | ScheduleConfig | Schedule, options: dict, worl
         if name not in names:
             raise ConfigError(name, value, f"not an option of Pipeline; the schedule options are {', '.join(names)}")
     if isinstance(schedule, str):
-        data_parallel = options.get("data_parallel", 1)
-        if not isinstance(data_parallel, int) or isinstance(data_parallel, bool) or data_parallel < 1 \
-                or world % data_parallel:
-            raise ConfigError("data_parallel", data_parallel, f"must divide the {world} processes "
-                              f"(world = pipeline ranks × data_parallel)")
-        schedule = ScheduleConfig(schedule, ranks=world // data_parallel, **options)
+        schedule = ScheduleConfig(schedule, ranks=pipeline_ranks(world, options.get("data_parallel", 1)), **options)
     if isinstance(schedule, ScheduleConfig):
         schedule = build_schedule(schedule)
     config = schedule.config

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..knobs import ConfigError, check_fields, knob, one_of, optional, whole
 
-__all__ = ["ConfigError", "ScheduleConfig", "validate_config", "SCHEDULES", "PLACEMENTS", "REDUCE_ORDERS",
+__all__ = ["ConfigError", "ScheduleConfig", "validate_config", "pipeline_ranks", "SCHEDULES", "PLACEMENTS", "REDUCE_ORDERS",
            "RECOMPUTE_MODES", "ONE_STAGE_SCHEDULES"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble", "async")
@@ -113,6 +113,18 @@ class ScheduleConfig:
         """Return the configuration as a JSON-ready dictionary of its fields."""
         recompute = self.recompute if isinstance(self.recompute, str) else list(self.recompute)
         return {**self.__dict__, "recompute": recompute}
+
+
+def pipeline_ranks(processes: int, data_parallel: object) -> int:
+    """Return the pipeline ranks of ``processes`` processes split into ``data_parallel`` replicas.
+
+    Refuses, with ``ConfigError`` on ``data_parallel``, a value that is not a
+    whole number dividing the process count.
+    """
+    if whole(1)(data_parallel) is not None or processes % data_parallel:
+        raise ConfigError("data_parallel", data_parallel, f"must divide the {processes} processes "
+                          f"(processes = pipeline ranks × data_parallel)")
+    return processes // data_parallel
 
 
 def validate_config(config: ScheduleConfig) -> ScheduleConfig:

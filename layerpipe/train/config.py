@@ -18,7 +18,7 @@ from typing import Any
 from ..knobs import COMMAND_LINE, ConfigError, Spelling, check_fields, knob, knobs, number, toml_spelling, whole
 from ..models.config import GPTConfig
 from ..options import Parser, add_knobs, given, read_toml
-from ..schedule.config import ScheduleConfig, validate_config
+from ..schedule.config import ScheduleConfig, pipeline_ranks, validate_config
 
 
 @dataclass(frozen=True)
@@ -100,13 +100,11 @@ def config_from(arguments: argparse.Namespace, world: int | None = None) -> Trai
 
 def _ranks_under_torchrun(schedule_values: dict, world: int) -> int:
     data_parallel = schedule_values.get("data_parallel", 1)
-    if not isinstance(data_parallel, int) or data_parallel < 1 or world % data_parallel:
-        raise ConfigError("data_parallel", data_parallel, f"must divide the {world} processes torchrun started")
-    ranks = schedule_values.get("ranks")
-    if ranks is not None and ranks * data_parallel != world:
-        raise ConfigError("ranks", ranks, f"torchrun started {world} processes = `ranks` × `data_parallel` "
-                          f"({data_parallel}); leave `ranks` out or make them agree")
-    return world // data_parallel
+    ranks = pipeline_ranks(world, data_parallel)
+    if schedule_values.get("ranks", ranks) != ranks:
+        raise ConfigError("ranks", schedule_values["ranks"], f"torchrun started {world} processes = `ranks` × "
+                          f"`data_parallel` ({data_parallel}); leave `ranks` out or make them agree")
+    return ranks
 
 
 def check_config(config: TrainConfig) -> None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from layerpipe.emulation import PipelinedBackprop
 
-from results_files import write_results
+from results_files import save_figure, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUBMINIBATCH, WIDTH, BLOCKS, LEARNING_RATE, MOMENTUM = 8, 64, 8, 0.02, 0.9
@@ -133,10 +133,7 @@ def plot(rows: list[dict], path: str) -> None:
     axes.set_xscale("log", base=2)
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main() -> None:

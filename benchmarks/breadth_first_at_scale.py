@@ -26,7 +26,7 @@ from layerpipe.sim.scenarios import (NETWORK, PIPELINE, REPLICAS, STAGES_PER_RAN
                                     paper_52b_configurations as configurations, paper_52b_costs as layer_costs)
 from layerpipe.sim.simulator import simulate
 
-from results_files import write_results
+from results_files import save_figure, write_results
 
 
 def run(microbatch_counts: list[int]) -> list[dict]:
@@ -72,10 +72,7 @@ def plot(rows: list[dict], path: str) -> None:
     figure.suptitle(f"52B GPT, {PIPELINE * TENSOR_PARALLEL * REPLICAS} GPUs: p={PIPELINE}, v={STAGES_PER_RANK}, "
                     f"TP {TENSOR_PARALLEL}, {REPLICAS} replicas at ZeRO-3, {NETWORK * 8 / 1e9:.0f} Gb/s per GPU "
                     "(simulated)", fontsize=10)
-    figure.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Where every benchmark writes its results: ``<folder>/<name>.json`` and ``<folder>/<name>.md``."""
+"""Where every benchmark writes its results: ``<folder>/<name>.json`` and ``<folder>/<name>.md``, and its pictures."""
 
 from __future__ import annotations
 
@@ -15,3 +15,13 @@ def write_results(folder: str, name: str, record: dict, lines: list[str]) -> str
     with open(os.path.join(folder, f"{name}.md"), "w") as handle:
         handle.write(text)
     return text
+
+
+def save_figure(figure, path: str) -> None:
+    """Lay out and write a matplotlib ``figure`` to ``path`` (its folder made if missing), then close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

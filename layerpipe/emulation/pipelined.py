@@ -44,6 +44,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..knobs import ConfigError
+from ..runtime.stage import backward_roots, carries_gradient
 
 WEIGHT_POLICIES = ("stashed", "double-buffered", "live")
 
@@ -172,7 +173,7 @@ class PipelinedBackprop:
             received = (inputs[microbatch],)
         else:
             received = self.stages[stage.index - 1].in_flight[microbatch][3]
-        leaves = tuple(t.detach().requires_grad_(_carries_gradient(t)) for t in received)
+        leaves = tuple(t.detach().requires_grad_(carries_gradient(t.dtype)) for t in received)
         keep_graph = stage.policy != "live"  # live runs the forward again at the backward
         random_state = torch.get_rng_state()  # live's second forward draws the same dropout masks
         with torch.set_grad_enabled(keep_graph):
@@ -206,7 +207,7 @@ class PipelinedBackprop:
                 outputs = self._stage_outputs(stage, backward_version, leaves, microbatch)
         roots, gradients = self._roots(stage, microbatch, outputs)
         weights = list(stage.weights(backward_version).values())
-        wanted = [leaf for leaf in leaves if _carries_gradient(leaf)] if stage.index else []
+        wanted = [leaf for leaf in leaves if carries_gradient(leaf.dtype)] if stage.index else []
         found = torch.autograd.grad(roots, wanted + weights, gradients, allow_unused=True) if roots \
             else (None,) * (len(wanted) + len(weights))
         self._deliver(stage, microbatch, wanted, found[:len(wanted)])
@@ -220,10 +221,7 @@ class PipelinedBackprop:
         """Return the outputs to differentiate and their incoming gradients (the next stage sent one per float input)."""
         if stage.index == len(self.stages) - 1:
             return list(outputs), None
-        sent = self.stages[stage.index + 1].sent_back.pop(microbatch)
-        pairs = zip((output for output in outputs if _carries_gradient(output)), sent)
-        kept = [(output, gradient) for output, gradient in pairs if output.requires_grad]
-        return [output for output, _ in kept], [gradient for _, gradient in kept]
+        return backward_roots(outputs, self.stages[stage.index + 1].sent_back.pop(microbatch))
 
     def stale_updates(self, stage: int) -> int:
         """Return how many of its own updates a stage makes while a sub-minibatch is in flight: ``ceil(delay / k)``."""
@@ -276,10 +274,6 @@ class PipelinedBackprop:
                 self.records[index] = dataclasses.replace(self.records[index], update_version=stage.version)
             pending.clear()
         stage.forget_unused_versions()
-
-
-def _carries_gradient(tensor: torch.Tensor) -> bool:
-    return tensor.is_floating_point() or tensor.is_complex()
 
 
 def _as_tuple(value) -> tuple:

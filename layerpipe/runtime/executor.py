@@ -39,7 +39,7 @@ from .memory import ActivationMeter
 from .p2p import Mailbox, failure_reason
 from .recompute import Recording, recomputed, recording
 from .sharding import StageShard
-from .stage import PipelineError, Stage, TensorMeta, carries_gradient, decode_header, encode_header, \
+from .stage import PipelineError, Stage, TensorMeta, backward_roots, carries_gradient, decode_header, encode_header, \
     HEADER_LENGTH, metas_of
 from .tags import agree_tag, check_capacity, check_tensor_count
 
@@ -420,14 +420,7 @@ class Executor:
         stage, microbatch = action.stage, action.microbatch
         if stage == self.context.last_stage:
             return [state.losses[microbatch] * self.loss_scale], None
-        produced = state.stage_outputs[(stage, microbatch)]
-        grads = state.output_grads.pop((stage, microbatch))
-        tensors, incoming = [], []
-        for tensor, grad in zip((t for t in produced if carries_gradient(t.dtype)), grads):
-            if tensor.requires_grad:
-                tensors.append(tensor)
-                incoming.append(grad)
-        return tensors, incoming
+        return backward_roots(state.stage_outputs[(stage, microbatch)], state.output_grads.pop((stage, microbatch)))
 
     def _deliver_input_grads(self, action: Action, state: RunState, gradients: tuple) -> None:
         """Keep the gradients of a stage's inputs for the previous stage: locally, or to be sent to its rank."""

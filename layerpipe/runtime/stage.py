@@ -43,6 +43,21 @@ def carries_gradient(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
+def backward_roots(outputs: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor]) -> tuple[list, list]:
+    """Return the outputs to differentiate and their incoming gradients.
+
+    ``gradients`` holds one gradient per floating output of the stage, in
+    order (what the next stage sent back); outputs that need no gradient
+    are dropped with theirs.
+    """
+    tensors, incoming = [], []
+    for tensor, gradient in zip((t for t in outputs if carries_gradient(t.dtype)), gradients):
+        if tensor.requires_grad:
+            tensors.append(tensor)
+            incoming.append(gradient)
+    return tensors, incoming
+
+
 class Stage(nn.Module):
     """Layers ``first .. first+len(layers)-1`` of the model, run in order.
 

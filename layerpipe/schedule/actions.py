@@ -125,6 +125,11 @@ def parse_program(text: str) -> Program:
     return tuple(parse_action(word) for word in text.split())
 
 
+def backward_end(program: Sequence[Action]) -> Kind:
+    """Return the kind that ends a micro-batch's backward in ``program``: ``W`` when it splits ``B``, else ``B``."""
+    return Kind.W if any(action[1] is Kind.W for action in program) else Kind.B
+
+
 def format_program(program: Sequence[Action]) -> str:
     """Return the program as space-separated actions, e.g. ``0F0 0F1 0B0``."""
     return " ".join(map(str, program))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 from typing import Iterable, Sequence
 
-from .actions import BACKWARD_KINDS, COMPUTE_KINDS, Action, Kind, Program
+from .actions import BACKWARD_KINDS, COMPUTE_KINDS, Action, Kind, Program, backward_end
 from .placement import Placement
 
 F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
@@ -229,7 +229,7 @@ def add_periodic_updates(programs: Sequence[Program], every: int, zero: int = 0,
     """
     lowered = []
     for program in programs:
-        freeing = W if any(action.kind is W for action in program) else B
+        freeing = backward_end(program)
         done: dict[int, int] = {}
         out: list[Action] = []
         for action in program:

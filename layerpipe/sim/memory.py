@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-from ..schedule.actions import BACKWARD_KINDS, COMPUTE_KINDS, Kind, Program
+from ..schedule.actions import BACKWARD_KINDS, COMPUTE_KINDS, Kind, Program, backward_end
 
 
 class ActivationPeak(NamedTuple):
@@ -35,7 +35,7 @@ def activation_peak(
     """
     count = peak_count = 0
     size = peak_size = 0.0
-    freeing = Kind.W if any(action.kind is Kind.W for action in program) else Kind.B
+    freeing = backward_end(program)
     forward, recomputing = Kind.F, Kind.R
     for stage, kind, _, _, _ in program:
         if kind is forward:
@@ -121,7 +121,7 @@ def weight_versions(program: Program) -> dict[int, int]:
 
 
 def _stashed_versions(program: Program) -> dict[int, int]:
-    freeing = Kind.W if any(action[1] is Kind.W for action in program) else Kind.B
+    freeing = backward_end(program)
     current: dict[int, int] = {}
     forward_version: dict[tuple[int, int], int] = {}  # (stage, micro-batch) -> version its forward used
     in_flight: dict[int, dict[int, int]] = {}  # stage -> version -> sub-minibatches in flight that need it

@@ -258,8 +258,7 @@ def _result(schedule: Schedule, cost: CostModel, run: _Run) -> SimResult:
     for rank in range(ranks):
         peak = activation_peak(programs[rank], activation, inputs, recomputed)
         metrics.append(RankMetrics(rank, run.busy[rank], step_time - run.busy[rank], exposed[rank], peak.count, peak.bytes))
-    kinds = [action.kind for program in programs for action in program if action.kind is _GATHER or action.kind is _REDUCE]
-    reduces = [action for program in programs for action in program if action.kind is _REDUCE]
+    gathers, reduces, portions = _collective_counts(programs)
     timeline = Timeline(ranks, tuple(run.events), "simulated", "unit", config.schedule, {"config": config.to_json()})
     return SimResult(
         timeline=timeline,
@@ -267,11 +266,24 @@ def _result(schedule: Schedule, cost: CostModel, run: _Run) -> SimResult:
         ideal_time=max(run.busy, default=0.0),
         bubble_fraction=1 - sum(run.busy) / (ranks * step_time) if step_time else 0.0,
         ranks=tuple(metrics),
-        gathers=kinds.count(_GATHER),
-        reduces=sum(action.portion in (None, 1) for action in reduces),
-        reduce_portions=len(reduces),
+        gathers=gathers,
+        reduces=reduces,
+        reduce_portions=portions,
         programs=programs,
     )
+
+
+def _collective_counts(programs) -> tuple[int, int, int]:
+    """Return the gathers, the reduces (a portioned one counted once) and the reduce portions of the programs."""
+    gathers = reduces = portions = 0
+    for program in programs:
+        for _, kind, _, portion, _ in program:
+            if kind is _GATHER:
+                gathers += 1
+            elif kind is _REDUCE:
+                portions += 1
+                reduces += portion is None or portion == 1
+    return gathers, reduces, portions
 
 
 def steady_bubble(events: list[tuple], ranks: int) -> float | None:

@@ -328,3 +328,30 @@ def test_a_process_killed_at_any_step_restarts_and_ends_equal_to_the_straight_ru
         json.loads((straight_six_steps / "summary.json").read_text())["losses"]
     weights, reference = final_weights(output), final_weights(straight_six_steps)
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("process, step", [(0, 3), (1, 5)])
+def test_torchrun_restarts_a_killed_process_and_the_run_ends_equal_to_the_straight_run(tmp_path, straight_six_steps,
+                                                                                      process, step):
+    """Under ``torchrun --max-restarts 1`` the restarted processes resume from the latest checkpoint on their own.
+
+    Before the restart store had its own prefix, the restarted round read the
+    killed round's addresses from torchrun's shared store now and then and
+    failed in gloo's ``connectFullMesh`` (3 of 8 tries here).
+    """
+    import torch
+
+    output = tmp_path / "run"
+    environment = {**os.environ, "LAYERPIPE_KILL_AT": f"{process}:{step}",
+                   "LAYERPIPE_KILL_ONCE": str(tmp_path / "once")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--max-restarts", "1", "-m", "layerpipe.train", *SMALL, "--steps", "6",
+                           "--checkpoint-every", "2", "--output", str(output)],
+                          capture_output=True, text=True, timeout=600, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "once").exists(), "the fault was never injected"
+    assert json.loads((output / "summary.json").read_text())["losses"] == \
+        json.loads((straight_six_steps / "summary.json").read_text())["losses"]
+    weights, reference = final_weights(output), final_weights(straight_six_steps)
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)

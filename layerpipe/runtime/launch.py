@@ -87,11 +87,33 @@ def init_process_group(timeout: float = 300.0, backend: str | None = None, store
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         torch.set_num_threads(int(os.environ.get("LAYERPIPE_THREADS", "1")))
+    store = store if store is not None else elastic_restart_store(timeout)
     if store is None:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     else:
         dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
                                 world_size=int(os.environ["WORLD_SIZE"]), timeout=datetime.timedelta(seconds=timeout))
+
+
+def elastic_restart_store(timeout: float):
+    """Return torchrun's shared store seen through a prefix of this restart, or ``None`` when none is needed.
+
+    torchrun's agent keeps one store for every restart of its workers
+    (``TORCHELASTIC_USE_AGENT_STORE``), and the process group's keys are the
+    same each time, so a restarted process may read the address a killed
+    process published and fail with gloo's "Connection refused" (PyTorch
+    issue 135712).  A prefix per ``TORCHELASTIC_RESTART_COUNT`` keeps each
+    restart's keys apart.  The count is the agent's own: on one machine
+    every process agrees on it; across machines it can differ, and there
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh store each round) is
+    the remedy.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restart == 0:
+        return None
+    shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                           is_master=False, timeout=datetime.timedelta(seconds=timeout))
+    return dist.PrefixStore(f"layerpipe/restart-{restart}", shared)
 
 
 def loopback_interface() -> str | None:

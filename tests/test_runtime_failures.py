@@ -284,6 +284,34 @@ def test_a_frozen_peer_is_reported_while_the_rank_waits(tmp_path):
     assert "rank 0 still waiting at 0RECV_B" in done.stderr and "from rank 1, 2 s of 30" in done.stderr, done.stderr
 
 
+FROZEN_BEFORE_THE_FIRST_STEP = """
+import time, torch, layerpipe
+from torch import nn
+from runtime_models import batch, mlp_layers
+
+def train():
+    pipe = layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, schedule="gpipe", microbatches=2, timeout=30,
+                              check_every=0)  # no batch checksum, whose wait would come first
+    if torch.distributed.get_rank() == 0:
+        time.sleep(2.6)  # frozen before the first step, whose shapes are agreed first
+    return pipe.train_step(*batch(4))
+
+if __name__ == "__main__":
+    layerpipe.launch(train, 2)
+"""
+
+
+def test_a_peer_frozen_before_the_first_step_is_reported_while_the_shapes_are_agreed(tmp_path):
+    script = tmp_path / "frozen_first.py"
+    script.write_text(FROZEN_BEFORE_THE_FIRST_STEP)
+    environment = {**os.environ, "LAYERPIPE_WAIT_REPORT_SECONDS": "1",
+                   "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=environment)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank 1 still waiting while agreeing tensor shapes for stage 0's output from rank 0, 2 s of 30" \
+        in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("timeout", [0, -5, float("inf"), "30"])
 def test_a_timeout_that_is_not_a_positive_number_is_refused_before_any_process_starts(timeout):
     with pytest.raises(ValueError, match=r"timeout .*: must be a finite number of seconds above 0"):

@@ -37,7 +37,7 @@ from .collectives import Collectives
 from .context import RankContext
 from .memory import ActivationMeter
 from .precision import LossScaler, compute, in_float32
-from .p2p import Mailbox, failure_reason, wait_for
+from .p2p import Mailbox, wait_for
 from .recompute import Recording, recomputed, recording
 from .sharding import StageShard
 from .stage import PipelineError, Stage, TensorMeta, backward_roots, carries_gradient, decode_header, encode_header, \
@@ -173,24 +173,24 @@ class Executor:
 
     def _agree_send(self, stage: int, peer: int, tensors, metas) -> None:
         destination = self.context.peers[peer]
-        dist.send(encode_header(metas).to(self.context.device), dst=destination, tag=agree_tag(stage, 0))
-        for slot, tensor in enumerate(tensors):
-            dist.send(tensor.contiguous(), dst=destination, tag=agree_tag(stage, 1 + slot))
+        what = f"sending stage {stage}'s output to rank {peer} while agreeing tensor shapes"
+        messages = [encode_header(metas).to(self.context.device), *(tensor.contiguous() for tensor in tensors)]
+        works = [dist.isend(message, dst=destination, tag=agree_tag(stage, slot)) for slot, message in enumerate(messages)]
+        for work in works:
+            wait_for(work, self.context.timeout, self.context.rank, what)
 
     def _agree_receive(self, stage: int, peer: int) -> tuple[torch.Tensor, ...]:
-        source, device = self.context.peers[peer], self.context.device
+        """Return stage ``stage - 1``'s output from ``peer``; every wait is timed and reported like a program's."""
+        source, device, rank = self.context.peers[peer], self.context.device, self.context.rank
+        what = f"while agreeing tensor shapes for stage {stage - 1}'s output from rank {peer}"
         header = torch.empty(HEADER_LENGTH, dtype=torch.int64, device=device)
-        try:
-            dist.recv(header, src=source, tag=agree_tag(stage - 1, 0))
-            tensors = []
-            for slot, meta in enumerate(decode_header(header.cpu())):
-                buffer = torch.empty(meta.shape, dtype=meta.dtype, device=device)
-                dist.recv(buffer, src=source, tag=agree_tag(stage - 1, 1 + slot))
-                tensors.append(buffer)
-        except RuntimeError as error:
-            raise PipelineError(f"rank {self.context.rank}: failed while agreeing tensor shapes, waiting for stage "
-                                f"{stage - 1}'s output from rank {peer} ({failure_reason(error)})"
-                                ) from error
+        wait_for(dist.irecv(header, src=source, tag=agree_tag(stage - 1, 0)), self.context.timeout, rank, what)
+        tensors = []
+        for slot, meta in enumerate(decode_header(header.cpu())):
+            buffer = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+            wait_for(dist.irecv(buffer, src=source, tag=agree_tag(stage - 1, 1 + slot)), self.context.timeout, rank,
+                     what)
+            tensors.append(buffer)
         return tuple(tensors)
 
     def _share_metas(self, metas: list) -> tuple[tuple[TensorMeta, ...], ...]:

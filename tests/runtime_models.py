@@ -105,6 +105,7 @@ def reference_loss(layers, parameters: dict, inputs: torch.Tensor, targets: torc
 
 def relative_error(found: torch.Tensor, expected: torch.Tensor) -> float:
     """Return max |found - expected| / max(max |expected|, 1e-30)."""
+    found, expected = found.detach(), expected.detach()
     scale = max(float(expected.abs().max()), 1e-30)
     return float((found - expected).abs().max()) / scale
 

@@ -8,3 +8,6 @@ from .sparsity import Pattern, compress, decompose, decompress, nm_mask, parse_p
 
 __all__ = ["NMSparseLinear", "Pattern", "compress", "decompose", "decompress", "nm_mask", "parse_pattern", "prune",
            "sparsify"]
+from .conv_transpose import ConvTranspose1d, ConvTranspose2d, conv_transpose1d, conv_transpose2d  # noqa: E402
+
+__all__ += ["ConvTranspose1d", "ConvTranspose2d", "conv_transpose1d", "conv_transpose2d"]

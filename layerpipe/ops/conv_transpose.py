@@ -99,6 +99,10 @@ def _check(input, weight, bias, stride, padding, output_padding, groups, dilatio
         raise RuntimeError(f"Given transposed=1, weight of size {list(weight.shape)}, expected input"
                            f"{list(batched.shape)} to have {weight.shape[0]} channels, but got {batched.shape[1]} "
                            f"channels instead")
+    sizes = _output_sizes(batched.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation, dims)
+    if sizes is not None and min(sizes) <= 0:  # before the check below, which would meet the size as a shape
+        raise RuntimeError(f"Given input size per channel: ({' x '.join(map(str, batched.shape[2:]))}). Calculated "
+                           f"output size per channel: ({' x '.join(map(str, sizes))}). Output size is too small")
     with torch.no_grad():  # PyTorch's own checks of the arguments, on an empty batch: no arithmetic
         _TRANSPOSED[dims](batched.new_empty((0, *batched.shape[1:])), weight, bias, stride, padding, output_padding,
                           groups, dilation)
@@ -109,12 +113,18 @@ def _check(input, weight, bias, stride, padding, output_padding, groups, dilatio
     if any(extra >= step and extra >= spread for extra, step, spread in zip(output_padding, stride, dilation)):
         raise RuntimeError(f"output padding must be smaller than either stride or dilation, but got "
                            f"output_padding={list(output_padding)}, stride={list(stride)}, dilation={list(dilation)}")
-    sizes = [(length - 1) * step - 2 * pad + spread * (kernel - 1) + extra + 1 for length, step, pad, spread, kernel, extra
-             in zip(batched.shape[2:], stride, padding, dilation, weight.shape[2:], output_padding)]
-    if min(sizes) <= 0:
-        raise RuntimeError(f"Given input size per channel: {list(batched.shape[2:])}. Calculated output size per "
-                           f"channel: {sizes}. Output size is too small")
     return stride, padding, dilation, sizes
+
+
+def _output_sizes(lengths, kernels, stride, padding, output_padding, dilation, dims: int) -> list[int] | None:
+    """Return the output's spatial size, or ``None`` when the arguments are not yet known to be valid numbers."""
+    values = [_as_tuple(value, dims) for value in (stride, padding, output_padding, dilation)]
+    if not all(len(value) == dims and all(type(number) is int for number in value) for value in values):
+        return None
+    if min(values[0]) < 1 or min(values[1]) < 0 or min(values[3]) < 1:
+        return None  # PyTorch's check names these
+    return [(length - 1) * step - 2 * pad + spread * (kernel - 1) + extra + 1
+            for length, kernel, step, pad, extra, spread in zip(lengths, kernels, *values)]
 
 
 def as_convolution_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:

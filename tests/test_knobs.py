@@ -24,6 +24,7 @@ BAD = {
     "placement": "bogus", "data_parallel": 0, "zero": 7, "reduce_portions": 0, "reduce_order": "bogus",
     "weight_buffers": 0, "recompute": "bogus", "update_every": 0, "weight_policy": "newest",
     "delay_correction": "adam", "delay_warmup": -1, "optimizer": "lion", "checkpoint_every": -1, "keep": 0, "max_skips": 0, "max_restarts": -1, "precision": "fp8",
+    "sparsity": "5:4", "sparsity_method": "magic", "sparse_kernel": "cuda",
     # CostModel
     "forward_time": -1.0, "backward_time": -1.0, "input_gradient_share": 2.0, "recompute_time": -1.0,
     "optimizer_time": -1.0, "p2p_latency": -1.0, "p2p_bandwidth": 0.0, "boundary_bytes": -1.0,

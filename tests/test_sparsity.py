@@ -252,3 +252,25 @@ def test_a_pipeline_of_sparsified_layers_equals_the_single_process_sparsified_mo
     for rank, (loss_error, parameter_error) in enumerate(layerpipe.launch(_sparse_pipeline_run, 2)):
         assert loss_error <= 1e-12, f"rank {rank}: loss error {loss_error:.2e}"
         assert parameter_error <= 1e-10, f"rank {rank}: parameter error {parameter_error:.2e}"
+
+
+@pytest.mark.parametrize("sr_ste", [False, True], ids=["fixed", "sr-ste"])
+def test_the_dense_kernel_gives_the_gather_kernels_numbers(sr_ste):
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 8).double()
+    gather = NMSparseLinear.from_dense(dense, "2:4", sr_ste=sr_ste, decay=0.5)
+    blas = NMSparseLinear.from_dense(dense, "2:4", sr_ste=sr_ste, decay=0.5, kernel="dense")
+    inputs = torch.randn(4, 3, 16, dtype=torch.float64, requires_grad=True)
+    other = inputs.detach().clone().requires_grad_()
+    found, expected = blas(other), gather(inputs)
+    assert relative_error(found, expected) < 1e-14
+    found.square().sum().backward()
+    expected.square().sum().backward()
+    assert relative_error(other.grad, inputs.grad) < 1e-14
+    for (name, mine), theirs in zip(blas.named_parameters(), gather.parameters()):
+        assert relative_error(mine.grad, theirs.grad) < 1e-14, name
+
+
+def test_an_unknown_kernel_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"^kernel='cuda': must be one of gather, dense$"):
+        NMSparseLinear(8, 4, kernel="cuda")

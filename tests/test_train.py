@@ -171,6 +171,12 @@ def test_a_toml_config_sets_options_and_the_command_line_wins(tmp_path):
     (["--precision", "fp16"], "--precision fp16: needs --skip-nonfinite"),
     (["--checkpoint-every", "-1"], "--checkpoint-every -1: must be a whole number of at least 0"),
     (["--recompute", "half"], "--recompute half: choose one of none, full, selective"),
+    (["--sparsity", "5:4"], "--sparsity 5:4: needs 1 <= N < M <= 64"),
+    (["--sparsity", "0:4"], "--sparsity 0:4: needs 1 <= N < M <= 64"),
+    (["--sparsity", "half"], "--sparsity half: must be N:M"),
+    (["--sparsity", "2:48"], "--sparsity 2:48: M must divide --width (128)"),
+    (["--sparsity-method", "lottery"], "--sparsity-method lottery: choose one of fixed, sr-ste"),
+    (["--init-from", "nowhere"], "--init-from nowhere: holds no complete checkpoint"),
 ])
 def test_bad_options_give_one_line_and_status_2(tmp_path, arguments, message):
     done = run_train(*arguments, "--output", str(tmp_path / "never"), cwd=tmp_path)
@@ -355,3 +361,50 @@ def test_torchrun_restarts_a_killed_process_and_the_run_ends_equal_to_the_straig
         json.loads((straight_six_steps / "summary.json").read_text())["losses"]
     weights, reference = final_weights(output), final_weights(straight_six_steps)
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
+
+
+@pytest.fixture(scope="module")
+def dense_four_steps(tmp_path_factory):
+    output = tmp_path_factory.mktemp("dense") / "run"
+    assert run_train(*SMALL, "--steps", "4", "--output", str(output)).returncode == 0
+    return output
+
+
+@pytest.mark.multiprocess
+def test_sparse_fine_tuning_starts_from_the_dense_runs_weights_pruned_by_magnitude(tmp_path, dense_four_steps):
+    """The blocks' linear layers keep the pattern magnitude pruning chose from the dense weights; the head stays dense."""
+    from layerpipe.ops.sparsity import Pattern, nm_offsets
+
+    output = tmp_path / "sparse"
+    done = run_train(*SMALL, "--steps", "4", "--sparsity", "2:4", "--init-from", str(dense_four_steps),
+                     "--output", str(output))
+    assert done.returncode == 0, done.stderr[-3000:]
+    dense, sparse = final_weights(dense_four_steps), final_weights(output)
+    assert torch_equal(sparse["1.qkv.offsets"][0], nm_offsets(dense["1.qkv.weight"], Pattern(2, 4)))
+    assert torch_equal(sparse["2.mlp.2.offsets"][0], nm_offsets(dense["2.mlp.2.weight"], Pattern(2, 4)))
+    head = [name for name in dense if name.endswith("linear.weight")]
+    assert head and all(name in sparse for name in head)  # the head stays dense
+    losses = json.loads((output / "summary.json").read_text())["losses"]
+    assert losses[0] < json.loads((dense_four_steps / "summary.json").read_text())["losses"][0]
+
+
+def torch_equal(first, second) -> bool:
+    import torch
+
+    return torch.equal(first, second)
+
+
+@pytest.mark.parametrize("trouble", ["sparse", "wider"])
+def test_init_from_a_checkpoint_that_does_not_fit_is_refused_in_one_line(tmp_path, dense_four_steps, trouble):
+    if trouble == "sparse":
+        source = tmp_path / "sparse"
+        assert run_train(*SMALL, "--steps", "1", "--sparsity", "2:4", "--output", str(source)).returncode == 0
+        arguments, reason = [*SMALL], "has no weight 1.qkv.weight: it comes from another model or a sparse run"
+    else:
+        source = dense_four_steps
+        arguments, reason = [*SMALL, "--width", "64"], "holds 0.tokens.weight of shape"
+    done = run_train(*arguments, "--init-from", str(source), "--sparsity", "2:4", "--output", str(tmp_path / "run"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"layerpipe train: error: --init-from {source}: ") and reason in lines[0], \
+        done.stderr

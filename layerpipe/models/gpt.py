@@ -109,6 +109,14 @@ def gpt_layers(config: GPTConfig, seed: int = 0) -> list[nn.Module]:
     return layers
 
 
+def dense_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Return the shape of every parameter of ``gpt_layers(config)``, named as in ``nn.Sequential`` (nothing allocated)."""
+    with torch.device("meta"):
+        layers = [Embedding(config), *(Block(config) for _ in range(config.blocks)), Head(config)]
+    return {f"{index}.{name}": tuple(parameter.shape) for index, layer in enumerate(layers)
+            for name, parameter in layer.named_parameters()}
+
+
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Return the mean cross-entropy of ``logits (batch, time, vocabulary)`` against ``targets (batch, time)``."""
     return functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

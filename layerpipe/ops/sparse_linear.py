@@ -31,29 +31,37 @@ def _output_blocks(rows: int, samples: int, kept: int):
 
 
 def gather_matmul(inputs: torch.Tensor, values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Return ``y[b, o] = Σ_k inputs[b, columns[o, k]] · values[o, k]`` for 2-D ``inputs`` (no autograd)."""
-    out = inputs.new_empty(inputs.shape[0], values.shape[0])
+    """Return ``y[b, o] = Σ_k inputs[b, columns[o, k]] · values[o, k]`` for 2-D ``inputs`` (no autograd).
+
+    The gather takes whole rows of the transposed input (every sample's value
+    of one input), so each index moves one contiguous run of memory.
+    """
+    by_input = inputs.t().contiguous()
+    out = inputs.new_empty(values.shape[0], inputs.shape[0])
     for start, stop in _output_blocks(values.shape[0], inputs.shape[0], values.shape[1]):
-        gathered = inputs[:, columns[start:stop]]  # (samples, outputs of the block, kept)
-        out[:, start:stop] = torch.einsum("bok,ok->bo", gathered, values[start:stop])
-    return out
+        gathered = by_input.index_select(0, columns[start:stop].reshape(-1)).view(stop - start, values.shape[1], -1)
+        out[start:stop] = torch.bmm(values[start:stop].unsqueeze(1), gathered).squeeze(1)
+    return out.t()
 
 
 def gather_matmul_input_grad(grad: torch.Tensor, values: torch.Tensor, columns: torch.Tensor,
                              in_features: int) -> torch.Tensor:
     """Return the gradient of ``gather_matmul`` for its inputs: each output's gradient scattered to its columns."""
-    grad_inputs = grad.new_zeros(grad.shape[0], in_features)
+    by_output = grad.t().contiguous()
+    grad_by_input = grad.new_zeros(in_features, grad.shape[0])
     for start, stop in _output_blocks(values.shape[0], grad.shape[0], values.shape[1]):
-        spread = grad[:, start:stop, None] * values[start:stop]
-        grad_inputs.index_add_(1, columns[start:stop].reshape(-1), spread.reshape(grad.shape[0], -1))
-    return grad_inputs
+        spread = values[start:stop, :, None] * by_output[start:stop, None, :]
+        grad_by_input.index_add_(0, columns[start:stop].reshape(-1), spread.view(-1, grad.shape[0]))
+    return grad_by_input.t()
 
 
 def gather_matmul_values_grad(grad: torch.Tensor, inputs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Return the gradient of ``gather_matmul`` for its values: ``Σ_b grad[b, o] · inputs[b, columns[o, k]]``."""
+    by_input, by_output = inputs.t().contiguous(), grad.t().contiguous()
     grad_values = grad.new_empty(columns.shape)
     for start, stop in _output_blocks(columns.shape[0], inputs.shape[0], columns.shape[1]):
-        grad_values[start:stop] = torch.einsum("bo,bok->ok", grad[:, start:stop], inputs[:, columns[start:stop]])
+        gathered = by_input.index_select(0, columns[start:stop].reshape(-1)).view(stop - start, columns.shape[1], -1)
+        grad_values[start:stop] = torch.bmm(gathered, by_output[start:stop].unsqueeze(2)).squeeze(2)
     return grad_values
 
 
@@ -96,6 +104,26 @@ class _SparseRefinedLinear(torch.autograd.Function):
         return grad_inputs, grad_weight, None, None
 
 
+class _SparseRefinedWeight(torch.autograd.Function):
+    """The pruned dense weight; backward by SR-STE: the gradient at every position, plus ``decay`` × weight where
+    pruned (the ``dense`` kernel's form of ``_SparseRefinedLinear``)."""
+
+    @staticmethod
+    def forward(ctx, weight, kept, decay):
+        ctx.save_for_backward(weight, kept)
+        ctx.decay = decay
+        return weight * kept
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, kept = ctx.saved_tensors
+        return grad + ctx.decay * weight * ~kept, None, None
+
+
+KERNELS = ("gather", "dense")
+"""How ``NMSparseLinear`` multiplies: by the metadata-driven gather, or by decompressing and calling dense BLAS."""
+
+
 class NMSparseLinear(nn.Module):
     """A drop-in ``nn.Linear`` whose weight is N:M sparse along its inputs and stored compressed.
 
@@ -103,13 +131,20 @@ class NMSparseLinear(nn.Module):
     (or, with ``sr_ste``, a dense ``weight``) and ``bias``; buffer ``offsets``
     (uint8, ``(terms, out_features, in_features / M, N)``), the metadata.
     ``terms`` > 1 holds a dense weight exactly as a sum of N:M matrices
-    (``from_dense(..., exact=True)``).  Refuses an input size that is not a
-    multiple of M, in one line.
+    (``from_dense(..., exact=True)``).  ``kernel``: ``gather`` multiplies by
+    the metadata-driven gather; ``dense`` decompresses the weight and calls
+    dense BLAS — the same numbers to rounding, and on a CPU many times
+    faster (``docs/operators.md`` says why).  Refuses an input size that is
+    not a multiple of M, and an unknown kernel, in one line.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, pattern: "str | Pattern" = "2:4",
-                 terms: int = 1, sr_ste: bool = False, decay: float = 2e-4, device=None, dtype=None):
+                 terms: int = 1, sr_ste: bool = False, decay: float = 2e-4, kernel: str = "gather",
+                 device=None, dtype=None):
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel={kernel!r}: must be one of {', '.join(KERNELS)}")
+        self.kernel = kernel
         self.pattern = parse_pattern(pattern)
         check_fits(in_features, self.pattern, f"a linear layer of {in_features} inputs")
         if sr_ste and terms != 1:
@@ -132,7 +167,7 @@ class NMSparseLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, pattern: "str | Pattern" = "2:4", exact: bool = False,
-                   sr_ste: bool = False, decay: float = 2e-4) -> "NMSparseLinear":
+                   sr_ste: bool = False, decay: float = 2e-4, kernel: str = "gather") -> "NMSparseLinear":
         """Return ``linear`` as an N:M layer: magnitude-pruned, or with ``exact`` the dense weight as a sum of
         ``ceil(M/N)`` N:M terms (the same outputs as ``linear``).  Refuses anything but an ``nn.Linear``."""
         if not isinstance(linear, nn.Linear):
@@ -140,7 +175,7 @@ class NMSparseLinear(nn.Module):
         pattern = parse_pattern(pattern)
         weight = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, pattern,
-                    terms=pattern.terms if exact else 1, sr_ste=sr_ste, decay=decay,
+                    terms=pattern.terms if exact else 1, sr_ste=sr_ste, decay=decay, kernel=kernel,
                     device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             if sr_ste:
@@ -172,17 +207,44 @@ class NMSparseLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """Return the weight as the dense ``(out_features, in_features)`` matrix it stands for."""
         if self.sr_ste:
-            return self.weight * torch.zeros_like(self.weight, dtype=torch.bool).scatter(1, self._sr_ste_columns(), True)
+            return self.weight * self._sr_ste_kept()
         width = self.values.shape[1] // self.terms
         return sum(decompress(self.values[:, term * width:(term + 1) * width], self.offsets[term], self.pattern,
                               self.in_features) for term in range(self.terms))
 
+    def _sr_ste_kept(self) -> torch.Tensor:
+        return torch.zeros_like(self.weight, dtype=torch.bool).scatter(1, self._sr_ste_columns(), True)
+
     def _sr_ste_columns(self) -> torch.Tensor:
         return columns_of(nm_offsets(self.weight, self.pattern), self.pattern)
 
+    def _semi_structured_weight(self, inputs: torch.Tensor):
+        """Return the weight as PyTorch's 2:4 semi-structured tensor, when it can serve this forward, else ``None``.
+
+        It serves 2:4 layers of one term, fp16 or bf16, on CUDA, outside
+        autograd (inference), where ``torch.sparse.to_sparse_semi_structured``
+        exists; it is made once per change of the values.  Not verified on a
+        GPU yet.
+        """
+        if not (inputs.is_cuda and not torch.is_grad_enabled() and not self.sr_ste and self.terms == 1
+                and str(self.pattern) == "2:4" and self.values.dtype in (torch.float16, torch.bfloat16)
+                and hasattr(torch.sparse, "to_sparse_semi_structured")):
+            return None
+        version = (self.values._version, self.values.data_ptr())
+        if getattr(self, "_semi_structured", (None, None))[0] != version:
+            self._semi_structured = (version, torch.sparse.to_sparse_semi_structured(self.dense_weight().detach()))
+        return self._semi_structured[1]
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         flat = inputs.reshape(-1, self.in_features)
-        if self.sr_ste:
+        semi_structured = self._semi_structured_weight(inputs)
+        if semi_structured is not None:
+            out = torch.nn.functional.linear(flat, semi_structured)
+        elif self.kernel == "dense":
+            weight = _SparseRefinedWeight.apply(self.weight, self._sr_ste_kept(), self.decay) if self.sr_ste \
+                else self.dense_weight()
+            out = flat @ weight.t()
+        elif self.sr_ste:
             out = _SparseRefinedLinear.apply(flat, self.weight, self._sr_ste_columns(), self.decay)
         else:
             out = _GatherLinear.apply(flat, self.values, self.columns)
@@ -192,18 +254,19 @@ class NMSparseLinear(nn.Module):
     def extra_repr(self) -> str:
         mode = ", sr_ste" if self.sr_ste else (f", terms={self.terms}" if self.terms > 1 else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"pattern={self.pattern}{mode}")
+                f"pattern={self.pattern}{mode}, kernel={self.kernel}")
 
 
 def sparsify(model: nn.Module, pattern: "str | Pattern" = "2:4", layers=None, skip=(), sr_ste: bool = False,
-             decay: float = 2e-4) -> nn.Module:
+             decay: float = 2e-4, kernel: str = "gather") -> nn.Module:
     """Replace ``model``'s ``nn.Linear`` layers by magnitude-pruned ``NMSparseLinear`` in place; return ``model``.
 
     ``layers``: the names (as in ``model.named_modules()``) to convert, every
     ``nn.Linear`` when ``None``; ``skip``: names to leave dense (a name also
     matches as the last parts of a longer one: ``head`` matches ``5.head``).
-    Refuses, in one line, a name that matches nothing, a named layer that is
-    not an ``nn.Linear``, and a layer whose input size does not fit the pattern.
+    ``sr_ste``, ``decay`` and ``kernel`` are ``NMSparseLinear``'s.  Refuses,
+    in one line, a name that matches nothing, a named layer that is not an
+    ``nn.Linear``, and a layer whose input size does not fit the pattern.
     """
     pattern = parse_pattern(pattern)
     modules = dict(model.named_modules())
@@ -220,7 +283,7 @@ def sparsify(model: nn.Module, pattern: "str | Pattern" = "2:4", layers=None, sk
         check_fits(modules[name].in_features, pattern, f"layer {name!r}")
         parent, _, child = name.rpartition(".")
         modules[parent]._modules[child] = NMSparseLinear.from_dense(modules[name], pattern, sr_ste=sr_ste,
-                                                                    decay=decay)
+                                                                    decay=decay, kernel=kernel)
     return model
 
 

@@ -18,12 +18,16 @@ from typing import Any
 from ..knobs import (COMMAND_LINE, ConfigError, Spelling, check_fields, knob, knobs, number, one_of,
                      toml_spelling, whole)
 from ..models.config import GPTConfig
+from ..ops.pattern import nm_pattern, parse_pattern
 from ..options import Parser, add_knobs, given, read_toml
 from ..schedule.config import ScheduleConfig, pipeline_ranks, validate_config
 
 
 OPTIMIZERS = ("adamw", "sgd")
 """The optimizers ``layerpipe train`` can give every stage."""
+
+SPARSITY_METHODS = ("fixed", "sr-ste")
+"""How ``--sparsity`` trains: keep the first pattern, or let SR-STE change it."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,18 @@ class TrainConfig:
     checkpoint_every: int = knob(0, "write a complete checkpoint to OUTPUT/checkpoints/step-N every N steps "
                                  "(0: only at the end)", check=whole(0), metavar="N")
     keep: int = knob(2, "checkpoints to keep in OUTPUT/checkpoints (the latest ones)", check=whole(1), metavar="K")
+    sparsity: str | None = knob(None, "train the blocks' linear layers N:M sparse, e.g. 2:4: at most N non-zero "
+                                "weights in every M inputs (the embedding and the output head stay dense)",
+                                check=nm_pattern, metavar="N:M", default_text="dense")
+    sparsity_method: str = knob("fixed", "with --sparsity: fixed (the pattern pruned from the first weights stays) or "
+                                "sr-ste (dense weights whose pattern may change, Zhou et al. 2021)",
+                                check=one_of(SPARSITY_METHODS), metavar="NAME")
+    sparse_kernel: str = knob("dense", "with --sparsity: dense (decompress, then dense BLAS: fast on a CPU) or gather "
+                              "(the metadata-driven gather an accelerator's loads do: the same numbers, much slower on a "
+                              "CPU)", check=one_of(("dense", "gather")), metavar="NAME")
+    init_from: str | None = knob(None, "start from the weights of this checkpoint (a run's output folder or a step "
+                                 "folder), e.g. a dense run to fine-tune sparse; the step, optimizer and data start "
+                                 "anew", metavar="DIR", default_text="none")
     resume: str | None = knob(None, "continue the run whose output folder (or checkpoint step folder) this is, from "
                               "its latest complete checkpoint; its summary and loss curve go on", metavar="DIR",
                               default_text="none")
@@ -153,8 +169,13 @@ def check_config(config: TrainConfig) -> None:
     if model.blocks + 2 < schedule.stages:
         raise ConfigError("blocks", model.blocks, f"the model has {model.blocks + 2} layers but {schedule.stages} "
                           f"stages (`ranks` × `stages_per_rank`) need one each: use {schedule.stages - 2} or more")
+    if config.sparsity is not None and model.width % parse_pattern(config.sparsity, "sparsity").m:
+        raise ConfigError("sparsity", config.sparsity, f"M must divide `width` ({model.width}), the input size of "
+                          f"the blocks' linear layers")
     if config.resume is not None:
         check_resume(config.resume)
+    if config.init_from is not None:
+        check_init_from(config)
     check_output(config.output)
 
 
@@ -173,6 +194,33 @@ def check_resume(resume: str) -> None:
     if find_checkpoint(resume) is None:
         raise ConfigError("resume", resume, "holds no complete checkpoint (give a run's output folder, whose "
                           "checkpoints/step-N have a manifest.json, or one such step folder)")
+
+
+def check_init_from(config: TrainConfig) -> None:
+    """Refuse, with ``ConfigError`` on ``init_from``, a folder without a complete checkpoint or whose weights do not
+    fit the configured model (each dense weight must be there, shaped as this model's)."""
+    from ..checkpoint_files import CheckpointError, find_checkpoint
+    from ..models.gpt import dense_shapes
+    from ..runtime.checkpoint import load_weights
+
+    found = find_checkpoint(config.init_from)
+    if found is None:
+        raise ConfigError("init_from", config.init_from, "holds no complete checkpoint (give a run's output folder, "
+                          "whose checkpoints/step-N have a manifest.json, or one such step folder)")
+    try:
+        weights = load_weights(found)
+    except CheckpointError as error:
+        raise ConfigError("init_from", config.init_from, f"is not a usable checkpoint: {error}") from None
+    from ..models.text import CharacterText, load_corpus
+
+    model = dataclasses.replace(config.model, vocab_size=CharacterText.from_text(*load_corpus()).vocab_size)
+    for name, shape in dense_shapes(model).items():
+        if name not in weights:
+            raise ConfigError("init_from", config.init_from, f"has no weight {name}: it comes from another model or a "
+                              f"sparse run (start from a dense run of the same `width`, `heads` and `blocks`)")
+        if tuple(weights[name].shape) != shape:
+            raise ConfigError("init_from", config.init_from, f"holds {name} of shape {tuple(weights[name].shape)}, "
+                              f"this model's is {shape}: give the model options of that run")
 
 
 OUTPUT_FILES = ("summary.json", "loss.png", "timeline.png", "timeline.json", "timeline-data.json")

@@ -16,12 +16,14 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint_files import checkpoints_of, find_checkpoint, prune_checkpoints
-from ..models.gpt import GPTConfig, gpt_layers, next_token_loss
+from ..models.gpt import GPTConfig, dense_shapes, gpt_layers, next_token_loss
 from ..models.text import CharacterText, load_corpus
-from ..runtime.checkpoint import (generator_state, kill_if_asked, load_checkpoint, restore_generator,
+from ..ops import sparsify
+from ..runtime.checkpoint import (generator_state, kill_if_asked, load_checkpoint, load_weights, restore_generator,
                                   restore_random_states, save_checkpoint)
 from ..runtime.exchange import all_gather_json
 from ..runtime.launch import init_process_group
@@ -55,9 +57,25 @@ def make_optimizer(config: TrainConfig):
     return lambda params: torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.01)
 
 
+def model_layers(config: TrainConfig, model: GPTConfig) -> list[nn.Module]:
+    """Return the GPT's layers: initialised from the seed or from ``init_from``'s weights, then N:M sparse when asked.
+
+    Sparsity covers the blocks' linear layers; the embedding and the output
+    head stay dense.
+    """
+    layers = gpt_layers(model, config.seed)
+    if config.init_from is not None:
+        weights = load_weights(find_checkpoint(config.init_from))
+        nn.Sequential(*layers).load_state_dict({name: weights[name] for name in dense_shapes(model)}, strict=False)
+    if config.sparsity is not None:
+        sparsify(nn.Sequential(*layers), config.sparsity, skip=["0", str(len(layers) - 1)],
+                 sr_ste=config.sparsity_method == "sr-ste", kernel=config.sparse_kernel)
+    return layers
+
+
 def make_pipeline(config: TrainConfig, model: GPTConfig) -> Pipeline:
     """Return the GPT split over this process's pipeline, with the configured optimizer on every local stage."""
-    return Pipeline(gpt_layers(model, config.seed), next_token_loss, config.pipeline, track_memory=True,
+    return Pipeline(model_layers(config, model), next_token_loss, config.pipeline, track_memory=True,
                     timeout=config.timeout, optimizer=make_optimizer(config), precision=config.precision)
 
 

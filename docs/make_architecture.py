@@ -22,7 +22,7 @@ PACKAGE = os.path.join(ROOT, "layerpipe")
 
 LAYERS = [
     ("entry points", ["cli", "train", "plan"]),
-    ("runtime and pictures", ["runtime", "emulation", "viz", "models"]),
+    ("runtime and pictures", ["runtime", "emulation", "viz", "models", "ops"]),
     ("simulator (no torch)", ["sim"]),
     ("schedule engine (no torch)", ["schedule"]),
     ("configuration (no torch)", ["knobs", "options"]),
@@ -126,8 +126,9 @@ def draw(graph: dict[str, set[str]], path: str) -> None:
     for row, (title, packages) in enumerate(LAYERS):
         packages = [package for package in packages if package in present]
         axes.text(0.1, -row * 2.4, title, ha="left", va="center", fontsize=10, style="italic", color="#555555")
+        step = min(2.6, 8.0 / max(1, len(packages) - 1))
         for column, package in enumerate(packages):
-            x = 3.4 + column * 2.6 + (4 - len(packages)) * 1.3
+            x = 7.3 + (column - (len(packages) - 1) / 2) * step
             boxes[package] = axes.text(x, -row * 2.4, _box_text(package, modules.get(package, [])), ha="center",
                                        va="center", fontsize=8, family="monospace", multialignment="left",
                                        bbox=dict(boxstyle="round,pad=0.5", facecolor="#EEF3FA", edgecolor="#4C78A8"))

@@ -86,3 +86,22 @@ def test_a_train_console_block_has_the_shape_of_what_train_prints(page, command,
         if line.strip() in ("", "...") or "|" in line:
             continue
         assert _shape(line) in printed, f"{page.name}: `{line}` is not a line layerpipe train prints"
+
+
+def python_blocks(page: Path) -> list[str]:
+    """Return the page's fenced ``python`` blocks, in order."""
+    return re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+
+
+@pytest.mark.parametrize("page", [ROOT / "docs" / "operators.md"], ids=lambda page: page.name)
+def test_the_python_examples_run_and_print_what_their_comments_say(page, capsys):
+    """The blocks run in order in one namespace; ``print(...)  # shown`` must print ``shown`` (up to a ``: `` note)."""
+    namespace: dict = {}
+    for block in python_blocks(page):
+        exec(compile(block, str(page), "exec"), namespace)
+        printed = capsys.readouterr().out.splitlines()
+        prints = [line for line in block.splitlines() if line.startswith("print(")]
+        assert len(printed) == len(prints), (prints, printed)
+        for line, found in zip(prints, printed):
+            if "  # " in line:
+                assert found == line.split("  # ", 1)[1].split(": ", 1)[0], (line, found)

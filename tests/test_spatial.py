@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import layerpipe
-from layerpipe.ops.spatial import SpatialConv2d, SpatialConvTranspose2d, SpatialGroupNorm
+from layerpipe.ops.spatial import SpatialBlock, SpatialConv2d, SpatialConvTranspose2d, SpatialGroupNorm
 from layerpipe.ops.spatial_rows import ExchangePlan, Piece, RowMap, plan_exchange, split_rows
 
 # ---------------------------------------------------------------- the row arithmetic (no processes)
@@ -171,3 +172,44 @@ def test_a_chunk_smaller_than_its_overlap_is_refused_on_every_rank():
     messages = layerpipe.launch(_too_small, 3)
     assert set(messages) == {"spatial rank 0 needs rows -2 to 7 (its overlap), which reach past its neighbour's "
                              "chunk of 1 rows into spatial rank 2's: use fewer spatial ranks or a larger image"}
+
+
+def _a_block(height: int):
+    """A block that exchanges its overlap once equals the whole image, as the layer-by-layer exchange does."""
+    ranks, index = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 5, stride=2, padding=2), nn.Sigmoid(),
+              nn.Conv2d(8, 4, 3, padding=2, dilation=2), nn.GELU(), nn.Conv2d(4, 4, 3)]
+    whole = nn.Sequential(*layers).double()
+    block = SpatialBlock(*[copy.deepcopy(layer) for layer in layers]).double()
+    bounds = split_rows(height, ranks, align=2)
+    image = _random((2, 3, height, 12), 3).requires_grad_()
+    expected = whole(image)
+    first, end = bounds[index]
+    chunk = image.detach()[:, :, first:end].clone().requires_grad_()
+    found = block(chunk)
+    _, wanted = block.plan(bounds)
+    low, high = wanted[-1][index]
+    grad = _random(expected.shape, 4)
+    expected.backward(grad)
+    found.backward(grad[:, :, low:high])
+    relative = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+    return max([relative(found.detach(), expected.detach()[:, :, low:high]),
+                relative(chunk.grad, image.grad[:, :, first:end])] +
+               [relative(mine.grad, theirs.grad) for mine, theirs in zip(block.parameters(), whole.parameters())])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("ranks, height", [(2, 30), (4, 64)])
+def test_a_block_exchanging_its_overlap_once_equals_the_unpartitioned_layers(ranks, height):
+    for rank, error in enumerate(layerpipe.launch(_a_block, ranks, (height,))):
+        assert error <= 1e-12, f"rank {rank}: {error:.2e}"
+
+
+@pytest.mark.parametrize("layer, message", [
+    (nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), "SpatialBlock takes convolutions with numeric zeros"),
+    (nn.GroupNorm(1, 2), "SpatialBlock takes nn.Conv2d and element-wise layers .*, not GroupNorm"),
+])
+def test_a_block_refuses_layers_it_cannot_run_in_one_line(layer, message):
+    with pytest.raises(ValueError, match=message):
+        SpatialBlock(nn.Conv2d(2, 2, 3, padding=1), layer)

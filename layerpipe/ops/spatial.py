@@ -334,3 +334,7 @@ class SpatialBlock(nn.Sequential):
             if inside_first or inside_end < end - first:  # the next layer pads with zeros there
                 rows = F.pad(rows[..., inside_first:inside_end, :], (0, 0, inside_first, end - first - inside_end))
         return rows
+
+
+SPATIAL_LAYERS = (SpatialConv2d, SpatialConvTranspose2d, SpatialGroupNorm, SpatialBlock)
+"""The layers that run on chunks of rows; a ``Pipeline(..., spatial=S)`` hands each its stage's group."""

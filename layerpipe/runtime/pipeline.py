@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..knobs import knobs, number, whole
+from ..ops.spatial import gather_bounds
 from ..schedule.actions import parse_action
 from ..schedule.build import Schedule, build_schedule, stream_programs
 from ..schedule.config import ConfigError, ScheduleConfig, pipeline_ranks
@@ -32,6 +33,7 @@ from .precision import PRECISIONS
 from .p2p import Mailbox, wait_for
 from .recompute import mark_regions
 from .sharding import StageShard
+from .spatial_split import ChunkLoss, gather_rows, hand_group, has_spatial_layers, rows_of
 from .stage import PipelineError, Stage, as_tuple
 from .stream import StreamExecutor
 from .exchange import all_gather_json
@@ -85,30 +87,39 @@ class Pipeline:
                  schedule: str | ScheduleConfig | Schedule = "breadth-first", *, optimizer: Callable | None = None,
                  partition: str | Sequence[int] = "parameters", device: torch.device | str | None = None,
                  timeout: float = 300.0, sample: Callable[[], object] | None = None, track_memory: bool = False,
-                 check_every: int = 100, precision: str = "fp32", **options):
+                 check_every: int = 100, precision: str = "fp32", spatial: int = 1, **options):
         if number(0.0, above=True)(timeout) is not None:
             raise ConfigError("timeout", timeout, "must be a finite number of seconds above 0")
         if whole(0)(check_every) is not None:
             raise ConfigError("check_every", check_every, "must be a whole number of steps, 0 for never")
         init_process_group(timeout)
         self.check_every, self._calls, self.precision = check_every, 0, precision
-        self.schedule = _schedule_for(schedule, options, dist.get_world_size())
+        layers = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
+        spatial_layers = _check_spatial(spatial, layers)
+        self.schedule = _schedule_for(schedule, options, dist.get_world_size() // spatial)
         config = self.schedule.config
         _check_precision(precision, config)
-        self.layout = Layout(config.ranks, config.data_parallel)
+        if spatial > 1 and config.schedule == "async":
+            raise ConfigError("spatial", spatial, "the async stream does not run on spatial chunks yet: use a "
+                              "flushed schedule")
+        self.layout = Layout(config.ranks, config.data_parallel, spatial)
         self.global_rank = dist.get_rank()
         self.rank = self.layout.pipeline_rank(self.global_rank)
         self.replica = self.layout.replica(self.global_rank)
+        self.spatial_index = self.layout.spatial_index(self.global_rank)
         placement = self.schedule.placement
-        self.groups = make_groups(self.layout, self.global_rank, loss_pipeline_rank=placement.loss_rank)
+        self.groups = make_groups(self.layout, self.global_rank, placement.loss_rank, spatial_layers)
         self.microbatches = config.microbatches
         self.device = torch.device(device) if device is not None else _default_device()
-        layers = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
         self.boundaries = split_layers(layers, placement.stages, partition, sample)
         self.stages = {
             stage: Stage(stage, first, layers[first:end]).to(self.device)
             for stage, (first, end) in enumerate(self.boundaries) if placement.rank_of(stage) == self.rank
         }
+        hand_group(self.stages.values(), self.groups.spatial)
+        self._chunk_loss = ChunkLoss(loss_fn) if spatial > 1 else None
+        loss_fn = self._chunk_loss or loss_fn
+        self._target_rows: dict[tuple, tuple[int, int, int]] = {}
         for stage in self.stages.values():
             mark_regions(stage)  # submodules marked recompute_region become regions for recompute="selective"
         self.shards = {index: StageShard(stage, config.zero, config.data_parallel, self.replica, self.groups.data,
@@ -124,7 +135,7 @@ class Pipeline:
         lookahead = 0 if dist.get_backend() == "nccl" else 2
         self._early_loss_receive = lookahead > 0
         self._timeout = timeout
-        members = self.layout.pipeline_members(self.replica)
+        members = self.layout.pipeline_members(self.replica, self.spatial_index)
         self.streaming = config.schedule == "async"
         self.executor = self._make_executor(members, lookahead, loss_fn)
         self._stream_start = self._fed = 0  # async: where the stream in flight began, and the next sub-minibatch
@@ -239,6 +250,8 @@ class Pipeline:
         if result.outputs is None:
             return None
         joined = tuple(torch.cat(parts) for parts in zip(*result.outputs))
+        if self.layout.spatial > 1:  # the whole images, from every chunk's rows
+            joined = tuple(gather_rows(t, self.groups.spatial) if t.dim() >= 3 else t for t in joined)
         return joined[0] if len(joined) == 1 else joined
 
     __call__ = forward
@@ -405,13 +418,27 @@ class Pipeline:
         target_parts = _split(targets, self.microbatches, "targets", replicas, replica) if targets is not None else None
         if stream_first is not None:
             return self._run_stream_call(programs, input_parts, target_parts, stream_first)
+        if self.layout.spatial > 1:
+            input_parts = [rows_of(part, self.layout.spatial, self.spatial_index) for part in input_parts]
         signature = tuple((tuple(t.shape), t.dtype) for t in input_parts[0])
         metas = self._agreed_metas(input_parts[0])
+        if self.layout.spatial > 1 and target_parts is not None:
+            target_parts = self._target_chunks(signature, metas, target_parts)
         mailbox = self.executor.mailbox((mode != "train", signature), programs, metas)
         result = self.executor.run(programs[self.rank], mailbox, metas, input_parts, target_parts,
                                    training=mode == "train")
         self.last_result = result
         return result
+
+    def _target_chunks(self, signature: tuple, metas: tuple, target_parts: list) -> list:
+        """Return the targets' rows that this chunk's last-stage outputs stand for; weight its loss by their share."""
+        rows = self._target_rows.get(signature)
+        if rows is None:
+            bounds = gather_bounds(metas[-1][0].shape[-2], self.groups.spatial)
+            rows = self._target_rows[signature] = (*bounds[self.spatial_index], bounds[-1][1])
+        first, end, total = rows
+        self._chunk_loss.weight = (end - first) / total
+        return [tuple(t[..., first:end, :] if t.dim() >= 3 else t for t in part) for part in target_parts]
 
     def _check_same_batch_everywhere(self, inputs: Tensors) -> None:
         """Refuse, with ``PipelineError``, processes handed different global batches (a checksum, all-reduced)."""
@@ -501,14 +528,37 @@ class Pipeline:
                 work = dist.all_reduce(value, group=self.groups.loss, async_op=True)
                 wait_for(work, self._timeout, self.global_rank, "averaging the step's loss over the replicas")
                 value /= self.layout.data_parallel
-            peers = [peer for peer in self.layout.pipeline_members(self.replica) if peer != self.global_rank]
+            peers = [peer for peer in self.layout.pipeline_members(self.replica, self.spatial_index)
+                     if peer != self.global_rank]
             works = [dist.isend(value, dst=peer, tag=LOSS_TAG) for peer in peers]
             for work in works:
                 wait_for(work, self._timeout, self.global_rank, "sending the step's loss to the other ranks")
-            return float(value.item())
+            return self._summed_over_chunks(value)
         buffer, work = posted if posted is not None else self._post_loss_receive()
         wait_for(work, self._timeout, self.global_rank, f"waiting for the step's loss from rank {self.loss_rank}")
-        return float(buffer.item())
+        return self._summed_over_chunks(buffer)
+
+    def _summed_over_chunks(self, loss: torch.Tensor) -> float:
+        """Return the whole images' loss: the sum of the chunks' weighted losses (the loss itself without chunks)."""
+        if self.layout.spatial > 1:
+            work = dist.all_reduce(loss, group=self.groups.spatial, async_op=True)
+            wait_for(work, self._timeout, self.global_rank, "summing the step's loss over the spatial chunks")
+        return float(loss.item())
+
+
+def _check_spatial(spatial: object, layers: list) -> bool:
+    """Refuse, with ``ConfigError`` on ``spatial``, a chunk count the model or the process count cannot take;
+    return whether the model has spatial layers."""
+    if whole(1)(spatial) is not None:
+        raise ConfigError("spatial", spatial, "must be a whole number of chunks per image, at least 1")
+    world, found = dist.get_world_size(), has_spatial_layers(layers)
+    if world % spatial:
+        raise ConfigError("spatial", spatial, f"must divide the {world} processes (pipeline ranks × data_parallel "
+                          f"× spatial)")
+    if spatial > 1 and not found:
+        raise ConfigError("spatial", spatial, "the model has no spatial layers (layerpipe.ops.SpatialConv2d, "
+                          "SpatialConvTranspose2d, SpatialGroupNorm, SpatialBlock) to run on chunks of its images")
+    return found
 
 
 def _check_precision(precision: object, config: ScheduleConfig) -> None:

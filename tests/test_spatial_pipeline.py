@@ -1,0 +1,96 @@
+"""A pipeline whose stages run on spatial chunks equals the single-process model, in float64 (4 gloo processes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import layerpipe
+from layerpipe.knobs import ConfigError
+from layerpipe.ops.spatial import SpatialConv2d, SpatialConvTranspose2d, SpatialGroupNorm
+from runtime_models import Chain, relative_error
+
+
+def spatial_layers(seed: int = 0) -> list[nn.Module]:
+    """Convolutions down and up, a group norm, activations: every layer chunk-safe."""
+    torch.manual_seed(seed)
+    return [nn.Sequential(SpatialConv2d(3, 8, 3, padding=1), nn.GELU()).double(),
+            nn.Sequential(SpatialConv2d(8, 8, 3, stride=2, padding=1), SpatialGroupNorm(2, 8), nn.ReLU()).double(),
+            nn.Sequential(SpatialConv2d(8, 8, 5, padding=2, padding_mode="circular"), nn.Tanh()).double(),
+            SpatialConvTranspose2d(8, 3, 4, stride=2, padding=1).double()]
+
+
+def plain_layers() -> list[nn.Module]:
+    """The same model with PyTorch's own layers and the same weights: the reference."""
+    torch.manual_seed(0)
+    plain = [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU()),
+             nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.GroupNorm(2, 8), nn.ReLU()),
+             nn.Sequential(nn.Conv2d(8, 8, 5, padding=2, padding_mode="circular"), nn.Tanh()),
+             nn.ConvTranspose2d(8, 3, 4, stride=2, padding=1)]
+    for mine, theirs in zip(plain, spatial_layers()):
+        mine.load_state_dict(theirs.state_dict())
+    return [layer.double() for layer in plain]
+
+
+def images(step: int):
+    generator = torch.Generator().manual_seed(step)
+    return (torch.randn(8, 3, 20, 12, dtype=torch.float64, generator=generator),
+            torch.randn(8, 3, 20, 12, dtype=torch.float64, generator=generator))
+
+
+def reference(steps: int):
+    model = Chain(*plain_layers())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(images(step)[0]), images(step)[1])
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        optimizer.step()
+    return losses, grads, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _spatial_pipeline(options: dict):
+    expected_losses, expected_grads, expected = reference(3)
+    pipe = layerpipe.Pipeline(spatial_layers(), nn.functional.mse_loss, microbatches=2, spatial=2,
+                              optimizer=lambda params: torch.optim.AdamW(params, lr=0.01), timeout=60, **options)
+    losses = [pipe.train_step(*images(step)) for step in range(3)]
+    whole = pipe.forward(images(9)[0])
+    model = Chain(*plain_layers())
+    model.load_state_dict(expected)
+    output_error = 0.0 if whole is None else relative_error(whole, model(images(9)[0]))
+    return (max(abs(found - wanted) / wanted for found, wanted in zip(losses, expected_losses)),
+            max(relative_error(p.grad, expected_grads[name]) for name, p in pipe.named_parameters()),
+            max(relative_error(p, expected[name]) for name, p in pipe.named_parameters()), output_error,
+            pipe.layout.describe())
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("options", [dict(schedule="breadth-first", stages_per_rank=2),
+                                     dict(schedule="1f1b", data_parallel=2, zero=1)],
+                         ids=["2-pipeline-ranks x 2-chunks", "1 x 2-replicas x 2-chunks zero-1"])
+def test_a_spatial_pipeline_equals_the_single_process_model(options):
+    for rank, (loss, grad, parameter, output, layout) in enumerate(layerpipe.launch(_spatial_pipeline, 4, (options,))):
+        assert loss <= 1e-10 and grad <= 1e-10 and parameter <= 1e-10 and output <= 1e-10, \
+            f"rank {rank}: loss {loss:.1e}, gradients {grad:.1e}, parameters {parameter:.1e}, output {output:.1e}"
+    assert "2 spatial chunks = 4 processes" in layout, layout
+
+
+def _refused(spatial, layers):
+    try:
+        layerpipe.Pipeline(layers, nn.functional.mse_loss, microbatches=2, spatial=spatial, timeout=30)
+    except ConfigError as error:
+        return str(error)
+    return "accepted"
+
+
+@pytest.mark.multiprocess
+def test_a_spatial_split_the_model_or_the_processes_cannot_take_is_refused_in_one_line():
+    assert layerpipe.launch(_refused, 2, (2, [nn.Linear(2, 2), nn.Linear(2, 2)]))[0].startswith(
+        "spatial=2: the model has no spatial layers")
+    assert layerpipe.launch(_refused, 2, (3, spatial_layers()))[0] == \
+        "spatial=3: must divide the 2 processes (pipeline ranks × data_parallel × spatial)"
+    assert layerpipe.launch(_refused, 2, (0, spatial_layers()))[0].startswith("spatial=0: must be a whole number")

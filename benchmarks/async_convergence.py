@@ -140,7 +140,7 @@ def shakespeare_task(updates: int) -> Task:
     """Return the character-level GPT on Shakespeare, trained on ``updates`` virtual minibatches of sub-minibatches."""
     from layerpipe.models.gpt import GPTConfig, gpt_layers, next_token_loss
     from layerpipe.models.text import CharacterText, load_corpus
-    from layerpipe.train.loop import split_text
+    from layerpipe.train.tasks import split_text
 
     text = CharacterText.from_text(*load_corpus())
     training, held_out = split_text(text)

@@ -13,7 +13,7 @@ import pytest
 
 from layerpipe.cli import build_parser as layerpipe_parser, main as layerpipe_main
 from layerpipe.knobs import ConfigError, check_fields, knobs
-from layerpipe.models.config import GPTConfig
+from layerpipe.models.config import GPTConfig, SuperResConfig
 from layerpipe.schedule.config import ScheduleConfig, validate_config
 from layerpipe.sim.cost import CostModel
 from layerpipe.train.config import PARTS, TrainConfig, build_parser as train_parser, config_from
@@ -24,7 +24,8 @@ BAD = {
     "placement": "bogus", "data_parallel": 0, "zero": 7, "reduce_portions": 0, "reduce_order": "bogus",
     "weight_buffers": 0, "recompute": "bogus", "update_every": 0, "weight_policy": "newest",
     "delay_correction": "adam", "delay_warmup": -1, "optimizer": "lion", "checkpoint_every": -1, "keep": 0, "max_skips": 0, "max_restarts": -1, "precision": "fp8",
-    "sparsity": "5:4", "sparsity_method": "magic", "sparse_kernel": "cuda",
+    "sparsity": "5:4", "sparsity_method": "magic", "sparse_kernel": "cuda", "model": "resnet", "spatial": 0,
+    "channels": 0, "crop": 30,
     # CostModel
     "forward_time": -1.0, "backward_time": -1.0, "input_gradient_share": 2.0, "recompute_time": -1.0,
     "optimizer_time": -1.0, "p2p_latency": -1.0, "p2p_bandwidth": 0.0, "boundary_bytes": -1.0,
@@ -36,7 +37,8 @@ BAD = {
 }
 """A value each knob with a validity rule refuses."""
 
-CHECKED = [(cls, field.name) for cls in (ScheduleConfig, CostModel, GPTConfig, TrainConfig) for field in knobs(cls)
+CHECKED = [(cls, field.name) for cls in (ScheduleConfig, CostModel, GPTConfig, SuperResConfig, TrainConfig)
+           for field in knobs(cls)
            if field.metadata.get("check") is not None]
 
 

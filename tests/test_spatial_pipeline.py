@@ -94,3 +94,39 @@ def test_a_spatial_split_the_model_or_the_processes_cannot_take_is_refused_in_on
     assert layerpipe.launch(_refused, 2, (3, spatial_layers()))[0] == \
         "spatial=3: must divide the 2 processes (pipeline ranks × data_parallel × spatial)"
     assert layerpipe.launch(_refused, 2, (0, spatial_layers()))[0].startswith("spatial=0: must be a whole number")
+
+
+def _superres_pipeline():
+    """The super-resolution network on 2 pipeline ranks × 2 chunks against the same network in one process."""
+    from layerpipe.models.config import SuperResConfig
+    from layerpipe.models.superres import superres_layers
+
+    config = SuperResConfig(channels=4, crop=16)
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.rand(4, 3, 8, 10, dtype=torch.float64, generator=generator),
+                torch.rand(4, 3, 16, 20, dtype=torch.float64, generator=generator)) for _ in range(3)]
+    model = Chain(*[layer.double() for layer in superres_layers(config, seed=1)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    expected_losses = []
+    for inputs, targets in batches:
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(inputs), targets)
+        loss.backward()
+        expected_losses.append(float(loss.detach()))
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+    pipe = layerpipe.Pipeline([layer.double() for layer in superres_layers(config, seed=1, spatial=True)],
+                              nn.functional.mse_loss, "breadth-first", microbatches=2, spatial=2, timeout=60,
+                              optimizer=lambda params: torch.optim.AdamW(params, lr=0.01))
+    losses = [pipe.train_step(inputs, targets) for inputs, targets in batches]
+    expected = dict(model.named_parameters())
+    return (max(abs(found - wanted) / wanted for found, wanted in zip(losses, expected_losses)),
+            max(relative_error(p.grad, grads[name]) for name, p in pipe.named_parameters() if name in grads),
+            max(relative_error(p, expected[name]) for name, p in pipe.named_parameters()))
+
+
+@pytest.mark.multiprocess
+def test_the_superres_network_on_a_spatial_pipeline_equals_the_single_process_network():
+    for rank, (loss, grad, parameter) in enumerate(layerpipe.launch(_superres_pipeline, 4)):
+        assert loss <= 1e-10 and grad <= 1e-10 and parameter <= 1e-10, \
+            f"rank {rank}: loss {loss:.1e}, gradients {grad:.1e}, parameters {parameter:.1e}"

@@ -177,6 +177,11 @@ def test_a_toml_config_sets_options_and_the_command_line_wins(tmp_path):
     (["--sparsity", "2:48"], "--sparsity 2:48: M must divide --width (128)"),
     (["--sparsity-method", "lottery"], "--sparsity-method lottery: choose one of fixed, sr-ste"),
     (["--init-from", "nowhere"], "--init-from nowhere: holds no complete checkpoint"),
+    (["--spatial", "2"], "--spatial 2: the GPT's layers see whole sequences, not bands of rows"),
+    (["--model", "superres", "--crop", "30"], "--crop 30: must be a multiple of 4"),
+    (["--model", "superres", "--spatial", "4", "--crop", "40"], "--crop 40: its low-resolution half must split"),
+    (["--model", "superres", "--sparsity", "2:4"], "--sparsity 2:4: applies to --model gpt only"),
+    (["--model", "vit"], "--model vit: choose one of gpt, superres"),
 ])
 def test_bad_options_give_one_line_and_status_2(tmp_path, arguments, message):
     done = run_train(*arguments, "--output", str(tmp_path / "never"), cwd=tmp_path)
@@ -408,3 +413,21 @@ def test_init_from_a_checkpoint_that_does_not_fit_is_refused_in_one_line(tmp_pat
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"layerpipe train: error: --init-from {source}: ") and reason in lines[0], \
         done.stderr
+
+
+SUPERRES = ["--model", "superres", "--steps", "4", "--batch-size", "8", "--microbatches", "2", "--crop", "16",
+            "--channels", "8"]
+
+
+@pytest.mark.multiprocess
+def test_superres_trains_on_bands_of_rows_as_on_whole_images_and_draws_its_comparison(tmp_path):
+    whole, bands = tmp_path / "whole", tmp_path / "bands"
+    assert run_train(*SUPERRES, "--output", str(whole)).returncode == 0
+    done = run_train(*SUPERRES, "--spatial", "2", "--output", str(bands))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 pipeline ranks × 1 data-parallel replicas × 2 spatial chunks = 4 processes" in done.stdout
+    assert "held-out PSNR: model " in done.stdout and " dB, bicubic " in done.stdout
+    expected, found = (json.loads((folder / "summary.json").read_text()) for folder in (whole, bands))
+    assert found["losses"] == pytest.approx(expected["losses"], rel=1e-4)
+    assert found["psnr"] == pytest.approx(expected["psnr"], abs=1e-3) and found["psnr_bicubic"] > 20
+    assert found["pixels_per_second"] > 0 and (bands / "superres.png").stat().st_size > 1000

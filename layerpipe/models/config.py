@@ -1,4 +1,4 @@
-"""Sizes of the demo GPT, as knobs (no torch import, so ``layerpipe train --help`` stays quick)."""
+"""Sizes of the demo models, the GPT and the super-resolution network, as knobs (no torch import, so ``layerpipe train --help`` stays quick)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,21 @@ class GPTConfig:
                        check=whole(1), metavar="N")
     dropout: float = knob(0.0, "dropout probability", check=lambda value: number(0.0)(value) or (
         "must be below 1" if value >= 1 else None), metavar="P")
+
+    def to_json(self) -> dict:
+        """Return the sizes as a JSON-ready dictionary."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SuperResConfig:
+    """Sizes of the super-resolution network and its training crops."""
+
+    channels: int = knob(32, "feature channels of the super-resolution network (--model superres)", check=whole(1),
+                         metavar="N")
+    crop: int = knob(48, "side of the high-resolution training crops in pixels, a multiple of 4 (--model superres)",
+                     check=lambda value: whole(4)(value) or (None if value % 4 == 0 else "must be a multiple of 4"),
+                     metavar="PIXELS")
 
     def to_json(self) -> dict:
         """Return the sizes as a JSON-ready dictionary."""

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..ops.spatial import SPATIAL_LAYERS, gather_bounds
-from ..ops.spatial_rows import Bounds, split_rows
+from ..ops.spatial_rows import split_rows
 
 
 def has_spatial_layers(layers) -> bool:

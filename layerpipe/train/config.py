@@ -17,7 +17,7 @@ from typing import Any
 
 from ..knobs import (COMMAND_LINE, ConfigError, Spelling, check_fields, knob, knobs, number, one_of,
                      toml_spelling, whole)
-from ..models.config import GPTConfig
+from ..models.config import GPTConfig, SuperResConfig
 from ..ops.pattern import nm_pattern, parse_pattern
 from ..options import Parser, add_knobs, given, read_toml
 from ..schedule.config import ScheduleConfig, pipeline_ranks, validate_config
@@ -25,6 +25,9 @@ from ..schedule.config import ScheduleConfig, pipeline_ranks, validate_config
 
 OPTIMIZERS = ("adamw", "sgd")
 """The optimizers ``layerpipe train`` can give every stage."""
+
+MODELS = ("gpt", "superres")
+"""The demos ``layerpipe train`` trains."""
 
 SPARSITY_METHODS = ("fixed", "sr-ste")
 """How ``--sparsity`` trains: keep the first pattern, or let SR-STE change it."""
@@ -35,7 +38,14 @@ class TrainConfig:
     """Everything a training run is set up by; the defaults finish in about two minutes on two cores."""
 
     pipeline: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(ranks=2))
-    model: GPTConfig = field(default_factory=GPTConfig)
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    superres: SuperResConfig = field(default_factory=SuperResConfig)
+    model: str = knob("gpt", "which demo to train: gpt (a character-level GPT on Shakespeare's plays) or superres "
+                      "(2x super-resolution of the photographs scikit-image ships; needs the images extra)",
+                      check=one_of(MODELS), metavar="NAME")
+    spatial: int = knob(1, "split every image into this many bands of rows, one per process, and run each stage on "
+                        "them (--model superres; processes = ranks x data-parallel x spatial)", check=whole(1),
+                        metavar="S")
     steps: int = knob(1000, "training steps (train_step calls; async updates each stage m/k times per call)",
                       check=whole(1), metavar="N")
     batch_size: int = knob(32, "sequences per step (a multiple of microbatches × data_parallel)", check=whole(1),
@@ -78,16 +88,17 @@ class TrainConfig:
 
     @property
     def processes(self) -> int:
-        """Return the number of processes the run needs: pipeline ranks × data-parallel replicas."""
-        return self.pipeline.ranks * self.pipeline.data_parallel
+        """Return the number of processes the run needs: pipeline ranks × data-parallel replicas × spatial chunks."""
+        return self.pipeline.ranks * self.pipeline.data_parallel * self.spatial
 
     def to_json(self) -> dict:
         """Return every knob as one flat JSON-ready dictionary (the keys a TOML file takes)."""
-        return {**self.pipeline.to_json(), **{f.name: getattr(self.model, f.name) for f in knobs(GPTConfig)},
+        return {**self.pipeline.to_json(), **{f.name: getattr(self.gpt, f.name) for f in knobs(GPTConfig)},
+                **{f.name: getattr(self.superres, f.name) for f in knobs(SuperResConfig)},
                 **{f.name: getattr(self, f.name) for f in knobs(TrainConfig)}}
 
 
-PARTS = (ScheduleConfig, GPTConfig, TrainConfig)
+PARTS = (ScheduleConfig, GPTConfig, SuperResConfig, TrainConfig)
 """The configurations whose knobs ``layerpipe train`` takes, in the order ``--help`` lists them."""
 
 
@@ -102,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
     defaults = TrainConfig()
     add_knobs(parser.add_argument_group("schedule (ScheduleConfig)"), defaults.pipeline)
-    add_knobs(parser.add_argument_group("model (GPTConfig)"), defaults.model)
+    add_knobs(parser.add_argument_group("model (GPTConfig)"), defaults.gpt)
+    add_knobs(parser.add_argument_group("super-resolution model (SuperResConfig)"), defaults.superres)
     add_knobs(parser.add_argument_group("run"), defaults)
     return parser
 
@@ -127,43 +139,59 @@ def config_from(arguments: argparse.Namespace, world: int | None = None) -> Trai
             values[cls].update(found)
             spelling.update({name: COMMAND_LINE for name in found})
         if world is not None:
-            values[ScheduleConfig]["ranks"] = _ranks_under_torchrun(values[ScheduleConfig], world)
+            values[ScheduleConfig]["ranks"] = _ranks_under_torchrun(values[ScheduleConfig], world,
+                                                                    values[TrainConfig].get("spatial", 1))
         resume = values[TrainConfig].get("resume")
         if resume is not None and "output" not in values[TrainConfig]:
             values[TrainConfig]["output"] = run_folder_of(resume)
         config = TrainConfig(pipeline=ScheduleConfig(**{"ranks": 2, **values[ScheduleConfig]}),
-                             model=GPTConfig(**values[GPTConfig]), **values[TrainConfig])
+                             gpt=GPTConfig(**values[GPTConfig]), superres=SuperResConfig(**values[SuperResConfig]),
+                             **values[TrainConfig])
         check_config(config)
     except ConfigError as error:
         raise error.spelled(spelling.get(error.field, COMMAND_LINE)) from None
     return config
 
 
-def _ranks_under_torchrun(schedule_values: dict, world: int) -> int:
+def _ranks_under_torchrun(schedule_values: dict, world: int, spatial: int) -> int:
     data_parallel = schedule_values.get("data_parallel", 1)
-    ranks = pipeline_ranks(world, data_parallel)
+    ranks = pipeline_ranks(world // spatial if world % spatial == 0 else world, data_parallel)
     if schedule_values.get("ranks", ranks) != ranks:
         raise ConfigError("ranks", schedule_values["ranks"], f"torchrun started {world} processes = `ranks` × "
-                          f"`data_parallel` ({data_parallel}); leave `ranks` out or make them agree")
+                          f"`data_parallel` ({data_parallel}) × `spatial` ({spatial}); leave `ranks` out or make "
+                          f"them agree")
     return ranks
 
 
 def check_config(config: TrainConfig) -> None:
     """Refuse, with ``ConfigError`` naming the knob, a configuration that cannot train."""
     validate_config(config.pipeline)
-    check_fields(config.model)
+    check_fields(config.gpt)
+    check_fields(config.superres)
     check_fields(config)
-    schedule, model = config.pipeline, config.model
+    schedule = config.pipeline
     if config.precision == "fp16" and not schedule.skip_nonfinite:
         raise ConfigError("precision", "fp16", "needs `skip_nonfinite`: its loss scaling skips the steps whose "
                           "gradients overflowed")
-
     if schedule.delay_correction not in (None, "none") and config.optimizer != "sgd":
         raise ConfigError("delay_correction", schedule.delay_correction, f"reads SGD's momentum, and the optimizer "
                           f"is {config.optimizer}: add `optimizer` sgd, or use none")
     if config.batch_size % (schedule.microbatches * schedule.data_parallel):
         raise ConfigError("batch_size", config.batch_size, f"must be a multiple of `microbatches` "
                           f"({schedule.microbatches}) × `data_parallel` ({schedule.data_parallel})")
+    (_check_gpt if config.model == "gpt" else _check_superres)(config)
+    if config.resume is not None:
+        check_resume(config.resume)
+    if config.init_from is not None:
+        check_init_from(config)
+    check_output(config.output)
+
+
+def _check_gpt(config: TrainConfig) -> None:
+    schedule, model = config.pipeline, config.gpt
+    if config.spatial > 1:
+        raise ConfigError("spatial", config.spatial, "the GPT's layers see whole sequences, not bands of rows: "
+                          "use it with `model` superres")
     if model.width % model.heads:
         raise ConfigError("heads", model.heads, f"must divide `width` ({model.width})")
     if model.blocks + 2 < schedule.stages:
@@ -172,11 +200,26 @@ def check_config(config: TrainConfig) -> None:
     if config.sparsity is not None and model.width % parse_pattern(config.sparsity, "sparsity").m:
         raise ConfigError("sparsity", config.sparsity, f"M must divide `width` ({model.width}), the input size of "
                           f"the blocks' linear layers")
-    if config.resume is not None:
-        check_resume(config.resume)
-    if config.init_from is not None:
-        check_init_from(config)
-    check_output(config.output)
+
+
+SUPERRES_LAYERS = 6
+"""Layers of the super-resolution network (head, down, body, up, up, tail)."""
+
+
+def _check_superres(config: TrainConfig) -> None:
+    schedule = config.pipeline
+    for name in ("sparsity", "init_from"):
+        if getattr(config, name) is not None:
+            raise ConfigError(name, getattr(config, name), "applies to `model` gpt only")
+    if schedule.schedule == "async" and config.spatial > 1:
+        raise ConfigError("spatial", config.spatial, "the async stream does not run on spatial chunks yet")
+    if SUPERRES_LAYERS < schedule.stages:
+        raise ConfigError("stages_per_rank", schedule.stages_per_rank, f"the super-resolution network has "
+                          f"{SUPERRES_LAYERS} layers but `ranks` × `stages_per_rank` = {schedule.stages} stages")
+    if (config.superres.crop // 2) % (2 * config.spatial):
+        raise ConfigError("crop", config.superres.crop, f"its low-resolution half must split into `spatial` "
+                          f"({config.spatial}) bands of an even number of rows: use a multiple of "
+                          f"{4 * config.spatial}")
 
 
 def run_folder_of(resume: str) -> str:
@@ -213,7 +256,7 @@ def check_init_from(config: TrainConfig) -> None:
         raise ConfigError("init_from", config.init_from, f"is not a usable checkpoint: {error}") from None
     from ..models.text import CharacterText, load_corpus
 
-    model = dataclasses.replace(config.model, vocab_size=CharacterText.from_text(*load_corpus()).vocab_size)
+    model = dataclasses.replace(config.gpt, vocab_size=CharacterText.from_text(*load_corpus()).vocab_size)
     for name, shape in dense_shapes(model).items():
         if name not in weights:
             raise ConfigError("init_from", config.init_from, f"has no weight {name}: it comes from another model or a "
@@ -223,7 +266,7 @@ def check_init_from(config: TrainConfig) -> None:
                               f"this model's is {shape}: give the model options of that run")
 
 
-OUTPUT_FILES = ("summary.json", "loss.png", "timeline.png", "timeline.json", "timeline-data.json")
+OUTPUT_FILES = ("summary.json", "loss.png", "timeline.png", "timeline.json", "timeline-data.json", "superres.png")
 """The files ``layerpipe train`` writes into ``--output`` (beside ``checkpoint/``)."""
 
 
@@ -255,4 +298,5 @@ def replaced(config: TrainConfig, **changes: Any) -> TrainConfig:
     for name, value in changes.items():
         parts[owners[name]][name] = value
     return dataclasses.replace(config, pipeline=dataclasses.replace(config.pipeline, **parts[ScheduleConfig]),
-                               model=dataclasses.replace(config.model, **parts[GPTConfig]), **parts[TrainConfig])
+                               gpt=dataclasses.replace(config.gpt, **parts[GPTConfig]),
+                               superres=dataclasses.replace(config.superres, **parts[SuperResConfig]), **parts[TrainConfig])

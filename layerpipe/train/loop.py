@@ -1,9 +1,10 @@
 """The training loop of ``layerpipe train``, small enough to hold in one's head.
 
-``run(config)`` sets up the text, the model and the ``Pipeline``, trains for
-``config.steps`` steps with the learning rate of ``get_lr(step)``, evaluates
-on held-out text (``evaluate``), samples text through the pipeline
-(``generate``), saves a checkpoint and hands one ``RunRecord`` to the report.
+``run(config)`` sets up the demo (``tasks.py``: its data and model) and the
+``Pipeline``, trains for ``config.steps`` steps with the learning rate of
+``get_lr(step)``, evaluates on held-out data, lets the demo show what it
+learned (a text sample from the pipeline, or a picture),
+saves a checkpoint and hands one ``RunRecord`` to the report.
 """
 
 from __future__ import annotations
@@ -16,21 +17,18 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint_files import checkpoints_of, find_checkpoint, prune_checkpoints
-from ..models.gpt import GPTConfig, dense_shapes, gpt_layers, next_token_loss
-from ..models.text import CharacterText, load_corpus
-from ..ops import sparsify
-from ..runtime.checkpoint import (generator_state, kill_if_asked, load_checkpoint, load_weights, restore_generator,
+from ..runtime.checkpoint import (generator_state, kill_if_asked, load_checkpoint, restore_generator,
                                   restore_random_states, save_checkpoint)
 from ..runtime.exchange import all_gather_json
 from ..runtime.launch import init_process_group
 from ..runtime.pipeline import Pipeline, peak_memory_bytes
 from ..runtime.versions import VersionRecord
 from .config import OUTPUT_FILES, TrainConfig
-from .report import RunRecord, memory_report, print_summary, stream_report, write_outputs
+from .report import RunRecord, describe, memory_report, print_summary, stream_report, write_outputs
+from .tasks import task_for
 
 
 class TrainingStopped(RuntimeError):
@@ -43,13 +41,6 @@ def get_lr(step: int, config: TrainConfig) -> float:
     return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def split_text(text: CharacterText) -> tuple[CharacterText, CharacterText]:
-    """Return the first 95 % of the text for training and the rest, held out, for evaluation."""
-    held_out = int(len(text.ids) * 0.95)
-    return (CharacterText(text.name, text.characters, text.ids[:held_out]),
-            CharacterText(text.name, text.characters, text.ids[held_out:]))
-
-
 def make_optimizer(config: TrainConfig):
     """Return ``callable(params) -> Optimizer`` for ``config.optimizer``: AdamW, or SGD with momentum 0.9."""
     if config.optimizer == "sgd":
@@ -57,29 +48,13 @@ def make_optimizer(config: TrainConfig):
     return lambda params: torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.01)
 
 
-def model_layers(config: TrainConfig, model: GPTConfig) -> list[nn.Module]:
-    """Return the GPT's layers: initialised from the seed or from ``init_from``'s weights, then N:M sparse when asked.
-
-    Sparsity covers the blocks' linear layers; the embedding and the output
-    head stay dense.
-    """
-    layers = gpt_layers(model, config.seed)
-    if config.init_from is not None:
-        weights = load_weights(find_checkpoint(config.init_from))
-        nn.Sequential(*layers).load_state_dict({name: weights[name] for name in dense_shapes(model)}, strict=False)
-    if config.sparsity is not None:
-        sparsify(nn.Sequential(*layers), config.sparsity, skip=["0", str(len(layers) - 1)],
-                 sr_ste=config.sparsity_method == "sr-ste", kernel=config.sparse_kernel)
-    return layers
+def make_pipeline(config: TrainConfig, task) -> Pipeline:
+    """Return the demo's model split over this process's pipeline, with the configured optimizer on every local stage."""
+    return Pipeline(task.layers(), task.loss_fn, config.pipeline, track_memory=True, timeout=config.timeout,
+                    optimizer=make_optimizer(config), precision=config.precision, spatial=config.spatial)
 
 
-def make_pipeline(config: TrainConfig, model: GPTConfig) -> Pipeline:
-    """Return the GPT split over this process's pipeline, with the configured optimizer on every local stage."""
-    return Pipeline(model_layers(config, model), next_token_loss, config.pipeline, track_memory=True,
-                    timeout=config.timeout, optimizer=make_optimizer(config), precision=config.precision)
-
-
-def train(pipe: Pipeline, text: CharacterText, config: TrainConfig, show: bool,
+def train(pipe: Pipeline, task, config: TrainConfig, show: bool,
           resumed: dict | None = None) -> tuple[list[float], list[float]]:
     """Run the training steps (from a resumed checkpoint's step on); return the loss and wall time of every step.
 
@@ -90,14 +65,13 @@ def train(pipe: Pipeline, text: CharacterText, config: TrainConfig, show: bool,
     if resumed is not None:
         restore_generator(generator, resumed["data"])
         losses, step_times, first = list(resumed["losses"]), list(resumed["step_times"]), resumed["step"]
-    tokens_per_step = config.batch_size * config.model.block_size
     bar = tqdm(total=config.steps, initial=first, desc="train", unit="step", disable=not show, dynamic_ncols=True)
     for step in range(first, config.steps):
         kill_if_asked("step", step)
         for optimizer in pipe.optimizers.values():
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(step, config)
-        inputs, targets = text.batch(config.batch_size, config.model.block_size, generator)
+        inputs, targets = task.batch(generator)
         started = time.perf_counter()
         losses.append(pipe.train_step(inputs, targets))
         step_times.append(time.perf_counter() - started)
@@ -106,7 +80,7 @@ def train(pipe: Pipeline, text: CharacterText, config: TrainConfig, show: bool,
             raise TrainingStopped(f"step {step}: {skips} steps in a row skipped, stage {pipe.last_step_skipped}'s "
                                   f"gradients were not finite: lower --learning-rate or look at the data")
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tokens_per_s=f"{tokens_per_step / step_times[-1]:,.0f}")
+        bar.set_postfix({"loss": f"{losses[-1]:.3f}", f"{task.unit}_per_s": f"{task.items_per_step / step_times[-1]:,.0f}"})
         done = step + 1
         if done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
             write_checkpoint(pipe, config, {"step": done, "losses": losses, "step_times": step_times,
@@ -146,41 +120,6 @@ def resume_state(pipe: Pipeline, config: TrainConfig) -> dict | None:
     return resumed
 
 
-def evaluate(pipe: Pipeline, text: CharacterText, config: TrainConfig) -> float:
-    """Return the mean loss of one batch of held-out text, forward only."""
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    pipe.eval()
-    inputs, targets = text.batch(config.batch_size, config.model.block_size, generator)
-    return pipe.eval_step(inputs, targets)
-
-
-def generate(pipe: Pipeline, text: CharacterText, config: TrainConfig) -> str:
-    """Return ``config.sample_length`` characters generated by the pipelined model from a short prompt.
-
-    Every rank feeds the same fixed-length window (so the stage shapes stay
-    agreed); replica 0's rank of the last stage (``placement.loss_rank``)
-    samples the next character and broadcasts it.
-    """
-    prompt = next((p for p in ("KING HENRY", "ROMEO", "The ") if all(c in text.characters for c in p)), "")
-    ids = text.encode(prompt).tolist() or [0]
-    generator = torch.Generator().manual_seed(config.seed + 2)
-    block_size, source = config.model.block_size, pipe.layout.global_rank(pipe.schedule.placement.loss_rank, 0)
-    for _ in range(config.sample_length):
-        window = ids[-block_size:]
-        batch = torch.zeros(config.pipeline.microbatches, block_size, dtype=torch.long)  # one sequence per micro-batch
-        batch[:, : len(window)] = torch.tensor(window)
-        with torch.no_grad():
-            logits = pipe.forward(batch)
-        token = torch.zeros(1, dtype=torch.long, device=pipe.device)
-        if logits is not None:
-            probabilities = torch.softmax(logits[0, len(window) - 1].double().cpu() / 0.8, dim=-1)
-            token[0] = int(torch.multinomial(probabilities, 1, generator=generator))
-        if dist.get_world_size() > 1:  # every replica computed the same logits
-            dist.broadcast(token, src=source)
-        ids.append(int(token[0]))
-    return text.decode(ids)
-
-
 def _gathered(value) -> list:
     """Return every process's ``value`` (JSON in tensors, not pickles)."""
     return all_gather_json(value)
@@ -193,29 +132,27 @@ def run(config: TrainConfig) -> dict | None:
     """
     init_process_group(config.timeout)
     rank, started = dist.get_rank(), time.perf_counter()
-    text = CharacterText.from_text(*load_corpus())
-    training_text, evaluation_text = split_text(text)
-    model = GPTConfig(**{**config.model.to_json(), "vocab_size": text.vocab_size})
-    pipe = make_pipeline(config, model)
+    task = task_for(config)
+    pipe = make_pipeline(config, task)
     if rank == 0:
         print(pipe.layout.describe())
     if config.resume is None and rank == 0:
         clear_outputs(config.output)
     resumed = resume_state(pipe, config)
-    losses, step_times = train(pipe, training_text, config, show=rank == 0, resumed=resumed)
+    losses, step_times = train(pipe, task, config, show=rank == 0, resumed=resumed)
     measured = pipe.timeline(f"{config.pipeline.schedule}, measured last step")
-    eval_loss = evaluate(pipe, evaluation_text, config)  # async: flushes the stream first
+    eval_loss = task.evaluate(pipe)  # async: flushes the stream first
     records = [[VersionRecord(*fields) for fields in part]
                for part in _gathered([dataclasses.astuple(record) for record in pipe.version_records()])]
     versions = [{int(stage): count for stage, count in part.items()} for part in _gathered(pipe.weight_versions())]
     stream = stream_report(records, versions)
-    sample = generate(pipe, text, config)
+    outcome = task.finish(pipe)
     os.makedirs(config.output, exist_ok=True)
     peaks, memory = _gathered(peak_memory_bytes(pipe.device)), _gathered(memory_report(pipe))
     if rank != 0:
         return None
-    record = RunRecord(config, pipe.schedule, model, text.name, tuple(losses), tuple(step_times), eval_loss, measured,
-                       tuple(peaks), sample, time.perf_counter() - started, tuple(memory), stream)
+    record = RunRecord(config, pipe.schedule, describe(task), tuple(losses), tuple(step_times), eval_loss, measured,
+                       tuple(peaks), outcome, time.perf_counter() - started, tuple(memory), stream)
     summary = write_outputs(record)
     print_summary(record, summary)
     return summary

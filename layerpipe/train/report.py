@@ -16,10 +16,26 @@ import platform
 from dataclasses import dataclass
 from statistics import median
 
-from ..models.config import GPTConfig
 from ..schedule.build import Schedule
 from ..sim.timeline import Timeline
 from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Demo:
+    """The trained demo, as the report names it: its model's sizes, its data and what a step processes."""
+
+    model: dict
+    corpus: str
+    title: str
+    unit: str
+    items_per_step: int
+    loss_label: str
+
+
+def describe(task) -> Demo:
+    """Return the report's description of a demo (``tasks.GPTTask`` or ``tasks.SuperResTask``)."""
+    return Demo(task.model.to_json(), task.corpus, task.title, task.unit, task.items_per_step, task.loss_label)
 
 
 @dataclass(frozen=True)
@@ -28,22 +44,16 @@ class RunRecord:
 
     config: TrainConfig
     schedule: Schedule
-    model: GPTConfig
-    corpus: str
+    demo: Demo
     losses: tuple[float, ...]
     step_times: tuple[float, ...]
     eval_loss: float
     measured: Timeline
     peak_memory: tuple[int, ...]
-    sample: str
+    outcome: object  # tasks.Outcome: the demo's own summary entries, files and closing lines
     wall_time: float
     memory: tuple[dict, ...]
     stream: dict | None = None  # async only: weight versions and measured staleness per stage
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Return the tokens one step trains on."""
-        return self.config.batch_size * self.model.block_size
 
 
 def stream_report(records_per_process: list, versions_per_process: list) -> dict | None:
@@ -108,14 +118,14 @@ def summary_of(record: RunRecord, simulated_step_time: float) -> dict:
     steady = list(record.step_times[1:] or record.step_times)
     return {
         "config": record.config.to_json(),
-        "model": record.model.to_json(),
-        "corpus": record.corpus,
+        "model": record.demo.model,
+        "corpus": record.demo.corpus,
         "losses": list(record.losses),
         "first_loss": record.losses[0],
         "final_loss": record.losses[-1],
         "eval_loss": record.eval_loss,
         "step_time": median(steady),
-        "tokens_per_second": record.tokens_per_step * len(steady) / sum(steady),
+        f"{record.demo.unit}_per_second": record.demo.items_per_step * len(steady) / sum(steady),
         "simulated_step_time": simulated_step_time,
         "measured_last_step_time": record.measured.step_time,
         "peak_memory_bytes": list(record.peak_memory),
@@ -123,7 +133,7 @@ def summary_of(record: RunRecord, simulated_step_time: float) -> dict:
         "memory": list(record.memory),
         "memory_kind": "per process, last step, bytes: saved activations (autograd saved-tensor hooks) and parameter, "
                        "gradient and optimizer buffers, measured and as the simulator's memory model predicts",
-        "sample": record.sample,
+        **record.outcome.summary,
         **({"stream": record.stream} if record.stream is not None else {}),
         "wall_time": record.wall_time,
         "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
@@ -172,8 +182,8 @@ def plot_losses(record: RunRecord, path: str) -> None:
     figure, axes = plt.subplots(figsize=(7, 3.5))
     axes.plot(range(1, len(record.losses) + 1), record.losses, linewidth=1)
     axes.set_xlabel("step")
-    axes.set_ylabel("training loss (cross-entropy)")
-    axes.set_title(f"{record.model.blocks}-block GPT on {record.corpus}, {record.config.pipeline.schedule}")
+    axes.set_ylabel(record.demo.loss_label)
+    axes.set_title(f"{record.demo.title}, {record.config.pipeline.schedule}")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -185,11 +195,13 @@ def print_summary(record: RunRecord, summary: dict) -> None:
     first, final = summary["first_loss"], summary["final_loss"]
     print(f"\nloss {first:.3f} → {final:.3f} ({100 * (1 - final / first):.0f}% lower), "
           f"held-out loss {record.eval_loss:.3f}")
+    unit = record.demo.unit
     print(f"step time {1000 * summary['step_time']:.1f} ms measured, {1000 * summary['simulated_step_time']:.1f} ms "
-          f"simulated from the measured action times; {summary['tokens_per_second']:,.0f} tokens/s")
+          f"simulated from the measured action times; {summary[f'{unit}_per_second']:,.0f} {unit}/s")
     own = record.memory[0]
     print(f"saved activations on process 0: {own['measured']['activations'] / 2**20:.2f} MiB at peak measured, "
           f"{own['predicted']['activations'] / 2**20:.2f} MiB by the memory model")
     print(f"wrote {record.config.output}/: summary.json loss.png timeline.png timeline.json timeline-data.json "
-          f"checkpoints/step-{len(record.losses)}/")
-    print("\nsample:\n" + record.sample)
+          + "".join(f"{name} " for name in record.outcome.files) + f"checkpoints/step-{len(record.losses)}/")
+    for line in record.outcome.lines:
+        print(line)

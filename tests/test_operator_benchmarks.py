@@ -34,3 +34,12 @@ def test_the_sparsity_study_trains_every_variant(tmp_path):
     variants = json.loads((tmp_path / "sparsity_accuracy.json").read_text())["variants"]
     assert list(variants) == ["dense", "2:4 scratch", "2:4 SR-STE", "2:4 fine-tuned"]
     assert [len(variant["losses"][0]) for variant in variants.values()] == [4, 4, 4, 2]
+
+
+@pytest.mark.multiprocess
+def test_the_spatial_overlap_benchmark_times_every_way(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "spatial_overlap.py"), "--quick", "--repeats", "1",
+                           "--output", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads((tmp_path / "spatial_overlap.json").read_text())["runs"]
+    assert set(runs["2"]) == {"per layer", "blocks of 2", "blocks of 3", "one block of 6", "whole image, one process"}

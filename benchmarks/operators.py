@@ -23,7 +23,6 @@ and reports medians and ratios.  Results go to
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import os
@@ -37,9 +36,8 @@ from torch import nn
 
 from layerpipe.ops import NMSparseLinear, conv_transpose2d, parse_pattern
 from layerpipe.ops.conv_transpose import _check, as_convolution_weight, multiply_counts, phase_forward
-from results_files import save_figure, write_results
+from results_files import repeated_benchmark_arguments, save_figure, write_results
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def median_times(variants: dict, repeats: int) -> dict[str, float]:
@@ -228,11 +226,7 @@ def draw(sparse_rows: list[dict], conv_rows: list[dict], path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="one small size of each (for a test of the script)")
-    parser.add_argument("--output", default=os.path.join(HERE, "results"))
-    args = parser.parse_args()
+    args = repeated_benchmark_arguments(__doc__, "one small size of each (for a test of the script)")
     torch.set_num_threads(1)
     widths, sizes = ((256,), (16,)) if args.quick else ((256, 512, 1024), (16, 32, 64))
     patterns = ("2:4",) if args.quick else ("2:4", "1:4", "4:8")

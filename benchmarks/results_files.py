@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -25,3 +26,12 @@ def save_figure(figure, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def repeated_benchmark_arguments(description: str, quick: str, repeats: int = 15) -> argparse.Namespace:
+    """Return the options every timing benchmark takes: ``--repeats``, ``--quick`` (what it shrinks) and ``--output``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=repeats, help="interleaved repetitions of every variant")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    return parser.parse_args()

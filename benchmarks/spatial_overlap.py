@@ -19,7 +19,6 @@ computed beyond the image's own (the recomputed overlap).  Results go to
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -33,9 +32,8 @@ from torch import nn
 import layerpipe
 from layerpipe.ops.spatial import SpatialBlock, SpatialConv2d
 from layerpipe.ops.spatial_rows import RowMap, plan_exchange, split_rows
-from results_files import write_results
+from results_files import repeated_benchmark_arguments, write_results
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 LAYERS, CHANNELS = 6, 32
 
 
@@ -111,11 +109,7 @@ def measure(size: int, batch: int, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="a small image and 2 processes (to test the script)")
-    parser.add_argument("--output", default=os.path.join(HERE, "results"))
-    args = parser.parse_args()
+    args = repeated_benchmark_arguments(__doc__, "a small image and 2 processes (to test the script)")
     size, batch = (32, 2) if args.quick else (128, 4)
     today = datetime.date.today().isoformat()
     machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), gloo, one thread per process"

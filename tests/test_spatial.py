@@ -213,3 +213,23 @@ def test_a_block_exchanging_its_overlap_once_equals_the_unpartitioned_layers(ran
 def test_a_block_refuses_layers_it_cannot_run_in_one_line(layer, message):
     with pytest.raises(ValueError, match=message):
         SpatialBlock(nn.Conv2d(2, 2, 3, padding=1), layer)
+
+
+def _functional():
+    from layerpipe.ops import spatial_conv2d
+
+    index = torch.distributed.get_rank()
+    image, weight = _random((2, 4, 15, 9), 5), _random((6, 2, 3, 5), 6).requires_grad_()
+    bounds = split_rows(15, torch.distributed.get_world_size(), align=2)
+    expected = F.conv2d(image, weight, None, (2, 1), (1, 2), 1, 2)
+    found = spatial_conv2d(image[:, :, slice(*bounds[index])], weight, None, (2, 1), (1, 2), 1, 2)
+    low, high = RowMap("conv", 3, 2, 1).output_bounds(bounds, 15)[index]
+    found.sum().backward()
+    grad, = torch.autograd.grad(expected.sum(), weight)
+    return float((found - expected[:, :, low:high]).abs().max()), float((weight.grad - grad).abs().max())
+
+
+@pytest.mark.multiprocess
+def test_the_functional_form_equals_conv2d_on_the_whole_image():
+    for rank, (output, weight) in enumerate(layerpipe.launch(_functional, 2)):
+        assert output <= 1e-12 and weight <= 1e-12, (rank, output, weight)

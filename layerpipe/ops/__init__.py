@@ -1,6 +1,7 @@
-"""Accelerator-style operators: N:M structured sparsity and transposed convolution without zero insertion.
+"""Accelerator-style operators: N:M structured sparsity, transposed convolution without zero insertion, and
+spatially partitioned layers.
 
-See ``docs/operators.md`` for a worked example of each.
+See ``docs/operators.md`` and ``docs/spatial.md``.
 """
 
 from .sparse_linear import NMSparseLinear, sparsify
@@ -11,3 +12,7 @@ __all__ = ["NMSparseLinear", "Pattern", "compress", "decompose", "decompress", "
 from .conv_transpose import ConvTranspose1d, ConvTranspose2d, conv_transpose1d, conv_transpose2d  # noqa: E402
 
 __all__ += ["ConvTranspose1d", "ConvTranspose2d", "conv_transpose1d", "conv_transpose2d"]
+from .spatial import (SpatialBlock, SpatialConv2d, SpatialConvTranspose2d, SpatialGroupNorm,  # noqa: E402
+                      spatial_conv2d)
+
+__all__ += ["SpatialBlock", "SpatialConv2d", "SpatialConvTranspose2d", "SpatialGroupNorm", "spatial_conv2d"]

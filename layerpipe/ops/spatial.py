@@ -193,13 +193,29 @@ class SpatialConv2d(nn.Conv2d):
         return RowMap("conv", self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0])
 
     def forward(self, chunk: torch.Tensor) -> torch.Tensor:
-        circular = self.padding_mode == "circular"
-        assembled, _, _ = overlap_rows(chunk, self.row_map(), self.group, circular, self.timeout)
-        across = self.padding[1]
-        if across:
-            assembled = F.pad(assembled, (across, across, 0, 0), mode="circular" if circular else "constant")
-        return F.conv2d(assembled, replicated(self.weight, self.group), replicated(self.bias, self.group),
-                        self.stride, 0, self.dilation, self.groups)
+        return spatial_conv2d(chunk, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                              self.padding_mode, self.group, self.timeout)
+
+
+def spatial_conv2d(chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+                   dilation=1, groups: int = 1, padding_mode: str = "zeros", group=None,
+                   timeout: float = 300.0) -> torch.Tensor:
+    """``torch.nn.functional.conv2d`` of the image whose band of rows ``chunk`` is, on every process of ``group``.
+
+    Returns this process's band of the output (``SpatialConv2d`` says which
+    rows).  ``padding_mode`` is ``zeros`` or ``circular``; the gradients of
+    ``weight`` and ``bias`` are summed over the group.  Refuses, in one line, a
+    band smaller than the overlap it must provide.
+    """
+    (stride_rows, stride_across), (pad_rows, pad_across) = _pair(stride), _pair(padding)
+    (dilation_rows, dilation_across) = _pair(dilation)
+    circular = padding_mode == "circular"
+    row_map = RowMap("conv", weight.shape[-2], stride_rows, pad_rows, dilation_rows)
+    assembled, _, _ = overlap_rows(chunk, row_map, group, circular, timeout)
+    if pad_across:
+        assembled = F.pad(assembled, (pad_across, pad_across, 0, 0), mode="circular" if circular else "constant")
+    return F.conv2d(assembled, replicated(weight, group), replicated(bias, group), (stride_rows, stride_across), 0,
+                    (dilation_rows, dilation_across), groups)
 
 
 class SpatialConvTranspose2d(nn.ConvTranspose2d):

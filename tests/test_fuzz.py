@@ -90,7 +90,8 @@ def test_every_generated_command_line_runs_or_is_refused_in_one_line(argv):
 TRAIN_KEYS = ["schedule", "ranks", "microbatches", "stages_per_rank", "data_parallel", "zero", "recompute",
               "update_every", "weight_policy", "delay_correction", "skip_nonfinite", "steps", "batch_size",
               "learning_rate", "width", "heads", "blocks", "block_size", "dropout", "precision", "optimizer",
-              "checkpoint_every", "keep", "max_restarts", "timeout", "resume", "stages", "bogus_key"]
+              "checkpoint_every", "keep", "max_restarts", "timeout", "resume", "stages", "bogus_key", "model",
+              "spatial", "crop", "channels", "sparsity", "sparsity_method", "sparse_kernel", "init_from"]
 TOML_VALUES = st.sampled_from(['1', '0', '-2', '3', '8', '32', '2.5', '"x"', '"async"', '"breadth-first"',
                                '"fp16"', '"sgd"', '"stashed"', '"spike"', '"full"', 'true', 'false', '[1, 2]',
                                '"nowhere"', '1e400', '""', '{a = 1}'])
@@ -196,7 +197,13 @@ TRAIN_OPTIONS = {**OPTIONS, "--steps": SMALL_WHOLE, "--batch-size": SMALL_WHOLE,
                  "--learning-rate": NUMBER, "--precision": st.sampled_from(["fp32", "bf16", "fp16", "fp8", ""]),
                  "--optimizer": st.sampled_from(["adamw", "sgd", "lion"]), "--checkpoint-every": SMALL_WHOLE,
                  "--keep": SMALL_WHOLE, "--max-restarts": SMALL_WHOLE, "--max-skips": SMALL_WHOLE,
-                 "--timeout": NUMBER, "--resume": st.sampled_from(["nowhere", "", "."]), "--seed": SMALL_WHOLE}
+                 "--timeout": NUMBER, "--resume": st.sampled_from(["nowhere", "", "."]), "--seed": SMALL_WHOLE,
+                 "--model": st.sampled_from(["gpt", "superres", "vit", ""]), "--spatial": SMALL_WHOLE,
+                 "--crop": SMALL_WHOLE, "--channels": SMALL_WHOLE,
+                 "--sparsity": st.sampled_from(["2:4", "5:4", "0:4", "1:64", "2:128", "x", ""]),
+                 "--sparsity-method": st.sampled_from(["fixed", "sr-ste", "lottery"]),
+                 "--sparse-kernel": st.sampled_from(["dense", "gather", "cuda"]),
+                 "--init-from": st.sampled_from(["nowhere", "", "."])}
 
 
 @st.composite

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -133,3 +134,16 @@ def test_the_phases_multiply_a_stride_squared_fraction_of_what_zero_insertion_do
     counts = multiply_counts((1, 8, 16, 16), (8, 8, kernel, kernel), stride, padding=kernel // 2)
     assert counts["phases"] * stride ** 2 == counts["zero_insertion"]
     assert counts["useful"] <= counts["phases"]
+
+
+@pytest.mark.parametrize("shape, arguments", [((1, 4, 0, 5), {}), ((0, 4, 5, 5), dict(stride=2, output_padding=3)),
+                                              ((0, 4, 2, 2), dict(padding=9)), ((2, 0, 3, 3), {})])
+def test_empty_inputs_get_pytorchs_own_answer(shape, arguments):
+    inputs, weight = torch.randn(shape), torch.randn(shape[1], 2, 3, 3)
+    try:
+        expected = F.conv_transpose2d(inputs, weight, **arguments)
+    except RuntimeError as error:
+        with pytest.raises(RuntimeError, match=re.escape(str(error)[:40])):
+            conv_transpose2d(inputs, weight, **arguments)
+        return
+    assert conv_transpose2d(inputs, weight, **arguments).shape == expected.shape

@@ -130,3 +130,31 @@ def test_the_superres_network_on_a_spatial_pipeline_equals_the_single_process_ne
     for rank, (loss, grad, parameter) in enumerate(layerpipe.launch(_superres_pipeline, 4)):
         assert loss <= 1e-10 and grad <= 1e-10 and parameter <= 1e-10, \
             f"rank {rank}: loss {loss:.1e}, gradients {grad:.1e}, parameters {parameter:.1e}"
+
+
+def _two_heights_one_band_shape():
+    """Heights 10 and 11 give band 0 five rows both times: the bands must still agree and weigh together."""
+    torch.manual_seed(0)
+    layers = [SpatialConv2d(1, 2, 3, padding=1).double(), nn.ReLU(), SpatialConv2d(2, 1, 3, padding=1).double()]
+    whole = Chain(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3, padding=1)).double()
+    whole.load_state_dict(nn.Sequential(*layers).state_dict())
+    pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, "gpipe", microbatches=2, spatial=2, timeout=60)
+    errors = []
+    for height in (10, 11):
+        generator = torch.Generator().manual_seed(height)
+        inputs, targets = (torch.randn(2, 1, height, 5, dtype=torch.float64, generator=generator) for _ in range(2))
+        expected = float(nn.functional.mse_loss(whole(inputs), targets))
+        errors.append(abs(pipe.eval_step(inputs, targets) - expected) / expected)
+    try:
+        pipe.eval_step(inputs, targets[:, 0, 0])
+    except ValueError as error:
+        return max(errors), str(error)
+    return max(errors), "accepted"
+
+
+@pytest.mark.multiprocess
+def test_images_of_another_height_with_the_same_band_shape_are_agreed_again_and_targets_are_checked():
+    for rank, (error, refusal) in enumerate(layerpipe.launch(_two_heights_one_band_shape, 2)):
+        assert error <= 1e-12, (rank, error)
+        assert refusal == "targets: with spatial=2 every target must be images whose rows match the output's 11 " \
+                          "(second-to-last dimension); a micro-batch's target has shape (1, 5)", refusal

@@ -201,6 +201,8 @@ class _PhaseConvTranspose(torch.autograd.Function):
 
 
 def _conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation, dims: int):
+    if input.numel() == 0:  # nothing to multiply: PyTorch's own answer, and its own refusals of empty inputs
+        return _TRANSPOSED[dims](input, weight, bias, stride, padding, output_padding, groups, dilation)
     stride, padding, dilation, sizes = _check(input, weight, bias, stride, padding, output_padding, groups, dilation,
                                               dims)
     batched = input if input.dim() == dims + 2 else input.unsqueeze(0)

@@ -165,6 +165,14 @@ def overlap_rows(chunk: torch.Tensor, row_map: RowMap, group, circular: bool = F
     return _Overlap.apply(chunk, plan, group, timeout), outputs, height
 
 
+def _check_padding(padding, padding_mode: str) -> None:
+    """Refuse, in one line, padding a spatial convolution cannot do: by name, or other than zeros and circular."""
+    if isinstance(padding, str):
+        raise ValueError(f"padding={padding!r}: give the padding as numbers to a spatial convolution")
+    if padding_mode not in ("zeros", "circular"):
+        raise ValueError(f"padding_mode={padding_mode!r}: a spatial convolution pads with zeros or circular")
+
+
 def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
@@ -181,11 +189,7 @@ class SpatialConv2d(nn.Conv2d):
 
     def __init__(self, *arguments, group=None, timeout: float = 300.0, **keywords):
         super().__init__(*arguments, **keywords)
-        if isinstance(self.padding, str):
-            raise ValueError(f"padding={self.padding!r}: give the padding as numbers to a spatial convolution")
-        if self.padding_mode not in ("zeros", "circular"):
-            raise ValueError(f"padding_mode={self.padding_mode!r}: a spatial convolution pads with zeros or "
-                             f"circular")
+        _check_padding(self.padding, self.padding_mode)
         self.group, self.timeout = group, timeout
 
     def row_map(self) -> RowMap:
@@ -207,6 +211,7 @@ def spatial_conv2d(chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     ``weight`` and ``bias`` are summed over the group.  Refuses, in one line, a
     band smaller than the overlap it must provide.
     """
+    _check_padding(padding, padding_mode)
     (stride_rows, stride_across), (pad_rows, pad_across) = _pair(stride), _pair(padding)
     (dilation_rows, dilation_across) = _pair(dilation)
     circular = padding_mode == "circular"
@@ -245,11 +250,13 @@ class SpatialConvTranspose2d(nn.ConvTranspose2d):
         if assembled.shape[-2]:
             local = conv_transpose2d(assembled, weight, None, self.stride, (0, self.padding[1]),
                                      (0, self.output_padding[1]), self.groups, self.dilation)
-        else:  # only output-padding rows, which hold the bias alone; the weight stays in the graph so that its
-            # gradient's sum over the group runs on every rank
+        else:  # no input row reaches this band's outputs, which hold the bias alone; the weight stays in the
+            # graph so that its gradient's sum over the group runs on every rank
             width = RowMap("transposed", self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1],
                            self.output_padding[1]).output_height(chunk.shape[-1])
-            local = weight.sum() * chunk.new_zeros(*chunk.shape[:-3], self.out_channels, 0, width)
+            # (and the overlap exchange, whose backward the bands before it wait for, stays in it too)
+            local = (weight.sum() + assembled.sum()) * chunk.new_zeros(*chunk.shape[:-3], self.out_channels, 0,
+                                                                         width)
         # local row u is the uncropped output row low·stride + u; output row o is the uncropped row o + padding
         out = _rows_with_zeros(local, first + self.padding[0] - low * self.stride[0], end - first)
         bias = replicated(self.bias, self.group)
@@ -276,9 +283,10 @@ class SpatialGroupNorm(nn.GroupNorm):
         grouped = chunk.reshape(batch, self.num_groups, -1)
         count = torch.full((batch, self.num_groups), float(grouped.shape[-1]), dtype=chunk.dtype,
                            device=chunk.device)
-        totals = _SumOverGroup.apply(torch.stack([grouped.sum(-1), grouped.square().sum(-1), count]), self.group)
-        mean = totals[0] / totals[2]
-        variance = totals[1] / totals[2] - mean.square()
+        # Two passes, as the whole-image layer does: E[x²] − E[x]² cancels badly in float32.
+        totals = _SumOverGroup.apply(torch.stack([grouped.sum(-1), count]), self.group)
+        mean = totals[0] / totals[1]
+        variance = _SumOverGroup.apply((grouped - mean[..., None]).square().sum(-1), self.group) / totals[1]
         normalised = ((grouped - mean[..., None]) * torch.rsqrt(variance[..., None] + self.eps)).view_as(chunk)
         if not self.affine:
             return normalised

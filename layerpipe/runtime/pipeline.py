@@ -418,10 +418,12 @@ class Pipeline:
         target_parts = _split(targets, self.microbatches, "targets", replicas, replica) if targets is not None else None
         if stream_first is not None:
             return self._run_stream_call(programs, input_parts, target_parts, stream_first)
+        # The whole images' shapes, not this band's: two heights can give one band the same rows, and the
+        # bands must agree (and gather) together.
+        signature = tuple((tuple(t.shape), t.dtype) for t in input_parts[0])
         if self.layout.spatial > 1:
             input_parts = [rows_of(part, self.layout.spatial, self.spatial_index) for part in input_parts]
-        signature = tuple((tuple(t.shape), t.dtype) for t in input_parts[0])
-        metas = self._agreed_metas(input_parts[0])
+        metas = self._agreed_metas(input_parts[0], signature)
         if self.layout.spatial > 1 and target_parts is not None:
             target_parts = self._target_chunks(signature, metas, target_parts)
         mailbox = self.executor.mailbox((mode != "train", signature), programs, metas)
@@ -437,8 +439,13 @@ class Pipeline:
             bounds = gather_bounds(metas[-1][0].shape[-2], self.groups.spatial)
             rows = self._target_rows[signature] = (*bounds[self.spatial_index], bounds[-1][1])
         first, end, total = rows
+        for target in target_parts[0]:
+            if target.dim() < 3 or target.shape[-2] != total:
+                raise ValueError(f"targets: with spatial={self.layout.spatial} every target must be images whose "
+                                 f"rows match the output's {total} (second-to-last dimension); a micro-batch's "
+                                 f"target has shape {tuple(target.shape)}")
         self._chunk_loss.weight = (end - first) / total
-        return [tuple(t[..., first:end, :] if t.dim() >= 3 else t for t in part) for part in target_parts]
+        return [tuple(t[..., first:end, :] for t in part) for part in target_parts]
 
     def _check_same_batch_everywhere(self, inputs: Tensors) -> None:
         """Refuse, with ``PipelineError``, processes handed different global batches (a checksum, all-reduced)."""
@@ -467,9 +474,12 @@ class Pipeline:
         self.last_result = result
         return result
 
-    def _agreed_metas(self, first_microbatch: tuple) -> tuple:
-        """Return every stage's output metas for inputs shaped like ``first_microbatch`` (agreed on first use)."""
-        signature = tuple((tuple(t.shape), t.dtype) for t in first_microbatch)
+    def _agreed_metas(self, first_microbatch: tuple, signature: tuple | None = None) -> tuple:
+        """Return every stage's output metas for inputs shaped like ``first_microbatch`` (agreed on first use).
+
+        ``signature`` keys the agreement (the micro-batch's shapes by default).
+        """
+        signature = signature or tuple((tuple(t.shape), t.dtype) for t in first_microbatch)
         metas = self._metas.get(signature)
         if metas is None:
             with self._all_gathered():

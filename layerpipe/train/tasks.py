@@ -118,7 +118,14 @@ def generate(pipe: Pipeline, text: CharacterText, config: TrainConfig) -> str:
 
 
 EVALUATION_CROPS = 96
-"""Side of the held-out crops, in pixels (their low-resolution half splits into up to 24 even bands)."""
+"""Side of the held-out crops, in pixels, at least (rounded up so that every band has an even number of rows)."""
+
+
+def evaluation_crop(spatial: int) -> int:
+    """Return the side of the held-out crops: ``EVALUATION_CROPS`` rounded up to a multiple of 4 × ``spatial``, so
+    that their low-resolution half splits into ``spatial`` bands of an even number of rows."""
+    step = 4 * spatial
+    return -(-EVALUATION_CROPS // step) * step
 
 
 class SuperResTask:
@@ -148,7 +155,8 @@ class SuperResTask:
 
     def _evaluation_batch(self, pipe):
         schedule = self.config.pipeline
-        return self.held_out.centre_crops(schedule.microbatches * schedule.data_parallel, EVALUATION_CROPS)
+        return self.held_out.centre_crops(schedule.microbatches * schedule.data_parallel,
+                                          evaluation_crop(self.config.spatial))
 
     def evaluate(self, pipe) -> float:
         """Return the mean squared error on held-out crops, forward only."""

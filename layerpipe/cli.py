@@ -15,13 +15,14 @@ import sys
 from typing import Sequence
 
 from . import __version__
-from .knobs import COMMAND_LINE, ConfigError
+from .knobs import COMMAND_LINE, ConfigError, knobs, toml_spelling
 from .options import Parser, add_knobs, given
 from .schedule.actions import format_program
 from .schedule.build import build_schedule
 from .schedule.config import ONE_STAGE_SCHEDULES, SCHEDULES, ScheduleConfig, validate_config
 from .schedule.validation import ScheduleError
 from .sim.cost import CostModel
+from .sim.cost_file import read_cost_file, with_options
 from .sim.simulator import SimResult, simulate
 
 PICTURE_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg")
@@ -46,8 +47,10 @@ def schedule_config(args: argparse.Namespace, schedule: str | None = None) -> Sc
 
 
 def cost_model(args: argparse.Namespace) -> CostModel:
-    """Return the cost model the parsed options describe (``simulate`` refuses its bad values)."""
-    return CostModel(**given(args, CostModel))
+    """Return the cost model the parsed options describe: the ``--cost-file``'s, with the cost options given on the
+    command line put in (``simulate`` refuses their bad values; ``read_cost_file`` the file's)."""
+    base = read_cost_file(args.cost_file) if getattr(args, "cost_file", None) else CostModel()
+    return with_options(base, given(args, CostModel))
 
 
 _CALLS_HELP = ("consecutive train_step calls to simulate: flushed schedules repeat their step, async streams "
@@ -195,7 +198,10 @@ def _command_compare(args: argparse.Namespace) -> None:
 def _add_schedule_and_cost(parser: argparse.ArgumentParser, cost: bool, skip: Sequence[str] = ()) -> None:
     add_knobs(parser.add_argument_group("schedule (ScheduleConfig)"), ScheduleConfig(), skip=skip)
     if cost:
-        add_knobs(parser.add_argument_group("cost model (CostModel; times in any unit, sizes in bytes)"), CostModel())
+        group = parser.add_argument_group("cost model (CostModel; times in any unit, sizes in bytes)")
+        group.add_argument("--cost-file", metavar="FILE.toml", help="start from the costs of this file (as "
+                           "'layerpipe calibrate' writes them); the cost options below win over it")
+        add_knobs(group, CostModel())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _spelling_of(field: str, args: argparse.Namespace):
+    """Return how to name ``field`` in an error: as the cost file's key when its value came from that file."""
+    cost_file = getattr(args, "cost_file", None)
+    if cost_file and field in {f.name for f in knobs(CostModel)} and field not in given(args, CostModel):
+        return toml_spelling(cost_file)
+    return COMMAND_LINE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for bad input, with one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -264,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     except ConfigError as error:
-        print(f"layerpipe {args.command}: error: {error.render(COMMAND_LINE)}", file=sys.stderr)
+        print(f"layerpipe {args.command}: error: {error.render(_spelling_of(error.field, args))}", file=sys.stderr)
         return 2
     except ScheduleError as error:
         print(f"layerpipe {args.command}: error: {error}", file=sys.stderr)

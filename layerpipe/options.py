@@ -69,27 +69,31 @@ def given(arguments: argparse.Namespace, cls: type) -> dict[str, Any]:
     return values
 
 
-def read_toml(path: str, classes: Iterable[type]) -> dict[type, dict[str, Any]]:
+def read_toml(path: str, classes: Iterable[type], option: str = "config",
+              ignore: Iterable[str] = ()) -> dict[type, dict[str, Any]]:
     """Return the keys of TOML file ``path`` grouped by the configuration class whose knob each one is.
 
-    Refuses, with ``ConfigError`` naming the file: a missing or unreadable
-    file, invalid TOML, an unknown key, a value of the wrong type.
+    ``option`` names the file's option in errors; keys in ``ignore`` are
+    skipped.  Refuses, with ``ConfigError`` naming the file: a missing or
+    unreadable file, invalid TOML, an unknown key, a value of the wrong type.
     """
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError("config", path, "no such file") from None
-    except OSError as error:
-        raise ConfigError("config", path, f"cannot be read ({error.strerror or error})") from None
+        raise ConfigError(option, path, "no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(option, path, f"cannot be read ({getattr(error, 'strerror', None) or error})") from None
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError("config", path, f"is not valid TOML ({error})") from None
+        raise ConfigError(option, path, f"is not valid TOML ({error})") from None
     owners = {field.name: cls for cls in classes for field in knobs(cls)}
     grouped: dict[type, dict[str, Any]] = {cls: {} for cls in classes}
     for key, value in data.items():
         name = key.replace("-", "_")
+        if key in ignore:
+            continue
         if name not in owners:
-            raise ConfigError("config", path, f"unknown key {key!r} (valid: {', '.join(sorted(owners))})")
+            raise ConfigError(option, path, f"unknown key {key!r} (valid: {', '.join(sorted(owners))})")
         try:
             check_type(owners[name], name, value)
         except ConfigError as error:

@@ -226,3 +226,31 @@ def test_every_generated_train_command_line_is_refused_in_one_line_before_any_pr
     lines = error.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("layerpipe train: error: "), (argv, error)
     assert not (folder / "out").exists(), "nothing written"
+
+
+COST_KEYS = ["forward_time", "backward_time", "input_gradient_share", "recompute_time", "optimizer_time",
+             "p2p_latency", "p2p_bandwidth", "boundary_bytes", "activation_bytes", "weight_bytes",
+             "data_parallel_latency", "data_parallel_bandwidth", "overlap", "about", "speed"]
+COST_VALUES = st.sampled_from(['1', '0', '-2', '2.5', 'inf', 'nan', '-inf', '1e400', '"x"', 'true', '[1, 2]',
+                               '[1.0, 2.0, 3.0, 4.0]', '[]', '[-1, 2, 3, 4]', '{a = 1}', '""'])
+
+
+@st.composite
+def cost_files(draw) -> str:
+    keys = draw(st.lists(st.sampled_from(COST_KEYS), max_size=6, unique=True))
+    lines = [f"{key} = {draw(COST_VALUES)}" for key in keys]
+    if draw(st.integers(0, 9)) == 0:
+        lines.append(draw(st.sampled_from(["not toml at all", "x = ", "[table", "a = 1\na = 2", "\x00"])))
+    return "\n".join(lines)
+
+
+@settings(max_examples=CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cost_files(), st.sampled_from(["simulate", "compare"]))
+def test_every_generated_cost_file_is_simulated_or_refused_in_one_line(tmp_path_factory, text, command):
+    path = tmp_path_factory.mktemp("cost") / "cost.toml"
+    path.write_text(text)
+    status, error = run_in_process([command, "--ranks", "2", "--microbatches", "4", "--cost-file", str(path)])
+    assert status in (0, 2), (text, status, error)
+    if status == 2:
+        lines = error.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"layerpipe {command}: error: "), (text, error)

@@ -1,0 +1,70 @@
+"""Cost files: a ``CostModel`` measured on one machine and layout, as TOML (no pickle), for the simulator.
+
+``layerpipe calibrate`` writes one; ``layerpipe simulate --cost-file`` and
+``compare --cost-file`` read it, with any cost option given on the command
+line winning.  The keys are ``CostModel``'s knobs; an ``[about]`` table says
+where, when and on what layout the figures were measured.  Nothing here
+imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from ..knobs import ConfigError, check_fields, knobs, toml_spelling
+from ..options import read_toml
+from .cost import CostModel
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a TOML basic string
+
+
+def cost_file_text(cost: CostModel, about: dict[str, Any]) -> str:
+    """Return the TOML text of ``cost`` and its ``[about]`` table (strings, numbers, lists of them)."""
+    lines = [f"{field.name} = {_toml_value(getattr(cost, field.name))}" for field in knobs(CostModel)
+             if getattr(cost, field.name) is not None]
+    lines += ["", "[about]"] + [f"{key} = {_toml_value(value)}" for key, value in about.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_cost_file(path: str, cost: CostModel, about: dict[str, Any]) -> None:
+    """Write ``cost`` to ``path`` as TOML (a partial file never stays: it is written beside, then renamed)."""
+    import os
+
+    with open(path + ".partial", "w", encoding="utf-8") as handle:
+        handle.write(cost_file_text(cost, about))
+    os.replace(path + ".partial", path)
+
+
+def read_cost_file(path: str, option: str = "cost_file") -> CostModel:
+    """Return the ``CostModel`` of the cost file ``path``.
+
+    Refuses, with ``ConfigError`` naming the file (and the key): a missing or
+    unreadable file, invalid TOML, an unknown key, a value of the wrong type
+    or out of range (a negative time, a bandwidth of zero).
+    """
+    values = {key: tuple(value) if isinstance(value, list) else value
+              for key, value in read_toml(path, [CostModel], option, ignore=("about",))[CostModel].items()}
+    try:
+        cost = CostModel(**values)
+        check_fields(cost)
+    except ConfigError as error:
+        raise error.spelled(toml_spelling(path)) from None
+    return cost
+
+
+def with_options(cost: CostModel, options: dict[str, Any]) -> CostModel:
+    """Return ``cost`` with the cost options given on the command line put in."""
+    return dataclasses.replace(cost, **options)

@@ -1,0 +1,62 @@
+"""Cost files: a CostModel as TOML, read by simulate and compare, refused in one line when it cannot be right."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from layerpipe.cli import main as layerpipe_main
+from layerpipe.knobs import ConfigError
+from layerpipe.sim.cost import CostModel
+from layerpipe.sim.cost_file import cost_file_text, read_cost_file, write_cost_file
+
+
+def test_a_cost_file_reads_back_the_cost_model_it_was_written_from(tmp_path):
+    cost = CostModel(forward_time=(1.5, 2.0), backward_time=(3.0, 4.25), p2p_latency=1e-4, overlap=False,
+                     recompute_time=0.5)
+    path = tmp_path / "cost.toml"
+    write_cost_file(str(path), cost, {"machine": 'a "quoted" \\ name', "processes": 2})
+    assert read_cost_file(str(path)) == cost
+    assert not (tmp_path / "cost.toml.partial").exists()
+    assert math.isinf(read_cost_file(str(path)).p2p_bandwidth)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("forward_time = -1\n", "forward_time = -1: must be a finite number of at least 0"),
+    ("p2p_bandwidth = 0\n", "p2p_bandwidth = 0: "),
+    ("speed = 3\n", "unknown key 'speed'"),
+    ("forward_time = 'fast'\n", "forward_time = 'fast': "),
+    ("forward_time = [1, \n", "is not valid TOML"),
+])
+def test_a_cost_file_that_cannot_be_right_is_refused_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "cost.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        read_cost_file(str(path))
+    assert str(path) in str(refused.value) and message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_simulate_starts_from_the_cost_file_and_the_command_line_wins(tmp_path, capsys):
+    path = tmp_path / "cost.toml"
+    path.write_text(cost_file_text(CostModel(forward_time=3.0, backward_time=6.0), {}))
+    assert layerpipe_main(["simulate", "--ranks", "2", "--microbatches", "4", "--cost-file", str(path), "--json"]) == 0
+    from_file = capsys.readouterr().out
+    assert layerpipe_main(["simulate", "--ranks", "2", "--microbatches", "4", "--cost-file", str(path),
+                           "--forward-time", "1", "--backward-time", "2", "--json"]) == 0
+    overridden = capsys.readouterr().out
+    assert layerpipe_main(["simulate", "--ranks", "2", "--microbatches", "4", "--json"]) == 0
+    assert overridden == capsys.readouterr().out != from_file
+
+
+def test_a_per_stage_list_of_the_wrong_length_is_named_in_the_files_spelling(tmp_path, capsys):
+    path = tmp_path / "cost.toml"
+    path.write_text("forward_time = [1.0, 2.0]\n")
+    assert layerpipe_main(["simulate", "--ranks", "4", "--cost-file", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"layerpipe simulate: error: {path}: forward_time = (1.0, 2.0): 2 values "
+                                               f"for 8 stages: give one value, or one per stage")
+
+
+def test_a_missing_cost_file_is_named_as_the_option(capsys):
+    assert layerpipe_main(["compare", "--cost-file", "nowhere.toml"]) == 2
+    assert capsys.readouterr().err.strip() == "layerpipe compare: error: --cost-file nowhere.toml: no such file"

@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.add_parser("train", help="train a small GPT with a pipeline schedule on local processes "
                         "(the main job; see 'layerpipe train --help')", add_help=False)
+    commands.add_parser("calibrate", help="measure the demo's costs on this machine and write a cost file for "
+                        "simulate --cost-file (see 'layerpipe calibrate --help')", add_help=False)
 
     schedule = commands.add_parser("schedule", help="print each rank's program, one line per rank",
                                    description="Print each rank's program: 'rank 0: 0F0 0F1 ...'. "
@@ -267,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["calibrate"]:
+        from .train.calibrate import main as calibrate_main
+
+        return calibrate_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

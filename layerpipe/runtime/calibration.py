@@ -1,0 +1,93 @@
+"""What ``layerpipe calibrate`` measures beside a training step: links, collectives and core sharing.
+
+Each function is collective over the world and returns the same numbers
+on every process (rank 0's measurement, broadcast).  Times in seconds,
+bandwidths in bytes per second.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+SMALL, LARGE = 8, 4 << 20
+"""Bytes of the messages that measure latency and bandwidth."""
+
+
+def _shared(values: list[float]) -> list[float]:
+    """Return rank 0's ``values`` on every process."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
+
+
+def _round_trip(size: int, repeats: int, peer: int) -> float:
+    """Return the median time of a message of ``size`` bytes from rank 0 to ``peer`` and back (0 elsewhere)."""
+    rank = dist.get_rank()
+    message = torch.zeros(size // 4, dtype=torch.float32)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        if rank == 0:
+            dist.send(message, dst=peer)
+            dist.recv(message, src=peer)
+        elif rank == peer:
+            dist.recv(message, src=0)
+            dist.send(message, dst=0)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def point_to_point(repeats: int = 30) -> tuple[float, float]:
+    """Return ``(latency, bandwidth)`` of a message between process 0 and process 1 (half a round trip each)."""
+    if dist.get_world_size() < 2:
+        return 0.0, float("inf")
+    small = _round_trip(SMALL, repeats, peer=1) / 2
+    large = _round_trip(LARGE, max(5, repeats // 3), peer=1) / 2
+    latency, transfer = _shared([small, large])
+    return latency, LARGE / max(transfer - latency, 1e-9)
+
+
+def collective(repeats: int = 20) -> tuple[float, float]:
+    """Return ``(latency, bandwidth)`` of an all-reduce over every process, as the cost model's ring reads them:
+    ``latency + 2 (d - 1) / d · bytes / bandwidth``."""
+    world = dist.get_world_size()
+    if world < 2:
+        return 0.0, float("inf")
+
+    def timed(size: int) -> float:
+        tensor, times = torch.zeros(size // 4, dtype=torch.float32), []
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(tensor)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    small, large = _shared([timed(SMALL), timed(LARGE)])
+    return small, 2 * (world - 1) / world * LARGE / max(large - small, 1e-9)
+
+
+def core_sharing(work, repeats: int = 10) -> float:
+    """Return how much slower ``work()`` runs on process 0 while every process runs its own, than alone.
+
+    The reason a simulator fed with times measured one process at a time
+    predicts a step too fast when processes share cores.
+    """
+    rank = dist.get_rank()
+
+    def timed(everyone: bool) -> float:
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            if everyone or rank == 0:
+                work()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    alone, together = _shared([timed(False), timed(True)])
+    return together / alone if alone > 0 else 1.0

@@ -1,0 +1,169 @@
+"""``layerpipe calibrate``: measure the demo's costs on this machine and layout, and write them as a cost file.
+
+It takes ``layerpipe train``'s options (the model, the schedule, the
+layout), trains a few steps (20 unless ``--steps``) without writing any
+output, and measures:
+
+- from the last step's measured timeline, each stage's forward, backward
+  and optimizer-step time, with the processes running together;
+- each stage's output bytes per micro-batch, the activation bytes one
+  forward saved and its weight bytes;
+- the latency and bandwidth of a message between processes 0 and 1, and of
+  an all-reduce over every process;
+- how much slower a stage's forward runs while every process computes than
+  alone (the ``[about]`` table records it).
+
+The cost file (TOML) feeds ``layerpipe simulate --cost-file`` and
+``compare --cost-file``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import sys
+
+from ..knobs import COMMAND_LINE, ConfigError
+
+DEFAULT_STEPS = 20
+
+
+def _stage_bytes(pipe) -> dict:
+    """Return, for this process's stages, their output bytes per micro-batch, saved activations and weights."""
+    import torch
+
+    metas = next(iter(pipe._metas.values()))
+    sizes = {}
+    for index, shard in pipe.shards.items():
+        output = sum(torch.Size(meta.shape).numel() * torch.empty(0, dtype=meta.dtype).element_size()
+                     for meta in metas[index])
+        sizes[str(index)] = {"boundary": output, "weight": shard.weight_bytes,
+                             "activation": pipe.memory()["forward_activations"].get(index, 0)}
+    return sizes
+
+
+def _one_forward(pipe, first_microbatch):
+    """Return a function that runs this process's first stage forward once, on an input of the agreed shape."""
+    import torch
+
+    index = min(pipe.stages)
+    metas = next(iter(pipe._metas.values()))
+    inputs = first_microbatch if index == 0 else tuple(torch.zeros(meta.shape, dtype=meta.dtype)
+                                                      for meta in metas[index - 1])
+
+    def run():
+        with torch.no_grad():
+            pipe.stages[index](*inputs)
+    return run
+
+
+def measure(config, cost_file: str) -> dict:
+    """Train ``config.steps`` steps on this process, measure, and (on process 0) write ``cost_file``; return the
+    figures on every process."""
+    import torch
+    import torch.distributed as dist
+
+    from ..runtime.calibration import collective, core_sharing, point_to_point
+    from ..runtime.exchange import all_gather_json
+    from ..runtime.launch import init_process_group
+    from ..sim.calibrate import calibrated_cost
+    from ..sim.cost_file import write_cost_file
+    from ..sim.simulator import simulate
+    from .loop import make_pipeline
+    from .tasks import task_for
+
+    init_process_group(config.timeout)
+    task = task_for(config)
+    pipe = make_pipeline(config, task)
+    generator = torch.Generator().manual_seed(config.seed)
+    for _ in range(config.steps):
+        batch = task.batch(generator)
+        pipe.train_step(*batch)
+    timeline = pipe.timeline("calibration")
+    stages = pipe.schedule.placement.stages
+    sizes = {int(stage): figures for part in all_gather_json(_stage_bytes(pipe)) for stage, figures in part.items()}
+    latency, bandwidth = point_to_point()
+    collective_latency, collective_bandwidth = collective()
+    first = tuple(t[: t.shape[0] // pipe.microbatches] for t in (batch[0],))
+    sharing = core_sharing(_one_forward(pipe, first))
+    cost = dataclasses.replace(
+        calibrated_cost(timeline, stages), p2p_latency=latency, p2p_bandwidth=bandwidth,
+        boundary_bytes=tuple(float(sizes[s]["boundary"]) for s in range(stages)),
+        activation_bytes=tuple(float(sizes[s]["activation"]) for s in range(stages)),
+        weight_bytes=tuple(float(sizes[s]["weight"]) for s in range(stages)),
+        data_parallel_latency=collective_latency, data_parallel_bandwidth=collective_bandwidth)
+    figures = {"measured_step": timeline.step_time, "simulated_step": simulate(pipe.schedule, cost).step_time,
+               "core_sharing": sharing, "cost": {k: v for k, v in dataclasses.asdict(cost).items()}}
+    if dist.get_rank() == 0:
+        about = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+                 "date": datetime.date.today().isoformat(), "processes": dist.get_world_size(),
+                 "model": config.model, "schedule": config.pipeline.schedule, "ranks": config.pipeline.ranks,
+                 "stages_per_rank": config.pipeline.stages_per_rank, "microbatches": config.pipeline.microbatches,
+                 "data_parallel": config.pipeline.data_parallel, "batch_size": config.batch_size,
+                 "units": "seconds and bytes", "core_sharing": sharing,
+                 "core_sharing_kind": "a stage's forward while every process computes, divided by alone",
+                 "measured_step": timeline.step_time}
+        write_cost_file(cost_file, cost, about)
+    return figures
+
+
+def main(argv: list[str]) -> int:
+    """Run ``layerpipe calibrate``; return the exit status (2 and one line for bad options)."""
+    from .config import build_parser, config_from, replaced
+
+    parser = build_parser()
+    parser.prog = "layerpipe calibrate"
+    parser.description = ("Measure the costs of training the demo with the given options on this machine and layout "
+                          "(stage times, message and all-reduce latency and bandwidth, bytes per stage, how much "
+                          "processes sharing cores slow each other) and write them as a cost file for "
+                          "'layerpipe simulate --cost-file'. Takes the options of 'layerpipe train'; trains "
+                          f"{DEFAULT_STEPS} steps unless --steps, writing nothing else.")
+    parser.add_argument("--cost-file", default="cost.toml", metavar="FILE.toml",
+                        help="where to write the costs (default: cost.toml)")
+    arguments = parser.parse_args(argv)
+    try:
+        config = config_from(arguments)
+        if "--steps" not in argv:
+            config = replaced(config, steps=DEFAULT_STEPS)
+        _check_cost_file(arguments.cost_file)
+    except ConfigError as error:
+        print(f"layerpipe calibrate: error: {error.render(COMMAND_LINE) if error.field == 'cost_file' else error}",
+              file=sys.stderr)
+        return 2
+    from ..runtime.launch import LaunchError, launch
+
+    try:
+        figures = launch(measure, config.processes, (config, arguments.cost_file), timeout=config.timeout)[0]
+    except LaunchError as error:
+        print(f"layerpipe calibrate: failed\n{error}", file=sys.stderr)
+        return 1
+    print(report(figures, arguments.cost_file))
+    return 0
+
+
+def _check_cost_file(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError("cost_file", path, f"its folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError("cost_file", path, "is a folder; name a file")
+
+
+def report(figures: dict, path: str) -> str:
+    """Return the lines ``layerpipe calibrate`` prints: what it measured and wrote."""
+    cost = figures["cost"]
+    forward = ", ".join(f"{1e3 * t:.2f}" for t in cost["forward_time"])
+    backward = ", ".join(f"{1e3 * t:.2f}" for t in cost["backward_time"])
+    return "\n".join([
+        f"forward per stage (ms): {forward}",
+        f"backward per stage (ms): {backward}",
+        f"message between processes 0 and 1: {1e6 * cost['p2p_latency']:.0f} µs latency, "
+        f"{cost['p2p_bandwidth'] / 1e6:,.0f} MB/s",
+        f"all-reduce over every process: {1e6 * cost['data_parallel_latency']:.0f} µs latency, "
+        f"{cost['data_parallel_bandwidth'] / 1e6:,.0f} MB/s",
+        f"a forward while every process computes takes {figures['core_sharing']:.2f} times as long as alone",
+        f"last step: {1e3 * figures['measured_step']:.1f} ms measured, {1e3 * figures['simulated_step']:.1f} ms "
+        f"simulated with these costs",
+        f"wrote {path}: layerpipe simulate --cost-file {path} (with the same schedule options)"])

@@ -1,0 +1,39 @@
+"""``layerpipe calibrate`` measures the demo on local processes and writes a cost file ``simulate`` reads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from layerpipe.cli import main as layerpipe_main
+from layerpipe.sim.cost_file import read_cost_file
+
+SMALL = ["--width", "32", "--heads", "2", "--blocks", "2", "--block-size", "32", "--batch-size", "16",
+         "--microbatches", "4"]
+
+
+@pytest.mark.multiprocess
+def test_calibrate_writes_a_cost_file_that_simulate_reads(tmp_path, capsys):
+    path = tmp_path / "cost.toml"
+    done = subprocess.run([sys.executable, "-m", "layerpipe", "calibrate", *SMALL, "--steps", "3", "--cost-file",
+                           str(path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"wrote {path}: layerpipe simulate --cost-file {path}" in done.stdout
+    cost = read_cost_file(str(path))
+    assert len(cost.forward_time) == 4 and all(t > 0 for t in cost.forward_time + cost.backward_time)
+    assert all(b > 0 for b in cost.boundary_bytes + cost.weight_bytes + cost.activation_bytes)
+    assert cost.p2p_latency > 0 and cost.data_parallel_latency > 0
+    assert layerpipe_main(["simulate", "--ranks", "2", "--stages-per-rank", "2", "--microbatches", "4",
+                           "--cost-file", str(path)]) == 0
+    assert "step time" in capsys.readouterr().out
+
+
+def test_a_cost_file_in_a_missing_folder_is_refused_before_any_process_starts(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "layerpipe", "calibrate", "--cost-file",
+                           str(tmp_path / "no" / "cost.toml")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"layerpipe calibrate: error: --cost-file {tmp_path / 'no' / 'cost.toml'}: its folder {tmp_path / 'no'} "
+        f"does not exist"]

@@ -60,3 +60,27 @@ def test_a_per_stage_list_of_the_wrong_length_is_named_in_the_files_spelling(tmp
 def test_a_missing_cost_file_is_named_as_the_option(capsys):
     assert layerpipe_main(["compare", "--cost-file", "nowhere.toml"]) == 2
     assert capsys.readouterr().err.strip() == "layerpipe compare: error: --cost-file nowhere.toml: no such file"
+
+
+def test_calibration_takes_mean_durations_and_the_typical_gap_between_actions():
+    from layerpipe.schedule.actions import parse_action
+    from layerpipe.sim.calibrate import calibrated_cost
+    from layerpipe.sim.timeline import Timeline, TimelineEvent
+
+    spans = [("0F0", 0.0, 1.0), ("0F1", 1.1, 4.1), ("0B1", 4.2, 6.2), ("0B0", 6.3, 8.3), ("0STEP", 8.8, 9.0)]
+    events = tuple(TimelineEvent(0, "compute", parse_action(action), start, end) for action, start, end in spans)
+    cost = calibrated_cost(Timeline(1, events, "measured", "s", "test"), 1)
+    assert cost.forward_time == pytest.approx((2.0,)) and cost.backward_time == pytest.approx((2.0,))
+    assert cost.optimizer_time == pytest.approx(0.2)
+    assert cost.action_overhead == pytest.approx(0.1)  # the gaps are 0.1, 0.1, 0.1 and 0.5
+
+
+def test_the_action_overhead_lengthens_a_one_rank_step_by_one_overhead_per_compute_action():
+    from layerpipe.schedule.build import build_schedule
+    from layerpipe.schedule.config import ScheduleConfig
+    from layerpipe.sim.simulator import simulate
+
+    schedule = build_schedule(ScheduleConfig("gpipe", ranks=1, microbatches=4))
+    plain = simulate(schedule, CostModel()).step_time
+    # 4 forwards, 4 backwards and the optimizer step
+    assert simulate(schedule, CostModel(action_overhead=0.25)).step_time == pytest.approx(plain + 9 * 0.25)

@@ -27,7 +27,7 @@ BAD = {
     "sparsity": "5:4", "sparsity_method": "magic", "sparse_kernel": "cuda", "model": "resnet", "spatial": 0,
     "channels": 0, "crop": 30,
     # CostModel
-    "forward_time": -1.0, "backward_time": -1.0, "input_gradient_share": 2.0, "recompute_time": -1.0,
+    "forward_time": -1.0, "backward_time": -1.0, "action_overhead": -1.0, "input_gradient_share": 2.0, "recompute_time": -1.0,
     "optimizer_time": -1.0, "p2p_latency": -1.0, "p2p_bandwidth": 0.0, "boundary_bytes": -1.0,
     "activation_bytes": -1.0, "weight_bytes": -1.0, "data_parallel_latency": -1.0, "data_parallel_bandwidth": 0.0,
     # GPTConfig

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from statistics import median
+from statistics import mean, median
 
 from ..schedule.actions import Kind
 from .cost import CostModel
@@ -11,23 +11,30 @@ from .timeline import Timeline
 
 
 def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
-    """Return a ``CostModel`` whose per-stage forward and backward times are the timeline's medians.
+    """Return a ``CostModel`` whose per-stage forward and backward times are the timeline's means.
 
-    ``B`` gives the backward time; with only ``I`` and ``W`` their sum does,
-    and ``I``'s share of it the ``input_gradient_share``.  ``STEP`` gives the
-    optimizer time.  Point-to-point and data-parallel costs stay zero: on one
-    machine they are small and a measured send's duration is not its cost.
-    Refuses, with ``ValueError``, a timeline without a forward of every stage.
+    Means, not medians: a step takes the sum of its actions, slow ones
+    included.  ``B`` gives the backward time; with only ``I`` and ``W``
+    their sum does, and ``I``'s share of it the ``input_gradient_share``.
+    ``STEP`` gives the optimizer time.  The ``action_overhead`` is the
+    typical gap between two consecutive compute actions of a rank (the
+    median gap of each rank, then the median over ranks): what the runtime
+    spends between actions when it waits for nothing.  Point-to-point and
+    data-parallel costs stay zero: a measured send's duration is not its
+    cost (``layerpipe calibrate`` measures them apart).  Refuses, with
+    ``ValueError``, a timeline without a forward of every stage.
     """
     durations: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for _, stream, action, start, end in timeline.events:
+    starts: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for rank, stream, action, start, end in timeline.events:
         if stream != "compute":
             continue
         durations[(action.kind.value, action.stage)].append(end - start)
+        starts[rank].append((start, end))
 
     def typical(kind: Kind, stage: int) -> float | None:
         found = durations.get((kind.value, stage))
-        return median(found) if found else None
+        return mean(found) if found else None
 
     forward, backward, shares = [], [], []
     for stage in range(stages):
@@ -45,4 +52,15 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
     steps = [t for (kind, _), values in durations.items() if kind == Kind.STEP.value for t in values]
     return CostModel(forward_time=tuple(forward), backward_time=tuple(backward),
                      input_gradient_share=median(shares) if shares else 0.5,
-                     optimizer_time=median(steps) if steps else 0.0)
+                     optimizer_time=mean(steps) if steps else 0.0, action_overhead=_typical_gap(starts))
+
+
+def _typical_gap(spans: dict[int, list[tuple[float, float]]]) -> float:
+    """Return the median over ranks of each rank's median gap between consecutive compute actions."""
+    gaps = []
+    for found in spans.values():
+        ordered = sorted(found)
+        between = [max(0.0, following[0] - previous[1]) for previous, following in zip(ordered, ordered[1:])]
+        if between:
+            gaps.append(median(between))
+    return median(gaps) if gaps else 0.0

@@ -51,6 +51,8 @@ class CostModel:
     recompute_time: PerStage | None = knob(None, "one recompute R (one value, or one per stage, comma-separated)", check=lambda v: None if v is None else _TIME(v),
                                            metavar="T", default_text="the forward time")
     optimizer_time: float = knob(0.0, "optimizer step (STEP) of one stage", check=_SECONDS, metavar="T")
+    action_overhead: float = knob(0.0, "time a rank spends between two of its compute actions (dispatch and "
+                                  "bookkeeping), added to each", check=_SECONDS, metavar="T")
     p2p_latency: float = knob(0.0, "latency of one point-to-point transfer between pipeline ranks", check=_SECONDS,
                               metavar="T")
     p2p_bandwidth: float = knob(math.inf, "bytes per time unit between pipeline ranks", check=_BANDWIDTH,

@@ -140,6 +140,8 @@ class _Costs:
                     Kind.I: tuple(time * share for time in backward),
                     Kind.W: tuple(time * (1 - share) for time in backward),
                     Kind.R: per_stage(recompute, stages, "recompute_time"), Kind.STEP: (cost.optimizer_time,) * stages}
+        if cost.action_overhead:
+            duration = {kind: tuple(time + cost.action_overhead for time in times) for kind, times in duration.items()}
         boundary = per_stage(cost.boundary_bytes, stages, "boundary_bytes")
         transfer = {_SEND_F: tuple(cost.p2p_latency + size / cost.p2p_bandwidth for size in boundary),
                     _SEND_B: tuple(cost.p2p_latency + (boundary[s - 1] if s else 0.0) / cost.p2p_bandwidth

@@ -4,8 +4,9 @@ It takes ``layerpipe train``'s options (the model, the schedule, the
 layout), trains a few steps (20 unless ``--steps``) without writing any
 output, and measures:
 
-- from the last step's measured timeline, each stage's forward, backward
-  and optimizer-step time, with the processes running together;
+- from the measured timelines of the last steps (half of them, at most
+  10), each stage's mean forward, backward and optimizer-step time, with
+  the processes running together, and the runtime's overhead per action;
 - each stage's output bytes per micro-batch, the activation bytes one
   forward saved and its weight bytes;
 - the latency and bandwidth of a message between processes 0 and 1, and of
@@ -23,6 +24,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import statistics
 import sys
 
 from ..knobs import COMMAND_LINE, ConfigError
@@ -59,6 +61,24 @@ def _one_forward(pipe, first_microbatch):
     return run
 
 
+def measured_steps(steps: int) -> int:
+    """Return how many of the last steps are measured: half of them, at most 10 (the first ones warm up)."""
+    return max(1, min(10, steps // 2))
+
+
+def one_after_another(timelines: list):
+    """Return one timeline holding the events of ``timelines``, each step placed after the one before."""
+    from ..sim.timeline import Timeline, TimelineEvent
+
+    events, offset = [], 0.0
+    for part in timelines:
+        events += [TimelineEvent(rank, stream, action, start + offset, end + offset)
+                   for rank, stream, action, start, end in part.events]
+        offset += part.step_time
+    first = timelines[0]
+    return Timeline(first.ranks, tuple(events), first.source, first.unit, first.title, first.metadata)
+
+
 def measure(config, cost_file: str) -> dict:
     """Train ``config.steps`` steps on this process, measure, and (on process 0) write ``cost_file``; return the
     figures on every process."""
@@ -78,10 +98,13 @@ def measure(config, cost_file: str) -> dict:
     task = task_for(config)
     pipe = make_pipeline(config, task)
     generator = torch.Generator().manual_seed(config.seed)
-    for _ in range(config.steps):
+    timelines = []
+    for step in range(config.steps):
         batch = task.batch(generator)
         pipe.train_step(*batch)
-    timeline = pipe.timeline("calibration")
+        if step >= config.steps - measured_steps(config.steps):
+            timelines.append(pipe.timeline("calibration"))
+    timeline = one_after_another(timelines)
     stages = pipe.schedule.placement.stages
     sizes = {int(stage): figures for part in all_gather_json(_stage_bytes(pipe)) for stage, figures in part.items()}
     latency, bandwidth = point_to_point()
@@ -94,7 +117,8 @@ def measure(config, cost_file: str) -> dict:
         activation_bytes=tuple(float(sizes[s]["activation"]) for s in range(stages)),
         weight_bytes=tuple(float(sizes[s]["weight"]) for s in range(stages)),
         data_parallel_latency=collective_latency, data_parallel_bandwidth=collective_bandwidth)
-    figures = {"measured_step": timeline.step_time, "simulated_step": simulate(pipe.schedule, cost).step_time,
+    measured_step = statistics.median(part.step_time for part in timelines)
+    figures = {"measured_step": measured_step, "simulated_step": simulate(pipe.schedule, cost).step_time,
                "core_sharing": sharing, "cost": {k: v for k, v in dataclasses.asdict(cost).items()}}
     if dist.get_rank() == 0:
         about = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
@@ -104,7 +128,7 @@ def measure(config, cost_file: str) -> dict:
                  "data_parallel": config.pipeline.data_parallel, "batch_size": config.batch_size,
                  "units": "seconds and bytes", "core_sharing": sharing,
                  "core_sharing_kind": "a stage's forward while every process computes, divided by alone",
-                 "measured_step": timeline.step_time}
+                 "measured_step": measured_step, "measured_steps": len(timelines)}
         write_cost_file(cost_file, cost, about)
     return figures
 
@@ -164,6 +188,6 @@ def report(figures: dict, path: str) -> str:
         f"all-reduce over every process: {1e6 * cost['data_parallel_latency']:.0f} µs latency, "
         f"{cost['data_parallel_bandwidth'] / 1e6:,.0f} MB/s",
         f"a forward while every process computes takes {figures['core_sharing']:.2f} times as long as alone",
-        f"last step: {1e3 * figures['measured_step']:.1f} ms measured, {1e3 * figures['simulated_step']:.1f} ms "
-        f"simulated with these costs",
+        f"step: {1e3 * figures['measured_step']:.1f} ms measured (median of the last steps), "
+        f"{1e3 * figures['simulated_step']:.1f} ms simulated with these costs",
         f"wrote {path}: layerpipe simulate --cost-file {path} (with the same schedule options)"])

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from . import __version__
 from .knobs import COMMAND_LINE, ConfigError, knobs, toml_spelling
-from .options import Parser, add_knobs, given
+from .options import Parser, add_knobs, check_writable_file, given
 from .schedule.actions import format_program
 from .schedule.build import build_schedule
 from .schedule.config import ONE_STAGE_SCHEDULES, SCHEDULES, ScheduleConfig, validate_config
@@ -57,20 +57,6 @@ _CALLS_HELP = ("consecutive train_step calls to simulate: flushed schedules repe
                "N×M sub-minibatches without draining between calls (default: 1)")
 
 
-def _writable(option: str, path: str | None, endings: Sequence[str]) -> None:
-    """Refuse, with ``ConfigError``, an output file in a missing folder or with an ending that cannot be written."""
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    ending = os.path.splitext(path)[1].lstrip(".").lower()
-    if ending not in endings:
-        raise ConfigError(option, path, f"must end in one of {', '.join('.' + e for e in endings)}")
-    if not os.path.isdir(folder):
-        raise ConfigError(option, path, f"the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(option, path, f"the folder {folder} is not writable")
-
-
 def _wrote(path: str) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
@@ -99,8 +85,8 @@ def _command_schedule(args: argparse.Namespace) -> None:
 
 def _command_simulate(args: argparse.Namespace) -> None:
     config, cost = schedule_config(args), cost_model(args)
-    _writable("plot", args.plot, PICTURE_FORMATS)
-    _writable("trace", args.trace, ("json",))
+    check_writable_file("plot", args.plot, PICTURE_FORMATS)
+    check_writable_file("trace", args.trace, ("json",))
     result = simulate(build_schedule(config, calls=args.calls), cost, guard_fails=args.guard_fails)
     if args.json:
         print(json.dumps({"config": config.to_json(), "calls": args.calls, **result.to_json()}))
@@ -170,7 +156,7 @@ def _allowed(args: argparse.Namespace, name: str) -> bool:
 def _command_compare(args: argparse.Namespace) -> None:
     names = _compared_schedules(args)
     cost = cost_model(args)
-    _writable("plot", args.plot, PICTURE_FORMATS)
+    check_writable_file("plot", args.plot, PICTURE_FORMATS)
     reference_stages = schedule_config(args, "breadth-first").stages_per_rank
     rows = []
     for name in names:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tomllib
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from .knobs import COMMAND_LINE, ConfigError, check_type, knobs, parse_text, toml_spelling
 
@@ -100,3 +101,20 @@ def read_toml(path: str, classes: Iterable[type], option: str = "config",
             raise error.spelled(toml_spelling(path)) from None
         grouped[owners[name]][name] = value
     return grouped
+
+
+def check_writable_file(option: str, path: str | None, endings: Sequence[str] | None = None) -> None:
+    """Refuse, with ``ConfigError`` on ``option``, an output file that cannot be written: an ending not in
+    ``endings`` (any when ``None``), a folder in its place, a missing or read-only folder.  ``None``: no file."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    ending = os.path.splitext(path)[1].lstrip(".").lower()
+    if endings is not None and ending not in endings:
+        raise ConfigError(option, path, f"must end in one of {', '.join('.' + e for e in endings)}")
+    if os.path.isdir(path):
+        raise ConfigError(option, path, "is a folder; name a file")
+    if not os.path.isdir(folder):
+        raise ConfigError(option, path, f"the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(option, path, f"the folder {folder} is not writable")

@@ -35,5 +35,5 @@ def test_a_cost_file_in_a_missing_folder_is_refused_before_any_process_starts(tm
                            str(tmp_path / "no" / "cost.toml")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"layerpipe calibrate: error: --cost-file {tmp_path / 'no' / 'cost.toml'}: its folder {tmp_path / 'no'} "
+        f"layerpipe calibrate: error: --cost-file {tmp_path / 'no' / 'cost.toml'}: the folder {tmp_path / 'no'} "
         f"does not exist"]

@@ -9,6 +9,7 @@ with its own dependencies, for one demo.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -55,7 +56,7 @@ def bicubic(images: torch.Tensor) -> torch.Tensor:
 def psnr(found: torch.Tensor, truth: torch.Tensor) -> float:
     """Return the peak signal-to-noise ratio of images in [0, 1], in decibels."""
     error = float(F.mse_loss(found.detach().clamp(0, 1).double(), truth.double()))
-    return 10.0 * torch.log10(torch.tensor(1.0 / max(error, 1e-12))).item()
+    return 10.0 * math.log10(1.0 / max(error, 1e-12))
 
 
 @dataclass(frozen=True)

@@ -232,22 +232,23 @@ class ConvTranspose1d(nn.ConvTranspose1d):
     """A drop-in ``nn.ConvTranspose1d`` (same parameters, initialisation and ``output_size``) using ``conv_transpose1d``."""
 
     def forward(self, input, output_size=None):
-        _refuse_padding_mode(self)
-        extra = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 1,
-                                     self.dilation)
-        return conv_transpose1d(input, self.weight, self.bias, self.stride, self.padding, extra, self.groups,
-                                self.dilation)
+        return _module_forward(self, input, output_size, 1)
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
     """A drop-in ``nn.ConvTranspose2d`` (same parameters, initialisation and ``output_size``) using ``conv_transpose2d``."""
 
     def forward(self, input, output_size=None):
-        _refuse_padding_mode(self)
-        extra = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2,
-                                     self.dilation)
-        return conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding, extra, self.groups,
-                                self.dilation)
+        return _module_forward(self, input, output_size, 2)
+
+
+def _module_forward(module, input, output_size, dims: int):
+    """Return a transposed-convolution module's output by phases (its ``output_size`` turned into output padding)."""
+    _refuse_padding_mode(module)
+    extra = module._output_padding(input, output_size, module.stride, module.padding, module.kernel_size, dims,
+                                   module.dilation)
+    return _conv_transpose(input, module.weight, module.bias, module.stride, module.padding, extra, module.groups,
+                           module.dilation, dims)
 
 
 def _refuse_padding_mode(module) -> None:

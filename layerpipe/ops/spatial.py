@@ -110,6 +110,13 @@ class _Overlap(torch.autograd.Function):
         return grad_chunk, None, None, None
 
 
+def _summed(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Return a copy of ``tensor`` summed over ``group``."""
+    total = tensor.clone()
+    dist.all_reduce(total, group=group)
+    return total
+
+
 class _Replicated(torch.autograd.Function):
     """A parameter every spatial rank holds whole: identity forward; backward sums the gradient over the group."""
 
@@ -120,26 +127,16 @@ class _Replicated(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return _summed(grad, ctx.group), None
 
 
-class _SumOverGroup(torch.autograd.Function):
+class _SumOverGroup(_Replicated):
     """The sum of a tensor over the spatial group; its backward is the same sum of the gradient."""
 
     @staticmethod
     def forward(ctx, tensor, group):
         ctx.group = group
-        total = tensor.clone()
-        dist.all_reduce(total, group=group)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return _summed(tensor, group)
 
 
 def replicated(parameter, group):

@@ -37,12 +37,12 @@ def _stage_bytes(pipe) -> dict:
     import torch
 
     metas = next(iter(pipe._metas.values()))
+    saved = pipe.memory()["forward_activations"]
     sizes = {}
     for index, shard in pipe.shards.items():
         output = sum(torch.Size(meta.shape).numel() * torch.empty(0, dtype=meta.dtype).element_size()
                      for meta in metas[index])
-        sizes[str(index)] = {"boundary": output, "weight": shard.weight_bytes,
-                             "activation": pipe.memory()["forward_activations"].get(index, 0)}
+        sizes[str(index)] = {"boundary": output, "weight": shard.weight_bytes, "activation": saved.get(index, 0)}
     return sizes
 
 
@@ -109,7 +109,7 @@ def measure(config, cost_file: str) -> dict:
     sizes = {int(stage): figures for part in all_gather_json(_stage_bytes(pipe)) for stage, figures in part.items()}
     latency, bandwidth = point_to_point()
     collective_latency, collective_bandwidth = collective()
-    first = tuple(t[: t.shape[0] // pipe.microbatches] for t in (batch[0],))
+    first = (batch[0][: batch[0].shape[0] // pipe.microbatches],)
     sharing = core_sharing(_one_forward(pipe, first))
     cost = dataclasses.replace(
         calibrated_cost(timeline, stages), p2p_latency=latency, p2p_bandwidth=bandwidth,
@@ -135,6 +135,7 @@ def measure(config, cost_file: str) -> dict:
 
 def main(argv: list[str]) -> int:
     """Run ``layerpipe calibrate``; return the exit status (2 and one line for bad options)."""
+    from ..options import check_writable_file
     from .config import build_parser, config_from, replaced
 
     parser = build_parser()
@@ -151,7 +152,7 @@ def main(argv: list[str]) -> int:
         config = config_from(arguments)
         if "--steps" not in argv:
             config = replaced(config, steps=DEFAULT_STEPS)
-        _check_cost_file(arguments.cost_file)
+        check_writable_file("cost_file", arguments.cost_file)
     except ConfigError as error:
         print(f"layerpipe calibrate: error: {error.render(COMMAND_LINE) if error.field == 'cost_file' else error}",
               file=sys.stderr)
@@ -165,14 +166,6 @@ def main(argv: list[str]) -> int:
         return 1
     print(report(figures, arguments.cost_file))
     return 0
-
-
-def _check_cost_file(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError("cost_file", path, f"its folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise ConfigError("cost_file", path, "is a folder; name a file")
 
 
 def report(figures: dict, path: str) -> str:

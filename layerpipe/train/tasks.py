@@ -142,6 +142,9 @@ class SuperResTask:
         self.items_per_step = config.batch_size * config.superres.crop ** 2
         self.title = f"{config.superres.channels}-channel 2× super-resolution on {self.corpus}"
         self.loss_fn = nn.functional.mse_loss
+        schedule = config.pipeline
+        self.evaluation = self.held_out.centre_crops(schedule.microbatches * schedule.data_parallel,
+                                                     evaluation_crop(config.spatial))  # inputs, targets
 
     def layers(self) -> list[nn.Module]:
         """Return the network's layers (spatial ones when the images are split into bands)."""
@@ -153,21 +156,16 @@ class SuperResTask:
         """Return low-resolution crops and their high-resolution originals."""
         return self.training.batch(self.config.batch_size, self.config.superres.crop, generator)
 
-    def _evaluation_batch(self, pipe):
-        schedule = self.config.pipeline
-        return self.held_out.centre_crops(schedule.microbatches * schedule.data_parallel,
-                                          evaluation_crop(self.config.spatial))
-
     def evaluate(self, pipe) -> float:
         """Return the mean squared error on held-out crops, forward only."""
         pipe.eval()
-        return pipe.eval_step(*self._evaluation_batch(pipe))
+        return pipe.eval_step(*self.evaluation)
 
     def finish(self, pipe) -> Outcome:
         """Return the held-out PSNR of the model and of bicubic enlargement; draw them side by side (superres.png)."""
         from ..models.images import bicubic, psnr
 
-        inputs, targets = self._evaluation_batch(pipe)
+        inputs, targets = self.evaluation
         with torch.no_grad():
             outputs = pipe.forward(inputs)
         found = None

@@ -79,18 +79,22 @@ class Chain(nn.Sequential):
         return x
 
 
-def reference_run(layers, steps: int, samples: int, lr: float = 0.05):
-    """Return per-step losses and gradients and the final parameters of a single-process AdamW run."""
+def reference_run(layers, steps: int, samples: int = 0, lr: float = 0.05, batches=None):
+    """Return per-step losses and gradients and the final parameters of a single-process AdamW run.
+
+    Step ``s`` trains on ``batches[s]`` (inputs, targets) when given, else on
+    ``batch(samples, seed=s + 1)``; parameters that take no gradient have none.
+    """
     model = Chain(*copy.deepcopy(layers))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     losses, grads = [], []
     for step in range(steps):
-        inputs, targets = batch(samples, seed=step + 1)
+        inputs, targets = batches[step] if batches is not None else batch(samples, seed=step + 1)
         optimizer.zero_grad()
         loss = nn.functional.mse_loss(model(inputs), targets)
         loss.backward()
         losses.append(float(loss.detach()))
-        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
         optimizer.step()
     return losses, grads, {name: p.detach().clone() for name, p in model.named_parameters()}
 

@@ -15,7 +15,7 @@ from layerpipe.ops import NMSparseLinear, Pattern, compress, decompose, decompre
     sparsify
 from layerpipe.ops import sparse_linear
 from layerpipe.ops.sparsity import semi_structured_metadata
-from runtime_models import Chain, relative_error
+from runtime_models import reference_run, relative_error
 
 PATTERNS = ["2:4", "1:4", "4:8", "3:8", "1:2"]
 
@@ -224,21 +224,9 @@ def _sparse_batch(step: int):
             torch.randn(8, 3, dtype=torch.float64, generator=generator))
 
 
-def _sparse_reference(steps: int):
-    model = Chain(*_sparse_layers())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    losses = []
-    for step in range(steps):
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(_sparse_batch(step)[0]), _sparse_batch(step)[1])
-        loss.backward()
-        losses.append(float(loss.detach()))
-        optimizer.step()
-    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
 def _sparse_pipeline_run():
-    expected_losses, expected = _sparse_reference(3)
+    expected_losses, _, expected = reference_run(_sparse_layers(), 3, lr=0.01,
+                                                 batches=[_sparse_batch(step) for step in range(3)])
     pipe = layerpipe.Pipeline(_sparse_layers(), nn.functional.mse_loss, schedule="breadth-first", microbatches=4,
                               stages_per_rank=2, optimizer=lambda params: torch.optim.AdamW(params, lr=0.01),
                               timeout=60)

@@ -135,14 +135,20 @@ def _a_stack(height: int):
                           nn.ConvTranspose2d(8, 3, 4, stride=2, padding=1)).double()
     whole.load_state_dict(spatial.state_dict())
     bounds = split_rows(height, ranks, align=2)
-    image = _random((2, 3, height, 10), 1).requires_grad_()
+    # down by 2, then up by 2: the chunk of the output is the input chunk's rows
+    return _against_whole(spatial, whole, _random((2, 3, height, 10), 1), bounds[index], bounds[index], grad_seed=2)
+
+
+def _against_whole(spatial, whole, image, rows, output_rows, grad_seed: int) -> float:
+    """Return the largest relative difference between ``spatial`` on this process's ``rows`` of ``image`` and
+    ``whole`` on all of it: output (its ``output_rows``), input gradient and parameter gradients."""
+    image = image.requires_grad_()
     expected = whole(image)
-    grad = _random(expected.shape, 2)
+    grad = _random(expected.shape, grad_seed)
     expected.backward(grad)
-    first, end = bounds[index]
+    (first, end), (low, high) = rows, output_rows
     chunk = image.detach()[:, :, first:end].clone().requires_grad_()
     found = spatial(chunk)
-    low, high = first, end  # down by 2, then up by 2: the chunk of the output is the input chunk's rows
     found.backward(grad[:, :, low:high])
     relative = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
     return max([relative(found.detach(), expected.detach()[:, :, low:high]),
@@ -183,20 +189,9 @@ def _a_block(height: int):
     whole = nn.Sequential(*layers).double()
     block = SpatialBlock(*[copy.deepcopy(layer) for layer in layers]).double()
     bounds = split_rows(height, ranks, align=2)
-    image = _random((2, 3, height, 12), 3).requires_grad_()
-    expected = whole(image)
-    first, end = bounds[index]
-    chunk = image.detach()[:, :, first:end].clone().requires_grad_()
-    found = block(chunk)
     _, wanted = block.plan(bounds)
-    low, high = wanted[-1][index]
-    grad = _random(expected.shape, 4)
-    expected.backward(grad)
-    found.backward(grad[:, :, low:high])
-    relative = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
-    return max([relative(found.detach(), expected.detach()[:, :, low:high]),
-                relative(chunk.grad, image.grad[:, :, first:end])] +
-               [relative(mine.grad, theirs.grad) for mine, theirs in zip(block.parameters(), whole.parameters())])
+    return _against_whole(block, whole, _random((2, 3, height, 12), 3), bounds[index], wanted[-1][index],
+                          grad_seed=4)
 
 
 @pytest.mark.multiprocess

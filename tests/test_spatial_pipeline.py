@@ -9,7 +9,7 @@ from torch import nn
 import layerpipe
 from layerpipe.knobs import ConfigError
 from layerpipe.ops.spatial import SpatialConv2d, SpatialConvTranspose2d, SpatialGroupNorm
-from runtime_models import Chain, relative_error
+from runtime_models import Chain, reference_run, relative_error
 
 
 def spatial_layers(seed: int = 0) -> list[nn.Module]:
@@ -40,17 +40,10 @@ def images(step: int):
 
 
 def reference(steps: int):
-    model = Chain(*plain_layers())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    losses = []
-    for step in range(steps):
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(images(step)[0]), images(step)[1])
-        loss.backward()
-        losses.append(float(loss.detach()))
-        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-        optimizer.step()
-    return losses, grads, {name: p.detach().clone() for name, p in model.named_parameters()}
+    """Return the single-process run's losses, last gradients and final parameters."""
+    losses, grads, parameters = reference_run(plain_layers(), steps, lr=0.01,
+                                              batches=[images(step) for step in range(steps)])
+    return losses, grads[-1], parameters
 
 
 def _spatial_pipeline(options: dict):
@@ -105,21 +98,13 @@ def _superres_pipeline():
     generator = torch.Generator().manual_seed(3)
     batches = [(torch.rand(4, 3, 8, 10, dtype=torch.float64, generator=generator),
                 torch.rand(4, 3, 16, 20, dtype=torch.float64, generator=generator)) for _ in range(3)]
-    model = Chain(*[layer.double() for layer in superres_layers(config, seed=1)])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    expected_losses = []
-    for inputs, targets in batches:
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(inputs), targets)
-        loss.backward()
-        expected_losses.append(float(loss.detach()))
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        optimizer.step()
+    expected_losses, all_grads, expected = reference_run(
+        [layer.double() for layer in superres_layers(config, seed=1)], 3, lr=0.01, batches=batches)
+    grads = all_grads[-1]
     pipe = layerpipe.Pipeline([layer.double() for layer in superres_layers(config, seed=1, spatial=True)],
                               nn.functional.mse_loss, "breadth-first", microbatches=2, spatial=2, timeout=60,
                               optimizer=lambda params: torch.optim.AdamW(params, lr=0.01))
     losses = [pipe.train_step(inputs, targets) for inputs, targets in batches]
-    expected = dict(model.named_parameters())
     return (max(abs(found - wanted) / wanted for found, wanted in zip(losses, expected_losses)),
             max(relative_error(p.grad, grads[name]) for name, p in pipe.named_parameters() if name in grads),
             max(relative_error(p, expected[name]) for name, p in pipe.named_parameters()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-
 import re
 import signal
 import subprocess
@@ -274,14 +273,21 @@ if __name__ == "__main__":
 """
 
 
-def test_a_frozen_peer_is_reported_while_the_rank_waits(tmp_path):
+def waiting_reports(tmp_path, text: str) -> str:
+    """Run the two-process script ``text`` with a "still waiting" line every second; return its stderr."""
     script = tmp_path / "frozen.py"
-    script.write_text(FROZEN_PEER)
+    script.write_text(text)
     environment = {**os.environ, "LAYERPIPE_WAIT_REPORT_SECONDS": "1",
                    "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=environment)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "rank 0 still waiting at 0RECV_B" in done.stderr and "from rank 1, 2 s of 30" in done.stderr, done.stderr
+    return done.stderr
+
+
+def test_a_frozen_peer_is_reported_while_the_rank_waits(tmp_path):
+    # the seconds a report shows depend on when its thread runs on a busy machine: any whole number will do
+    reports = waiting_reports(tmp_path, FROZEN_PEER)
+    assert re.search(r"rank 0 still waiting at 0RECV_B\S* .*from rank 1, \d+ s of 30", reports), reports
 
 
 FROZEN_BEFORE_THE_FIRST_STEP = """
@@ -302,14 +308,9 @@ if __name__ == "__main__":
 
 
 def test_a_peer_frozen_before_the_first_step_is_reported_while_the_shapes_are_agreed(tmp_path):
-    script = tmp_path / "frozen_first.py"
-    script.write_text(FROZEN_BEFORE_THE_FIRST_STEP)
-    environment = {**os.environ, "LAYERPIPE_WAIT_REPORT_SECONDS": "1",
-                   "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=environment)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "rank 1 still waiting while agreeing tensor shapes for stage 0's output from rank 0, 2 s of 30" \
-        in done.stderr, done.stderr
+    reports = waiting_reports(tmp_path, FROZEN_BEFORE_THE_FIRST_STEP)
+    assert re.search(r"rank 1 still waiting while agreeing tensor shapes for stage 0's output from rank 0, \d+ s "
+                     r"of 30", reports), reports
 
 
 @pytest.mark.parametrize("timeout", [0, -5, float("inf"), "30"])

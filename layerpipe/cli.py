@@ -181,6 +181,39 @@ def _command_compare(args: argparse.Namespace) -> None:
         _wrote(args.plot)
 
 
+def _command_plan(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .knobs import check_fields
+    from .plan import PlanRequest, describe_shape, plan, table, train_toml
+
+    request = PlanRequest(**given(args, PlanRequest))
+    check_fields(request)
+    check_writable_file("output", request.output, ("toml",))
+    bar = None
+
+    def progress(total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="candidates", unit="", leave=False, disable=None)
+        else:
+            bar.update(1)
+    try:
+        result = plan(request, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"{describe_shape(result.shape)} on "
+          f"{request.gpus} devices of {request.gpu_memory:g} GiB on {result.hardware.name}, global batch "
+          f"{request.global_batch}: {result.candidates} configurations, {result.simulated} simulated, "
+          f"{result.too_big} too big for memory")
+    print(table(result))
+    with open(request.output + ".partial", "w", encoding="utf-8") as handle:
+        handle.write(train_toml(result.best[0], result, request))
+    os.replace(request.output + ".partial", request.output)
+    _wrote(request.output)
+
+
 def _add_schedule_and_cost(parser: argparse.ArgumentParser, cost: bool, skip: Sequence[str] = ()) -> None:
     add_knobs(parser.add_argument_group("schedule (ScheduleConfig)"), ScheduleConfig(), skip=skip)
     if cost:
@@ -238,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     compare.add_argument("--plot", metavar="FILE.png", help="write one picture stacking the timelines")
     compare.set_defaults(run=_command_compare)
+
+    from .plan import PlanRequest
+
+    planner = commands.add_parser("plan", help="search the fastest configuration of a GPT on N devices by simulating",
+                                  description="Search pipeline ranks, data-parallel replicas, stages per rank, "
+                                              "micro-batch count and size, group size, ZeRO level, recomputation and "
+                                              "reduce portions for a GPT on --gpus devices; refuse what does not fit "
+                                              "in --gpu-memory, simulate the rest, print the best few and write the "
+                                              "best as a 'layerpipe train --config' file.")
+    add_knobs(planner, PlanRequest())
+    planner.set_defaults(run=_command_plan)
     return parser
 
 

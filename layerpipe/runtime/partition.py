@@ -20,60 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-
-class PartitionError(ValueError):
-    """The layers cannot be split as asked."""
-
-
-Boundaries = tuple[tuple[int, int], ...]
-
-
-def _check_count(layers: int, stages: int) -> None:
-    if layers < stages:
-        raise PartitionError(
-            f"the model has {layers} layers but the pipeline has {stages} stages (ranks × stages per rank): "
-            f"give at least {stages} layers or use fewer ranks or stages per rank")
-
-
-def balance(weights: Sequence[float], stages: int) -> Boundaries:
-    """Return ``stages`` contiguous, non-empty ranges over ``weights`` minimising the largest sum.
-
-    Refuses, with ``PartitionError``, fewer weights than stages.  Among
-    splits with the same largest sum, earlier stages take as much as they can.
-    """
-    _check_count(len(weights), stages)
-    weights = [max(0.0, float(w)) for w in weights]
-
-    def fits(limit: float) -> Boundaries | None:
-        ranges, start, total = [], 0, 0.0
-        for index, weight in enumerate(weights):
-            layers_left = len(weights) - index
-            stages_left = stages - len(ranges)
-            # Close the current stage when the limit would be exceeded or when every
-            # remaining layer is needed to give each remaining stage one layer.
-            if index > start and (total + weight > limit or layers_left < stages_left):
-                ranges.append((start, index))
-                start, total = index, 0.0
-            total += weight
-            if total > limit:
-                return None
-        ranges.append((start, len(weights)))
-        return tuple(ranges) if len(ranges) == stages else None
-
-    low, high = max(weights, default=0.0), sum(weights)
-    best = fits(high)
-    for _ in range(60):
-        if high - low <= 1e-9 * max(1.0, high):
-            break
-        middle = (low + high) / 2
-        candidate = fits(middle)
-        if candidate is None:
-            low = middle
-        else:
-            high, best = middle, candidate
-    if best is None:  # only when every weight is zero: give one layer per stage, the rest to the last
-        best = tuple((s, s + 1) for s in range(stages - 1)) + ((stages - 1, len(weights)),)
-    return best
+from ..sim.partition import Boundaries, PartitionError, check_layer_count, balance, balance_counts
 
 
 def parameter_counts(layers: Sequence[nn.Module]) -> list[int]:
@@ -83,9 +30,7 @@ def parameter_counts(layers: Sequence[nn.Module]) -> list[int]:
 
 def balance_by_parameters(layers: Sequence[nn.Module], stages: int) -> Boundaries:
     """Return stage ranges with balanced parameter counts (a layer without parameters weighs 1 % of the mean)."""
-    counts = parameter_counts(layers)
-    floor = max(1.0, 0.01 * sum(counts) / max(1, len(counts)))
-    return balance([max(count, floor) for count in counts], stages)
+    return balance_counts(parameter_counts(layers), stages)
 
 
 def measure_layer_times(layers: Sequence[nn.Module], sample: torch.Tensor | tuple, repeats: int = 3) -> list[float]:
@@ -119,7 +64,7 @@ def balance_by_time(layers: Sequence[nn.Module], stages: int, sample: torch.Tens
     ``measure_layer_times``, which times the layers on this machine); tests
     inject known costs through it.
     """
-    _check_count(len(layers), stages)
+    check_layer_count(len(layers), stages)
     times = (measure or measure_layer_times)(layers, sample)
     return balance(times, stages)
 
@@ -130,7 +75,7 @@ def explicit_boundaries(layers: int, stages: int, starts: Sequence[int]) -> Boun
     Refuses starts that are not ``stages`` strictly increasing layer indices
     beginning with 0.
     """
-    _check_count(layers, stages)
+    check_layer_count(layers, stages)
     starts = list(starts)
     if len(starts) != stages or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) \
             or starts[-1] >= layers:

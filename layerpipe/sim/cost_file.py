@@ -19,7 +19,8 @@ from ..options import read_toml
 from .cost import CostModel
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """Return ``value`` (a bool, number, string or list of them) written as a TOML value."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and math.isinf(value):
@@ -27,15 +28,15 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, (tuple, list)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     return json.dumps(str(value))  # a JSON string is a TOML basic string
 
 
 def cost_file_text(cost: CostModel, about: dict[str, Any]) -> str:
     """Return the TOML text of ``cost`` and its ``[about]`` table (strings, numbers, lists of them)."""
-    lines = [f"{field.name} = {_toml_value(getattr(cost, field.name))}" for field in knobs(CostModel)
+    lines = [f"{field.name} = {toml_value(getattr(cost, field.name))}" for field in knobs(CostModel)
              if getattr(cost, field.name) is not None]
-    lines += ["", "[about]"] + [f"{key} = {_toml_value(value)}" for key, value in about.items()]
+    lines += ["", "[about]"] + [f"{key} = {toml_value(value)}" for key, value in about.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -46,6 +46,14 @@ def _stage_bytes(pipe) -> dict:
     return sizes
 
 
+def _model_sizes(task) -> dict:
+    """Return the GPT's sizes (the planner reads them to turn measured times into a compute rate); none for superres."""
+    model = getattr(task, "model", None)
+    if model is None or not hasattr(model, "vocab_size"):
+        return {}
+    return {key: getattr(model, key) for key in ("vocab_size", "block_size", "width", "heads", "blocks")}
+
+
 def _one_forward(pipe, first_microbatch):
     """Return a function that runs this process's first stage forward once, on an input of the agreed shape."""
     import torch
@@ -128,7 +136,8 @@ def measure(config, cost_file: str) -> dict:
                  "data_parallel": config.pipeline.data_parallel, "batch_size": config.batch_size,
                  "units": "seconds and bytes", "core_sharing": sharing,
                  "core_sharing_kind": "a stage's forward while every process computes, divided by alone",
-                 "measured_step": measured_step, "measured_steps": len(timelines)}
+                 "measured_step": measured_step, "measured_steps": len(timelines), "cores": os.cpu_count() or 1,
+                 **_model_sizes(task)}
         write_cost_file(cost_file, cost, about)
     return figures
 

@@ -1,0 +1,144 @@
+"""Hardware the planner plans for: a cluster preset with its figures' sources, or this machine from a cost file.
+
+A ``Hardware`` says how fast one device computes and how fast devices
+talk, inside a node and between nodes.  The presets are data-sheet figures
+times a sustained fraction; every figure names its source, and the
+fractions and latencies that no data sheet gives are marked as this
+project's assumptions.  ``hardware_from_cost_file`` turns a cost file that
+``layerpipe calibrate`` measured into the same figures for this machine.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+
+from ..knobs import ConfigError
+from .cost import CostModel
+from .gpt_costs import GPTShape, layer_forward_flops, layer_parameters
+from .partition import balance_counts
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """How fast one device computes and how fast devices exchange data (seconds, bytes, FLOP).
+
+    ``flops`` is the sustained rate of a transformer's matrix products in
+    the compute precision; ``backward_ratio`` the backward's time over the
+    forward's.  Links: ``intra_node_*`` between devices of one node,
+    ``inter_node_*`` per device between nodes.  ``cores`` is set for a CPU
+    machine whose processes share ``cores`` cores: more processes than
+    ``calibrated_processes`` slow each one down in proportion.
+    """
+
+    name: str
+    flops: float
+    memory_bandwidth: float
+    devices_per_node: int
+    intra_node_bandwidth: float
+    inter_node_bandwidth: float
+    intra_node_latency: float
+    inter_node_latency: float
+    collective_latency: float
+    action_overhead: float
+    precision: str = "bf16"
+    backward_ratio: float = 2.0
+    cores: int | None = None
+    calibrated_processes: int = 1
+    sources: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def activation_element_bytes(self) -> int:
+        """Return the bytes of one activation element in the compute precision."""
+        return 4 if self.precision == "fp32" else 2
+
+    def sharing_slowdown(self, devices: int) -> float:
+        """Return how much slower each process computes with ``devices`` processes than in the calibrated layout."""
+        if self.cores is None:
+            return 1.0
+        return max(1.0, devices / self.cores) / max(1.0, self.calibrated_processes / self.cores)
+
+    def link(self, neighbours_in_node: bool) -> tuple[float, float]:
+        """Return ``(latency, bandwidth)`` of a link inside one node or between nodes."""
+        if neighbours_in_node:
+            return self.intra_node_latency, self.intra_node_bandwidth
+        return self.inter_node_latency, self.inter_node_bandwidth
+
+
+_SUSTAINED = 0.5
+"""Share of the data-sheet bf16 rate a transformer's matrix products sustain: Narayanan et al. (SC21) report 52 % of
+peak per A100 for their trillion-parameter run; this project takes 50 % for both presets (an assumption for H100)."""
+
+PRESETS: dict[str, Hardware] = {
+    "a100": Hardware(
+        name="a100", flops=_SUSTAINED * 312e12, memory_bandwidth=2.039e12, devices_per_node=8,
+        intra_node_bandwidth=300e9, inter_node_bandwidth=25e9, intra_node_latency=5e-6, inter_node_latency=10e-6,
+        collective_latency=30e-6, action_overhead=20e-6,
+        sources=("NVIDIA A100 80GB SXM data sheet: 312 TFLOPS bf16 dense, 2,039 GB/s HBM2e, NVLink 600 GB/s "
+                 "(300 GB/s each way)",
+                 "NVIDIA DGX A100: eight 200 Gb/s HDR InfiniBand adapters for eight GPUs, 25 GB/s per GPU each way",
+                 "Narayanan et al., SC21 (arXiv 2104.04473): 52 % of peak sustained per GPU",
+                 "latencies and per-action overhead: this project's assumptions")),
+    "h100": Hardware(
+        name="h100", flops=_SUSTAINED * 989.4e12, memory_bandwidth=3.35e12, devices_per_node=8,
+        intra_node_bandwidth=450e9, inter_node_bandwidth=50e9, intra_node_latency=5e-6, inter_node_latency=10e-6,
+        collective_latency=30e-6, action_overhead=20e-6,
+        sources=("NVIDIA H100 SXM5 (glennklockwood.com/garden/processors/h100, from NVIDIA's data sheet): "
+                 "989.4 TFLOPS bf16 dense, 3.35 TB/s HBM3, NVLink 900 GB/s (450 GB/s each way)",
+                 "NVIDIA DGX H100: eight 400 Gb/s NDR InfiniBand adapters for eight GPUs, 50 GB/s per GPU each way",
+                 "sustained share 50 % and latencies: this project's assumptions")),
+}
+"""Cluster presets by name: eight GPUs per node on NVLink, one InfiniBand adapter per GPU between nodes."""
+
+
+def hardware_from_cost_file(path: str, cost: CostModel, option: str = "cost_file") -> Hardware:
+    """Return this machine's figures from the cost file at ``path`` (already read into ``cost``).
+
+    The compute rate is the model's forward FLOP per micro-batch over the
+    measured forward times, the backward ratio the measured one; links and
+    collectives are the measured ones for every distance (one machine).
+    Refuses, with ``ConfigError`` on ``option``, a file without the
+    ``[about]`` figures ``layerpipe calibrate`` writes for the GPT.
+    """
+    about = _about(path, option)
+    shape = GPTShape(**{key: int(about[key]) for key in ("vocab_size", "block_size", "width", "heads", "blocks")})
+    microbatch_size = int(about["batch_size"]) // (int(about["microbatches"]) * int(about["data_parallel"]))
+    stages = int(about["ranks"]) * int(about["stages_per_rank"])
+    forward = _per_stage(cost.forward_time, stages)
+    backward = _per_stage(cost.backward_time, stages)
+    flops = layer_forward_flops(shape, microbatch_size)
+    boundaries = balance_counts(layer_parameters(shape), stages)
+    stage_flops = [sum(flops[start:end]) for start, end in boundaries]
+    if sum(forward) <= 0:
+        raise ConfigError(option, path, "its forward times are zero: measure them with layerpipe calibrate")
+    latency, bandwidth = cost.p2p_latency, cost.p2p_bandwidth
+    weights = _per_stage(cost.weight_bytes, stages)
+    optimizer_bandwidth = 7 * sum(weights) / stages / cost.optimizer_time if cost.optimizer_time > 0 else math.inf
+    return Hardware(
+        name=f"this machine ({about.get('machine', 'calibrated')})", flops=sum(stage_flops) / sum(forward),
+        memory_bandwidth=optimizer_bandwidth, devices_per_node=10**9, intra_node_bandwidth=bandwidth,
+        inter_node_bandwidth=bandwidth, intra_node_latency=latency, inter_node_latency=latency,
+        collective_latency=cost.data_parallel_latency, action_overhead=cost.action_overhead, precision="fp32",
+        backward_ratio=sum(backward) / sum(forward), cores=int(about.get("cores", 0)) or None,
+        calibrated_processes=int(about["processes"]),
+        sources=(f"measured by layerpipe calibrate on {about.get('date', 'an unknown date')}: {path}",))
+
+
+_NEEDED = ("vocab_size", "block_size", "width", "heads", "blocks", "batch_size", "microbatches", "data_parallel",
+           "ranks", "stages_per_rank", "processes")
+
+
+def _about(path: str, option: str) -> dict:
+    with open(path, "rb") as handle:
+        about = tomllib.load(handle).get("about", {})
+    missing = [key for key in _NEEDED if key not in about]
+    if missing or about.get("model", "gpt") != "gpt":
+        raise ConfigError(option, path, f"its [about] table lacks {', '.join(missing) or 'a gpt model'}: the planner "
+                          f"needs a cost file written by `layerpipe calibrate` for the GPT demo")
+    return about
+
+
+def _per_stage(value, stages: int) -> list[float]:
+    return [float(value)] * stages if isinstance(value, (int, float)) else [float(item) for item in value]
+

@@ -1,0 +1,188 @@
+"""The planner: its counts of the GPT agree with the real layers, its search finds what trying everything finds,
+its output trains, and bad requests get one line."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from layerpipe.cli import main
+from layerpipe.knobs import ConfigError
+from layerpipe.models.gpt import Block, gpt_layers
+from layerpipe.models.config import GPTConfig
+from layerpipe.plan import (GIB, MODELS, USABLE_MEMORY, Candidate, PlanRequest, candidates, evaluate, hardware_of, model_shape,
+                            plan, train_toml)
+from layerpipe.runtime.memory import ActivationMeter
+from layerpipe.sim.cost import CostModel
+from layerpipe.sim.cost_file import write_cost_file
+from layerpipe.sim.gpt_costs import GPTShape, layer_activation_bytes, layer_forward_flops, layer_parameters
+from layerpipe.train.config import build_parser, config_from
+
+SMALL = GPTShape(vocab_size=50, block_size=16, width=32, heads=4, blocks=3)
+
+
+def _config(shape: GPTShape) -> GPTConfig:
+    return GPTConfig(vocab_size=shape.vocab_size, block_size=shape.block_size, width=shape.width, heads=shape.heads,
+                     blocks=shape.blocks)
+
+
+@pytest.mark.parametrize("shape", [SMALL, GPTShape(vocab_size=80, block_size=64, width=128, heads=4, blocks=4)])
+def test_parameter_counts_are_those_of_the_real_layers(shape):
+    real = [sum(parameter.numel() for parameter in layer.parameters()) for layer in gpt_layers(_config(shape))]
+    assert list(layer_parameters(shape)) == real
+
+
+def test_the_demo_model_is_the_one_layerpipe_train_trains():
+    from layerpipe.train.config import TrainConfig
+    from layerpipe.train.tasks import task_for
+
+    model = task_for(TrainConfig()).model
+    assert MODELS["demo"] == GPTShape(model.vocab_size, model.block_size, model.width, model.heads, model.blocks)
+
+
+def test_block_and_head_flops_are_those_torch_counts():
+    layers = gpt_layers(_config(SMALL))
+    microbatch = 3
+    hidden = torch.randn(microbatch, SMALL.block_size, SMALL.width)
+    counted = []
+    for layer in layers[1:]:
+        with FlopCounterMode(display=False) as counter:
+            layer(hidden)
+        counted.append(counter.get_total_flops())
+    assert counted == pytest.approx(list(layer_forward_flops(SMALL, microbatch)[1:]))
+
+
+def test_a_block_stores_about_what_the_activation_formula_says():
+    block = Block(_config(SMALL))
+    meter = ActivationMeter(lambda: {parameter.untyped_storage().data_ptr() for parameter in block.parameters()})
+    with meter.hooks():
+        output = block(torch.randn(2, SMALL.block_size, SMALL.width, requires_grad=True))
+    estimated = layer_activation_bytes(SMALL, 2, 4, "none")[1]
+    assert 0.75 * estimated <= meter.current <= 1.25 * estimated, (meter.current, estimated)
+    del output
+
+
+def _cost_file(path, processes=2, cores=2) -> str:
+    cost = CostModel(forward_time=(0.003, 0.002, 0.002, 0.003), backward_time=(0.005, 0.004, 0.004, 0.005),
+                     optimizer_time=0.001, action_overhead=0.0002, p2p_latency=1e-4, p2p_bandwidth=3e9,
+                     boundary_bytes=131072.0, activation_bytes=2e6, weight_bytes=8e5, data_parallel_latency=3e-4,
+                     data_parallel_bandwidth=1e9)
+    about = {"processes": processes, "cores": cores, "model": "gpt", "ranks": 2, "stages_per_rank": 2,
+             "microbatches": 8, "data_parallel": 1, "batch_size": 32, **dataclasses.asdict(MODELS["demo"])}
+    write_cost_file(str(path), cost, about)
+    return str(path)
+
+
+def test_the_search_finds_the_fastest_of_all_candidates(tmp_path):
+    request = PlanRequest(model="demo", gpus=4, gpu_memory=1.0, global_batch=16, cost_file=_cost_file(tmp_path / "c.toml"),
+                          top=3, max_stages_per_rank=3)
+    result = plan(request)
+    shape, hardware = model_shape("demo"), hardware_of(request)
+    every = [evaluate(candidate, shape, hardware, math.inf) for candidate in candidates(request, shape)]
+    fastest = _distinct(sorted((entry.step_time, entry.memory) for entry in every))
+    assert [entry.step_time for entry in result.best] == pytest.approx([time for time, _ in fastest[:3]])
+    assert result.simulated < len(every)
+
+
+def _distinct(entries):
+    """Keep one of the entries that tie on step time and memory, as the planner does."""
+    kept = []
+    for time, memory in entries:
+        if not any(math.isclose(time, t, rel_tol=1e-9) and math.isclose(memory, m, rel_tol=1e-9) for t, m in kept):
+            kept.append((time, memory))
+    return kept
+
+
+def test_what_does_not_fit_is_refused_and_zero_three_fits_where_zero_zero_does_not():
+    shape, hardware = MODELS["gpt-52b"], hardware_of(PlanRequest(gpus=64))
+    request = PlanRequest(model="gpt-52b", gpus=64, gpu_memory=80, global_batch=64)
+    limit = 80 * GIB * USABLE_MEMORY
+    entries = {}
+    for candidate in candidates(request, shape):
+        config = candidate.schedule
+        if (config.schedule, config.ranks, config.stages_per_rank, config.microbatches, config.recompute,
+                config.reduce_portions) == ("interleaved", 8, 8, 8, "full", 1):
+            entries[config.zero] = evaluate(candidate, shape, hardware, limit)
+    assert entries[0] is None and entries[3] is not None
+    assert entries[3].memory <= limit
+
+
+@pytest.mark.parametrize("knobs", [dict(schedule="breadth-first", zero=3, recompute="full"),
+                                   dict(schedule="interleaved", zero=2, recompute="selective", reduce_portions=4),
+                                   dict(schedule="1f1b", stages_per_rank=1, zero=1),
+                                   dict(schedule="zero-bubble", zero=3, weight_buffers=1)])
+def test_memory_is_checked_on_short_programs_with_the_answer_of_the_whole_ones(knobs):
+    from layerpipe.plan import _costs_of, memory_programs, peak_memory
+    from layerpipe.schedule.build import build_schedule
+    from layerpipe.schedule.config import ScheduleConfig
+
+    config = ScheduleConfig(ranks=2, microbatches=4, data_parallel=2, **knobs)
+    candidate = Candidate(config, 2)
+    costs = _costs_of(candidate, SMALL, hardware_of(PlanRequest()))
+    whole = peak_memory(build_schedule(config).programs, config, costs)
+    assert peak_memory(memory_programs(config), config, costs) == whole > 0
+
+
+def test_the_plan_is_a_train_config_file_with_the_chosen_knobs(tmp_path):
+    request = PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=_cost_file(tmp_path / "c.toml"))
+    result = plan(request)
+    path = tmp_path / "plan.toml"
+    path.write_text(train_toml(result.best[0], result, request))
+    config = config_from(build_parser().parse_args(["--config", str(path), "--output", str(tmp_path / "run")]))
+    assert config.pipeline == result.best[0].candidate.schedule
+    assert config.batch_size == 32 and config.processes == 2
+    assert (config.gpt.width, config.gpt.blocks) == (MODELS["demo"].width, MODELS["demo"].blocks)
+
+
+def test_plan_on_the_command_line_prints_the_best_and_writes_them(tmp_path, capsys):
+    output = tmp_path / "plan.toml"
+    assert main(["plan", "--model", "gpt-52b", "--gpus", "16", "--gpu-memory", "80", "--global-batch", "16",
+                 "--max-stages-per-rank", "4", "--top", "3", "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert "52.4-billion-parameter GPT" in out and "interleaved p=16 v=4 d=1 m=16 b=1" in out
+    assert "ranks = " in output.read_text()
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["--gpus", "0"], "--gpus 0: must be a whole number of at least 1"),
+    (["--gpu-memory", "-1"], "--gpu-memory -1.0: must be a finite number above 0"),
+    (["--model", "gpt-9000"], "--model gpt-9000: choose one of demo, gpt-52b, or give a TOML file"),
+    (["--model", "gpt-52b", "--gpus", "1", "--global-batch", "8"], "--gpu-memory 80.0: no configuration of the "
+                                                                  "52.4-billion-parameter model on 1 devices fits"),
+    (["--gpus", "7", "--global-batch", "5"], "--gpus 7: no layout of 7 devices runs the model"),
+    (["--output", "plan.txt"], "--output plan.txt: must end in one of .toml"),
+])
+def test_bad_requests_get_one_line(arguments, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", *arguments]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and expected in error, error
+    assert not (tmp_path / "plan.toml").exists()
+
+
+def test_a_cost_file_without_the_models_sizes_is_refused_in_one_line(tmp_path, capsys):
+    path = tmp_path / "old.toml"
+    write_cost_file(str(path), CostModel(forward_time=1e-3), {"processes": 2})
+    assert main(["plan", "--cost-file", str(path), "--output", str(tmp_path / "p.toml")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "lacks" in error and "layerpipe calibrate" in error
+
+
+def test_a_negative_figure_in_the_cost_file_is_refused_in_one_line(tmp_path, capsys):
+    path = _cost_file(tmp_path / "c.toml")
+    text = open(path).read().replace("optimizer_time = 0.001", "optimizer_time = -0.001")
+    open(path, "w").write(text)
+    assert main(["plan", "--cost-file", path, "--output", str(tmp_path / "p.toml")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "optimizer_time = -0.001" in error
+
+
+def test_a_model_file_gives_the_sizes(tmp_path):
+    path = tmp_path / "model.toml"
+    path.write_text("block_size = 128\nwidth = 256\nheads = 8\nblocks = 6\nvocab_size = 100\nsteps = 3\n")
+    assert model_shape(str(path)) == GPTShape(100, 128, 256, 8, 6)
+    path.write_text("width = 100\nheads = 8\n")
+    with pytest.raises(ConfigError, match="heads .8. must divide its width .100."):
+        model_shape(str(path))

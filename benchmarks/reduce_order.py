@@ -9,7 +9,9 @@ about 201 MB of bf16 gradients, i.e. 8 buckets of PyTorch DDP's default
 same 8 portions.  Reported per schedule: when stage 0's gradients are
 reduced on rank 0 (what the next step's forward needs first), the step
 time, what one more step adds when consecutive steps are simulated, and
-the exposed data-parallel communication.  Results go to
+the exposed data-parallel communication; each with the optimizer steps at
+the end and early (``step_placement``: each stage's step after the next
+stage's reduce).  Results go to
 ``benchmarks/results/reduce_order.{json,md}``.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import os
 import platform
@@ -49,12 +52,12 @@ def run(microbatch_counts: list[int]) -> list[dict]:
     for microbatches in microbatch_counts:
         for schedule in ("breadth-first", "depth-first, weights resident"):
             base = configurations(microbatches)[schedule]
-            for variant, options in variants.items():
-                config = dataclasses.replace(base, **options)
+            for (variant, options), placement in itertools.product(variants.items(), ("end", "early")):
+                config = dataclasses.replace(base, step_placement=placement, **options)
                 result = simulate(build_schedule(config, check=False), cost)
                 two, three = (simulate(build_schedule(config, check=False, calls=calls), cost).step_time
                               for calls in (2, 3))
-                rows.append({"microbatches": microbatches, "schedule": schedule, "reduce": variant,
+                rows.append({"microbatches": microbatches, "schedule": schedule, "reduce": variant, "steps": placement,
                              "stage0_ready": stage0_ready(result), "step_time": result.step_time,
                              "next_step_adds": three - two,
                              "exposed_communication": result.to_json()["exposed_communication"]})
@@ -71,10 +74,11 @@ def main() -> None:
     lines = [f"# Prioritised portions vs DDP-style buckets (simulated, {today})", "",
              "A third column of step time: what one more step adds when 3 consecutive steps are simulated (the next "
              "step's forwards wait for their stage's update and gather).", "",
-             "| m | schedule | reduce | stage 0 reduced at (s) | step time (s) | one more step adds (s) | "
-             "exposed comm. (ms) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| m | schedule | reduce | steps | stage 0 reduced at (s) | step time (s) | one more step adds (s) | "
+             "exposed comm. (ms) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        lines.append(f"| {row['microbatches']} | {row['schedule']} | {row['reduce']} | {row['stage0_ready']:.3f} | "
+        lines.append(f"| {row['microbatches']} | {row['schedule']} | {row['reduce']} | {row['steps']} | "
+                     f"{row['stage0_ready']:.3f} | "
                      f"{row['step_time']:.3f} | {row['next_step_adds']:.3f} | "
                      f"{1000 * row['exposed_communication']:.0f} |")
     machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores); simulated"

@@ -197,7 +197,7 @@ def _command_plan(args: argparse.Namespace) -> None:
         if bar is None:
             bar = tqdm(total=total, desc="candidates", unit="", leave=False, disable=None)
         else:
-            bar.update(1)
+            bar.update(-total)
     try:
         result = plan(request, progress)
     finally:

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
 import os
 import tomllib
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator
@@ -53,6 +56,10 @@ MODELS = {
 parameter GPT of Lamy-Poirier's breadth-first paper (64 layers of width 8192, 2048 tokens; 64 heads and the GPT-2
 vocabulary padded to 51,200 are this project's choices)."""
 
+NEAR_TIE = 0.03
+"""Predictions this close to the fastest count as a tie (the simulator is no more accurate than that): among them
+the planner picks the simplest configuration."""
+
 USABLE_MEMORY = 0.9
 """Share of a GPU's memory the planner fills: the rest is left to the framework's context, workspaces and
 fragmentation."""
@@ -76,6 +83,8 @@ class PlanRequest:
     top: int = knob(5, "configurations to print, best first", check=whole(1), metavar="K")
     max_stages_per_rank: int = knob(8, "largest number of stages per rank to try", check=whole(1), metavar="V")
     max_microbatch_size: int = knob(16, "largest micro-batch (sequences) to try", check=whole(1), metavar="N")
+    jobs: int = knob(0, "processes that simulate candidates side by side (0: one per core)", check=whole(0),
+                     metavar="J")
     output: str = knob("plan.toml", "write the best configuration here, as a layerpipe train --config file",
                        metavar="FILE.toml")
 
@@ -282,7 +291,7 @@ def memory_programs(config: ScheduleConfig) -> tuple:
     programs = compute_programs(config, placement)
     if config.zero == 3:
         programs = add_weight_gathers(programs, config.weight_buffers)
-    programs = add_optimizer_steps(programs, config.zero)
+    programs = add_optimizer_steps(programs, config.zero, config.step_placement == "early")
     return add_recompute(programs, config.recomputed_stages) if config.recomputed_stages else programs
 
 
@@ -303,8 +312,8 @@ def evaluate(candidate: Candidate, shape: GPTShape, hardware: Hardware, memory_l
 def plan(request: PlanRequest, progress: Callable[[int], None] | None = None) -> PlanResult:
     """Return the best ``request.top`` configurations for ``request``, fastest first.
 
-    ``progress(total)`` is called once with the number of candidates and
-    then with ``-1`` after each one is looked at (for a progress bar).
+    ``progress(total)`` is called once with the number of candidates, then
+    ``progress(-count)`` as each few are looked at (for a progress bar).
     Refuses, with ``ConfigError``: an unknown model, a bad cost file, and a
     request nothing fits (naming what would be needed).
     """
@@ -316,34 +325,79 @@ def plan(request: PlanRequest, progress: Callable[[int], None] | None = None) ->
         raise ConfigError("gpus", request.gpus, _no_layout_reason(request, shape))
     if progress:
         progress(len(ranked))
+    jobs = request.jobs or os.cpu_count() or 1
     with collector_paused():
-        best, too_big, simulated, smallest = _search(ranked, request.top, shape, hardware, limit, progress)
+        best, too_big, simulated, smallest = _search(ranked, request.top, shape, hardware, limit, progress, jobs)
     if not best:
         raise ConfigError("gpu_memory", request.gpu_memory, _too_big_reason(request, shape, smallest))
-    return PlanResult(tuple(best), len(ranked), too_big, simulated, hardware, shape)
+    return PlanResult(simplest_first(best), len(ranked), too_big, simulated, hardware, shape)
 
 
-def _search(ranked, top: int, shape: GPTShape, hardware: Hardware, limit: float, progress) -> tuple:
+def _search(ranked, top: int, shape: GPTShape, hardware: Hardware, limit: float, progress, jobs: int) -> tuple:
     """Return the best ``top`` entries of ``ranked`` (candidates by ideal time), the counts of candidates too big and
-    simulated, and the smallest memory floor seen; stops when no later candidate can beat the ``top``-th best."""
+    simulated, and the smallest memory floor seen; stops when no later candidate can beat the ``top``-th best.
+
+    Candidates go to ``jobs`` processes a few at a time, in order of their ideal time.
+    """
     best: list[PlanEntry] = []
     too_big = simulated = 0
     smallest = math.inf
-    for bound, _, candidate in ranked:
-        if len(best) >= top and bound >= best[-1].step_time:
-            break
-        if progress:
-            progress(-1)
-        floor = memory_floor(candidate, _costs_of(candidate, shape, hardware))
-        smallest = min(smallest, floor)
-        entry = evaluate(candidate, shape, hardware, limit) if floor <= limit else None
-        if entry is None:
-            too_big += 1
-            continue
-        simulated += 1
-        if not any(_same(entry, kept) for kept in best):
-            best = sorted(best + [entry], key=lambda item: item.step_time)[:top]
+    chunk = 4 * jobs
+    with _evaluator(jobs, shape, hardware, limit) as evaluate_all:
+        position = 0
+        while position < len(ranked):
+            if len(best) >= top and ranked[position][0] >= best[-1].step_time:
+                break
+            batch = [candidate for _, _, candidate in ranked[position:position + chunk]]
+            position += len(batch)
+            floors = [memory_floor(c, _costs_of(c, shape, hardware)) for c in batch]
+            smallest = min([smallest] + floors)
+            fitting = [c for c, floor in zip(batch, floors) if floor <= limit]
+            entries = [entry for entry in evaluate_all(fitting) if entry is not None]
+            too_big += len(batch) - len(entries)
+            simulated += len(entries)
+            for entry in entries:
+                if not any(_same(entry, kept) for kept in best):
+                    best = sorted(best + [entry], key=lambda item: item.step_time)[:top]
+            if progress:
+                progress(-len(batch))
     return best, too_big, simulated, smallest
+
+
+@contextmanager
+def _evaluator(jobs: int, shape: GPTShape, hardware: Hardware, limit: float):
+    """Yield a function that evaluates a list of candidates, in this process or in ``jobs`` forked ones."""
+    if jobs <= 1:
+        yield lambda batch: [evaluate(candidate, shape, hardware, limit) for candidate in batch]
+        return
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_remember,
+                             initargs=(shape, hardware, limit)) as pool:
+        yield lambda batch: list(pool.map(_evaluate_remembered, batch))
+
+
+_REMEMBERED: tuple = ()
+
+
+def _remember(shape: GPTShape, hardware: Hardware, limit: float) -> None:
+    global _REMEMBERED
+    _REMEMBERED = (shape, hardware, limit)
+
+
+def _evaluate_remembered(candidate: Candidate) -> PlanEntry | None:
+    return evaluate(candidate, *_REMEMBERED)
+
+
+def simplest_first(entries: list[PlanEntry]) -> tuple[PlanEntry, ...]:
+    """Return ``entries`` (fastest first) with the simplest of those within ``NEAR_TIE`` of the fastest moved to the
+    front: the lowest ZeRO level, then the fewest reduce portions, no recomputation, the fewest stages per rank."""
+    if not entries:
+        return ()
+    near = [entry for entry in entries if entry.step_time <= entries[0].step_time * (1 + NEAR_TIE)]
+    chosen = min(near, key=lambda entry: (entry.candidate.schedule.zero, entry.candidate.schedule.reduce_portions,
+                                          entry.candidate.schedule.recompute != "none",
+                                          entry.candidate.schedule.stages_per_rank, entry.step_time))
+    return (chosen,) + tuple(entry for entry in entries if entry is not chosen)
 
 
 def _same(entry: PlanEntry, other: PlanEntry) -> bool:

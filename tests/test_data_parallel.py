@@ -43,14 +43,15 @@ def pipeline_options(schedule: str, pipeline: int) -> dict:
             "group_size": pipeline + 1 if schedule == "grouped" else None}
 
 
-def run_configurations(pipeline: int, data: int, cases: list[tuple], placement: str = "auto") -> list[tuple]:
+def run_configurations(pipeline: int, data: int, cases: list[tuple], placement: str = "auto",
+                       extra: dict | None = None) -> list[tuple]:
     """Worker: train every case for ``STEPS`` steps, then evaluate; return the largest relative errors per case.
 
     Also returns whether the evaluation ran ``GATHER`` actions (from its program, at ZeRO-3).
     """
     results = []
     for schedule, zero, recompute, portions in cases:
-        options = {**pipeline_options(schedule, pipeline), "placement": placement}
+        options = {**pipeline_options(schedule, pipeline), "placement": placement, **(extra or {})}
         samples = options["microbatches"] * data * 2
         layers = mlp_layers()
         expected_losses, expected_grads, expected_params = reference_run(layers, STEPS, samples)
@@ -116,4 +117,13 @@ def test_vshape_placement_with_data_parallelism_matches_the_reference_on_every_r
     """The V-shape puts the last stage on pipeline rank 0: the loss is averaged over that rank's replicas."""
     cases = list(itertools.product(("breadth-first",), (0, 1, 2, 3), ("none", "full"), (1, 3)))
     per_process = layerpipe.launch(run_configurations, 4, (2, 2, cases, "vshape"), timeout=600)
+    check_results(2, 2, cases, per_process)
+
+
+@pytest.mark.multiprocess
+def test_early_optimizer_steps_match_the_reference_at_every_zero_level():
+    """Each stage steps after the next stage's reduce; with three stages per rank some step mid-program."""
+    cases = list(itertools.product(("interleaved", "breadth-first", "zero-bubble"), (0, 1, 2, 3), ("none",), (1, 3)))
+    extra = {"step_placement": "early", "stages_per_rank": 3}
+    per_process = layerpipe.launch(run_configurations, 4, (2, 2, cases, "auto", extra), timeout=600)
     check_results(2, 2, cases, per_process)

@@ -95,3 +95,17 @@ def test_optimizer_steps_are_appended_lowest_stage_first():
     assert format_program(plain[-2:]) == "0STEP 2STEP"
     (zero1,) = add_optimizer_steps((parse_program("0F0 0B0"),), zero=1)
     assert zero1[-2:] == (Action(0, Kind.STEP), Action(0, Kind.GATHER))
+
+
+def test_early_steps_follow_the_next_stages_reduce_and_the_last_steps_at_the_end():
+    program = parse_program("4B0 4REDUCE 2B0 2REDUCE 0B0 0REDUCE")
+    (early,) = add_optimizer_steps((program,), zero=2, early=True)
+    assert format_program(early) == ("4B0 4REDUCE 2B0 2REDUCE 4STEP 4GATHER 0B0 0REDUCE 2STEP 2GATHER "
+                                     "0STEP 0GATHER")
+    (end,) = add_optimizer_steps((program,), zero=3)
+    assert format_program(end) == "4B0 4REDUCE 2B0 2REDUCE 0B0 0REDUCE 0STEP 2STEP 4STEP"
+
+
+def test_early_steps_without_reduces_follow_the_next_stages_last_backward():
+    (early,) = add_optimizer_steps((parse_program("2F0 2B0 0F0 0B1 0B0"),), early=True)
+    assert format_program(early) == "2F0 2B0 0F0 0B1 0B0 2STEP 0STEP"

@@ -85,7 +85,7 @@ def lower(compute: tuple[Program, ...], config: ScheduleConfig, placement: Place
     elif training:
         if config.data_parallel > 1:
             programs = add_gradient_reduces(programs, config.reduce_portions, config.reduce_order == "priority")
-        programs = add_optimizer_steps(programs, config.zero)
+        programs = add_optimizer_steps(programs, config.zero, config.step_placement == "early")
         if config.skip_nonfinite:
             programs = add_guard(programs)
     programs = add_p2p(programs, placement)

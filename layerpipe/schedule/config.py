@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..knobs import ConfigError, check_fields, knob, one_of, optional, whole
 
 __all__ = ["ConfigError", "ScheduleConfig", "validate_config", "pipeline_ranks", "SCHEDULES", "PLACEMENTS", "REDUCE_ORDERS",
-           "RECOMPUTE_MODES", "ONE_STAGE_SCHEDULES", "WEIGHT_POLICIES", "DELAY_CORRECTIONS"]
+           "RECOMPUTE_MODES", "STEP_PLACEMENTS", "ONE_STAGE_SCHEDULES", "WEIGHT_POLICIES", "DELAY_CORRECTIONS"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble", "async")
 """Schedule names understood by ``build_schedule`` and the command line (``async``: pipelined backpropagation,
@@ -31,6 +31,9 @@ WEIGHT_POLICIES = ("stashed", "double-buffered", "live")
 
 DELAY_CORRECTIONS = ("none", "spike", "predict", "spike+predict")
 """Async only: how a stage corrects for its delay (``runtime.delay`` gives the formulas)."""
+
+STEP_PLACEMENTS = ("end", "early")
+"""Where a stage's optimizer ``STEP`` goes: every stage's at the end, or each after the next stage's reduce."""
 
 RECOMPUTE_MODES = ("none", "full", "selective")
 """How a stage recomputes: not at all, all of it (stores its input only), or the regions its layers mark."""
@@ -71,6 +74,10 @@ class ScheduleConfig:
     reduce_order: str = knob("priority", "priority: portions interleaved so the earliest layers complete first; "
                              "bucketed: a stage's portions together as it finishes, like DDP's buckets",
                              check=one_of(REDUCE_ORDERS), metavar="ORDER")
+    step_placement: str = knob("end", "where each stage's optimizer STEP goes: end (every stage after the last "
+                               "backward) or early (after the reduce of the next stage the rank finishes, so an "
+                               "update runs while the rank's earlier stages still compute, and ZeRO-2/3 frees the "
+                               "stage's full gradients there)", check=one_of(STEP_PLACEMENTS), metavar="WHERE")
     weight_buffers: int | None = knob(None, "gathered stage weight buffers a rank may hold at once (zero 3 only)",
                                       check=optional(whole(1)), metavar="K", default_text="all of the rank's stages")
     update_every: int | None = knob(None, "async only: each stage updates its weights after this many of its "
@@ -210,6 +217,9 @@ def _check_data_parallel(config: ScheduleConfig) -> None:
         if config.reduce_portions != 1:
             raise ConfigError("reduce_portions", config.reduce_portions,
                               "splits the reduce over data-parallel replicas: needs `data_parallel` above 1")
+    if config.step_placement == "early" and config.skip_nonfinite:
+        raise ConfigError("step_placement", "early", "the guard of `skip_nonfinite` decides every step together, "
+                          "after the last backward: use end with it")
     if config.weight_buffers is not None and config.zero != 3:
         raise ConfigError("weight_buffers", config.weight_buffers, "bounds gathered weights: needs `zero` 3")
 
@@ -252,3 +262,6 @@ def _check_async(config: ScheduleConfig) -> None:
     if config.skip_nonfinite:
         raise ConfigError("skip_nonfinite", True, "async updates each stage on its own, with no step to guard "
                           "together: leave it off")
+    if config.step_placement != "end":
+        raise ConfigError("step_placement", config.step_placement, "async places each update after its stage's "
+                          "backwards already: use end")

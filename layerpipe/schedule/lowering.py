@@ -6,8 +6,9 @@ The passes, in the order ``lower`` applies them:
   it is used (prefetched one run of actions ahead) and ``RELEASE`` them after;
 * ``add_gradient_reduces`` — ``REDUCE`` a stage's gradients right after its
   last backward, optionally in portions issued in a fixed priority order;
-* ``add_optimizer_steps`` — ``STEP`` every stage at the end (ZeRO-1/2 then
-  all-gather the updated weight shards with ``GATHER``);
+* ``add_optimizer_steps`` — ``STEP`` every stage at the end, or each early,
+  after the next stage's reduce (ZeRO-1/2 then all-gather the updated
+  weight shards with ``GATHER``);
 * ``add_periodic_updates`` — instead of the two above, for the async
   schedule: ``REDUCE`` and ``STEP`` a stage after every ``k`` of its backwards;
 * ``add_guard`` — a ``GUARD`` before each rank's first ``STEP``: every process
@@ -202,22 +203,53 @@ def add_gradient_reduces(programs: Sequence[Program], portions: int = 1, priorit
     return tuple(lowered)
 
 
-def add_optimizer_steps(programs: Sequence[Program], zero: int = 0) -> tuple[Program, ...]:
-    """Return programs ending with ``STEP`` of each local stage, lowest stage first.
+def add_optimizer_steps(programs: Sequence[Program], zero: int = 0, early: bool = False) -> tuple[Program, ...]:
+    """Return programs with a ``STEP`` of each local stage (ZeRO-1/2: then a ``GATHER`` of the updated shards).
 
-    With ZeRO-1 or ZeRO-2 each replica steps its shard of the optimizer, so the
-    updated weights are all-gathered with a ``GATHER`` after each ``STEP``.
+    By default every step comes at the end, lowest stage first.  With
+    ``early`` each stage's step follows the point where the next stage the
+    rank finishes has finished its backward and issued its reduces: its own
+    reduce had that stage's backward to travel, and the update runs while
+    the rank's earlier stages still compute.  The rank's last stage to
+    finish steps at the end.
     """
     lowered = []
     for program in programs:
         stages = sorted({action.stage for action in program if action.kind in COMPUTE_KINDS})
-        tail: list[Action] = []
-        for stage in stages:
-            tail.append(Action(stage, Kind.STEP))
-            if zero in (1, 2):
-                tail.append(Action(stage, Kind.GATHER))
-        lowered.append(tuple(program) + tuple(tail))
+        if not early:
+            lowered.append(tuple(program) + tuple(a for stage in stages for a in _step(stage, zero)))
+            continue
+        finishing = _finishing_order(program)
+        after = {_end_of_reduces(program, index): finishing[position - 1]
+                 for position, (index, _) in enumerate(_last_backwards(program)) if position}
+        out: list[Action] = []
+        for index, action in enumerate(program):
+            out.append(action)
+            if index in after:
+                out += _step(after[index], zero)
+        lowered.append(tuple(out) + (tuple(_step(finishing[-1], zero)) if finishing else ()))
     return tuple(lowered)
+
+
+def _step(stage: int, zero: int) -> list[Action]:
+    return [Action(stage, Kind.STEP)] + ([Action(stage, Kind.GATHER)] if zero in (1, 2) else [])
+
+
+def _last_backwards(program: Program) -> list[tuple[int, int]]:
+    """Return ``(index, stage)`` of each stage's last backward action, in program order."""
+    last = {action.stage: index for index, action in enumerate(program) if action.kind in BACKWARD_KINDS}
+    return sorted((index, stage) for stage, index in last.items())
+
+
+def _finishing_order(program: Program) -> list[int]:
+    return [stage for _, stage in _last_backwards(program)]
+
+
+def _end_of_reduces(program: Program, index: int) -> int:
+    """Return the index of the last ``REDUCE`` in the run right after ``index`` (``index`` itself when none)."""
+    while index + 1 < len(program) and program[index + 1].kind is Kind.REDUCE:
+        index += 1
+    return index
 
 
 def add_periodic_updates(programs: Sequence[Program], every: int, zero: int = 0,
@@ -269,8 +301,4 @@ def add_guard(programs: Sequence[Program]) -> tuple[Program, ...]:
 
 def _update(stage: int, zero: int, data_parallel: int) -> list[Action]:
     """Return the actions of one weight update of ``stage``: reduce, step, and gather the shards at ZeRO-1/2."""
-    actions = [Action(stage, Kind.REDUCE)] if data_parallel > 1 else []
-    actions.append(Action(stage, Kind.STEP))
-    if zero in (1, 2):
-        actions.append(Action(stage, Kind.GATHER))
-    return actions
+    return ([Action(stage, Kind.REDUCE)] if data_parallel > 1 else []) + _step(stage, zero)

@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="layerpipe", description=(
         "Pipeline-parallel training. 'train' trains a demo (a small GPT, or 2x super-resolution) on local "
         "processes; 'calibrate' measures its costs into a cost file; 'schedule' prints each rank's program, "
-        "'simulate' runs it against a cost model, 'compare' runs several schedules side by side."))
+        "'simulate' runs it against a cost model, 'compare' runs several schedules side by side; 'plan' searches the fastest configuration for N devices."))
     parser.add_argument("--version", action="version", version=f"layerpipe {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.add_parser("train", help="train a small GPT with a pipeline schedule on local processes "

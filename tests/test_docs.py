@@ -71,8 +71,8 @@ def test_the_pages_have_console_blocks():
 
 @pytest.mark.parametrize("page, command, shown", [case for case in CASES if not case[1].startswith("layerpipe train")],
                          ids=lambda value: value.name if isinstance(value, Path) else None)
-def test_a_console_block_prints_what_the_page_shows(page, command, shown):
-    assert _run(command).splitlines() == shown, f"{page.name}: {command}"
+def test_a_console_block_prints_what_the_page_shows(page, command, shown, tmp_path):
+    assert _run(command, cwd=tmp_path).splitlines() == shown, f"{page.name}: {command}"
 
 
 @pytest.mark.multiprocess

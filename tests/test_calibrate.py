@@ -37,3 +37,13 @@ def test_a_cost_file_in_a_missing_folder_is_refused_before_any_process_starts(tm
     assert done.stderr.strip().splitlines() == [
         f"layerpipe calibrate: error: --cost-file {tmp_path / 'no' / 'cost.toml'}: the folder {tmp_path / 'no'} "
         f"does not exist"]
+
+
+@pytest.mark.multiprocess
+def test_calibrate_measures_a_zero_three_layout_whose_weights_are_released_between_steps(tmp_path):
+    path = tmp_path / "cost.toml"
+    done = subprocess.run([sys.executable, "-m", "layerpipe", "calibrate", *SMALL, "--data-parallel", "2", "--zero",
+                           "3", "--steps", "3", "--cost-file", str(path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cost = read_cost_file(str(path))
+    assert cost.send_time > 0 and cost.receive_time > 0 and cost.data_parallel_latency > 0

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from layerpipe.schedule.actions import parse_program
-from layerpipe.schedule.build import Schedule
+from layerpipe.schedule.build import Schedule, build_schedule
 from layerpipe.schedule.config import ScheduleConfig
 from layerpipe.schedule.lowering import add_p2p
 from layerpipe.schedule.placement import contiguous
@@ -157,3 +157,13 @@ def test_evaluation_programs_gather_at_zero3_and_simulate_without_reduces_or_ste
     result = simulate(evaluation, CostModel(weight_bytes=2.0, data_parallel_bandwidth=1.0))
     assert (result.gathers, result.reduces) == (4, 0)
     assert result.step_time > simulate(schedule_of("breadth-first", 2, 4, 2).forward_only(), UNIT).step_time
+
+
+def test_a_send_and_a_receive_hold_their_ranks_for_their_times():
+    config = ScheduleConfig(schedule="gpipe", ranks=2, microbatches=1)
+    plain = simulate(build_schedule(config), CostModel(forward_time=1.0, backward_time=2.0))
+    held = simulate(build_schedule(config), CostModel(forward_time=1.0, backward_time=2.0, send_time=0.5,
+                                                      receive_time=0.25))
+    assert plain.step_time == 6.0
+    assert held.step_time == 6.0 + 2 * (0.5 + 0.25)
+    assert max(rank.exposed_communication for rank in held.ranks) >= 0.5 + 0.25

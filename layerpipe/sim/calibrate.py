@@ -17,20 +17,27 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
     included.  ``B`` gives the backward time; with only ``I`` and ``W``
     their sum does, and ``I``'s share of it the ``input_gradient_share``.
     ``STEP`` gives the optimizer time.  The ``action_overhead`` is the
-    typical gap between two consecutive compute actions of a rank (the
-    median gap of each rank, then the median over ranks): what the runtime
-    spends between actions when it waits for nothing.  Point-to-point and
-    data-parallel costs stay zero: a measured send's duration is not its
-    cost (``layerpipe calibrate`` measures them apart).  Refuses, with
+    typical gap between two consecutive actions of a rank, compute or
+    point-to-point (the median gap of each rank, then the median over
+    ranks): what the runtime spends between actions.  A ``SEND`` holds its
+    rank for as long as it is issued (``send_time``: the mean of the sends);
+    a ``RECV`` whose message is there holds it for ``receive_time``, the
+    lower quartile of the receives (a quarter of them or more wait for
+    nothing).  Transfer latency and bandwidth and data-parallel costs stay
+    zero: ``layerpipe calibrate`` measures them apart.  Refuses, with
     ``ValueError``, a timeline without a forward of every stage.
     """
     durations: dict[tuple[str, int], list[float]] = defaultdict(list)
     starts: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    sends, receives = [], []
     for rank, stream, action, start, end in timeline.events:
-        if stream != "compute":
+        if stream == "p2p":
+            (sends if action.kind.value.startswith("SEND") else receives).append(end - start)
+        if stream not in ("compute", "p2p"):
             continue
-        durations[(action.kind.value, action.stage)].append(end - start)
         starts[rank].append((start, end))
+        if stream == "compute":
+            durations[(action.kind.value, action.stage)].append(end - start)
 
     def typical(kind: Kind, stage: int) -> float | None:
         found = durations.get((kind.value, stage))
@@ -52,11 +59,17 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
     steps = [t for (kind, _), values in durations.items() if kind == Kind.STEP.value for t in values]
     return CostModel(forward_time=tuple(forward), backward_time=tuple(backward),
                      input_gradient_share=median(shares) if shares else 0.5,
-                     optimizer_time=mean(steps) if steps else 0.0, action_overhead=_typical_gap(starts))
+                     optimizer_time=mean(steps) if steps else 0.0, action_overhead=_typical_gap(starts),
+                     send_time=mean(sends) if sends else 0.0, receive_time=_quartile(receives))
+
+
+def _quartile(values: list[float]) -> float:
+    """Return the lower quartile of ``values`` (0 when empty): a receive that waited for nothing."""
+    return sorted(values)[len(values) // 4] if values else 0.0
 
 
 def _typical_gap(spans: dict[int, list[tuple[float, float]]]) -> float:
-    """Return the median over ranks of each rank's median gap between consecutive compute actions."""
+    """Return the median over ranks of each rank's median gap between consecutive actions."""
     gaps = []
     for found in spans.values():
         ordered = sorted(found)

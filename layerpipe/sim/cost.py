@@ -53,6 +53,10 @@ class CostModel:
     optimizer_time: float = knob(0.0, "optimizer step (STEP) of one stage", check=_SECONDS, metavar="T")
     action_overhead: float = knob(0.0, "time a rank spends between two of its compute actions (dispatch and "
                                   "bookkeeping), added to each", check=_SECONDS, metavar="T")
+    send_time: float = knob(0.0, "time a SEND holds its rank while it is issued (copying the message out), before "
+                            "the transfer goes on alone", check=_SECONDS, metavar="T")
+    receive_time: float = knob(0.0, "time a RECV holds its rank once its message has arrived (taking it in)",
+                               check=_SECONDS, metavar="T")
     p2p_latency: float = knob(0.0, "latency of one point-to-point transfer between pipeline ranks", check=_SECONDS,
                               metavar="T")
     p2p_bandwidth: float = knob(math.inf, "bytes per time unit between pipeline ranks", check=_BANDWIDTH,

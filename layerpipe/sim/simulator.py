@@ -5,9 +5,10 @@ Semantics, shared with the executor:
 * each rank issues its program in order; a compute action (F, B, I, W, R,
   STEP) occupies the compute stream and the rank issues nothing else until it
   ends;
-* a ``SEND`` starts on the rank's point-to-point stream as soon as that
-  stream is free (sends never block the rank); a ``RECV`` blocks the rank
-  until the matching transfer has arrived;
+* a ``SEND`` holds the rank for ``send_time`` (issuing it), then its
+  transfer starts on the rank's point-to-point stream as soon as that
+  stream is free; a ``RECV`` blocks the rank until the matching transfer
+  has arrived, then holds it for ``receive_time``;
 * ``GATHER`` and ``REDUCE`` run in issue order on the data-parallel stream;
   a stage's compute waits for its ``GATHER``, its ``STEP`` for its reduce;
 * with ``overlap=False`` communication occupies the compute stream instead.
@@ -129,6 +130,8 @@ class _Costs:
     collective: dict  # GATHER / REDUCE -> per-stage time of the whole collective (data-parallel stream)
     message_base: dict  # transfer kind -> per-stage Message.number of its micro-batch 0
     guard_time: float = 0.0  # a GUARD's agreement, once every rank has reached it
+    send_hold: float = 0.0  # what a SEND costs its rank before the transfer goes on alone
+    receive_hold: float = 0.0  # what a RECV costs its rank once the message is there
 
     @staticmethod
     def of(schedule: Schedule, cost: CostModel) -> "_Costs":
@@ -156,7 +159,7 @@ class _Costs:
         microbatches = schedule.microbatch_count
         message_base = {kind: tuple(message_of(Action(stage, kind, 0)).number(microbatches) for stage in range(stages))
                         for kind in P2P_KINDS}
-        return _Costs(duration, transfer, collective, message_base, cost.p2p_latency)
+        return _Costs(duration, transfer, collective, message_base, cost.p2p_latency, cost.send_time, cost.receive_time)
 
 
 class _Run:
@@ -186,7 +189,7 @@ def _run_programs(programs, costs: _Costs, run: _Run) -> None:
     runnable = deque(range(len(programs)))
     shared = (costs.duration, costs.transfer, costs.collective, costs.message_base, run.awaited, run.finished,
               run.arrivals, run.waiting, run.events.append, run.overlap, run.p2p_free, run.dp_free, runnable.append,
-              costs.guard_time)
+              costs.guard_time, costs.send_hold, costs.receive_hold)
     while runnable:
         rank = runnable.popleft()
         _advance(rank, programs[rank], shared, run)
@@ -200,7 +203,7 @@ def _advance(rank: int, program, shared: tuple, run: _Run) -> None:
     an action waits for the collectives of its stage that the table names.
     """
     duration, transfer, collective, message_base, awaited, finished, arrivals, waiting, emit, overlap, \
-        p2p_free, dp_free, wake, guard_time = shared
+        p2p_free, dp_free, wake, guard_time, send_hold, receive_hold = shared
     index, end_of_program, now, busy, exposed = run.positions[rank], len(program), run.compute_free[rank], 0.0, 0.0
     while index < end_of_program:
         action = program[index]
@@ -218,6 +221,7 @@ def _advance(rank: int, program, shared: tuple, run: _Run) -> None:
             emit((rank, "compute", action, start, now))
         elif kind is _SEND_F or kind is _SEND_B:
             key = message_base[kind][stage] + microbatch
+            now, exposed = now + send_hold, exposed + send_hold
             start = p2p_free[rank] if overlap and p2p_free[rank] > now else now
             end = start + transfer[kind][stage]
             if overlap:
@@ -238,6 +242,7 @@ def _advance(rank: int, program, shared: tuple, run: _Run) -> None:
             if arrived > now:
                 exposed += arrived - (issued if issued > now else now)
                 now = arrived
+            now, exposed = now + receive_hold, exposed + receive_hold
             emit((rank, "p2p", action, start, arrived))
         elif kind is _GATHER or kind is _REDUCE:
             now = _collective(rank, action, now, collective[kind][stage] / (portions or 1), run, finished[kind])

@@ -20,6 +20,7 @@ The cost file (TOML) feeds ``layerpipe simulate --cost-file`` and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -54,6 +55,22 @@ def _model_sizes(task) -> dict:
     return {key: getattr(model, key) for key in ("vocab_size", "block_size", "width", "heads", "blocks")}
 
 
+@contextlib.contextmanager
+def _weights_gathered(pipe):
+    """Hold every local stage's full weights for the block (ZeRO-3 releases them after each step); collective over
+    the replicas, which gather their stages in the same order."""
+    released = [shard for _, shard in sorted(pipe.shards.items()) if not shard.gathered]
+    for shard in released:
+        work = shard.gather()
+        if work is not None:
+            work.wait()
+    try:
+        yield
+    finally:
+        for shard in released:
+            shard.release()
+
+
 def _one_forward(pipe, first_microbatch):
     """Return a function that runs this process's first stage forward once, on an input of the agreed shape."""
     import torch
@@ -67,6 +84,31 @@ def _one_forward(pipe, first_microbatch):
         with torch.no_grad():
             pipe.stages[index](*inputs)
     return run
+
+
+def steady_period(pipe, task, generator, steps: int) -> float:
+    """Return the median time between the ends of ``steps + 1`` back-to-back training steps on this process.
+
+    Nothing runs between them (the timelines were taken on earlier steps),
+    so this is the step the training loop runs at, whatever the ranks'
+    offsets at each step's start.
+    """
+    import time
+
+    ends = []
+    for _ in range(steps + 1):
+        pipe.train_step(*task.batch(generator))
+        ends.append(time.perf_counter())
+    return statistics.median(later - earlier for earlier, later in zip(ends, ends[1:]))
+
+
+def simulated_period(config, cost) -> float:
+    """Return what one more step adds when consecutive steps are simulated: the simulated steady step."""
+    from ..schedule.build import build_schedule
+    from ..sim.simulator import simulate
+
+    two, three = (simulate(build_schedule(config, check=False, calls=calls), cost).step_time for calls in (2, 3))
+    return three - two
 
 
 def measured_steps(steps: int) -> int:
@@ -98,7 +140,6 @@ def measure(config, cost_file: str) -> dict:
     from ..runtime.launch import init_process_group
     from ..sim.calibrate import calibrated_cost
     from ..sim.cost_file import write_cost_file
-    from ..sim.simulator import simulate
     from .loop import make_pipeline
     from .tasks import task_for
 
@@ -112,21 +153,23 @@ def measure(config, cost_file: str) -> dict:
         pipe.train_step(*batch)
         if step >= config.steps - measured_steps(config.steps):
             timelines.append(pipe.timeline("calibration"))
+    period = steady_period(pipe, task, generator, 2 * measured_steps(config.steps))
     timeline = one_after_another(timelines)
     stages = pipe.schedule.placement.stages
     sizes = {int(stage): figures for part in all_gather_json(_stage_bytes(pipe)) for stage, figures in part.items()}
     latency, bandwidth = point_to_point()
     collective_latency, collective_bandwidth = collective()
     first = (batch[0][: batch[0].shape[0] // pipe.microbatches],)
-    sharing = core_sharing(_one_forward(pipe, first))
+    with _weights_gathered(pipe):
+        sharing = core_sharing(_one_forward(pipe, first))
     cost = dataclasses.replace(
         calibrated_cost(timeline, stages), p2p_latency=latency, p2p_bandwidth=bandwidth,
         boundary_bytes=tuple(float(sizes[s]["boundary"]) for s in range(stages)),
         activation_bytes=tuple(float(sizes[s]["activation"]) for s in range(stages)),
         weight_bytes=tuple(float(sizes[s]["weight"]) for s in range(stages)),
         data_parallel_latency=collective_latency, data_parallel_bandwidth=collective_bandwidth)
-    measured_step = statistics.median(part.step_time for part in timelines)
-    figures = {"measured_step": measured_step, "simulated_step": simulate(pipe.schedule, cost).step_time,
+    measured_step = period
+    figures = {"measured_step": measured_step, "simulated_step": simulated_period(pipe.schedule.config, cost),
                "core_sharing": sharing, "cost": {k: v for k, v in dataclasses.asdict(cost).items()}}
     if dist.get_rank() == 0:
         about = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
@@ -190,6 +233,6 @@ def report(figures: dict, path: str) -> str:
         f"all-reduce over every process: {1e6 * cost['data_parallel_latency']:.0f} µs latency, "
         f"{cost['data_parallel_bandwidth'] / 1e6:,.0f} MB/s",
         f"a forward while every process computes takes {figures['core_sharing']:.2f} times as long as alone",
-        f"step: {1e3 * figures['measured_step']:.1f} ms measured (median of the last steps), "
+        f"step: {1e3 * figures['measured_step']:.1f} ms measured (median of back-to-back steps), "
         f"{1e3 * figures['simulated_step']:.1f} ms simulated with these costs",
         f"wrote {path}: layerpipe simulate --cost-file {path} (with the same schedule options)"])

@@ -239,7 +239,8 @@ def _costs(shape: GPTShape, hardware: Hardware, ranks: int, stages: int, data_pa
     cost = CostModel(
         forward_time=forward, backward_time=tuple(hardware.backward_ratio * time for time in forward),
         recompute_time=recompute_time, optimizer_time=7 * max(weights) / optimizer_shards / hardware.memory_bandwidth,
-        action_overhead=hardware.action_overhead, p2p_latency=p2p_latency, p2p_bandwidth=p2p_bandwidth,
+        action_overhead=hardware.action_overhead, send_time=hardware.send_time, receive_time=hardware.receive_time,
+        p2p_latency=p2p_latency, p2p_bandwidth=p2p_bandwidth,
         boundary_bytes=(boundary_bytes(shape, size, element),) * (stages - 1) + (0.0,),
         activation_bytes=full, weight_bytes=weights, data_parallel_latency=hardware.collective_latency,
         data_parallel_bandwidth=data_bandwidth)

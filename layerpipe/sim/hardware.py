@@ -30,6 +30,9 @@ class Hardware:
     ``inter_node_*`` per device between nodes.  ``cores`` is set for a CPU
     machine whose processes share ``cores`` cores: more processes than
     ``calibrated_processes`` slow each one down in proportion.
+    ``send_time`` and ``receive_time`` are what a message costs the
+    process that sends or receives it (measured on a CPU machine; part of
+    ``action_overhead`` on the presets).
     """
 
     name: str
@@ -46,6 +49,8 @@ class Hardware:
     backward_ratio: float = 2.0
     cores: int | None = None
     calibrated_processes: int = 1
+    send_time: float = 0.0
+    receive_time: float = 0.0
     sources: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -121,7 +126,7 @@ def hardware_from_cost_file(path: str, cost: CostModel, option: str = "cost_file
         inter_node_bandwidth=bandwidth, intra_node_latency=latency, inter_node_latency=latency,
         collective_latency=cost.data_parallel_latency, action_overhead=cost.action_overhead, precision="fp32",
         backward_ratio=sum(backward) / sum(forward), cores=int(about.get("cores", 0)) or None,
-        calibrated_processes=int(about["processes"]),
+        calibrated_processes=int(about["processes"]), send_time=cost.send_time, receive_time=cost.receive_time,
         sources=(f"measured by layerpipe calibrate on {about.get('date', 'an unknown date')}: {path}",))
 
 

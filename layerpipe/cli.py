@@ -192,12 +192,11 @@ def _command_plan(args: argparse.Namespace) -> None:
     check_writable_file("output", request.output, ("toml",))
     bar = None
 
-    def progress(total: int) -> None:
+    def progress(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
             bar = tqdm(total=total, desc="candidates", unit="", leave=False, disable=None)
-        else:
-            bar.update(-total)
+        bar.update(done - bar.n)
     try:
         result = plan(request, progress)
     finally:
@@ -223,12 +222,26 @@ def _add_schedule_and_cost(parser: argparse.ArgumentParser, cost: bool, skip: Se
         add_knobs(group, CostModel())
 
 
+def _add_plan_parser(commands) -> None:
+    from .plan import PlanRequest
+
+    planner = commands.add_parser("plan", help="search the fastest configuration of a GPT on N devices by simulating",
+                                  description="Search pipeline ranks, data-parallel replicas, stages per rank, "
+                                              "micro-batch count and size, group size, ZeRO level, recomputation and "
+                                              "reduce portions for a GPT on --gpus devices; refuse what does not fit "
+                                              "in --gpu-memory, simulate the rest, print the best few and write the "
+                                              "best as a 'layerpipe train --config' file.")
+    add_knobs(planner, PlanRequest())
+    planner.set_defaults(run=_command_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of the ``layerpipe`` command."""
     parser = Parser(prog="layerpipe", description=(
         "Pipeline-parallel training. 'train' trains a demo (a small GPT, or 2x super-resolution) on local "
         "processes; 'calibrate' measures its costs into a cost file; 'schedule' prints each rank's program, "
-        "'simulate' runs it against a cost model, 'compare' runs several schedules side by side; 'plan' searches the fastest configuration for N devices."))
+        "'simulate' runs it against a cost model, 'compare' runs several schedules side by side; 'plan' searches the fastest "
+        "configuration for N devices."))
     parser.add_argument("--version", action="version", version=f"layerpipe {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.add_parser("train", help="train a small GPT with a pipeline schedule on local processes "
@@ -272,16 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--plot", metavar="FILE.png", help="write one picture stacking the timelines")
     compare.set_defaults(run=_command_compare)
 
-    from .plan import PlanRequest
-
-    planner = commands.add_parser("plan", help="search the fastest configuration of a GPT on N devices by simulating",
-                                  description="Search pipeline ranks, data-parallel replicas, stages per rank, "
-                                              "micro-batch count and size, group size, ZeRO level, recomputation and "
-                                              "reduce portions for a GPT on --gpus devices; refuse what does not fit "
-                                              "in --gpu-memory, simulate the rest, print the best few and write the "
-                                              "best as a 'layerpipe train --config' file.")
-    add_knobs(planner, PlanRequest())
-    planner.set_defaults(run=_command_plan)
+    _add_plan_parser(commands)
     return parser
 
 

@@ -25,8 +25,10 @@ import dataclasses
 import math
 import multiprocessing
 import os
+import signal
 import tomllib
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -167,6 +169,7 @@ def _schedules(ranks: int, microbatches: int, layers: int, max_stages_per_rank: 
     if ranks == 1:
         return
     yield {"schedule": "1f1b"}
+    yield {"schedule": "zero-bubble", "stages_per_rank": 1}
     for stages_per_rank in range(2, min(max_stages_per_rank, layers // ranks) + 1):
         for name in ("interleaved", "breadth-first", "zero-bubble"):
             yield {"schedule": name, "stages_per_rank": stages_per_rank}
@@ -220,7 +223,7 @@ class _Costs:
     weights: tuple[float, ...]
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=65536)
 def _costs(shape: GPTShape, hardware: Hardware, ranks: int, stages: int, data_parallel: int, size: int,
            recompute: tuple[str, ...], optimizer_shards: int) -> _Costs:
     """Return the cost model of ``stages`` balanced stages of ``shape`` on ``hardware`` at micro-batch ``size``."""
@@ -234,6 +237,10 @@ def _costs(shape: GPTShape, hardware: Hardware, ranks: int, stages: int, data_pa
     stored = tuple(stage_sums(layer_activation_bytes(shape, size, element, mode), boundaries)[stage]
                    for stage, mode in enumerate(recompute))
     weights = tuple(4.0 * count for count in stage_sums(layer_parameters(shape), boundaries))  # fp32 master weights
+    if hardware.precision != "fp32":  # each forward under autocast saves its own 16-bit copy of the weights it used
+        full = tuple(size + weight / 2 for size, weight in zip(full, weights))
+        stored = tuple(size + (weight / 2 if mode != "full" else 0.0)
+                       for size, weight, mode in zip(stored, weights, recompute))
     p2p_latency, p2p_bandwidth = hardware.link(ranks * data_parallel <= hardware.devices_per_node)
     _, data_bandwidth = hardware.link(data_parallel <= hardware.devices_per_node)
     cost = CostModel(
@@ -264,13 +271,14 @@ def ideal_time(candidate: Candidate, costs: _Costs) -> float:
 
 
 def memory_floor(candidate: Candidate, costs: _Costs) -> float:
-    """Return a lower bound of a device's memory: its weights, gradients and optimizer state at their most sharded,
-    and one micro-batch's stored activations."""
+    """Return a lower bound of a device's memory: on each rank, its weights, gradients and optimizer state at their
+    most sharded and one micro-batch's stored activations of its largest stage; the most over the ranks."""
     config = candidate.schedule
+    placement = make_placement(config)
     shard = config.data_parallel if config.zero else 1
-    per_rank = [sum(costs.weights[rank::config.ranks]) for rank in range(config.ranks)]
     state = {0: 4.0, 1: 2.0 + 2.0 / shard, 2: 1.0 + 3.0 / shard, 3: 4.0 / shard}[config.zero]
-    return max(per_rank) * state + max(costs.stored_activation)
+    return max(sum(costs.weights[s] for s in placement.stages_of(rank)) * state
+               + max(costs.stored_activation[s] for s in placement.stages_of(rank)) for rank in range(config.ranks))
 
 
 def peak_memory(programs, config: ScheduleConfig, costs: _Costs) -> float:
@@ -284,7 +292,6 @@ def peak_memory(programs, config: ScheduleConfig, costs: _Costs) -> float:
     return max(peaks, default=0.0)
 
 
-@lru_cache(maxsize=2048)
 def memory_programs(config: ScheduleConfig) -> tuple:
     """Return the programs ``peak_memory`` needs: compute, recomputes, gathers and steps, without the transfers and
     reduces (which hold no memory of their own), so that a candidate's memory is checked before it is lowered whole."""
@@ -298,23 +305,32 @@ def memory_programs(config: ScheduleConfig) -> tuple:
 
 def evaluate(candidate: Candidate, shape: GPTShape, hardware: Hardware, memory_limit: float) -> PlanEntry | None:
     """Return the simulated entry of ``candidate``, or ``None`` when it does not fit in ``memory_limit`` bytes."""
+    return measure(candidate, shape, hardware, memory_limit)[0]
+
+
+def measure(candidate: Candidate, shape: GPTShape, hardware: Hardware,
+            memory_limit: float) -> tuple[PlanEntry | None, float]:
+    """Return ``(entry, peak memory per device)``: the entry is ``None`` when the peak exceeds ``memory_limit``."""
     costs = _costs_of(candidate, shape, hardware)
     memory = peak_memory(memory_programs(candidate.schedule), candidate.schedule, costs)
     if memory > memory_limit:
-        return None
+        return None, memory
     result = simulate(build_schedule(candidate.schedule, check=False), costs.cost)
     tokens = candidate.schedule.microbatches * candidate.microbatch_size * candidate.schedule.data_parallel \
         * shape.block_size
     exposed = max((rank.exposed_communication for rank in result.ranks), default=0.0)
-    return PlanEntry(candidate, result.step_time, tokens / result.step_time, memory, result.bubble_fraction, exposed)
+    return PlanEntry(candidate, result.step_time, tokens / result.step_time, memory, result.bubble_fraction,
+                     exposed), memory
 
 
 # ---------------------------------------------------------------- search
-def plan(request: PlanRequest, progress: Callable[[int], None] | None = None) -> PlanResult:
-    """Return the best ``request.top`` configurations for ``request``, fastest first.
+def plan(request: PlanRequest, progress: Callable[[int, int], None] | None = None) -> PlanResult:
+    """Return the best ``request.top`` configurations for ``request``.
 
-    ``progress(total)`` is called once with the number of candidates, then
-    ``progress(-count)`` as each few are looked at (for a progress bar).
+    ``progress(done, total)`` is called as each few candidates are looked
+    at (for a progress bar).  The first entry is the one to use: the
+    simplest of those within ``NEAR_TIE`` of the fastest; the others follow
+    fastest first.
     Refuses, with ``ConfigError``: an unknown model, a bad cost file, and a
     request nothing fits (naming what would be needed).
     """
@@ -324,57 +340,73 @@ def plan(request: PlanRequest, progress: Callable[[int], None] | None = None) ->
                      for index, c in enumerate(candidates(request, shape))), key=lambda item: item[:2])
     if not ranked:
         raise ConfigError("gpus", request.gpus, _no_layout_reason(request, shape))
-    if progress:
-        progress(len(ranked))
-    jobs = request.jobs or os.cpu_count() or 1
+    jobs = min(request.jobs or len(os.sched_getaffinity(0)), max(1, len(ranked) // 8))
     with collector_paused():
         best, too_big, simulated, smallest = _search(ranked, request.top, shape, hardware, limit, progress, jobs)
     if not best:
         raise ConfigError("gpu_memory", request.gpu_memory, _too_big_reason(request, shape, smallest))
-    return PlanResult(simplest_first(best), len(ranked), too_big, simulated, hardware, shape)
+    return PlanResult(simplest_first(best)[:request.top], len(ranked), too_big, simulated, hardware, shape)
 
 
 def _search(ranked, top: int, shape: GPTShape, hardware: Hardware, limit: float, progress, jobs: int) -> tuple:
-    """Return the best ``top`` entries of ``ranked`` (candidates by ideal time), the counts of candidates too big and
-    simulated, and the smallest memory floor seen; stops when no later candidate can beat the ``top``-th best.
+    """Return the entries worth showing (the ``top`` fastest and every one within ``NEAR_TIE`` of the fastest,
+    fastest first), the counts of candidates too big and simulated, and the least memory a candidate needs.
 
-    Candidates go to ``jobs`` processes a few at a time, in order of their ideal time.
+    Candidates go to ``jobs`` processes a few at a time, in order of their ideal time; the search stops when
+    the next ideal time can beat none of the entries kept.
     """
-    best: list[PlanEntry] = []
-    too_big = simulated = 0
+    kept: list[PlanEntry] = []
+    too_big = simulated = done = 0
     smallest = math.inf
-    chunk = 4 * jobs
     with _evaluator(jobs, shape, hardware, limit) as evaluate_all:
-        position = 0
-        while position < len(ranked):
-            if len(best) >= top and ranked[position][0] >= best[-1].step_time:
-                break
-            batch = [candidate for _, _, candidate in ranked[position:position + chunk]]
-            position += len(batch)
+        while done < len(ranked) and ranked[done][0] < _horizon(kept, top):
+            batch = [candidate for _, _, candidate in ranked[done:done + 4 * jobs]]
+            done += len(batch)
             floors = [memory_floor(c, _costs_of(c, shape, hardware)) for c in batch]
-            smallest = min([smallest] + floors)
-            fitting = [c for c, floor in zip(batch, floors) if floor <= limit]
-            entries = [entry for entry in evaluate_all(fitting) if entry is not None]
+            results = evaluate_all([c for c, floor in zip(batch, floors) if floor <= limit])
+            smallest = min([smallest] + [f for f in floors if f > limit] + [m for e, m in results if e is None])
+            entries = [entry for entry, _ in results if entry is not None]
             too_big += len(batch) - len(entries)
             simulated += len(entries)
             for entry in entries:
-                if not any(_same(entry, kept) for kept in best):
-                    best = sorted(best + [entry], key=lambda item: item.step_time)[:top]
+                if not any(_same(entry, other) for other in kept):
+                    kept = _keep(kept + [entry], top)
             if progress:
-                progress(-len(batch))
-    return best, too_big, simulated, smallest
+                progress(done, len(ranked))
+    return kept, too_big, simulated, smallest
+
+
+def _horizon(kept: list[PlanEntry], top: int) -> float:
+    """Return the ideal time from which no candidate can enter ``kept``."""
+    if len(kept) < top:
+        return math.inf
+    return max(kept[top - 1].step_time, kept[0].step_time * (1 + NEAR_TIE))
+
+
+def _keep(entries: list[PlanEntry], top: int) -> list[PlanEntry]:
+    """Return the ``top`` fastest of ``entries`` and every other one within ``NEAR_TIE`` of the fastest."""
+    ordered = sorted(entries, key=lambda entry: entry.step_time)
+    window = ordered[0].step_time * (1 + NEAR_TIE)
+    return [entry for index, entry in enumerate(ordered) if index < top or entry.step_time <= window]
 
 
 @contextmanager
 def _evaluator(jobs: int, shape: GPTShape, hardware: Hardware, limit: float):
-    """Yield a function that evaluates a list of candidates, in this process or in ``jobs`` forked ones."""
+    """Yield a function that measures a list of candidates, in this process or in ``jobs`` forked ones.
+
+    Refuses, with ``ConfigError`` on ``jobs``, a pool whose process died (out of memory, killed).
+    """
     if jobs <= 1:
-        yield lambda batch: [evaluate(candidate, shape, hardware, limit) for candidate in batch]
+        yield lambda batch: [measure(candidate, shape, hardware, limit) for candidate in batch]
         return
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_remember,
-                             initargs=(shape, hardware, limit)) as pool:
-        yield lambda batch: list(pool.map(_evaluate_remembered, batch))
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_remember, initargs=(shape, hardware, limit))
+    try:
+        yield lambda batch: list(pool.map(_measure_remembered, batch))
+    except BrokenProcessPool:
+        raise ConfigError("jobs", jobs, "a simulation process died (out of memory?): try 1") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 _REMEMBERED: tuple = ()
@@ -382,11 +414,12 @@ _REMEMBERED: tuple = ()
 
 def _remember(shape: GPTShape, hardware: Hardware, limit: float) -> None:
     global _REMEMBERED
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to report, once
     _REMEMBERED = (shape, hardware, limit)
 
 
-def _evaluate_remembered(candidate: Candidate) -> PlanEntry | None:
-    return evaluate(candidate, *_REMEMBERED)
+def _measure_remembered(candidate: Candidate) -> tuple[PlanEntry | None, float]:
+    return measure(candidate, *_REMEMBERED)
 
 
 def simplest_first(entries: list[PlanEntry]) -> tuple[PlanEntry, ...]:
@@ -415,9 +448,8 @@ def _no_layout_reason(request: PlanRequest, shape: GPTShape) -> str:
 
 def _too_big_reason(request: PlanRequest, shape: GPTShape, smallest: float) -> str:
     needed = smallest / USABLE_MEMORY / GIB
-    return (f"no configuration of the {sum(layer_parameters(shape)) / 1e9:.3g}-billion-parameter model on "
-            f"{request.gpus} devices fits: the smallest needs at least {needed:.3g} GiB per device; use more "
-            f"`gpus` or devices with more memory")
+    return (f"no configuration of {describe_shape(shape)} on {request.gpus} devices fits: the smallest needs "
+            f"{needed:.3g} GiB per device or more; use more `gpus` or devices with more memory")
 
 
 # ---------------------------------------------------------------- output

@@ -95,7 +95,9 @@ def run_peer(name: str, args: list, processes: int, output: str, timeout: float,
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers: one new session
             process.wait()
-            print(f"{name}: timed out after {timeout:.0f} s; see {output}.log")
+            print(f"{name}: timed out after {timeout:.0f} s; see {output}.log (a DeepSpeed run killed while it "
+                  f"compiled its shared-memory op leaves ~/.cache/torch_extensions/*/deepspeed_shm_comm/lock behind, "
+                  f"and the next one waits for it: remove it)")
             return None
     if code != 0 or not os.path.exists(output):
         print(f"{name}: worker failed (exit {code}); see {output}.log")

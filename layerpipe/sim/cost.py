@@ -51,8 +51,8 @@ class CostModel:
     recompute_time: PerStage | None = knob(None, "one recompute R (one value, or one per stage, comma-separated)", check=lambda v: None if v is None else _TIME(v),
                                            metavar="T", default_text="the forward time")
     optimizer_time: float = knob(0.0, "optimizer step (STEP) of one stage", check=_SECONDS, metavar="T")
-    action_overhead: float = knob(0.0, "time a rank spends between two of its compute actions (dispatch and "
-                                  "bookkeeping), added to each", check=_SECONDS, metavar="T")
+    action_overhead: float = knob(0.0, "time a rank spends between two of its actions (dispatch and bookkeeping), "
+                                  "added to each compute action", check=_SECONDS, metavar="T")
     send_time: float = knob(0.0, "time a SEND holds its rank while it is issued (copying the message out), before "
                             "the transfer goes on alone", check=_SECONDS, metavar="T")
     receive_time: float = knob(0.0, "time a RECV holds its rank once its message has arrived (taking it in)",

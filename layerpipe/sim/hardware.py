@@ -110,16 +110,17 @@ def hardware_from_cost_file(path: str, cost: CostModel, option: str = "cost_file
     shape = GPTShape(**{key: int(about[key]) for key in ("vocab_size", "block_size", "width", "heads", "blocks")})
     microbatch_size = int(about["batch_size"]) // (int(about["microbatches"]) * int(about["data_parallel"]))
     stages = int(about["ranks"]) * int(about["stages_per_rank"])
-    forward = _per_stage(cost.forward_time, stages)
-    backward = _per_stage(cost.backward_time, stages)
+    forward = _per_stage(cost.forward_time, stages, path, option)
+    backward = _per_stage(cost.backward_time, stages, path, option)
     flops = layer_forward_flops(shape, microbatch_size)
     boundaries = balance_counts(layer_parameters(shape), stages)
     stage_flops = [sum(flops[start:end]) for start, end in boundaries]
     if sum(forward) <= 0:
         raise ConfigError(option, path, "its forward times are zero: measure them with layerpipe calibrate")
     latency, bandwidth = cost.p2p_latency, cost.p2p_bandwidth
-    weights = _per_stage(cost.weight_bytes, stages)
-    optimizer_bandwidth = 7 * sum(weights) / stages / cost.optimizer_time if cost.optimizer_time > 0 else math.inf
+    weights = _per_stage(cost.weight_bytes, stages, path, option)
+    shards = int(about["data_parallel"]) if int(about.get("zero", 0)) else 1  # STEP updates a shard from ZeRO-1 on
+    optimizer_bandwidth = 7 * max(weights) / shards / cost.optimizer_time if cost.optimizer_time > 0 else math.inf
     return Hardware(
         name=f"this machine ({about.get('machine', 'calibrated')})", flops=sum(stage_flops) / sum(forward),
         memory_bandwidth=optimizer_bandwidth, devices_per_node=10**9, intra_node_bandwidth=bandwidth,
@@ -135,15 +136,27 @@ _NEEDED = ("vocab_size", "block_size", "width", "heads", "blocks", "batch_size",
 
 
 def _about(path: str, option: str) -> dict:
+    """Return the cost file's ``[about]`` table; refuse, with ``ConfigError``, one the planner cannot read."""
     with open(path, "rb") as handle:
         about = tomllib.load(handle).get("about", {})
     missing = [key for key in _NEEDED if key not in about]
     if missing or about.get("model", "gpt") != "gpt":
         raise ConfigError(option, path, f"its [about] table lacks {', '.join(missing) or 'a gpt model'}: the planner "
                           f"needs a cost file written by `layerpipe calibrate` for the GPT demo")
+    bad = next((key for key in _NEEDED if isinstance(about[key], bool) or not isinstance(about[key], int)
+                or about[key] < 1), None)
+    if bad is not None:
+        raise ConfigError(option, path, f"its [about] {bad} = {about[bad]!r} must be a whole number of at least 1")
+    if about["batch_size"] % (about["microbatches"] * about["data_parallel"]):
+        raise ConfigError(option, path, f"its [about] batch_size ({about['batch_size']}) must be a multiple of "
+                          f"microbatches × data_parallel")
     return about
 
 
-def _per_stage(value, stages: int) -> list[float]:
-    return [float(value)] * stages if isinstance(value, (int, float)) else [float(item) for item in value]
+def _per_stage(value, stages: int, path: str, option: str) -> list[float]:
+    values = [float(value)] * stages if isinstance(value, (int, float)) else [float(item) for item in value]
+    if len(values) != stages:
+        raise ConfigError(option, path, f"{len(values)} per-stage values for the {stages} stages its [about] table "
+                          f"describes")
+    return values
 

@@ -1,12 +1,16 @@
 """``layerpipe calibrate``: measure the demo's costs on this machine and layout, and write them as a cost file.
 
 It takes ``layerpipe train``'s options (the model, the schedule, the
-layout), trains a few steps (20 unless ``--steps``) without writing any
-output, and measures:
+layout), trains a few steps (20 unless ``--steps``) and up to 20 more
+without writing any output, and measures:
 
 - from the measured timelines of the last steps (half of them, at most
   10), each stage's mean forward, backward and optimizer-step time, with
-  the processes running together, and the runtime's overhead per action;
+  the processes running together, the runtime's overhead per action and
+  what a send and a receive cost their rank;
+- the step the training loop runs at: the median time between twice as
+  many more steps run back to back (the ``[about]`` table's
+  ``measured_step``), which the simulator's steady step is set against;
 - each stage's output bytes per micro-batch, the activation bytes one
   forward saved and its weight bytes;
 - the latency and bandwidth of a message between processes 0 and 1, and of
@@ -14,8 +18,8 @@ output, and measures:
 - how much slower a stage's forward runs while every process computes than
   alone (the ``[about]`` table records it).
 
-The cost file (TOML) feeds ``layerpipe simulate --cost-file`` and
-``compare --cost-file``.
+The cost file (TOML) feeds ``layerpipe simulate --cost-file``,
+``compare --cost-file`` and ``plan --cost-file``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,21 @@ def _stage_bytes(pipe) -> dict:
     return sizes
 
 
+def _about(config, task, sharing: float, measured_step: float, measured: int) -> dict:
+    """Return the cost file's ``[about]`` table: where, when and on what layout the figures were measured."""
+    import torch.distributed as dist
+
+    return {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+            "date": datetime.date.today().isoformat(), "processes": dist.get_world_size(),
+            "model": config.model, "schedule": config.pipeline.schedule, "ranks": config.pipeline.ranks,
+            "stages_per_rank": config.pipeline.stages_per_rank, "microbatches": config.pipeline.microbatches,
+            "data_parallel": config.pipeline.data_parallel, "zero": config.pipeline.zero,
+            "batch_size": config.batch_size, "units": "seconds and bytes", "core_sharing": sharing,
+            "core_sharing_kind": "a stage's forward while every process computes, divided by alone",
+            "measured_step": measured_step, "measured_steps": measured, "cores": os.cpu_count() or 1,
+            **_model_sizes(task)}
+
+
 def _model_sizes(task) -> dict:
     """Return the GPT's sizes (the planner reads them to turn measured times into a compute rate); none for superres."""
     model = getattr(task, "model", None)
@@ -56,14 +75,17 @@ def _model_sizes(task) -> dict:
 
 
 @contextlib.contextmanager
-def _weights_gathered(pipe):
+def _weights_gathered(pipe, timeout: float):
     """Hold every local stage's full weights for the block (ZeRO-3 releases them after each step); collective over
     the replicas, which gather their stages in the same order."""
+    import torch.distributed as dist
+
+    from ..runtime.p2p import wait_for
+
     released = [shard for _, shard in sorted(pipe.shards.items()) if not shard.gathered]
     for shard in released:
-        work = shard.gather()
-        if work is not None:
-            work.wait()
+        wait_for(shard.gather(), timeout, dist.get_rank(),
+                 f"gathering stage {shard.stage_index}'s weights to time a forward alone")
     try:
         yield
     finally:
@@ -160,7 +182,7 @@ def measure(config, cost_file: str) -> dict:
     latency, bandwidth = point_to_point()
     collective_latency, collective_bandwidth = collective()
     first = (batch[0][: batch[0].shape[0] // pipe.microbatches],)
-    with _weights_gathered(pipe):
+    with _weights_gathered(pipe, config.timeout):
         sharing = core_sharing(_one_forward(pipe, first))
     cost = dataclasses.replace(
         calibrated_cost(timeline, stages), p2p_latency=latency, p2p_bandwidth=bandwidth,
@@ -172,15 +194,7 @@ def measure(config, cost_file: str) -> dict:
     figures = {"measured_step": measured_step, "simulated_step": simulated_period(pipe.schedule.config, cost),
                "core_sharing": sharing, "cost": {k: v for k, v in dataclasses.asdict(cost).items()}}
     if dist.get_rank() == 0:
-        about = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
-                 "date": datetime.date.today().isoformat(), "processes": dist.get_world_size(),
-                 "model": config.model, "schedule": config.pipeline.schedule, "ranks": config.pipeline.ranks,
-                 "stages_per_rank": config.pipeline.stages_per_rank, "microbatches": config.pipeline.microbatches,
-                 "data_parallel": config.pipeline.data_parallel, "batch_size": config.batch_size,
-                 "units": "seconds and bytes", "core_sharing": sharing,
-                 "core_sharing_kind": "a stage's forward while every process computes, divided by alone",
-                 "measured_step": measured_step, "measured_steps": len(timelines), "cores": os.cpu_count() or 1,
-                 **_model_sizes(task)}
+        about = _about(config, task, sharing, measured_step, len(timelines))
         write_cost_file(cost_file, cost, about)
     return figures
 

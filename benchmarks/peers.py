@@ -32,12 +32,13 @@ memory is its own); the launches are interleaved over ``--rounds`` rounds
 (A B C A B C ...), each timing ``--repeats`` steps bracketed by barriers
 after two warm-up steps; the table gives the median over all of them, the
 ratio to the fastest peer, and the peak resident memory per process.
-Results: ``benchmarks/results/peers.{json,md}`` and ``peers.png``.
+Results: ``benchmarks/results/peers.{json,md,csv}`` and ``peers.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import functools
 import os
@@ -393,6 +394,18 @@ def report(rows: list[dict], rounds: int, repeats: int) -> list[str]:
     return lines
 
 
+CSV_FIELDS = ("model", "layout", "system", "schedule", "median", "to_best_peer", "to_torch_same_schedule",
+              "bubble_limit", "to_limit", "gradient_error", "peak_rss")
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """Write one line per system: the table's figures in seconds, bytes and ratios."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def picture(rows: list[dict], path: str) -> None:
     """Draw each model's step times, one bar per system and schedule, layerpipe in its own colour."""
     import matplotlib
@@ -432,6 +445,7 @@ def main() -> None:
     record = {"date": datetime.date.today().isoformat(), "machine": platform.node(), "rounds": rounds,
               "repeats": args.repeats, "rows": rows}
     picture(rows, os.path.join(args.output, "peers.png"))
+    write_csv(rows, os.path.join(args.output, "peers.csv"))
     print(write_results(args.output, "peers", record, report(rows, rounds, args.repeats)))
 
 

@@ -254,3 +254,34 @@ def test_every_generated_cost_file_is_simulated_or_refused_in_one_line(tmp_path_
     if status == 2:
         lines = error.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"layerpipe {command}: error: "), (text, error)
+
+
+PLAN_OPTIONS = {
+    "--model": st.sampled_from(["demo", "gpt-52b", "gpt-9000", "", "/no/such/model.toml", "."]),
+    "--gpus": SMALL_WHOLE, "--gpu-memory": NUMBER, "--global-batch": SMALL_WHOLE,
+    "--cluster": st.sampled_from(["a100", "h100", "tpu", ""]), "--top": SMALL_WHOLE,
+    "--max-stages-per-rank": SMALL_WHOLE, "--max-microbatch-size": SMALL_WHOLE,
+    "--cost-file": st.sampled_from(["/no/such/cost.toml", "."]), "--jobs": st.sampled_from(["-1", "x", "1"]),
+}
+
+
+@st.composite
+def plan_command_lines(draw) -> list[str]:
+    names = draw(st.lists(st.sampled_from(sorted(PLAN_OPTIONS)), max_size=5, unique=True))
+    argv = ["plan", "--jobs", "1"]
+    for name in names:
+        argv += [name, draw(PLAN_OPTIONS[name])]
+    return argv
+
+
+@settings(max_examples=CASES // 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan_command_lines())
+def test_every_generated_plan_command_line_plans_or_is_refused_in_one_line(tmp_path_factory, argv):
+    output = tmp_path_factory.mktemp("plan") / "plan.toml"
+    status, error = run_in_process(argv + ["--output", str(output)])
+    assert status in (0, 2), (argv, status, error)
+    if status == 2:
+        assert len(error.strip().splitlines()) == 1 and error.startswith("layerpipe"), (argv, error)
+        assert not output.exists(), argv
+    else:
+        assert output.exists(), argv

@@ -167,3 +167,16 @@ def test_a_send_and_a_receive_hold_their_ranks_for_their_times():
     assert plain.step_time == 6.0
     assert held.step_time == 6.0 + 2 * (0.5 + 0.25)
     assert max(rank.exposed_communication for rank in held.ranks) >= 0.5 + 0.25
+
+
+def test_calibration_reads_recompute_times_from_the_timeline():
+    from layerpipe.schedule.actions import Action, Kind
+    from layerpipe.sim.calibrate import calibrated_cost
+    from layerpipe.sim.timeline import Timeline
+
+    events = ((0, "compute", Action(0, Kind.F, 0), 0.0, 1.0), (0, "compute", Action(1, Kind.F, 0), 1.0, 3.0),
+              (0, "compute", Action(1, Kind.B, 0), 3.0, 7.0), (0, "compute", Action(0, Kind.R, 0), 7.0, 7.5),
+              (0, "compute", Action(0, Kind.B, 0), 7.5, 9.5))
+    cost = calibrated_cost(Timeline(1, events, "measured", "s", "t", {}), 2)
+    assert cost.recompute_time == (0.5, 2.0)
+    assert cost.forward_time == (1.0, 2.0) and cost.backward_time == (2.0, 4.0)

@@ -16,7 +16,8 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
     Means, not medians: a step takes the sum of its actions, slow ones
     included.  ``B`` gives the backward time; with only ``I`` and ``W``
     their sum does, and ``I``'s share of it the ``input_gradient_share``.
-    ``STEP`` gives the optimizer time.  The ``action_overhead`` is the
+    ``R`` gives each recomputed stage's recompute time (the others keep
+    their forward's); ``STEP`` gives the optimizer time.  The ``action_overhead`` is the
     typical gap between two consecutive actions of a rank, compute or
     point-to-point (the median gap of each rank, then the median over
     ranks): what the runtime spends between actions.  A ``SEND`` holds its
@@ -56,8 +57,11 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
                 shares.append(i / b)
         forward.append(f)
         backward.append(b)
+    recomputes = [typical(Kind.R, stage) for stage in range(stages)]
     steps = [t for (kind, _), values in durations.items() if kind == Kind.STEP.value for t in values]
-    return CostModel(forward_time=tuple(forward), backward_time=tuple(backward),
+    recompute = None if all(time is None for time in recomputes) else tuple(
+        time if time is not None else forward[stage] for stage, time in enumerate(recomputes))
+    return CostModel(forward_time=tuple(forward), backward_time=tuple(backward), recompute_time=recompute,
                      input_gradient_share=median(shares) if shares else 0.5,
                      optimizer_time=mean(steps) if steps else 0.0, action_overhead=_typical_gap(starts),
                      send_time=mean(sends) if sends else 0.0, receive_time=_quartile(receives))

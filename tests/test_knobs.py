@@ -11,6 +11,8 @@ import dataclasses
 
 import pytest
 
+from layerpipe.plan import PlanRequest
+
 from layerpipe.cli import build_parser as layerpipe_parser, main as layerpipe_main
 from layerpipe.knobs import ConfigError, check_fields, knobs
 from layerpipe.models.config import GPTConfig, SuperResConfig
@@ -30,6 +32,10 @@ BAD = {
     "forward_time": -1.0, "backward_time": -1.0, "action_overhead": -1.0, "input_gradient_share": 2.0, "recompute_time": -1.0,
     "optimizer_time": -1.0, "p2p_latency": -1.0, "p2p_bandwidth": 0.0, "boundary_bytes": -1.0,
     "activation_bytes": -1.0, "weight_bytes": -1.0, "data_parallel_latency": -1.0, "data_parallel_bandwidth": 0.0,
+    "send_time": -1.0, "receive_time": -1.0, "step_placement": "late",
+    # PlanRequest
+    "gpus": 0, "gpu_memory": 0.0, "global_batch": 0, "cluster": "tpu", "top": 0, "max_stages_per_rank": 0,
+    "max_microbatch_size": 0, "jobs": -1,
     # GPTConfig
     "block_size": 0, "width": 0, "heads": 0, "blocks": 0, "dropout": 1.0,
     # TrainConfig
@@ -37,7 +43,7 @@ BAD = {
 }
 """A value each knob with a validity rule refuses."""
 
-CHECKED = [(cls, field.name) for cls in (ScheduleConfig, CostModel, GPTConfig, SuperResConfig, TrainConfig)
+CHECKED = [(cls, field.name) for cls in (ScheduleConfig, CostModel, GPTConfig, SuperResConfig, TrainConfig, PlanRequest)
            for field in knobs(cls)
            if field.metadata.get("check") is not None]
 

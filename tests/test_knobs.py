@@ -11,11 +11,10 @@ import dataclasses
 
 import pytest
 
-from layerpipe.plan import PlanRequest
-
 from layerpipe.cli import build_parser as layerpipe_parser, main as layerpipe_main
 from layerpipe.knobs import ConfigError, check_fields, knobs
 from layerpipe.models.config import GPTConfig, SuperResConfig
+from layerpipe.plan import PlanRequest
 from layerpipe.schedule.config import ScheduleConfig, validate_config
 from layerpipe.sim.cost import CostModel
 from layerpipe.train.config import PARTS, TrainConfig, build_parser as train_parser, config_from

@@ -27,7 +27,7 @@ from datetime import date
 
 from layerpipe.schedule.actions import Kind
 from layerpipe.schedule.build import build_schedule
-from layerpipe.sim.simulator import simulate
+from layerpipe.sim.simulator import simulate, steady_step
 
 from breadth_first_at_scale import configurations, layer_costs
 from results_files import write_results
@@ -55,11 +55,9 @@ def run(microbatch_counts: list[int]) -> list[dict]:
             for (variant, options), placement in itertools.product(variants.items(), ("end", "early")):
                 config = dataclasses.replace(base, step_placement=placement, **options)
                 result = simulate(build_schedule(config, check=False), cost)
-                two, three = (simulate(build_schedule(config, check=False, calls=calls), cost).step_time
-                              for calls in (2, 3))
                 rows.append({"microbatches": microbatches, "schedule": schedule, "reduce": variant, "steps": placement,
                              "stage0_ready": stage0_ready(result), "step_time": result.step_time,
-                             "next_step_adds": three - two,
+                             "next_step_adds": steady_step(config, cost),
                              "exposed_communication": result.to_json()["exposed_communication"]})
     return rows
 

@@ -34,9 +34,8 @@ import tomllib
 from layerpipe.schedule.build import build_schedule
 from layerpipe.schedule.config import ScheduleConfig
 from layerpipe.sim.cost_file import read_cost_file
-from layerpipe.sim.simulator import simulate
+from layerpipe.sim.simulator import simulate, steady_step
 from layerpipe.sim.timeline import Timeline
-from layerpipe.train.calibrate import simulated_period
 from layerpipe.viz.gantt import plot_timelines
 
 from results_files import write_results
@@ -72,7 +71,7 @@ def calibrate(label: str, knobs: dict, extra: list[str], steps: int, folder: str
                     *_options(knobs), *extra], check=True, stdout=subprocess.DEVNULL)
     with open(path, "rb") as handle:
         about = tomllib.load(handle)["about"]
-    simulated = simulated_period(ScheduleConfig(**knobs), read_cost_file(path))
+    simulated = steady_step(ScheduleConfig(**knobs), read_cost_file(path))
     return {"configuration": label, "measured": about["measured_step"], "simulated": simulated,
             "ratio": simulated / about["measured_step"], "core_sharing": about["core_sharing"], "cost_file": path}
 

@@ -26,7 +26,8 @@ from functools import cached_property
 
 from ..knobs import check_fields
 from ..schedule.actions import AWAITS, BACKWARD_KINDS, P2P_KINDS, Action, Kind, message_of
-from ..schedule.build import Schedule
+from ..schedule.build import Schedule, build_schedule
+from ..schedule.config import ScheduleConfig
 from ..schedule.bulk import collector_paused
 from ..schedule.validation import ScheduleError, blocked_report
 from .cost import CostModel, collective_time, per_stage
@@ -119,6 +120,14 @@ def simulate(schedule: Schedule, cost: CostModel = CostModel(), guard_fails: boo
         if any(position < len(program) for position, program in zip(run.positions, schedule.programs)):
             raise ScheduleError("deadlock: " + blocked_report(schedule.programs, run.positions, schedule.placement))
         return _result(schedule, cost, run)
+
+
+def steady_step(config: ScheduleConfig, cost: CostModel = CostModel()) -> float:
+    """Return what one more step adds when consecutive steps of ``config`` are simulated: the step a training loop
+    runs at, once each step may start while the previous one ends.  Refuses what ``build_schedule`` and
+    ``simulate`` refuse."""
+    two, three = (simulate(build_schedule(config, check=False, calls=calls), cost).step_time for calls in (2, 3))
+    return three - two
 
 
 @dataclass(frozen=True)

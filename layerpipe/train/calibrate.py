@@ -124,15 +124,6 @@ def steady_period(pipe, task, generator, steps: int) -> float:
     return statistics.median(later - earlier for earlier, later in zip(ends, ends[1:]))
 
 
-def simulated_period(config, cost) -> float:
-    """Return what one more step adds when consecutive steps are simulated: the simulated steady step."""
-    from ..schedule.build import build_schedule
-    from ..sim.simulator import simulate
-
-    two, three = (simulate(build_schedule(config, check=False, calls=calls), cost).step_time for calls in (2, 3))
-    return three - two
-
-
 def measured_steps(steps: int) -> int:
     """Return how many of the last steps are measured: half of them, at most 10 (the first ones warm up)."""
     return max(1, min(10, steps // 2))
@@ -162,6 +153,7 @@ def measure(config, cost_file: str) -> dict:
     from ..runtime.launch import init_process_group
     from ..sim.calibrate import calibrated_cost
     from ..sim.cost_file import write_cost_file
+    from ..sim.simulator import steady_step
     from .loop import make_pipeline
     from .tasks import task_for
 
@@ -191,7 +183,7 @@ def measure(config, cost_file: str) -> dict:
         weight_bytes=tuple(float(sizes[s]["weight"]) for s in range(stages)),
         data_parallel_latency=collective_latency, data_parallel_bandwidth=collective_bandwidth)
     measured_step = period
-    figures = {"measured_step": measured_step, "simulated_step": simulated_period(pipe.schedule.config, cost),
+    figures = {"measured_step": measured_step, "simulated_step": steady_step(pipe.schedule.config, cost),
                "core_sharing": sharing, "cost": {k: v for k, v in dataclasses.asdict(cost).items()}}
     if dist.get_rank() == 0:
         about = _about(config, task, sharing, measured_step, len(timelines))

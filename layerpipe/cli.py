@@ -16,7 +16,7 @@ from typing import Sequence
 
 from . import __version__
 from .knobs import COMMAND_LINE, ConfigError, knobs, toml_spelling
-from .options import Parser, add_knobs, check_writable_file, given
+from .options import Parser, add_knobs, check_writable_file, given, write_whole
 from .schedule.actions import format_program
 from .schedule.build import build_schedule
 from .schedule.config import ONE_STAGE_SCHEDULES, SCHEDULES, ScheduleConfig, validate_config
@@ -207,9 +207,7 @@ def _command_plan(args: argparse.Namespace) -> None:
           f"{request.global_batch}: {result.candidates} configurations, {result.simulated} simulated, "
           f"{result.too_big} too big for memory")
     print(table(result))
-    with open(request.output + ".partial", "w", encoding="utf-8") as handle:
-        handle.write(train_toml(result.best[0], result, request))
-    os.replace(request.output + ".partial", request.output)
+    write_whole(request.output, train_toml(result.best[0], result, request))
     _wrote(request.output)
 
 

@@ -103,6 +103,13 @@ def read_toml(path: str, classes: Iterable[type], option: str = "config",
     return grouped
 
 
+def write_whole(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that no partial file ever stays: written beside it, then renamed over it."""
+    with open(path + ".partial", "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(path + ".partial", path)
+
+
 def check_writable_file(option: str, path: str | None, endings: Sequence[str] | None = None) -> None:
     """Refuse, with ``ConfigError`` on ``option``, an output file that cannot be written: an ending not in
     ``endings`` (any when ``None``), a folder in its place, a missing or read-only folder.  ``None``: no file."""

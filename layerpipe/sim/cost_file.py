@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 from ..knobs import ConfigError, check_fields, knobs, toml_spelling
-from ..options import read_toml
+from ..options import read_toml, write_whole
 from .cost import CostModel
 
 
@@ -42,11 +42,7 @@ def cost_file_text(cost: CostModel, about: dict[str, Any]) -> str:
 
 def write_cost_file(path: str, cost: CostModel, about: dict[str, Any]) -> None:
     """Write ``cost`` to ``path`` as TOML (a partial file never stays: it is written beside, then renamed)."""
-    import os
-
-    with open(path + ".partial", "w", encoding="utf-8") as handle:
-        handle.write(cost_file_text(cost, about))
-    os.replace(path + ".partial", path)
+    write_whole(path, cost_file_text(cost, about))
 
 
 def read_cost_file(path: str, option: str = "cost_file") -> CostModel:

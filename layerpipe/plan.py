@@ -35,6 +35,7 @@ from functools import lru_cache
 from typing import Callable, Iterator
 
 from .knobs import ConfigError, knob, number, one_of, whole
+from .schedule.actions import Action, Kind
 from .schedule.build import build_schedule, compute_programs, make_placement
 from .schedule.bulk import collector_paused
 from .schedule.lowering import add_optimizer_steps, add_recompute, add_weight_gathers
@@ -231,16 +232,18 @@ def _costs(shape: GPTShape, hardware: Hardware, ranks: int, stages: int, data_pa
     slowdown = hardware.sharing_slowdown(ranks * data_parallel)
     seconds = lambda flops: tuple(value * slowdown / hardware.flops for value in stage_sums(flops, boundaries))  # noqa: E731
     forward = seconds(layer_forward_flops(shape, size))
-    recompute_time = tuple(seconds(layer_recompute_flops(shape, size, mode))[stage] for stage, mode in enumerate(recompute))
     element = hardware.activation_element_bytes
-    full = stage_sums(layer_activation_bytes(shape, size, element, "none"), boundaries)
-    stored = tuple(stage_sums(layer_activation_bytes(shape, size, element, mode), boundaries)[stage]
-                   for stage, mode in enumerate(recompute))
+    by_mode = {mode: (seconds(layer_recompute_flops(shape, size, mode)),
+                      stage_sums(layer_activation_bytes(shape, size, element, mode), boundaries))
+               for mode in {"none", *recompute}}
+    recompute_time = tuple(by_mode[mode][0][stage] for stage, mode in enumerate(recompute))
+    full = by_mode["none"][1]
+    stored = tuple(by_mode[mode][1][stage] for stage, mode in enumerate(recompute))
     weights = tuple(4.0 * count for count in stage_sums(layer_parameters(shape), boundaries))  # fp32 master weights
     if hardware.precision != "fp32":  # each forward under autocast saves its own 16-bit copy of the weights it used
-        full = tuple(size + weight / 2 for size, weight in zip(full, weights))
-        stored = tuple(size + (weight / 2 if mode != "full" else 0.0)
-                       for size, weight, mode in zip(stored, weights, recompute))
+        full = tuple(kept + weight / 2 for kept, weight in zip(full, weights))
+        stored = tuple(kept + (weight / 2 if mode != "full" else 0.0)
+                       for kept, weight, mode in zip(stored, weights, recompute))
     p2p_latency, p2p_bandwidth = hardware.link(ranks * data_parallel <= hardware.devices_per_node)
     _, data_bandwidth = hardware.link(data_parallel <= hardware.devices_per_node)
     cost = CostModel(
@@ -271,14 +274,18 @@ def ideal_time(candidate: Candidate, costs: _Costs) -> float:
 
 
 def memory_floor(candidate: Candidate, costs: _Costs) -> float:
-    """Return a lower bound of a device's memory: on each rank, its weights, gradients and optimizer state at their
-    most sharded and one micro-batch's stored activations of its largest stage; the most over the ranks."""
+    """Return a lower bound of a device's memory: on each rank, its buffers at their least (the runtime's sharding
+    rules, with nothing gathered and no gradient filled) and one micro-batch's stored activations of its largest
+    stage; the most over the ranks."""
     config = candidate.schedule
     placement = make_placement(config)
-    shard = config.data_parallel if config.zero else 1
-    state = {0: 4.0, 1: 2.0 + 2.0 / shard, 2: 1.0 + 3.0 / shard, 3: 4.0 / shard}[config.zero]
-    return max(sum(costs.weights[s] for s in placement.stages_of(rank)) * state
-               + max(costs.stored_activation[s] for s in placement.stages_of(rank)) for rank in range(config.ranks))
+    floors = []
+    for rank in range(config.ranks):
+        stages = placement.stages_of(rank)
+        at_rest = tuple(Action(stage, Kind.F) for stage in stages)
+        buffers = buffer_peak(at_rest, costs.weights, config.zero, config.data_parallel)
+        floors.append(sum(buffers.values()) + max(costs.stored_activation[stage] for stage in stages))
+    return max(floors)
 
 
 def peak_memory(programs, config: ScheduleConfig, costs: _Costs) -> float:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 
 import torch
@@ -40,7 +39,7 @@ from layerpipe.sim.calibrate import calibrated_cost
 from layerpipe.sim.simulator import simulate
 from layerpipe.viz.gantt import plot_timelines
 
-from results_files import write_results
+from results_files import gloo_machine, write_results
 from timing import time_alternately
 
 FLUSHED = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("breadth-first", 2))
@@ -104,7 +103,7 @@ def main() -> None:
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     today = datetime.date.today().isoformat()
-    machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), gloo on 127.0.0.1, 1 thread per process"
+    machine = gloo_machine()
     lines = [f"# Async stream vs flushed schedules, measured on gloo ({today})", "",
              f"Machine: {machine}. Model: 2 × P pairs of Linear({args.width}, {args.width}) + Tanh, float32; "
              f"{args.microbatches} micro-batches of {args.samples} samples per call; async updates every "

@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
 import statistics
 import time
 
@@ -38,7 +37,7 @@ from layerpipe.runtime.sharding import all_gather_into
 from layerpipe.sim.calibrate import calibrated_cost
 from layerpipe.sim.simulator import simulate
 
-from results_files import write_results
+from results_files import gloo_machine, write_results
 from timing import time_alternately
 
 CONFIGURATIONS = (("breadth-first", "breadth-first", None), ("interleaved", "interleaved", None),
@@ -123,7 +122,7 @@ def main() -> None:
     result = layerpipe.launch(worker, PIPELINE * DATA, (args.repeats, args.width, args.microbatches), timeout=1800)[0]
     base = next(row for row in result["rows"] if row["configuration"] == "breadth-first")
     today = datetime.date.today().isoformat()
-    machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), gloo on 127.0.0.1, 1 thread per process"
+    machine = gloo_machine()
     lines = [f"# Breadth-first vs interleaved at ZeRO-3, gloo, pipeline × data = 2 × 2 ({today})", "",
              f"Machine: {machine}. Model: 4 stages of 2 × Linear({args.width}, {args.width}), float32; "
              f"m = {args.microbatches}, micro-batch of 2 samples; {args.repeats} alternating repetitions, medians. "

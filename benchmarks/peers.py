@@ -60,6 +60,7 @@ from results_files import save_figure, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "peers"))
+import common  # noqa: E402  (benchmarks/peers/common.py: what every peer worker shares)
 import model as stack_model  # noqa: E402  (benchmarks/peers/model.py: the stack, its batch and reference)
 
 GPT = GPTConfig(vocab_size=80, block_size=64, width=128, heads=4, blocks=4)
@@ -121,19 +122,11 @@ def _timed_steps(step, repeats: int) -> list[float]:
     return times
 
 
-def peak_memory() -> int:
-    """Return this process's peak resident memory in bytes (``VmHWM``: unlike ``ru_maxrss`` it does not start from
-    the parent's)."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
 def _gathered(error: float, times: list[float]) -> dict | None:
     """Return, on process 0, the step times, the worst gradient error and every process's peak memory."""
     peaks = [None] * dist.get_world_size()
     errors = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, peak_memory())
+    dist.all_gather_object(peaks, common.vm_hwm())
     dist.all_gather_object(errors, error)
     if dist.get_rank():
         return None

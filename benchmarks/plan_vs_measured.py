@@ -38,7 +38,7 @@ from layerpipe.train.config import TrainConfig
 from layerpipe.train.loop import make_pipeline
 from layerpipe.train.tasks import task_for
 
-from results_files import repeated_benchmark_arguments, write_results
+from results_files import gloo_machine, repeated_benchmark_arguments, write_results
 from timing import time_alternately
 
 BATCH = 32
@@ -111,7 +111,7 @@ def planning_times() -> list[dict]:
 
 def report(records: list[dict], planning: list[dict], repeats: int) -> list[str]:
     today = datetime.date.today().isoformat()
-    machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), gloo on 127.0.0.1, 1 thread per process"
+    machine = gloo_machine()
     lines = [f"# The planner's pick against every configuration measured ({today})", "",
              f"Machine: {machine}. The demo GPT, batch {BATCH}; {repeats} alternating repetitions, medians.", "",
              "| processes | configurations measured | pick | pick measured (ms) | fastest measured | fastest (ms) | "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import time
 
@@ -29,7 +28,7 @@ from torch import nn
 import layerpipe
 
 from data_parallel_gloo import wide_layers
-from results_files import write_results
+from results_files import gloo_machine, write_results
 
 VARIANTS = {"one reduce per stage, steps at the end (default)": dict(reduce_portions=1, step_placement="end"),
             "4 prioritised portions, steps at the end": dict(reduce_portions=4, step_placement="end"),
@@ -70,7 +69,7 @@ def main() -> None:
     medians = {name: statistics.median(samples) for name, samples in times.items()}
     base = medians[next(iter(VARIANTS))]
     today = datetime.date.today().isoformat()
-    machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), gloo on 127.0.0.1, 1 thread per process"
+    machine = gloo_machine()
     lines = [f"# Prioritised portions and early steps, measured over consecutive steps ({today})", "",
              f"Machine: {machine}. Breadth-first, pipeline × data = 2 × 2, ZeRO-3, 4 stages of 2 × Linear({args.width}), "
              f"m = 4, batch 16; {args.repeats} alternating repetitions of {STEPS} consecutive steps, medians.", "",

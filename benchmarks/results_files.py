@@ -7,6 +7,13 @@ import json
 import os
 
 
+def gloo_machine() -> str:
+    """Return how the gloo benchmarks describe where they ran: host, architecture, cores, transport, threads."""
+    import platform
+
+    return f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), gloo on 127.0.0.1, 1 thread per process"
+
+
 def write_results(folder: str, name: str, record: dict, lines: list[str]) -> str:
     """Write ``record`` as JSON and ``lines`` as a Markdown table; return the Markdown text."""
     os.makedirs(folder, exist_ok=True)

@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ from layerpipe.sim.simulator import simulate, steady_step
 from layerpipe.sim.timeline import Timeline
 from layerpipe.viz.gantt import plot_timelines
 
-from results_files import write_results
+from results_files import gloo_machine, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TWO = [("gpipe", {}), ("1f1b", {}), ("interleaved", {"stages_per_rank": 2}), ("breadth-first", {"stages_per_rank": 2}),
@@ -114,7 +113,7 @@ def main() -> None:
     picture = os.path.join(HERE, "..", "docs", "simulator", "measured-vs-simulated.png")
     stacked_picture(20, rows[3 if not args.quick else 0]["cost_file"], os.path.normpath(picture))
     today = datetime.date.today().isoformat()
-    machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), gloo on 127.0.0.1, 1 thread per process"
+    machine = gloo_machine()
     lines = [f"# The calibrated simulator against the measured step ({today})", "", f"Machine: {machine}. The demo GPT, "
              f"batch 32, 8 micro-batches, {args.steps} steps each, {args.rounds} interleaved rounds (medians). Measured: the median time between back-to-back "
              "steps; simulated: what one more step adds when consecutive steps are simulated.", "",

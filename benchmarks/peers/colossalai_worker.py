@@ -74,8 +74,6 @@ def main():
     notes = (f"colossalai {colossalai.__version__}, gloo, OneForwardOneBackwardSchedule, pp={args.pipeline} "
              f"micro={args.samples // args.microbatches} x {args.microbatches}, fp32; SGD lr=0; loss/M")
     common.finish(args, "colossalai", "1F1B", times, stash, notes)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

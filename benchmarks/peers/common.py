@@ -76,7 +76,8 @@ def vm_hwm() -> int:
 
 
 def finish(args, system: str, schedule: str, times: list, stash_path: str, notes: str) -> dict:
-    """Gather peak RSS and gradient errors to rank 0, which writes args.output; return the result."""
+    """Gather peak RSS and gradient errors to rank 0, which writes args.output; close the process group (if any);
+    return the result."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # read before the reference is built
     hwm = vm_hwm()
     gradients = load_file(stash_path)  # safetensors: tensors only, nothing unpickled
@@ -105,4 +106,7 @@ def finish(args, system: str, schedule: str, times: list, stash_path: str, notes
     if rank == 0:
         with open(args.output, "w") as handle:
             json.dump(result, handle, indent=1)
+    if grouped:
+        dist.barrier()
+        dist.destroy_process_group()
     return result

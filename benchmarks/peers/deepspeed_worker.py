@@ -27,7 +27,6 @@ def main():
     import deepspeed
     from deepspeed.pipe import PipelineModule
     from deepspeed.utils import safe_get_full_grad
-    import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend="gloo")
     layers = model.stack_layers(args.width, args.blocks)
@@ -68,8 +67,6 @@ def main():
              f"pp={engine.num_stages} dp={engine.dp_world_size} zero={engine.zero_optimization_stage()} "
              f"micro={micro} gas={args.microbatches}; SGD lr=0; loss/gas + dp mean all-reduce")
     common.finish(args, "deepspeed", "1F1B", times, stash, notes)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

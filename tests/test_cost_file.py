@@ -84,3 +84,33 @@ def test_the_action_overhead_lengthens_a_one_rank_step_by_one_overhead_per_compu
     plain = simulate(schedule, CostModel()).step_time
     # 4 forwards, 4 backwards and the optimizer step
     assert simulate(schedule, CostModel(action_overhead=0.25)).step_time == pytest.approx(plain + 9 * 0.25)
+
+
+def test_calibration_takes_the_receive_time_from_receives_whose_message_was_already_sent():
+    from layerpipe.schedule.actions import parse_action
+    from layerpipe.sim.calibrate import calibrated_cost
+    from layerpipe.sim.timeline import Timeline, TimelineEvent
+
+    rows = [(0, "compute", "0F0", 0.0, 1.0), (0, "p2p", "0SEND_F0", 1.0, 1.1), (0, "compute", "0F1", 1.1, 2.1),
+            (0, "p2p", "0SEND_F1", 2.1, 2.2),
+            (1, "p2p", "1RECV_F0", 0.0, 1.2),  # waited for its message: not a receive's own cost
+            (1, "compute", "1F0", 1.2, 2.2),
+            (1, "p2p", "1RECV_F1", 2.3, 2.6),  # its message was sent at 2.2: taking it in cost 0.3
+            (1, "compute", "1F1", 2.6, 3.6)]
+    events = tuple(TimelineEvent(rank, stream, parse_action(action), start, end)
+                   for rank, stream, action, start, end in rows)
+    cost = calibrated_cost(Timeline(2, events, "measured", "s", "test"), 2)
+    assert cost.receive_time == pytest.approx(0.3)
+    assert cost.send_time == pytest.approx(0.1)
+
+
+def test_calibration_measures_the_spread_of_compute_times_weighted_by_their_total():
+    from layerpipe.schedule.actions import parse_action
+    from layerpipe.sim.calibrate import calibrated_cost
+    from layerpipe.sim.timeline import Timeline, TimelineEvent
+
+    # forwards 1 and 3 (mean 2, deviation 1: spread 0.5); backwards 4 and 4 (spread 0); steps are left out
+    spans = [("0F0", 0.0, 1.0), ("0F1", 1.0, 4.0), ("0B1", 4.0, 8.0), ("0B0", 8.0, 12.0), ("0STEP", 12.0, 20.0)]
+    events = tuple(TimelineEvent(0, "compute", parse_action(action), start, end) for action, start, end in spans)
+    cost = calibrated_cost(Timeline(1, events, "measured", "s", "test"), 1)
+    assert cost.variation == pytest.approx(0.5 * 4 / (4 + 8))

@@ -5,14 +5,14 @@ import math
 
 import pytest
 
-from layerpipe.schedule.actions import parse_program
+from layerpipe.schedule.actions import Kind, parse_program
 from layerpipe.schedule.build import Schedule, build_schedule
 from layerpipe.schedule.config import ScheduleConfig
 from layerpipe.schedule.lowering import add_p2p
 from layerpipe.schedule.placement import contiguous
 from layerpipe.schedule.validation import ScheduleError
 from layerpipe.sim.cost import CostModel, collective_time
-from layerpipe.sim.simulator import simulate
+from layerpipe.sim.simulator import simulate, steady_step
 
 UNIT = CostModel(forward_time=1, backward_time=2)
 DIVISIBLE = [(p, v, m) for p, v, m in itertools.product([1, 2, 3, 4, 8], [1, 2, 3, 4], [4, 8, 12, 16, 24, 32])
@@ -180,3 +180,28 @@ def test_calibration_reads_recompute_times_from_the_timeline():
     cost = calibrated_cost(Timeline(1, events, "measured", "s", "t", {}), 2)
     assert cost.recompute_time == (0.5, 2.0)
     assert cost.forward_time == (1.0, 2.0) and cost.backward_time == (2.0, 4.0)
+
+
+def test_drawn_compute_times_have_the_cost_models_mean_and_spread_and_repeat_with_their_seed():
+    config = ScheduleConfig(schedule="gpipe", ranks=1, microbatches=8)
+    cost = CostModel(forward_time=2.0, backward_time=4.0, variation=0.3)
+    schedule = build_schedule(config)
+    forwards = [end - start for seed in range(200)
+                for _, stream, action, start, end in simulate(schedule, cost, seed=seed).timeline.events
+                if stream == "compute" and action.kind is Kind.F]
+    mean = sum(forwards) / len(forwards)
+    spread = (sum((time - mean) ** 2 for time in forwards) / len(forwards)) ** 0.5 / mean
+    assert mean == pytest.approx(2.0, rel=0.05) and spread == pytest.approx(0.3, rel=0.1)
+    assert simulate(schedule, cost, seed=7).timeline == simulate(schedule, cost, seed=7).timeline
+    assert simulate(schedule, cost, seed=7).step_time != simulate(schedule, cost, seed=8).step_time
+
+
+def test_drawn_times_lengthen_the_steady_step_and_replicas_wait_for_the_slowest():
+    fixed = CostModel(forward_time=1.0, backward_time=2.0)
+    drawn = CostModel(forward_time=1.0, backward_time=2.0, variation=0.5)
+    single = ScheduleConfig(schedule="breadth-first", ranks=2, microbatches=4, stages_per_rank=2)
+    replicated = ScheduleConfig(schedule="breadth-first", ranks=2, microbatches=4, stages_per_rank=2,
+                                data_parallel=2)
+    assert steady_step(single, drawn) > 1.02 * steady_step(single, fixed)
+    assert steady_step(replicated, fixed) == pytest.approx(steady_step(single, fixed))
+    assert steady_step(replicated, drawn) > 1.02 * steady_step(single, drawn)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from statistics import mean, median
+from statistics import mean, median, pstdev
 
-from ..schedule.actions import Kind
+from ..schedule.actions import Kind, Message, message_of
 from .cost import CostModel
 from .timeline import Timeline
+
+_SENDS = (Kind.SEND_F, Kind.SEND_B)
 
 
 def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
@@ -22,18 +24,22 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
     point-to-point (the median gap of each rank, then the median over
     ranks): what the runtime spends between actions.  A ``SEND`` holds its
     rank for as long as it is issued (``send_time``: the mean of the sends);
-    a ``RECV`` whose message is there holds it for ``receive_time``, the
-    lower quartile of the receives (a quarter of them or more wait for
-    nothing).  Transfer latency and bandwidth and data-parallel costs stay
+    a ``RECV`` whose message is there holds it for ``receive_time``: the mean
+    of the receives that began after their message's send had ended (each
+    receive matched to its send by message, in order), which counts the
+    times a process sharing its core is descheduled while it takes a message
+    in.  ``variation`` is the spread of the compute times (standard
+    deviation over mean of each stage's forwards, backwards, recomputes,
+    each weighted by its total time).  Transfer latency and bandwidth and data-parallel costs stay
     zero: ``layerpipe calibrate`` measures them apart.  Refuses, with
     ``ValueError``, a timeline without a forward of every stage.
     """
     durations: dict[tuple[str, int], list[float]] = defaultdict(list)
     starts: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    sends, receives = [], []
+    transfers: dict[tuple[bool, Message], list[tuple[float, float]]] = defaultdict(list)
     for rank, stream, action, start, end in timeline.events:
         if stream == "p2p":
-            (sends if action.kind.value.startswith("SEND") else receives).append(end - start)
+            transfers[(action.kind in _SENDS, message_of(action))].append((start, end))
         if stream not in ("compute", "p2p"):
             continue
         starts[rank].append((start, end))
@@ -64,12 +70,41 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
     return CostModel(forward_time=tuple(forward), backward_time=tuple(backward), recompute_time=recompute,
                      input_gradient_share=median(shares) if shares else 0.5,
                      optimizer_time=mean(steps) if steps else 0.0, action_overhead=_typical_gap(starts),
-                     send_time=mean(sends) if sends else 0.0, receive_time=_quartile(receives))
+                     send_time=_send_time(transfers), receive_time=_receive_time(transfers),
+                     variation=_variation(durations))
 
 
-def _quartile(values: list[float]) -> float:
-    """Return the lower quartile of ``values`` (0 when empty): a receive that waited for nothing."""
-    return sorted(values)[len(values) // 4] if values else 0.0
+def _variation(durations: dict) -> float:
+    """Return the compute times' spread: each stage's and kind's standard deviation over mean, weighted by its total
+    (optimizer steps left out: one per step)."""
+    spread = total = 0.0
+    for (kind, _), found in durations.items():
+        if kind == Kind.STEP.value or len(found) < 2 or not sum(found):
+            continue
+        spread += pstdev(found) / mean(found) * sum(found)
+        total += sum(found)
+    return spread / total if total else 0.0
+
+
+def _send_time(transfers: dict) -> float:
+    """Return the mean time a send held its rank (0 without sends)."""
+    sends = [end - start for (is_send, _), spans in transfers.items() if is_send for start, end in spans]
+    return mean(sends) if sends else 0.0
+
+
+def _receive_time(transfers: dict) -> float:
+    """Return the mean duration of the receives whose message's send had ended before they began (0 without any).
+
+    The k-th receive of a message is matched to its k-th send: the timeline
+    may hold several steps, each with the same messages.
+    """
+    ready = []
+    for (is_send, message), receives in transfers.items():
+        if is_send:
+            continue
+        sends = sorted(transfers.get((True, message), ()))
+        ready += [end - start for (start, end), (_, sent) in zip(sorted(receives), sends) if start >= sent]
+    return mean(ready) if ready else 0.0
 
 
 def _typical_gap(spans: dict[int, list[tuple[float, float]]]) -> float:

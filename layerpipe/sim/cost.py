@@ -70,6 +70,9 @@ class CostModel:
     data_parallel_latency: float = knob(0.0, "latency of one data-parallel collective", check=_SECONDS, metavar="T")
     data_parallel_bandwidth: float = knob(math.inf, "bytes per time unit of the data-parallel link", check=_BANDWIDTH,
                                metavar="BYTES")
+    variation: float = knob(0.0, "spread of each compute action's time (standard deviation over mean); above 0 the "
+                            "simulator draws each time from a gamma distribution of that spread (seeded) and the "
+                            "steady step averages many steps", check=_SECONDS, metavar="SPREAD")
     overlap: bool = knob(True, "communication runs on its own streams; with --no-overlap it occupies the compute "
                          "stream")
 

@@ -11,7 +11,9 @@ Semantics, shared with the executor:
   has arrived, then holds it for ``receive_time``;
 * ``GATHER`` and ``REDUCE`` run in issue order on the data-parallel stream;
   a stage's compute waits for its ``GATHER``, its ``STEP`` for its reduce;
-* with ``overlap=False`` communication occupies the compute stream instead.
+* with ``overlap=False`` communication occupies the compute stream instead;
+* with a ``variation`` above 0, each compute action's time is drawn from a
+  gamma distribution with the cost model's time as its mean (seeded).
 
 Exposed communication is the time a rank's compute waits on a transfer or
 collective after its data was ready to go — waiting for a peer's compute is
@@ -20,6 +22,7 @@ bubble, not communication.
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -100,8 +103,10 @@ _SEND_F, _SEND_B, _RECV_F, _RECV_B = Kind.SEND_F, Kind.SEND_B, Kind.RECV_F, Kind
 _GATHER, _REDUCE, _GUARD = Kind.GATHER, Kind.REDUCE, Kind.GUARD
 
 
-def simulate(schedule: Schedule, cost: CostModel = CostModel(), guard_fails: bool = False) -> SimResult:
+def simulate(schedule: Schedule, cost: CostModel = CostModel(), guard_fails: bool = False, seed: int = 0) -> SimResult:
     """Return the simulated timeline and metrics of one step of ``schedule``.
+
+    ``seed`` seeds the draws of the compute times when ``cost.variation`` is above 0.
 
     ``guard_fails``: every ``GUARD`` finds a non-finite gradient, so every
     rank skips the steps (and gathers) that follow it; the timeline shows
@@ -114,7 +119,7 @@ def simulate(schedule: Schedule, cost: CostModel = CostModel(), guard_fails: boo
     """
     check_fields(cost)
     with collector_paused():
-        costs = _Costs.of(schedule, cost)
+        costs = _Costs.of(schedule, cost, seed)
         run = _Run(schedule.placement.ranks, cost.overlap, guard_fails)
         _run_programs(schedule.programs, costs, run)
         if any(position < len(program) for position, program in zip(run.positions, schedule.programs)):
@@ -122,12 +127,39 @@ def simulate(schedule: Schedule, cost: CostModel = CostModel(), guard_fails: boo
         return _result(schedule, cost, run)
 
 
+_STEADY_CALLS, _STEADY_SEEDS, _REPLICA_GROUPS = 10, 8, 16
+"""With drawn times: the extra steps each steady estimate averages, the estimates, and the groups of replicas drawn."""
+
+
 def steady_step(config: ScheduleConfig, cost: CostModel = CostModel()) -> float:
     """Return what one more step adds when consecutive steps of ``config`` are simulated: the step a training loop
-    runs at, once each step may start while the previous one ends.  Refuses what ``build_schedule`` and
+    runs at, once each step may start while the previous one ends.
+
+    With a ``variation`` above 0 the times are drawn: the result is the mean,
+    over several seeds, of what ten more steps add, divided by ten; and with
+    data-parallel replicas, which meet at each step's collectives, it adds
+    how much longer the slowest of ``data_parallel`` independently drawn
+    steps is than the mean step.  Refuses what ``build_schedule`` and
     ``simulate`` refuse."""
-    two, three = (simulate(build_schedule(config, check=False, calls=calls), cost).step_time for calls in (2, 3))
-    return three - two
+    if not cost.variation:
+        two, three = (simulate(build_schedule(config, check=False, calls=calls), cost).step_time for calls in (2, 3))
+        return three - two
+    short, long = (build_schedule(config, check=False, calls=calls) for calls in (2, 2 + _STEADY_CALLS))
+    slopes = [(simulate(long, cost, seed=seed).step_time - simulate(short, cost, seed=seed + _STEADY_SEEDS).step_time)
+              / _STEADY_CALLS for seed in range(_STEADY_SEEDS)]
+    return sum(slopes) / len(slopes) + _slowest_replica(config, cost)
+
+
+def _slowest_replica(config: ScheduleConfig, cost: CostModel) -> float:
+    """Return how much longer, on average, the slowest of ``data_parallel`` drawn steps is than one drawn step
+    (0 with one replica)."""
+    replicas = config.data_parallel
+    if replicas <= 1:
+        return 0.0
+    one = build_schedule(config, check=False)
+    steps = [simulate(one, cost, seed=seed).step_time for seed in range(_REPLICA_GROUPS * replicas)]
+    slowest = [max(steps[group * replicas:(group + 1) * replicas]) for group in range(_REPLICA_GROUPS)]
+    return sum(slowest) / len(slowest) - sum(steps) / len(steps)
 
 
 @dataclass(frozen=True)
@@ -143,7 +175,7 @@ class _Costs:
     receive_hold: float = 0.0  # what a RECV costs its rank once the message is there
 
     @staticmethod
-    def of(schedule: Schedule, cost: CostModel) -> "_Costs":
+    def of(schedule: Schedule, cost: CostModel, seed: int = 0) -> "_Costs":
         config, stages = schedule.config, schedule.placement.stages
         backward = per_stage(cost.backward_time, stages, "backward_time")
         share = cost.input_gradient_share
@@ -154,6 +186,9 @@ class _Costs:
                     Kind.R: per_stage(recompute, stages, "recompute_time"), Kind.STEP: (cost.optimizer_time,) * stages}
         if cost.action_overhead:
             duration = {kind: tuple(time + cost.action_overhead for time in times) for kind, times in duration.items()}
+        if cost.variation:
+            draw = random.Random(seed).gammavariate
+            duration = {kind: _Drawn(times, cost.variation, draw) for kind, times in duration.items()}
         boundary = per_stage(cost.boundary_bytes, stages, "boundary_bytes")
         transfer = {_SEND_F: tuple(cost.p2p_latency + size / cost.p2p_bandwidth for size in boundary),
                     _SEND_B: tuple(cost.p2p_latency + (boundary[s - 1] if s else 0.0) / cost.p2p_bandwidth
@@ -169,6 +204,19 @@ class _Costs:
         message_base = {kind: tuple(message_of(Action(stage, kind, 0)).number(microbatches) for stage in range(stages))
                         for kind in P2P_KINDS}
         return _Costs(duration, transfer, collective, message_base, cost.p2p_latency, cost.send_time, cost.receive_time)
+
+
+class _Drawn:
+    """Per stage, a compute time drawn afresh each time it is read: gamma-distributed around the stage's mean."""
+
+    def __init__(self, means: tuple[float, ...], variation: float, draw):
+        self.shape = 1.0 / variation ** 2
+        self.scales = tuple(mean / self.shape for mean in means)
+        self.draw = draw
+
+    def __getitem__(self, stage: int) -> float:
+        scale = self.scales[stage]
+        return self.draw(self.shape, scale) if scale > 0 else 0.0
 
 
 class _Run:

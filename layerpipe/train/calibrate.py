@@ -6,8 +6,10 @@ without writing any output, and measures:
 
 - from the measured timelines of the last steps (half of them, at most
   10), each stage's mean forward, backward and optimizer-step time, with
-  the processes running together, the runtime's overhead per action and
-  what a send and a receive cost their rank;
+  the processes running together, their spread (processes sharing cores
+  are descheduled at random, and the slowest replica or rank sets the
+  pace), the runtime's overhead per action and what a send and a receive
+  whose message is there cost their rank;
 - the step the training loop runs at: the median time between twice as
   many more steps run back to back (the ``[about]`` table's
   ``measured_step``), which the simulator's steady step is set against;
@@ -238,7 +240,10 @@ def report(figures: dict, path: str) -> str:
         f"{cost['p2p_bandwidth'] / 1e6:,.0f} MB/s",
         f"all-reduce over every process: {1e6 * cost['data_parallel_latency']:.0f} µs latency, "
         f"{cost['data_parallel_bandwidth'] / 1e6:,.0f} MB/s",
-        f"a forward while every process computes takes {figures['core_sharing']:.2f} times as long as alone",
+        f"a forward while every process computes takes {figures['core_sharing']:.2f} times as long as alone; "
+        f"compute times spread by {100 * cost['variation']:.0f} % (standard deviation over mean)",
+        f"a send holds its process {1e3 * cost['send_time']:.2f} ms, a receive whose message is there "
+        f"{1e3 * cost['receive_time']:.2f} ms",
         f"step: {1e3 * figures['measured_step']:.1f} ms measured (median of back-to-back steps), "
         f"{1e3 * figures['simulated_step']:.1f} ms simulated with these costs",
         f"wrote {path}: layerpipe simulate --cost-file {path} (with the same schedule options)"])

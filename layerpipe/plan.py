@@ -226,11 +226,11 @@ class _Costs:
 
 @lru_cache(maxsize=65536)
 def _costs(shape: GPTShape, hardware: Hardware, ranks: int, stages: int, data_parallel: int, size: int,
-           recompute: tuple[str, ...], optimizer_shards: int) -> _Costs:
+           recompute: tuple[str, ...], optimizer_shards: int, slowdown: float = 1.0, split: bool = False) -> _Costs:
     """Return the cost model of ``stages`` balanced stages of ``shape`` on ``hardware`` at micro-batch ``size``."""
     boundaries = balance_counts(layer_parameters(shape), stages)
-    slowdown = hardware.sharing_slowdown(ranks * data_parallel)
-    seconds = lambda flops: tuple(value * slowdown / hardware.flops for value in stage_sums(flops, boundaries))  # noqa: E731
+    rate = hardware.flops * hardware.rate_at(size) / slowdown
+    seconds = lambda flops: tuple(value / rate for value in stage_sums(flops, boundaries))  # noqa: E731
     forward = seconds(layer_forward_flops(shape, size))
     element = hardware.activation_element_bytes
     by_mode = {mode: (seconds(layer_recompute_flops(shape, size, mode)),
@@ -247,7 +247,8 @@ def _costs(shape: GPTShape, hardware: Hardware, ranks: int, stages: int, data_pa
     p2p_latency, p2p_bandwidth = hardware.link(ranks * data_parallel <= hardware.devices_per_node)
     _, data_bandwidth = hardware.link(data_parallel <= hardware.devices_per_node)
     cost = CostModel(
-        forward_time=forward, backward_time=tuple(hardware.backward_ratio * time for time in forward),
+        forward_time=forward, backward_time=tuple(hardware.backward_ratio * (hardware.split_backward if split else 1.0)
+                                                  * time for time in forward),
         recompute_time=recompute_time, optimizer_time=7 * max(weights) / optimizer_shards / hardware.memory_bandwidth,
         action_overhead=hardware.action_overhead, send_time=hardware.send_time, receive_time=hardware.receive_time,
         p2p_latency=p2p_latency, p2p_bandwidth=p2p_bandwidth,
@@ -257,20 +258,27 @@ def _costs(shape: GPTShape, hardware: Hardware, ranks: int, stages: int, data_pa
     return _Costs(cost, full, stored, weights)
 
 
-def _costs_of(candidate: Candidate, shape: GPTShape, hardware: Hardware) -> _Costs:
+def _costs_of(candidate: Candidate, shape: GPTShape, hardware: Hardware, slowdown: float = 1.0) -> _Costs:
+    """Return the costs of ``candidate``, its compute ``slowdown`` times slower than each device alone (zero-bubble's
+    backward, split in two, ``Hardware.split_backward`` times longer)."""
     config = candidate.schedule
     return _costs(shape, hardware, config.ranks, config.stages, config.data_parallel, candidate.microbatch_size,
-                  config.recompute_modes, config.data_parallel if config.zero else 1)
+                  config.recompute_modes, config.data_parallel if config.zero else 1, slowdown,
+                  config.schedule == "zero-bubble")
 
 
-def ideal_time(candidate: Candidate, costs: _Costs) -> float:
-    """Return the busiest rank's compute time: no schedule of ``candidate`` runs a step faster."""
+def ideal_time(candidate: Candidate, costs: _Costs, cores: int | None = None) -> float:
+    """Return the busiest rank's compute time, or, when the processes share ``cores`` cores, the time those cores
+    take for every process's compute if that is longer: no schedule of ``candidate`` runs a step faster."""
     config, cost = candidate.schedule, costs.cost
     per_stage = [config.microbatches * (f + b + (r if mode != "none" else 0.0) + (3 if mode != "none" else 2)
                                         * cost.action_overhead)
                  for f, b, r, mode in zip(cost.forward_time, cost.backward_time, cost.recompute_time,
                                           config.recompute_modes)]
-    return max(sum(per_stage[rank::config.ranks]) for rank in range(config.ranks))
+    per_rank = [sum(per_stage[rank::config.ranks]) for rank in range(config.ranks)]
+    if cores is None:
+        return max(per_rank)
+    return max(max(per_rank), config.data_parallel * sum(per_rank) / cores)
 
 
 def memory_floor(candidate: Candidate, costs: _Costs) -> float:
@@ -322,12 +330,32 @@ def measure(candidate: Candidate, shape: GPTShape, hardware: Hardware,
     memory = peak_memory(memory_programs(candidate.schedule), candidate.schedule, costs)
     if memory > memory_limit:
         return None, memory
-    result = simulate(build_schedule(candidate.schedule, check=False), costs.cost)
+    result = _shared_cores_simulation(candidate, shape, hardware, costs)
+    step_time = max(result.step_time, ideal_time(candidate, costs, hardware.cores))
     tokens = candidate.schedule.microbatches * candidate.microbatch_size * candidate.schedule.data_parallel \
         * shape.block_size
     exposed = max((rank.exposed_communication for rank in result.ranks), default=0.0)
-    return PlanEntry(candidate, result.step_time, tokens / result.step_time, memory, result.bubble_fraction,
-                     exposed), memory
+    return PlanEntry(candidate, step_time, tokens / step_time, memory, result.bubble_fraction, exposed), memory
+
+
+SHARING_ROUNDS = 3
+"""Times the simulation is repeated to settle how much processes sharing cores slow each other."""
+
+
+def _shared_cores_simulation(candidate: Candidate, shape: GPTShape, hardware: Hardware, costs: _Costs):
+    """Return the simulation of ``candidate``; on a machine whose processes share cores, the compute slowed by
+    ``Hardware.core_slowdown`` of the busy share the simulation itself finds (repeated ``SHARING_ROUNDS`` times,
+    each with the slowdown the previous one implies)."""
+    schedule = build_schedule(candidate.schedule, check=False)
+    result = simulate(schedule, costs.cost)
+    processes = candidate.schedule.ranks * candidate.schedule.data_parallel
+    for _ in range(SHARING_ROUNDS if hardware.cores is not None else 0):
+        busy = sum(rank.busy for rank in result.ranks) / (len(result.ranks) * result.step_time)
+        slowdown = hardware.core_slowdown(processes, busy)
+        if slowdown <= 1.0:
+            break
+        result = simulate(schedule, _costs_of(candidate, shape, hardware, slowdown).cost)
+    return result
 
 
 # ---------------------------------------------------------------- search
@@ -343,7 +371,7 @@ def plan(request: PlanRequest, progress: Callable[[int, int], None] | None = Non
     """
     shape, hardware = model_shape(request.model), hardware_of(request)
     limit = request.gpu_memory * GIB * USABLE_MEMORY
-    ranked = sorted(((ideal_time(c, _costs_of(c, shape, hardware)), index, c)
+    ranked = sorted(((ideal_time(c, _costs_of(c, shape, hardware), hardware.cores), index, c)
                      for index, c in enumerate(candidates(request, shape))), key=lambda item: item[:2])
     if not ranked:
         raise ConfigError("gpus", request.gpus, _no_layout_reason(request, shape))

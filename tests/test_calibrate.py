@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -25,6 +26,10 @@ def test_calibrate_writes_a_cost_file_that_simulate_reads(tmp_path, capsys):
     assert len(cost.forward_time) == 4 and all(t > 0 for t in cost.forward_time + cost.backward_time)
     assert all(b > 0 for b in cost.boundary_bytes + cost.weight_bytes + cost.activation_bytes)
     assert cost.p2p_latency > 0 and cost.data_parallel_latency > 0
+    with open(path, "rb") as handle:
+        about = tomllib.load(handle)["about"]
+    assert about["alone_sizes"] == [1, 2, 4, 8, 16] and all(time > 0 for time in about["alone_forward"])
+    assert about["split_backward"] >= 1 and about["contention"] >= 1
     assert layerpipe_main(["simulate", "--ranks", "2", "--stages-per-rank", "2", "--microbatches", "4",
                            "--cost-file", str(path)]) == 0
     assert "step time" in capsys.readouterr().out

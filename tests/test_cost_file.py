@@ -114,3 +114,20 @@ def test_calibration_measures_the_spread_of_compute_times_weighted_by_their_tota
     events = tuple(TimelineEvent(0, "compute", parse_action(action), start, end) for action, start, end in spans)
     cost = calibrated_cost(Timeline(1, events, "measured", "s", "test"), 1)
     assert cost.variation == pytest.approx(0.5 * 4 / (4 + 8))
+
+
+def test_contention_is_compute_time_over_the_time_alone_with_cores_shared_fairly():
+    from layerpipe.schedule.actions import parse_action
+    from layerpipe.sim.calibrate import contention
+    from layerpipe.sim.timeline import Timeline, TimelineEvent
+
+    # ranks 0 and 1 compute together for 2 s, then rank 0 alone for 2 s
+    rows = [(0, "0F0", 0.0, 4.0), (1, "1F0", 0.0, 2.0), (1, "1RECV_F1", 2.0, 4.0)]
+    events = tuple(TimelineEvent(rank, "p2p" if "RECV" in action else "compute", parse_action(action), start, end)
+                   for rank, action, start, end in rows)
+    timeline = Timeline(2, events, "measured", "s", "test")
+    assert contention(timeline, cores=2) == pytest.approx(1.0)
+    assert contention(timeline, cores=1) == pytest.approx(6.0 / 4.0)  # 6 s computed; alone: 1 + 1 + 2 s
+    assert contention(timeline, cores=2, replicas=2) == pytest.approx(6.0 / 4.0)
+    with pytest.raises(ValueError, match="at least one core"):
+        contention(timeline, cores=0)

@@ -17,6 +17,7 @@ from layerpipe.plan import (GIB, MODELS, NEAR_TIE, USABLE_MEMORY, Candidate, Pla
 from layerpipe.runtime.memory import ActivationMeter
 from layerpipe.sim.cost import CostModel
 from layerpipe.sim.cost_file import write_cost_file
+from layerpipe.sim.hardware import PRESETS
 from layerpipe.sim.gpt_costs import GPTShape, layer_activation_bytes, layer_forward_flops, layer_parameters
 from layerpipe.train.config import build_parser, config_from
 
@@ -223,3 +224,72 @@ def test_a_model_file_gives_the_sizes(tmp_path):
     path.write_text("width = 100\nheads = 8\n")
     with pytest.raises(ConfigError, match="heads .8. must divide its width .100."):
         model_shape(str(path))
+
+
+def test_processes_sharing_cores_slow_each_other_by_the_share_of_the_step_they_compute(tmp_path):
+    request = PlanRequest(model="demo", gpus=4, gpu_memory=1.0, global_batch=32,
+                          cost_file=_cost_file(tmp_path / "c.toml", processes=4, cores=2))
+    shape, shared = model_shape("demo"), hardware_of(request)
+    own_cores = dataclasses.replace(shared, cores=None)
+
+    def ratio(ranks: int, data_parallel: int) -> float:
+        candidate = next(c for c in candidates(request, shape) if (c.schedule.schedule, c.schedule.ranks,
+                         c.schedule.data_parallel, c.schedule.microbatches, c.schedule.zero) == (
+                             "gpipe", ranks, data_parallel, 1, 0) and c.schedule.recompute == "none")
+        return (evaluate(candidate, shape, shared, math.inf).step_time
+                / evaluate(candidate, shape, own_cores, math.inf).step_time)
+
+    assert 1.8 <= ratio(1, 4) <= 2.0  # four processes computing all the time on two cores: half speed
+    assert ratio(2, 2) <= 1.1  # one micro-batch through two stages: half the processes compute at a time
+
+
+def test_the_planner_reads_the_calibrated_contention_as_a_faster_process_alone(tmp_path):
+    path = _cost_file(tmp_path / "c.toml")
+    plain = hardware_of(PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=path))
+    text = open(path).read().replace("[about]\n", "[about]\ncontention = 1.5\n")
+    open(path, "w").write(text)
+    faster = hardware_of(PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=path))
+    assert faster.flops == pytest.approx(1.5 * plain.flops)
+
+
+def test_the_compute_rate_between_measured_micro_batch_sizes_is_interpolated_in_log_scale():
+    hardware = dataclasses.replace(PRESETS["a100"], rates=((1, 0.5), (4, 1.0), (16, 1.5)))
+    assert hardware.rate_at(2) == pytest.approx(0.75)
+    assert hardware.rate_at(8) == pytest.approx(1.25)
+    assert (hardware.rate_at(1), hardware.rate_at(64)) == (0.5, 1.5)
+    assert PRESETS["a100"].rate_at(3) == 1.0
+
+
+def test_the_alone_forward_times_give_rates_relative_to_the_calibrated_micro_batch(tmp_path):
+    path = _cost_file(tmp_path / "c.toml")  # batch 32 over 8 micro-batches: 4 sequences each
+    text = open(path).read().replace("[about]\n", "[about]\nalone_sizes = [1, 2, 4, 8]\n"
+                                     "alone_forward = [1.0, 1.0, 2.0, 2.0]\nsplit_backward = 1.5\n")
+    open(path, "w").write(text)
+    hardware = hardware_of(PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=path))
+    assert hardware.rates == ((1, 0.5), (2, 1.0), (4, 1.0), (8, 2.0))
+    assert hardware.split_backward == 1.5
+
+
+def test_zero_bubble_pays_the_calibrated_price_of_splitting_its_backward(tmp_path):
+    from layerpipe.plan import _costs_of
+
+    request = PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=_cost_file(tmp_path / "c.toml"))
+    shape, hardware = model_shape("demo"), dataclasses.replace(hardware_of(request), split_backward=1.5)
+    layout = {(c.schedule.schedule, c.schedule.microbatches, c.schedule.stages_per_rank): c
+              for c in candidates(request, shape) if c.schedule.ranks == 2 and c.schedule.recompute == "none"}
+    split, whole = (_costs_of(layout[(name, 8, 1)], shape, hardware).cost for name in ("zero-bubble", "1f1b"))
+    assert split.backward_time == pytest.approx(tuple(1.5 * time for time in whole.backward_time))
+    assert split.forward_time == whole.forward_time
+
+
+@pytest.mark.parametrize("line, named", [("alone_sizes = [2, 1]\nalone_forward = [1.0, 1.0]", "alone_sizes"),
+                                         ("alone_sizes = [1, 2]\nalone_forward = [1.0]", "alone_sizes"),
+                                         ("split_backward = 0.5", "split_backward = 0.5"),
+                                         ("contention = 0.5", "contention = 0.5 must be a finite number of at least 1")])
+def test_bad_calibrated_figures_are_refused_in_one_line(line, named, tmp_path, capsys):
+    path = _cost_file(tmp_path / "c.toml")
+    text = open(path).read().replace("[about]\n", f"[about]\n{line}\n")
+    open(path, "w").write(text)
+    assert main(["plan", "--cost-file", path, "--output", str(tmp_path / "p.toml")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and named in error

@@ -91,3 +91,46 @@ def core_sharing(work, repeats: int = 10) -> float:
 
     alone, together = _shared([timed(False), timed(True)])
     return together / alone if alone > 0 else 1.0
+
+
+def alone(work, repeats: int = 10) -> float:
+    """Return the median time of ``work()`` on process 0 while every other process waits (collective)."""
+    rank, times = dist.get_rank(), []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        if rank == 0:
+            work()
+        times.append(time.perf_counter() - start)
+    return _shared([statistics.median(times)])[0]
+
+
+def split_backward_ratio(stage, inputs: tuple, repeats: int = 10) -> float:
+    """Return how much longer a backward split in two (input gradients, then weight gradients, as zero-bubble runs
+    it) takes than one whole backward of ``stage`` on ``inputs`` (floating inputs need gradients), on process 0 alone
+    (collective).  1 when ``stage`` has no floating input."""
+    floating = [tensor for tensor in inputs if tensor.is_floating_point()]
+    if not floating:
+        return _shared([1.0])[0]
+    parameters = [parameter for parameter in stage.parameters() if parameter.requires_grad]
+
+    def forward():
+        leaves = [tensor.detach().requires_grad_(tensor.is_floating_point()) for tensor in inputs]
+        outputs = [output for output in stage(*leaves) if output.requires_grad]
+        return [leaf for leaf in leaves if leaf.requires_grad], outputs, [torch.ones_like(o) for o in outputs]
+
+    def whole():
+        _, outputs, gradients = forward()
+        torch.autograd.backward(outputs, gradients)
+
+    def split():
+        leaves, outputs, gradients = forward()
+        torch.autograd.grad(outputs, leaves, gradients, retain_graph=True)
+        torch.autograd.backward(outputs, gradients, inputs=parameters)
+
+    def forward_only():
+        forward()
+
+    base, one, two = (alone(work, repeats) for work in (forward_only, whole, split))
+    stage.zero_grad(set_to_none=True)
+    return max(1.0, (two - base) / max(one - base, 1e-9))

@@ -116,3 +116,27 @@ def _typical_gap(spans: dict[int, list[tuple[float, float]]]) -> float:
         if between:
             gaps.append(median(between))
     return median(gaps) if gaps else 0.0
+
+
+def contention(timeline: Timeline, cores: int, replicas: int = 1) -> float:
+    """Return how much slower the timeline's compute ran than it would alone, were cores shared fairly: ``≥ 1``.
+
+    At each moment ``n`` ranks of the timeline compute, and as many in each
+    of the ``replicas`` (the timeline is one replica's), so each runs at
+    ``min(1, cores / (replicas · n))`` of its own speed.  The result is the
+    compute time over the work it would take alone.  Refuses, with
+    ``ValueError``, fewer than one core or replica.
+    """
+    if cores < 1 or replicas < 1:
+        raise ValueError(f"contention needs at least one core and one replica, not {cores} and {replicas}")
+    changes = sorted(point for _, stream, _, start, end in timeline.events if stream == "compute" and end > start
+                     for point in ((start, 1), (end, -1)))
+    busy = alone = 0.0
+    running, previous = 0, None
+    for moment, change in changes:
+        if running and previous is not None:
+            span = (moment - previous) * running
+            busy += span
+            alone += span * min(1.0, cores / (replicas * running))
+        running, previous = running + change, moment
+    return busy / alone if alone else 1.0

@@ -28,8 +28,12 @@ class Hardware:
     the compute precision; ``backward_ratio`` the backward's time over the
     forward's.  Links: ``intra_node_*`` between devices of one node,
     ``inter_node_*`` per device between nodes.  ``cores`` is set for a CPU
-    machine whose processes share ``cores`` cores: more processes than
-    ``calibrated_processes`` slow each one down in proportion.
+    machine whose processes share ``cores`` cores (see ``core_slowdown``);
+    its ``flops`` are then one process's alone.  ``rates`` are ``(sequences
+    per micro-batch, rate relative to flops)`` pairs, sizes ascending (a
+    CPU computes faster per sequence on larger micro-batches);
+    ``split_backward`` is how much longer a backward split into input and
+    weight gradients takes than a whole one.
     ``send_time`` and ``receive_time`` are what a message costs the
     process that sends or receives it (measured on a CPU machine; part of
     ``action_overhead`` on the presets).
@@ -48,9 +52,10 @@ class Hardware:
     precision: str = "bf16"
     backward_ratio: float = 2.0
     cores: int | None = None
-    calibrated_processes: int = 1
     send_time: float = 0.0
     receive_time: float = 0.0
+    rates: tuple[tuple[int, float], ...] = ()
+    split_backward: float = 1.0
     sources: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -58,11 +63,25 @@ class Hardware:
         """Return the bytes of one activation element in the compute precision."""
         return 4 if self.precision == "fp32" else 2
 
-    def sharing_slowdown(self, devices: int) -> float:
-        """Return how much slower each process computes with ``devices`` processes than in the calibrated layout."""
+    def rate_at(self, size: int) -> float:
+        """Return the compute rate at micro-batches of ``size`` sequences relative to ``flops`` (interpolated
+        between the measured sizes in log scale, the nearest outside them; 1 without measurements)."""
+        if not self.rates:
+            return 1.0
+        sizes = [measured for measured, _ in self.rates]
+        if size <= sizes[0] or size >= sizes[-1]:
+            return self.rates[0][1] if size <= sizes[0] else self.rates[-1][1]
+        upper = next(index for index, measured in enumerate(sizes) if measured >= size)
+        (low, low_rate), (high, high_rate) = self.rates[upper - 1], self.rates[upper]
+        weight = math.log(size / low) / math.log(high / low)
+        return low_rate + weight * (high_rate - low_rate)
+
+    def core_slowdown(self, processes: int, busy_share: float) -> float:
+        """Return how much slower each of ``processes`` computes than alone when each computes ``busy_share`` of
+        the time and they share ``cores`` cores fairly (1 without ``cores``)."""
         if self.cores is None:
             return 1.0
-        return max(1.0, devices / self.cores) / max(1.0, self.calibrated_processes / self.cores)
+        return max(1.0, processes * busy_share / self.cores)
 
     def link(self, neighbours_in_node: bool) -> tuple[float, float]:
         """Return ``(latency, bandwidth)`` of a link inside one node or between nodes."""
@@ -101,7 +120,8 @@ def hardware_from_cost_file(path: str, cost: CostModel, option: str = "cost_file
     """Return this machine's figures from the cost file at ``path`` (already read into ``cost``).
 
     The compute rate is the model's forward FLOP per micro-batch over the
-    measured forward times, the backward ratio the measured one; links and
+    measured forward times, times the ``[about]`` contention (how much
+    slower the processes computed, sharing cores, than alone), the backward ratio the measured one; links and
     collectives are the measured ones for every distance (one machine).
     Refuses, with ``ConfigError`` on ``option``, a file without the
     ``[about]`` figures ``layerpipe calibrate`` writes for the GPT.
@@ -122,13 +142,42 @@ def hardware_from_cost_file(path: str, cost: CostModel, option: str = "cost_file
     shards = int(about["data_parallel"]) if int(about.get("zero", 0)) else 1  # STEP updates a shard from ZeRO-1 on
     optimizer_bandwidth = 7 * max(weights) / shards / cost.optimizer_time if cost.optimizer_time > 0 else math.inf
     return Hardware(
-        name=f"this machine ({about.get('machine', 'calibrated')})", flops=sum(stage_flops) / sum(forward),
+        name=f"this machine ({about.get('machine', 'calibrated')})",
+        flops=sum(stage_flops) / sum(forward) * _at_least_one(about, "contention", path, option),
         memory_bandwidth=optimizer_bandwidth, devices_per_node=10**9, intra_node_bandwidth=bandwidth,
         inter_node_bandwidth=bandwidth, intra_node_latency=latency, inter_node_latency=latency,
         collective_latency=cost.data_parallel_latency, action_overhead=cost.action_overhead, precision="fp32",
         backward_ratio=sum(backward) / sum(forward), cores=int(about.get("cores", 0)) or None,
-        calibrated_processes=int(about["processes"]), send_time=cost.send_time, receive_time=cost.receive_time,
+        rates=_rates(about, microbatch_size, path, option), split_backward=_at_least_one(about, "split_backward", path, option),
+        send_time=cost.send_time, receive_time=cost.receive_time,
         sources=(f"measured by layerpipe calibrate on {about.get('date', 'an unknown date')}: {path}",))
+
+
+def _at_least_one(about: dict, key: str, path: str, option: str) -> float:
+    """Return the ``[about]`` figure ``key`` (1 when absent); refuse, with ``ConfigError``, one below 1."""
+    value = about.get(key, 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1.0 <= value < math.inf:
+        raise ConfigError(option, path, f"its [about] {key} = {value!r} must be a finite number of at least 1")
+    return float(value)
+
+
+def _rates(about: dict, calibrated_size: int, path: str, option: str) -> tuple[tuple[int, float], ...]:
+    """Return the ``[about]`` alone forward times as rates per sequence relative to the calibrated micro-batch's
+    (none when absent); refuse, with ``ConfigError``, lists that are not sizes ascending and positive times."""
+    sizes, times = about.get("alone_sizes"), about.get("alone_forward")
+    if sizes is None and times is None:
+        return ()
+    valid = (isinstance(sizes, list) and isinstance(times, list) and len(sizes) == len(times) > 0
+             and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)
+             and sizes == sorted(set(sizes))
+             and all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < math.inf for t in times))
+    if not valid:
+        raise ConfigError(option, path, f"its [about] alone_sizes = {sizes!r} and alone_forward = {times!r} must be "
+                          f"ascending whole numbers and as many positive times")
+    per_sequence = [size / time for size, time in zip(sizes, times)]
+    reference = Hardware("calibrated", 1.0, 1.0, 1, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0,
+                         rates=tuple(zip(sizes, per_sequence))).rate_at(calibrated_size)
+    return tuple((size, rate / reference) for size, rate in zip(sizes, per_sequence))
 
 
 _NEEDED = ("vocab_size", "block_size", "width", "heads", "blocks", "batch_size", "microbatches", "data_parallel",

@@ -18,7 +18,10 @@ without writing any output, and measures:
 - the latency and bandwidth of a message between processes 0 and 1, and of
   an all-reduce over every process;
 - how much slower a stage's forward runs while every process computes than
-  alone (the ``[about]`` table records it).
+  alone, and the contention: how much longer the measured compute took
+  than it would alone, were the cores shared fairly between the processes
+  computing at each moment (the ``[about]`` table records both; the
+  planner divides the compute times by the contention).
 
 The cost file (TOML) feeds ``layerpipe simulate --cost-file``,
 ``compare --cost-file`` and ``plan --cost-file``.
@@ -51,6 +54,15 @@ def _stage_bytes(pipe) -> dict:
                      for meta in metas[index])
         sizes[str(index)] = {"boundary": output, "weight": shard.weight_bytes, "activation": saved.get(index, 0)}
     return sizes
+
+
+_CONTENTION_KIND = ("the measured compute time over the time it would take alone, were the cores shared fairly "
+                    "between the processes computing at each moment")
+
+
+_ALONE_KIND = ("alone_forward: seconds of one forward of process 0's last stage, alone, at each of alone_sizes "
+               "sequences per micro-batch; split_backward: a backward split into input and weight gradients over a "
+               "whole one")
 
 
 def _about(config, task, sharing: float, measured_step: float, measured: int) -> dict:
@@ -110,6 +122,41 @@ def _one_forward(pipe, first_microbatch):
     return run
 
 
+def _inputs_of_size(pipe, index: int, first_microbatch: tuple, size: int) -> tuple:
+    """Return inputs of stage ``index`` for a micro-batch of ``size`` sequences (the first micro-batch's tokens,
+    repeated, for stage 0; zeros of the agreed shape for the others)."""
+    import torch
+
+    if index == 0:
+        tokens = first_microbatch[0]
+        return (tokens.repeat((size + len(tokens) - 1) // len(tokens), *[1] * (tokens.dim() - 1))[:size],)
+    metas = next(iter(pipe._metas.values()))
+    return tuple(torch.zeros((size, *meta.shape[1:]), dtype=meta.dtype) for meta in metas[index - 1])
+
+
+def alone_figures(pipe, first_microbatch: tuple, largest: int) -> dict:
+    """Return, measured on process 0 alone (collective): the forward time of its last stage at micro-batches of
+    1, 2, 4, ... up to ``largest`` sequences, and how much longer a split backward takes than a whole one."""
+    import torch
+
+    from ..runtime.calibration import alone, split_backward_ratio
+
+    index = max(pipe.stages)
+    stage = pipe.stages[index]
+    sizes = [1 << power for power in range(max(1, largest).bit_length()) if 1 << power <= largest]
+    times = []
+    for size in sizes:
+        inputs = _inputs_of_size(pipe, index, first_microbatch, size)
+
+        def forward(inputs=inputs):
+            with torch.no_grad():
+                stage(*inputs)
+        times.append(alone(forward))
+    size = len(first_microbatch[0])
+    ratio = split_backward_ratio(stage, _inputs_of_size(pipe, index, first_microbatch, size))
+    return {"alone_sizes": sizes, "alone_forward": times, "split_backward": ratio}
+
+
 def steady_period(pipe, task, generator, steps: int) -> float:
     """Return the median time between the ends of ``steps + 1`` back-to-back training steps on this process.
 
@@ -153,7 +200,7 @@ def measure(config, cost_file: str) -> dict:
     from ..runtime.calibration import collective, core_sharing, point_to_point
     from ..runtime.exchange import all_gather_json
     from ..runtime.launch import init_process_group
-    from ..sim.calibrate import calibrated_cost
+    from ..sim.calibrate import calibrated_cost, contention
     from ..sim.cost_file import write_cost_file
     from ..sim.simulator import steady_step
     from .loop import make_pipeline
@@ -178,6 +225,7 @@ def measure(config, cost_file: str) -> dict:
     first = (batch[0][: batch[0].shape[0] // pipe.microbatches],)
     with _weights_gathered(pipe, config.timeout):
         sharing = core_sharing(_one_forward(pipe, first))
+        alone_at = alone_figures(pipe, first, config.batch_size // config.pipeline.data_parallel)
     cost = dataclasses.replace(
         calibrated_cost(timeline, stages), p2p_latency=latency, p2p_bandwidth=bandwidth,
         boundary_bytes=tuple(float(sizes[s]["boundary"]) for s in range(stages)),
@@ -186,9 +234,12 @@ def measure(config, cost_file: str) -> dict:
         data_parallel_latency=collective_latency, data_parallel_bandwidth=collective_bandwidth)
     measured_step = period
     figures = {"measured_step": measured_step, "simulated_step": steady_step(pipe.schedule.config, cost),
-               "core_sharing": sharing, "cost": {k: v for k, v in dataclasses.asdict(cost).items()}}
+               "core_sharing": sharing, "split_backward": alone_at["split_backward"], "contention": contention(timeline, os.cpu_count() or 1, config.pipeline.data_parallel),
+               "cost": {k: v for k, v in dataclasses.asdict(cost).items()}}
     if dist.get_rank() == 0:
-        about = _about(config, task, sharing, measured_step, len(timelines))
+        about = _about(config, task, sharing, measured_step, len(timelines)) | {
+            "contention": figures["contention"], "contention_kind": _CONTENTION_KIND, **alone_at,
+            "alone_kind": _ALONE_KIND}
         write_cost_file(cost_file, cost, about)
     return figures
 
@@ -241,7 +292,9 @@ def report(figures: dict, path: str) -> str:
         f"all-reduce over every process: {1e6 * cost['data_parallel_latency']:.0f} µs latency, "
         f"{cost['data_parallel_bandwidth'] / 1e6:,.0f} MB/s",
         f"a forward while every process computes takes {figures['core_sharing']:.2f} times as long as alone; "
-        f"compute times spread by {100 * cost['variation']:.0f} % (standard deviation over mean)",
+        f"over the run, the compute took {figures['contention']:.2f} times as long as alone",
+        f"compute times spread by {100 * cost['variation']:.0f} % (standard deviation over mean); a backward "
+        f"split in two takes {figures['split_backward']:.2f} times as long as a whole one",
         f"a send holds its process {1e3 * cost['send_time']:.2f} ms, a receive whose message is there "
         f"{1e3 * cost['receive_time']:.2f} ms",
         f"step: {1e3 * figures['measured_step']:.1f} ms measured (median of back-to-back steps), "

@@ -70,9 +70,11 @@ def calibrate(label: str, knobs: dict, extra: list[str], steps: int, folder: str
                     *_options(knobs), *extra], check=True, stdout=subprocess.DEVNULL)
     with open(path, "rb") as handle:
         about = tomllib.load(handle)["about"]
-    simulated = steady_step(ScheduleConfig(**knobs), read_cost_file(path))
+    cost = read_cost_file(path)
+    simulated = steady_step(ScheduleConfig(**knobs), cost)
     return {"configuration": label, "measured": about["measured_step"], "simulated": simulated,
-            "ratio": simulated / about["measured_step"], "core_sharing": about["core_sharing"], "cost_file": path}
+            "ratio": simulated / about["measured_step"], "core_sharing": about["core_sharing"],
+            "variation": cost.variation, "cost_file": path}
 
 
 def _summary(found: list[dict]) -> dict:
@@ -80,7 +82,8 @@ def _summary(found: list[dict]) -> dict:
     return {"configuration": found[0]["configuration"], "measured": statistics.median(f["measured"] for f in found),
             "simulated": statistics.median(f["simulated"] for f in found),
             "ratio": statistics.median(f["ratio"] for f in found), "ratios": [f["ratio"] for f in found],
-            "core_sharing": statistics.median(f["core_sharing"] for f in found), "cost_file": found[-1]["cost_file"]}
+            "core_sharing": statistics.median(f["core_sharing"] for f in found),
+            "variation": statistics.median(f["variation"] for f in found), "cost_file": found[-1]["cost_file"]}
 
 
 def stacked_picture(steps: int, cost_file: str, path: str) -> None:
@@ -116,12 +119,13 @@ def main() -> None:
     machine = gloo_machine()
     lines = [f"# The calibrated simulator against the measured step ({today})", "", f"Machine: {machine}. The demo GPT, "
              f"batch 32, 8 micro-batches, {args.steps} steps each, {args.rounds} interleaved rounds (medians). Measured: the median time between back-to-back "
-             "steps; simulated: what one more step adds when consecutive steps are simulated.", "",
+             "steps; simulated: what one more step adds when consecutive steps are simulated, each compute time drawn "
+             "with the calibrated spread (replicas wait for the slowest).", "",
              "| configuration | measured (ms) | simulated (ms) | simulated / measured | each round | a forward beside "
-             "others / alone |", "| --- | --- | --- | --- | --- | --- |"]
+             "others / alone | compute spread |", "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {row['configuration']} | {1e3 * row['measured']:.1f} | {1e3 * row['simulated']:.1f} | "
               f"{row['ratio']:.2f} | {', '.join(f'{ratio:.2f}' for ratio in row['ratios'])} | "
-              f"{row['core_sharing']:.2f} |" for row in rows]
+              f"{row['core_sharing']:.2f} | {100 * row['variation']:.0f} % |" for row in rows]
     record = {"date": today, "machine": machine, "rows": rows}
     print(write_results(args.output, "simulator_accuracy", record, lines))
 

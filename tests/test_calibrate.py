@@ -35,6 +35,17 @@ def test_calibrate_writes_a_cost_file_that_simulate_reads(tmp_path, capsys):
     assert "step time" in capsys.readouterr().out
 
 
+@pytest.mark.multiprocess
+def test_calibrate_measures_a_layout_whose_first_process_holds_only_the_token_stage(tmp_path):
+    path = tmp_path / "cost.toml"
+    done = subprocess.run([sys.executable, "-m", "layerpipe", "calibrate", *SMALL, "--schedule", "gpipe",
+                           "--stages-per-rank", "1", "--steps", "2", "--timeout", "60", "--cost-file", str(path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(path, "rb") as handle:
+        assert tomllib.load(handle)["about"]["split_backward"] == 1.0
+
+
 def test_a_cost_file_in_a_missing_folder_is_refused_before_any_process_starts(tmp_path):
     done = subprocess.run([sys.executable, "-m", "layerpipe", "calibrate", "--cost-file",
                            str(tmp_path / "no" / "cost.toml")], capture_output=True, text=True, timeout=120)

@@ -131,3 +131,18 @@ def test_contention_is_compute_time_over_the_time_alone_with_cores_shared_fairly
     assert contention(timeline, cores=2, replicas=2) == pytest.approx(6.0 / 4.0)
     with pytest.raises(ValueError, match="at least one core"):
         contention(timeline, cores=0)
+
+
+def test_gather_latency_counts_each_gather_from_when_the_collectives_before_it_ended():
+    from layerpipe.schedule.actions import parse_action
+    from layerpipe.sim.calibrate import gather_latency
+    from layerpipe.sim.timeline import Timeline, TimelineEvent
+
+    # two gathers issued together: the second waits for the first, then takes 3 s; bytes take 1 s at this bandwidth
+    rows = [(0, "0GATHER", 0.0, 2.0), (0, "2GATHER", 0.0, 5.0), (0, "0F0", 5.0, 6.0)]
+    events = tuple(TimelineEvent(rank, "compute" if "F0" in action else "data_parallel", parse_action(action),
+                                 start, end) for rank, action, start, end in rows)
+    timeline = Timeline(1, events, "measured", "s", "test")
+    weights = (4.0, 0.0, 4.0)
+    assert gather_latency(timeline, weights, replicas=2, bandwidth=2.0) == pytest.approx(((2 - 1) + (3 - 1)) / 2)
+    assert gather_latency(timeline, weights, replicas=1, bandwidth=2.0) is None

@@ -108,10 +108,9 @@ def alone(work, repeats: int = 10) -> float:
 def split_backward_ratio(stage, inputs: tuple, repeats: int = 10) -> float:
     """Return how much longer a backward split in two (input gradients, then weight gradients, as zero-bubble runs
     it) takes than one whole backward of ``stage`` on ``inputs`` (floating inputs need gradients), on process 0 alone
-    (collective).  1 when ``stage`` has no floating input."""
-    floating = [tensor for tensor in inputs if tensor.is_floating_point()]
-    if not floating:
-        return _shared([1.0])[0]
+    (collective).  1 when process 0's ``stage`` has no floating input."""
+    if not _shared([float(any(tensor.is_floating_point() for tensor in inputs))])[0]:  # process 0's stage decides
+        return 1.0
     parameters = [parameter for parameter in stage.parameters() if parameter.requires_grad]
 
     def forward():

@@ -140,3 +140,28 @@ def contention(timeline: Timeline, cores: int, replicas: int = 1) -> float:
             alone += span * min(1.0, cores / (replicas * running))
         running, previous = running + change, moment
     return busy / alone if alone else 1.0
+
+
+def gather_latency(timeline: Timeline, weight_bytes: tuple[float, ...], replicas: int, bandwidth: float) -> float | None:
+    """Return the latency the timeline's weight gathers show, as ``collective_time`` reads it: the mean, over
+    gathers, of the time each took once the collectives issued before it on its rank had ended, less its bytes'
+    share over ``bandwidth`` (``None`` without gathers or replicas).
+
+    A collective needs every replica's process on a core, so on a machine
+    whose processes share cores it takes longer than on an idle one.
+    """
+    if replicas <= 1:
+        return None
+    by_rank: dict[int, list] = defaultdict(list)
+    for rank, stream, action, start, end in timeline.events:
+        if stream == "data_parallel":
+            by_rank[rank].append((start, end, action))
+    latencies = []
+    for spans in by_rank.values():
+        free = 0.0
+        for start, end, action in sorted(spans):
+            if action.kind is Kind.GATHER:
+                moved = (replicas - 1) / replicas * weight_bytes[action.stage] / bandwidth
+                latencies.append(end - max(start, free) - moved)
+            free = max(free, end)
+    return max(0.0, mean(latencies)) if latencies else None

@@ -16,7 +16,9 @@ without writing any output, and measures:
 - each stage's output bytes per micro-batch, the activation bytes one
   forward saved and its weight bytes;
 - the latency and bandwidth of a message between processes 0 and 1, and of
-  an all-reduce over every process;
+  an all-reduce over every process (the latency the weight gathers of the
+  run showed instead, when that is longer: processes sharing cores slow a
+  collective down);
 - how much slower a stage's forward runs while every process computes than
   alone, and the contention: how much longer the measured compute took
   than it would alone, were the cores shared fairly between the processes
@@ -200,7 +202,7 @@ def measure(config, cost_file: str) -> dict:
     from ..runtime.calibration import collective, core_sharing, point_to_point
     from ..runtime.exchange import all_gather_json
     from ..runtime.launch import init_process_group
-    from ..sim.calibrate import calibrated_cost, contention
+    from ..sim.calibrate import calibrated_cost, contention, gather_latency
     from ..sim.cost_file import write_cost_file
     from ..sim.simulator import steady_step
     from .loop import make_pipeline
@@ -226,15 +228,16 @@ def measure(config, cost_file: str) -> dict:
     with _weights_gathered(pipe, config.timeout):
         sharing = core_sharing(_one_forward(pipe, first))
         alone_at = alone_figures(pipe, first, config.batch_size // config.pipeline.data_parallel)
+    weights = tuple(float(sizes[s]["weight"]) for s in range(stages))
+    loaded = gather_latency(timeline, weights, config.pipeline.data_parallel, collective_bandwidth)
     cost = dataclasses.replace(
         calibrated_cost(timeline, stages), p2p_latency=latency, p2p_bandwidth=bandwidth,
         boundary_bytes=tuple(float(sizes[s]["boundary"]) for s in range(stages)),
-        activation_bytes=tuple(float(sizes[s]["activation"]) for s in range(stages)),
-        weight_bytes=tuple(float(sizes[s]["weight"]) for s in range(stages)),
-        data_parallel_latency=collective_latency, data_parallel_bandwidth=collective_bandwidth)
+        activation_bytes=tuple(float(sizes[s]["activation"]) for s in range(stages)), weight_bytes=weights,
+        data_parallel_latency=max(collective_latency, loaded or 0.0), data_parallel_bandwidth=collective_bandwidth)
     measured_step = period
     figures = {"measured_step": measured_step, "simulated_step": steady_step(pipe.schedule.config, cost),
-               "core_sharing": sharing, "split_backward": alone_at["split_backward"], "contention": contention(timeline, os.cpu_count() or 1, config.pipeline.data_parallel),
+               "idle_collective_latency": collective_latency, "core_sharing": sharing, "split_backward": alone_at["split_backward"], "contention": contention(timeline, os.cpu_count() or 1, config.pipeline.data_parallel),
                "cost": {k: v for k, v in dataclasses.asdict(cost).items()}}
     if dist.get_rank() == 0:
         about = _about(config, task, sharing, measured_step, len(timelines)) | {
@@ -289,8 +292,10 @@ def report(figures: dict, path: str) -> str:
         f"backward per stage (ms): {backward}",
         f"message between processes 0 and 1: {1e6 * cost['p2p_latency']:.0f} µs latency, "
         f"{cost['p2p_bandwidth'] / 1e6:,.0f} MB/s",
-        f"all-reduce over every process: {1e6 * cost['data_parallel_latency']:.0f} µs latency, "
-        f"{cost['data_parallel_bandwidth'] / 1e6:,.0f} MB/s",
+        f"all-reduce over every process: {1e6 * figures['idle_collective_latency']:.0f} µs latency, "
+        f"{cost['data_parallel_bandwidth'] / 1e6:,.0f} MB/s"
+        + (f"; the run's weight gathers showed {1e6 * cost['data_parallel_latency']:.0f} µs, which the cost file "
+           f"keeps" if cost["data_parallel_latency"] > figures["idle_collective_latency"] else ""),
         f"a forward while every process computes takes {figures['core_sharing']:.2f} times as long as alone; "
         f"over the run, the compute took {figures['contention']:.2f} times as long as alone",
         f"compute times spread by {100 * cost['variation']:.0f} % (standard deviation over mean); a backward "

@@ -94,3 +94,19 @@ def test_a_config_or_a_built_schedule_keeps_selective_recomputation_as_keywords_
     for found in layerpipe.launch(_recompute_modes_of_each_way_to_give_a_schedule, 2):
         assert found["keywords"] == found["config"] == found["built"]
         assert set(found["built"].values()) <= {"selective", "none"} and "selective" in found["built"].values()
+
+
+def _message_groups():
+    layers = mlp_layers()
+    pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, schedule="interleaved", microbatches=4,
+                              stages_per_rank=2, timeout=30)
+    context, downward = pipe.executor.context, pipe.groups.downward
+    return {"downward_members": torch.distributed.get_process_group_ranks(downward),
+            "down_is_own_group": context.group_of(1, 0) is downward and downward is not None,
+            "up_is_default": context.group_of(0, 1) is None}
+
+
+def test_on_gloo_messages_to_a_lower_rank_go_on_a_group_of_their_own():
+    # A gloo pair with a receive posted holds back the sends on it: each pair of each group carries one way only.
+    for found in layerpipe.launch(_message_groups, 2, timeout=60):
+        assert found == {"downward_members": [0, 1], "down_is_own_group": True, "up_is_default": True}

@@ -20,7 +20,9 @@ class RankContext:
     ``update_every`` the sub-minibatches per update of the async stream
     (``None``: one update per step, after all ``microbatches``);
     ``tag_offset`` where the pipeline's message tags start (``tags.claim_message_tags``);
-    ``precision`` the stages' compute precision (``precision.PRECISIONS``).
+    ``precision`` the stages' compute precision (``precision.PRECISIONS``);
+    ``downward`` the process group of messages to a lower pipeline rank
+    (``None``: every message on the default group).
     """
 
     rank: int
@@ -34,6 +36,12 @@ class RankContext:
     update_every: int | None = None
     tag_offset: int = 0
     precision: str = "fp32"
+    downward: object = None
+
+    def group_of(self, sender: int, receiver: int):
+        """Return the process group of a message from pipeline rank ``sender`` to ``receiver`` (``None``: the
+        default group)."""
+        return self.downward if receiver < sender else None
 
     @property
     def microbatches_per_update(self) -> int:

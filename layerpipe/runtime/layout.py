@@ -87,13 +87,18 @@ class Groups:
     chunk); the step's loss is averaged there, apart from the data-parallel
     group whose collectives run asynchronously in program order.
     ``spatial`` joins the processes holding the chunks of this process's
-    stages' images (``None`` without spatial layers).
+    stages' images (``None`` without spatial layers).  ``downward`` joins
+    the pipeline's processes again, for the messages that go to a lower
+    pipeline rank (gloo; ``None`` on NCCL): a gloo pair with a receive
+    posted holds back the sends on it by milliseconds while the sender
+    computes, so each pair of each group carries messages one way only.
     """
 
     pipeline: object
     data: object
     loss: object
     spatial: object = None
+    downward: object = None
 
 
 def make_groups(layout: Layout, rank: int, loss_pipeline_rank: int, spatial_layers: bool = False) -> Groups:
@@ -104,11 +109,15 @@ def make_groups(layout: Layout, rank: int, loss_pipeline_rank: int, spatial_laye
     ``spatial_layers``: the model has spatial layers, which get a group even
     of one process.
     """
+    one_way = dist.get_backend() == "gloo"
     if layout.data_parallel == 1 and layout.spatial == 1 and not spatial_layers:
-        return Groups(dist.group.WORLD, None, None)
+        return Groups(dist.group.WORLD, None, None, downward=dist.new_group(layout.pipeline_members(0, 0))
+                      if one_way else None)
     chunks = range(layout.spatial)
     pipelines = {(d, i): dist.new_group(layout.pipeline_members(d, i))
                  for d in range(layout.data_parallel) for i in chunks}
+    downwards = {(d, i): dist.new_group(layout.pipeline_members(d, i))
+                 for d in range(layout.data_parallel) for i in chunks} if one_way else {}
     datas = {(r, i): dist.new_group(layout.data_members(r, i)) for r in range(layout.pipeline) for i in chunks} \
         if layout.data_parallel > 1 else {}
     losses = {i: dist.new_group(layout.data_members(loss_pipeline_rank, i)) for i in chunks} \
@@ -118,4 +127,4 @@ def make_groups(layout: Layout, rank: int, loss_pipeline_rank: int, spatial_laye
     pipeline_rank, replica, index = layout.pipeline_rank(rank), layout.replica(rank), layout.spatial_index(rank)
     return Groups(pipelines[replica, index], datas.get((pipeline_rank, index)),
                   losses.get(index) if pipeline_rank == loss_pipeline_rank else None,
-                  spatials.get((pipeline_rank, replica)))
+                  spatials.get((pipeline_rank, replica)), downwards.get((replica, index)))

@@ -6,7 +6,10 @@ peer sends them (every rank holds every program), so receives are posted in
 that order: on gloo up to ``lookahead`` messages ahead of the ``RECV`` that
 needs them, so transfers overlap compute; on NCCL exactly at the ``RECV``,
 because NCCL runs a pair's operations in issue order and an early receive
-would hold back this rank's sends to the same peer.  Sends never block: they
+would hold back this rank's sends to the same peer.  On gloo a posted
+receive holds back the sends on its pair too, by milliseconds while the
+sender computes, so messages to a lower rank go on a group of their own
+(``RankContext.group_of``): each pair of each group carries one way only.  Sends never block: they
 are waited for when the program ends.  Every wait has a timeout whose error
 names the rank, the action and the peer.
 """
@@ -155,7 +158,9 @@ class Mailbox:
         context = self.context
         source = context.peers[peer]
         buffers = [torch.empty(meta.shape, dtype=meta.dtype, device=context.device) for meta in self._metas(message)]
-        works = [dist.irecv(buffer, src=source, tag=self._tag(message, slot)) for slot, buffer in enumerate(buffers)]
+        group = context.group_of(peer, context.rank)
+        works = [dist.irecv(buffer, src=source, tag=self._tag(message, slot), group=group)
+                 for slot, buffer in enumerate(buffers)]
         return buffers, works
 
     def receive(self, action: Action) -> tuple[torch.Tensor, ...]:
@@ -180,9 +185,11 @@ class Mailbox:
     def send(self, action: Action, tensors: Sequence[torch.Tensor]) -> None:
         """Start sending ``tensors`` for ``action`` (a ``SEND``) without waiting."""
         message = message_of(action)
-        destination = self.context.peers[self._peer_of(action)]
+        peer = self._peer_of(action)
+        destination, group = self.context.peers[peer], self.context.group_of(self.context.rank, peer)
         payload = [t.detach().contiguous() for t in tensors]
-        works = [dist.isend(tensor, dst=destination, tag=self._tag(message, slot)) for slot, tensor in enumerate(payload)]
+        works = [dist.isend(tensor, dst=destination, tag=self._tag(message, slot), group=group)
+                 for slot, tensor in enumerate(payload)]
         self.sends.append((action, works, payload))
 
     def finish(self) -> None:

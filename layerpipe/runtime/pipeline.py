@@ -149,7 +149,8 @@ class Pipeline:
         config, placement = self.schedule.config, self.schedule.placement
         update_every = config.update_every if self.streaming else None
         context = RankContext(self.rank, placement, self.microbatches, members, self.device, self._timeout,
-                              lookahead, config.data_parallel, update_every, precision=self.precision)
+                              lookahead, config.data_parallel, update_every, precision=self.precision,
+                              downward=self.groups.downward)
         context = dataclasses.replace(context, tag_offset=claim_message_tags(placement.stages, context.tag_window))
         modes = config.recompute_modes
         local = {index: LocalStage(stage, self.shards[index], self.optimizers.get(index), modes[index])
@@ -519,12 +520,17 @@ class Pipeline:
         """Return the seconds the last run waited for data-parallel collectives."""
         return self.last_result.exposed_data_parallel if self.last_result is not None else 0.0
 
+    def _pipeline_rank_of(self, process: int) -> int:
+        """Return the pipeline rank of ``process``, a member of this process's pipeline."""
+        return self.layout.pipeline_members(self.replica, self.spatial_index).index(process)
+
     def _post_loss_receive(self):
         """Post the receive of the step's mean loss from the last stage's rank (gloo: before the program runs)."""
         if self.global_rank == self.loss_rank:
             return None
         buffer = torch.zeros(1, dtype=torch.float64, device=self.device)
-        return buffer, dist.irecv(buffer, src=self.loss_rank, tag=LOSS_TAG)
+        group = self.executor.context.group_of(self._pipeline_rank_of(self.loss_rank), self.rank)
+        return buffer, dist.irecv(buffer, src=self.loss_rank, tag=LOSS_TAG, group=group)
 
     def _share_loss(self, result: RunResult, posted) -> float:
         """Return the step's mean loss: averaged over the replicas' last-stage ranks, sent point-to-point to the others.
@@ -540,7 +546,9 @@ class Pipeline:
                 value /= self.layout.data_parallel
             peers = [peer for peer in self.layout.pipeline_members(self.replica, self.spatial_index)
                      if peer != self.global_rank]
-            works = [dist.isend(value, dst=peer, tag=LOSS_TAG) for peer in peers]
+            context = self.executor.context
+            works = [dist.isend(value, dst=peer, tag=LOSS_TAG,
+                                group=context.group_of(self.rank, self._pipeline_rank_of(peer))) for peer in peers]
             for work in works:
                 wait_for(work, self._timeout, self.global_rank, "sending the step's loss to the other ranks")
             return self._summed_over_chunks(value)

@@ -335,7 +335,8 @@ def measure(candidate: Candidate, shape: GPTShape, hardware: Hardware,
     tokens = candidate.schedule.microbatches * candidate.microbatch_size * candidate.schedule.data_parallel \
         * shape.block_size
     exposed = max((rank.exposed_communication for rank in result.ranks), default=0.0)
-    return PlanEntry(candidate, step_time, tokens / step_time, memory, result.bubble_fraction, exposed), memory
+    bubble = 1 - (1 - result.bubble_fraction) * result.step_time / step_time  # against the step reported
+    return PlanEntry(candidate, step_time, tokens / step_time, memory, bubble, exposed), memory
 
 
 SHARING_ROUNDS = 3

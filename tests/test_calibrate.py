@@ -29,6 +29,7 @@ def test_calibrate_writes_a_cost_file_that_simulate_reads(tmp_path, capsys):
     with open(path, "rb") as handle:
         about = tomllib.load(handle)["about"]
     assert about["alone_sizes"] == [1, 2, 4, 8, 16] and all(time > 0 for time in about["alone_forward"])
+    assert about["alone_forward"][-1] > about["alone_forward"][0]  # 16 sequences take longer than one
     assert about["split_backward"] >= 1 and about["contention"] >= 1
     assert layerpipe_main(["simulate", "--ranks", "2", "--stages-per-rank", "2", "--microbatches", "4",
                            "--cost-file", str(path)]) == 0
@@ -43,7 +44,8 @@ def test_calibrate_measures_a_layout_whose_first_process_holds_only_the_token_st
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(path, "rb") as handle:
-        assert tomllib.load(handle)["about"]["split_backward"] == 1.0
+        about = tomllib.load(handle)["about"]
+    assert about["split_backward"] == 1.0 and "alone_sizes" not in about  # process 0 holds only the token stage
 
 
 def test_a_cost_file_in_a_missing_folder_is_refused_before_any_process_starts(tmp_path):

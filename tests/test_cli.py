@@ -120,3 +120,12 @@ def test_a_reader_that_stops_early_is_no_error():
     run = subprocess.run(f"{sys.executable} -m layerpipe simulate -p 16 -v 4 -m 64 | head -1", shell=True,
                          capture_output=True, text=True)
     assert run.stdout.startswith("breadth-first") and "Traceback" not in run.stderr
+
+
+def test_compare_ranks_on_the_mean_times_and_says_it_leaves_the_spread_out(capsys):
+    assert main(["compare", "--ranks", "2", "--microbatches", "4", "--variation", "0.3"]) == 0
+    drawn = capsys.readouterr().out.splitlines()
+    assert main(["compare", "--ranks", "2", "--microbatches", "4"]) == 0
+    plain = capsys.readouterr().out.splitlines()
+    assert drawn[0].startswith("ranked on the mean compute times (the spread of 30% is left out")
+    assert drawn[1:] == plain

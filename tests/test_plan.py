@@ -293,3 +293,12 @@ def test_bad_calibrated_figures_are_refused_in_one_line(line, named, tmp_path, c
     assert main(["plan", "--cost-file", path, "--output", str(tmp_path / "p.toml")]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and named in error
+
+
+def test_a_zero_bubble_calibration_holds_the_split_in_its_backward_already(tmp_path):
+    path = _cost_file(tmp_path / "c.toml")
+    plain = hardware_of(PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=path))
+    text = open(path).read().replace("[about]\n", '[about]\nschedule = "zero-bubble"\nsplit_backward = 1.5\n')
+    open(path, "w").write(text)
+    split = hardware_of(PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=path))
+    assert split.backward_ratio == pytest.approx(plain.backward_ratio / 1.5) and split.split_backward == 1.5

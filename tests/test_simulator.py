@@ -1,5 +1,6 @@
 """The simulator against the reference facts of the design (bubbles, in-flight activations, collective counts)."""
 
+import dataclasses
 import itertools
 import math
 
@@ -205,3 +206,9 @@ def test_drawn_times_lengthen_the_steady_step_and_replicas_wait_for_the_slowest(
     assert steady_step(single, drawn) > 1.02 * steady_step(single, fixed)
     assert steady_step(replicated, fixed) == pytest.approx(steady_step(single, fixed))
     assert steady_step(replicated, drawn) > 1.02 * steady_step(single, drawn)
+
+
+def test_a_negligible_spread_is_no_spread():
+    config = ScheduleConfig(schedule="breadth-first", ranks=2, microbatches=4, stages_per_rank=2)
+    fixed = CostModel(forward_time=1.0, backward_time=2.0)
+    assert steady_step(config, dataclasses.replace(fixed, variation=1e-200)) == steady_step(config, fixed)

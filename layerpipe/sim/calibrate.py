@@ -10,6 +10,7 @@ from .cost import CostModel
 from .timeline import Timeline
 
 _SENDS = (Kind.SEND_F, Kind.SEND_B)
+_NOT_COMPUTE = (Kind.STEP.value, Kind.GUARD.value)  # one per step, and a wait for the replicas
 
 
 def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
@@ -79,7 +80,7 @@ def _variation(durations: dict) -> float:
     (optimizer steps left out: one per step)."""
     spread = total = 0.0
     for (kind, _), found in durations.items():
-        if kind == Kind.STEP.value or len(found) < 2 or not sum(found):
+        if kind in _NOT_COMPUTE or len(found) < 2 or not sum(found):
             continue
         spread += pstdev(found) / mean(found) * sum(found)
         total += sum(found)
@@ -129,7 +130,8 @@ def contention(timeline: Timeline, cores: int, replicas: int = 1) -> float:
     """
     if cores < 1 or replicas < 1:
         raise ValueError(f"contention needs at least one core and one replica, not {cores} and {replicas}")
-    changes = sorted(point for _, stream, _, start, end in timeline.events if stream == "compute" and end > start
+    changes = sorted(point for _, stream, action, start, end in timeline.events
+                     if stream == "compute" and end > start and action.kind is not Kind.GUARD
                      for point in ((start, 1), (end, -1)))
     busy = alone = 0.0
     running, previous = 0, None

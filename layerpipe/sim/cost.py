@@ -72,7 +72,8 @@ class CostModel:
                                metavar="BYTES")
     variation: float = knob(0.0, "spread of each compute action's time (standard deviation over mean); above 0 the "
                             "simulator draws each time from a gamma distribution of that spread (seeded) and the "
-                            "steady step averages many steps", check=_SECONDS, metavar="SPREAD")
+                            "steady step averages many steps", check=lambda v: number(0.0)(v) or (
+                                "must be at most 10" if v > 10 else None), metavar="SPREAD")
     overlap: bool = knob(True, "communication runs on its own streams; with --no-overlap it occupies the compute "
                          "stream")
 

@@ -127,6 +127,7 @@ def hardware_from_cost_file(path: str, cost: CostModel, option: str = "cost_file
     ``[about]`` figures ``layerpipe calibrate`` writes for the GPT.
     """
     about = _about(path, option)
+    split = _at_least_one(about, "split_backward", path, option)  # a zero-bubble run's backwards hold it already
     shape = GPTShape(**{key: int(about[key]) for key in ("vocab_size", "block_size", "width", "heads", "blocks")})
     microbatch_size = int(about["batch_size"]) // (int(about["microbatches"]) * int(about["data_parallel"]))
     stages = int(about["ranks"]) * int(about["stages_per_rank"])
@@ -147,8 +148,8 @@ def hardware_from_cost_file(path: str, cost: CostModel, option: str = "cost_file
         memory_bandwidth=optimizer_bandwidth, devices_per_node=10**9, intra_node_bandwidth=bandwidth,
         inter_node_bandwidth=bandwidth, intra_node_latency=latency, inter_node_latency=latency,
         collective_latency=cost.data_parallel_latency, action_overhead=cost.action_overhead, precision="fp32",
-        backward_ratio=sum(backward) / sum(forward), cores=int(about.get("cores", 0)) or None,
-        rates=_rates(about, microbatch_size, path, option), split_backward=_at_least_one(about, "split_backward", path, option),
+        backward_ratio=sum(backward) / sum(forward) / (split if about.get("schedule") == "zero-bubble" else 1.0), cores=int(about.get("cores", 0)) or None,
+        rates=_rates(about, microbatch_size, path, option), split_backward=split,
         send_time=cost.send_time, receive_time=cost.receive_time,
         sources=(f"measured by layerpipe calibrate on {about.get('date', 'an unknown date')}: {path}",))
 

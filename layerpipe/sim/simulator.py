@@ -127,6 +127,9 @@ def simulate(schedule: Schedule, cost: CostModel = CostModel(), guard_fails: boo
         return _result(schedule, cost, run)
 
 
+_NEGLIGIBLE_SPREAD = 1e-6
+"""A ``variation`` at most this is none: the times are not drawn."""
+
 _STEADY_CALLS, _STEADY_SEEDS, _REPLICA_GROUPS = 10, 8, 16
 """With drawn times: the extra steps each steady estimate averages, the estimates, and the groups of replicas drawn."""
 
@@ -141,7 +144,7 @@ def steady_step(config: ScheduleConfig, cost: CostModel = CostModel()) -> float:
     how much longer the slowest of ``data_parallel`` independently drawn
     steps is than the mean step.  Refuses what ``build_schedule`` and
     ``simulate`` refuse."""
-    if not cost.variation:
+    if cost.variation <= _NEGLIGIBLE_SPREAD:
         two, three = (simulate(build_schedule(config, check=False, calls=calls), cost).step_time for calls in (2, 3))
         return three - two
     short, long = (build_schedule(config, check=False, calls=calls) for calls in (2, 2 + _STEADY_CALLS))
@@ -186,7 +189,7 @@ class _Costs:
                     Kind.R: per_stage(recompute, stages, "recompute_time"), Kind.STEP: (cost.optimizer_time,) * stages}
         if cost.action_overhead:
             duration = {kind: tuple(time + cost.action_overhead for time in times) for kind, times in duration.items()}
-        if cost.variation:
+        if cost.variation > _NEGLIGIBLE_SPREAD:
             draw = random.Random(seed).gammavariate
             duration = {kind: _Drawn(times, cost.variation, draw) for kind, times in duration.items()}
         boundary = per_stage(cost.boundary_bytes, stages, "boundary_bytes")

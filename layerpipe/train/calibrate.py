@@ -137,14 +137,22 @@ def _inputs_of_size(pipe, index: int, first_microbatch: tuple, size: int) -> tup
 
 
 def alone_figures(pipe, first_microbatch: tuple, largest: int) -> dict:
-    """Return, measured on process 0 alone (collective): the forward time of its last stage at micro-batches of
-    1, 2, 4, ... up to ``largest`` sequences, and how much longer a split backward takes than a whole one."""
+    """Return, measured on process 0 alone (collective): how much longer a split backward takes than a whole one,
+    and the forward time of its last stage at micro-batches of 1, 2, 4, ... up to ``largest`` sequences (left out
+    when that stage is the token stage of a model of several)."""
     import torch
 
     from ..runtime.calibration import alone, split_backward_ratio
 
+    from ..runtime.calibration import shared
+
     index = max(pipe.stages)
     stage = pipe.stages[index]
+    size = len(first_microbatch[0])
+    ratio = split_backward_ratio(stage, _inputs_of_size(pipe, index, first_microbatch, size))
+    # The token stage alone times an embedding lookup, which says nothing of the blocks' rate: process 0 decides.
+    if not shared(float(index > 0 or pipe.schedule.placement.stages == 1)):
+        return {"split_backward": ratio}
     sizes = [1 << power for power in range(max(1, largest).bit_length()) if 1 << power <= largest]
     times = []
     for size in sizes:
@@ -154,8 +162,6 @@ def alone_figures(pipe, first_microbatch: tuple, largest: int) -> dict:
             with torch.no_grad():
                 stage(*inputs)
         times.append(alone(forward))
-    size = len(first_microbatch[0])
-    ratio = split_backward_ratio(stage, _inputs_of_size(pipe, index, first_microbatch, size))
     return {"alone_sizes": sizes, "alone_forward": times, "split_backward": ratio}
 
 

@@ -243,12 +243,17 @@ def test_processes_sharing_cores_slow_each_other_by_the_share_of_the_step_they_c
     assert ratio(2, 2) <= 1.1  # one micro-batch through two stages: half the processes compute at a time
 
 
-def test_the_planner_reads_the_calibrated_contention_as_a_faster_process_alone(tmp_path):
+def _hardware_before_and_after(tmp_path, about_lines: str):
+    """Return the hardware of the test cost file, then of the same file with ``about_lines`` added to ``[about]``."""
     path = _cost_file(tmp_path / "c.toml")
     plain = hardware_of(PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=path))
-    text = open(path).read().replace("[about]\n", "[about]\ncontention = 1.5\n")
+    text = open(path).read().replace("[about]\n", f"[about]\n{about_lines}\n")
     open(path, "w").write(text)
-    faster = hardware_of(PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=path))
+    return plain, hardware_of(PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=path))
+
+
+def test_the_planner_reads_the_calibrated_contention_as_a_faster_process_alone(tmp_path):
+    plain, faster = _hardware_before_and_after(tmp_path, "contention = 1.5")
     assert faster.flops == pytest.approx(1.5 * plain.flops)
 
 
@@ -296,9 +301,5 @@ def test_bad_calibrated_figures_are_refused_in_one_line(line, named, tmp_path, c
 
 
 def test_a_zero_bubble_calibration_holds_the_split_in_its_backward_already(tmp_path):
-    path = _cost_file(tmp_path / "c.toml")
-    plain = hardware_of(PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=path))
-    text = open(path).read().replace("[about]\n", '[about]\nschedule = "zero-bubble"\nsplit_backward = 1.5\n')
-    open(path, "w").write(text)
-    split = hardware_of(PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=path))
+    plain, split = _hardware_before_and_after(tmp_path, 'schedule = "zero-bubble"\nsplit_backward = 1.5')
     assert split.backward_ratio == pytest.approx(plain.backward_ratio / 1.5) and split.split_backward == 1.5

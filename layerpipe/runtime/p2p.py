@@ -1,17 +1,19 @@
 """Point-to-point transfers of one rank's program: non-blocking sends, receives posted ahead.
 
 A message is identified by the stage that sends it, its direction and its
-micro-batch.  Each peer's messages to this rank are known in the order the
-peer sends them (every rank holds every program), so receives are posted in
-that order: on gloo up to ``lookahead`` messages ahead of the ``RECV`` that
-needs them, so transfers overlap compute; on NCCL exactly at the ``RECV``,
-because NCCL runs a pair's operations in issue order and an early receive
-would hold back this rank's sends to the same peer.  On gloo a posted
-receive holds back the sends on its pair too, by milliseconds while the
-sender computes, so messages to a lower rank go on a group of their own
-(``RankContext.group_of``): each pair of each group carries one way only.  Sends never block: they
-are waited for when the program ends.  Every wait has a timeout whose error
-names the rank, the action and the peer.
+micro-batch. Each peer's messages to this rank are known in the order the peer
+sends them (every rank holds every program), so receives are posted in that
+order: on gloo up to ``lookahead`` messages ahead of the ``RECV`` that needs
+them, so transfers overlap compute; on NCCL exactly at the ``RECV``, because
+NCCL runs a pair's operations in issue order and an early receive would hold
+back this rank's sends to the same peer. On gloo a posted receive holds back
+the sends on its pair too, by milliseconds while the sender computes, so
+messages to a lower rank go on a group of their own
+(``RankContext.group_of``): each pair of each group carries the program's
+messages one way only (the shape agreement of the first step still goes both
+ways on the default group). Sends never block: they are waited for when the
+program ends. Every wait has a timeout whose error names the rank, the action
+and the peer.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from .knobs import ConfigError, knob, number, one_of, whole
 from .schedule.actions import Action, Kind
@@ -372,16 +372,37 @@ def plan(request: PlanRequest, progress: Callable[[int, int], None] | None = Non
     """
     shape, hardware = model_shape(request.model), hardware_of(request)
     limit = request.gpu_memory * GIB * USABLE_MEMORY
-    ranked = sorted(((ideal_time(c, _costs_of(c, shape, hardware), hardware.cores), index, c)
-                     for index, c in enumerate(candidates(request, shape))), key=lambda item: item[:2])
+    ranked = _ranked(candidates(request, shape), shape, hardware)
     if not ranked:
         raise ConfigError("gpus", request.gpus, _no_layout_reason(request, shape))
-    jobs = min(request.jobs or len(os.sched_getaffinity(0)), max(1, len(ranked) // 8))
+    jobs = _jobs(request.jobs, ranked)
     with collector_paused():
         best, too_big, simulated, smallest = _search(ranked, request.top, shape, hardware, limit, progress, jobs)
     if not best:
         raise ConfigError("gpu_memory", request.gpu_memory, _too_big_reason(request, shape, smallest))
     return PlanResult(simplest_first(best)[:request.top], len(ranked), too_big, simulated, hardware, shape)
+
+
+def best_among(chosen: Sequence[Candidate], shape: GPTShape, hardware: Hardware, memory_limit: float,
+               top: int = 1, jobs: int = 0) -> list[PlanEntry]:
+    """Return the ``top`` fastest of ``chosen`` that fit in ``memory_limit`` bytes per device, fastest first
+    (empty when none fits): the planner's search over candidates the caller picked, e.g. one family of
+    schedules.  ``jobs``: processes that simulate side by side (0: one per core)."""
+    ranked = _ranked(chosen, shape, hardware)
+    with collector_paused():
+        kept = _search(ranked, top, shape, hardware, memory_limit, None, _jobs(jobs, ranked))[0]
+    return sorted(kept, key=lambda entry: entry.step_time)[:top]
+
+
+def _ranked(chosen, shape: GPTShape, hardware: Hardware) -> list:
+    """Return ``(ideal time, index, candidate)`` for each of ``chosen``, lowest ideal time first."""
+    return sorted(((ideal_time(c, _costs_of(c, shape, hardware), hardware.cores), index, c)
+                   for index, c in enumerate(chosen)), key=lambda item: item[:2])
+
+
+def _jobs(asked: int, ranked: list) -> int:
+    """Return how many processes simulate side by side: ``asked`` (0: one per core), fewer for a short list."""
+    return min(asked or len(os.sched_getaffinity(0)), max(1, len(ranked) // 8))
 
 
 def _search(ranked, top: int, shape: GPTShape, hardware: Hardware, limit: float, progress, jobs: int) -> tuple:

@@ -303,3 +303,16 @@ def test_bad_calibrated_figures_are_refused_in_one_line(line, named, tmp_path, c
 def test_a_zero_bubble_calibration_holds_the_split_in_its_backward_already(tmp_path):
     plain, split = _hardware_before_and_after(tmp_path, 'schedule = "zero-bubble"\nsplit_backward = 1.5')
     assert split.backward_ratio == pytest.approx(plain.backward_ratio / 1.5) and split.split_backward == 1.5
+
+
+def test_best_among_finds_the_fastest_of_the_candidates_it_is_given(tmp_path):
+    from layerpipe.plan import best_among
+
+    request = PlanRequest(model="demo", gpus=4, gpu_memory=1.0, global_batch=16, cost_file=_cost_file(tmp_path / "c.toml"))
+    shape, hardware = model_shape("demo"), hardware_of(request)
+    family = [c for c in candidates(request, shape) if c.schedule.schedule == "breadth-first"]
+    fastest = min(evaluate(candidate, shape, hardware, math.inf).step_time for candidate in family)
+    found = best_among(family, shape, hardware, math.inf, jobs=1)
+    assert [entry.step_time for entry in found] == [pytest.approx(fastest)]
+    assert found[0].candidate.schedule.schedule == "breadth-first"
+    assert best_among([], shape, hardware, math.inf) == []

@@ -65,3 +65,30 @@ def test_calibrate_measures_a_zero_three_layout_whose_weights_are_released_betwe
     assert done.returncode == 0, done.stderr[-3000:]
     cost = read_cost_file(str(path))
     assert cost.send_time > 0 and cost.receive_time > 0 and cost.data_parallel_latency > 0
+
+
+def _one_process_skips_the_measurement():
+    import time
+
+    import torch.distributed as dist
+
+    from layerpipe.runtime.calibration import set_timeout, shared
+    from layerpipe.runtime.stage import PipelineError
+
+    set_timeout(2)
+    if dist.get_rank() == 1:  # stays, without measuring, until process 0 has given up
+        time.sleep(5)
+        return None
+    try:
+        shared(1.0)
+    except PipelineError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.multiprocess
+def test_a_calibration_wait_times_out_naming_the_rank_and_what_it_waited_for():
+    import layerpipe
+
+    found = layerpipe.launch(_one_process_skips_the_measurement, 2, timeout=60, backend="gloo")[0]
+    assert found.startswith("rank 0: timed out after 2 s waiting for process 0's measurement"), found

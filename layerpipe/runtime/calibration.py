@@ -2,7 +2,9 @@
 
 Each function is collective over the world and returns the same numbers
 on every process (rank 0's measurement, broadcast).  Times in seconds,
-bandwidths in bytes per second.
+bandwidths in bytes per second.  Every wait gives up after ``TIMEOUT``
+seconds (``set_timeout``) with a ``PipelineError`` naming the rank and
+what it waited for.
 """
 
 from __future__ import annotations
@@ -13,14 +15,34 @@ import time
 import torch
 import torch.distributed as dist
 
+from .p2p import wait_for
+
 SMALL, LARGE = 8, 4 << 20
 """Bytes of the messages that measure latency and bandwidth."""
+
+TIMEOUT = 300.0
+"""Seconds any wait of a calibration gives up after (``set_timeout``)."""
+
+
+def set_timeout(seconds: float) -> None:
+    """Make every later wait of these measurements give up after ``seconds``."""
+    global TIMEOUT
+    TIMEOUT = seconds
+
+
+def _done(work, what: str) -> None:
+    """Wait for ``work`` at most ``TIMEOUT`` seconds; on failure raise ``PipelineError`` naming the rank and ``what``."""
+    wait_for(work, TIMEOUT, dist.get_rank(), what)
+
+
+def _barrier(what: str) -> None:
+    _done(dist.barrier(async_op=True), f"waiting at the barrier before {what}")
 
 
 def _shared(values: list[float]) -> list[float]:
     """Return rank 0's ``values`` on every process."""
     tensor = torch.tensor(values, dtype=torch.float64)
-    dist.broadcast(tensor, src=0)
+    _done(dist.broadcast(tensor, src=0, async_op=True), "waiting for process 0's measurement")
     return tensor.tolist()
 
 
@@ -32,11 +54,11 @@ def _round_trip(size: int, repeats: int, peer: int) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         if rank == 0:
-            dist.send(message, dst=peer)
-            dist.recv(message, src=peer)
+            _done(dist.isend(message, dst=peer), f"sending a timing message to process {peer}")
+            _done(dist.irecv(message, src=peer), f"waiting for process {peer} to send the timing message back")
         elif rank == peer:
-            dist.recv(message, src=0)
-            dist.send(message, dst=0)
+            _done(dist.irecv(message, src=0), "waiting for process 0's timing message")
+            _done(dist.isend(message, dst=0), "sending the timing message back to process 0")
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -61,9 +83,9 @@ def collective(repeats: int = 20) -> tuple[float, float]:
     def timed(size: int) -> float:
         tensor, times = torch.zeros(size // 4, dtype=torch.float32), []
         for _ in range(repeats):
-            dist.barrier()
+            _barrier("timing an all-reduce")
             start = time.perf_counter()
-            dist.all_reduce(tensor)
+            _done(dist.all_reduce(tensor, async_op=True), "waiting in an all-reduce timed over every process")
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
@@ -82,7 +104,7 @@ def core_sharing(work, repeats: int = 10) -> float:
     def timed(everyone: bool) -> float:
         times = []
         for _ in range(repeats):
-            dist.barrier()
+            _barrier("timing a forward beside the others")
             start = time.perf_counter()
             if everyone or rank == 0:
                 work()
@@ -102,7 +124,7 @@ def alone(work, repeats: int = 10) -> float:
     """Return the median time of ``work()`` on process 0 while every other process waits (collective)."""
     rank, times = dist.get_rank(), []
     for _ in range(repeats):
-        dist.barrier()
+        _barrier("timing work on process 0 alone")
         start = time.perf_counter()
         if rank == 0:
             work()

@@ -205,7 +205,7 @@ def measure(config, cost_file: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from ..runtime.calibration import collective, core_sharing, point_to_point
+    from ..runtime.calibration import collective, core_sharing, point_to_point, set_timeout
     from ..runtime.exchange import all_gather_json
     from ..runtime.launch import init_process_group
     from ..sim.calibrate import calibrated_cost, contention, gather_latency
@@ -215,6 +215,7 @@ def measure(config, cost_file: str) -> dict:
     from .tasks import task_for
 
     init_process_group(config.timeout)
+    set_timeout(config.timeout)
     task = task_for(config)
     pipe = make_pipeline(config, task)
     generator = torch.Generator().manual_seed(config.seed)

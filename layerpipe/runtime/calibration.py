@@ -129,14 +129,14 @@ def alone(work, repeats: int = 10) -> float:
         if rank == 0:
             work()
         times.append(time.perf_counter() - start)
-    return _shared([statistics.median(times)])[0]
+    return shared(statistics.median(times))
 
 
 def split_backward_ratio(stage, inputs: tuple, repeats: int = 10) -> float:
     """Return how much longer a backward split in two (input gradients, then weight gradients, as zero-bubble runs
     it) takes than one whole backward of ``stage`` on ``inputs`` (floating inputs need gradients), on process 0 alone
     (collective).  1 when process 0's ``stage`` has no floating input."""
-    if not _shared([float(any(tensor.is_floating_point() for tensor in inputs))])[0]:  # process 0's stage decides
+    if not shared(float(any(tensor.is_floating_point() for tensor in inputs))):  # process 0's stage decides
         return 1.0
     parameters = [parameter for parameter in stage.parameters() if parameter.requires_grad]
 

@@ -520,16 +520,12 @@ class Pipeline:
         """Return the seconds the last run waited for data-parallel collectives."""
         return self.last_result.exposed_data_parallel if self.last_result is not None else 0.0
 
-    def _pipeline_rank_of(self, process: int) -> int:
-        """Return the pipeline rank of ``process``, a member of this process's pipeline."""
-        return self.layout.pipeline_members(self.replica, self.spatial_index).index(process)
-
     def _post_loss_receive(self):
         """Post the receive of the step's mean loss from the last stage's rank (gloo: before the program runs)."""
         if self.global_rank == self.loss_rank:
             return None
         buffer = torch.zeros(1, dtype=torch.float64, device=self.device)
-        group = self.executor.context.group_of(self._pipeline_rank_of(self.loss_rank), self.rank)
+        group = self.executor.context.group_of(self.schedule.placement.loss_rank, self.rank)
         return buffer, dist.irecv(buffer, src=self.loss_rank, tag=LOSS_TAG, group=group)
 
     def _share_loss(self, result: RunResult, posted) -> float:
@@ -544,11 +540,9 @@ class Pipeline:
                 work = dist.all_reduce(value, group=self.groups.loss, async_op=True)
                 wait_for(work, self._timeout, self.global_rank, "averaging the step's loss over the replicas")
                 value /= self.layout.data_parallel
-            peers = [peer for peer in self.layout.pipeline_members(self.replica, self.spatial_index)
-                     if peer != self.global_rank]
-            context = self.executor.context
-            works = [dist.isend(value, dst=peer, tag=LOSS_TAG,
-                                group=context.group_of(self.rank, self._pipeline_rank_of(peer))) for peer in peers]
+            members, context = self.layout.pipeline_members(self.replica, self.spatial_index), self.executor.context
+            works = [dist.isend(value, dst=peer, tag=LOSS_TAG, group=context.group_of(self.rank, pipeline_rank))
+                     for pipeline_rank, peer in enumerate(members) if peer != self.global_rank]
             for work in works:
                 wait_for(work, self._timeout, self.global_rank, "sending the step's loss to the other ranks")
             return self._summed_over_chunks(value)

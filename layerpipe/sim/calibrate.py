@@ -77,7 +77,7 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
 
 def _variation(durations: dict) -> float:
     """Return the compute times' spread: each stage's and kind's standard deviation over mean, weighted by its total
-    (optimizer steps left out: one per step)."""
+    (optimizer steps, one per step, and GUARD waits left out)."""
     spread = total = 0.0
     for (kind, _), found in durations.items():
         if kind in _NOT_COMPUTE or len(found) < 2 or not sum(found):

@@ -66,15 +66,7 @@ class Hardware:
     def rate_at(self, size: int) -> float:
         """Return the compute rate at micro-batches of ``size`` sequences relative to ``flops`` (interpolated
         between the measured sizes in log scale, the nearest outside them; 1 without measurements)."""
-        if not self.rates:
-            return 1.0
-        sizes = [measured for measured, _ in self.rates]
-        if size <= sizes[0] or size >= sizes[-1]:
-            return self.rates[0][1] if size <= sizes[0] else self.rates[-1][1]
-        upper = next(index for index, measured in enumerate(sizes) if measured >= size)
-        (low, low_rate), (high, high_rate) = self.rates[upper - 1], self.rates[upper]
-        weight = math.log(size / low) / math.log(high / low)
-        return low_rate + weight * (high_rate - low_rate)
+        return _interpolated(self.rates, size) if self.rates else 1.0
 
     def core_slowdown(self, processes: int, busy_share: float) -> float:
         """Return how much slower each of ``processes`` computes than alone when each computes ``busy_share`` of
@@ -148,10 +140,23 @@ def hardware_from_cost_file(path: str, cost: CostModel, option: str = "cost_file
         memory_bandwidth=optimizer_bandwidth, devices_per_node=10**9, intra_node_bandwidth=bandwidth,
         inter_node_bandwidth=bandwidth, intra_node_latency=latency, inter_node_latency=latency,
         collective_latency=cost.data_parallel_latency, action_overhead=cost.action_overhead, precision="fp32",
-        backward_ratio=sum(backward) / sum(forward) / (split if about.get("schedule") == "zero-bubble" else 1.0), cores=int(about.get("cores", 0)) or None,
+        backward_ratio=sum(backward) / sum(forward) / (split if about.get("schedule") == "zero-bubble" else 1.0),
+        cores=int(about.get("cores", 0)) or None,
         rates=_rates(about, microbatch_size, path, option), split_backward=split,
         send_time=cost.send_time, receive_time=cost.receive_time,
         sources=(f"measured by layerpipe calibrate on {about.get('date', 'an unknown date')}: {path}",))
+
+
+def _interpolated(pairs: tuple[tuple[int, float], ...], size: int) -> float:
+    """Return the value at ``size`` of ``(size, value)`` pairs, sizes ascending: interpolated in log scale between
+    them, the nearest outside them."""
+    sizes = [measured for measured, _ in pairs]
+    if size <= sizes[0] or size >= sizes[-1]:
+        return pairs[0][1] if size <= sizes[0] else pairs[-1][1]
+    upper = next(index for index, measured in enumerate(sizes) if measured >= size)
+    (low, low_value), (high, high_value) = pairs[upper - 1], pairs[upper]
+    weight = math.log(size / low) / math.log(high / low)
+    return low_value + weight * (high_value - low_value)
 
 
 def _at_least_one(about: dict, key: str, path: str, option: str) -> float:
@@ -176,8 +181,7 @@ def _rates(about: dict, calibrated_size: int, path: str, option: str) -> tuple[t
         raise ConfigError(option, path, f"its [about] alone_sizes = {sizes!r} and alone_forward = {times!r} must be "
                           f"ascending whole numbers and as many positive times")
     per_sequence = [size / time for size, time in zip(sizes, times)]
-    reference = Hardware("calibrated", 1.0, 1.0, 1, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0,
-                         rates=tuple(zip(sizes, per_sequence))).rate_at(calibrated_size)
+    reference = _interpolated(tuple(zip(sizes, per_sequence)), calibrated_size)
     return tuple((size, rate / reference) for size, rate in zip(sizes, per_sequence))
 
 

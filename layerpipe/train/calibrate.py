@@ -142,9 +142,7 @@ def alone_figures(pipe, first_microbatch: tuple, largest: int) -> dict:
     when that stage is the token stage of a model of several)."""
     import torch
 
-    from ..runtime.calibration import alone, split_backward_ratio
-
-    from ..runtime.calibration import shared
+    from ..runtime.calibration import alone, shared, split_backward_ratio
 
     index = max(pipe.stages)
     stage = pipe.stages[index]
@@ -244,7 +242,9 @@ def measure(config, cost_file: str) -> dict:
         data_parallel_latency=max(collective_latency, loaded or 0.0), data_parallel_bandwidth=collective_bandwidth)
     measured_step = period
     figures = {"measured_step": measured_step, "simulated_step": steady_step(pipe.schedule.config, cost),
-               "idle_collective_latency": collective_latency, "core_sharing": sharing, "split_backward": alone_at["split_backward"], "contention": contention(timeline, os.cpu_count() or 1, config.pipeline.data_parallel),
+               "idle_collective_latency": collective_latency, "core_sharing": sharing,
+               "split_backward": alone_at["split_backward"],
+               "contention": contention(timeline, os.cpu_count() or 1, config.pipeline.data_parallel),
                "cost": {k: v for k, v in dataclasses.asdict(cost).items()}}
     if dist.get_rank() == 0:
         about = _about(config, task, sharing, measured_step, len(timelines)) | {

@@ -38,6 +38,7 @@ import torch.distributed as dist
 import layerpipe
 
 from results_files import gloo_machine, write_results
+from timing import time_steps_alternately
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WAYS = ("nothing posted", "posted on the same pair", "posted on another group")
@@ -111,16 +112,7 @@ def pipeline_worker(schedule: str, stages_per_rank: int, repeats: int) -> dict |
     optimizer = torch.optim.SGD([p for module in modules.values() for p in module.parameters()], lr=0.0)
     steps["torch"] = peers._torch_step(torch_schedule, modules, optimizer, 0 in modules,
                                        ranks * stages_per_rank - 1 in modules, torch_inputs, torch_targets)
-    times = {way: [] for way in steps}
-    for step in list(steps.values()) * 2:
-        step()
-    for _ in range(repeats):
-        for way, step in steps.items():
-            dist.barrier()
-            start = time.perf_counter()
-            step()
-            dist.barrier()
-            times[way].append(time.perf_counter() - start)
+    times = time_steps_alternately(steps, repeats, warmups=2)
     return {way: statistics.median(found) * 1e3 for way, found in times.items()} if rank == 0 else None
 
 

@@ -57,6 +57,7 @@ from layerpipe.models.gpt import GPTConfig, gpt_layers, next_token_loss
 from layerpipe.runtime.partition import partition
 
 from results_files import save_figure, write_results
+from timing import time_steps_alternately
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "peers"))
@@ -110,16 +111,7 @@ def worst_error(found: dict, reference: dict[str, torch.Tensor]) -> float:
 
 
 def _timed_steps(step, repeats: int) -> list[float]:
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        dist.barrier()
-        times.append(time.perf_counter() - start)
-    return times
+    return time_steps_alternately({"step": step}, repeats, warmups=2)["step"]
 
 
 def _gathered(error: float, times: list[float]) -> dict | None:

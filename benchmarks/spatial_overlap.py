@@ -23,7 +23,6 @@ import datetime
 import os
 import platform
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -33,6 +32,7 @@ import layerpipe
 from layerpipe.ops.spatial import SpatialBlock, SpatialConv2d
 from layerpipe.ops.spatial_rows import RowMap, plan_exchange, split_rows
 from results_files import repeated_benchmark_arguments, write_results
+from timing import time_steps_alternately
 
 LAYERS, CHANNELS = 6, 32
 
@@ -95,16 +95,7 @@ def measure(size: int, batch: int, repeats: int) -> dict:
             model.zero_grad(set_to_none=True)
             model(source).square().mean().backward()
         steps[name] = step
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            dist.barrier()
-            start = time.perf_counter()
-            step()
-            dist.barrier()
-            times[name].append(time.perf_counter() - start)
+    times = time_steps_alternately(steps, repeats)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -74,7 +74,7 @@ def calibrate(label: str, knobs: dict, extra: list[str], steps: int, folder: str
     simulated = steady_step(ScheduleConfig(**knobs), cost)
     return {"configuration": label, "measured": about["measured_step"], "simulated": simulated,
             "ratio": simulated / about["measured_step"], "core_sharing": about["core_sharing"],
-            "variation": cost.variation, "cost_file": path}
+            "variation": cost.variation, "hold_variation": cost.hold_variation, "cost_file": path}
 
 
 def _summary(found: list[dict]) -> dict:
@@ -83,7 +83,8 @@ def _summary(found: list[dict]) -> dict:
             "simulated": statistics.median(f["simulated"] for f in found),
             "ratio": statistics.median(f["ratio"] for f in found), "ratios": [f["ratio"] for f in found],
             "core_sharing": statistics.median(f["core_sharing"] for f in found),
-            "variation": statistics.median(f["variation"] for f in found), "cost_file": found[-1]["cost_file"]}
+            "variation": statistics.median(f["variation"] for f in found),
+            "hold_variation": statistics.median(f["hold_variation"] for f in found), "cost_file": found[-1]["cost_file"]}
 
 
 def stacked_picture(steps: int, cost_file: str, path: str) -> None:
@@ -119,13 +120,14 @@ def main() -> None:
     machine = gloo_machine()
     lines = [f"# The calibrated simulator against the measured step ({today})", "", f"Machine: {machine}. The demo GPT, "
              f"batch 32, 8 micro-batches, {args.steps} steps each, {args.rounds} interleaved rounds (medians). Measured: the median time between back-to-back "
-             "steps; simulated: what one more step adds when consecutive steps are simulated, each compute time drawn "
-             "with the calibrated spread (replicas wait for the slowest).", "",
+             "steps; simulated: what one more step adds when consecutive steps are simulated, each compute time and "
+             "each hold of a send or receive drawn with its calibrated spread (replicas wait for the slowest).", "",
              "| configuration | measured (ms) | simulated (ms) | simulated / measured | each round | a forward beside "
-             "others / alone | compute spread |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "others / alone | compute spread | hold spread |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {row['configuration']} | {1e3 * row['measured']:.1f} | {1e3 * row['simulated']:.1f} | "
               f"{row['ratio']:.2f} | {', '.join(f'{ratio:.2f}' for ratio in row['ratios'])} | "
-              f"{row['core_sharing']:.2f} | {100 * row['variation']:.0f} % |" for row in rows]
+              f"{row['core_sharing']:.2f} | {100 * row['variation']:.0f} % | {100 * row['hold_variation']:.0f} % |"
+              for row in rows]
     record = {"date": today, "machine": machine, "rows": rows}
     print(write_results(args.output, "simulator_accuracy", record, lines))
 

@@ -93,9 +93,9 @@ def _command_simulate(args: argparse.Namespace) -> None:
     else:
         print(_title(config) + (f", {args.calls} calls (times are for all of them)" if args.calls > 1 else ""))
         print(_summary(result))
-        if cost.variation > 0:
-            print(f"compute times drawn around their means with a spread of {cost.variation:.0%} (one draw, seed 0; "
-                  f"--variation 0 for the means)")
+        if cost.variation > 0 or cost.hold_variation > 0:
+            print(f"compute times and holds drawn around their means with spreads of {cost.variation:.0%} and "
+                  f"{cost.hold_variation:.0%} (one draw, seed 0; --variation 0 --hold-variation 0 for the means)")
     if args.plot:
         from .viz.gantt import plot_timeline
         plot_timeline(result.timeline, args.plot, _title(config))
@@ -159,10 +159,10 @@ def _allowed(args: argparse.Namespace, name: str) -> bool:
 def _command_compare(args: argparse.Namespace) -> None:
     names = _compared_schedules(args)
     cost = cost_model(args)
-    if cost.variation > 0 and not args.json:
-        print(f"ranked on the mean compute times (the spread of {cost.variation:.0%} is left out: one draw each "
-              f"would be noise)")
-    cost = dataclasses.replace(cost, variation=0.0)
+    if (cost.variation > 0 or cost.hold_variation > 0) and not args.json:
+        print(f"ranked on the mean compute times and holds (the spreads of {cost.variation:.0%} and "
+              f"{cost.hold_variation:.0%} are left out: one draw each would be noise)")
+    cost = dataclasses.replace(cost, variation=0.0, hold_variation=0.0)
     check_writable_file("plot", args.plot, PICTURE_FORMATS)
     reference_stages = schedule_config(args, "breadth-first").stages_per_rank
     rows = []

@@ -127,5 +127,5 @@ def test_compare_ranks_on_the_mean_times_and_says_it_leaves_the_spread_out(capsy
     drawn = capsys.readouterr().out.splitlines()
     assert main(["compare", "--ranks", "2", "--microbatches", "4"]) == 0
     plain = capsys.readouterr().out.splitlines()
-    assert drawn[0].startswith("ranked on the mean compute times (the spread of 30% is left out")
+    assert drawn[0].startswith("ranked on the mean compute times and holds (the spreads of 30% and 0% are left out")
     assert drawn[1:] == plain

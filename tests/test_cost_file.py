@@ -104,6 +104,22 @@ def test_calibration_takes_the_receive_time_from_receives_whose_message_was_alre
     assert cost.send_time == pytest.approx(0.1)
 
 
+def test_calibration_measures_the_spread_of_holds_from_sends_and_ready_receives_weighted_by_their_total():
+    from layerpipe.schedule.actions import parse_action
+    from layerpipe.sim.calibrate import calibrated_cost
+    from layerpipe.sim.timeline import Timeline, TimelineEvent
+
+    # sends hold 0.1 and 0.3 (mean 0.2, deviation 0.1: spread 0.5); the one ready receive is alone: no spread
+    rows = [(0, "compute", "0F0", 0.0, 1.0), (0, "p2p", "0SEND_F0", 1.0, 1.1), (0, "compute", "0F1", 1.1, 2.1),
+            (0, "p2p", "0SEND_F1", 2.1, 2.4),
+            (1, "p2p", "1RECV_F0", 0.0, 1.2),  # waited for its message: not a hold
+            (1, "compute", "1F0", 1.2, 2.2), (1, "p2p", "1RECV_F1", 2.5, 2.8), (1, "compute", "1F1", 2.8, 3.8)]
+    events = tuple(TimelineEvent(rank, stream, parse_action(action), start, end)
+                   for rank, stream, action, start, end in rows)
+    cost = calibrated_cost(Timeline(2, events, "measured", "s", "test"), 2)
+    assert cost.hold_variation == pytest.approx(0.5)
+
+
 def test_calibration_measures_the_spread_of_compute_times_weighted_by_their_total():
     from layerpipe.schedule.actions import parse_action
     from layerpipe.sim.calibrate import calibrated_cost

@@ -31,7 +31,7 @@ BAD = {
     "forward_time": -1.0, "backward_time": -1.0, "action_overhead": -1.0, "input_gradient_share": 2.0, "recompute_time": -1.0,
     "optimizer_time": -1.0, "p2p_latency": -1.0, "p2p_bandwidth": 0.0, "boundary_bytes": -1.0,
     "activation_bytes": -1.0, "weight_bytes": -1.0, "data_parallel_latency": -1.0, "data_parallel_bandwidth": 0.0,
-    "send_time": -1.0, "receive_time": -1.0, "variation": -1.0, "step_placement": "late",
+    "send_time": -1.0, "receive_time": -1.0, "variation": -1.0, "hold_variation": -1.0, "step_placement": "late",
     # PlanRequest
     "gpus": 0, "gpu_memory": 0.0, "global_batch": 0, "cluster": "tpu", "top": 0, "max_stages_per_rank": 0,
     "max_microbatch_size": 0, "jobs": -1,

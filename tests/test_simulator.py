@@ -197,6 +197,26 @@ def test_drawn_compute_times_have_the_cost_models_mean_and_spread_and_repeat_wit
     assert simulate(schedule, cost, seed=7).step_time != simulate(schedule, cost, seed=8).step_time
 
 
+def test_drawn_holds_have_the_cost_models_mean_and_spread_and_lengthen_the_steady_step():
+    config = ScheduleConfig(schedule="1f1b", ranks=2, microbatches=8)
+    fixed = CostModel(forward_time=1.0, backward_time=2.0, send_time=0.5, receive_time=0.5)
+    drawn = dataclasses.replace(fixed, hold_variation=0.8)
+    schedule = build_schedule(config)
+    forwards = [end - start for seed in range(20)
+                for _, stream, action, start, end in simulate(schedule, drawn, seed=seed).timeline.events
+                if stream == "compute" and action.kind is Kind.F]
+    assert forwards and all(time == pytest.approx(1.0) for time in forwards)  # compute times stay fixed
+    first_forward_end = [next(end for rank, stream, action, _, end in simulate(schedule, drawn, seed=seed)
+                              .timeline.events if rank == 1 and stream == "compute") for seed in range(300)]
+    # rank 1's first forward ends after rank 0's forward, the send's hold, rank 1's receive hold and its forward:
+    # two independent holds of mean 0.5 and spread 0.8 add up to mean 1 and spread 0.8 / sqrt(2)
+    holds = [end - 1.0 - 1.0 for end in first_forward_end]
+    mean = sum(holds) / len(holds)
+    spread = (sum((hold - mean) ** 2 for hold in holds) / len(holds)) ** 0.5 / mean
+    assert mean == pytest.approx(1.0, rel=0.1) and spread == pytest.approx(0.8 / 2 ** 0.5, rel=0.15)
+    assert steady_step(config, drawn) > 1.02 * steady_step(config, fixed)
+
+
 def test_drawn_times_lengthen_the_steady_step_and_replicas_wait_for_the_slowest():
     fixed = CostModel(forward_time=1.0, backward_time=2.0)
     drawn = CostModel(forward_time=1.0, backward_time=2.0, variation=0.5)

@@ -31,7 +31,9 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
     times a process sharing its core is descheduled while it takes a message
     in.  ``variation`` is the spread of the compute times (standard
     deviation over mean of each stage's forwards, backwards, recomputes,
-    each weighted by its total time).  Transfer latency and bandwidth and data-parallel costs stay
+    each weighted by its total time), ``hold_variation`` that of the sends'
+    and ready receives' holds: on a machine whose processes share cores, most
+    holds are short and some last a scheduling slice.  Transfer latency and bandwidth and data-parallel costs stay
     zero: ``layerpipe calibrate`` measures them apart.  Refuses, with
     ``ValueError``, a timeline without a forward of every stage.
     """
@@ -71,8 +73,8 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
     return CostModel(forward_time=tuple(forward), backward_time=tuple(backward), recompute_time=recompute,
                      input_gradient_share=median(shares) if shares else 0.5,
                      optimizer_time=mean(steps) if steps else 0.0, action_overhead=_typical_gap(starts),
-                     send_time=_send_time(transfers), receive_time=_receive_time(transfers),
-                     variation=_variation(durations))
+                     send_time=_mean(_send_holds(transfers)), receive_time=_mean(_ready_receives(transfers)),
+                     variation=_variation(durations), hold_variation=_hold_variation(transfers))
 
 
 def _variation(durations: dict) -> float:
@@ -87,14 +89,17 @@ def _variation(durations: dict) -> float:
     return spread / total if total else 0.0
 
 
-def _send_time(transfers: dict) -> float:
-    """Return the mean time a send held its rank (0 without sends)."""
-    sends = [end - start for (is_send, _), spans in transfers.items() if is_send for start, end in spans]
-    return mean(sends) if sends else 0.0
+def _mean(values: list[float]) -> float:
+    return mean(values) if values else 0.0
 
 
-def _receive_time(transfers: dict) -> float:
-    """Return the mean duration of the receives whose message's send had ended before they began (0 without any).
+def _send_holds(transfers: dict) -> list[float]:
+    """Return how long each send held its rank."""
+    return [end - start for (is_send, _), spans in transfers.items() if is_send for start, end in spans]
+
+
+def _ready_receives(transfers: dict) -> list[float]:
+    """Return the durations of the receives whose message's send had ended before they began.
 
     The k-th receive of a message is matched to its k-th send: the timeline
     may hold several steps, each with the same messages.
@@ -105,7 +110,18 @@ def _receive_time(transfers: dict) -> float:
             continue
         sends = sorted(transfers.get((True, message), ()))
         ready += [end - start for (start, end), (_, sent) in zip(sorted(receives), sends) if start >= sent]
-    return mean(ready) if ready else 0.0
+    return ready
+
+
+def _hold_variation(transfers: dict) -> float:
+    """Return the holds' spread: the sends' and the ready receives' standard deviation over mean, each weighted by
+    its total (0 with fewer than two of either)."""
+    spread = total = 0.0
+    for holds in (_send_holds(transfers), _ready_receives(transfers)):
+        if len(holds) >= 2 and sum(holds):
+            spread += pstdev(holds) / mean(holds) * sum(holds)
+            total += sum(holds)
+    return spread / total if total else 0.0
 
 
 def _typical_gap(spans: dict[int, list[tuple[float, float]]]) -> float:

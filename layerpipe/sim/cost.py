@@ -74,6 +74,11 @@ class CostModel:
                             "simulator draws each time from a gamma distribution of that spread (seeded) and the "
                             "steady step averages many steps", check=lambda v: number(0.0)(v) or (
                                 "must be at most 10" if v > 10 else None), metavar="SPREAD")
+    hold_variation: float = knob(0.0, "spread of the time a SEND or RECV holds its rank (standard deviation over "
+                                 "mean); above 0 the simulator draws each hold from a gamma distribution of that "
+                                 "spread (seeded), as it does compute times with --variation",
+                                 check=lambda v: number(0.0)(v) or ("must be at most 10" if v > 10 else None),
+                                 metavar="SPREAD")
     overlap: bool = knob(True, "communication runs on its own streams; with --no-overlap it occupies the compute "
                          "stream")
 

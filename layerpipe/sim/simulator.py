@@ -13,7 +13,8 @@ Semantics, shared with the executor:
   a stage's compute waits for its ``GATHER``, its ``STEP`` for its reduce;
 * with ``overlap=False`` communication occupies the compute stream instead;
 * with a ``variation`` above 0, each compute action's time is drawn from a
-  gamma distribution with the cost model's time as its mean (seeded).
+  gamma distribution with the cost model's time as its mean (seeded); with a
+  ``hold_variation`` above 0, so is each hold of a ``SEND`` or ``RECV``.
 
 Exposed communication is the time a rank's compute waits on a transfer or
 collective after its data was ready to go — waiting for a peer's compute is
@@ -106,7 +107,8 @@ _GATHER, _REDUCE, _GUARD = Kind.GATHER, Kind.REDUCE, Kind.GUARD
 def simulate(schedule: Schedule, cost: CostModel = CostModel(), guard_fails: bool = False, seed: int = 0) -> SimResult:
     """Return the simulated timeline and metrics of one step of ``schedule``.
 
-    ``seed`` seeds the draws of the compute times when ``cost.variation`` is above 0.
+    ``seed`` seeds the draws of the compute times and holds when ``cost.variation`` or ``cost.hold_variation`` is
+    above 0.
 
     ``guard_fails``: every ``GUARD`` finds a non-finite gradient, so every
     rank skips the steps (and gathers) that follow it; the timeline shows
@@ -130,6 +132,11 @@ def simulate(schedule: Schedule, cost: CostModel = CostModel(), guard_fails: boo
 _NEGLIGIBLE_SPREAD = 1e-6
 """A ``variation`` at most this is none: the times are not drawn."""
 
+def _drawn(cost: CostModel) -> bool:
+    """Return whether ``simulate`` draws times for ``cost`` (a compute or hold spread above the negligible)."""
+    return cost.variation > _NEGLIGIBLE_SPREAD or cost.hold_variation > _NEGLIGIBLE_SPREAD
+
+
 _STEADY_CALLS, _STEADY_SEEDS, _REPLICA_GROUPS = 10, 8, 16
 """With drawn times: the extra steps each steady estimate averages, the estimates, and the groups of replicas drawn."""
 
@@ -138,13 +145,13 @@ def steady_step(config: ScheduleConfig, cost: CostModel = CostModel()) -> float:
     """Return what one more step adds when consecutive steps of ``config`` are simulated: the step a training loop
     runs at, once each step may start while the previous one ends.
 
-    With a ``variation`` above 0 the times are drawn: the result is the mean,
+    With a ``variation`` or ``hold_variation`` above 0 the times are drawn: the result is the mean,
     over several seeds, of what ten more steps add, divided by ten; and with
     data-parallel replicas, which meet at each step's collectives, it adds
     how much longer the slowest of ``data_parallel`` independently drawn
     steps is than the mean step.  Refuses what ``build_schedule`` and
     ``simulate`` refuse."""
-    if cost.variation <= _NEGLIGIBLE_SPREAD:
+    if not _drawn(cost):
         two, three = (simulate(build_schedule(config, check=False, calls=calls), cost).step_time for calls in (2, 3))
         return three - two
     short, long = (build_schedule(config, check=False, calls=calls) for calls in (2, 2 + _STEADY_CALLS))
@@ -174,8 +181,8 @@ class _Costs:
     collective: dict  # GATHER / REDUCE -> per-stage time of the whole collective (data-parallel stream)
     message_base: dict  # transfer kind -> per-stage Message.number of its micro-batch 0
     guard_time: float = 0.0  # a GUARD's agreement, once every rank has reached it
-    send_hold: float = 0.0  # what a SEND costs its rank before the transfer goes on alone
-    receive_hold: float = 0.0  # what a RECV costs its rank once the message is there
+    send_hold: tuple = (0.0,)  # per stage, what a SEND costs its rank before the transfer goes on alone
+    receive_hold: tuple = (0.0,)  # per stage, what a RECV costs its rank once the message is there
 
     @staticmethod
     def of(schedule: Schedule, cost: CostModel, seed: int = 0) -> "_Costs":
@@ -189,9 +196,12 @@ class _Costs:
                     Kind.R: per_stage(recompute, stages, "recompute_time"), Kind.STEP: (cost.optimizer_time,) * stages}
         if cost.action_overhead:
             duration = {kind: tuple(time + cost.action_overhead for time in times) for kind, times in duration.items()}
+        draw = random.Random(seed).gammavariate
         if cost.variation > _NEGLIGIBLE_SPREAD:
-            draw = random.Random(seed).gammavariate
             duration = {kind: _Drawn(times, cost.variation, draw) for kind, times in duration.items()}
+        holds = ((cost.send_time,) * stages, (cost.receive_time,) * stages)
+        if cost.hold_variation > _NEGLIGIBLE_SPREAD:
+            holds = tuple(_Drawn(times, cost.hold_variation, draw) for times in holds)
         boundary = per_stage(cost.boundary_bytes, stages, "boundary_bytes")
         transfer = {_SEND_F: tuple(cost.p2p_latency + size / cost.p2p_bandwidth for size in boundary),
                     _SEND_B: tuple(cost.p2p_latency + (boundary[s - 1] if s else 0.0) / cost.p2p_bandwidth
@@ -206,7 +216,7 @@ class _Costs:
         microbatches = schedule.microbatch_count
         message_base = {kind: tuple(message_of(Action(stage, kind, 0)).number(microbatches) for stage in range(stages))
                         for kind in P2P_KINDS}
-        return _Costs(duration, transfer, collective, message_base, cost.p2p_latency, cost.send_time, cost.receive_time)
+        return _Costs(duration, transfer, collective, message_base, cost.p2p_latency, *holds)
 
 
 class _Drawn:
@@ -281,7 +291,8 @@ def _advance(rank: int, program, shared: tuple, run: _Run) -> None:
             emit((rank, "compute", action, start, now))
         elif kind is _SEND_F or kind is _SEND_B:
             key = message_base[kind][stage] + microbatch
-            now, exposed = now + send_hold, exposed + send_hold
+            hold = send_hold[stage]
+            now, exposed = now + hold, exposed + hold
             start = p2p_free[rank] if overlap and p2p_free[rank] > now else now
             end = start + transfer[kind][stage]
             if overlap:
@@ -302,7 +313,8 @@ def _advance(rank: int, program, shared: tuple, run: _Run) -> None:
             if arrived > now:
                 exposed += arrived - (issued if issued > now else now)
                 now = arrived
-            now, exposed = now + receive_hold, exposed + receive_hold
+            hold = receive_hold[stage]
+            now, exposed = now + hold, exposed + hold
             emit((rank, "p2p", action, start, arrived))
         elif kind is _GATHER or kind is _REDUCE:
             now = _collective(rank, action, now, collective[kind][stage] / (portions or 1), run, finished[kind])

@@ -308,7 +308,7 @@ def report(figures: dict, path: str) -> str:
         f"compute times spread by {100 * cost['variation']:.0f} % (standard deviation over mean); a backward "
         f"split in two takes {figures['split_backward']:.2f} times as long as a whole one",
         f"a send holds its process {1e3 * cost['send_time']:.2f} ms, a receive whose message is there "
-        f"{1e3 * cost['receive_time']:.2f} ms",
+        f"{1e3 * cost['receive_time']:.2f} ms, on average (spread {100 * cost['hold_variation']:.0f} %)",
         f"step: {1e3 * figures['measured_step']:.1f} ms measured (median of back-to-back steps), "
         f"{1e3 * figures['simulated_step']:.1f} ms simulated with these costs",
         f"wrote {path}: layerpipe simulate --cost-file {path} (with the same schedule options)"])

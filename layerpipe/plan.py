@@ -526,6 +526,8 @@ def describe(entry: PlanEntry) -> str:
         words.append(f"n={config.group_size}")
     if config.data_parallel > 1:
         words += [f"zero={config.zero}", f"portions={config.reduce_portions}"]
+        if config.reduce_order != "priority":
+            words.append(f"reduce={config.reduce_order}")
     words.append(f"recompute={config.recompute}")
     return " ".join(words)
 

@@ -86,8 +86,17 @@ def test_reduce_portions_go_out_lower_stages_first():
 
 
 def test_bucketed_reduces_go_out_whole_in_finishing_order():
-    (lowered,) = add_gradient_reduces((parse_program("2B0 2B1 0B0 0B1"),), portions=2, prioritised=False)
+    (lowered,) = add_gradient_reduces((parse_program("2B0 2B1 0B0 0B1"),), portions=2, order="bucketed")
     assert format_program(lowered) == "2B0 2B1 2REDUCE[1/2] 2REDUCE[2/2] 0B0 0B1 0REDUCE[1/2] 0REDUCE[2/2]"
+
+
+def test_after_flush_reduces_wait_for_the_ranks_last_backward_then_go_in_finishing_order():
+    (lowered,) = add_gradient_reduces((parse_program("2F0 2B0 2B1 0B0 0B1 0RELEASE"),), portions=2,
+                                      order="after-flush")
+    assert format_program(lowered) == ("2F0 2B0 2B1 0B0 0B1 2REDUCE[1/2] 2REDUCE[2/2] 0REDUCE[1/2] 0REDUCE[2/2] "
+                                       "0RELEASE")
+    (whole,) = add_gradient_reduces((parse_program("2B0 0B0"),), order="after-flush")
+    assert format_program(whole) == "2B0 0B0 2REDUCE 0REDUCE"
 
 
 def test_optimizer_steps_are_appended_lowest_stage_first():
@@ -109,3 +118,12 @@ def test_early_steps_follow_the_next_stages_reduce_and_the_last_steps_at_the_end
 def test_early_steps_without_reduces_follow_the_next_stages_last_backward():
     (early,) = add_optimizer_steps((parse_program("2F0 2B0 0F0 0B1 0B0"),), early=True)
     assert format_program(early) == "2F0 2B0 0F0 0B1 0B0 2STEP 0STEP"
+
+
+def test_early_steps_are_refused_with_reduces_after_the_flush_in_one_line():
+    from layerpipe.schedule.config import ConfigError, ScheduleConfig, validate_config
+
+    config = ScheduleConfig("breadth-first", ranks=2, microbatches=4, data_parallel=2, step_placement="early",
+                            reduce_order="after-flush")
+    with pytest.raises(ConfigError, match="step_placement='early': .*after-flush"):
+        validate_config(config)

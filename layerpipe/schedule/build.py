@@ -84,7 +84,7 @@ def lower(compute: tuple[Program, ...], config: ScheduleConfig, placement: Place
         programs = add_periodic_updates(programs, config.update_every, config.zero, config.data_parallel)
     elif training:
         if config.data_parallel > 1:
-            programs = add_gradient_reduces(programs, config.reduce_portions, config.reduce_order == "priority")
+            programs = add_gradient_reduces(programs, config.reduce_portions, config.reduce_order)
         programs = add_optimizer_steps(programs, config.zero, config.step_placement == "early")
         if config.skip_nonfinite:
             programs = add_guard(programs)

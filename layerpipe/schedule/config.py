@@ -23,7 +23,7 @@ ONE_STAGE_SCHEDULES = ("gpipe", "1f1b", "async")
 
 PLACEMENTS = ("auto", "contiguous", "looping", "vshape")
 
-REDUCE_ORDERS = ("priority", "bucketed")
+REDUCE_ORDERS = ("priority", "bucketed", "after-flush")
 """How a stage's reduce portions are issued: interleaved by priority, or together when the stage finishes."""
 
 WEIGHT_POLICIES = ("stashed", "double-buffered", "live")
@@ -72,7 +72,8 @@ class ScheduleConfig:
     reduce_portions: int = knob(1, "portions each stage's gradient reduce is split into (needs D > 1)",
                                 check=whole(1), metavar="K")
     reduce_order: str = knob("priority", "priority: portions interleaved so the earliest layers complete first; "
-                             "bucketed: a stage's portions together as it finishes, like DDP's buckets",
+                             "bucketed: a stage's portions together as it finishes, like DDP's buckets; after-flush: every stage's "
+                             "once the rank's backward is over, as Megatron-LM without --overlap-grad-reduce",
                              check=one_of(REDUCE_ORDERS), metavar="ORDER")
     step_placement: str = knob("end", "where each stage's optimizer STEP goes: end (every stage after the last "
                                "backward) or early (after the reduce of the next stage the rank finishes, so an "
@@ -220,6 +221,9 @@ def _check_data_parallel(config: ScheduleConfig) -> None:
     if config.step_placement == "early" and config.skip_nonfinite:
         raise ConfigError("step_placement", "early", "the guard of `skip_nonfinite` decides every step together, "
                           "after the last backward: use end with it")
+    if config.step_placement == "early" and config.reduce_order == "after-flush":
+        raise ConfigError("step_placement", "early", "steps early after each stage's reduce, and `reduce_order` "
+                          "after-flush holds every reduce until the backward is over: use end with it")
     if config.weight_buffers is not None and config.zero != 3:
         raise ConfigError("weight_buffers", config.weight_buffers, "bounds gathered weights: needs `zero` 3")
 

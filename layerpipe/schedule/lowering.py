@@ -160,8 +160,9 @@ def add_weight_gathers(programs: Sequence[Program], weight_buffers: int | None =
     return tuple(lowered)
 
 
-def add_gradient_reduces(programs: Sequence[Program], portions: int = 1, prioritised: bool = True) -> tuple[Program, ...]:
-    """Return programs with each stage's ``REDUCE`` right after its last backward action.
+def add_gradient_reduces(programs: Sequence[Program], portions: int = 1, order: str = "priority") -> tuple[Program, ...]:
+    """Return programs with each stage's ``REDUCE`` right after its last backward action (``order`` priority or
+    bucketed), or every stage's after the rank's last backward (``after-flush``).
 
     With ``portions > 1`` the reduce is split.  Prioritised (the default):
     when a stage finishes its backward, its first portion is issued at once,
@@ -172,10 +173,16 @@ def add_gradient_reduces(programs: Sequence[Program], portions: int = 1, priorit
     stage ``s+1`` travels while ``s`` computes its backward, then ``s`` goes
     out ahead of the rest of ``s+1``, and the earliest layers — the first
     the next step's forward needs — are complete first: one order that every
-    replica derives from the program alone.  With ``prioritised`` false all
-    portions of a stage are issued together when it finishes, in finishing
-    order, as fixed-size buckets are in PyTorch's DDP.
+    replica derives from the program alone.  Bucketed: all portions of a
+    stage are issued together when it finishes, in finishing order, as
+    fixed-size buckets are in PyTorch's DDP.  After-flush: nothing is reduced
+    until the rank's backward is over, then every stage in finishing order,
+    as Megatron-LM does without ``--overlap-grad-reduce`` (its gradient
+    all-reduce follows the pipeline's forward-backward pass).
     """
+    if order == "after-flush":
+        return tuple(_reduces_after_flush(program, portions) for program in programs)
+    prioritised = order == "priority"
     lowered = []
     for program in programs:
         last_backward = {action.stage: index for index, action in enumerate(program) if action.kind in BACKWARD_KINDS}
@@ -201,6 +208,17 @@ def add_gradient_reduces(programs: Sequence[Program], portions: int = 1, priorit
         out += held_back
         lowered.append(tuple(out))
     return tuple(lowered)
+
+
+def _reduces_after_flush(program: Program, portions: int) -> Program:
+    """Return ``program`` with every stage's reduce, in finishing order, right after its last backward action."""
+    finishing = _last_backwards(program)
+    if not finishing:
+        return tuple(program)
+    last = finishing[-1][0]
+    reduces = [Action(stage, Kind.REDUCE) if portions == 1 else Action(stage, Kind.REDUCE, None, k, portions)
+               for _, stage in finishing for k in range(1, portions + 1)]
+    return tuple(program[:last + 1]) + tuple(reduces) + tuple(program[last + 1:])
 
 
 def add_optimizer_steps(programs: Sequence[Program], zero: int = 0, early: bool = False) -> tuple[Program, ...]:

@@ -31,9 +31,7 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
     times a process sharing its core is descheduled while it takes a message
     in.  ``variation`` is the spread of the compute times (standard
     deviation over mean of each stage's forwards, backwards, recomputes,
-    each weighted by its total time), ``hold_variation`` that of the sends'
-    and ready receives' holds: on a machine whose processes share cores, most
-    holds are short and some last a scheduling slice.  Transfer latency and bandwidth and data-parallel costs stay
+    each weighted by its total time), ``hold_variation`` that of the holds.  Transfer latency and bandwidth and data-parallel costs stay
     zero: ``layerpipe calibrate`` measures them apart.  Refuses, with
     ``ValueError``, a timeline without a forward of every stage.
     """
@@ -115,7 +113,8 @@ def _ready_receives(transfers: dict) -> list[float]:
 
 def _hold_variation(transfers: dict) -> float:
     """Return the holds' spread: the sends' and the ready receives' standard deviation over mean, each weighted by
-    its total (0 with fewer than two of either)."""
+    its total (0 with fewer than two of either).  On a machine whose processes share cores most holds are short
+    and some last a scheduling slice."""
     spread = total = 0.0
     for holds in (_send_holds(transfers), _ready_receives(transfers)):
         if len(holds) >= 2 and sum(holds):

@@ -291,8 +291,7 @@ def _advance(rank: int, program, shared: tuple, run: _Run) -> None:
             emit((rank, "compute", action, start, now))
         elif kind is _SEND_F or kind is _SEND_B:
             key = message_base[kind][stage] + microbatch
-            hold = send_hold[stage]
-            now, exposed = now + hold, exposed + hold
+            now, exposed = now + (hold := send_hold[stage]), exposed + hold
             start = p2p_free[rank] if overlap and p2p_free[rank] > now else now
             end = start + transfer[kind][stage]
             if overlap:
@@ -313,8 +312,7 @@ def _advance(rank: int, program, shared: tuple, run: _Run) -> None:
             if arrived > now:
                 exposed += arrived - (issued if issued > now else now)
                 now = arrived
-            hold = receive_hold[stage]
-            now, exposed = now + hold, exposed + hold
+            now, exposed = now + (hold := receive_hold[stage]), exposed + hold
             emit((rank, "p2p", action, start, arrived))
         elif kind is _GATHER or kind is _REDUCE:
             now = _collective(rank, action, now, collective[kind][stage] / (portions or 1), run, finished[kind])

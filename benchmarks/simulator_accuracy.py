@@ -1,6 +1,6 @@
 """The calibrated simulator against the measured step, for every schedule.
 
-    python benchmarks/simulator_accuracy.py [--steps 20] [--quick]
+    python benchmarks/simulator_accuracy.py [--steps 40] [--rounds 3] [--quick]
 
 For each configuration of the demo GPT, ``layerpipe calibrate`` trains a
 few steps on this machine in that layout and writes a cost file
@@ -104,7 +104,7 @@ def stacked_picture(steps: int, cost_file: str, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="training steps per configuration (half measured)")
-    parser.add_argument("--rounds", type=int, default=2, help="times every configuration is measured, interleaved")
+    parser.add_argument("--rounds", type=int, default=3, help="times every configuration is measured, interleaved")
     parser.add_argument("--quick", action="store_true", help="breadth-first on 2 processes only")
     parser.add_argument("--output", default=os.path.join(HERE, "results"))
     args = parser.parse_args()

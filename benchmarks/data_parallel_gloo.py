@@ -99,7 +99,8 @@ def worker(repeats: int, width: int, microbatches: int) -> dict | None:
         measured = pipe.timeline(name)
         cost = dataclasses.replace(calibrated_cost(measured, pipe.schedule.placement.stages),
                                    weight_bytes=pipe.shards[min(pipe.shards)].weight_bytes,
-                                   data_parallel_latency=latency, data_parallel_bandwidth=bandwidth)
+                                   data_parallel_latency=latency, data_parallel_bandwidth=bandwidth,
+                                   variation=0.0, hold_variation=0.0)  # one step: the means, not one draw
         predicted = simulate(pipe.schedule, cost)
         rows.append({"configuration": name, "step_time": statistics.median(times[name]),
                      "exposed_communication": statistics.median(exposed[name]),

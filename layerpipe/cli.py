@@ -93,7 +93,7 @@ def _command_simulate(args: argparse.Namespace) -> None:
     else:
         print(_title(config) + (f", {args.calls} calls (times are for all of them)" if args.calls > 1 else ""))
         print(_summary(result))
-        if cost.variation > 0 or cost.hold_variation > 0:
+        if cost.variation > 0 or (cost.hold_variation > 0 and (cost.send_time or cost.receive_time)):
             print(f"compute times and holds drawn around their means with spreads of {cost.variation:.0%} and "
                   f"{cost.hold_variation:.0%} (one draw, seed 0; --variation 0 --hold-variation 0 for the means)")
     if args.plot:

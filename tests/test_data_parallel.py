@@ -132,7 +132,8 @@ def test_early_optimizer_steps_match_the_reference_at_every_zero_level():
 @pytest.mark.multiprocess
 def test_reduces_after_the_flush_match_the_reference_at_every_zero_level():
     """Megatron-LM's order: every stage's reduce once the rank's backward is over (whole and in portions)."""
-    cases = list(itertools.product(("1f1b", "interleaved", "breadth-first"), (0, 1, 2, 3), ("none",), (1, 3)))
+    cases = list(itertools.product(("1f1b", "interleaved", "breadth-first", "zero-bubble"), (0, 1, 2, 3),
+                                   ("none", "full"), (1, 3)))
     per_process = layerpipe.launch(run_configurations, 4, (2, 2, cases, "auto", {"reduce_order": "after-flush"}),
                                    timeout=600)
     check_results(2, 2, cases, per_process)

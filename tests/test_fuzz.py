@@ -28,7 +28,7 @@ CASES = max(500, int(os.environ.get("FUZZ_CASES", "500")))
 SMALL_WHOLE = st.sampled_from(["-3", "-1", "0", "1", "2", "3", "4", "5", "8", "12"])
 NUMBER = st.sampled_from(["-1", "0", "0.5", "1", "2.5", "1e9", "inf", "nan", "x", ""])
 WORDS = st.sampled_from(["", "x", "none", "full", "selective", "none,full", "full,none", "stashed", "live",
-                         "double-buffered", "spike", "predict", "spike+predict", "priority", "bucketed",
+                         "double-buffered", "spike", "predict", "spike+predict", "priority", "bucketed", "after-flush", "early", "end",
                          "looping", "vshape", "contiguous", "auto"])
 SCHEDULES = st.sampled_from(["gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble", "async",
                              "bfs", ""])
@@ -39,7 +39,7 @@ OPTIONS = {
     "--data-parallel": SMALL_WHOLE, "--zero": SMALL_WHOLE, "--reduce-portions": SMALL_WHOLE,
     "--reduce-order": WORDS, "--weight-buffers": SMALL_WHOLE, "--update-every": SMALL_WHOLE,
     "--weight-policy": WORDS, "--delay-correction": WORDS, "--delay-warmup": SMALL_WHOLE,
-    "--recompute": WORDS,
+    "--recompute": WORDS, "--step-placement": WORDS,
 }
 SIMULATE_ONLY = {
     "--forward-time": NUMBER, "--backward-time": NUMBER, "--input-gradient-share": NUMBER,

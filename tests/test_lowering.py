@@ -127,3 +127,31 @@ def test_early_steps_are_refused_with_reduces_after_the_flush_in_one_line():
                             reduce_order="after-flush")
     with pytest.raises(ConfigError, match="step_placement='early': .*after-flush"):
         validate_config(config)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved", "breadth-first", "zero-bubble"])
+def test_after_flush_puts_every_reduce_after_each_ranks_last_backward_in_a_whole_lowered_schedule(schedule):
+    from layerpipe.schedule.actions import BACKWARD_KINDS
+    from layerpipe.schedule.build import build_schedule
+    from layerpipe.schedule.config import ScheduleConfig
+
+    config = ScheduleConfig(schedule, ranks=2, microbatches=4, data_parallel=2, zero=3, reduce_portions=2,
+                            reduce_order="after-flush", recompute="full", skip_nonfinite=True)
+    for program in build_schedule(config).programs:
+        last_backward = max(index for index, action in enumerate(program) if action.kind in BACKWARD_KINDS)
+        reduces = [index for index, action in enumerate(program) if action.kind is Kind.REDUCE]
+        steps = [index for index, action in enumerate(program) if action.kind is Kind.STEP]
+        stages = {action.stage for action in program if action.kind in BACKWARD_KINDS}
+        first = min(reduces)
+        assert len(reduces) == 2 * len(stages) and reduces == list(range(first, first + len(reduces)))
+        assert all(action.kind is Kind.SEND_B for action in program[last_backward + 1:first])  # its gradient out
+        assert max(reduces) < min(steps)
+
+
+def test_reduce_order_is_refused_without_replicas_and_on_async_in_one_line():
+    from layerpipe.schedule.config import ConfigError, ScheduleConfig, validate_config
+
+    with pytest.raises(ConfigError, match="reduce_order='after-flush': .*needs data_parallel above 1"):
+        validate_config(ScheduleConfig("1f1b", ranks=2, microbatches=4, reduce_order="after-flush"))
+    with pytest.raises(ConfigError, match="reduce_order='bucketed': async"):
+        validate_config(ScheduleConfig("async", ranks=2, microbatches=4, data_parallel=2, reduce_order="bucketed"))

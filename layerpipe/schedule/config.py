@@ -24,7 +24,8 @@ ONE_STAGE_SCHEDULES = ("gpipe", "1f1b", "async")
 PLACEMENTS = ("auto", "contiguous", "looping", "vshape")
 
 REDUCE_ORDERS = ("priority", "bucketed", "after-flush")
-"""How a stage's reduce portions are issued: interleaved by priority, or together when the stage finishes."""
+"""When a stage's reduce portions are issued: interleaved by priority or together as the stage finishes, or every
+stage's after the rank's last backward."""
 
 WEIGHT_POLICIES = ("stashed", "double-buffered", "live")
 """Async only: which weights a sub-minibatch's backward uses (``runtime.versions`` says how)."""
@@ -218,6 +219,9 @@ def _check_data_parallel(config: ScheduleConfig) -> None:
         if config.reduce_portions != 1:
             raise ConfigError("reduce_portions", config.reduce_portions,
                               "splits the reduce over data-parallel replicas: needs `data_parallel` above 1")
+        if config.reduce_order != "priority":
+            raise ConfigError("reduce_order", config.reduce_order,
+                              "orders the reduces over data-parallel replicas: needs `data_parallel` above 1")
     if config.step_placement == "early" and config.skip_nonfinite:
         raise ConfigError("step_placement", "early", "the guard of `skip_nonfinite` decides every step together, "
                           "after the last backward: use end with it")
@@ -263,6 +267,9 @@ def _check_async(config: ScheduleConfig) -> None:
         raise ConfigError("recompute", config.recompute, "async does not recompute yet: use none")
     if config.reduce_portions != 1:
         raise ConfigError("reduce_portions", config.reduce_portions, "async reduces each update whole: use 1")
+    if config.reduce_order != "priority":
+        raise ConfigError("reduce_order", config.reduce_order, "async reduces each update right after its "
+                          "stage's backwards: use priority")
     if config.skip_nonfinite:
         raise ConfigError("skip_nonfinite", True, "async updates each stage on its own, with no step to guard "
                           "together: leave it off")

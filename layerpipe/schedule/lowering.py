@@ -5,7 +5,8 @@ The passes, in the order ``lower`` applies them:
 * ``add_weight_gathers`` — ZeRO-3: ``GATHER`` a stage's sharded weights before
   it is used (prefetched one run of actions ahead) and ``RELEASE`` them after;
 * ``add_gradient_reduces`` — ``REDUCE`` a stage's gradients right after its
-  last backward, optionally in portions issued in a fixed priority order;
+  last backward, optionally in portions issued in a fixed priority order, or
+  every stage's after the rank's last backward (Megatron-LM's order);
 * ``add_optimizer_steps`` — ``STEP`` every stage at the end, or each early,
   after the next stage's reduce (ZeRO-1/2 then all-gather the updated
   weight shards with ``GATHER``);
@@ -182,6 +183,8 @@ def add_gradient_reduces(programs: Sequence[Program], portions: int = 1, order: 
     """
     if order == "after-flush":
         return tuple(_reduces_after_flush(program, portions) for program in programs)
+    if order not in ("priority", "bucketed"):
+        raise ValueError(f"unknown reduce order {order!r}: priority, bucketed or after-flush")
     prioritised = order == "priority"
     lowered = []
     for program in programs:

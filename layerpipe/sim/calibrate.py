@@ -113,7 +113,7 @@ def _ready_receives(transfers: dict) -> list[float]:
 
 def _hold_variation(transfers: dict) -> float:
     """Return the holds' spread: the sends' and the ready receives' standard deviation over mean, each weighted by
-    its total (0 with fewer than two of either).  On a machine whose processes share cores most holds are short
+    its total (a kind with fewer than two holds left out; 0 with neither).  On a machine whose processes share cores most holds are short
     and some last a scheduling slice."""
     spread = total = 0.0
     for holds in (_send_holds(transfers), _ready_receives(transfers)):

@@ -133,8 +133,10 @@ _NEGLIGIBLE_SPREAD = 1e-6
 """A ``variation`` at most this is none: the times are not drawn."""
 
 def _drawn(cost: CostModel) -> bool:
-    """Return whether ``simulate`` draws times for ``cost`` (a compute or hold spread above the negligible)."""
-    return cost.variation > _NEGLIGIBLE_SPREAD or cost.hold_variation > _NEGLIGIBLE_SPREAD
+    """Return whether ``simulate`` draws times for ``cost``: a compute spread above the negligible, or a hold spread
+    with holds to draw."""
+    holds = cost.send_time > 0 or cost.receive_time > 0
+    return cost.variation > _NEGLIGIBLE_SPREAD or (holds and cost.hold_variation > _NEGLIGIBLE_SPREAD)
 
 
 _STEADY_CALLS, _STEADY_SEEDS, _REPLICA_GROUPS = 10, 8, 16
@@ -220,7 +222,8 @@ class _Costs:
 
 
 class _Drawn:
-    """Per stage, a compute time drawn afresh each time it is read: gamma-distributed around the stage's mean."""
+    """Per stage, a compute time or hold drawn afresh each time it is read: gamma-distributed around the stage's
+    mean."""
 
     def __init__(self, means: tuple[float, ...], variation: float, draw):
         self.shape = 1.0 / variation ** 2

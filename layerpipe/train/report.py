@@ -9,6 +9,7 @@ format, which ``layerpipe.sim.timeline.Timeline.from_json`` reads back), and
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -160,6 +161,7 @@ def write_outputs(record: RunRecord) -> dict:
 
     output, schedule = record.config.output, record.config.pipeline
     cost = calibrated_cost(record.measured, record.schedule.placement.stages)
+    cost = dataclasses.replace(cost, variation=0.0, hold_variation=0.0)  # one step: the means, not one noisy draw
     summary = summary_of(record, simulated_step_time(record.schedule, cost))
     with open(os.path.join(output, "summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)

@@ -25,7 +25,6 @@ schedules; the machine line says how many cores there were.  Results go to
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import statistics
@@ -37,6 +36,7 @@ from torch import nn
 import layerpipe
 from layerpipe.schedule.build import build_schedule
 from layerpipe.sim.calibrate import calibrated_cost
+from layerpipe.sim.cost import at_means
 from layerpipe.sim.simulator import simulate
 from layerpipe.viz.gantt import plot_timelines
 
@@ -84,8 +84,7 @@ def worker(repeats: int, width: int, microbatches: int, samples: int, picture: s
     rows = []
     for name, pipe in pipes.items():
         calls = 4 if name == "async" else 1
-        cost = dataclasses.replace(calibrated_cost(timelines[name], pipe.schedule.placement.stages), variation=0.0,
-                                   hold_variation=0.0)  # one simulation: the means, not one draw
+        cost = at_means(calibrated_cost(timelines[name], pipe.schedule.placement.stages))
         simulated = simulate(build_schedule(pipe.schedule.config, calls=calls), cost)
         rows.append({"schedule": name, "step_time": medians[name], "ratio_to_fastest_flushed":
                      medians[name] / medians[fastest], "simulated_steady_bubble": simulated.steady_bubble,

@@ -35,6 +35,7 @@ from torch import nn
 import layerpipe
 from layerpipe.runtime.sharding import all_gather_into
 from layerpipe.sim.calibrate import calibrated_cost
+from layerpipe.sim.cost import at_means
 from layerpipe.sim.simulator import simulate
 
 from results_files import gloo_machine, write_results
@@ -99,9 +100,8 @@ def worker(repeats: int, width: int, microbatches: int) -> dict | None:
         measured = pipe.timeline(name)
         cost = dataclasses.replace(calibrated_cost(measured, pipe.schedule.placement.stages),
                                    weight_bytes=pipe.shards[min(pipe.shards)].weight_bytes,
-                                   data_parallel_latency=latency, data_parallel_bandwidth=bandwidth,
-                                   variation=0.0, hold_variation=0.0)  # one step: the means, not one draw
-        predicted = simulate(pipe.schedule, cost)
+                                   data_parallel_latency=latency, data_parallel_bandwidth=bandwidth)
+        predicted = simulate(pipe.schedule, at_means(cost))
         rows.append({"configuration": name, "step_time": statistics.median(times[name]),
                      "exposed_communication": statistics.median(exposed[name]),
                      "simulated_step_time": predicted.step_time,

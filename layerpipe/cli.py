@@ -21,7 +21,7 @@ from .schedule.actions import format_program
 from .schedule.build import build_schedule
 from .schedule.config import ONE_STAGE_SCHEDULES, SCHEDULES, ScheduleConfig, validate_config
 from .schedule.validation import ScheduleError
-from .sim.cost import CostModel
+from .sim.cost import CostModel, at_means, draws
 from .sim.cost_file import read_cost_file, with_options
 from .sim.simulator import SimResult, simulate
 
@@ -93,7 +93,7 @@ def _command_simulate(args: argparse.Namespace) -> None:
     else:
         print(_title(config) + (f", {args.calls} calls (times are for all of them)" if args.calls > 1 else ""))
         print(_summary(result))
-        if cost.variation > 0 or (cost.hold_variation > 0 and (cost.send_time or cost.receive_time)):
+        if draws(cost):
             print(f"compute times and holds drawn around their means with spreads of {cost.variation:.0%} and "
                   f"{cost.hold_variation:.0%} (one draw, seed 0; --variation 0 --hold-variation 0 for the means)")
     if args.plot:
@@ -159,10 +159,10 @@ def _allowed(args: argparse.Namespace, name: str) -> bool:
 def _command_compare(args: argparse.Namespace) -> None:
     names = _compared_schedules(args)
     cost = cost_model(args)
-    if (cost.variation > 0 or cost.hold_variation > 0) and not args.json:
+    if draws(cost) and not args.json:
         print(f"ranked on the mean compute times and holds (the spreads of {cost.variation:.0%} and "
               f"{cost.hold_variation:.0%} are left out: one draw each would be noise)")
-    cost = dataclasses.replace(cost, variation=0.0, hold_variation=0.0)
+    cost = at_means(cost)
     check_writable_file("plot", args.plot, PICTURE_FORMATS)
     reference_stages = schedule_config(args, "breadth-first").stages_per_rank
     rows = []

@@ -73,8 +73,9 @@ class ScheduleConfig:
     reduce_portions: int = knob(1, "portions each stage's gradient reduce is split into (needs D > 1)",
                                 check=whole(1), metavar="K")
     reduce_order: str = knob("priority", "priority: portions interleaved so the earliest layers complete first; "
-                             "bucketed: a stage's portions together as it finishes, like DDP's buckets; after-flush: every stage's "
-                             "once the rank's backward is over, as Megatron-LM without --overlap-grad-reduce",
+                             "bucketed: a stage's portions together as it finishes, like DDP's buckets; "
+                             "after-flush: every stage's once the rank's backward is over, as Megatron-LM without "
+                             "--overlap-grad-reduce",
                              check=one_of(REDUCE_ORDERS), metavar="ORDER")
     step_placement: str = knob("end", "where each stage's optimizer STEP goes: end (every stage after the last "
                                "backward) or early (after the reduce of the next stage the rank finishes, so an "

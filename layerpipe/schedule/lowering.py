@@ -198,11 +198,8 @@ def add_gradient_reduces(programs: Sequence[Program], portions: int = 1, order: 
             stage = finishing.get(index)
             if stage is None:
                 continue
-            if portions == 1:
-                out.append(Action(stage, Kind.REDUCE))
-                continue
-            own = [Action(stage, Kind.REDUCE, None, k, portions) for k in range(1, portions + 1)]
-            if not prioritised or index == final:
+            own = _reduce_actions(stage, portions)
+            if portions == 1 or not prioritised or index == final:
                 out += own + held_back
                 held_back = []
             else:
@@ -213,14 +210,21 @@ def add_gradient_reduces(programs: Sequence[Program], portions: int = 1, order: 
     return tuple(lowered)
 
 
+def _reduce_actions(stage: int, portions: int) -> list[Action]:
+    """Return the ``REDUCE`` of ``stage``: one whole, or its ``portions`` in order."""
+    if portions == 1:
+        return [Action(stage, Kind.REDUCE)]
+    return [Action(stage, Kind.REDUCE, None, k, portions) for k in range(1, portions + 1)]
+
+
 def _reduces_after_flush(program: Program, portions: int) -> Program:
-    """Return ``program`` with every stage's reduce, in finishing order, right after its last backward action."""
+    """Return ``program`` with every stage's reduce, in finishing order, right after the program's last backward
+    action."""
     finishing = _last_backwards(program)
     if not finishing:
         return tuple(program)
     last = finishing[-1][0]
-    reduces = [Action(stage, Kind.REDUCE) if portions == 1 else Action(stage, Kind.REDUCE, None, k, portions)
-               for _, stage in finishing for k in range(1, portions + 1)]
+    reduces = [action for _, stage in finishing for action in _reduce_actions(stage, portions)]
     return tuple(program[:last + 1]) + tuple(reduces) + tuple(program[last + 1:])
 
 

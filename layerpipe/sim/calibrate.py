@@ -31,8 +31,8 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
     times a process sharing its core is descheduled while it takes a message
     in.  ``variation`` is the spread of the compute times (standard
     deviation over mean of each stage's forwards, backwards, recomputes,
-    each weighted by its total time), ``hold_variation`` that of the holds.  Transfer latency and bandwidth and data-parallel costs stay
-    zero: ``layerpipe calibrate`` measures them apart.  Refuses, with
+    each weighted by its total time), ``hold_variation`` that of the holds.  Transfer latency and bandwidth
+    and data-parallel costs stay zero: ``layerpipe calibrate`` measures them apart.  Refuses, with
     ``ValueError``, a timeline without a forward of every stage.
     """
     durations: dict[tuple[str, int], list[float]] = defaultdict(list)
@@ -78,12 +78,17 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
 def _variation(durations: dict) -> float:
     """Return the compute times' spread: each stage's and kind's standard deviation over mean, weighted by its total
     (optimizer steps, one per step, and GUARD waits left out)."""
+    return _weighted_spread(found for (kind, _), found in durations.items() if kind not in _NOT_COMPUTE)
+
+
+def _weighted_spread(groups) -> float:
+    """Return the groups' standard deviation over mean, each weighted by its total (a group of fewer than two
+    values or a total of 0 left out; 0 with none left)."""
     spread = total = 0.0
-    for (kind, _), found in durations.items():
-        if kind in _NOT_COMPUTE or len(found) < 2 or not sum(found):
-            continue
-        spread += pstdev(found) / mean(found) * sum(found)
-        total += sum(found)
+    for values in groups:
+        if len(values) >= 2 and sum(values):
+            spread += pstdev(values) / mean(values) * sum(values)
+            total += sum(values)
     return spread / total if total else 0.0
 
 
@@ -113,14 +118,9 @@ def _ready_receives(transfers: dict) -> list[float]:
 
 def _hold_variation(transfers: dict) -> float:
     """Return the holds' spread: the sends' and the ready receives' standard deviation over mean, each weighted by
-    its total (a kind with fewer than two holds left out; 0 with neither).  On a machine whose processes share cores most holds are short
-    and some last a scheduling slice."""
-    spread = total = 0.0
-    for holds in (_send_holds(transfers), _ready_receives(transfers)):
-        if len(holds) >= 2 and sum(holds):
-            spread += pstdev(holds) / mean(holds) * sum(holds)
-            total += sum(holds)
-    return spread / total if total else 0.0
+    its total (a kind with fewer than two holds left out; 0 with neither).  On a machine whose processes share
+    cores most holds are short and some last a scheduling slice."""
+    return _weighted_spread((_send_holds(transfers), _ready_receives(transfers)))
 
 
 def _typical_gap(spans: dict[int, list[tuple[float, float]]]) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -26,6 +27,10 @@ _TIME = _per_stage_rule(number(0.0))
 _BYTES = _per_stage_rule(number(0.0))
 _SECONDS = number(0.0)
 _BANDWIDTH = number(0.0, above=True, infinite=True)
+_SPREAD = lambda value: number(0.0)(value) or ("must be at most 10" if value > 10 else None)  # noqa: E731
+
+NEGLIGIBLE_SPREAD = 1e-6
+"""A spread at most this is none: the times are not drawn."""
 
 
 @dataclass(frozen=True)
@@ -72,15 +77,25 @@ class CostModel:
                                metavar="BYTES")
     variation: float = knob(0.0, "spread of each compute action's time (standard deviation over mean); above 0 the "
                             "simulator draws each time from a gamma distribution of that spread (seeded) and the "
-                            "steady step averages many steps", check=lambda v: number(0.0)(v) or (
-                                "must be at most 10" if v > 10 else None), metavar="SPREAD")
+                            "steady step averages many steps", check=_SPREAD, metavar="SPREAD")
     hold_variation: float = knob(0.0, "spread of the time a SEND or RECV holds its rank (standard deviation over "
                                  "mean); above 0 the simulator draws each hold from a gamma distribution of that "
-                                 "spread (seeded), as it does compute times with --variation",
-                                 check=lambda v: number(0.0)(v) or ("must be at most 10" if v > 10 else None),
+                                 "spread (seeded), as it does compute times with --variation", check=_SPREAD,
                                  metavar="SPREAD")
     overlap: bool = knob(True, "communication runs on its own streams; with --no-overlap it occupies the compute "
                          "stream")
+
+
+def draws(cost: CostModel) -> bool:
+    """Return whether the simulator draws times for ``cost``: a compute spread above the negligible, or a hold
+    spread with holds to draw."""
+    holds = cost.send_time > 0 or cost.receive_time > 0
+    return cost.variation > NEGLIGIBLE_SPREAD or (holds and cost.hold_variation > NEGLIGIBLE_SPREAD)
+
+
+def at_means(cost: CostModel) -> CostModel:
+    """Return ``cost`` without its spreads: one simulation of it is the means', not one noisy draw."""
+    return dataclasses.replace(cost, variation=0.0, hold_variation=0.0)
 
 
 def per_stage(value: PerStage, stages: int, name: str) -> tuple[float, ...]:

@@ -34,7 +34,7 @@ from ..schedule.build import Schedule, build_schedule
 from ..schedule.config import ScheduleConfig
 from ..schedule.bulk import collector_paused
 from ..schedule.validation import ScheduleError, blocked_report
-from .cost import CostModel, collective_time, per_stage
+from .cost import NEGLIGIBLE_SPREAD, CostModel, collective_time, draws, per_stage
 from .memory import activation_peak, weight_versions
 from .timeline import Timeline
 
@@ -129,16 +129,6 @@ def simulate(schedule: Schedule, cost: CostModel = CostModel(), guard_fails: boo
         return _result(schedule, cost, run)
 
 
-_NEGLIGIBLE_SPREAD = 1e-6
-"""A ``variation`` at most this is none: the times are not drawn."""
-
-def _drawn(cost: CostModel) -> bool:
-    """Return whether ``simulate`` draws times for ``cost``: a compute spread above the negligible, or a hold spread
-    with holds to draw."""
-    holds = cost.send_time > 0 or cost.receive_time > 0
-    return cost.variation > _NEGLIGIBLE_SPREAD or (holds and cost.hold_variation > _NEGLIGIBLE_SPREAD)
-
-
 _STEADY_CALLS, _STEADY_SEEDS, _REPLICA_GROUPS = 10, 8, 16
 """With drawn times: the extra steps each steady estimate averages, the estimates, and the groups of replicas drawn."""
 
@@ -153,7 +143,7 @@ def steady_step(config: ScheduleConfig, cost: CostModel = CostModel()) -> float:
     how much longer the slowest of ``data_parallel`` independently drawn
     steps is than the mean step.  Refuses what ``build_schedule`` and
     ``simulate`` refuse."""
-    if not _drawn(cost):
+    if not draws(cost):
         two, three = (simulate(build_schedule(config, check=False, calls=calls), cost).step_time for calls in (2, 3))
         return three - two
     short, long = (build_schedule(config, check=False, calls=calls) for calls in (2, 2 + _STEADY_CALLS))
@@ -199,10 +189,10 @@ class _Costs:
         if cost.action_overhead:
             duration = {kind: tuple(time + cost.action_overhead for time in times) for kind, times in duration.items()}
         draw = random.Random(seed).gammavariate
-        if cost.variation > _NEGLIGIBLE_SPREAD:
+        if cost.variation > NEGLIGIBLE_SPREAD:
             duration = {kind: _Drawn(times, cost.variation, draw) for kind, times in duration.items()}
         holds = ((cost.send_time,) * stages, (cost.receive_time,) * stages)
-        if cost.hold_variation > _NEGLIGIBLE_SPREAD:
+        if cost.hold_variation > NEGLIGIBLE_SPREAD:
             holds = tuple(_Drawn(times, cost.hold_variation, draw) for times in holds)
         boundary = per_stage(cost.boundary_bytes, stages, "boundary_bytes")
         transfer = {_SEND_F: tuple(cost.p2p_latency + size / cost.p2p_bandwidth for size in boundary),

@@ -9,7 +9,6 @@ format, which ``layerpipe.sim.timeline.Timeline.from_json`` reads back), and
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -156,12 +155,12 @@ def simulated_step_time(schedule, cost) -> float:
 def write_outputs(record: RunRecord) -> dict:
     """Write summary.json, loss.png, timeline.png, timeline.json and timeline-data.json; return the summary."""
     from ..sim.calibrate import calibrated_cost
+    from ..sim.cost import at_means
     from ..viz.chrome_trace import write_chrome_trace
     from ..viz.gantt import plot_timeline
 
     output, schedule = record.config.output, record.config.pipeline
-    cost = calibrated_cost(record.measured, record.schedule.placement.stages)
-    cost = dataclasses.replace(cost, variation=0.0, hold_variation=0.0)  # one step: the means, not one noisy draw
+    cost = at_means(calibrated_cost(record.measured, record.schedule.placement.stages))
     summary = summary_of(record, simulated_step_time(record.schedule, cost))
     with open(os.path.join(output, "summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)

@@ -27,6 +27,7 @@ Results: ``benchmarks/results/gloo_posted_receive.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import statistics
@@ -93,8 +94,6 @@ def worker(repeats: int) -> dict | None:
 
 def pipeline_worker(schedule: str, stages_per_rank: int, repeats: int) -> dict | None:
     """Return, on process 0, the median step of the small stack one way per pair, shared, and with torch."""
-    import dataclasses
-
     import peers
 
     torch.set_num_threads(1)

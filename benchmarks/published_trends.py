@@ -27,10 +27,9 @@
    distributed optimizer; its gradients reduced after the pipeline's
    backward, as Megatron-LM's ``train_step`` did before
    ``--overlap-grad-reduce``, megatron/training.py) and the fastest
-   breadth-first one (any ZeRO
-   level) of the 52B GPT on 512 tensor-parallel groups of 8 A100s of
-   80 GB, each group modelled as one device of 8 times a GPU's compute,
-   memory and links.
+   breadth-first one (any ZeRO level) of the 52B GPT on 512
+   tensor-parallel groups of 8 A100s of 80 GB, each group modelled as one
+   device of 8 times a GPU's compute, memory and links.
 
 Tensor parallelism is modelled by dividing each device's compute, stored
 activations, messages and weights by 8; its own all-reduces are left out
@@ -42,11 +41,10 @@ re-derived: the comparison is of trends.  Results:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
-
-import dataclasses
 
 from layerpipe.plan import GIB, USABLE_MEMORY, Candidate, PlanRequest, best_among, candidates, describe, model_shape
 from layerpipe.schedule.build import build_schedule

@@ -35,16 +35,15 @@ import math
 import os
 import platform
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
-from typing import Callable
 
 import torch
+from results_files import save_figure, write_results
 from torch import nn
 
 from layerpipe.emulation import PipelinedBackprop
-
-from results_files import save_figure, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUBMINIBATCH, WIDTH, BLOCKS, MOMENTUM = 8, 64, 8, 0.9
@@ -103,7 +102,7 @@ def stages_of(count: int, seed: int) -> list[nn.Module]:
     torch.manual_seed(seed)
     blocks = [Residual() for _ in range(BLOCKS)]
     per = BLOCKS // count
-    stages = [nn.Sequential(*blocks[index * per:(index + 1) * per]) for index in range(count)]
+    stages = [nn.Sequential(*blocks[index * per : (index + 1) * per]) for index in range(count)]
     stages[-1].append(nn.Linear(WIDTH, 10))
     return stages
 
@@ -150,7 +149,7 @@ def shakespeare_task(updates: int) -> Task:
     def text_stages(count: int, seed: int) -> list[nn.Module]:
         layers = gpt_layers(config, seed)
         per = len(layers) // count
-        return [nn.Sequential(*layers[index * per:(index + 1) * per]) for index in range(count)]
+        return [nn.Sequential(*layers[index * per : (index + 1) * per]) for index in range(count)]
 
     def stream(seed: int, every: int):
         generator = torch.Generator().manual_seed(seed)
@@ -167,13 +166,18 @@ def one_run(task: Task, stages: int, variant: str, every: int, seed: int) -> dic
     """Train one configuration; return its measure on held-out data and its mean training loss over the last tenth."""
     policy, correction, zero_delay, _ = VARIANTS[variant]
     modules = task.stages_of(stages, seed)
-    pipe = PipelinedBackprop(modules, task.loss_fn,
-                             lambda params: torch.optim.SGD(params, lr=task.learning_rate, momentum=MOMENTUM),
-                             update_every=every, weight_policy=policy, zero_delay=zero_delay,
-                             delay_correction=correction)
+    pipe = PipelinedBackprop(
+        modules,
+        task.loss_fn,
+        lambda params: torch.optim.SGD(params, lr=task.learning_rate, momentum=MOMENTUM),
+        update_every=every,
+        weight_policy=policy,
+        zero_delay=zero_delay,
+        delay_correction=correction,
+    )
     inputs, targets = task.stream(seed, every)
     losses = pipe.train(inputs, targets)
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     return {"measure": task.measure(modules), "loss": statistics.fmean(tail)}
 
 
@@ -184,12 +188,24 @@ def study(task: Task, seeds: int, stage_counts: list[int], every: int) -> list[d
         for variant, (_, _, _, needs_long_k) in VARIANTS.items():
             k = max(every, 2 * (stages - 1)) if needs_long_k else every
             runs = [one_run(task, stages, variant, k, seed) for seed in range(seeds)]
-            rows.append({"task": task.name, "stages": stages, "variant": variant, "update_every": k,
-                         **{f"{key}_{kind}": function([run[key] for run in runs])
-                            for key in ("measure", "loss")
-                            for kind, function in (("mean", statistics.fmean), ("std", _std))}})
-            print(f"{task.name} S={stages} {variant:<24} k={k:<2} {task.metric} {rows[-1]['measure_mean']:.3f} "
-                  f"± {rows[-1]['measure_std']:.3f}", flush=True)
+            rows.append(
+                {
+                    "task": task.name,
+                    "stages": stages,
+                    "variant": variant,
+                    "update_every": k,
+                    **{
+                        f"{key}_{kind}": function([run[key] for run in runs])
+                        for key in ("measure", "loss")
+                        for kind, function in (("mean", statistics.fmean), ("std", _std))
+                    },
+                }
+            )
+            print(
+                f"{task.name} S={stages} {variant:<24} k={k:<2} {task.metric} {rows[-1]['measure_mean']:.3f} "
+                f"± {rows[-1]['measure_std']:.3f}",
+                flush=True,
+            )
     return rows
 
 
@@ -211,8 +227,14 @@ def plot(tasks: list[Task], rows: list[dict], path: str) -> None:
     for axes, task in zip(axes_list[0], tasks):
         for variant in VARIANTS:
             mine = [row for row in rows if row["variant"] == variant and row["task"] == task.name]
-            axes.errorbar([row["stages"] for row in mine], [row["measure_mean"] for row in mine],
-                          yerr=[row["measure_std"] for row in mine], marker="o", capsize=3, label=variant)
+            axes.errorbar(
+                [row["stages"] for row in mine],
+                [row["measure_mean"] for row in mine],
+                yerr=[row["measure_std"] for row in mine],
+                marker="o",
+                capsize=3,
+                label=variant,
+            )
         axes.set_xlabel("pipeline stages S")
         axes.set_ylabel(f"{task.metric} ({task.better} is better)")
         axes.set_title(f"{task.name}: async against synchronous (SGD, momentum {MOMENTUM})")
@@ -224,13 +246,19 @@ def plot(tasks: list[Task], rows: list[dict], path: str) -> None:
 
 def table(task: Task, rows: list[dict]) -> list[str]:
     """Return the Markdown table of one task's rows."""
-    lines = [f"## {task.name}", "", f"| stages | variant | update every | {task.metric} | training loss (last tenth) |",
-             "| ---: | --- | ---: | ---: | ---: |"]
+    lines = [
+        f"## {task.name}",
+        "",
+        f"| stages | variant | update every | {task.metric} | training loss (last tenth) |",
+        "| ---: | --- | ---: | ---: | ---: |",
+    ]
     for row in rows:
         if row["task"] == task.name:
-            lines.append(f"| {row['stages']} | {row['variant']} | {row['update_every']} | "
-                         f"{row['measure_mean']:.3f} ± {row['measure_std']:.3f} | "
-                         f"{row['loss_mean']:.3f} ± {row['loss_std']:.3f} |")
+            lines.append(
+                f"| {row['stages']} | {row['variant']} | {row['update_every']} | "
+                f"{row['measure_mean']:.3f} ± {row['measure_std']:.3f} | "
+                f"{row['loss_mean']:.3f} ± {row['loss_std']:.3f} |"
+            )
     return lines + [""]
 
 
@@ -249,15 +277,29 @@ def main() -> None:
     makers = {"digits": lambda: digits_task(args.epochs), "shakespeare": lambda: shakespeare_task(args.text_updates)}
     tasks = [makers[name]() for name in args.tasks]
     rows = [row for task in tasks for row in study(task, args.seeds, args.stages, args.update_every)]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    report = {"date": date.today().isoformat(), "machine": machine, "seeds": args.seeds, "epochs": args.epochs,
-              "text_updates": args.text_updates, "subminibatch": SUBMINIBATCH, "momentum": MOMENTUM,
-              "learning_rates": {task.name: task.learning_rate for task in tasks}, "rows": rows}
-    lines = [f"# Pipelined backpropagation against synchronous training ({report['date']}, {machine})", "",
-             f"SGD with momentum {MOMENTUM} (learning rate " +
-             ", ".join(f"{task.learning_rate} on {task.name}" for task in tasks) +
-             f"); sub-minibatches of {SUBMINIBATCH}; digits: {args.epochs} epochs; shakespeare: "
-             f"{args.text_updates} updates; mean ± std over {args.seeds} seeds.", ""]
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    report = {
+        "date": date.today().isoformat(),
+        "machine": machine,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "text_updates": args.text_updates,
+        "subminibatch": SUBMINIBATCH,
+        "momentum": MOMENTUM,
+        "learning_rates": {task.name: task.learning_rate for task in tasks},
+        "rows": rows,
+    }
+    lines = [
+        f"# Pipelined backpropagation against synchronous training ({report['date']}, {machine})",
+        "",
+        f"SGD with momentum {MOMENTUM} (learning rate "
+        + ", ".join(f"{task.learning_rate} on {task.name}" for task in tasks)
+        + f"); sub-minibatches of {SUBMINIBATCH}; digits: {args.epochs} epochs; shakespeare: "
+        f"{args.text_updates} updates; mean ± std over {args.seeds} seeds.",
+        "",
+    ]
     for task in tasks:
         lines += table(task, rows)
     plot(tasks, rows, args.plot)

@@ -31,6 +31,8 @@ import statistics
 
 import torch
 import torch.distributed as dist
+from results_files import gloo_machine, write_results
+from timing import time_alternately
 from torch import nn
 
 import layerpipe
@@ -39,9 +41,6 @@ from layerpipe.sim.calibrate import calibrated_cost
 from layerpipe.sim.cost import at_means
 from layerpipe.sim.simulator import simulate
 from layerpipe.viz.gantt import plot_timelines
-
-from results_files import gloo_machine, write_results
-from timing import time_alternately
 
 FLUSHED = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("breadth-first", 2))
 
@@ -56,15 +55,31 @@ def layers_for(ranks: int, width: int) -> list[nn.Module]:
 
 def build(ranks: int, width: int, microbatches: int) -> dict:
     """Return every pipeline of the comparison, by name."""
+
     def optimizer(params):
         return torch.optim.SGD(params, lr=1e-4, momentum=0.9)
 
-    pipes = {name: layerpipe.Pipeline(layers_for(ranks, width), nn.functional.mse_loss, schedule=name,
-                                      microbatches=microbatches, stages_per_rank=v, optimizer=optimizer, timeout=300)
-             for name, v in FLUSHED}
-    pipes["async"] = layerpipe.Pipeline(layers_for(ranks, width), nn.functional.mse_loss, schedule="async",
-                                        microbatches=microbatches, update_every=microbatches, optimizer=optimizer,
-                                        timeout=300)
+    pipes = {
+        name: layerpipe.Pipeline(
+            layers_for(ranks, width),
+            nn.functional.mse_loss,
+            schedule=name,
+            microbatches=microbatches,
+            stages_per_rank=v,
+            optimizer=optimizer,
+            timeout=300,
+        )
+        for name, v in FLUSHED
+    }
+    pipes["async"] = layerpipe.Pipeline(
+        layers_for(ranks, width),
+        nn.functional.mse_loss,
+        schedule="async",
+        microbatches=microbatches,
+        update_every=microbatches,
+        optimizer=optimizer,
+        timeout=300,
+    )
     return pipes
 
 
@@ -86,12 +101,24 @@ def worker(repeats: int, width: int, microbatches: int, samples: int, picture: s
         calls = 4 if name == "async" else 1
         cost = at_means(calibrated_cost(timelines[name], pipe.schedule.placement.stages))
         simulated = simulate(build_schedule(pipe.schedule.config, calls=calls), cost)
-        rows.append({"schedule": name, "step_time": medians[name], "ratio_to_fastest_flushed":
-                     medians[name] / medians[fastest], "simulated_steady_bubble": simulated.steady_bubble,
-                     "simulated_bubble": simulated.bubble_fraction, "samples": times[name]})
-    plot_timelines([timelines["async"], timelines[fastest]], picture,
-                   [f"async (one call of the stream), {ranks} ranks, measured",
-                    f"{fastest} (fastest flushed), {ranks} ranks, measured"])
+        rows.append(
+            {
+                "schedule": name,
+                "step_time": medians[name],
+                "ratio_to_fastest_flushed": medians[name] / medians[fastest],
+                "simulated_steady_bubble": simulated.steady_bubble,
+                "simulated_bubble": simulated.bubble_fraction,
+                "samples": times[name],
+            }
+        )
+    plot_timelines(
+        [timelines["async"], timelines[fastest]],
+        picture,
+        [
+            f"async (one call of the stream), {ranks} ranks, measured",
+            f"{fastest} (fastest flushed), {ranks} ranks, measured",
+        ],
+    )
     return {"ranks": ranks, "fastest_flushed": fastest, "rows": rows}
 
 
@@ -105,26 +132,37 @@ def main() -> None:
     args = parser.parse_args()
     today = datetime.date.today().isoformat()
     machine = gloo_machine()
-    lines = [f"# Async stream vs flushed schedules, measured on gloo ({today})", "",
-             f"Machine: {machine}. Model: 2 × P pairs of Linear({args.width}, {args.width}) + Tanh, float32; "
-             f"{args.microbatches} micro-batches of {args.samples} samples per call; async updates every "
-             f"{args.microbatches} sub-minibatches; {args.repeats} alternating repetitions, medians.", ""]
+    lines = [
+        f"# Async stream vs flushed schedules, measured on gloo ({today})",
+        "",
+        f"Machine: {machine}. Model: 2 × P pairs of Linear({args.width}, {args.width}) + Tanh, float32; "
+        f"{args.microbatches} micro-batches of {args.samples} samples per call; async updates every "
+        f"{args.microbatches} sub-minibatches; {args.repeats} alternating repetitions, medians.",
+        "",
+    ]
     results = []
     os.makedirs(args.output, exist_ok=True)
     for ranks in (2, 4):
         picture = os.path.join(args.output, f"async_gloo_{ranks}.png")
-        result = layerpipe.launch(worker, ranks, (args.repeats, args.width, args.microbatches, args.samples, picture),
-                                  timeout=1800)[0]
+        result = layerpipe.launch(
+            worker, ranks, (args.repeats, args.width, args.microbatches, args.samples, picture), timeout=1800
+        )[0]
         results.append(result)
-        lines += [f"## {ranks} pipeline ranks (fastest flushed: {result['fastest_flushed']})", "",
-                  f"![measured timelines](async_gloo_{ranks}.png)", "",
-                  "| schedule | step time (ms) | ratio to fastest flushed | simulated steady-state bubble |",
-                  "| --- | --- | --- | --- |"]
+        lines += [
+            f"## {ranks} pipeline ranks (fastest flushed: {result['fastest_flushed']})",
+            "",
+            f"![measured timelines](async_gloo_{ranks}.png)",
+            "",
+            "| schedule | step time (ms) | ratio to fastest flushed | simulated steady-state bubble |",
+            "| --- | --- | --- | --- |",
+        ]
         for row in result["rows"]:
             bubble = row["simulated_steady_bubble"]
-            lines.append(f"| {row['schedule']} | {1e3 * row['step_time']:.1f} | "
-                         f"{row['ratio_to_fastest_flushed']:.2f} | "
-                         f"{'—' if bubble is None else f'{100 * bubble:.1f} %'} |")
+            lines.append(
+                f"| {row['schedule']} | {1e3 * row['step_time']:.1f} | "
+                f"{row['ratio_to_fastest_flushed']:.2f} | "
+                f"{'—' if bubble is None else f'{100 * bubble:.1f} %'} |"
+            )
         lines.append("")
     record = {"date": today, "machine": machine, "arguments": vars(args), "results": results}
     print(write_results(args.output, "async_gloo", record, lines))

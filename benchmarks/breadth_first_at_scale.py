@@ -21,12 +21,23 @@ import os
 import platform
 from datetime import date
 
-from layerpipe.schedule.build import build_schedule
-from layerpipe.sim.scenarios import (NETWORK, PIPELINE, REPLICAS, STAGES_PER_RANK, TENSOR_PARALLEL,
-                                    paper_52b_configurations as configurations, paper_52b_costs as layer_costs)
-from layerpipe.sim.simulator import simulate
-
 from results_files import save_figure, write_results
+
+from layerpipe.schedule.build import build_schedule
+from layerpipe.sim.scenarios import (
+    NETWORK,
+    PIPELINE,
+    REPLICAS,
+    STAGES_PER_RANK,
+    TENSOR_PARALLEL,
+)
+from layerpipe.sim.scenarios import (
+    paper_52b_configurations as configurations,
+)
+from layerpipe.sim.scenarios import (
+    paper_52b_costs as layer_costs,
+)
+from layerpipe.sim.simulator import simulate
 
 
 def run(microbatch_counts: list[int]) -> list[dict]:
@@ -36,15 +47,17 @@ def run(microbatch_counts: list[int]) -> list[dict]:
     for microbatches in microbatch_counts:
         for name, config in configurations(microbatches).items():
             result = simulate(build_schedule(config, check=False), cost)
-            rows.append({
-                "microbatches": microbatches,
-                "batch_per_gpu": microbatches / (PIPELINE * TENSOR_PARALLEL),
-                "schedule": name,
-                "step_time": result.step_time,
-                "utilisation": result.ideal_time / result.step_time,
-                "exposed_communication": result.to_json()["exposed_communication"],
-                "gathers_per_rank": result.gathers / PIPELINE,
-            })
+            rows.append(
+                {
+                    "microbatches": microbatches,
+                    "batch_per_gpu": microbatches / (PIPELINE * TENSOR_PARALLEL),
+                    "schedule": name,
+                    "step_time": result.step_time,
+                    "utilisation": result.ideal_time / result.step_time,
+                    "exposed_communication": result.to_json()["exposed_communication"],
+                    "gathers_per_rank": result.gathers / PIPELINE,
+                }
+            )
     return rows
 
 
@@ -69,9 +82,12 @@ def plot(rows: list[dict], path: str) -> None:
         axes.set_xscale("log", base=2)
         axes.grid(alpha=0.3)
     left.legend()
-    figure.suptitle(f"52B GPT, {PIPELINE * TENSOR_PARALLEL * REPLICAS} GPUs: p={PIPELINE}, v={STAGES_PER_RANK}, "
-                    f"TP {TENSOR_PARALLEL}, {REPLICAS} replicas at ZeRO-3, {NETWORK * 8 / 1e9:.0f} Gb/s per GPU "
-                    "(simulated)", fontsize=10)
+    figure.suptitle(
+        f"52B GPT, {PIPELINE * TENSOR_PARALLEL * REPLICAS} GPUs: p={PIPELINE}, v={STAGES_PER_RANK}, "
+        f"TP {TENSOR_PARALLEL}, {REPLICAS} replicas at ZeRO-3, {NETWORK * 8 / 1e9:.0f} Gb/s per GPU "
+        "(simulated)",
+        fontsize=10,
+    )
     save_figure(figure, path)
 
 
@@ -84,13 +100,18 @@ def main() -> None:
     args = parser.parse_args()
     rows = run(args.microbatches)
     machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores); simulated, no hardware involved"
-    lines = [f"# Breadth-first vs depth-first at ZeRO-3 on a slow network (simulated, {date.today().isoformat()})", "",
-             "| m | batch per GPU | schedule | step time (s) | utilisation | exposed comm. (ms) | gathers per rank |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Breadth-first vs depth-first at ZeRO-3 on a slow network (simulated, {date.today().isoformat()})",
+        "",
+        "| m | batch per GPU | schedule | step time (s) | utilisation | exposed comm. (ms) | gathers per rank |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
-        lines.append(f"| {row['microbatches']} | {row['batch_per_gpu']:.3g} | {row['schedule']} | "
-                     f"{row['step_time']:.3f} | {100 * row['utilisation']:.1f} % | "
-                     f"{1000 * row['exposed_communication']:.0f} | {row['gathers_per_rank']:.0f} |")
+        lines.append(
+            f"| {row['microbatches']} | {row['batch_per_gpu']:.3g} | {row['schedule']} | "
+            f"{row['step_time']:.3f} | {100 * row['utilisation']:.1f} % | "
+            f"{1000 * row['exposed_communication']:.0f} | {row['gathers_per_rank']:.0f} |"
+        )
     record = {"date": date.today().isoformat(), "machine": machine, "rows": rows}
     print(write_results(args.output, "breadth_first_at_scale", record, lines))
     plot(rows, args.picture)

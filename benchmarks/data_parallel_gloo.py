@@ -30,6 +30,8 @@ import time
 
 import torch
 import torch.distributed as dist
+from results_files import gloo_machine, write_results
+from timing import time_alternately
 from torch import nn
 
 import layerpipe
@@ -38,11 +40,11 @@ from layerpipe.sim.calibrate import calibrated_cost
 from layerpipe.sim.cost import at_means
 from layerpipe.sim.simulator import simulate
 
-from results_files import gloo_machine, write_results
-from timing import time_alternately
-
-CONFIGURATIONS = (("breadth-first", "breadth-first", None), ("interleaved", "interleaved", None),
-                  ("interleaved, 1 weight buffer", "interleaved", 1))
+CONFIGURATIONS = (
+    ("breadth-first", "breadth-first", None),
+    ("interleaved", "interleaved", None),
+    ("interleaved, 1 weight buffer", "interleaved", 1),
+)
 PIPELINE, DATA, STAGES_PER_RANK = 2, 2, 2
 
 
@@ -77,10 +79,18 @@ def collective_costs(group, size: int, repeats: int = 5) -> tuple[float, float]:
 def worker(repeats: int, width: int, microbatches: int) -> dict | None:
     pipes = {}
     for name, schedule, buffers in CONFIGURATIONS:
-        pipes[name] = layerpipe.Pipeline(wide_layers(width), nn.functional.mse_loss, schedule=schedule,
-                                         microbatches=microbatches, stages_per_rank=STAGES_PER_RANK,
-                                         data_parallel=DATA, zero=3, weight_buffers=buffers, timeout=300,
-                                         optimizer=lambda params: torch.optim.SGD(params, lr=1e-3))
+        pipes[name] = layerpipe.Pipeline(
+            wide_layers(width),
+            nn.functional.mse_loss,
+            schedule=schedule,
+            microbatches=microbatches,
+            stages_per_rank=STAGES_PER_RANK,
+            data_parallel=DATA,
+            zero=3,
+            weight_buffers=buffers,
+            timeout=300,
+            optimizer=lambda params: torch.optim.SGD(params, lr=1e-3),
+        )
     generator = torch.Generator().manual_seed(0)
     samples = 2 * microbatches * DATA
     inputs = torch.randn(samples, width, generator=generator)
@@ -98,16 +108,24 @@ def worker(repeats: int, width: int, microbatches: int) -> dict | None:
     rows = []
     for name, pipe in pipes.items():
         measured = pipe.timeline(name)
-        cost = dataclasses.replace(calibrated_cost(measured, pipe.schedule.placement.stages),
-                                   weight_bytes=pipe.shards[min(pipe.shards)].weight_bytes,
-                                   data_parallel_latency=latency, data_parallel_bandwidth=bandwidth)
+        cost = dataclasses.replace(
+            calibrated_cost(measured, pipe.schedule.placement.stages),
+            weight_bytes=pipe.shards[min(pipe.shards)].weight_bytes,
+            data_parallel_latency=latency,
+            data_parallel_bandwidth=bandwidth,
+        )
         predicted = simulate(pipe.schedule, at_means(cost))
-        rows.append({"configuration": name, "step_time": statistics.median(times[name]),
-                     "exposed_communication": statistics.median(exposed[name]),
-                     "simulated_step_time": predicted.step_time,
-                     "simulated_exposed_communication": predicted.to_json()["exposed_communication"],
-                     "gathers_per_step": sum(a.kind.value == "GATHER" for a in pipe.schedule.programs[pipe.rank]),
-                     "samples": times[name]})
+        rows.append(
+            {
+                "configuration": name,
+                "step_time": statistics.median(times[name]),
+                "exposed_communication": statistics.median(exposed[name]),
+                "simulated_step_time": predicted.step_time,
+                "simulated_exposed_communication": predicted.to_json()["exposed_communication"],
+                "gathers_per_step": sum(a.kind.value == "GATHER" for a in pipe.schedule.programs[pipe.rank]),
+                "samples": times[name],
+            }
+        )
     if dist.get_rank() != 0:
         return None
     return {"rows": rows, "data_parallel_latency": latency, "data_parallel_bandwidth": bandwidth}
@@ -124,18 +142,24 @@ def main() -> None:
     base = next(row for row in result["rows"] if row["configuration"] == "breadth-first")
     today = datetime.date.today().isoformat()
     machine = gloo_machine()
-    lines = [f"# Breadth-first vs interleaved at ZeRO-3, gloo, pipeline × data = 2 × 2 ({today})", "",
-             f"Machine: {machine}. Model: 4 stages of 2 × Linear({args.width}, {args.width}), float32; "
-             f"m = {args.microbatches}, micro-batch of 2 samples; {args.repeats} alternating repetitions, medians. "
-             f"Collectives measured at {result['data_parallel_bandwidth'] / 1e9:.2f} GB/s after {1e3 * result['data_parallel_latency']:.2f} ms.",
-             "", "| configuration | gathers / step | step time (ms) | ratio | exposed comm. (ms) | ratio | "
-             "simulated step (ms) | simulated exposed (ms) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Breadth-first vs interleaved at ZeRO-3, gloo, pipeline × data = 2 × 2 ({today})",
+        "",
+        f"Machine: {machine}. Model: 4 stages of 2 × Linear({args.width}, {args.width}), float32; "
+        f"m = {args.microbatches}, micro-batch of 2 samples; {args.repeats} alternating repetitions, medians. "
+        f"Collectives measured at {result['data_parallel_bandwidth'] / 1e9:.2f} GB/s after {1e3 * result['data_parallel_latency']:.2f} ms.",
+        "",
+        "| configuration | gathers / step | step time (ms) | ratio | exposed comm. (ms) | ratio | "
+        "simulated step (ms) | simulated exposed (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in result["rows"]:
         lines.append(
             f"| {row['configuration']} | {row['gathers_per_step']} | {1e3 * row['step_time']:.1f} | "
             f"{row['step_time'] / base['step_time']:.2f} | {1e3 * row['exposed_communication']:.1f} | "
             f"{row['exposed_communication'] / max(base['exposed_communication'], 1e-9):.2f} | "
-            f"{1e3 * row['simulated_step_time']:.1f} | {1e3 * row['simulated_exposed_communication']:.1f} |")
+            f"{1e3 * row['simulated_step_time']:.1f} | {1e3 * row['simulated_exposed_communication']:.1f} |"
+        )
     record = {"date": today, "machine": machine, "arguments": vars(args), **result}
     print(write_results(args.output, "data_parallel_gloo", record, lines))
 

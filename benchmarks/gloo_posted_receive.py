@@ -35,11 +35,10 @@ import time
 
 import torch
 import torch.distributed as dist
-
-import layerpipe
-
 from results_files import gloo_machine, write_results
 from timing import time_steps_alternately
+
+import layerpipe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WAYS = ("nothing posted", "posted on the same pair", "posted on another group")
@@ -98,19 +97,36 @@ def pipeline_worker(schedule: str, stages_per_rank: int, repeats: int) -> dict |
 
     torch.set_num_threads(1)
     layers, loss, inputs, targets, _ = peers.model_parts("stack-512")
-    pipes = {way: layerpipe.Pipeline(layers, loss, optimizer=lambda found: torch.optim.SGD(found, lr=0.0),
-                                     timeout=300, schedule=schedule, microbatches=4, stages_per_rank=stages_per_rank)
-             for way in ("one way per pair", "both ways on one group")}
+    pipes = {
+        way: layerpipe.Pipeline(
+            layers,
+            loss,
+            optimizer=lambda found: torch.optim.SGD(found, lr=0.0),
+            timeout=300,
+            schedule=schedule,
+            microbatches=4,
+            stages_per_rank=stages_per_rank,
+        )
+        for way in ("one way per pair", "both ways on one group")
+    }
     shared = pipes["both ways on one group"].executor
     shared.context = dataclasses.replace(shared.context, downward=None)
     steps = {way: (lambda pipe=pipe: pipe.train_step(inputs, targets)) for way, pipe in pipes.items()}
     rank, ranks = dist.get_rank(), dist.get_world_size()
     name = {"1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}[schedule]
     torch_schedule, modules, _, _, torch_inputs, torch_targets = peers._torch_pipeline(
-        "stack-512", name, stages_per_rank, 4, rank, ranks)
+        "stack-512", name, stages_per_rank, 4, rank, ranks
+    )
     optimizer = torch.optim.SGD([p for module in modules.values() for p in module.parameters()], lr=0.0)
-    steps["torch"] = peers._torch_step(torch_schedule, modules, optimizer, 0 in modules,
-                                       ranks * stages_per_rank - 1 in modules, torch_inputs, torch_targets)
+    steps["torch"] = peers._torch_step(
+        torch_schedule,
+        modules,
+        optimizer,
+        0 in modules,
+        ranks * stages_per_rank - 1 in modules,
+        torch_inputs,
+        torch_targets,
+    )
     times = time_steps_alternately(steps, repeats, warmups=2)
     return {way: statistics.median(found) * 1e3 for way, found in times.items()} if rank == 0 else None
 
@@ -121,20 +137,39 @@ def main() -> None:
     parser.add_argument("--output", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
     late = layerpipe.launch(worker, 2, (args.repeats,), timeout=600)[0]
-    steps = {schedule: layerpipe.launch(pipeline_worker, 2, (schedule, v, args.repeats), timeout=900)[0]
-             for schedule, v in (("1f1b", 1), ("interleaved", 2))}
+    steps = {
+        schedule: layerpipe.launch(pipeline_worker, 2, (schedule, v, args.repeats), timeout=900)[0]
+        for schedule, v in (("1f1b", 1), ("interleaved", 2))
+    }
     today, machine = datetime.date.today().isoformat(), gloo_machine()
-    lines = [f"# A gloo message while its sender computes ({today})", "", f"Machine: {machine}. {SIZE} bytes, "
-             f"{args.repeats} interleaved repetitions, medians.", "", "| receive posted by the sender | message late by (ms) |",
-             "| --- | --- |"] + [f"| {way} | {late[way]:.3f} |" for way in WAYS]
-    lines += ["", "## The Linear(512) stack on 2 processes (step, ms)", "",
-              "| schedule | one way per pair | both ways on one group | torch, same schedule | one way / both |",
-              "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {schedule} | {found['one way per pair']:.2f} | {found['both ways on one group']:.2f} | "
-              f"{found['torch']:.2f} | {found['one way per pair'] / found['both ways on one group']:.2f} |"
-              for schedule, found in steps.items()]
-    print(write_results(args.output, "gloo_posted_receive", {"date": today, "machine": machine, "late_ms": late,
-                                                             "steps_ms": steps}, lines))
+    lines = [
+        f"# A gloo message while its sender computes ({today})",
+        "",
+        f"Machine: {machine}. {SIZE} bytes, {args.repeats} interleaved repetitions, medians.",
+        "",
+        "| receive posted by the sender | message late by (ms) |",
+        "| --- | --- |",
+    ] + [f"| {way} | {late[way]:.3f} |" for way in WAYS]
+    lines += [
+        "",
+        "## The Linear(512) stack on 2 processes (step, ms)",
+        "",
+        "| schedule | one way per pair | both ways on one group | torch, same schedule | one way / both |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {schedule} | {found['one way per pair']:.2f} | {found['both ways on one group']:.2f} | "
+        f"{found['torch']:.2f} | {found['one way per pair'] / found['both ways on one group']:.2f} |"
+        for schedule, found in steps.items()
+    ]
+    print(
+        write_results(
+            args.output,
+            "gloo_posted_receive",
+            {"date": today, "machine": machine, "late_ms": late, "steps_ms": steps},
+            lines,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -50,14 +50,13 @@ import time
 
 import torch
 import torch.distributed as dist
+from results_files import save_figure, write_results
+from timing import time_steps_alternately
 from torch import nn
 
 import layerpipe
 from layerpipe.models.gpt import GPTConfig, gpt_layers, next_token_loss
 from layerpipe.runtime.partition import partition
-
-from results_files import save_figure, write_results
-from timing import time_steps_alternately
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "peers"))
@@ -65,10 +64,22 @@ import common  # noqa: E402  (benchmarks/peers/common.py: what every peer worker
 import model as stack_model  # noqa: E402  (benchmarks/peers/model.py: the stack, its batch and reference)
 
 GPT = GPTConfig(vocab_size=80, block_size=64, width=128, heads=4, blocks=4)
-LAYERPIPE_SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("breadth-first", 2), ("grouped", 2),
-                       ("zero-bubble", 2), ("async", 1))
-TORCH_SCHEDULES = (("ScheduleGPipe", 1), ("Schedule1F1B", 1), ("ScheduleInterleaved1F1B", 2),
-                   ("ScheduleLoopedBFS", 2), ("ScheduleInterleavedZeroBubble", 2))
+LAYERPIPE_SCHEDULES = (
+    ("gpipe", 1),
+    ("1f1b", 1),
+    ("interleaved", 2),
+    ("breadth-first", 2),
+    ("grouped", 2),
+    ("zero-bubble", 2),
+    ("async", 1),
+)
+TORCH_SCHEDULES = (
+    ("ScheduleGPipe", 1),
+    ("Schedule1F1B", 1),
+    ("ScheduleInterleaved1F1B", 2),
+    ("ScheduleLoopedBFS", 2),
+    ("ScheduleInterleavedZeroBubble", 2),
+)
 TOLERANCE = 1e-5
 
 
@@ -91,8 +102,11 @@ def reference_gradients(model: str) -> dict[str, torch.Tensor]:
     layers = [layer.double() for layer in layers]
     output = nn.Sequential(*layers)(inputs if model == "gpt" else inputs.double())
     loss(output, targets if model == "gpt" else targets.double()).backward()
-    return {f"{index}.{name}": parameter.grad for index, layer in enumerate(layers)
-            for name, parameter in layer.named_parameters()}
+    return {
+        f"{index}.{name}": parameter.grad
+        for index, layer in enumerate(layers)
+        for name, parameter in layer.named_parameters()
+    }
 
 
 def worst_error(found: dict, reference: dict[str, torch.Tensor]) -> float:
@@ -104,7 +118,7 @@ def worst_error(found: dict, reference: dict[str, torch.Tensor]) -> float:
     for key, value in found.items():
         gradient, start = value if isinstance(value, tuple) else (value, 0)
         gradient = gradient.double().reshape(-1)
-        expected = reference[key].reshape(-1)[start:start + gradient.numel()]
+        expected = reference[key].reshape(-1)[start : start + gradient.numel()]
         if expected.numel():
             worst = max(worst, float((gradient - expected).norm() / reference[key].norm()))
     return worst
@@ -126,14 +140,22 @@ def _gathered(error: float, times: list[float]) -> dict | None:
 
 
 # ---------------------------------------------------------------- the workers (one launch each)
-def layerpipe_worker(model: str, schedule: str, stages_per_rank: int, microbatches: int, data: int, zero: int,
-                     repeats: int) -> dict | None:
+def layerpipe_worker(
+    model: str, schedule: str, stages_per_rank: int, microbatches: int, data: int, zero: int, repeats: int
+) -> dict | None:
     torch.set_num_threads(1)
     layers, loss, inputs, targets, _ = model_parts(model)
-    options = dict(schedule=schedule, microbatches=microbatches, stages_per_rank=stages_per_rank, data_parallel=data,
-                   zero=zero, group_size=3 if schedule == "grouped" else None)
-    pipe = layerpipe.Pipeline(layers, loss, optimizer=lambda parameters: torch.optim.SGD(parameters, lr=0.0),
-                              timeout=300, **options)
+    options = dict(
+        schedule=schedule,
+        microbatches=microbatches,
+        stages_per_rank=stages_per_rank,
+        data_parallel=data,
+        zero=zero,
+        group_size=3 if schedule == "grouped" else None,
+    )
+    pipe = layerpipe.Pipeline(
+        layers, loss, optimizer=lambda parameters: torch.optim.SGD(parameters, lr=0.0), timeout=300, **options
+    )
     pipe.train_step(inputs, targets)
     found = {}
     for shard in pipe.shards.values():
@@ -143,8 +165,16 @@ def layerpipe_worker(model: str, schedule: str, stages_per_rank: int, microbatch
     return _gathered(error, _timed_steps(lambda: pipe.train_step(inputs, targets), repeats))
 
 
-def _torch_pipeline(model: str, schedule_name: str, stages_per_rank: int, microbatches: int, rank: int, ranks: int,
-                    group=None, shard=None):
+def _torch_pipeline(
+    model: str,
+    schedule_name: str,
+    stages_per_rank: int,
+    microbatches: int,
+    rank: int,
+    ranks: int,
+    group=None,
+    shard=None,
+):
     """Return ``(schedule, stage modules, layers, loss, inputs, targets)`` of ``torch.distributed.pipelining``."""
     from torch.distributed import pipelining
 
@@ -152,14 +182,17 @@ def _torch_pipeline(model: str, schedule_name: str, stages_per_rank: int, microb
     stages = ranks * stages_per_rank
     boundaries = partition(layers, stages)
     indices = [rank + ranks * k for k in range(stages_per_rank)]
-    modules = {index: nn.Sequential(*layers[boundaries[index][0]:boundaries[index][1]]) for index in indices}
+    modules = {index: nn.Sequential(*layers[boundaries[index][0] : boundaries[index][1]]) for index in indices}
     if shard is not None:
         for module in modules.values():
             shard(module)
-    pipeline_stages = [pipelining.PipelineStage(modules[index], index, stages, torch.device("cpu"), group=group)
-                       for index in indices]
+    pipeline_stages = [
+        pipelining.PipelineStage(modules[index], index, stages, torch.device("cpu"), group=group) for index in indices
+    ]
     schedule_class = getattr(pipelining, schedule_name)
-    schedule = schedule_class(pipeline_stages if stages_per_rank > 1 else pipeline_stages[0], microbatches, loss_fn=loss)
+    schedule = schedule_class(
+        pipeline_stages if stages_per_rank > 1 else pipeline_stages[0], microbatches, loss_fn=loss
+    )
     return schedule, modules, layers, loss, inputs, targets
 
 
@@ -168,23 +201,29 @@ def _torch_step(schedule, modules, optimizer, first: bool, last: bool, inputs, t
         optimizer.zero_grad(set_to_none=True)
         schedule.step(*((inputs,) if first else ()), **({"target": targets, "losses": []} if last else {}))
         optimizer.step()
+
     return step
 
 
 def _keys(layers) -> dict[int, str]:
-    return {id(parameter): f"{index}.{name}" for index, layer in enumerate(layers)
-            for name, parameter in layer.named_parameters()}
+    return {
+        id(parameter): f"{index}.{name}"
+        for index, layer in enumerate(layers)
+        for name, parameter in layer.named_parameters()
+    }
 
 
 def torch_worker(model: str, schedule_name: str, stages_per_rank: int, microbatches: int, repeats: int) -> dict | None:
     torch.set_num_threads(1)
     rank, ranks = dist.get_rank(), dist.get_world_size()
-    schedule, modules, layers, _, inputs, targets = _torch_pipeline(model, schedule_name, stages_per_rank,
-                                                                    microbatches, rank, ranks)
+    schedule, modules, layers, _, inputs, targets = _torch_pipeline(
+        model, schedule_name, stages_per_rank, microbatches, rank, ranks
+    )
     parameters = [parameter for module in modules.values() for parameter in module.parameters()]
     optimizer = torch.optim.SGD(parameters, lr=0.0)
-    step = _torch_step(schedule, modules, optimizer, 0 in modules, ranks * stages_per_rank - 1 in modules, inputs,
-                       targets)
+    step = _torch_step(
+        schedule, modules, optimizer, 0 in modules, ranks * stages_per_rank - 1 in modules, inputs, targets
+    )
     step()
     keys = _keys(layers)
     error = worst_error({keys[id(p)]: p.grad for p in parameters}, reference_gradients(model))
@@ -200,10 +239,17 @@ def fsdp_worker(model: str, microbatches: int, repeats: int) -> dict | None:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pipeline", "data"))
     pipeline_rank, replica = mesh.get_local_rank("pipeline"), mesh.get_local_rank("data")
     schedule, modules, layers, _, inputs, targets = _torch_pipeline(
-        model, "ScheduleLoopedBFS", 2, microbatches, pipeline_rank, 2, group=mesh["pipeline"].get_group(),
-        shard=lambda module: fully_shard(module, mesh=mesh["data"], reshard_after_forward=False))
+        model,
+        "ScheduleLoopedBFS",
+        2,
+        microbatches,
+        pipeline_rank,
+        2,
+        group=mesh["pipeline"].get_group(),
+        shard=lambda module: fully_shard(module, mesh=mesh["data"], reshard_after_forward=False),
+    )
     half = inputs.shape[0] // 2
-    inputs, targets = inputs[replica * half:(replica + 1) * half], targets[replica * half:(replica + 1) * half]
+    inputs, targets = inputs[replica * half : (replica + 1) * half], targets[replica * half : (replica + 1) * half]
     parameters = [parameter for module in modules.values() for parameter in module.parameters()]
     optimizer = torch.optim.SGD(parameters, lr=0.0)
     step = _torch_step(schedule, modules, optimizer, 0 in modules, 3 in modules, inputs, targets)
@@ -214,32 +260,79 @@ def fsdp_worker(model: str, microbatches: int, repeats: int) -> dict | None:
 
 
 # ---------------------------------------------------------------- the run
-TORCH_PAIR = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B",
-              "breadth-first": "ScheduleLoopedBFS", "zero-bubble": "ScheduleInterleavedZeroBubble"}
+TORCH_PAIR = {
+    "gpipe": "ScheduleGPipe",
+    "1f1b": "Schedule1F1B",
+    "interleaved": "ScheduleInterleaved1F1B",
+    "breadth-first": "ScheduleLoopedBFS",
+    "zero-bubble": "ScheduleInterleavedZeroBubble",
+}
 
 
 def systems(model: str, venv_peers: bool) -> list[dict]:
     """Return every system to run on ``model``: name, schedule, layout and how to start it."""
     m = 4
-    found = [{"system": "layerpipe", "schedule": name, "layout": "2", "launch": (layerpipe_worker, 2, (model, name, v, m, 1, 0))}
-             for name, v in LAYERPIPE_SCHEDULES]
-    found += [{"system": "torch.distributed.pipelining", "schedule": name, "layout": "2",
-               "launch": (torch_worker, 2, (model, name, v, m))} for name, v in TORCH_SCHEDULES]
-    found += [{"system": "layerpipe", "schedule": "breadth-first, ZeRO-3", "layout": "2 x 2",
-               "launch": (layerpipe_worker, 4, (model, "breadth-first", 2, m, 2, 3))},
-              {"system": "torch.distributed.pipelining + FSDP2", "schedule": "ScheduleLoopedBFS, fully_shard",
-               "layout": "2 x 2", "launch": (fsdp_worker, 4, (model, m))}]
+    found = [
+        {
+            "system": "layerpipe",
+            "schedule": name,
+            "layout": "2",
+            "launch": (layerpipe_worker, 2, (model, name, v, m, 1, 0)),
+        }
+        for name, v in LAYERPIPE_SCHEDULES
+    ]
+    found += [
+        {
+            "system": "torch.distributed.pipelining",
+            "schedule": name,
+            "layout": "2",
+            "launch": (torch_worker, 2, (model, name, v, m)),
+        }
+        for name, v in TORCH_SCHEDULES
+    ]
+    found += [
+        {
+            "system": "layerpipe",
+            "schedule": "breadth-first, ZeRO-3",
+            "layout": "2 x 2",
+            "launch": (layerpipe_worker, 4, (model, "breadth-first", 2, m, 2, 3)),
+        },
+        {
+            "system": "torch.distributed.pipelining + FSDP2",
+            "schedule": "ScheduleLoopedBFS, fully_shard",
+            "layout": "2 x 2",
+            "launch": (fsdp_worker, 4, (model, m)),
+        },
+    ]
     if venv_peers and model != "gpt":
         width = model.split("-")[1]
         common = ["--width", width, "--microbatches", str(m), "--samples", "16"]
-        found += [{"system": "DeepSpeed", "schedule": "PipelineModule (1F1B)", "layout": "2",
-                   "peer": ("deepspeed", common + ["--pipeline", "2"], 2)},
-                  {"system": "Colossal-AI", "schedule": "OneForwardOneBackwardSchedule", "layout": "2",
-                   "peer": ("colossalai", common + ["--pipeline", "2"], 2)},
-                  {"system": "torchgpipe", "schedule": "GPipe (one process, two CPU 'devices')", "layout": "2",
-                   "peer": ("torchgpipe", common + ["--pipeline", "2"], 1)},
-                  {"system": "DeepSpeed", "schedule": "PipelineModule, ZeRO-1", "layout": "2 x 2",
-                   "peer": ("deepspeed", common + ["--pipeline", "2", "--data", "2", "--zero", "1"], 4)}]
+        found += [
+            {
+                "system": "DeepSpeed",
+                "schedule": "PipelineModule (1F1B)",
+                "layout": "2",
+                "peer": ("deepspeed", common + ["--pipeline", "2"], 2),
+            },
+            {
+                "system": "Colossal-AI",
+                "schedule": "OneForwardOneBackwardSchedule",
+                "layout": "2",
+                "peer": ("colossalai", common + ["--pipeline", "2"], 2),
+            },
+            {
+                "system": "torchgpipe",
+                "schedule": "GPipe (one process, two CPU 'devices')",
+                "layout": "2",
+                "peer": ("torchgpipe", common + ["--pipeline", "2"], 1),
+            },
+            {
+                "system": "DeepSpeed",
+                "schedule": "PipelineModule, ZeRO-1",
+                "layout": "2 x 2",
+                "peer": ("deepspeed", common + ["--pipeline", "2", "--data", "2", "--zero", "1"], 4),
+            },
+        ]
     return found
 
 
@@ -253,8 +346,11 @@ def run_once(entry: dict, repeats: int, scratch: str) -> dict | None:
         result = envs.run_peer(name, arguments + ["--repeats", str(repeats)], processes, output, timeout=900)
         if result is None:
             return None
-        return {"times": result["step_times"], "gradient_error": result["max_gradient_error"],
-                "peak_rss": result["peak_vmhwm_bytes_per_process"]}
+        return {
+            "times": result["step_times"],
+            "gradient_error": result["max_gradient_error"],
+            "peak_rss": result["peak_vmhwm_bytes_per_process"],
+        }
     function, processes, arguments = entry["launch"]
     return layerpipe.launch(function, processes, arguments + (repeats,), timeout=900, start_method="spawn")[0]
 
@@ -267,8 +363,11 @@ def run(models: list[str], rounds: int, repeats: int, venv_peers: bool, scratch:
         results: dict[int, list[dict]] = {index: [] for index in range(len(entries))}
         for round_ in range(rounds):
             for index, entry in enumerate(entries):
-                print(f"{model} round {round_ + 1}/{rounds}: {entry['system']} {entry['schedule']} ({entry['layout']})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{model} round {round_ + 1}/{rounds}: {entry['system']} {entry['schedule']} ({entry['layout']})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 result = run_once(entry, repeats, scratch)
                 if result is not None:
                     results[index].append(result)
@@ -277,22 +376,38 @@ def run(models: list[str], rounds: int, repeats: int, venv_peers: bool, scratch:
             if not got:
                 continue
             times = [time for result in got for time in result["times"]]
-            rows.append({"model": model, "system": entry["system"], "schedule": entry["schedule"],
-                         "layout": entry["layout"], "median": statistics.median(times), "times": times,
-                         "gradient_error": got[0]["gradient_error"],
-                         "peak_rss": max(max(result["peak_rss"]) for result in got)})
+            rows.append(
+                {
+                    "model": model,
+                    "system": entry["system"],
+                    "schedule": entry["schedule"],
+                    "layout": entry["layout"],
+                    "median": statistics.median(times),
+                    "times": times,
+                    "gradient_error": got[0]["gradient_error"],
+                    "peak_rss": max(max(result["peak_rss"]) for result in got),
+                }
+            )
     return rows
 
 
 # ---------------------------------------------------------------- the limit no runtime can beat
-LIMIT_SCHEDULE = {"gpipe": ("gpipe", 1), "1f1b": ("1f1b", 1), "interleaved": ("interleaved", 2),
-                  "breadth-first": ("breadth-first", 2), "grouped": ("grouped", 2), "zero-bubble": ("zero-bubble", 2),
-                  "ScheduleGPipe": ("gpipe", 1), "Schedule1F1B": ("1f1b", 1),
-                  "ScheduleInterleaved1F1B": ("interleaved", 2), "ScheduleLoopedBFS": ("breadth-first", 2),
-                  "ScheduleInterleavedZeroBubble": ("zero-bubble", 2)}
+LIMIT_SCHEDULE = {
+    "gpipe": ("gpipe", 1),
+    "1f1b": ("1f1b", 1),
+    "interleaved": ("interleaved", 2),
+    "breadth-first": ("breadth-first", 2),
+    "grouped": ("grouped", 2),
+    "zero-bubble": ("zero-bubble", 2),
+    "ScheduleGPipe": ("gpipe", 1),
+    "Schedule1F1B": ("1f1b", 1),
+    "ScheduleInterleaved1F1B": ("interleaved", 2),
+    "ScheduleLoopedBFS": ("breadth-first", 2),
+    "ScheduleInterleavedZeroBubble": ("zero-bubble", 2),
+}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def stage_times(model: str, stages: int, microbatches: int, repeats: int = 21) -> tuple[tuple, tuple]:
     """Return each stage's median forward and backward time on one micro-batch, alone on one thread (after
     warm-up runs: the first ones allocate)."""
@@ -333,17 +448,27 @@ def bubble_limit(model: str, schedule: str, microbatches: int = 4, ranks: int = 
         return None
     name, stages_per_rank = LIMIT_SCHEDULE[schedule]
     forward, backward = stage_times(model, ranks * stages_per_rank, microbatches)
-    config = ScheduleConfig(schedule=name, ranks=ranks, microbatches=microbatches, stages_per_rank=stages_per_rank,
-                            group_size=3 if name == "grouped" else None)
-    return simulate(build_schedule(config), CostModel(forward_time=tuple(forward), backward_time=tuple(backward))).step_time
+    config = ScheduleConfig(
+        schedule=name,
+        ranks=ranks,
+        microbatches=microbatches,
+        stages_per_rank=stages_per_rank,
+        group_size=3 if name == "grouped" else None,
+    )
+    return simulate(
+        build_schedule(config), CostModel(forward_time=tuple(forward), backward_time=tuple(backward))
+    ).step_time
 
 
 # ---------------------------------------------------------------- the report
 def _ratios(rows: list[dict]) -> None:
     """Add to each row its ratio to the fastest peer of its model and layout, and to torch's matching schedule."""
     for row in rows:
-        peers = [other["median"] for other in rows if other["model"] == row["model"]
-                 and other["layout"] == row["layout"] and other["system"] != "layerpipe"]
+        peers = [
+            other["median"]
+            for other in rows
+            if other["model"] == row["model"] and other["layout"] == row["layout"] and other["system"] != "layerpipe"
+        ]
         row["to_best_peer"] = row["median"] / min(peers) if peers else None
         pair = TORCH_PAIR.get(row["schedule"]) if row["system"] == "layerpipe" else None
         match = [other["median"] for other in rows if other["model"] == row["model"] and other["schedule"] == pair]
@@ -359,28 +484,53 @@ def _cell(value, form: str) -> str:
 
 def report(rows: list[dict], rounds: int, repeats: int) -> list[str]:
     today = datetime.date.today().isoformat()
-    machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, gloo on " \
-              f"127.0.0.1, 1 thread per process"
-    lines = [f"# layerpipe beside its peers ({today})", "",
-             f"Machine: {machine}. Each step: forward, backward and SGD update (learning rate 0), float32, 4 "
-             f"micro-batches (per replica), global batch 16 (GPT: 32). Every system in its own launch; launches "
-             f"interleaved over {rounds} rounds of {repeats} timed steps; medians. Gradient error: the largest "
-             f"relative error against the float64 single-process reference, after the first step.", ""]
+    machine = (
+        f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, gloo on "
+        f"127.0.0.1, 1 thread per process"
+    )
+    lines = [
+        f"# layerpipe beside its peers ({today})",
+        "",
+        f"Machine: {machine}. Each step: forward, backward and SGD update (learning rate 0), float32, 4 "
+        f"micro-batches (per replica), global batch 16 (GPT: 32). Every system in its own launch; launches "
+        f"interleaved over {rounds} rounds of {repeats} timed steps; medians. Gradient error: the largest "
+        f"relative error against the float64 single-process reference, after the first step.",
+        "",
+    ]
     for model in dict.fromkeys(row["model"] for row in rows):
-        lines += [f"## {model}", "", "| layout | system | schedule | step (ms) | / best peer | / torch, same schedule "
-                  "| bubble-only limit (ms) | / limit | gradient error | peak memory per process (MB) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for row in sorted((row for row in rows if row["model"] == model), key=lambda row: (row["layout"], row["median"])):
-            lines.append(f"| {row['layout']} | {row['system']} | {row['schedule']} | {1e3 * row['median']:.1f} | "
-                         f"{_cell(row['to_best_peer'], '.2f')} | {_cell(row['to_torch_same_schedule'], '.2f')} | "
-                         f"{_cell(row['bubble_limit'] and 1e3 * row['bubble_limit'], '.1f')} | {_cell(row['to_limit'], '.2f')} | "
-                         f"{_cell(row['gradient_error'], '.1e')} | {row['peak_rss'] / 1e6:.0f} |")
+        lines += [
+            f"## {model}",
+            "",
+            "| layout | system | schedule | step (ms) | / best peer | / torch, same schedule "
+            "| bubble-only limit (ms) | / limit | gradient error | peak memory per process (MB) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in sorted(
+            (row for row in rows if row["model"] == model), key=lambda row: (row["layout"], row["median"])
+        ):
+            lines.append(
+                f"| {row['layout']} | {row['system']} | {row['schedule']} | {1e3 * row['median']:.1f} | "
+                f"{_cell(row['to_best_peer'], '.2f')} | {_cell(row['to_torch_same_schedule'], '.2f')} | "
+                f"{_cell(row['bubble_limit'] and 1e3 * row['bubble_limit'], '.1f')} | {_cell(row['to_limit'], '.2f')} | "
+                f"{_cell(row['gradient_error'], '.1e')} | {row['peak_rss'] / 1e6:.0f} |"
+            )
         lines.append("")
     return lines
 
 
-CSV_FIELDS = ("model", "layout", "system", "schedule", "median", "to_best_peer", "to_torch_same_schedule",
-              "bubble_limit", "to_limit", "gradient_error", "peak_rss")
+CSV_FIELDS = (
+    "model",
+    "layout",
+    "system",
+    "schedule",
+    "median",
+    "to_best_peer",
+    "to_torch_same_schedule",
+    "bubble_limit",
+    "to_limit",
+    "gradient_error",
+    "peak_rss",
+)
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -427,8 +577,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="peers-") as scratch:
         rows = run(models, rounds, args.repeats, not args.no_venv_peers, scratch)
     _ratios(rows)
-    record = {"date": datetime.date.today().isoformat(), "machine": platform.node(), "rounds": rounds,
-              "repeats": args.repeats, "rows": rows}
+    record = {
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.node(),
+        "rounds": rounds,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
     picture(rows, os.path.join(args.output, "peers.png"))
     write_csv(rows, os.path.join(args.output, "peers.csv"))
     print(write_results(args.output, "peers", record, report(rows, rounds, args.repeats)))

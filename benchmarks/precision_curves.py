@@ -24,16 +24,48 @@ import tempfile
 from results_files import save_figure, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODEL = ["--width", "64", "--heads", "4", "--blocks", "2", "--block-size", "64", "--batch-size", "16",
-         "--microbatches", "4", "--sample-length", "0", "--learning-rate", "0.003"]
+MODEL = [
+    "--width",
+    "64",
+    "--heads",
+    "4",
+    "--blocks",
+    "2",
+    "--block-size",
+    "64",
+    "--batch-size",
+    "16",
+    "--microbatches",
+    "4",
+    "--sample-length",
+    "0",
+    "--learning-rate",
+    "0.003",
+]
 
 
 def run(precision: str, steps: int, folder: str) -> dict:
     """Train once in ``precision``; return its summary."""
     extra = ["--skip-nonfinite"] if precision == "fp16" else []
     output = os.path.join(folder, precision)
-    done = subprocess.run([sys.executable, "-m", "layerpipe.cli", "train", *MODEL, "--steps", str(steps),
-                           "--precision", precision, *extra, "--output", output], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "layerpipe.cli",
+            "train",
+            *MODEL,
+            "--steps",
+            str(steps),
+            "--precision",
+            precision,
+            *extra,
+            "--output",
+            output,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise SystemExit(f"precision {precision}: training failed\n{done.stderr[-2000:]}")
     with open(os.path.join(output, "summary.json")) as handle:
@@ -63,16 +95,31 @@ def main() -> None:
     save_figure(figure, os.path.join(args.output, "precision_curves.png"))
     today = datetime.date.today().isoformat()
     machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)"
-    lines = [f"# Loss curves by compute precision ({today})", "",
-             f"Machine: {machine}. `layerpipe train {' '.join(MODEL)} --steps {args.steps} --precision P` "
-             f"(fp16 with `--skip-nonfinite`).", "", "![loss curves](precision_curves.png)", "",
-             "| precision | final loss | held-out loss | step time (ms) |", "| --- | ---: | ---: | ---: |"]
+    lines = [
+        f"# Loss curves by compute precision ({today})",
+        "",
+        f"Machine: {machine}. `layerpipe train {' '.join(MODEL)} --steps {args.steps} --precision P` "
+        f"(fp16 with `--skip-nonfinite`).",
+        "",
+        "![loss curves](precision_curves.png)",
+        "",
+        "| precision | final loss | held-out loss | step time (ms) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for precision, summary in summaries.items():
-        lines.append(f"| {precision} | {summary['final_loss']:.3f} | {summary['eval_loss']:.3f} | "
-                     f"{1e3 * summary['step_time']:.1f} |")
-    record = {"date": today, "machine": machine, "steps": args.steps,
-              "runs": {precision: {key: summary[key] for key in ("losses", "final_loss", "eval_loss", "step_time")}
-                       for precision, summary in summaries.items()}}
+        lines.append(
+            f"| {precision} | {summary['final_loss']:.3f} | {summary['eval_loss']:.3f} | "
+            f"{1e3 * summary['step_time']:.1f} |"
+        )
+    record = {
+        "date": today,
+        "machine": machine,
+        "steps": args.steps,
+        "runs": {
+            precision: {key: summary[key] for key in ("losses", "final_loss", "eval_loss", "step_time")}
+            for precision, summary in summaries.items()
+        },
+    }
     print(write_results(args.output, "precision_curves", record, lines))
 
 

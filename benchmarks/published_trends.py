@@ -46,6 +46,8 @@ import datetime
 import os
 import platform
 
+from results_files import write_results
+
 from layerpipe.plan import GIB, USABLE_MEMORY, Candidate, PlanRequest, best_among, candidates, describe, model_shape
 from layerpipe.schedule.build import build_schedule
 from layerpipe.schedule.config import ScheduleConfig
@@ -54,8 +56,6 @@ from layerpipe.sim.gpt_costs import GPTShape, boundary_bytes, layer_forward_flop
 from layerpipe.sim.hardware import PRESETS, Hardware
 from layerpipe.sim.partition import balance_counts
 from layerpipe.sim.simulator import simulate
-
-from results_files import write_results
 
 GPT3 = GPTShape(vocab_size=51200, block_size=2048, width=12288, heads=96, blocks=96)
 GPT52 = GPTShape(vocab_size=51200, block_size=2048, width=8192, heads=64, blocks=64)
@@ -71,11 +71,17 @@ def blocks_only_costs(shape: GPTShape, hardware: Hardware, stages: int, data_par
     forward = tuple(time / hardware.flops / TENSOR_PARALLEL for time in stage_sums(flops, boundaries))
     weights = tuple(2.0 * count / TENSOR_PARALLEL for count in stage_sums(layer_parameters(blocks)[1:-1], boundaries))
     _, data_bandwidth = hardware.link(False)
-    return CostModel(forward_time=forward, backward_time=tuple(2 * time for time in forward),
-                     action_overhead=hardware.action_overhead, p2p_latency=hardware.inter_node_latency,
-                     p2p_bandwidth=hardware.inter_node_bandwidth,
-                     boundary_bytes=boundary_bytes(shape, 1, 2) / TENSOR_PARALLEL, weight_bytes=weights,
-                     data_parallel_latency=hardware.collective_latency, data_parallel_bandwidth=data_bandwidth)
+    return CostModel(
+        forward_time=forward,
+        backward_time=tuple(2 * time for time in forward),
+        action_overhead=hardware.action_overhead,
+        p2p_latency=hardware.inter_node_latency,
+        p2p_bandwidth=hardware.inter_node_bandwidth,
+        boundary_bytes=boundary_bytes(shape, 1, 2) / TENSOR_PARALLEL,
+        weight_bytes=weights,
+        data_parallel_latency=hardware.collective_latency,
+        data_parallel_bandwidth=data_bandwidth,
+    )
 
 
 def megatron_rows(hardware: Hardware) -> list[dict]:
@@ -85,10 +91,17 @@ def megatron_rows(hardware: Hardware) -> list[dict]:
         times = {}
         for name, stages_per_rank in (("1f1b", 1), ("interleaved", 2)):
             config = ScheduleConfig(schedule=name, ranks=12, microbatches=batch, stages_per_rank=stages_per_rank)
-            times[name] = simulate(build_schedule(config, check=False),
-                                   blocks_only_costs(GPT3, hardware, 12 * stages_per_rank, 1)).step_time
-        rows.append({"batch": batch, "1f1b": times["1f1b"], "interleaved": times["interleaved"],
-                     "gain": times["1f1b"] / times["interleaved"] - 1})
+            times[name] = simulate(
+                build_schedule(config, check=False), blocks_only_costs(GPT3, hardware, 12 * stages_per_rank, 1)
+            ).step_time
+        rows.append(
+            {
+                "batch": batch,
+                "1f1b": times["1f1b"],
+                "interleaved": times["interleaved"],
+                "gain": times["1f1b"] / times["interleaved"] - 1,
+            }
+        )
     return rows
 
 
@@ -99,10 +112,17 @@ def breadth_first_rows(hardware: Hardware) -> list[dict]:
     for microbatches in (8, 16, 32, 64):
         common = dict(ranks=8, microbatches=microbatches, stages_per_rank=8, data_parallel=64, zero=3)
         breadth = simulate(build_schedule(ScheduleConfig("breadth-first", **common), check=False), cost).step_time
-        depth = simulate(build_schedule(ScheduleConfig("interleaved", weight_buffers=2, **common), check=False),
-                         cost).step_time
-        rows.append({"batch_per_gpu": microbatches / 64, "breadth_first": breadth, "depth_first": depth,
-                     "gain": depth / breadth - 1})
+        depth = simulate(
+            build_schedule(ScheduleConfig("interleaved", weight_buffers=2, **common), check=False), cost
+        ).step_time
+        rows.append(
+            {
+                "batch_per_gpu": microbatches / 64,
+                "breadth_first": breadth,
+                "depth_first": depth,
+                "gain": depth / breadth - 1,
+            }
+        )
     return rows
 
 
@@ -120,22 +140,40 @@ def megatron_style(candidate: Candidate) -> Candidate:
 def best_configuration_rows(hardware: Hardware) -> list[dict]:
     """Return, per global batch, the fastest Megatron-style and the fastest breadth-first configuration of the 52B
     GPT on 512 tensor-parallel groups of 8 GPUs (the planner's search and memory model)."""
-    group = dataclasses.replace(hardware, flops=TENSOR_PARALLEL * hardware.flops,
-                                memory_bandwidth=TENSOR_PARALLEL * hardware.memory_bandwidth, devices_per_node=1,
-                                inter_node_bandwidth=TENSOR_PARALLEL * hardware.inter_node_bandwidth)
+    group = dataclasses.replace(
+        hardware,
+        flops=TENSOR_PARALLEL * hardware.flops,
+        memory_bandwidth=TENSOR_PARALLEL * hardware.memory_bandwidth,
+        devices_per_node=1,
+        inter_node_bandwidth=TENSOR_PARALLEL * hardware.inter_node_bandwidth,
+    )
     shape, limit = model_shape("gpt-52b"), TENSOR_PARALLEL * 80 * GIB * USABLE_MEMORY
     rows = []
     for batch in BEST_BATCHES:
-        found = list(candidates(PlanRequest(model="gpt-52b", gpus=512, gpu_memory=TENSOR_PARALLEL * 80.0,
-                                            global_batch=batch), shape))
-        megatron = list(dict.fromkeys(megatron_style(c) for c in found
-                                      if c.schedule.schedule in ("1f1b", "interleaved") and c.schedule.zero <= 1))
+        found = list(
+            candidates(
+                PlanRequest(model="gpt-52b", gpus=512, gpu_memory=TENSOR_PARALLEL * 80.0, global_batch=batch), shape
+            )
+        )
+        megatron = list(
+            dict.fromkeys(
+                megatron_style(c)
+                for c in found
+                if c.schedule.schedule in ("1f1b", "interleaved") and c.schedule.zero <= 1
+            )
+        )
         breadth = [c for c in found if c.schedule.schedule == "breadth-first"]
-        best = {name: best_among(chosen, shape, group, limit) for name, chosen in
-                (("megatron", megatron), ("breadth_first", breadth))}
-        rows.append({"batch_per_gpu": batch / (512 * TENSOR_PARALLEL),
-                     **{name: describe(entries[0]) if entries else None for name, entries in best.items()},
-                     **{f"{name}_step": entries[0].step_time if entries else None for name, entries in best.items()}})
+        best = {
+            name: best_among(chosen, shape, group, limit)
+            for name, chosen in (("megatron", megatron), ("breadth_first", breadth))
+        }
+        rows.append(
+            {
+                "batch_per_gpu": batch / (512 * TENSOR_PARALLEL),
+                **{name: describe(entries[0]) if entries else None for name, entries in best.items()},
+                **{f"{name}_step": entries[0].step_time if entries else None for name, entries in best.items()},
+            }
+        )
         if best["megatron"] and best["breadth_first"]:
             rows[-1]["gain"] = best["megatron"][0].step_time / best["breadth_first"][0].step_time - 1
     return rows
@@ -145,33 +183,66 @@ def main() -> None:
     hardware = PRESETS["a100"]
     megatron, breadth, best = megatron_rows(hardware), breadth_first_rows(hardware), best_configuration_rows(hardware)
     today = datetime.date.today().isoformat()
-    lines = [f"# The simulator on the A100 preset beside published trends ({today})", "",
-             "## Interleaved against 1F1B: GPT-3 175B, 96 A100s (tensor 8 × pipeline 12), micro-batch 1", "",
-             "Published (Narayanan et al., SC21, abstract): the interleaved schedule \"can improve throughput by "
-             "10+%\".", "", "| global batch | 1F1B step (s) | interleaved step (s) | interleaved gain |",
-             "| --- | --- | --- | --- |"]
-    lines += [f"| {row['batch']} | {row['1f1b']:.2f} | {row['interleaved']:.2f} | {row['gain']:.1%} |" for row in megatron]
-    lines += ["", "## Breadth-first against depth-first at ZeRO-3: 52B GPT, 4,096 A100s (tensor 8 × pipeline 8 × "
-              "data 64)", "", "Published (Lamy-Poirier, MLSys 2023, abstract): \"an increase of up to 43% in training "
-              "throughput ... using a small batch size per GPU compared to Megatron-LM\".", "",
-              "| sequences per GPU | depth-first, 2 weight buffers (s) | breadth-first (s) | breadth-first gain |",
-              "| --- | --- | --- | --- |"]
-    lines += [f"| {row['batch_per_gpu']:g} | {row['depth_first']:.2f} | {row['breadth_first']:.2f} | {row['gain']:.1%} |"
-              for row in breadth]
-    lines += ["", "## The best of each: Megatron-LM-style against breadth-first, 52B GPT, 512 tensor-parallel groups of "
-              "8 A100s", "", "Published (Lamy-Poirier, MLSys 2023, abstract): up to 43% more throughput \"using a small "
-              "batch size per GPU compared to Megatron-LM\".", "",
-              "| sequences per GPU | best Megatron-style (1F1B or interleaved, ZeRO ≤ 1, reduce after the backward) "
-              "| step (s) | best breadth-first "
-              "| step (s) | breadth-first gain |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {row['batch_per_gpu']:g} | {row['megatron'] or 'nothing fits'} | "
-              f"{row['megatron_step'] or float('nan'):.2f} | {row['breadth_first'] or 'nothing fits'} | "
-              f"{row['breadth_first_step'] or float('nan'):.2f} | "
-              f"{format(row['gain'], '.1%') if 'gain' in row else '-'} |" for row in best]
-    record = {"date": today, "machine": platform.node(), "hardware": hardware.name, "sources": list(hardware.sources),
-              "megatron": megatron, "breadth_first": breadth, "best_of_each": best}
-    print(write_results(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), "published_trends",
-                        record, lines))
+    lines = [
+        f"# The simulator on the A100 preset beside published trends ({today})",
+        "",
+        "## Interleaved against 1F1B: GPT-3 175B, 96 A100s (tensor 8 × pipeline 12), micro-batch 1",
+        "",
+        'Published (Narayanan et al., SC21, abstract): the interleaved schedule "can improve throughput by 10+%".',
+        "",
+        "| global batch | 1F1B step (s) | interleaved step (s) | interleaved gain |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {row['batch']} | {row['1f1b']:.2f} | {row['interleaved']:.2f} | {row['gain']:.1%} |" for row in megatron
+    ]
+    lines += [
+        "",
+        "## Breadth-first against depth-first at ZeRO-3: 52B GPT, 4,096 A100s (tensor 8 × pipeline 8 × data 64)",
+        "",
+        'Published (Lamy-Poirier, MLSys 2023, abstract): "an increase of up to 43% in training '
+        'throughput ... using a small batch size per GPU compared to Megatron-LM".',
+        "",
+        "| sequences per GPU | depth-first, 2 weight buffers (s) | breadth-first (s) | breadth-first gain |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {row['batch_per_gpu']:g} | {row['depth_first']:.2f} | {row['breadth_first']:.2f} | {row['gain']:.1%} |"
+        for row in breadth
+    ]
+    lines += [
+        "",
+        "## The best of each: Megatron-LM-style against breadth-first, 52B GPT, 512 tensor-parallel groups of 8 A100s",
+        "",
+        'Published (Lamy-Poirier, MLSys 2023, abstract): up to 43% more throughput "using a small '
+        'batch size per GPU compared to Megatron-LM".',
+        "",
+        "| sequences per GPU | best Megatron-style (1F1B or interleaved, ZeRO ≤ 1, reduce after the backward) "
+        "| step (s) | best breadth-first "
+        "| step (s) | breadth-first gain |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {row['batch_per_gpu']:g} | {row['megatron'] or 'nothing fits'} | "
+        f"{row['megatron_step'] or float('nan'):.2f} | {row['breadth_first'] or 'nothing fits'} | "
+        f"{row['breadth_first_step'] or float('nan'):.2f} | "
+        f"{format(row['gain'], '.1%') if 'gain' in row else '-'} |"
+        for row in best
+    ]
+    record = {
+        "date": today,
+        "machine": platform.node(),
+        "hardware": hardware.name,
+        "sources": list(hardware.sources),
+        "megatron": megatron,
+        "breadth_first": breadth,
+        "best_of_each": best,
+    }
+    print(
+        write_results(
+            os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), "published_trends", record, lines
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,29 +25,34 @@ import os
 import platform
 from datetime import date
 
+from breadth_first_at_scale import configurations, layer_costs
+from results_files import write_results
+
 from layerpipe.schedule.actions import Kind
 from layerpipe.schedule.build import build_schedule
 from layerpipe.sim.simulator import simulate, steady_step
-
-from breadth_first_at_scale import configurations, layer_costs
-from results_files import write_results
 
 BUCKET_BYTES = 25 * 2**20
 
 
 def stage0_ready(result) -> float:
     """Return when the last reduce portion of stage 0 ends on rank 0."""
-    ends = [end for rank, stream, action, _, end in result.timeline.events
-            if rank == 0 and stream == "data_parallel" and action.kind is Kind.REDUCE and action.stage == 0]
+    ends = [
+        end
+        for rank, stream, action, _, end in result.timeline.events
+        if rank == 0 and stream == "data_parallel" and action.kind is Kind.REDUCE and action.stage == 0
+    ]
     return max(ends)
 
 
 def run(microbatch_counts: list[int]) -> list[dict]:
     cost = layer_costs()
     buckets = math.ceil(cost.weight_bytes / BUCKET_BYTES)
-    variants = {"one reduce per stage": dict(reduce_portions=1),
-                f"bucketed ({buckets} × 25 MiB, finishing order)": dict(reduce_portions=buckets, reduce_order="bucketed"),
-                f"prioritised ({buckets} portions)": dict(reduce_portions=buckets, reduce_order="priority")}
+    variants = {
+        "one reduce per stage": dict(reduce_portions=1),
+        f"bucketed ({buckets} × 25 MiB, finishing order)": dict(reduce_portions=buckets, reduce_order="bucketed"),
+        f"prioritised ({buckets} portions)": dict(reduce_portions=buckets, reduce_order="priority"),
+    }
     rows = []
     for microbatches in microbatch_counts:
         for schedule in ("breadth-first", "depth-first, weights resident"):
@@ -55,10 +60,18 @@ def run(microbatch_counts: list[int]) -> list[dict]:
             for (variant, options), placement in itertools.product(variants.items(), ("end", "early")):
                 config = dataclasses.replace(base, step_placement=placement, **options)
                 result = simulate(build_schedule(config, check=False), cost)
-                rows.append({"microbatches": microbatches, "schedule": schedule, "reduce": variant, "steps": placement,
-                             "stage0_ready": stage0_ready(result), "step_time": result.step_time,
-                             "next_step_adds": steady_step(config, cost),
-                             "exposed_communication": result.to_json()["exposed_communication"]})
+                rows.append(
+                    {
+                        "microbatches": microbatches,
+                        "schedule": schedule,
+                        "reduce": variant,
+                        "steps": placement,
+                        "stage0_ready": stage0_ready(result),
+                        "step_time": result.step_time,
+                        "next_step_adds": steady_step(config, cost),
+                        "exposed_communication": result.to_json()["exposed_communication"],
+                    }
+                )
     return rows
 
 
@@ -69,16 +82,23 @@ def main() -> None:
     args = parser.parse_args()
     rows = run(args.microbatches)
     today = date.today().isoformat()
-    lines = [f"# Prioritised portions vs DDP-style buckets (simulated, {today})", "",
-             "A third column of step time: what one more step adds when 3 consecutive steps are simulated (the next "
-             "step's forwards wait for their stage's update and gather).", "",
-             "| m | schedule | reduce | steps | stage 0 reduced at (s) | step time (s) | one more step adds (s) | "
-             "exposed comm. (ms) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Prioritised portions vs DDP-style buckets (simulated, {today})",
+        "",
+        "A third column of step time: what one more step adds when 3 consecutive steps are simulated (the next "
+        "step's forwards wait for their stage's update and gather).",
+        "",
+        "| m | schedule | reduce | steps | stage 0 reduced at (s) | step time (s) | one more step adds (s) | "
+        "exposed comm. (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
-        lines.append(f"| {row['microbatches']} | {row['schedule']} | {row['reduce']} | {row['steps']} | "
-                     f"{row['stage0_ready']:.3f} | "
-                     f"{row['step_time']:.3f} | {row['next_step_adds']:.3f} | "
-                     f"{1000 * row['exposed_communication']:.0f} |")
+        lines.append(
+            f"| {row['microbatches']} | {row['schedule']} | {row['reduce']} | {row['steps']} | "
+            f"{row['stage0_ready']:.3f} | "
+            f"{row['step_time']:.3f} | {row['next_step_adds']:.3f} | "
+            f"{1000 * row['exposed_communication']:.0f} |"
+        )
     machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores); simulated"
     print(write_results(args.output, "reduce_order", {"date": today, "machine": machine, "rows": rows}, lines))
 

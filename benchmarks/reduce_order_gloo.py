@@ -23,26 +23,38 @@ import time
 
 import torch
 import torch.distributed as dist
+from data_parallel_gloo import wide_layers
+from results_files import gloo_machine, write_results
 from torch import nn
 
 import layerpipe
 
-from data_parallel_gloo import wide_layers
-from results_files import gloo_machine, write_results
-
-VARIANTS = {"one reduce per stage, steps at the end (default)": dict(reduce_portions=1, step_placement="end"),
-            "4 prioritised portions, steps at the end": dict(reduce_portions=4, step_placement="end"),
-            "one reduce per stage, early steps": dict(reduce_portions=1, step_placement="early"),
-            "4 prioritised portions, early steps": dict(reduce_portions=4, step_placement="early")}
+VARIANTS = {
+    "one reduce per stage, steps at the end (default)": dict(reduce_portions=1, step_placement="end"),
+    "4 prioritised portions, steps at the end": dict(reduce_portions=4, step_placement="end"),
+    "one reduce per stage, early steps": dict(reduce_portions=1, step_placement="early"),
+    "4 prioritised portions, early steps": dict(reduce_portions=4, step_placement="early"),
+}
 STEPS = 3
 
 
 def worker(repeats: int, width: int) -> dict | None:
     torch.set_num_threads(1)
-    pipes = {name: layerpipe.Pipeline(wide_layers(width), nn.functional.mse_loss, schedule="breadth-first",
-                                      microbatches=4, stages_per_rank=2, data_parallel=2, zero=3, timeout=300,
-                                      optimizer=lambda params: torch.optim.SGD(params, lr=1e-3), **options)
-             for name, options in VARIANTS.items()}
+    pipes = {
+        name: layerpipe.Pipeline(
+            wide_layers(width),
+            nn.functional.mse_loss,
+            schedule="breadth-first",
+            microbatches=4,
+            stages_per_rank=2,
+            data_parallel=2,
+            zero=3,
+            timeout=300,
+            optimizer=lambda params: torch.optim.SGD(params, lr=1e-3),
+            **options,
+        )
+        for name, options in VARIANTS.items()
+    }
     generator = torch.Generator().manual_seed(0)
     inputs, targets = torch.randn(16, width, generator=generator), torch.randn(16, width, generator=generator)
     for pipe in pipes.values():
@@ -70,10 +82,15 @@ def main() -> None:
     base = medians[next(iter(VARIANTS))]
     today = datetime.date.today().isoformat()
     machine = gloo_machine()
-    lines = [f"# Prioritised portions and early steps, measured over consecutive steps ({today})", "",
-             f"Machine: {machine}. Breadth-first, pipeline × data = 2 × 2, ZeRO-3, 4 stages of 2 × Linear({args.width}), "
-             f"m = 4, batch 16; {args.repeats} alternating repetitions of {STEPS} consecutive steps, medians.", "",
-             "| variant | time per step (ms) | ratio to the default |", "| --- | --- | --- |"]
+    lines = [
+        f"# Prioritised portions and early steps, measured over consecutive steps ({today})",
+        "",
+        f"Machine: {machine}. Breadth-first, pipeline × data = 2 × 2, ZeRO-3, 4 stages of 2 × Linear({args.width}), "
+        f"m = 4, batch 16; {args.repeats} alternating repetitions of {STEPS} consecutive steps, medians.",
+        "",
+        "| variant | time per step (ms) | ratio to the default |",
+        "| --- | --- | --- |",
+    ]
     lines += [f"| {name} | {1e3 * value:.1f} | {value / base:.3f} |" for name, value in medians.items()]
     record = {"date": today, "machine": machine, "arguments": vars(args), "times": times, "medians": medians}
     print(write_results(args.output, "reduce_order_gloo", record, lines))

@@ -24,23 +24,27 @@ import time
 
 import torch
 import torch.distributed as dist
+from results_files import write_results
 from torch import nn
 
 import layerpipe
 from layerpipe.models.gpt import GPTConfig, gpt_layers, next_token_loss
 from layerpipe.runtime.partition import partition
 
-from results_files import write_results
-
-PAIRS = (("gpipe", "ScheduleGPipe", 1), ("1f1b", "Schedule1F1B", 1),
-         ("interleaved", "ScheduleInterleaved1F1B", 2), ("breadth-first", "ScheduleLoopedBFS", 2))
+PAIRS = (
+    ("gpipe", "ScheduleGPipe", 1),
+    ("1f1b", "Schedule1F1B", 1),
+    ("interleaved", "ScheduleInterleaved1F1B", 2),
+    ("breadth-first", "ScheduleLoopedBFS", 2),
+)
 MODEL = GPTConfig(vocab_size=80, block_size=64, width=128, heads=4, blocks=6)
 BATCH = 32
 
 
 def _layerpipe_step(schedule: str, v: int, microbatches: int):
-    pipe = layerpipe.Pipeline(gpt_layers(MODEL), next_token_loss, schedule=schedule, microbatches=microbatches,
-                              stages_per_rank=v, timeout=120)
+    pipe = layerpipe.Pipeline(
+        gpt_layers(MODEL), next_token_loss, schedule=schedule, microbatches=microbatches, stages_per_rank=v, timeout=120
+    )
 
     return pipe.train_step
 
@@ -53,8 +57,10 @@ def _torch_step(schedule_name: str, v: int, microbatches: int):
     stages = ranks * v
     boundaries = partition(layers, stages)
     indices = [rank + ranks * k for k in range(v)]
-    pipeline_stages = [pipelining.PipelineStage(nn.Sequential(*layers[a:b]), index, stages, torch.device("cpu"))
-                       for index, (a, b) in ((i, boundaries[i]) for i in indices)]
+    pipeline_stages = [
+        pipelining.PipelineStage(nn.Sequential(*layers[a:b]), index, stages, torch.device("cpu"))
+        for index, (a, b) in ((i, boundaries[i]) for i in indices)
+    ]
     schedule_class = getattr(pipelining, schedule_name)
     schedule = schedule_class(pipeline_stages if v > 1 else pipeline_stages[0], microbatches, loss_fn=next_token_loss)
     first, last = 0 in indices, stages - 1 in indices
@@ -93,10 +99,14 @@ def worker(repeats: int, microbatches: int) -> dict:
         for _ in range(repeats):
             for name, step in steps.items():
                 times[name].append(_timed(step, inputs, targets))
-        results[ours] = {"torch_schedule": theirs, "stages_per_rank": v,
-                         "layerpipe": statistics.median(times["layerpipe"]),
-                         "torch": statistics.median(times["torch"]),
-                         "layerpipe_samples": times["layerpipe"], "torch_samples": times["torch"]}
+        results[ours] = {
+            "torch_schedule": theirs,
+            "stages_per_rank": v,
+            "layerpipe": statistics.median(times["layerpipe"]),
+            "torch": statistics.median(times["torch"]),
+            "layerpipe_samples": times["layerpipe"],
+            "torch_samples": times["torch"],
+        }
     return results
 
 
@@ -109,17 +119,32 @@ def main(argv=None) -> int:
     results = layerpipe.launch(worker, args.ranks, (args.repeats, args.microbatches), timeout=300)[0]
     machine = f"{platform.node()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     date = datetime.date.today().isoformat()
-    lines = ["# layerpipe executor vs torch.distributed.pipelining", "",
-             f"{date}, {machine}; {args.ranks} ranks (gloo, one thread each), {args.microbatches} micro-batches, "
-             f"GPT {MODEL.blocks} blocks × width {MODEL.width}, batch {BATCH} × {MODEL.block_size} tokens, "
-             f"forward+backward per step, median of {args.repeats} alternating repetitions.", "",
-             "| layerpipe | torch | v | layerpipe ms | torch ms | ratio |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# layerpipe executor vs torch.distributed.pipelining",
+        "",
+        f"{date}, {machine}; {args.ranks} ranks (gloo, one thread each), {args.microbatches} micro-batches, "
+        f"GPT {MODEL.blocks} blocks × width {MODEL.width}, batch {BATCH} × {MODEL.block_size} tokens, "
+        f"forward+backward per step, median of {args.repeats} alternating repetitions.",
+        "",
+        "| layerpipe | torch | v | layerpipe ms | torch ms | ratio |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for ours, row in results.items():
-        lines.append(f"| {ours} | {row['torch_schedule']} | {row['stages_per_rank']} | {1000 * row['layerpipe']:.1f} "
-                     f"| {1000 * row['torch']:.1f} | {row['layerpipe'] / row['torch']:.3f} |")
+        lines.append(
+            f"| {ours} | {row['torch_schedule']} | {row['stages_per_rank']} | {1000 * row['layerpipe']:.1f} "
+            f"| {1000 * row['torch']:.1f} | {row['layerpipe'] / row['torch']:.3f} |"
+        )
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    record = {"date": date, "machine": machine, "ranks": args.ranks, "microbatches": args.microbatches,
-              "repeats": args.repeats, "model": MODEL.to_json(), "batch": BATCH, "results": results}
+    record = {
+        "date": date,
+        "machine": machine,
+        "ranks": args.ranks,
+        "microbatches": args.microbatches,
+        "repeats": args.repeats,
+        "model": MODEL.to_json(),
+        "batch": BATCH,
+        "results": results,
+    }
     print(write_results(folder, "runtime_vs_torch", record, lines))
     return 0
 

@@ -22,12 +22,12 @@ import sys
 import time
 from datetime import date
 
+from results_files import write_results
+
 from layerpipe.schedule.build import build_schedule
 from layerpipe.schedule.config import ScheduleConfig
 from layerpipe.schedule.validation import validate
 from layerpipe.sim.simulator import simulate
-
-from results_files import write_results
 
 CASES = [
     ("breadth-first", ScheduleConfig("breadth-first", 64, 512, 4)),
@@ -45,16 +45,27 @@ def measure(config: ScheduleConfig) -> dict[str, float]:
     simulated = time.perf_counter()
     validate(schedule.programs, schedule.placement, config.microbatches)
     validated = time.perf_counter()
-    return {"generate_and_lower": built - start, "simulate": simulated - built,
-            "lower_and_simulate": simulated - start, "validate": validated - simulated,
-            "actions": sum(map(len, schedule.programs)), "step_time": result.step_time}
+    return {
+        "generate_and_lower": built - start,
+        "simulate": simulated - built,
+        "lower_and_simulate": simulated - start,
+        "validate": validated - simulated,
+        "actions": sum(map(len, schedule.programs)),
+        "step_time": result.step_time,
+    }
 
 
 def run_once(library: str) -> dict[str, dict[str, float]]:
     """Return one repetition of every case, timed in a fresh process importing layerpipe from ``library``."""
     environment = {**os.environ, "PYTHONPATH": library}
-    output = subprocess.run([sys.executable, __file__, "--worker"], capture_output=True, text=True, check=True,
-                            env=environment, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    output = subprocess.run(
+        [sys.executable, __file__, "--worker"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=environment,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    ).stdout
     return json.loads(output)
 
 
@@ -70,19 +81,27 @@ def _medians(runs: list[dict]) -> dict[str, float]:
 
 def _table(rows: list[dict], baseline: bool) -> list[str]:
     if not baseline:
-        lines = ["| case | actions | generate + lower (s) | simulate (s) | lower + simulate (s) | validate (s) |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines = [
+            "| case | actions | generate + lower (s) | simulate (s) | lower + simulate (s) | validate (s) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for row in rows:
-            lines.append(f"| {row['case']} | {int(row['actions']):,} | {row['generate_and_lower']:.3f} | "
-                         f"{row['simulate']:.3f} | {row['lower_and_simulate']:.3f} | {row['validate']:.3f} |")
+            lines.append(
+                f"| {row['case']} | {int(row['actions']):,} | {row['generate_and_lower']:.3f} | "
+                f"{row['simulate']:.3f} | {row['lower_and_simulate']:.3f} | {row['validate']:.3f} |"
+            )
         return lines
-    lines = ["| case | lower + simulate (s) | baseline (s) | ratio | validate (s) | baseline (s) | ratio |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| case | lower + simulate (s) | baseline (s) | ratio | validate (s) | baseline (s) | ratio |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for row in rows:
         base = row["baseline"]
-        lines.append(f"| {row['case']} | {row['lower_and_simulate']:.3f} | {base['lower_and_simulate']:.3f} | "
-                     f"{row['lower_and_simulate'] / base['lower_and_simulate']:.2f} | {row['validate']:.3f} | "
-                     f"{base['validate']:.3f} | {row['validate'] / base['validate']:.2f} |")
+        lines.append(
+            f"| {row['case']} | {row['lower_and_simulate']:.3f} | {base['lower_and_simulate']:.3f} | "
+            f"{row['lower_and_simulate'] / base['lower_and_simulate']:.2f} | {row['validate']:.3f} | "
+            f"{base['validate']:.3f} | {row['validate'] / base['validate']:.2f} |"
+        )
     return lines
 
 
@@ -103,14 +122,34 @@ def main() -> None:
         for tree, library in trees.items():
             for name, timings in run_once(library).items():
                 runs[tree][name].append(timings)
-    rows = [{"case": name, **_medians(runs["current"][name]),
-             **({"baseline": _medians(runs["baseline"][name])} if args.baseline else {})} for name, _ in CASES]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    report = {"date": date.today().isoformat(), "machine": machine, "repeats": args.repeats,
-              "baseline": _commit(args.baseline) if args.baseline else None, "ranks": 64, "stages_per_rank": 4, "microbatches": 512, "rows": rows}
+    rows = [
+        {
+            "case": name,
+            **_medians(runs["current"][name]),
+            **({"baseline": _medians(runs["baseline"][name])} if args.baseline else {}),
+        }
+        for name, _ in CASES
+    ]
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    report = {
+        "date": date.today().isoformat(),
+        "machine": machine,
+        "repeats": args.repeats,
+        "baseline": _commit(args.baseline) if args.baseline else None,
+        "ranks": 64,
+        "stages_per_rank": 4,
+        "microbatches": 512,
+        "rows": rows,
+    }
     against = f", beside the baseline at commit {_commit(args.baseline)}" if args.baseline else ""
-    lines = [f"# Build and simulate speed, p = 64, v = 4, m = 512 ({report['date']}, {machine}, median of "
-             f"{args.repeats}{against})", "", *_table(rows, bool(args.baseline))]
+    lines = [
+        f"# Build and simulate speed, p = 64, v = 4, m = 512 ({report['date']}, {machine}, median of "
+        f"{args.repeats}{against})",
+        "",
+        *_table(rows, bool(args.baseline)),
+    ]
     print(write_results(args.output, "simulate_speed", report, lines))
 
 

@@ -32,15 +32,47 @@ import tempfile
 from results_files import save_figure, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODEL = ["--width", "64", "--heads", "4", "--blocks", "2", "--block-size", "64", "--batch-size", "16",
-         "--microbatches", "4", "--sample-length", "0", "--learning-rate", "0.003"]
+MODEL = [
+    "--width",
+    "64",
+    "--heads",
+    "4",
+    "--blocks",
+    "2",
+    "--block-size",
+    "64",
+    "--batch-size",
+    "16",
+    "--microbatches",
+    "4",
+    "--sample-length",
+    "0",
+    "--learning-rate",
+    "0.003",
+]
 VARIANTS = ("dense", "2:4 scratch", "2:4 SR-STE", "2:4 fine-tuned")
 
 
 def train(output: str, steps: int, seed: int, *extra: str) -> dict:
     """Run ``layerpipe train`` once; return its summary."""
-    done = subprocess.run([sys.executable, "-m", "layerpipe.cli", "train", *MODEL, "--steps", str(steps),
-                           "--seed", str(seed), *extra, "--output", output], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "layerpipe.cli",
+            "train",
+            *MODEL,
+            "--steps",
+            str(steps),
+            "--seed",
+            str(seed),
+            *extra,
+            "--output",
+            output,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise SystemExit(f"{output}: training failed\n{done.stderr[-2000:]}")
     with open(os.path.join(output, "summary.json")) as handle:
@@ -55,15 +87,28 @@ def one_seed(seed: int, steps: int, folder: str) -> dict[str, dict]:
     return {
         "dense": dense,
         "2:4 scratch": train(os.path.join(folder, f"scratch-{seed}"), steps, seed, "--sparsity", "2:4"),
-        "2:4 SR-STE": train(os.path.join(folder, f"srste-{seed}"), steps, seed, "--sparsity", "2:4",
-                            "--sparsity-method", "sr-ste"),
-        "2:4 fine-tuned": train(os.path.join(folder, f"tuned-{seed}"), steps - half, seed + 1000, "--sparsity", "2:4",
-                                "--init-from", step_half),
+        "2:4 SR-STE": train(
+            os.path.join(folder, f"srste-{seed}"), steps, seed, "--sparsity", "2:4", "--sparsity-method", "sr-ste"
+        ),
+        "2:4 fine-tuned": train(
+            os.path.join(folder, f"tuned-{seed}"),
+            steps - half,
+            seed + 1000,
+            "--sparsity",
+            "2:4",
+            "--init-from",
+            step_half,
+        ),
     }
 
 
 def tail_loss(summary: dict) -> float:
     return statistics.fmean(summary["losses"][-20:])
+
+
+def spread(values: list[float]) -> float:
+    """Return the sample standard deviation (0 for one value)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def draw(runs: dict[int, dict[str, dict]], steps: int, path: str) -> None:
@@ -78,8 +123,14 @@ def draw(runs: dict[int, dict[str, dict]], steps: int, path: str) -> None:
         for variant, summary in variants.items():
             losses = summary["losses"]
             first = steps - len(losses)  # the fine-tuned run starts half-way
-            axes.plot(range(first + 1, steps + 1), losses, linewidth=0.8, color=colours[variant], alpha=0.7,
-                      label=variant if seed == min(runs) else None)
+            axes.plot(
+                range(first + 1, steps + 1),
+                losses,
+                linewidth=0.8,
+                color=colours[variant],
+                alpha=0.7,
+                label=variant if seed == min(runs) else None,
+            )
     axes.set_xlabel("step (the fine-tuned runs start from the dense run's step S/2)")
     axes.set_ylabel("training loss")
     axes.set_title("demo GPT, dense against 2:4 sparse (three seeds)")
@@ -99,22 +150,31 @@ def main() -> None:
     draw(runs, args.steps, os.path.join(args.output, "sparsity_accuracy.png"))
     today = datetime.date.today().isoformat()
     machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)"
-    lines = [f"# 2:4 sparsity and the demo GPT ({today})", "",
-             f"Machine: {machine}. `layerpipe train {' '.join(MODEL)}`, {args.steps} steps in all per run, seeds "
-             f"{', '.join(map(str, args.seeds))}; mean ± standard deviation over seeds.", "",
-             "![loss curves](sparsity_accuracy.png)", "",
-             "| variant | training loss (last 20 steps) | held-out loss | step time (ms) |",
-             "| --- | ---: | ---: | ---: |"]
+    lines = [
+        f"# 2:4 sparsity and the demo GPT ({today})",
+        "",
+        f"Machine: {machine}. `layerpipe train {' '.join(MODEL)}`, {args.steps} steps in all per run, seeds "
+        f"{', '.join(map(str, args.seeds))}; mean ± standard deviation over seeds.",
+        "",
+        "![loss curves](sparsity_accuracy.png)",
+        "",
+        "| variant | training loss (last 20 steps) | held-out loss | step time (ms) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     record = {"date": today, "machine": machine, "steps": args.steps, "seeds": args.seeds, "variants": {}}
     for variant in VARIANTS:
         summaries = [runs[seed][variant] for seed in args.seeds]
         tails, held = [tail_loss(s) for s in summaries], [s["eval_loss"] for s in summaries]
-        spread = (lambda values: statistics.stdev(values) if len(values) > 1 else 0.0)
-        lines.append(f"| {variant} | {statistics.fmean(tails):.3f} ± {spread(tails):.3f} | "
-                     f"{statistics.fmean(held):.3f} ± {spread(held):.3f} | "
-                     f"{1e3 * statistics.fmean(s['step_time'] for s in summaries):.1f} |")
-        record["variants"][variant] = {"training_loss": tails, "held_out_loss": held,
-                                       "losses": [s["losses"] for s in summaries]}
+        lines.append(
+            f"| {variant} | {statistics.fmean(tails):.3f} ± {spread(tails):.3f} | "
+            f"{statistics.fmean(held):.3f} ± {spread(held):.3f} | "
+            f"{1e3 * statistics.fmean(s['step_time'] for s in summaries):.1f} |"
+        )
+        record["variants"][variant] = {
+            "training_loss": tails,
+            "held_out_loss": held,
+            "losses": [s["losses"] for s in summaries],
+        }
     print(write_results(args.output, "sparsity_accuracy", record, lines))
 
 

@@ -26,13 +26,13 @@ import statistics
 
 import torch
 import torch.distributed as dist
+from results_files import repeated_benchmark_arguments, write_results
+from timing import time_steps_alternately
 from torch import nn
 
 import layerpipe
 from layerpipe.ops.spatial import SpatialBlock, SpatialConv2d
 from layerpipe.ops.spatial_rows import RowMap, plan_exchange, split_rows
-from results_files import repeated_benchmark_arguments, write_results
-from timing import time_steps_alternately
 
 LAYERS, CHANNELS = 6, 32
 
@@ -45,12 +45,13 @@ def plain_stack() -> list[nn.Module]:
 def variants(size: int) -> dict[str, nn.Module]:
     """Return the ways to run the stack on chunks (and the whole image), with the same weights."""
     plain = plain_stack()
-    per_layer = nn.Sequential(*[SpatialConv2d(CHANNELS, CHANNELS, 3, padding=1) if isinstance(m, nn.Conv2d)
-                                else nn.ReLU() for m in plain])
+    per_layer = nn.Sequential(
+        *[SpatialConv2d(CHANNELS, CHANNELS, 3, padding=1) if isinstance(m, nn.Conv2d) else nn.ReLU() for m in plain]
+    )
     per_layer.load_state_dict(nn.Sequential(*plain).state_dict())
     built = {"per layer": per_layer}
     for depth in (2, 3, 6):
-        blocks = [SpatialBlock(*plain[2 * first:2 * (first + depth)]) for first in range(0, LAYERS, depth)]
+        blocks = [SpatialBlock(*plain[2 * first : 2 * (first + depth)]) for first in range(0, LAYERS, depth)]
         built[f"blocks of {depth}" if depth < LAYERS else "one block of 6"] = nn.Sequential(*blocks)
     built["whole image, one process"] = nn.Sequential(*plain)
     return built
@@ -68,8 +69,9 @@ def traffic(depth: int, bounds, height: int, width: int, batch: int) -> tuple[in
         wants = list(bounds)
         for remaining in range(depth):  # from the block's output back to its input
             if remaining:
-                extra += sum(min(end, height) - max(first, 0) - (own[1] - own[0])
-                             for (first, end), own in zip(wants, bounds))
+                extra += sum(
+                    min(end, height) - max(first, 0) - (own[1] - own[0]) for (first, end), own in zip(wants, bounds)
+                )
             wants = [layer.needed_rows(first, end, height) for first, end in wants]
         for index in range(len(bounds)):
             plan = plan_exchange(bounds, tuple(wants), height, index)
@@ -83,7 +85,7 @@ def measure(size: int, batch: int, repeats: int) -> dict:
     ranks, index = dist.get_world_size(), dist.get_rank()
     bounds = split_rows(size, ranks)
     image = torch.randn(batch, CHANNELS, size, size, generator=torch.Generator().manual_seed(1))
-    chunk = image[:, :, bounds[index][0]:bounds[index][1]].contiguous()
+    chunk = image[:, :, bounds[index][0] : bounds[index][1]].contiguous()
     steps = {}
     for name, model in variants(size).items():
         alone = name.startswith("whole")
@@ -94,6 +96,7 @@ def measure(size: int, batch: int, repeats: int) -> dict:
                 return
             model.zero_grad(set_to_none=True)
             model(source).square().mean().backward()
+
         steps[name] = step
     times = time_steps_alternately(steps, repeats)
     return {name: statistics.median(values) for name, values in times.items()}
@@ -104,21 +107,29 @@ def main() -> None:
     size, batch = (32, 2) if args.quick else (128, 4)
     today = datetime.date.today().isoformat()
     machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), gloo, one thread per process"
-    lines = [f"# Spatial convolution: paying for the overlap per layer or per block ({today})", "",
-             f"Machine: {machine}. {LAYERS} × [Conv2d({CHANNELS}, {CHANNELS}, 3, padding=1) + ReLU], {batch} images "
-             f"of {size} × {size}, forward + backward, median of {args.repeats} interleaved repetitions.", "",
-             "| processes | variant | step (ms) | ÷ per layer | messages per step | KiB exchanged per step | "
-             "extra rows computed per step (all images) |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# Spatial convolution: paying for the overlap per layer or per block ({today})",
+        "",
+        f"Machine: {machine}. {LAYERS} × [Conv2d({CHANNELS}, {CHANNELS}, 3, padding=1) + ReLU], {batch} images "
+        f"of {size} × {size}, forward + backward, median of {args.repeats} interleaved repetitions.",
+        "",
+        "| processes | variant | step (ms) | ÷ per layer | messages per step | KiB exchanged per step | "
+        "extra rows computed per step (all images) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     record = {"date": today, "machine": machine, "size": size, "batch": batch, "runs": {}}
     depths = {"per layer": 1, "blocks of 2": 2, "blocks of 3": 3, "one block of 6": 6}
-    for ranks in ((2,) if args.quick else (2, 4)):
+    for ranks in (2,) if args.quick else (2, 4):
         medians = layerpipe.launch(measure, ranks, (size, batch, args.repeats))[0]
         record["runs"][ranks] = medians
         for name, seconds in medians.items():
-            messages, volume, extra = traffic(depths[name], split_rows(size, ranks), size, size, batch) \
-                if name in depths else (0, 0, 0)
-            lines.append(f"| {ranks} | {name} | {1e3 * seconds:.1f} | {seconds / medians['per layer']:.2f} | "
-                         f"{messages} | {volume / 1024:.0f} | {extra} |")
+            messages, volume, extra = (
+                traffic(depths[name], split_rows(size, ranks), size, size, batch) if name in depths else (0, 0, 0)
+            )
+            lines.append(
+                f"| {ranks} | {name} | {1e3 * seconds:.1f} | {seconds / medians['per layer']:.2f} | "
+                f"{messages} | {volume / 1024:.0f} | {extra} |"
+            )
     print(write_results(args.output, "spatial_overlap", record, lines))
 
 

@@ -27,8 +27,24 @@ from datetime import date
 
 from results_files import write_results
 
-TINY = ["--steps", "3", "--width", "32", "--heads", "2", "--blocks", "2", "--block-size", "16", "--batch-size", "8",
-        "--microbatches", "4", "--sample-length", "5"]
+TINY = [
+    "--steps",
+    "3",
+    "--width",
+    "32",
+    "--heads",
+    "2",
+    "--blocks",
+    "2",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--microbatches",
+    "4",
+    "--sample-length",
+    "5",
+]
 
 
 def keep_busy(seconds: float) -> None:
@@ -41,9 +57,24 @@ def keep_busy(seconds: float) -> None:
 
 def one_run(folder: str) -> tuple[int, str]:
     """Return the exit status of one torchrun of layerpipe train and the last lines of its stderr."""
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "layerpipe.train", *TINY, "--output", folder], capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "layerpipe.train",
+            *TINY,
+            "--output",
+            folder,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return done.returncode, "\n".join(done.stderr.strip().splitlines()[-25:])
 
 
@@ -51,10 +82,12 @@ def commit() -> str:
     """Return the checkout's commit (with ``+`` when layerpipe/ has uncommitted changes), or ``unknown``."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../layerpipe"], capture_output=True, text=True,
-                               cwd=here, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "../layerpipe"], capture_output=True, text=True, cwd=here, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+" if dirty else "")
@@ -81,21 +114,35 @@ def main() -> None:
             print(f"run {run + 1}/{args.runs}: exit {status}", flush=True)
     finally:
         busy.terminate()
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    report = {"date": date.today().isoformat(), "machine": machine, "commit": measured, "runs": args.runs,
-              "statuses": {str(k): v for k, v in statuses.items()}, "failures": failures,
-              "seconds": time.perf_counter() - started}
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    report = {
+        "date": date.today().isoformat(),
+        "machine": machine,
+        "commit": measured,
+        "runs": args.runs,
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "failures": failures,
+        "seconds": time.perf_counter() - started,
+    }
     print(write_results(args.output, "torchrun_exit_stress", report, report_lines(report)))
 
 
 def report_lines(report: dict) -> list[str]:
     """Return the Markdown of a report: what ran, on what, and how many runs ended with each exit status."""
     statuses = report["statuses"]
-    return [f"# layerpipe train under torchrun on a busy machine ({report['date']}, {report['machine']})", "",
-            f"{report['runs']} runs of `torchrun --standalone --nproc-per-node 2 -m layerpipe.train` (3 steps, tiny "
-            f"model) while one core spins: {statuses.get('0', 0)} exited 0 (commit {report['commit']}, "
-            f"{report['seconds']:.0f} s).", "",
-            "| exit status | runs |", "| ---: | ---: |", *[f"| {k} | {v} |" for k, v in sorted(statuses.items())]]
+    return [
+        f"# layerpipe train under torchrun on a busy machine ({report['date']}, {report['machine']})",
+        "",
+        f"{report['runs']} runs of `torchrun --standalone --nproc-per-node 2 -m layerpipe.train` (3 steps, tiny "
+        f"model) while one core spins: {statuses.get('0', 0)} exited 0 (commit {report['commit']}, "
+        f"{report['seconds']:.0f} s).",
+        "",
+        "| exit status | runs |",
+        "| ---: | ---: |",
+        *[f"| {k} | {v} |" for k, v in sorted(statuses.items())],
+    ]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from collections import defaultdict
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -50,7 +50,7 @@ def _imports_of(path: str, module: str) -> set[str]:
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level:
-            base = package[:len(package) - node.level + 1] if node.level > 1 else package
+            base = package[: len(package) - node.level + 1] if node.level > 1 else package
             target = ".".join(base + ([node.module] if node.module else []))
             if target:
                 found.add(target)
@@ -129,22 +129,46 @@ def draw(graph: dict[str, set[str]], path: str) -> None:
         step = min(2.6, 8.0 / max(1, len(packages) - 1))
         for column, package in enumerate(packages):
             x = 7.3 + (column - (len(packages) - 1) / 2) * step
-            boxes[package] = axes.text(x, -row * 2.4, _box_text(package, modules.get(package, [])), ha="center",
-                                       va="center", fontsize=8, family="monospace", multialignment="left",
-                                       bbox=dict(boxstyle="round,pad=0.5", facecolor="#EEF3FA", edgecolor="#4C78A8"))
-    edges = {(package_of(a), package_of(b)) for a, targets in graph.items() for b in targets
-             if package_of(a) != package_of(b) and package_of(a) in boxes and package_of(b) in boxes}
+            boxes[package] = axes.text(
+                x,
+                -row * 2.4,
+                _box_text(package, modules.get(package, [])),
+                ha="center",
+                va="center",
+                fontsize=8,
+                family="monospace",
+                multialignment="left",
+                bbox=dict(boxstyle="round,pad=0.5", facecolor="#EEF3FA", edgecolor="#4C78A8"),
+            )
+    edges = {
+        (package_of(a), package_of(b))
+        for a, targets in graph.items()
+        for b in targets
+        if package_of(a) != package_of(b) and package_of(a) in boxes and package_of(b) in boxes
+    }
     row_of = {package: row for row, (_, packages) in enumerate(LAYERS) for package in packages}
     for source, target in sorted(transitive_reduction(edges)):
         beside = row_of[source] == row_of[target]  # same row: from one box's side to the other's
-        target_point = ((0.0 if boxes[target].get_position()[0] > boxes[source].get_position()[0] else 1.0), 0.5) \
-            if beside else (0.5, 1.0)
+        target_point = (
+            ((0.0 if boxes[target].get_position()[0] > boxes[source].get_position()[0] else 1.0), 0.5)
+            if beside
+            else (0.5, 1.0)
+        )
         source_point = (1.0 - target_point[0], 0.5) if beside else (0.5, 0.0)
-        axes.annotate("", xy=target_point, xycoords=boxes[target], xytext=source_point, textcoords=boxes[source],
-                      arrowprops=dict(arrowstyle="->", color="#777777", lw=1, shrinkA=4, shrinkB=4,
-                                      connectionstyle="arc3,rad=0.12"))
-    axes.set_title("layerpipe: packages, their modules, and which package imports which\n"
-                   "(arrows point down; an import implied by a longer path is not drawn)")
+        axes.annotate(
+            "",
+            xy=target_point,
+            xycoords=boxes[target],
+            xytext=source_point,
+            textcoords=boxes[source],
+            arrowprops=dict(
+                arrowstyle="->", color="#777777", lw=1, shrinkA=4, shrinkB=4, connectionstyle="arc3,rad=0.12"
+            ),
+        )
+    axes.set_title(
+        "layerpipe: packages, their modules, and which package imports which\n"
+        "(arrows point down; an import implied by a longer path is not drawn)"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -57,27 +57,35 @@ def verify_checkpoint(folder: str) -> dict:
         raise CheckpointError(f"checkpoint {folder}: no such folder")
     path = os.path.join(folder, MANIFEST)
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {folder}: no {MANIFEST}, so it is incomplete (its write did not "
-                              f"finish) or not a layerpipe checkpoint")
+        raise CheckpointError(
+            f"checkpoint {folder}: no {MANIFEST}, so it is incomplete (its write did not "
+            f"finish) or not a layerpipe checkpoint"
+        )
     try:
         with open(path) as handle:
             manifest = json.load(handle)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path}: unreadable manifest ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                              f"expected {FORMAT!r}")
+        raise CheckpointError(
+            f"checkpoint {path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+            f"expected {FORMAT!r}"
+        )
     files = manifest.get("files")
     if not isinstance(files, dict) or not files or not all(_is_entry(name, entry) for name, entry in files.items()):
-        raise CheckpointError(f"checkpoint {path}: its file list is not a table of file names to their bytes and "
-                              f"sha256 (damaged or not written by layerpipe)")
+        raise CheckpointError(
+            f"checkpoint {path}: its file list is not a table of file names to their bytes and "
+            f"sha256 (damaged or not written by layerpipe)"
+        )
     for name, expected in files.items():
         file = os.path.join(folder, name)
         if not os.path.exists(file):
             raise CheckpointError(f"checkpoint file {file}: missing")
         if os.path.getsize(file) != expected["bytes"]:
-            raise CheckpointError(f"checkpoint file {file}: {os.path.getsize(file)} bytes, the manifest says "
-                                  f"{expected['bytes']} (truncated or altered)")
+            raise CheckpointError(
+                f"checkpoint file {file}: {os.path.getsize(file)} bytes, the manifest says "
+                f"{expected['bytes']} (truncated or altered)"
+            )
         if _digest(file) != expected["sha256"]:
             raise CheckpointError(f"checkpoint file {file}: its SHA-256 differs from the manifest's (altered)")
     return manifest
@@ -109,8 +117,9 @@ def prune_checkpoints(folder: str, keep: int) -> None:
     if not os.path.isdir(folder):
         return
     names = os.listdir(folder)
-    complete = sorted((int(name[5:]) for name in names if name.startswith("step-") and name[5:].isdigit()),
-                      reverse=True)
+    complete = sorted(
+        (int(name[5:]) for name in names if name.startswith("step-") and name[5:].isdigit()), reverse=True
+    )
     for step in complete[keep:]:
         shutil.rmtree(os.path.join(folder, f"step-{step}"), ignore_errors=True)
     for name in names:

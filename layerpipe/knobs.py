@@ -15,15 +15,24 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 Check = Callable[[Any], "str | None"]
 """A validity rule: returns ``None`` for a valid value, else what would be valid (e.g. ``must be at least 1``)."""
 
 
-def knob(default: Any, help: str, *, check: Check | None = None, metavar: str | None = None,
-         short: str | None = None, default_text: str | None = None, **field_options: Any) -> Any:
+def knob(
+    default: Any,
+    help: str,
+    *,
+    check: Check | None = None,
+    metavar: str | None = None,
+    short: str | None = None,
+    default_text: str | None = None,
+    **field_options: Any,
+) -> Any:
     """Return a dataclass field carrying its help text, validity rule and command-line hints.
 
     ``default_text`` replaces the default in ``--help`` when the default is
@@ -45,8 +54,10 @@ class Spelling:
 
 
 PYTHON = Spelling(lambda field: field, lambda field, value: f"{field}={value!r}")
-COMMAND_LINE = Spelling(lambda field: "--" + field.replace("_", "-"),
-                        lambda field, value: f"--{field.replace('_', '-')}" + ("" if value is None else f" {_plain(value)}"))
+COMMAND_LINE = Spelling(
+    lambda field: "--" + field.replace("_", "-"),
+    lambda field, value: f"--{field.replace('_', '-')}" + ("" if value is None else f" {_plain(value)}"),
+)
 
 
 def toml_spelling(path: str) -> Spelling:
@@ -80,7 +91,7 @@ class ConfigError(ValueError):
     def __str__(self) -> str:
         return self.render(self.spelling)
 
-    def spelled(self, spelling: Spelling) -> "ConfigError":
+    def spelled(self, spelling: Spelling) -> ConfigError:
         """Return this error, to be shown in ``spelling`` (field and value are kept for callers)."""
         self.spelling = spelling
         return self
@@ -94,10 +105,12 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------- validity rules
 def whole(minimum: int = 1) -> Check:
     """Return the rule "a whole number of at least ``minimum``"."""
+
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             return f"must be a whole number of at least {minimum}"
         return None
+
     return check
 
 
@@ -108,10 +121,14 @@ def optional(rule: Check) -> Check:
 
 def number(minimum: float = 0.0, *, above: bool = False, infinite: bool = False) -> Check:
     """Return the rule "a number ≥ ``minimum``" (``> minimum`` when ``above``; infinity only when ``infinite``)."""
+
     def check(value: Any) -> str | None:
         relation = "above" if above else "of at least"
-        wanted = f"must be a number {relation} {minimum:g} (or inf)" if infinite else \
-            f"must be a finite number {relation} {minimum:g}"
+        wanted = (
+            f"must be a number {relation} {minimum:g} (or inf)"
+            if infinite
+            else f"must be a finite number {relation} {minimum:g}"
+        )
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             return wanted
         if math.isinf(value) and not (infinite and value > 0):
@@ -119,6 +136,7 @@ def number(minimum: float = 0.0, *, above: bool = False, infinite: bool = False)
         if value < minimum or (above and value == minimum):
             return wanted
         return None
+
     return check
 
 

@@ -13,7 +13,8 @@ import argparse
 import dataclasses
 import os
 import tomllib
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from .knobs import COMMAND_LINE, ConfigError, check_type, knobs, parse_text, toml_spelling
 
@@ -21,7 +22,7 @@ from .knobs import COMMAND_LINE, ConfigError, check_type, knobs, parse_text, tom
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr, without the usage block."""
 
-    def error(self, message: str):  # noqa: D401 - argparse's hook
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -50,11 +51,21 @@ def add_knobs(parser: argparse.ArgumentParser | Any, defaults: Any, skip: Iterab
         help_text = f"{field.metadata['help']} (default: {_default_text(field, getattr(defaults, field.name))})"
         names = [COMMAND_LINE.name(field.name)] + ([field.metadata["short"]] if field.metadata.get("short") else [])
         if field.type == "bool":
-            parser.add_argument(*names, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
-                                help=help_text.replace("%", "%%"))
+            parser.add_argument(
+                *names,
+                dest=field.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text.replace("%", "%%"),
+            )
             continue
-        parser.add_argument(*names, dest=field.name, default=None, metavar=field.metadata.get("metavar") or "VALUE",
-                            help=help_text.replace("%", "%%"))
+        parser.add_argument(
+            *names,
+            dest=field.name,
+            default=None,
+            metavar=field.metadata.get("metavar") or "VALUE",
+            help=help_text.replace("%", "%%"),
+        )
 
 
 def given(arguments: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -70,8 +81,9 @@ def given(arguments: argparse.Namespace, cls: type) -> dict[str, Any]:
     return values
 
 
-def read_toml(path: str, classes: Iterable[type], option: str = "config",
-              ignore: Iterable[str] = ()) -> dict[type, dict[str, Any]]:
+def read_toml(
+    path: str, classes: Iterable[type], option: str = "config", ignore: Iterable[str] = ()
+) -> dict[type, dict[str, Any]]:
     """Return the keys of TOML file ``path`` grouped by the configuration class whose knob each one is.
 
     ``option`` names the file's option in errors; keys in ``ignore`` are

@@ -27,29 +27,36 @@ import multiprocessing
 import os
 import signal
 import tomllib
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterator, Sequence
 
 from .knobs import ConfigError, knob, number, one_of, whole
 from .schedule.actions import Action, Kind
 from .schedule.build import build_schedule, compute_programs, make_placement
 from .schedule.bulk import collector_paused
-from .schedule.lowering import add_optimizer_steps, add_recompute, add_weight_gathers
 from .schedule.config import ScheduleConfig, validate_config
+from .schedule.lowering import add_optimizer_steps, add_recompute, add_weight_gathers
 from .sim.cost import CostModel
 from .sim.cost_file import read_cost_file, toml_value
-from .sim.gpt_costs import (GPTShape, boundary_bytes, layer_activation_bytes, layer_forward_flops, layer_parameters,
-                            layer_recompute_flops, stage_sums)
+from .sim.gpt_costs import (
+    GPTShape,
+    boundary_bytes,
+    layer_activation_bytes,
+    layer_forward_flops,
+    layer_parameters,
+    layer_recompute_flops,
+    stage_sums,
+)
 from .sim.hardware import PRESETS, Hardware, hardware_from_cost_file
 from .sim.memory import activation_peak, buffer_peak
 from .sim.partition import balance_counts
 from .sim.simulator import simulate
 
-GIB = 2.0 ** 30
+GIB = 2.0**30
 
 MODELS = {
     "demo": GPTShape(vocab_size=80, block_size=64, width=128, heads=4, blocks=4),
@@ -72,24 +79,39 @@ fragmentation."""
 class PlanRequest:
     """What to plan for (see each field's help)."""
 
-    model: str = knob("demo", "the GPT: demo (layerpipe train's), gpt-52b, or a TOML file with block_size, width, "
-                      "heads, blocks and vocab_size (a train --config file works)", metavar="CONFIG")
-    gpus: int = knob(2, "devices (processes) to use: pipeline ranks × data-parallel replicas", check=whole(1),
-                     metavar="N")
+    model: str = knob(
+        "demo",
+        "the GPT: demo (layerpipe train's), gpt-52b, or a TOML file with block_size, width, "
+        "heads, blocks and vocab_size (a train --config file works)",
+        metavar="CONFIG",
+    )
+    gpus: int = knob(
+        2, "devices (processes) to use: pipeline ranks × data-parallel replicas", check=whole(1), metavar="N"
+    )
     gpu_memory: float = knob(80.0, "memory of one device in GiB", check=number(0.0, above=True), metavar="GIB")
     global_batch: int = knob(32, "sequences per step over all replicas", check=whole(1), metavar="B")
-    cluster: str = knob("h100", "hardware figures: " + ", ".join(PRESETS) + " (eight GPUs per node on NVLink, "
-                        "InfiniBand between nodes); a --cost-file replaces them", check=one_of(tuple(PRESETS)),
-                        metavar="NAME")
-    cost_file: str | None = knob(None, "plan for the machine this cost file was measured on (layerpipe calibrate)",
-                                 metavar="FILE", default_text="none: use --cluster")
+    cluster: str = knob(
+        "h100",
+        "hardware figures: " + ", ".join(PRESETS) + " (eight GPUs per node on NVLink, "
+        "InfiniBand between nodes); a --cost-file replaces them",
+        check=one_of(tuple(PRESETS)),
+        metavar="NAME",
+    )
+    cost_file: str | None = knob(
+        None,
+        "plan for the machine this cost file was measured on (layerpipe calibrate)",
+        metavar="FILE",
+        default_text="none: use --cluster",
+    )
     top: int = knob(5, "configurations to print, best first", check=whole(1), metavar="K")
     max_stages_per_rank: int = knob(8, "largest number of stages per rank to try", check=whole(1), metavar="V")
     max_microbatch_size: int = knob(16, "largest micro-batch (sequences) to try", check=whole(1), metavar="N")
-    jobs: int = knob(0, "processes that simulate candidates side by side (0: one per core)", check=whole(0),
-                     metavar="J")
-    output: str = knob("plan.toml", "write the best configuration here, as a layerpipe train --config file",
-                       metavar="FILE.toml")
+    jobs: int = knob(
+        0, "processes that simulate candidates side by side (0: one per core)", check=whole(0), metavar="J"
+    )
+    output: str = knob(
+        "plan.toml", "write the best configuration here, as a layerpipe train --config file", metavar="FILE.toml"
+    )
 
 
 @dataclass(frozen=True)
@@ -134,17 +156,25 @@ def model_shape(model: str) -> GPTShape:
     if model in MODELS:
         return MODELS[model]
     if not os.path.isfile(model):
-        raise ConfigError("model", model, f"choose one of {', '.join(MODELS)}, or give a TOML file with block_size, "
-                          f"width, heads, blocks and vocab_size")
+        raise ConfigError(
+            "model",
+            model,
+            f"choose one of {', '.join(MODELS)}, or give a TOML file with block_size, "
+            f"width, heads, blocks and vocab_size",
+        )
     try:
         with open(model, "rb") as handle:
             values = tomllib.load(handle)
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ConfigError("model", model, f"cannot be read as TOML ({error})") from None
-    sizes = {**dataclasses.asdict(MODELS["demo"]), **{key: values[key] for key in
-                                                      ("vocab_size", "block_size", "width", "heads", "blocks") if key in values}}
-    bad = next((key for key, value in sizes.items() if isinstance(value, bool) or not isinstance(value, int)
-                or value < 1), None)
+    sizes = {
+        **dataclasses.asdict(MODELS["demo"]),
+        **{key: values[key] for key in ("vocab_size", "block_size", "width", "heads", "blocks") if key in values},
+    }
+    bad = next(
+        (key for key, value in sizes.items() if isinstance(value, bool) or not isinstance(value, int) or value < 1),
+        None,
+    )
     if bad is not None:
         raise ConfigError("model", model, f"its {bad} = {sizes[bad]!r} must be a whole number of at least 1")
     if sizes["width"] % sizes["heads"]:
@@ -202,10 +232,17 @@ def candidates(request: PlanRequest, shape: GPTShape) -> Iterator[Candidate]:
             microbatches = per_replica // size
             for knobs_ in _schedules(ranks, microbatches, shape.layers, request.max_stages_per_rank):
                 for sharding in _sharding(data_parallel):
-                    for recompute in (("none", "selective", "full") if ranks * knobs_.get("stages_per_rank", 1) > 1
-                                      else ("none",)):
-                        config = ScheduleConfig(ranks=ranks, microbatches=microbatches, data_parallel=data_parallel,
-                                                recompute=recompute, **knobs_, **sharding)
+                    for recompute in (
+                        ("none", "selective", "full") if ranks * knobs_.get("stages_per_rank", 1) > 1 else ("none",)
+                    ):
+                        config = ScheduleConfig(
+                            ranks=ranks,
+                            microbatches=microbatches,
+                            data_parallel=data_parallel,
+                            recompute=recompute,
+                            **knobs_,
+                            **sharding,
+                        )
                         try:
                             validate_config(config)
                         except ConfigError:
@@ -225,36 +262,60 @@ class _Costs:
 
 
 @lru_cache(maxsize=65536)
-def _costs(shape: GPTShape, hardware: Hardware, ranks: int, stages: int, data_parallel: int, size: int,
-           recompute: tuple[str, ...], optimizer_shards: int, slowdown: float = 1.0, split: bool = False) -> _Costs:
+def _costs(
+    shape: GPTShape,
+    hardware: Hardware,
+    ranks: int,
+    stages: int,
+    data_parallel: int,
+    size: int,
+    recompute: tuple[str, ...],
+    optimizer_shards: int,
+    slowdown: float = 1.0,
+    split: bool = False,
+) -> _Costs:
     """Return the cost model of ``stages`` balanced stages of ``shape`` on ``hardware`` at micro-batch ``size``."""
     boundaries = balance_counts(layer_parameters(shape), stages)
     rate = hardware.flops * hardware.rate_at(size) / slowdown
     seconds = lambda flops: tuple(value / rate for value in stage_sums(flops, boundaries))  # noqa: E731
     forward = seconds(layer_forward_flops(shape, size))
     element = hardware.activation_element_bytes
-    by_mode = {mode: (seconds(layer_recompute_flops(shape, size, mode)),
-                      stage_sums(layer_activation_bytes(shape, size, element, mode), boundaries))
-               for mode in {"none", *recompute}}
+    by_mode = {
+        mode: (
+            seconds(layer_recompute_flops(shape, size, mode)),
+            stage_sums(layer_activation_bytes(shape, size, element, mode), boundaries),
+        )
+        for mode in {"none", *recompute}
+    }
     recompute_time = tuple(by_mode[mode][0][stage] for stage, mode in enumerate(recompute))
     full = by_mode["none"][1]
     stored = tuple(by_mode[mode][1][stage] for stage, mode in enumerate(recompute))
     weights = tuple(4.0 * count for count in stage_sums(layer_parameters(shape), boundaries))  # fp32 master weights
     if hardware.precision != "fp32":  # each forward under autocast saves its own 16-bit copy of the weights it used
         full = tuple(kept + weight / 2 for kept, weight in zip(full, weights))
-        stored = tuple(kept + (weight / 2 if mode != "full" else 0.0)
-                       for kept, weight, mode in zip(stored, weights, recompute))
+        stored = tuple(
+            kept + (weight / 2 if mode != "full" else 0.0) for kept, weight, mode in zip(stored, weights, recompute)
+        )
     p2p_latency, p2p_bandwidth = hardware.link(ranks * data_parallel <= hardware.devices_per_node)
     _, data_bandwidth = hardware.link(data_parallel <= hardware.devices_per_node)
     cost = CostModel(
-        forward_time=forward, backward_time=tuple(hardware.backward_ratio * (hardware.split_backward if split else 1.0)
-                                                  * time for time in forward),
-        recompute_time=recompute_time, optimizer_time=7 * max(weights) / optimizer_shards / hardware.memory_bandwidth,
-        action_overhead=hardware.action_overhead, send_time=hardware.send_time, receive_time=hardware.receive_time,
-        p2p_latency=p2p_latency, p2p_bandwidth=p2p_bandwidth,
+        forward_time=forward,
+        backward_time=tuple(
+            hardware.backward_ratio * (hardware.split_backward if split else 1.0) * time for time in forward
+        ),
+        recompute_time=recompute_time,
+        optimizer_time=7 * max(weights) / optimizer_shards / hardware.memory_bandwidth,
+        action_overhead=hardware.action_overhead,
+        send_time=hardware.send_time,
+        receive_time=hardware.receive_time,
+        p2p_latency=p2p_latency,
+        p2p_bandwidth=p2p_bandwidth,
         boundary_bytes=(boundary_bytes(shape, size, element),) * (stages - 1) + (0.0,),
-        activation_bytes=full, weight_bytes=weights, data_parallel_latency=hardware.collective_latency,
-        data_parallel_bandwidth=data_bandwidth)
+        activation_bytes=full,
+        weight_bytes=weights,
+        data_parallel_latency=hardware.collective_latency,
+        data_parallel_bandwidth=data_bandwidth,
+    )
     return _Costs(cost, full, stored, weights)
 
 
@@ -262,20 +323,30 @@ def _costs_of(candidate: Candidate, shape: GPTShape, hardware: Hardware, slowdow
     """Return the costs of ``candidate``, its compute ``slowdown`` times slower than each device alone (zero-bubble's
     backward, split in two, ``Hardware.split_backward`` times longer)."""
     config = candidate.schedule
-    return _costs(shape, hardware, config.ranks, config.stages, config.data_parallel, candidate.microbatch_size,
-                  config.recompute_modes, config.data_parallel if config.zero else 1, slowdown,
-                  config.schedule == "zero-bubble")
+    return _costs(
+        shape,
+        hardware,
+        config.ranks,
+        config.stages,
+        config.data_parallel,
+        candidate.microbatch_size,
+        config.recompute_modes,
+        config.data_parallel if config.zero else 1,
+        slowdown,
+        config.schedule == "zero-bubble",
+    )
 
 
 def ideal_time(candidate: Candidate, costs: _Costs, cores: int | None = None) -> float:
     """Return the busiest rank's compute time, or, when the processes share ``cores`` cores, the time those cores
     take for every process's compute if that is longer: no schedule of ``candidate`` runs a step faster."""
     config, cost = candidate.schedule, costs.cost
-    per_stage = [config.microbatches * (f + b + (r if mode != "none" else 0.0) + (3 if mode != "none" else 2)
-                                        * cost.action_overhead)
-                 for f, b, r, mode in zip(cost.forward_time, cost.backward_time, cost.recompute_time,
-                                          config.recompute_modes)]
-    per_rank = [sum(per_stage[rank::config.ranks]) for rank in range(config.ranks)]
+    per_stage = [
+        config.microbatches
+        * (f + b + (r if mode != "none" else 0.0) + (3 if mode != "none" else 2) * cost.action_overhead)
+        for f, b, r, mode in zip(cost.forward_time, cost.backward_time, cost.recompute_time, config.recompute_modes)
+    ]
+    per_rank = [sum(per_stage[rank :: config.ranks]) for rank in range(config.ranks)]
     if cores is None:
         return max(per_rank)
     return max(max(per_rank), config.data_parallel * sum(per_rank) / cores)
@@ -323,8 +394,9 @@ def evaluate(candidate: Candidate, shape: GPTShape, hardware: Hardware, memory_l
     return measure(candidate, shape, hardware, memory_limit)[0]
 
 
-def measure(candidate: Candidate, shape: GPTShape, hardware: Hardware,
-            memory_limit: float) -> tuple[PlanEntry | None, float]:
+def measure(
+    candidate: Candidate, shape: GPTShape, hardware: Hardware, memory_limit: float
+) -> tuple[PlanEntry | None, float]:
     """Return ``(entry, peak memory per device)``: the entry is ``None`` when the peak exceeds ``memory_limit``."""
     costs = _costs_of(candidate, shape, hardware)
     memory = peak_memory(memory_programs(candidate.schedule), candidate.schedule, costs)
@@ -332,8 +404,12 @@ def measure(candidate: Candidate, shape: GPTShape, hardware: Hardware,
         return None, memory
     result = _shared_cores_simulation(candidate, shape, hardware, costs)
     step_time = max(result.step_time, ideal_time(candidate, costs, hardware.cores))
-    tokens = candidate.schedule.microbatches * candidate.microbatch_size * candidate.schedule.data_parallel \
+    tokens = (
+        candidate.schedule.microbatches
+        * candidate.microbatch_size
+        * candidate.schedule.data_parallel
         * shape.block_size
+    )
     exposed = max((rank.exposed_communication for rank in result.ranks), default=0.0)
     bubble = 1 - (1 - result.bubble_fraction) * result.step_time / step_time  # against the step reported
     return PlanEntry(candidate, step_time, tokens / step_time, memory, bubble, exposed), memory
@@ -380,11 +456,12 @@ def plan(request: PlanRequest, progress: Callable[[int, int], None] | None = Non
         best, too_big, simulated, smallest = _search(ranked, request.top, shape, hardware, limit, progress, jobs)
     if not best:
         raise ConfigError("gpu_memory", request.gpu_memory, _too_big_reason(request, shape, smallest))
-    return PlanResult(simplest_first(best)[:request.top], len(ranked), too_big, simulated, hardware, shape)
+    return PlanResult(simplest_first(best)[: request.top], len(ranked), too_big, simulated, hardware, shape)
 
 
-def best_among(chosen: Sequence[Candidate], shape: GPTShape, hardware: Hardware, memory_limit: float,
-               top: int = 1, jobs: int = 0) -> list[PlanEntry]:
+def best_among(
+    chosen: Sequence[Candidate], shape: GPTShape, hardware: Hardware, memory_limit: float, top: int = 1, jobs: int = 0
+) -> list[PlanEntry]:
     """Return the ``top`` fastest of ``chosen`` that fit in ``memory_limit`` bytes per device, fastest first
     (empty when none fits): the planner's search over candidates the caller picked, e.g. one family of
     schedules.  ``jobs``: processes that simulate side by side (0: one per core)."""
@@ -396,8 +473,10 @@ def best_among(chosen: Sequence[Candidate], shape: GPTShape, hardware: Hardware,
 
 def _ranked(chosen, shape: GPTShape, hardware: Hardware) -> list:
     """Return ``(ideal time, index, candidate)`` for each of ``chosen``, lowest ideal time first."""
-    return sorted(((ideal_time(c, _costs_of(c, shape, hardware), hardware.cores), index, c)
-                   for index, c in enumerate(chosen)), key=lambda item: item[:2])
+    return sorted(
+        ((ideal_time(c, _costs_of(c, shape, hardware), hardware.cores), index, c) for index, c in enumerate(chosen)),
+        key=lambda item: item[:2],
+    )
 
 
 def _jobs(asked: int, ranked: list) -> int:
@@ -417,7 +496,7 @@ def _search(ranked, top: int, shape: GPTShape, hardware: Hardware, limit: float,
     smallest = math.inf
     with _evaluator(jobs, shape, hardware, limit) as evaluate_all:
         while done < len(ranked) and ranked[done][0] < _horizon(kept, top):
-            batch = [candidate for _, _, candidate in ranked[done:done + 4 * jobs]]
+            batch = [candidate for _, _, candidate in ranked[done : done + 4 * jobs]]
             done += len(batch)
             floors = [memory_floor(c, _costs_of(c, shape, hardware)) for c in batch]
             results = evaluate_all([c for c, floor in zip(batch, floors) if floor <= limit])
@@ -485,28 +564,40 @@ def simplest_first(entries: list[PlanEntry]) -> tuple[PlanEntry, ...]:
     if not entries:
         return ()
     near = [entry for entry in entries if entry.step_time <= entries[0].step_time * (1 + NEAR_TIE)]
-    chosen = min(near, key=lambda entry: (entry.candidate.schedule.zero, entry.candidate.schedule.reduce_portions,
-                                          entry.candidate.schedule.recompute != "none",
-                                          entry.candidate.schedule.stages_per_rank, entry.step_time))
+    chosen = min(
+        near,
+        key=lambda entry: (
+            entry.candidate.schedule.zero,
+            entry.candidate.schedule.reduce_portions,
+            entry.candidate.schedule.recompute != "none",
+            entry.candidate.schedule.stages_per_rank,
+            entry.step_time,
+        ),
+    )
     return (chosen,) + tuple(entry for entry in entries if entry is not chosen)
 
 
 def _same(entry: PlanEntry, other: PlanEntry) -> bool:
     """Return whether two entries differ only in knobs that change nothing (the earlier, simpler one is kept)."""
-    return math.isclose(entry.step_time, other.step_time, rel_tol=1e-9) and \
-        math.isclose(entry.memory, other.memory, rel_tol=1e-9)
+    return math.isclose(entry.step_time, other.step_time, rel_tol=1e-9) and math.isclose(
+        entry.memory, other.memory, rel_tol=1e-9
+    )
 
 
 def _no_layout_reason(request: PlanRequest, shape: GPTShape) -> str:
-    return (f"no layout of {request.gpus} devices runs the model: pipeline ranks must divide the devices and be at "
-            f"most its {shape.layers} layers, and the data-parallel replicas must divide `global_batch` "
-            f"({request.global_batch})")
+    return (
+        f"no layout of {request.gpus} devices runs the model: pipeline ranks must divide the devices and be at "
+        f"most its {shape.layers} layers, and the data-parallel replicas must divide `global_batch` "
+        f"({request.global_batch})"
+    )
 
 
 def _too_big_reason(request: PlanRequest, shape: GPTShape, smallest: float) -> str:
     needed = smallest / USABLE_MEMORY / GIB
-    return (f"no configuration of {describe_shape(shape)} on {request.gpus} devices fits: the smallest needs "
-            f"{needed:.3g} GiB per device or more; use more `gpus` or devices with more memory")
+    return (
+        f"no configuration of {describe_shape(shape)} on {request.gpus} devices fits: the smallest needs "
+        f"{needed:.3g} GiB per device or more; use more `gpus` or devices with more memory"
+    )
 
 
 # ---------------------------------------------------------------- output
@@ -520,8 +611,14 @@ def describe_shape(shape: GPTShape) -> str:
 def describe(entry: PlanEntry) -> str:
     """Return a configuration in a few words, e.g. ``breadth-first p=4 v=2 d=2 m=8 b=2 zero=3 recompute=none``."""
     config = entry.candidate.schedule
-    words = [config.schedule, f"p={config.ranks}", f"v={config.stages_per_rank}", f"d={config.data_parallel}",
-             f"m={config.microbatches}", f"b={entry.candidate.microbatch_size}"]
+    words = [
+        config.schedule,
+        f"p={config.ranks}",
+        f"v={config.stages_per_rank}",
+        f"d={config.data_parallel}",
+        f"m={config.microbatches}",
+        f"b={entry.candidate.microbatch_size}",
+    ]
     if config.group_size is not None:
         words.append(f"n={config.group_size}")
     if config.data_parallel > 1:
@@ -534,12 +631,16 @@ def describe(entry: PlanEntry) -> str:
 
 def table(result: PlanResult) -> str:
     """Return the best entries as a text table: throughput, step time, memory per device, bubble, exposed comm."""
-    lines = [f"{'#':>2}  {'tokens/s':>12}  {'step':>10}  {'memory/GPU':>10}  {'bubble':>7}  {'exposed comm':>12}  "
-             f"configuration"]
+    lines = [
+        f"{'#':>2}  {'tokens/s':>12}  {'step':>10}  {'memory/GPU':>10}  {'bubble':>7}  {'exposed comm':>12}  "
+        f"configuration"
+    ]
     for number_, entry in enumerate(result.best, 1):
-        lines.append(f"{number_:>2}  {entry.tokens_per_second:>12.4g}  {_seconds(entry.step_time):>10}  "
-                     f"{entry.memory / GIB:>7.3g} GiB  {entry.bubble:>7.1%}  {_seconds(entry.exposed_communication):>12}  "
-                     f"{describe(entry)}")
+        lines.append(
+            f"{number_:>2}  {entry.tokens_per_second:>12.4g}  {_seconds(entry.step_time):>10}  "
+            f"{entry.memory / GIB:>7.3g} GiB  {entry.bubble:>7.1%}  {_seconds(entry.exposed_communication):>12}  "
+            f"{describe(entry)}"
+        )
     return "\n".join(lines)
 
 
@@ -551,15 +652,20 @@ def train_toml(entry: PlanEntry, result: PlanResult, request: PlanRequest) -> st
     """Return ``entry`` as a ``layerpipe train --config`` file: the schedule's knobs, the batch, the model's sizes."""
     config, shape = entry.candidate.schedule, result.shape
     defaults = ScheduleConfig()
-    keys = {name: value for name, value in config.to_json().items()
-            if value is not None and (value != getattr(defaults, name) or name in ("schedule", "ranks", "microbatches"))}
+    keys = {
+        name: value
+        for name, value in config.to_json().items()
+        if value is not None and (value != getattr(defaults, name) or name in ("schedule", "ranks", "microbatches"))
+    }
     keys["batch_size"] = request.global_batch
     keys.update(block_size=shape.block_size, width=shape.width, heads=shape.heads, blocks=shape.blocks)
     if result.hardware.precision != "fp32":
         keys["precision"] = result.hardware.precision
-    header = [f"# layerpipe plan: {request.gpus} devices of {request.gpu_memory:g} GiB on {result.hardware.name}, "
-              f"global batch {request.global_batch}",
-              f"# predicted: {entry.tokens_per_second:.4g} tokens/s, step {_seconds(entry.step_time)}, "
-              f"{entry.memory / GIB:.3g} GiB per device, bubble {entry.bubble:.1%}",
-              f"# model: vocabulary {shape.vocab_size} (layerpipe train takes it from its text)"]
+    header = [
+        f"# layerpipe plan: {request.gpus} devices of {request.gpu_memory:g} GiB on {result.hardware.name}, "
+        f"global batch {request.global_batch}",
+        f"# predicted: {entry.tokens_per_second:.4g} tokens/s, step {_seconds(entry.step_time)}, "
+        f"{entry.memory / GIB:.3g} GiB per device, bubble {entry.bubble:.1%}",
+        f"# model: vocabulary {shape.vocab_size} (layerpipe train takes it from its text)",
+    ]
     return "\n".join(header + [f"{name} = {toml_value(value)}" for name, value in keys.items()]) + "\n"

@@ -3,8 +3,25 @@ import pytest
 from layerpipe.schedule.actions import Action, Kind, format_program, parse_action, parse_program
 
 
-@pytest.mark.parametrize("text", ["2F0", "3B7", "0I1", "0W12", "4R3", "1SEND_F4", "2RECV_F4", "3SEND_B0", "1RECV_B9",
-                                  "0GATHER", "0RELEASE", "5REDUCE", "0REDUCE[2/4]", "7STEP"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2F0",
+        "3B7",
+        "0I1",
+        "0W12",
+        "4R3",
+        "1SEND_F4",
+        "2RECV_F4",
+        "3SEND_B0",
+        "1RECV_B9",
+        "0GATHER",
+        "0RELEASE",
+        "5REDUCE",
+        "0REDUCE[2/4]",
+        "7STEP",
+    ],
+)
 def test_every_action_prints_and_parses_back(text):
     assert str(parse_action(text)) == text
 
@@ -17,11 +34,14 @@ def test_parsed_fields():
 
 def test_compute_notation_matches_torch_pipelining():
     from torch.distributed.pipelining.schedules import _Action
+
     for text in ["2F0", "3B7", "0I1", "0W12", "1SEND_F4", "2RECV_B3"]:
         assert str(_Action.from_str(text)) == str(parse_action(text))
 
 
-@pytest.mark.parametrize("text", ["F0", "2X0", "2F", "0GATHER3", "0STEP[1/2]", "0REDUCE[5/4]", "0REDUCE[0/4]", "2F0 1F1"])
+@pytest.mark.parametrize(
+    "text", ["F0", "2X0", "2F", "0GATHER3", "0STEP[1/2]", "0REDUCE[5/4]", "0REDUCE[0/4]", "2F0 1F1"]
+)
 def test_bad_text_is_refused(text):
     with pytest.raises(ValueError, match="not an action"):
         parse_action(text)

@@ -26,15 +26,20 @@ WIDTH, SAMPLES, MICROBATCHES, UPDATES = 5, 4, 4, 20
 
 def stages_of(count: int, seed: int = 0) -> list[nn.Module]:
     torch.manual_seed(seed)
-    return [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()).double() for _ in range(count - 1)] + \
-        [nn.Linear(WIDTH, 2).double()]
+    return [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()).double() for _ in range(count - 1)] + [
+        nn.Linear(WIDTH, 2).double()
+    ]
 
 
 def batches(calls: int, microbatches: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(SAMPLES * microbatches, WIDTH, dtype=torch.float64, generator=generator),
-             torch.randn(SAMPLES * microbatches, 2, dtype=torch.float64, generator=generator))
-            for _ in range(calls)]
+    return [
+        (
+            torch.randn(SAMPLES * microbatches, WIDTH, dtype=torch.float64, generator=generator),
+            torch.randn(SAMPLES * microbatches, 2, dtype=torch.float64, generator=generator),
+        )
+        for _ in range(calls)
+    ]
 
 
 def sgd(parameters):
@@ -50,8 +55,17 @@ def cases_for(stages: int) -> list[dict]:
             for every in everies:
                 microbatches = max(MICROBATCHES, every)
                 calls = UPDATES * every // microbatches
-                cases.append(dict(stages=stages, microbatches=microbatches, every=every, policy=policy,
-                                  correction=correction, calls=calls, flush_after=()))
+                cases.append(
+                    dict(
+                        stages=stages,
+                        microbatches=microbatches,
+                        every=every,
+                        policy=policy,
+                        correction=correction,
+                        calls=calls,
+                        flush_after=(),
+                    )
+                )
     return cases
 
 
@@ -59,19 +73,29 @@ def run_cases(cases: list[dict], data_parallel: int = 1, zero: int = 0) -> list[
     """Worker: train every case with the async schedule; return what each rank saw."""
     results = []
     for case in cases:
-        pipe = layerpipe.Pipeline(stages_of(case["stages"]), nn.functional.mse_loss, schedule="async",
-                                  microbatches=case["microbatches"], update_every=case["every"],
-                                  weight_policy=case["policy"], delay_correction=case["correction"],
-                                  data_parallel=data_parallel, zero=zero, optimizer=sgd, timeout=60,
-                                  partition=list(range(case["stages"])))
+        pipe = layerpipe.Pipeline(
+            stages_of(case["stages"]),
+            nn.functional.mse_loss,
+            schedule="async",
+            microbatches=case["microbatches"],
+            update_every=case["every"],
+            weight_policy=case["policy"],
+            delay_correction=case["correction"],
+            data_parallel=data_parallel,
+            zero=zero,
+            optimizer=sgd,
+            timeout=60,
+            partition=list(range(case["stages"])),
+        )
         losses = []
         for call, (inputs, targets) in enumerate(batches(case["calls"], case["microbatches"])):
             losses.append(pipe.train_step(inputs, targets))
             if call in case["flush_after"]:
                 pipe.flush()
         state = pipe.gathered_state_dict()  # flushes
-        results.append(dict(losses=losses, state=state, records=pipe.version_records(),
-                            versions=pipe.weight_versions()))
+        results.append(
+            dict(losses=losses, state=state, records=pipe.version_records(), versions=pipe.weight_versions())
+        )
     return results
 
 
@@ -84,8 +108,9 @@ def sub_minibatches(batch: torch.Tensor, microbatches: int, replicas: int) -> li
 def emulate(case: dict, replicas: int = 1) -> dict:
     """Return the emulator's parameters, per-call mean losses and records for ``case`` (a stream per flush)."""
     stages = stages_of(case["stages"])
-    pipe = PipelinedBackprop(stages, nn.functional.mse_loss, sgd, case["every"], case["policy"],
-                             delay_correction=case["correction"])
+    pipe = PipelinedBackprop(
+        stages, nn.functional.mse_loss, sgd, case["every"], case["policy"], delay_correction=case["correction"]
+    )
     inputs, targets, losses = [], [], []
     ends = sorted(set(case["flush_after"]) | {case["calls"] - 1})
     for call, (batch_inputs, batch_targets) in enumerate(batches(case["calls"], case["microbatches"])):
@@ -93,8 +118,10 @@ def emulate(case: dict, replicas: int = 1) -> dict:
         targets += sub_minibatches(batch_targets, case["microbatches"], replicas)
         if call in ends:
             found = pipe.train(inputs, targets)
-            losses += [sum(found[i:i + case["microbatches"]]) / case["microbatches"]
-                       for i in range(0, len(found), case["microbatches"])]
+            losses += [
+                sum(found[i : i + case["microbatches"]]) / case["microbatches"]
+                for i in range(0, len(found), case["microbatches"])
+            ]
             inputs, targets = [], []
     state = {name: p.detach() for name, p in nn.Sequential(*stages).named_parameters()}
     return dict(losses=losses, state=state, records=pipe.records, versions=pipe.weight_versions())
@@ -111,8 +138,9 @@ def check_identical(cases: list[dict], per_rank: list[list[dict]]) -> None:
         records = sorted(record for row in rows for record in row["records"])
         assert records == sorted(expected["records"]), f"{case}: version records differ"
         stages = case["stages"]
-        assert {(r.stage, r.staleness) for r in records} == {(s, 2 * (stages - 1 - s)) for s in range(stages)}, \
+        assert {(r.stage, r.staleness) for r in records} == {(s, 2 * (stages - 1 - s)) for s in range(stages)}, (
             f"{case}: the ranks measured another staleness than 2(S-1-s)"
+        )
         last = case["stages"] - 1
         assert rows[last]["losses"] == pytest.approx(expected["losses"], rel=1e-15, abs=0), case
         assert all(row["losses"] == rows[last]["losses"] for row in rows), "every rank returns the call's loss"
@@ -122,8 +150,9 @@ def check_identical(cases: list[dict], per_rank: list[list[dict]]) -> None:
 
 @pytest.mark.multiprocess
 def test_two_ranks_equal_the_emulator_bit_for_bit_for_every_policy_correction_and_update_interval():
-    cases = cases_for(2) + [dict(stages=2, microbatches=4, every=2, policy="stashed", correction="spike",
-                                 calls=6, flush_after=(1, 2))]
+    cases = cases_for(2) + [
+        dict(stages=2, microbatches=4, every=2, policy="stashed", correction="spike", calls=6, flush_after=(1, 2))
+    ]
     per_rank = layerpipe.launch(run_cases, 2, (cases,), timeout=120)
     check_identical(cases, per_rank)
 
@@ -140,15 +169,19 @@ def test_four_ranks_equal_the_emulator_bit_for_bit_for_every_policy_correction_a
 @pytest.mark.parametrize("zero", [0, 1])
 def test_data_parallel_replicas_reduce_each_update_and_match_the_emulator(zero):
     corrections = ("none", "spike") if zero else ("none", "spike+predict")
-    cases = [dict(stages=2, microbatches=4, every=2, policy=policy, correction=correction, calls=6, flush_after=())
-             for policy in ("stashed", "live") for correction in corrections]
+    cases = [
+        dict(stages=2, microbatches=4, every=2, policy=policy, correction=correction, calls=6, flush_after=())
+        for policy in ("stashed", "live")
+        for correction in corrections
+    ]
     per_rank = layerpipe.launch(run_cases, 4, (cases, 2, zero), timeout=120)
     for index, case in enumerate(cases):
         expected = emulate(case, replicas=2)
         for rank, results in enumerate(per_rank):
             for name, value in results[index]["state"].items():
-                assert torch.allclose(value, expected["state"][name], rtol=1e-12, atol=1e-14), \
+                assert torch.allclose(value, expected["state"][name], rtol=1e-12, atol=1e-14), (
                     f"{case} process {rank}: {name}"
+                )
 
 
 def test_the_measured_delays_are_the_schedules_and_double_buffering_crosses_one_version():
@@ -171,10 +204,12 @@ def test_the_stashed_versions_per_stage_match_the_simulator(every):
 
 def test_each_correction_changes_the_training_so_equality_above_is_not_vacuous():
     base = dict(stages=4, microbatches=4, every=1, policy="stashed", calls=5, flush_after=())
-    first_stage = {correction: emulate({**base, "correction": correction})["state"]["0.0.weight"]
-                   for correction in DELAY_CORRECTIONS}
+    first_stage = {
+        correction: emulate({**base, "correction": correction})["state"]["0.0.weight"]
+        for correction in DELAY_CORRECTIONS
+    }
     values = list(first_stage.values())
-    assert all(not torch.equal(a, b) for i, a in enumerate(values) for b in values[i + 1:])
+    assert all(not torch.equal(a, b) for i, a in enumerate(values) for b in values[i + 1 :])
 
 
 def run_beside_another_pipeline(case: dict) -> dict:
@@ -183,12 +218,25 @@ def run_beside_another_pipeline(case: dict) -> dict:
     With 3·m micro-batches the other pipeline's message numbers are the
     stream's: only their own tag ranges keep the two apart.
     """
-    other = layerpipe.Pipeline(stages_of(case["stages"]), nn.functional.mse_loss, schedule="1f1b",
-                               microbatches=3 * case["microbatches"], optimizer=sgd, timeout=60)
+    other = layerpipe.Pipeline(
+        stages_of(case["stages"]),
+        nn.functional.mse_loss,
+        schedule="1f1b",
+        microbatches=3 * case["microbatches"],
+        optimizer=sgd,
+        timeout=60,
+    )
     other_batch = batches(1, 3 * case["microbatches"], seed=5)[0]
-    pipe = layerpipe.Pipeline(stages_of(case["stages"]), nn.functional.mse_loss, schedule="async",
-                              microbatches=case["microbatches"], update_every=case["every"], optimizer=sgd, timeout=60,
-                              partition=list(range(case["stages"])))
+    pipe = layerpipe.Pipeline(
+        stages_of(case["stages"]),
+        nn.functional.mse_loss,
+        schedule="async",
+        microbatches=case["microbatches"],
+        update_every=case["every"],
+        optimizer=sgd,
+        timeout=60,
+        partition=list(range(case["stages"])),
+    )
     for inputs, targets in batches(case["calls"], case["microbatches"]):
         pipe.train_step(inputs, targets)
         other.train_step(*other_batch)  # while the stream has sends in flight

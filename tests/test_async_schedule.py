@@ -23,8 +23,9 @@ from layerpipe.sim.simulator import simulate
 
 
 def _schedule(stages, microbatches, every=1, calls=1, **options):
-    return build_schedule(ScheduleConfig("async", ranks=stages, microbatches=microbatches, update_every=every,
-                                         **options), calls=calls)
+    return build_schedule(
+        ScheduleConfig("async", ranks=stages, microbatches=microbatches, update_every=every, **options), calls=calls
+    )
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
@@ -41,8 +42,11 @@ def test_forward_and_backward_of_a_sub_minibatch_are_two_ticks_per_later_stage_a
         forwards = [action.microbatch for action in program if action.kind is Kind.F]
         delay = 2 * (stages - 1 - rank)
         for microbatch in range(microbatches - delay):
-            between = program[program.index((rank, Kind.F, microbatch, None, None)):
-                              program.index((rank, Kind.B, microbatch, None, None))]
+            between = program[
+                program.index((rank, Kind.F, microbatch, None, None)) : program.index(
+                    (rank, Kind.B, microbatch, None, None)
+                )
+            ]
             assert sum(action.kind is Kind.F for action in between) - 1 == delay, (rank, microbatch)
         assert forwards == list(range(microbatches))
 
@@ -59,7 +63,9 @@ def test_each_stage_steps_after_every_k_of_its_backwards_without_waiting_for_the
         assert sum(action.kind is Kind.STEP for action in program) == 16 // every
 
 
-@pytest.mark.parametrize("cost", [CostModel(forward_time=1, backward_time=1), CostModel(forward_time=1, backward_time=2)])
+@pytest.mark.parametrize(
+    "cost", [CostModel(forward_time=1, backward_time=1), CostModel(forward_time=1, backward_time=2)]
+)
 def test_the_steady_state_has_no_bubble(cost):
     result = simulate(_schedule(4, 64), cost)
     assert result.steady_bubble is not None and result.steady_bubble < 0.05
@@ -96,13 +102,19 @@ def test_with_data_parallelism_each_update_reduces_first():
     assert all(program[index - 1].kind is Kind.REDUCE and program[index + 1].kind is Kind.GATHER for index in steps)
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(schedule="1f1b", update_every=2), "update_every=2: only the async schedule takes it"),
-    (dict(schedule="async", microbatches=6, update_every=4), "microbatches=6: async needs a multiple of update_every"),
-    (dict(schedule="async", data_parallel=2, zero=3), "zero=3: async updates each stage on its own"),
-    (dict(schedule="async", stages_per_rank=2), "stages_per_rank=2: async places one stage per rank"),
-    (dict(schedule="async", update_every=0), "update_every=0: must be a whole number of at least 1"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(schedule="1f1b", update_every=2), "update_every=2: only the async schedule takes it"),
+        (
+            dict(schedule="async", microbatches=6, update_every=4),
+            "microbatches=6: async needs a multiple of update_every",
+        ),
+        (dict(schedule="async", data_parallel=2, zero=3), "zero=3: async updates each stage on its own"),
+        (dict(schedule="async", stages_per_rank=2), "stages_per_rank=2: async places one stage per rank"),
+        (dict(schedule="async", update_every=0), "update_every=0: must be a whole number of at least 1"),
+    ],
+)
 def test_bad_async_options_are_refused_in_one_line(options, message):
     with pytest.raises(ConfigError) as caught:
         build_schedule(ScheduleConfig(**{"ranks": 2, "microbatches": 8, **options}))
@@ -123,6 +135,5 @@ def test_the_slices_a_runtime_runs_call_by_call_make_up_the_whole_stream(ranks, 
 def test_a_stream_restarted_after_a_flush_has_no_backward_of_the_earlier_stream():
     schedule = build_schedule(ScheduleConfig("async", ranks=3, microbatches=4))
     restarted = stream_programs(schedule, 8, 8, 4, drain=False)
-    assert all(action.microbatch >= 8 for program in restarted for action in program
-               if action.microbatch is not None)
+    assert all(action.microbatch >= 8 for program in restarted for action in program if action.microbatch is not None)
     assert [str(a) for a in restarted[0] if a.kind.name in ("F", "B")] == ["0F8", "0F9", "0F10", "0F11"]

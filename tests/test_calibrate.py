@@ -11,15 +11,31 @@ import pytest
 from layerpipe.cli import main as layerpipe_main
 from layerpipe.sim.cost_file import read_cost_file
 
-SMALL = ["--width", "32", "--heads", "2", "--blocks", "2", "--block-size", "32", "--batch-size", "16",
-         "--microbatches", "4"]
+SMALL = [
+    "--width",
+    "32",
+    "--heads",
+    "2",
+    "--blocks",
+    "2",
+    "--block-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--microbatches",
+    "4",
+]
 
 
 @pytest.mark.multiprocess
 def test_calibrate_writes_a_cost_file_that_simulate_reads(tmp_path, capsys):
     path = tmp_path / "cost.toml"
-    done = subprocess.run([sys.executable, "-m", "layerpipe", "calibrate", *SMALL, "--steps", "3", "--cost-file",
-                           str(path)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "layerpipe", "calibrate", *SMALL, "--steps", "3", "--cost-file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"wrote {path}: layerpipe simulate --cost-file {path}" in done.stdout
     cost = read_cost_file(str(path))
@@ -31,17 +47,40 @@ def test_calibrate_writes_a_cost_file_that_simulate_reads(tmp_path, capsys):
     assert about["alone_sizes"] == [1, 2, 4, 8, 16] and all(time > 0 for time in about["alone_forward"])
     assert about["alone_forward"][-1] > about["alone_forward"][0]  # 16 sequences take longer than one
     assert about["split_backward"] >= 1 and about["contention"] >= 1
-    assert layerpipe_main(["simulate", "--ranks", "2", "--stages-per-rank", "2", "--microbatches", "4",
-                           "--cost-file", str(path)]) == 0
+    assert (
+        layerpipe_main(
+            ["simulate", "--ranks", "2", "--stages-per-rank", "2", "--microbatches", "4", "--cost-file", str(path)]
+        )
+        == 0
+    )
     assert "step time" in capsys.readouterr().out
 
 
 @pytest.mark.multiprocess
 def test_calibrate_measures_a_layout_whose_first_process_holds_only_the_token_stage(tmp_path):
     path = tmp_path / "cost.toml"
-    done = subprocess.run([sys.executable, "-m", "layerpipe", "calibrate", *SMALL, "--schedule", "gpipe",
-                           "--stages-per-rank", "1", "--steps", "2", "--timeout", "60", "--cost-file", str(path)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "layerpipe",
+            "calibrate",
+            *SMALL,
+            "--schedule",
+            "gpipe",
+            "--stages-per-rank",
+            "1",
+            "--steps",
+            "2",
+            "--timeout",
+            "60",
+            "--cost-file",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     with open(path, "rb") as handle:
         about = tomllib.load(handle)["about"]
@@ -49,19 +88,42 @@ def test_calibrate_measures_a_layout_whose_first_process_holds_only_the_token_st
 
 
 def test_a_cost_file_in_a_missing_folder_is_refused_before_any_process_starts(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "layerpipe", "calibrate", "--cost-file",
-                           str(tmp_path / "no" / "cost.toml")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "layerpipe", "calibrate", "--cost-file", str(tmp_path / "no" / "cost.toml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"layerpipe calibrate: error: --cost-file {tmp_path / 'no' / 'cost.toml'}: the folder {tmp_path / 'no'} "
-        f"does not exist"]
+        f"does not exist"
+    ]
 
 
 @pytest.mark.multiprocess
 def test_calibrate_measures_a_zero_three_layout_whose_weights_are_released_between_steps(tmp_path):
     path = tmp_path / "cost.toml"
-    done = subprocess.run([sys.executable, "-m", "layerpipe", "calibrate", *SMALL, "--data-parallel", "2", "--zero",
-                           "3", "--steps", "3", "--cost-file", str(path)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "layerpipe",
+            "calibrate",
+            *SMALL,
+            "--data-parallel",
+            "2",
+            "--zero",
+            "3",
+            "--steps",
+            "3",
+            "--cost-file",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     cost = read_cost_file(str(path))
     assert cost.send_time > 0 and cost.receive_time > 0 and cost.data_parallel_latency > 0

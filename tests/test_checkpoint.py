@@ -14,13 +14,12 @@ import shutil
 
 import pytest
 import torch
+from runtime_models import batch, mlp_layers
 from torch import nn
 
 import layerpipe
 from layerpipe.checkpoint_files import CheckpointError, verify_checkpoint
 from layerpipe.runtime.checkpoint import load_checkpoint, load_weights, save_checkpoint
-
-from runtime_models import batch, mlp_layers
 
 STEPS_BEFORE, STEPS_AFTER = 3, 2
 
@@ -30,8 +29,15 @@ def adamw(parameters):
 
 
 def pipeline(options: dict) -> layerpipe.Pipeline:
-    return layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, schedule="breadth-first", microbatches=4,
-                              optimizer=adamw, timeout=60, **options)
+    return layerpipe.Pipeline(
+        mlp_layers(),
+        nn.functional.mse_loss,
+        schedule="breadth-first",
+        microbatches=4,
+        optimizer=adamw,
+        timeout=60,
+        **options,
+    )
 
 
 def train_save_continue(folder: str, options: dict) -> tuple[list[float], dict]:
@@ -93,13 +99,16 @@ def test_the_weights_load_in_one_process_without_a_process_group(saved):
     model.load_state_dict(weights)  # every name and shape fits the layers
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate", "bytes, the manifest says"),
-    ("alter", "its SHA-256 differs from the manifest's (altered)"),
-    ("no-manifest", "no manifest.json, so it is incomplete"),
-    ("foreign", "format 'someone-else/9', expected 'layerpipe-checkpoint/1'"),
-    ("missing-file", ": missing"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "bytes, the manifest says"),
+        ("alter", "its SHA-256 differs from the manifest's (altered)"),
+        ("no-manifest", "no manifest.json, so it is incomplete"),
+        ("foreign", "format 'someone-else/9', expected 'layerpipe-checkpoint/1'"),
+        ("missing-file", ": missing"),
+    ],
+)
 def test_a_damaged_checkpoint_is_refused_in_one_line_naming_the_file(saved, tmp_path, damage, message):
     folder = str(tmp_path / "step-3")
     shutil.copytree(saved[0], folder)
@@ -140,8 +149,9 @@ class Trap:
 
 
 def load_into_one_process(folder: str) -> str:
-    pipe = layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, schedule="gpipe", microbatches=4,
-                              optimizer=adamw, timeout=60)
+    pipe = layerpipe.Pipeline(
+        mlp_layers(), nn.functional.mse_loss, schedule="gpipe", microbatches=4, optimizer=adamw, timeout=60
+    )
     try:
         load_checkpoint(pipe, folder)
     except CheckpointError as error:

@@ -35,30 +35,36 @@ def test_simulate_writes_plot_and_trace(tmp_path, capsys):
 
 
 def test_compare_prints_a_row_per_schedule(tmp_path, capsys):
-    assert main(["compare", "-p", "2", "-m", "4", "--schedules", "gpipe,breadth-first", "--plot", str(tmp_path / "c.png")]) == 0
+    assert (
+        main(["compare", "-p", "2", "-m", "4", "--schedules", "gpipe,breadth-first", "--plot", str(tmp_path / "c.png")])
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     assert out[1].startswith("gpipe") and out[2].startswith("breadth-first")
 
 
-@pytest.mark.parametrize("arguments,option", [
-    (["schedule", "--schedule", "gpipe", "--stages-per-rank", "2"], "--stages-per-rank 2"),
-    (["schedule", "--schedule", "grouped", "-p", "4", "-m", "8", "--group-size", "9"], "--group-size 9"),
-    (["schedule", "--schedule", "grouped", "-p", "4", "-m", "8"], "--group-size"),
-    (["simulate", "--microbatches", "0"], "--microbatches"),
-    (["simulate", "--ranks", "-1"], "--ranks"),
-    (["simulate", "--schedule", "nope"], "--schedule"),
-    (["simulate", "--recompute", "9"], "--recompute 9"),
-    (["simulate", "--p2p-bandwidth", "0"], "--p2p-bandwidth 0"),
-    (["simulate", "--data-parallel-bandwidth", "0"], "--data-parallel-bandwidth 0"),
-    (["simulate", "--forward-time", "inf"], "--forward-time inf"),
-    (["simulate", "--zero", "3"], "--zero 3: shards over data-parallel replicas"),
-    (["schedule", "--zero", "3"], "--zero 3"),
-    (["compare", "--schedules", "grouped"], "--schedules grouped: grouped needs --group-size"),
-    (["simulate", "--plot", "/nonexistent-folder/t.png"], "--plot /nonexistent-folder/t.png: the folder"),
-    (["simulate", "--plot", "t.bmpx"], "--plot t.bmpx: must end in one of"),
-    (["simulate", "--trace", "/nonexistent-folder/t.json"], "--trace /nonexistent-folder/t.json"),
-    (["simulate", "--forward-time", "x"], "--forward-time"),
-])
+@pytest.mark.parametrize(
+    "arguments,option",
+    [
+        (["schedule", "--schedule", "gpipe", "--stages-per-rank", "2"], "--stages-per-rank 2"),
+        (["schedule", "--schedule", "grouped", "-p", "4", "-m", "8", "--group-size", "9"], "--group-size 9"),
+        (["schedule", "--schedule", "grouped", "-p", "4", "-m", "8"], "--group-size"),
+        (["simulate", "--microbatches", "0"], "--microbatches"),
+        (["simulate", "--ranks", "-1"], "--ranks"),
+        (["simulate", "--schedule", "nope"], "--schedule"),
+        (["simulate", "--recompute", "9"], "--recompute 9"),
+        (["simulate", "--p2p-bandwidth", "0"], "--p2p-bandwidth 0"),
+        (["simulate", "--data-parallel-bandwidth", "0"], "--data-parallel-bandwidth 0"),
+        (["simulate", "--forward-time", "inf"], "--forward-time inf"),
+        (["simulate", "--zero", "3"], "--zero 3: shards over data-parallel replicas"),
+        (["schedule", "--zero", "3"], "--zero 3"),
+        (["compare", "--schedules", "grouped"], "--schedules grouped: grouped needs --group-size"),
+        (["simulate", "--plot", "/nonexistent-folder/t.png"], "--plot /nonexistent-folder/t.png: the folder"),
+        (["simulate", "--plot", "t.bmpx"], "--plot t.bmpx: must end in one of"),
+        (["simulate", "--trace", "/nonexistent-folder/t.json"], "--trace /nonexistent-folder/t.json"),
+        (["simulate", "--forward-time", "x"], "--forward-time"),
+    ],
+)
 def test_bad_input_is_one_line_naming_the_option(arguments, option):
     run = subprocess.run([sys.executable, "-m", "layerpipe.cli", *arguments], capture_output=True, text=True)
     assert run.returncode == 2
@@ -94,11 +100,14 @@ def test_help_shows_each_default_once_and_none_empty():
     assert text.count("(default: 8)") == 1  # --microbatches, once
 
 
-@pytest.mark.parametrize("arguments, text", [
-    (["simulate", "--forward-time", "1,1,2,2"], "--forward-time 1.0,1.0,2.0,2.0: 4 values for 8 stages"),
-    (["compare", "--ranks", "2", "--forward-time", "1,1,2,2"], "compare runs schedules with different numbers"),
-    (["simulate", "--calls", "0"], "--calls 0: must be a whole number of at least 1"),
-])
+@pytest.mark.parametrize(
+    "arguments, text",
+    [
+        (["simulate", "--forward-time", "1,1,2,2"], "--forward-time 1.0,1.0,2.0,2.0: 4 values for 8 stages"),
+        (["compare", "--ranks", "2", "--forward-time", "1,1,2,2"], "compare runs schedules with different numbers"),
+        (["simulate", "--calls", "0"], "--calls 0: must be a whole number of at least 1"),
+    ],
+)
 def test_per_stage_costs_and_calls_are_checked_in_one_line(arguments, text, capsys):
     assert main(arguments) == 2
     error = capsys.readouterr().err.strip().splitlines()
@@ -117,8 +126,9 @@ def test_compare_by_default_runs_the_schedules_the_options_allow(capsys):
 
 
 def test_a_reader_that_stops_early_is_no_error():
-    run = subprocess.run(f"{sys.executable} -m layerpipe simulate -p 16 -v 4 -m 64 | head -1", shell=True,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        f"{sys.executable} -m layerpipe simulate -p 16 -v 4 -m 64 | head -1", shell=True, capture_output=True, text=True
+    )
     assert run.stdout.startswith("breadth-first") and "Traceback" not in run.stderr
 
 

@@ -12,20 +12,34 @@ from __future__ import annotations
 
 import pytest
 import torch.distributed as dist
+from runtime_models import batch, mlp_layers
 from torch import nn
 
 import layerpipe
 from layerpipe.schedule.actions import Kind
 
-from runtime_models import batch, mlp_layers
-
-COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor",
-               "reduce_scatter", "all_reduce")
+COLLECTIVES = (
+    "all_gather_single",
+    "all_gather_into_tensor",
+    "reduce_scatter_single",
+    "reduce_scatter_tensor",
+    "reduce_scatter",
+    "all_reduce",
+)
 
 
 def _counted_step(schedule: str, microbatches: int, weight_buffers: int | None) -> dict:
-    pipe = layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, schedule=schedule, microbatches=microbatches,
-                              stages_per_rank=2, data_parallel=2, zero=3, weight_buffers=weight_buffers, timeout=60)
+    pipe = layerpipe.Pipeline(
+        mlp_layers(),
+        nn.functional.mse_loss,
+        schedule=schedule,
+        microbatches=microbatches,
+        stages_per_rank=2,
+        data_parallel=2,
+        zero=3,
+        weight_buffers=weight_buffers,
+        timeout=60,
+    )
     inputs, targets = batch(2 * microbatches)
     pipe.train_step(inputs, targets)  # the first step also agrees on shapes, which gathers every stage once
     counts = dict.fromkeys(COLLECTIVES, 0)
@@ -36,6 +50,7 @@ def _counted_step(schedule: str, microbatches: int, weight_buffers: int | None) 
             if kwargs.get("group") is pipe.groups.data:
                 counts[name] += 1
             return originals[name](*args, **kwargs)
+
         return collective
 
     for name in originals:
@@ -69,4 +84,6 @@ def test_breadth_first_at_zero3_gathers_and_reduce_scatters_each_stage_once_per_
 def test_a_depth_first_order_gathers_again_at_every_switch_as_its_program_says():
     for process, counts in enumerate(layerpipe.launch(_counted_step, 4, ("interleaved", 8, 1))):
         assert counts["gathers"] == counts["program_gathers"] > counts["stages"], f"process {process}: {counts}"
-        assert counts["reduce_scatters"] == counts["program_reduces"] == counts["stages"], f"process {process}: {counts}"
+        assert counts["reduce_scatters"] == counts["program_reduces"] == counts["stages"], (
+            f"process {process}: {counts}"
+        )

@@ -24,12 +24,22 @@ def _case(stride, kernel, seed):
     padding = tuple(chooser.randint(0, (k - 1) * d) for k, d in zip(kernels, dilation))
     output_padding = tuple(chooser.randint(0, max(s, d) - 1) for s, d in zip(strides, dilation))
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(chooser.choice([1, 2]), 2 * groups, chooser.randint(1, 6), chooser.randint(1, 6),
-                         dtype=torch.float64, generator=generator)
+    inputs = torch.randn(
+        chooser.choice([1, 2]),
+        2 * groups,
+        chooser.randint(1, 6),
+        chooser.randint(1, 6),
+        dtype=torch.float64,
+        generator=generator,
+    )
     weight = torch.randn(2 * groups, chooser.randint(1, 2), *kernels, dtype=torch.float64, generator=generator)
     bias = torch.randn(weight.shape[1] * groups, dtype=torch.float64, generator=generator)
-    return inputs, weight, bias, dict(stride=strides, padding=padding, output_padding=output_padding, groups=groups,
-                                      dilation=dilation)
+    return (
+        inputs,
+        weight,
+        bias,
+        dict(stride=strides, padding=padding, output_padding=output_padding, groups=groups, dilation=dilation),
+    )
 
 
 def _values_and_gradients(function, inputs, weight, bias, arguments, grad_seed=0):
@@ -60,11 +70,16 @@ def test_conv_transpose2d_equals_pytorchs_values_and_gradients(stride, kernel):
     assert checked >= 6
 
 
-@pytest.mark.parametrize("arguments", [
-    dict(stride=2, padding=1), dict(stride=(3, 2), padding=(0, 1), output_padding=(2, 1)),
-    dict(stride=1, dilation=2, output_padding=1), dict(stride=2, dilation=(1, 2), groups=2),
-    dict(stride=4, padding=2, output_padding=3),
-])
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        dict(stride=2, padding=1),
+        dict(stride=(3, 2), padding=(0, 1), output_padding=(2, 1)),
+        dict(stride=1, dilation=2, output_padding=1),
+        dict(stride=2, dilation=(1, 2), groups=2),
+        dict(stride=4, padding=2, output_padding=3),
+    ],
+)
 def test_conv_transpose2d_passes_gradcheck(arguments):
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(1, 4, 3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -73,8 +88,10 @@ def test_conv_transpose2d_passes_gradcheck(arguments):
     assert torch.autograd.gradcheck(lambda x, w, b: conv_transpose2d(x, w, b, **arguments), (inputs, weight, bias))
 
 
-@pytest.mark.parametrize("stride, kernel, dilation, padding, output_padding", [
-    (1, 1, 1, 0, 0), (2, 3, 1, 1, 1), (3, 7, 2, 4, 2), (4, 2, 1, 0, 3), (2, 5, 2, 3, 1), (1, 4, 2, 2, 1)])
+@pytest.mark.parametrize(
+    "stride, kernel, dilation, padding, output_padding",
+    [(1, 1, 1, 0, 0), (2, 3, 1, 1, 1), (3, 7, 2, 4, 2), (4, 2, 1, 0, 3), (2, 5, 2, 3, 1), (1, 4, 2, 2, 1)],
+)
 def test_conv_transpose1d_equals_pytorchs_values_and_gradients(stride, kernel, dilation, padding, output_padding):
     generator = torch.Generator().manual_seed(stride * kernel)
     inputs = torch.randn(2, 4, 9, dtype=torch.float64, generator=generator)
@@ -95,14 +112,25 @@ def test_an_unbatched_input_gives_an_unbatched_output():
 
 
 REFUSED = [
-    dict(output_padding=2, stride=2), dict(stride=0), dict(padding=-1), dict(dilation=0), dict(groups=3),
-    dict(groups=0), dict(padding=9), dict(stride=(1, 2, 3)), dict(stride=1.5), dict(bias=torch.zeros(5)),
-    dict(inputs=torch.randn(4, 5)), dict(inputs=torch.randn(1, 3, 5, 5)), dict(weight=torch.randn(4, 2, 3)),
+    dict(output_padding=2, stride=2),
+    dict(stride=0),
+    dict(padding=-1),
+    dict(dilation=0),
+    dict(groups=3),
+    dict(groups=0),
+    dict(padding=9),
+    dict(stride=(1, 2, 3)),
+    dict(stride=1.5),
+    dict(bias=torch.zeros(5)),
+    dict(inputs=torch.randn(4, 5)),
+    dict(inputs=torch.randn(1, 3, 5, 5)),
+    dict(weight=torch.randn(4, 2, 3)),
 ]
 
 
-@pytest.mark.parametrize("arguments", REFUSED, ids=[", ".join(sorted(case)) + f"-{index}"
-                                                    for index, case in enumerate(REFUSED)])
+@pytest.mark.parametrize(
+    "arguments", REFUSED, ids=[", ".join(sorted(case)) + f"-{index}" for index, case in enumerate(REFUSED)]
+)
 def test_every_refused_combination_gives_pytorchs_own_error_class_in_one_line(arguments):
     arguments = dict(arguments)
     inputs = arguments.pop("inputs", torch.randn(1, 4, 5, 5))
@@ -132,12 +160,19 @@ def test_the_modules_are_drop_in_replacements_with_output_size():
 def test_the_phases_multiply_a_stride_squared_fraction_of_what_zero_insertion_does(stride, kernel):
     """With the kernel a multiple of the stride, each phase has kernel/stride taps: exactly 1/stride² of the work."""
     counts = multiply_counts((1, 8, 16, 16), (8, 8, kernel, kernel), stride, padding=kernel // 2)
-    assert counts["phases"] * stride ** 2 == counts["zero_insertion"]
+    assert counts["phases"] * stride**2 == counts["zero_insertion"]
     assert counts["useful"] <= counts["phases"]
 
 
-@pytest.mark.parametrize("shape, arguments", [((1, 4, 0, 5), {}), ((0, 4, 5, 5), dict(stride=2, output_padding=3)),
-                                              ((0, 4, 2, 2), dict(padding=9)), ((2, 0, 3, 3), {})])
+@pytest.mark.parametrize(
+    "shape, arguments",
+    [
+        ((1, 4, 0, 5), {}),
+        ((0, 4, 5, 5), dict(stride=2, output_padding=3)),
+        ((0, 4, 2, 2), dict(padding=9)),
+        ((2, 0, 3, 3), {}),
+    ],
+)
 def test_empty_inputs_get_pytorchs_own_answer(shape, arguments):
     inputs, weight = torch.randn(shape), torch.randn(shape[1], 2, 3, 3)
     try:

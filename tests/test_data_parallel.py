@@ -15,13 +15,11 @@ import itertools
 
 import pytest
 import torch
+from runtime_models import batch, mlp_layers, reference_loss, reference_run, relative_error
 from torch import nn
 
 import layerpipe
-
 from layerpipe.schedule.actions import Kind
-
-from runtime_models import batch, mlp_layers, reference_loss, reference_run, relative_error
 
 STEPS = 3
 TOLERANCE = 1e-10
@@ -39,12 +37,17 @@ def pipeline_options(schedule: str, pipeline: int) -> dict:
     """Return the schedule options used for ``schedule`` on ``pipeline`` ranks: ``m = 2p``, ``v = 2`` when looping."""
     microbatches = 2 * pipeline
     looping = schedule not in ("gpipe", "1f1b")
-    return {"schedule": schedule, "microbatches": microbatches, "stages_per_rank": 2 if looping else 1,
-            "group_size": pipeline + 1 if schedule == "grouped" else None}
+    return {
+        "schedule": schedule,
+        "microbatches": microbatches,
+        "stages_per_rank": 2 if looping else 1,
+        "group_size": pipeline + 1 if schedule == "grouped" else None,
+    }
 
 
-def run_configurations(pipeline: int, data: int, cases: list[tuple], placement: str = "auto",
-                       extra: dict | None = None) -> list[tuple]:
+def run_configurations(
+    pipeline: int, data: int, cases: list[tuple], placement: str = "auto", extra: dict | None = None
+) -> list[tuple]:
     """Worker: train every case for ``STEPS`` steps, then evaluate; return the largest relative errors per case.
 
     Also returns whether the evaluation ran ``GATHER`` actions (from its program, at ZeRO-3).
@@ -55,9 +58,17 @@ def run_configurations(pipeline: int, data: int, cases: list[tuple], placement: 
         samples = options["microbatches"] * data * 2
         layers = mlp_layers()
         expected_losses, expected_grads, expected_params = reference_run(layers, STEPS, samples)
-        pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, data_parallel=data, zero=zero, recompute=recompute,
-                                  reduce_portions=portions, **options,
-                                  optimizer=lambda params: torch.optim.AdamW(params, lr=0.05), timeout=60)
+        pipe = layerpipe.Pipeline(
+            layers,
+            nn.functional.mse_loss,
+            data_parallel=data,
+            zero=zero,
+            recompute=recompute,
+            reduce_portions=portions,
+            **options,
+            optimizer=lambda params: torch.optim.AdamW(params, lr=0.05),
+            timeout=60,
+        )
         loss_error = grad_error = 0.0
         for step in range(STEPS):
             inputs, targets = batch(samples, seed=step + 1)
@@ -77,11 +88,20 @@ def run_configurations(pipeline: int, data: int, cases: list[tuple], placement: 
         eval_error = abs(pipe.eval_step(inputs, targets) - expected_eval) / expected_eval
         eval_gathers = any(event[2].kind is Kind.GATHER for event in pipe.last_result.events)
         state = pipe.gathered_state_dict()
-        param_error = max((relative_error(state[name], expected_params[name]) for name, _ in
-                           pipe.named_parameters()), default=0.0)
+        param_error = max(
+            (relative_error(state[name], expected_params[name]) for name, _ in pipe.named_parameters()), default=0.0
+        )
         names = sorted(state)
-        results.append(((schedule, zero, recompute, portions), max(loss_error, eval_error), grad_error, param_error,
-                        names, eval_gathers))
+        results.append(
+            (
+                (schedule, zero, recompute, portions),
+                max(loss_error, eval_error),
+                grad_error,
+                param_error,
+                names,
+                eval_gathers,
+            )
+        )
     return results
 
 
@@ -98,8 +118,12 @@ def check_results(pipeline: int, data: int, cases: list[tuple], per_process: lis
             assert names == expected_names, f"{case}: every parameter lives on exactly one rank of each replica"
         for process, (_, loss_error, grad_error, param_error, _, eval_gathers) in enumerate(rows):
             assert loss_error <= TOLERANCE, f"{pipeline}x{data} {case} process {process}: loss error {loss_error:.2e}"
-            assert grad_error <= TOLERANCE, f"{pipeline}x{data} {case} process {process}: gradient error {grad_error:.2e}"
-            assert param_error <= TOLERANCE, f"{pipeline}x{data} {case} process {process}: parameter error {param_error:.2e}"
+            assert grad_error <= TOLERANCE, (
+                f"{pipeline}x{data} {case} process {process}: gradient error {grad_error:.2e}"
+            )
+            assert param_error <= TOLERANCE, (
+                f"{pipeline}x{data} {case} process {process}: parameter error {param_error:.2e}"
+            )
             sharded = case[1] == 3 and data > 1
             assert eval_gathers == sharded, f"{case}: evaluation gathers weights from its program exactly at ZeRO-3"
 
@@ -132,8 +156,12 @@ def test_early_optimizer_steps_match_the_reference_at_every_zero_level():
 @pytest.mark.multiprocess
 def test_reduces_after_the_flush_match_the_reference_at_every_zero_level():
     """Megatron-LM's order: every stage's reduce once the rank's backward is over (whole and in portions)."""
-    cases = list(itertools.product(("1f1b", "interleaved", "breadth-first", "zero-bubble"), (0, 1, 2, 3),
-                                   ("none", "full"), (1, 3)))
-    per_process = layerpipe.launch(run_configurations, 4, (2, 2, cases, "auto", {"reduce_order": "after-flush"}),
-                                   timeout=600)
+    cases = list(
+        itertools.product(
+            ("1f1b", "interleaved", "breadth-first", "zero-bubble"), (0, 1, 2, 3), ("none", "full"), (1, 3)
+        )
+    )
+    per_process = layerpipe.launch(
+        run_configurations, 4, (2, 2, cases, "auto", {"reduce_order": "after-flush"}), timeout=600
+    )
     check_results(2, 2, cases, per_process)

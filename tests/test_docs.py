@@ -21,8 +21,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-QUICK_TRAIN = ["--steps", "3", "--batch-size", "8", "--block-size", "16", "--width", "32", "--blocks", "2",
-               "--sample-length", "20"]
+QUICK_TRAIN = [
+    "--steps",
+    "3",
+    "--batch-size",
+    "8",
+    "--block-size",
+    "16",
+    "--width",
+    "32",
+    "--blocks",
+    "2",
+    "--sample-length",
+    "20",
+]
 
 
 def console_commands(page: Path) -> list[tuple[str, list[str]]]:
@@ -54,8 +66,9 @@ CASES = [(page, command, output) for page in PAGES for command, output in consol
 def _run(command: str, extra: list[str] = (), cwd: Path | None = None) -> str:
     words = command.split()
     assert words[0] == "layerpipe", f"console blocks run the layerpipe command only: {command}"
-    run = subprocess.run([sys.executable, "-m", "layerpipe", *words[1:], *extra], capture_output=True, text=True,
-                         cwd=cwd, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "layerpipe", *words[1:], *extra], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
     assert run.returncode == 0, f"{command} failed:\n{run.stderr}"
     return run.stdout
 
@@ -69,15 +82,21 @@ def test_the_pages_have_console_blocks():
     assert any(command.startswith("layerpipe schedule") for _, command, _ in CASES)
 
 
-@pytest.mark.parametrize("page, command, shown", [case for case in CASES if not case[1].startswith("layerpipe train")],
-                         ids=lambda value: value.name if isinstance(value, Path) else None)
+@pytest.mark.parametrize(
+    "page, command, shown",
+    [case for case in CASES if not case[1].startswith("layerpipe train")],
+    ids=lambda value: value.name if isinstance(value, Path) else None,
+)
 def test_a_console_block_prints_what_the_page_shows(page, command, shown, tmp_path):
     assert _run(command, cwd=tmp_path).splitlines() == shown, f"{page.name}: {command}"
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("page, command, shown", [case for case in CASES if case[1].startswith("layerpipe train")],
-                         ids=lambda value: value.name if isinstance(value, Path) else None)
+@pytest.mark.parametrize(
+    "page, command, shown",
+    [case for case in CASES if case[1].startswith("layerpipe train")],
+    ids=lambda value: value.name if isinstance(value, Path) else None,
+)
 def test_a_train_console_block_has_the_shape_of_what_train_prints(page, command, shown, tmp_path):
     printed = {_shape(line) for line in _run(command, QUICK_TRAIN, cwd=tmp_path).splitlines()}
     for line in shown:

@@ -39,8 +39,10 @@ def gated_layers(exit_after: int) -> list[nn.Module]:
 
 def data():
     generator = torch.Generator().manual_seed(3)
-    return (torch.randn(8, WIDTH, dtype=torch.float64, generator=generator),
-            torch.randn(8, WIDTH, dtype=torch.float64, generator=generator))
+    return (
+        torch.randn(8, WIDTH, dtype=torch.float64, generator=generator),
+        torch.randn(8, WIDTH, dtype=torch.float64, generator=generator),
+    )
 
 
 def reference(exit_after: int):
@@ -50,28 +52,35 @@ def reference(exit_after: int):
     inputs, targets = data()
     losses = []
     for x, y in zip(inputs.chunk(MICROBATCHES), targets.chunk(MICROBATCHES)):
-        for block in blocks[:exit_after + 1]:
+        for block in blocks[: exit_after + 1]:
             x = block(x)
         losses.append(nn.functional.mse_loss(x, y))
     (sum(losses) / MICROBATCHES).backward()
-    gradients = {f"{index + 1}.block.linear.{name}": torch.zeros_like(p) if p.grad is None else p.grad
-                 for index, block in enumerate(blocks) for name, p in block.linear.named_parameters()}
+    gradients = {
+        f"{index + 1}.block.linear.{name}": torch.zeros_like(p) if p.grad is None else p.grad
+        for index, block in enumerate(blocks)
+        for name, p in block.linear.named_parameters()
+    }
     return float(sum(losses).detach() / MICROBATCHES), gradients
 
 
 def train_twice(exit_after: int):
     """Worker: two steps (the first also agrees shapes); return the loss, gradients and calls of the second."""
     layers = gated_layers(exit_after)
-    pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, schedule="gpipe", microbatches=MICROBATCHES,
-                              partition=[0, 3], timeout=60)
+    pipe = layerpipe.Pipeline(
+        layers, nn.functional.mse_loss, schedule="gpipe", microbatches=MICROBATCHES, partition=[0, 3], timeout=60
+    )
     pipe.train_step(*data())
     for layer in layers[1:-1]:
         layer.block.calls = 0
     for parameter in pipe.parameters():
         parameter.grad.zero_()
     loss = pipe.train_step(*data())
-    calls = {index: layer.block.calls for index, layer in enumerate(layers[1:-1])
-             if any(layer is mine for stage in pipe.stages.values() for mine in stage.layers)}
+    calls = {
+        index: layer.block.calls
+        for index, layer in enumerate(layers[1:-1])
+        if any(layer is mine for stage in pipe.stages.values() for mine in stage.layers)
+    }
     return loss, {name: p.grad.clone() for name, p in pipe.named_parameters()}, calls
 
 

@@ -27,8 +27,9 @@ WIDTH, SAMPLES = 5, 4
 
 def stages_of(count: int, seed: int = 0) -> list[nn.Module]:
     torch.manual_seed(seed)
-    return [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()).double() for _ in range(count - 1)] + \
-        [nn.Linear(WIDTH, 2).double()]
+    return [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()).double() for _ in range(count - 1)] + [
+        nn.Linear(WIDTH, 2).double()
+    ]
 
 
 def data(microbatches: int, seed: int = 1):
@@ -93,8 +94,9 @@ def test_each_stage_sees_its_delay_and_the_policy_decides_the_backward_weights(s
             assert record.backward_version == record.forward_version
         assert record.update_version > record.forward_version
     if stages > 1 and policy != "live":
-        assert any(record.update_version - record.forward_version > 1 for record in pipe.records), \
+        assert any(record.update_version - record.forward_version > 1 for record in pipe.records), (
             "with delays, some gradients reach an update made after their forward's"
+        )
 
 
 @pytest.mark.parametrize("every", [1, 2, 4])
@@ -111,11 +113,14 @@ def test_double_buffered_never_needs_more_than_two_versions():
     assert max(pipe.weight_versions().values()) <= 2
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (dict(update_every=0), "update_every=0: must be a whole number of at least 1"),
-    (dict(weight_policy="newest"), "weight_policy='newest': choose one of stashed, double-buffered, live"),
-    (dict(update_every=2, weight_policy="double-buffered"), "update_every=2: double-buffered weights hold two"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(update_every=0), "update_every=0: must be a whole number of at least 1"),
+        (dict(weight_policy="newest"), "weight_policy='newest': choose one of stashed, double-buffered, live"),
+        (dict(update_every=2, weight_policy="double-buffered"), "update_every=2: double-buffered weights hold two"),
+    ],
+)
 def test_bad_options_are_refused_in_one_line(arguments, message):
     with pytest.raises(ConfigError) as caught:
         PipelinedBackprop(stages_of(3), nn.functional.mse_loss, optimizer, **arguments)
@@ -126,7 +131,7 @@ def test_the_delay_aware_warm_up_starts_delayed_stages_slow_and_ends_at_the_full
     pipe = PipelinedBackprop(stages_of(4), nn.functional.mse_loss, optimizer, update_every=2, delay_warmup=10)
     assert [pipe.stale_updates(stage) for stage in range(4)] == [3, 2, 1, 0]
     assert pipe.learning_rate_factor(0, 0) == pytest.approx(1 / 3)
-    assert pipe.learning_rate_factor(0, 5) == pytest.approx(3 ** -0.5)
+    assert pipe.learning_rate_factor(0, 5) == pytest.approx(3**-0.5)
     assert pipe.learning_rate_factor(0, 10) == pipe.learning_rate_factor(0, 50) == 1.0
     assert pipe.learning_rate_factor(3, 0) == pipe.learning_rate_factor(2, 0) == 1.0
 
@@ -138,8 +143,9 @@ def test_the_warm_up_scales_the_first_update_of_a_delayed_stage_and_leaves_the_o
     for warmup in (0, 10):
         stages = stages_of(2)
         before = stages[0][0].weight.detach().clone()
-        pipe = PipelinedBackprop(stages, nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=0.1), 1,
-                                 delay_warmup=warmup)
+        pipe = PipelinedBackprop(
+            stages, nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=0.1), 1, delay_warmup=warmup
+        )
         pipe.train(inputs, targets)
         moved.append(stages[0][0].weight.detach() - before)
         assert pipe.stages[0].optimizer.param_groups[0]["lr"] == 0.1
@@ -147,7 +153,7 @@ def test_the_warm_up_scales_the_first_update_of_a_delayed_stage_and_leaves_the_o
 
 
 def test_without_warm_up_the_learning_rate_is_the_optimizers():
-    found, _, pipe = emulated(stages_of(3), *data(8), 2)
+    _, _, pipe = emulated(stages_of(3), *data(8), 2)
     assert all(stage.optimizer.param_groups[0]["lr"] == 0.05 for stage in pipe.stages)
     with pytest.raises(ConfigError, match="delay_warmup=-1: must be a whole number of updates"):
         PipelinedBackprop(stages_of(3), nn.functional.mse_loss, optimizer, delay_warmup=-1)

@@ -27,26 +27,69 @@ CASES = max(500, int(os.environ.get("FUZZ_CASES", "500")))
 
 SMALL_WHOLE = st.sampled_from(["-3", "-1", "0", "1", "2", "3", "4", "5", "8", "12"])
 NUMBER = st.sampled_from(["-1", "0", "0.5", "1", "2.5", "1e9", "inf", "nan", "x", ""])
-WORDS = st.sampled_from(["", "x", "none", "full", "selective", "none,full", "full,none", "stashed", "live",
-                         "double-buffered", "spike", "predict", "spike+predict", "priority", "bucketed", "after-flush", "early", "end",
-                         "looping", "vshape", "contiguous", "auto"])
-SCHEDULES = st.sampled_from(["gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble", "async",
-                             "bfs", ""])
+WORDS = st.sampled_from(
+    [
+        "",
+        "x",
+        "none",
+        "full",
+        "selective",
+        "none,full",
+        "full,none",
+        "stashed",
+        "live",
+        "double-buffered",
+        "spike",
+        "predict",
+        "spike+predict",
+        "priority",
+        "bucketed",
+        "after-flush",
+        "early",
+        "end",
+        "looping",
+        "vshape",
+        "contiguous",
+        "auto",
+    ]
+)
+SCHEDULES = st.sampled_from(
+    ["gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble", "async", "bfs", ""]
+)
 
 OPTIONS = {
-    "--schedule": SCHEDULES, "--ranks": SMALL_WHOLE, "--microbatches": SMALL_WHOLE,
-    "--stages-per-rank": SMALL_WHOLE, "--group-size": SMALL_WHOLE, "--placement": WORDS,
-    "--data-parallel": SMALL_WHOLE, "--zero": SMALL_WHOLE, "--reduce-portions": SMALL_WHOLE,
-    "--reduce-order": WORDS, "--weight-buffers": SMALL_WHOLE, "--update-every": SMALL_WHOLE,
-    "--weight-policy": WORDS, "--delay-correction": WORDS, "--delay-warmup": SMALL_WHOLE,
-    "--recompute": WORDS, "--step-placement": WORDS,
+    "--schedule": SCHEDULES,
+    "--ranks": SMALL_WHOLE,
+    "--microbatches": SMALL_WHOLE,
+    "--stages-per-rank": SMALL_WHOLE,
+    "--group-size": SMALL_WHOLE,
+    "--placement": WORDS,
+    "--data-parallel": SMALL_WHOLE,
+    "--zero": SMALL_WHOLE,
+    "--reduce-portions": SMALL_WHOLE,
+    "--reduce-order": WORDS,
+    "--weight-buffers": SMALL_WHOLE,
+    "--update-every": SMALL_WHOLE,
+    "--weight-policy": WORDS,
+    "--delay-correction": WORDS,
+    "--delay-warmup": SMALL_WHOLE,
+    "--recompute": WORDS,
+    "--step-placement": WORDS,
 }
 SIMULATE_ONLY = {
-    "--forward-time": NUMBER, "--backward-time": NUMBER, "--input-gradient-share": NUMBER,
-    "--p2p-latency": NUMBER, "--p2p-bandwidth": NUMBER, "--weight-bytes": NUMBER, "--calls": SMALL_WHOLE,
+    "--forward-time": NUMBER,
+    "--backward-time": NUMBER,
+    "--input-gradient-share": NUMBER,
+    "--p2p-latency": NUMBER,
+    "--p2p-bandwidth": NUMBER,
+    "--weight-bytes": NUMBER,
+    "--calls": SMALL_WHOLE,
 }
-FLAGS = {"schedule": ["--skip-nonfinite", "--lowered"], "simulate": ["--skip-nonfinite", "--no-overlap", "--json"],
-         "compare": ["--skip-nonfinite", "--no-overlap"]}
+FLAGS = {
+    "schedule": ["--skip-nonfinite", "--lowered"],
+    "simulate": ["--skip-nonfinite", "--no-overlap", "--json"],
+    "compare": ["--skip-nonfinite", "--no-overlap"],
+}
 
 
 @st.composite
@@ -87,14 +130,70 @@ def test_every_generated_command_line_runs_or_is_refused_in_one_line(argv):
         assert len(lines) == 1 and lines[0].startswith("layerpipe"), (argv, error)
 
 
-TRAIN_KEYS = ["schedule", "ranks", "microbatches", "stages_per_rank", "data_parallel", "zero", "recompute",
-              "update_every", "weight_policy", "delay_correction", "skip_nonfinite", "steps", "batch_size",
-              "learning_rate", "width", "heads", "blocks", "block_size", "dropout", "precision", "optimizer",
-              "checkpoint_every", "keep", "max_restarts", "timeout", "resume", "stages", "bogus_key", "model",
-              "spatial", "crop", "channels", "sparsity", "sparsity_method", "sparse_kernel", "init_from"]
-TOML_VALUES = st.sampled_from(['1', '0', '-2', '3', '8', '32', '2.5', '"x"', '"async"', '"breadth-first"',
-                               '"fp16"', '"sgd"', '"stashed"', '"spike"', '"full"', 'true', 'false', '[1, 2]',
-                               '"nowhere"', '1e400', '""', '{a = 1}'])
+TRAIN_KEYS = [
+    "schedule",
+    "ranks",
+    "microbatches",
+    "stages_per_rank",
+    "data_parallel",
+    "zero",
+    "recompute",
+    "update_every",
+    "weight_policy",
+    "delay_correction",
+    "skip_nonfinite",
+    "steps",
+    "batch_size",
+    "learning_rate",
+    "width",
+    "heads",
+    "blocks",
+    "block_size",
+    "dropout",
+    "precision",
+    "optimizer",
+    "checkpoint_every",
+    "keep",
+    "max_restarts",
+    "timeout",
+    "resume",
+    "stages",
+    "bogus_key",
+    "model",
+    "spatial",
+    "crop",
+    "channels",
+    "sparsity",
+    "sparsity_method",
+    "sparse_kernel",
+    "init_from",
+]
+TOML_VALUES = st.sampled_from(
+    [
+        "1",
+        "0",
+        "-2",
+        "3",
+        "8",
+        "32",
+        "2.5",
+        '"x"',
+        '"async"',
+        '"breadth-first"',
+        '"fp16"',
+        '"sgd"',
+        '"stashed"',
+        '"spike"',
+        '"full"',
+        "true",
+        "false",
+        "[1, 2]",
+        '"nowhere"',
+        "1e400",
+        '""',
+        "{a = 1}",
+    ]
+)
 
 
 @st.composite
@@ -129,9 +228,14 @@ def _write_a_checkpoint(folder: str) -> None:
     from layerpipe.runtime.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    pipe = layerpipe.Pipeline([nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)], nn.functional.mse_loss,
-                              schedule="gpipe", microbatches=2, timeout=30,
-                              optimizer=lambda params: torch.optim.AdamW(params, lr=0.1))
+    pipe = layerpipe.Pipeline(
+        [nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)],
+        nn.functional.mse_loss,
+        schedule="gpipe",
+        microbatches=2,
+        timeout=30,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=0.1),
+    )
     pipe.train_step(torch.randn(4, 4), torch.randn(4, 2))
     save_checkpoint(pipe, folder, {"step": 1})
 
@@ -145,15 +249,30 @@ def checkpoint_folder(tmp_path_factory) -> str:
     return folder
 
 
-DAMAGES = st.sampled_from(["truncate", "flip", "delete", "extra", "empty", "manifest-list", "manifest-files",
-                           "manifest-entry", "manifest-bytes", "manifest-not-json", "nothing"])
+DAMAGES = st.sampled_from(
+    [
+        "truncate",
+        "flip",
+        "delete",
+        "extra",
+        "empty",
+        "manifest-list",
+        "manifest-files",
+        "manifest-entry",
+        "manifest-bytes",
+        "manifest-not-json",
+        "nothing",
+    ]
+)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(damage=DAMAGES, which=st.integers(0, 20), where=st.floats(0, 1))
-def test_a_damaged_checkpoint_folder_is_verified_or_refused_in_one_line(checkpoint_folder, tmp_path_factory, damage,
-                                                                       which, where):
+def test_a_damaged_checkpoint_folder_is_verified_or_refused_in_one_line(
+    checkpoint_folder, tmp_path_factory, damage, which, where
+):
     import json
     import shutil
 
@@ -166,7 +285,7 @@ def test_a_damaged_checkpoint_folder_is_verified_or_refused_in_one_line(checkpoi
     target = folder / names[which % len(names)]
     manifest = folder / "manifest.json"
     if damage == "truncate":
-        target.write_bytes(target.read_bytes()[:int(where * target.stat().st_size)])
+        target.write_bytes(target.read_bytes()[: int(where * target.stat().st_size)])
     elif damage == "flip":
         data = bytearray(target.read_bytes())
         if data:
@@ -180,10 +299,13 @@ def test_a_damaged_checkpoint_folder_is_verified_or_refused_in_one_line(checkpoi
         target.write_bytes(b"")
     elif damage.startswith("manifest-"):
         content = json.loads(manifest.read_text())
-        change = {"manifest-list": [], "manifest-files": dict(content, files=[1, 2]),
-                  "manifest-entry": dict(content, files={names[0]: "digest"}),
-                  "manifest-bytes": dict(content, files={name: {"bytes": "many", "sha256": 3} for name in names}),
-                  "manifest-not-json": None}[damage]
+        change = {
+            "manifest-list": [],
+            "manifest-files": dict(content, files=[1, 2]),
+            "manifest-entry": dict(content, files={names[0]: "digest"}),
+            "manifest-bytes": dict(content, files={name: {"bytes": "many", "sha256": 3} for name in names}),
+            "manifest-not-json": None,
+        }[damage]
         manifest.write_text("{not json" if change is None else json.dumps(change))
     try:
         verify_checkpoint(str(folder))
@@ -192,18 +314,34 @@ def test_a_damaged_checkpoint_folder_is_verified_or_refused_in_one_line(checkpoi
         assert "\n" not in str(error) and str(error).startswith("checkpoint"), str(error)
 
 
-TRAIN_OPTIONS = {**OPTIONS, "--steps": SMALL_WHOLE, "--batch-size": SMALL_WHOLE, "--width": SMALL_WHOLE,
-                 "--heads": SMALL_WHOLE, "--blocks": SMALL_WHOLE, "--block-size": SMALL_WHOLE, "--dropout": NUMBER,
-                 "--learning-rate": NUMBER, "--precision": st.sampled_from(["fp32", "bf16", "fp16", "fp8", ""]),
-                 "--optimizer": st.sampled_from(["adamw", "sgd", "lion"]), "--checkpoint-every": SMALL_WHOLE,
-                 "--keep": SMALL_WHOLE, "--max-restarts": SMALL_WHOLE, "--max-skips": SMALL_WHOLE,
-                 "--timeout": NUMBER, "--resume": st.sampled_from(["nowhere", "", "."]), "--seed": SMALL_WHOLE,
-                 "--model": st.sampled_from(["gpt", "superres", "vit", ""]), "--spatial": SMALL_WHOLE,
-                 "--crop": SMALL_WHOLE, "--channels": SMALL_WHOLE,
-                 "--sparsity": st.sampled_from(["2:4", "5:4", "0:4", "1:64", "2:128", "x", ""]),
-                 "--sparsity-method": st.sampled_from(["fixed", "sr-ste", "lottery"]),
-                 "--sparse-kernel": st.sampled_from(["dense", "gather", "cuda"]),
-                 "--init-from": st.sampled_from(["nowhere", "", "."])}
+TRAIN_OPTIONS = {
+    **OPTIONS,
+    "--steps": SMALL_WHOLE,
+    "--batch-size": SMALL_WHOLE,
+    "--width": SMALL_WHOLE,
+    "--heads": SMALL_WHOLE,
+    "--blocks": SMALL_WHOLE,
+    "--block-size": SMALL_WHOLE,
+    "--dropout": NUMBER,
+    "--learning-rate": NUMBER,
+    "--precision": st.sampled_from(["fp32", "bf16", "fp16", "fp8", ""]),
+    "--optimizer": st.sampled_from(["adamw", "sgd", "lion"]),
+    "--checkpoint-every": SMALL_WHOLE,
+    "--keep": SMALL_WHOLE,
+    "--max-restarts": SMALL_WHOLE,
+    "--max-skips": SMALL_WHOLE,
+    "--timeout": NUMBER,
+    "--resume": st.sampled_from(["nowhere", "", "."]),
+    "--seed": SMALL_WHOLE,
+    "--model": st.sampled_from(["gpt", "superres", "vit", ""]),
+    "--spatial": SMALL_WHOLE,
+    "--crop": SMALL_WHOLE,
+    "--channels": SMALL_WHOLE,
+    "--sparsity": st.sampled_from(["2:4", "5:4", "0:4", "1:64", "2:128", "x", ""]),
+    "--sparsity-method": st.sampled_from(["fixed", "sr-ste", "lottery"]),
+    "--sparse-kernel": st.sampled_from(["dense", "gather", "cuda"]),
+    "--init-from": st.sampled_from(["nowhere", "", "."]),
+}
 
 
 @st.composite
@@ -228,11 +366,43 @@ def test_every_generated_train_command_line_is_refused_in_one_line_before_any_pr
     assert not (folder / "out").exists(), "nothing written"
 
 
-COST_KEYS = ["forward_time", "backward_time", "input_gradient_share", "recompute_time", "optimizer_time",
-             "p2p_latency", "p2p_bandwidth", "boundary_bytes", "activation_bytes", "weight_bytes",
-             "data_parallel_latency", "data_parallel_bandwidth", "overlap", "about", "speed"]
-COST_VALUES = st.sampled_from(['1', '0', '-2', '2.5', 'inf', 'nan', '-inf', '1e400', '"x"', 'true', '[1, 2]',
-                               '[1.0, 2.0, 3.0, 4.0]', '[]', '[-1, 2, 3, 4]', '{a = 1}', '""'])
+COST_KEYS = [
+    "forward_time",
+    "backward_time",
+    "input_gradient_share",
+    "recompute_time",
+    "optimizer_time",
+    "p2p_latency",
+    "p2p_bandwidth",
+    "boundary_bytes",
+    "activation_bytes",
+    "weight_bytes",
+    "data_parallel_latency",
+    "data_parallel_bandwidth",
+    "overlap",
+    "about",
+    "speed",
+]
+COST_VALUES = st.sampled_from(
+    [
+        "1",
+        "0",
+        "-2",
+        "2.5",
+        "inf",
+        "nan",
+        "-inf",
+        "1e400",
+        '"x"',
+        "true",
+        "[1, 2]",
+        "[1.0, 2.0, 3.0, 4.0]",
+        "[]",
+        "[-1, 2, 3, 4]",
+        "{a = 1}",
+        '""',
+    ]
+)
 
 
 @st.composite
@@ -258,10 +428,15 @@ def test_every_generated_cost_file_is_simulated_or_refused_in_one_line(tmp_path_
 
 PLAN_OPTIONS = {
     "--model": st.sampled_from(["demo", "gpt-52b", "gpt-9000", "", "/no/such/model.toml", "."]),
-    "--gpus": SMALL_WHOLE, "--gpu-memory": NUMBER, "--global-batch": SMALL_WHOLE,
-    "--cluster": st.sampled_from(["a100", "h100", "tpu", ""]), "--top": SMALL_WHOLE,
-    "--max-stages-per-rank": SMALL_WHOLE, "--max-microbatch-size": SMALL_WHOLE,
-    "--cost-file": st.sampled_from(["/no/such/cost.toml", "."]), "--jobs": st.sampled_from(["-1", "x", "1"]),
+    "--gpus": SMALL_WHOLE,
+    "--gpu-memory": NUMBER,
+    "--global-batch": SMALL_WHOLE,
+    "--cluster": st.sampled_from(["a100", "h100", "tpu", ""]),
+    "--top": SMALL_WHOLE,
+    "--max-stages-per-rank": SMALL_WHOLE,
+    "--max-microbatch-size": SMALL_WHOLE,
+    "--cost-file": st.sampled_from(["/no/such/cost.toml", "."]),
+    "--jobs": st.sampled_from(["-1", "x", "1"]),
 }
 
 

@@ -16,9 +16,14 @@ SIZES = [(p, v, m) for p, v, m in itertools.product([1, 2, 3, 4], [1, 2, 3], [1,
 def torch_order(schedule_class, ranks, stages_per_rank, microbatches, rank):
     """Return torch's compute order for one rank, idle slots dropped (built without process groups)."""
     state = types.SimpleNamespace(
-        _num_stages=ranks, _stages=[None] * stages_per_rank, n_local_stages=stages_per_rank, pp_group_size=ranks,
-        _n_microbatches=microbatches, number_of_rounds=max(1, microbatches // ranks),
-        microbatches_per_round=generators.interleaved_group_size(ranks, microbatches))
+        _num_stages=ranks,
+        _stages=[None] * stages_per_rank,
+        n_local_stages=stages_per_rank,
+        pp_group_size=ranks,
+        _n_microbatches=microbatches,
+        number_of_rounds=max(1, microbatches // ranks),
+        microbatches_per_round=generators.interleaved_group_size(ranks, microbatches),
+    )
     if schedule_class is torch_schedules.ScheduleGPipe:
         order = schedule_class._get_pipeline_order(state)[rank]
     else:
@@ -60,7 +65,9 @@ def test_interleaved_equals_torch_interleaved_1f1b(ranks, stages_per_rank, micro
 def test_zero_bubble_equals_torch_interleaved_zero_bubble(ranks, stages_per_rank, microbatches):
     ours = generators.zero_bubble(placement_for(ranks, stages_per_rank), microbatches)
     for rank in range(ranks):
-        expected = torch_order(torch_schedules.ScheduleInterleavedZeroBubble, ranks, stages_per_rank, microbatches, rank)
+        expected = torch_order(
+            torch_schedules.ScheduleInterleavedZeroBubble, ranks, stages_per_rank, microbatches, rank
+        )
         assert [str(a) for a in ours[rank]] == expected
 
 
@@ -94,5 +101,6 @@ def test_grouped_with_group_size_m_has_layered_gradient_accumulation(ranks, stag
 
 def test_breadth_first_on_vshape_keeps_turn_local():
     from layerpipe.schedule.placement import vshape
+
     programs = generators.breadth_first(vshape(2), 2)
     assert programs[1] == parse_program("1F0 1F1 2F0 2F1 2B1 2B0 1B1 1B0")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from runtime_models import batch, mlp_layers
 from torch import nn
 
 import layerpipe
@@ -19,16 +20,21 @@ from layerpipe.schedule.build import build_schedule
 from layerpipe.schedule.config import ConfigError, ScheduleConfig
 from layerpipe.sim.simulator import simulate
 
-from runtime_models import batch, mlp_layers
-
 POISONED_RANK = 2
 
 
 def train_with_a_poisoned_step(options: dict) -> list[tuple]:
     """Worker: three steps; in the second, one rank's first parameter gets NaN gradients. Return what each step did."""
-    pipe = layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, schedule="gpipe", microbatches=4,
-                              skip_nonfinite=True, timeout=60,
-                              optimizer=lambda params: torch.optim.AdamW(params, lr=0.05), **options)
+    pipe = layerpipe.Pipeline(
+        mlp_layers(),
+        nn.functional.mse_loss,
+        schedule="gpipe",
+        microbatches=4,
+        skip_nonfinite=True,
+        timeout=60,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=0.05),
+        **options,
+    )
     rank = torch.distributed.get_rank()
     seen = []
     for step in range(3):
@@ -48,13 +54,17 @@ def train_with_a_poisoned_step(options: dict) -> list[tuple]:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("processes, options", [(4, {}), (4, dict(data_parallel=2, zero=3))],
-                         ids=["4 ranks", "2 ranks x 2 replicas, zero 3"])
+@pytest.mark.parametrize(
+    "processes, options", [(4, {}), (4, dict(data_parallel=2, zero=3))], ids=["4 ranks", "2 ranks x 2 replicas, zero 3"]
+)
 def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(processes, options):
     per_process = layerpipe.launch(train_with_a_poisoned_step, processes, (options,), timeout=120)
     for rows in per_process:
-        (_, _, first, first_unchanged, _), (_, _, second, second_unchanged, skipped), \
-            (_, _, third, third_unchanged, _) = rows
+        (
+            (_, _, first, first_unchanged, _),
+            (_, _, second, second_unchanged, skipped),
+            (_, _, third, third_unchanged, _),
+        ) = rows
         assert skipped and set(skipped) <= {Kind.STEP, Kind.GATHER}, "the measured timeline shows what was skipped"
         assert first is None and not first_unchanged, "a clean step steps"
         assert second is not None and second_unchanged, "the poisoned step is skipped everywhere"
@@ -72,8 +82,14 @@ def test_the_guard_sits_before_each_ranks_first_step_and_the_simulator_waits_the
     guards = [event for event in result.timeline.events if event[2].kind is Kind.GUARD]
     assert len(guards) == 4
     assert len({round(event[4], 9) for event in guards}) == 1, "every rank passes the guard at the same time"
-    last_arrival = max(max(e[4] for e in result.timeline.events if e[0] == event[0] and e[2].kind is not Kind.GUARD
-                           and e[2].kind is not Kind.STEP) for event in guards)
+    last_arrival = max(
+        max(
+            e[4]
+            for e in result.timeline.events
+            if e[0] == event[0] and e[2].kind is not Kind.GUARD and e[2].kind is not Kind.STEP
+        )
+        for event in guards
+    )
     assert guards[0][4] >= last_arrival
 
 
@@ -83,11 +99,13 @@ def test_async_refuses_the_guard_in_one_line():
 
 
 def test_the_simulator_shows_the_steps_a_failing_guard_skips():
-    schedule = build_schedule(ScheduleConfig("breadth-first", ranks=2, microbatches=4, data_parallel=2, zero=1,
-                                             skip_nonfinite=True))
+    schedule = build_schedule(
+        ScheduleConfig("breadth-first", ranks=2, microbatches=4, data_parallel=2, zero=1, skip_nonfinite=True)
+    )
     result = simulate(schedule, guard_fails=True)
     skipped = [event for event in result.timeline.events if event[1] == "skipped"]
-    expected = [action for program in schedule.programs for action in program
-                if action.kind in (Kind.STEP, Kind.GATHER)]
+    expected = [
+        action for program in schedule.programs for action in program if action.kind in (Kind.STEP, Kind.GATHER)
+    ]
     assert sorted(str(event[2]) for event in skipped) == sorted(str(action) for action in expected)
     assert not any(event[1] == "skipped" for event in simulate(schedule).timeline.events)

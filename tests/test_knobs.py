@@ -11,40 +11,97 @@ import dataclasses
 
 import pytest
 
-from layerpipe.cli import build_parser as layerpipe_parser, main as layerpipe_main
+from layerpipe.cli import build_parser as layerpipe_parser
+from layerpipe.cli import main as layerpipe_main
 from layerpipe.knobs import ConfigError, check_fields, knobs
 from layerpipe.models.config import GPTConfig, SuperResConfig
 from layerpipe.plan import PlanRequest
 from layerpipe.schedule.config import ScheduleConfig, validate_config
 from layerpipe.sim.cost import CostModel
-from layerpipe.train.config import PARTS, TrainConfig, build_parser as train_parser, config_from
+from layerpipe.train.config import PARTS, TrainConfig, config_from
+from layerpipe.train.config import build_parser as train_parser
 
 BAD = {
     # ScheduleConfig
-    "schedule": "bogus", "ranks": 0, "microbatches": 0, "stages_per_rank": 0, "group_size": 0,
-    "placement": "bogus", "data_parallel": 0, "zero": 7, "reduce_portions": 0, "reduce_order": "bogus",
-    "weight_buffers": 0, "recompute": "bogus", "update_every": 0, "weight_policy": "newest",
-    "delay_correction": "adam", "delay_warmup": -1, "optimizer": "lion", "checkpoint_every": -1, "keep": 0, "max_skips": 0, "max_restarts": -1, "precision": "fp8",
-    "sparsity": "5:4", "sparsity_method": "magic", "sparse_kernel": "cuda", "model": "resnet", "spatial": 0,
-    "channels": 0, "crop": 30,
+    "schedule": "bogus",
+    "ranks": 0,
+    "microbatches": 0,
+    "stages_per_rank": 0,
+    "group_size": 0,
+    "placement": "bogus",
+    "data_parallel": 0,
+    "zero": 7,
+    "reduce_portions": 0,
+    "reduce_order": "bogus",
+    "weight_buffers": 0,
+    "recompute": "bogus",
+    "update_every": 0,
+    "weight_policy": "newest",
+    "delay_correction": "adam",
+    "delay_warmup": -1,
+    "optimizer": "lion",
+    "checkpoint_every": -1,
+    "keep": 0,
+    "max_skips": 0,
+    "max_restarts": -1,
+    "precision": "fp8",
+    "sparsity": "5:4",
+    "sparsity_method": "magic",
+    "sparse_kernel": "cuda",
+    "model": "resnet",
+    "spatial": 0,
+    "channels": 0,
+    "crop": 30,
     # CostModel
-    "forward_time": -1.0, "backward_time": -1.0, "action_overhead": -1.0, "input_gradient_share": 2.0, "recompute_time": -1.0,
-    "optimizer_time": -1.0, "p2p_latency": -1.0, "p2p_bandwidth": 0.0, "boundary_bytes": -1.0,
-    "activation_bytes": -1.0, "weight_bytes": -1.0, "data_parallel_latency": -1.0, "data_parallel_bandwidth": 0.0,
-    "send_time": -1.0, "receive_time": -1.0, "variation": -1.0, "hold_variation": -1.0, "step_placement": "late",
+    "forward_time": -1.0,
+    "backward_time": -1.0,
+    "action_overhead": -1.0,
+    "input_gradient_share": 2.0,
+    "recompute_time": -1.0,
+    "optimizer_time": -1.0,
+    "p2p_latency": -1.0,
+    "p2p_bandwidth": 0.0,
+    "boundary_bytes": -1.0,
+    "activation_bytes": -1.0,
+    "weight_bytes": -1.0,
+    "data_parallel_latency": -1.0,
+    "data_parallel_bandwidth": 0.0,
+    "send_time": -1.0,
+    "receive_time": -1.0,
+    "variation": -1.0,
+    "hold_variation": -1.0,
+    "step_placement": "late",
     # PlanRequest
-    "gpus": 0, "gpu_memory": 0.0, "global_batch": 0, "cluster": "tpu", "top": 0, "max_stages_per_rank": 0,
-    "max_microbatch_size": 0, "jobs": -1,
+    "gpus": 0,
+    "gpu_memory": 0.0,
+    "global_batch": 0,
+    "cluster": "tpu",
+    "top": 0,
+    "max_stages_per_rank": 0,
+    "max_microbatch_size": 0,
+    "jobs": -1,
     # GPTConfig
-    "block_size": 0, "width": 0, "heads": 0, "blocks": 0, "dropout": 1.0,
+    "block_size": 0,
+    "width": 0,
+    "heads": 0,
+    "blocks": 0,
+    "dropout": 1.0,
     # TrainConfig
-    "steps": 0, "batch_size": 0, "learning_rate": 0.0, "seed": -1, "sample_length": -1, "timeout": 0.0,
+    "steps": 0,
+    "batch_size": 0,
+    "learning_rate": 0.0,
+    "seed": -1,
+    "sample_length": -1,
+    "timeout": 0.0,
 }
 """A value each knob with a validity rule refuses."""
 
-CHECKED = [(cls, field.name) for cls in (ScheduleConfig, CostModel, GPTConfig, SuperResConfig, TrainConfig, PlanRequest)
-           for field in knobs(cls)
-           if field.metadata.get("check") is not None]
+CHECKED = [
+    (cls, field.name)
+    for cls in (ScheduleConfig, CostModel, GPTConfig, SuperResConfig, TrainConfig, PlanRequest)
+    for field in knobs(cls)
+    if field.metadata.get("check") is not None
+]
 
 
 def _flag(name: str) -> str:
@@ -115,7 +172,9 @@ def _text_of(help_text: str) -> str:
 
 
 def _subparser(name: str):
-    commands = next(action for action in layerpipe_parser()._actions if isinstance(getattr(action, "choices", None), dict))
+    commands = next(
+        action for action in layerpipe_parser()._actions if isinstance(getattr(action, "choices", None), dict)
+    )
     return commands.choices[name]
 
 
@@ -129,7 +188,9 @@ def test_simulate_train_and_toml_list_the_same_schedule_knobs_with_the_same_help
 
 def test_train_defaults_are_its_own_where_they_differ():
     assert TrainConfig().pipeline.ranks == 2 and ScheduleConfig().ranks == 4
-    assert "(default: 2)" in _helps(train_parser())["ranks"] and "(default: 4)" in _helps(_subparser("simulate"))["ranks"]
+    assert (
+        "(default: 2)" in _helps(train_parser())["ranks"] and "(default: 4)" in _helps(_subparser("simulate"))["ranks"]
+    )
     assert dataclasses.replace(TrainConfig()).to_json()["ranks"] == 2
 
 

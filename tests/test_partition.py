@@ -10,8 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from layerpipe.runtime.partition import (PartitionError, balance, balance_by_parameters, balance_by_time,
-                                         measure_layer_times, partition)
+from layerpipe.runtime.partition import (
+    PartitionError,
+    balance,
+    balance_by_parameters,
+    balance_by_time,
+    measure_layer_times,
+    partition,
+)
 
 
 def brute_force_best(weights, stages):

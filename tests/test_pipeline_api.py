@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from runtime_models import Chain, batch, mlp_layers, relative_error
 from torch import nn
 
 import layerpipe
 from layerpipe.schedule.actions import COMPUTE_KINDS
-
-from runtime_models import Chain, batch, mlp_layers, relative_error
 
 pytestmark = pytest.mark.multiprocess
 
@@ -17,8 +16,9 @@ pytestmark = pytest.mark.multiprocess
 def _surface():
     layers = mlp_layers()
     reference = Chain(*[layer for layer in mlp_layers()])
-    pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, schedule="interleaved", microbatches=4,
-                              stages_per_rank=2, timeout=30)
+    pipe = layerpipe.Pipeline(
+        layers, nn.functional.mse_loss, schedule="interleaved", microbatches=4, stages_per_rank=2, timeout=30
+    )
     inputs, targets = batch(8)
     rank = torch.distributed.get_rank()
     expected_output = reference(inputs).detach()
@@ -32,8 +32,10 @@ def _surface():
     program = pipe.schedule.programs[rank]
     return {
         "names": [name for name, _ in pipe.named_parameters()],
-        "owned": {name: relative_error(p.detach(), dict(reference.named_parameters())[name].detach())
-                  for name, p in pipe.named_parameters()},
+        "owned": {
+            name: relative_error(p.detach(), dict(reference.named_parameters())[name].detach())
+            for name, p in pipe.named_parameters()
+        },
         "eval_error": abs(evaluated - expected_loss) / expected_loss,
         "output_error": output_error,
         "grads_untouched": grads_untouched,
@@ -48,8 +50,9 @@ def test_named_parameters_eval_step_forward_and_timeline_on_two_ranks():
     results = layerpipe.launch(_surface, 2, timeout=60)
     names = [name for result in results for name in result["names"]]
     assert sorted(names) == sorted(name for name, _ in Chain(*mlp_layers()).named_parameters())
-    assert all(error == 0.0 for result in results for error in result["owned"].values()), \
+    assert all(error == 0.0 for result in results for error in result["owned"].values()), (
         "pipe.named_parameters() names layers[i]'s parameters 'i.<name>' (same values as the reference)"
+    )
     for result in results:
         assert result["eval_error"] <= 1e-12
         assert result["grads_untouched"], "eval_step and forward leave gradients alone"
@@ -81,8 +84,11 @@ def _recompute_modes_of_each_way_to_give_a_schedule():
     from layerpipe.schedule.config import ScheduleConfig
 
     config = ScheduleConfig("breadth-first", ranks=2, microbatches=2, recompute="selective")
-    ways = {"keywords": dict(schedule="breadth-first", microbatches=2, recompute="selective"),
-            "config": dict(schedule=config), "built": dict(schedule=build_schedule(config))}
+    ways = {
+        "keywords": dict(schedule="breadth-first", microbatches=2, recompute="selective"),
+        "config": dict(schedule=config),
+        "built": dict(schedule=build_schedule(config)),
+    }
     found = {}
     for name, options in ways.items():
         pipe = layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, timeout=30, **options)
@@ -98,12 +104,15 @@ def test_a_config_or_a_built_schedule_keeps_selective_recomputation_as_keywords_
 
 def _message_groups():
     layers = mlp_layers()
-    pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, schedule="interleaved", microbatches=4,
-                              stages_per_rank=2, timeout=30)
+    pipe = layerpipe.Pipeline(
+        layers, nn.functional.mse_loss, schedule="interleaved", microbatches=4, stages_per_rank=2, timeout=30
+    )
     context, downward = pipe.executor.context, pipe.groups.downward
-    return {"downward_members": torch.distributed.get_process_group_ranks(downward),
-            "down_is_own_group": context.group_of(1, 0) is downward and downward is not None,
-            "up_is_default": context.group_of(0, 1) is None}
+    return {
+        "downward_members": torch.distributed.get_process_group_ranks(downward),
+        "down_is_own_group": context.group_of(1, 0) is downward and downward is not None,
+        "up_is_default": context.group_of(0, 1) is None,
+    }
 
 
 def test_on_gloo_messages_to_a_lower_rank_go_on_a_group_of_their_own():

@@ -10,23 +10,40 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from layerpipe.cli import main
 from layerpipe.knobs import ConfigError
-from layerpipe.models.gpt import Block, gpt_layers
 from layerpipe.models.config import GPTConfig
-from layerpipe.plan import (GIB, MODELS, NEAR_TIE, USABLE_MEMORY, Candidate, PlanRequest, candidates, evaluate, hardware_of, model_shape,
-                            plan, train_toml)
+from layerpipe.models.gpt import Block, gpt_layers
+from layerpipe.plan import (
+    GIB,
+    MODELS,
+    NEAR_TIE,
+    USABLE_MEMORY,
+    Candidate,
+    PlanRequest,
+    candidates,
+    evaluate,
+    hardware_of,
+    model_shape,
+    plan,
+    train_toml,
+)
 from layerpipe.runtime.memory import ActivationMeter
 from layerpipe.sim.cost import CostModel
 from layerpipe.sim.cost_file import write_cost_file
-from layerpipe.sim.hardware import PRESETS
 from layerpipe.sim.gpt_costs import GPTShape, layer_activation_bytes, layer_forward_flops, layer_parameters
+from layerpipe.sim.hardware import PRESETS
 from layerpipe.train.config import build_parser, config_from
 
 SMALL = GPTShape(vocab_size=50, block_size=16, width=32, heads=4, blocks=3)
 
 
 def _config(shape: GPTShape) -> GPTConfig:
-    return GPTConfig(vocab_size=shape.vocab_size, block_size=shape.block_size, width=shape.width, heads=shape.heads,
-                     blocks=shape.blocks)
+    return GPTConfig(
+        vocab_size=shape.vocab_size,
+        block_size=shape.block_size,
+        width=shape.width,
+        heads=shape.heads,
+        blocks=shape.blocks,
+    )
 
 
 @pytest.mark.parametrize("shape", [SMALL, GPTShape(vocab_size=80, block_size=64, width=128, heads=4, blocks=4)])
@@ -79,19 +96,44 @@ def test_in_bf16_a_block_also_stores_its_weights_copy_as_the_planner_counts():
 
 
 def _cost_file(path, processes=2, cores=2) -> str:
-    cost = CostModel(forward_time=(0.003, 0.002, 0.002, 0.003), backward_time=(0.005, 0.004, 0.004, 0.005),
-                     optimizer_time=0.001, action_overhead=0.0002, p2p_latency=1e-4, p2p_bandwidth=3e9,
-                     boundary_bytes=131072.0, activation_bytes=2e6, weight_bytes=8e5, data_parallel_latency=3e-4,
-                     data_parallel_bandwidth=1e9)
-    about = {"processes": processes, "cores": cores, "model": "gpt", "ranks": 2, "stages_per_rank": 2,
-             "microbatches": 8, "data_parallel": 1, "batch_size": 32, **dataclasses.asdict(MODELS["demo"])}
+    cost = CostModel(
+        forward_time=(0.003, 0.002, 0.002, 0.003),
+        backward_time=(0.005, 0.004, 0.004, 0.005),
+        optimizer_time=0.001,
+        action_overhead=0.0002,
+        p2p_latency=1e-4,
+        p2p_bandwidth=3e9,
+        boundary_bytes=131072.0,
+        activation_bytes=2e6,
+        weight_bytes=8e5,
+        data_parallel_latency=3e-4,
+        data_parallel_bandwidth=1e9,
+    )
+    about = {
+        "processes": processes,
+        "cores": cores,
+        "model": "gpt",
+        "ranks": 2,
+        "stages_per_rank": 2,
+        "microbatches": 8,
+        "data_parallel": 1,
+        "batch_size": 32,
+        **dataclasses.asdict(MODELS["demo"]),
+    }
     write_cost_file(str(path), cost, about)
     return str(path)
 
 
 def test_the_search_finds_the_fastest_of_all_candidates(tmp_path):
-    request = PlanRequest(model="demo", gpus=4, gpu_memory=1.0, global_batch=16, cost_file=_cost_file(tmp_path / "c.toml"),
-                          top=3, max_stages_per_rank=3)
+    request = PlanRequest(
+        model="demo",
+        gpus=4,
+        gpu_memory=1.0,
+        global_batch=16,
+        cost_file=_cost_file(tmp_path / "c.toml"),
+        top=3,
+        max_stages_per_rank=3,
+    )
     result = plan(request)
     shape, hardware = model_shape("demo"), hardware_of(request)
     every = [evaluate(candidate, shape, hardware, math.inf) for candidate in candidates(request, shape)]
@@ -104,8 +146,12 @@ def test_the_search_finds_the_fastest_of_all_candidates(tmp_path):
 
 def test_the_configuration_picked_does_not_depend_on_how_many_are_shown(tmp_path):
     cost_file = _cost_file(tmp_path / "c.toml")
-    picks = {plan(PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=cost_file, top=top,
-                              jobs=1)).best[0].candidate for top in (1, 4, 10)}
+    picks = {
+        plan(PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=cost_file, top=top, jobs=1))
+        .best[0]
+        .candidate
+        for top in (1, 4, 10)
+    }
     assert len(picks) == 1
 
 
@@ -140,17 +186,28 @@ def test_what_does_not_fit_is_refused_and_zero_three_fits_where_zero_zero_does_n
     entries = {}
     for candidate in candidates(request, shape):
         config = candidate.schedule
-        if (config.schedule, config.ranks, config.stages_per_rank, config.microbatches, config.recompute,
-                config.reduce_portions) == ("interleaved", 8, 8, 8, "full", 1):
+        if (
+            config.schedule,
+            config.ranks,
+            config.stages_per_rank,
+            config.microbatches,
+            config.recompute,
+            config.reduce_portions,
+        ) == ("interleaved", 8, 8, 8, "full", 1):
             entries[config.zero] = evaluate(candidate, shape, hardware, limit)
     assert entries[0] is None and entries[3] is not None
     assert entries[3].memory <= limit
 
 
-@pytest.mark.parametrize("knobs", [dict(schedule="breadth-first", zero=3, recompute="full"),
-                                   dict(schedule="interleaved", zero=2, recompute="selective", reduce_portions=4),
-                                   dict(schedule="1f1b", stages_per_rank=1, zero=1),
-                                   dict(schedule="zero-bubble", zero=3, weight_buffers=1)])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(schedule="breadth-first", zero=3, recompute="full"),
+        dict(schedule="interleaved", zero=2, recompute="selective", reduce_portions=4),
+        dict(schedule="1f1b", stages_per_rank=1, zero=1),
+        dict(schedule="zero-bubble", zero=3, weight_buffers=1),
+    ],
+)
 def test_memory_is_checked_on_short_programs_with_the_answer_of_the_whole_ones(knobs):
     from layerpipe.plan import _costs_of, memory_programs, peak_memory
     from layerpipe.schedule.build import build_schedule
@@ -164,7 +221,9 @@ def test_memory_is_checked_on_short_programs_with_the_answer_of_the_whole_ones(k
 
 
 def test_the_plan_is_a_train_config_file_with_the_chosen_knobs(tmp_path):
-    request = PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=_cost_file(tmp_path / "c.toml"))
+    request = PlanRequest(
+        model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=_cost_file(tmp_path / "c.toml")
+    )
     result = plan(request)
     path = tmp_path / "plan.toml"
     path.write_text(train_toml(result.best[0], result, request))
@@ -176,22 +235,47 @@ def test_the_plan_is_a_train_config_file_with_the_chosen_knobs(tmp_path):
 
 def test_plan_on_the_command_line_prints_the_best_and_writes_them(tmp_path, capsys):
     output = tmp_path / "plan.toml"
-    assert main(["plan", "--model", "gpt-52b", "--gpus", "16", "--gpu-memory", "80", "--global-batch", "16",
-                 "--max-stages-per-rank", "4", "--top", "3", "--output", str(output)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "gpt-52b",
+                "--gpus",
+                "16",
+                "--gpu-memory",
+                "80",
+                "--global-batch",
+                "16",
+                "--max-stages-per-rank",
+                "4",
+                "--top",
+                "3",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "52.4-billion-parameter GPT" in out and "interleaved p=16 v=4 d=1 m=16 b=1" in out
     assert "ranks = " in output.read_text()
 
 
-@pytest.mark.parametrize("arguments, expected", [
-    (["--gpus", "0"], "--gpus 0: must be a whole number of at least 1"),
-    (["--gpu-memory", "-1"], "--gpu-memory -1.0: must be a finite number above 0"),
-    (["--model", "gpt-9000"], "--model gpt-9000: choose one of demo, gpt-52b, or give a TOML file"),
-    (["--model", "gpt-52b", "--gpus", "1", "--global-batch", "8"], "--gpu-memory 80.0: no configuration of a "
-                                                                  "52.4-billion-parameter GPT (64 blocks"),
-    (["--gpus", "7", "--global-batch", "5"], "--gpus 7: no layout of 7 devices runs the model"),
-    (["--output", "plan.txt"], "--output plan.txt: must end in one of .toml"),
-])
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["--gpus", "0"], "--gpus 0: must be a whole number of at least 1"),
+        (["--gpu-memory", "-1"], "--gpu-memory -1.0: must be a finite number above 0"),
+        (["--model", "gpt-9000"], "--model gpt-9000: choose one of demo, gpt-52b, or give a TOML file"),
+        (
+            ["--model", "gpt-52b", "--gpus", "1", "--global-batch", "8"],
+            "--gpu-memory 80.0: no configuration of a 52.4-billion-parameter GPT (64 blocks",
+        ),
+        (["--gpus", "7", "--global-batch", "5"], "--gpus 7: no layout of 7 devices runs the model"),
+        (["--output", "plan.txt"], "--output plan.txt: must end in one of .toml"),
+    ],
+)
 def test_bad_requests_get_one_line(arguments, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["plan", *arguments]) == 2
@@ -222,22 +306,39 @@ def test_a_model_file_gives_the_sizes(tmp_path):
     path.write_text("block_size = 128\nwidth = 256\nheads = 8\nblocks = 6\nvocab_size = 100\nsteps = 3\n")
     assert model_shape(str(path)) == GPTShape(100, 128, 256, 8, 6)
     path.write_text("width = 100\nheads = 8\n")
-    with pytest.raises(ConfigError, match="heads .8. must divide its width .100."):
+    with pytest.raises(ConfigError, match=r"heads .8. must divide its width .100."):
         model_shape(str(path))
 
 
 def test_processes_sharing_cores_slow_each_other_by_the_share_of_the_step_they_compute(tmp_path):
-    request = PlanRequest(model="demo", gpus=4, gpu_memory=1.0, global_batch=32,
-                          cost_file=_cost_file(tmp_path / "c.toml", processes=4, cores=2))
+    request = PlanRequest(
+        model="demo",
+        gpus=4,
+        gpu_memory=1.0,
+        global_batch=32,
+        cost_file=_cost_file(tmp_path / "c.toml", processes=4, cores=2),
+    )
     shape, shared = model_shape("demo"), hardware_of(request)
     own_cores = dataclasses.replace(shared, cores=None)
 
     def ratio(ranks: int, data_parallel: int) -> float:
-        candidate = next(c for c in candidates(request, shape) if (c.schedule.schedule, c.schedule.ranks,
-                         c.schedule.data_parallel, c.schedule.microbatches, c.schedule.zero) == (
-                             "gpipe", ranks, data_parallel, 1, 0) and c.schedule.recompute == "none")
-        return (evaluate(candidate, shape, shared, math.inf).step_time
-                / evaluate(candidate, shape, own_cores, math.inf).step_time)
+        candidate = next(
+            c
+            for c in candidates(request, shape)
+            if (
+                c.schedule.schedule,
+                c.schedule.ranks,
+                c.schedule.data_parallel,
+                c.schedule.microbatches,
+                c.schedule.zero,
+            )
+            == ("gpipe", ranks, data_parallel, 1, 0)
+            and c.schedule.recompute == "none"
+        )
+        return (
+            evaluate(candidate, shape, shared, math.inf).step_time
+            / evaluate(candidate, shape, own_cores, math.inf).step_time
+        )
 
     assert 1.8 <= ratio(1, 4) <= 2.0  # four processes computing all the time on two cores: half speed
     assert ratio(2, 2) <= 1.1  # one micro-batch through two stages: half the processes compute at a time
@@ -267,8 +368,14 @@ def test_the_compute_rate_between_measured_micro_batch_sizes_is_interpolated_in_
 
 def test_the_alone_forward_times_give_rates_relative_to_the_calibrated_micro_batch(tmp_path):
     path = _cost_file(tmp_path / "c.toml")  # batch 32 over 8 micro-batches: 4 sequences each
-    text = open(path).read().replace("[about]\n", "[about]\nalone_sizes = [1, 2, 4, 8]\n"
-                                     "alone_forward = [1.0, 1.0, 2.0, 2.0]\nsplit_backward = 1.5\n")
+    text = (
+        open(path)
+        .read()
+        .replace(
+            "[about]\n",
+            "[about]\nalone_sizes = [1, 2, 4, 8]\nalone_forward = [1.0, 1.0, 2.0, 2.0]\nsplit_backward = 1.5\n",
+        )
+    )
     open(path, "w").write(text)
     hardware = hardware_of(PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=path))
     assert hardware.rates == ((1, 0.5), (2, 1.0), (4, 1.0), (8, 2.0))
@@ -278,19 +385,29 @@ def test_the_alone_forward_times_give_rates_relative_to_the_calibrated_micro_bat
 def test_zero_bubble_pays_the_calibrated_price_of_splitting_its_backward(tmp_path):
     from layerpipe.plan import _costs_of
 
-    request = PlanRequest(model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=_cost_file(tmp_path / "c.toml"))
+    request = PlanRequest(
+        model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=_cost_file(tmp_path / "c.toml")
+    )
     shape, hardware = model_shape("demo"), dataclasses.replace(hardware_of(request), split_backward=1.5)
-    layout = {(c.schedule.schedule, c.schedule.microbatches, c.schedule.stages_per_rank): c
-              for c in candidates(request, shape) if c.schedule.ranks == 2 and c.schedule.recompute == "none"}
+    layout = {
+        (c.schedule.schedule, c.schedule.microbatches, c.schedule.stages_per_rank): c
+        for c in candidates(request, shape)
+        if c.schedule.ranks == 2 and c.schedule.recompute == "none"
+    }
     split, whole = (_costs_of(layout[(name, 8, 1)], shape, hardware).cost for name in ("zero-bubble", "1f1b"))
     assert split.backward_time == pytest.approx(tuple(1.5 * time for time in whole.backward_time))
     assert split.forward_time == whole.forward_time
 
 
-@pytest.mark.parametrize("line, named", [("alone_sizes = [2, 1]\nalone_forward = [1.0, 1.0]", "alone_sizes"),
-                                         ("alone_sizes = [1, 2]\nalone_forward = [1.0]", "alone_sizes"),
-                                         ("split_backward = 0.5", "split_backward = 0.5"),
-                                         ("contention = 0.5", "contention = 0.5 must be a finite number of at least 1")])
+@pytest.mark.parametrize(
+    "line, named",
+    [
+        ("alone_sizes = [2, 1]\nalone_forward = [1.0, 1.0]", "alone_sizes"),
+        ("alone_sizes = [1, 2]\nalone_forward = [1.0]", "alone_sizes"),
+        ("split_backward = 0.5", "split_backward = 0.5"),
+        ("contention = 0.5", "contention = 0.5 must be a finite number of at least 1"),
+    ],
+)
 def test_bad_calibrated_figures_are_refused_in_one_line(line, named, tmp_path, capsys):
     path = _cost_file(tmp_path / "c.toml")
     text = open(path).read().replace("[about]\n", f"[about]\n{line}\n")
@@ -308,7 +425,9 @@ def test_a_zero_bubble_calibration_holds_the_split_in_its_backward_already(tmp_p
 def test_best_among_finds_the_fastest_of_the_candidates_it_is_given(tmp_path):
     from layerpipe.plan import best_among
 
-    request = PlanRequest(model="demo", gpus=4, gpu_memory=1.0, global_batch=16, cost_file=_cost_file(tmp_path / "c.toml"))
+    request = PlanRequest(
+        model="demo", gpus=4, gpu_memory=1.0, global_batch=16, cost_file=_cost_file(tmp_path / "c.toml")
+    )
     shape, hardware = model_shape("demo"), hardware_of(request)
     family = [c for c in candidates(request, shape) if c.schedule.schedule == "breadth-first"]
     fastest = min(evaluate(candidate, shape, hardware, math.inf).step_time for candidate in family)

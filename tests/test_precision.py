@@ -12,12 +12,11 @@ import math
 
 import pytest
 import torch
+from runtime_models import batch, mlp_layers
 from torch import nn
 
 import layerpipe
 from layerpipe.knobs import ConfigError
-
-from runtime_models import batch, mlp_layers
 
 STEPS = 8
 
@@ -26,12 +25,21 @@ def float_layers() -> list[nn.Module]:
     return [layer.float() for layer in mlp_layers()]
 
 
-def train(precision: str, skip_nonfinite: bool = False, overflow_at: int | None = None,
-          recompute: str = "none") -> dict:
+def train(
+    precision: str, skip_nonfinite: bool = False, overflow_at: int | None = None, recompute: str = "none"
+) -> dict:
     """Worker: train ``STEPS`` steps; optionally make one rank's gradients infinite at one step."""
-    pipe = layerpipe.Pipeline(float_layers(), nn.functional.mse_loss, schedule="1f1b", microbatches=4,
-                              precision=precision, skip_nonfinite=skip_nonfinite, timeout=60, recompute=recompute,
-                              optimizer=lambda params: torch.optim.AdamW(params, lr=0.01))
+    pipe = layerpipe.Pipeline(
+        float_layers(),
+        nn.functional.mse_loss,
+        schedule="1f1b",
+        microbatches=4,
+        precision=precision,
+        skip_nonfinite=skip_nonfinite,
+        timeout=60,
+        recompute=recompute,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=0.01),
+    )
     losses, scales, skipped = [], [], []
     for step in range(STEPS):
         handle = None
@@ -64,7 +72,7 @@ def test_float16_skips_an_overflowing_step_on_every_rank_halves_its_scale_and_tr
     per_rank = layerpipe.launch(train, 2, ("fp16", True, 3))
     for result in per_rank:
         assert result["skipped"][3] is not None and all(s is None for i, s in enumerate(result["skipped"]) if i != 3)
-        assert result["scales"][2] == 2.0 ** 16 and result["scales"][3] == 2.0 ** 15
+        assert result["scales"][2] == 2.0**16 and result["scales"][3] == 2.0**15
         assert all(math.isfinite(loss) for loss in result["losses"]) and result["losses"][-1] < result["losses"][0]
     assert per_rank[0]["scales"] == per_rank[1]["scales"]
 
@@ -77,12 +85,17 @@ def refused(options: dict) -> str:
     return "accepted"
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(precision="fp8"), "precision='fp8': choose one of fp32, bf16, fp16"),
-    (dict(precision="fp16"), "precision='fp16': needs skip_nonfinite=True"),
-    (dict(precision="fp16", schedule="async", skip_nonfinite=False),
-     "precision='fp16': needs the guard of a flushed step for its loss scaling"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(precision="fp8"), "precision='fp8': choose one of fp32, bf16, fp16"),
+        (dict(precision="fp16"), "precision='fp16': needs skip_nonfinite=True"),
+        (
+            dict(precision="fp16", schedule="async", skip_nonfinite=False),
+            "precision='fp16': needs the guard of a flushed step for its loss scaling",
+        ),
+    ],
+)
 def test_precisions_that_cannot_run_are_refused_in_one_line(options, message):
     assert layerpipe.launch(refused, 1, (options,))[0].startswith(message)
 
@@ -97,8 +110,16 @@ def test_recomputation_in_bfloat16_replays_the_forward_in_bfloat16_and_changes_n
 
 
 def train_async_in_bfloat16() -> dict:
-    pipe = layerpipe.Pipeline(float_layers(), nn.functional.mse_loss, schedule="async", microbatches=4, update_every=2,
-                              precision="bf16", timeout=60, optimizer=lambda params: torch.optim.SGD(params, lr=0.05))
+    pipe = layerpipe.Pipeline(
+        float_layers(),
+        nn.functional.mse_loss,
+        schedule="async",
+        microbatches=4,
+        update_every=2,
+        precision="bf16",
+        timeout=60,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
+    )
     losses = [pipe.train_step(*(t.float() for t in batch(16, seed=step + 1))) for step in range(8)]
     pipe.flush()
     dtypes = sorted({str(meta.dtype) for metas in pipe._metas.values() for stage in metas if stage for meta in stage})

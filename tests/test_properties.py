@@ -3,9 +3,9 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from layerpipe.knobs import COMMAND_LINE
 from layerpipe.schedule.actions import COMPUTE_KINDS
 from layerpipe.schedule.build import build_schedule
-from layerpipe.knobs import COMMAND_LINE
 from layerpipe.schedule.config import ConfigError, ScheduleConfig
 from layerpipe.schedule.validation import validate
 from layerpipe.sim.cost import CostModel
@@ -31,17 +31,31 @@ def configs(draw):
     zero = draw(st.integers(0, 3)) if data_parallel > 1 else 0
     stages = ranks * stages_per_rank
     modes = draw(st.lists(st.sampled_from(["none", "full", "selective"]), min_size=stages - 1, max_size=stages - 1))
-    return ScheduleConfig(name, ranks, microbatches, stages_per_rank, group_size, data_parallel=data_parallel, zero=zero,
-                          reduce_portions=draw(st.integers(1, 3)) if data_parallel > 1 else 1,
-                          weight_buffers=draw(st.none() | st.integers(1, 3)) if zero == 3 else None,
-                          recompute=tuple(modes) + ("none",))
+    return ScheduleConfig(
+        name,
+        ranks,
+        microbatches,
+        stages_per_rank,
+        group_size,
+        data_parallel=data_parallel,
+        zero=zero,
+        reduce_portions=draw(st.integers(1, 3)) if data_parallel > 1 else 1,
+        weight_buffers=draw(st.none() | st.integers(1, 3)) if zero == 3 else None,
+        recompute=tuple(modes) + ("none",),
+    )
 
 
 def _async_config(draw) -> ScheduleConfig:
     every = draw(st.integers(1, 3))
     data_parallel = draw(st.sampled_from([1, 2]))
-    return ScheduleConfig("async", draw(st.integers(1, 6)), every * draw(st.integers(1, 8)), update_every=every,
-                          data_parallel=data_parallel, zero=draw(st.integers(0, 1)) if data_parallel > 1 else 0)
+    return ScheduleConfig(
+        "async",
+        draw(st.integers(1, 6)),
+        every * draw(st.integers(1, 8)),
+        update_every=every,
+        data_parallel=data_parallel,
+        zero=draw(st.integers(0, 1)) if data_parallel > 1 else 0,
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -51,7 +65,9 @@ def test_generated_programs_validate_lower_and_simulate(config, backward_time, p
     validate(schedule.compute, schedule.placement, config.microbatches)
     result = simulate(schedule, CostModel(backward_time=backward_time, p2p_latency=p2p_latency, weight_bytes=1.0))
     compute_events = sum(1 for event in result.timeline.events if event[1] == "compute")
-    assert compute_events == sum(1 for p in schedule.programs for a in p if a.kind in COMPUTE_KINDS or a.kind.value == "STEP")
+    assert compute_events == sum(
+        1 for p in schedule.programs for a in p if a.kind in COMPUTE_KINDS or a.kind.value == "STEP"
+    )
     assert 0 <= result.bubble_fraction < 1
     assert result.step_time >= result.ideal_time
 

@@ -12,9 +12,9 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from runtime_models import Chain, batch, relative_error, wide_layers
 from torch import nn
 
 import layerpipe
@@ -22,16 +22,21 @@ from layerpipe.models.gpt import GPTConfig, gpt_layers, next_token_loss
 from layerpipe.schedule.actions import Kind
 from layerpipe.sim.memory import activation_peak
 
-from runtime_models import Chain, batch, relative_error, wide_layers
-
 STAGES = 4
 PARTITION = [0, 5, 10, 15]
 
 
 def _recompute_timeline(schedule: str, stages_per_rank: int):
-    pipe = layerpipe.Pipeline(wide_layers(), nn.functional.mse_loss, schedule=schedule, microbatches=4,
-                              stages_per_rank=stages_per_rank, partition=PARTITION if stages_per_rank == 2 else [0, 10],
-                              recompute="full", timeout=60)
+    pipe = layerpipe.Pipeline(
+        wide_layers(),
+        nn.functional.mse_loss,
+        schedule=schedule,
+        microbatches=4,
+        stages_per_rank=stages_per_rank,
+        partition=PARTITION if stages_per_rank == 2 else [0, 10],
+        recompute="full",
+        timeout=60,
+    )
     inputs, targets = batch(8, width=8)
     pipe.train_step(inputs, targets)
     return pipe.timeline().events
@@ -51,19 +56,32 @@ def test_the_loss_gradient_of_a_microbatch_precedes_every_recompute_of_it(schedu
             recomputes.append((action.stage, action.microbatch, start))
     assert len(recomputes) == last * 4, "every stage but the last recomputes every micro-batch once"
     for stage, microbatch, start in recomputes:
-        assert start >= loss_gradient_end[microbatch], \
+        assert start >= loss_gradient_end[microbatch], (
             f"{stage}R{microbatch} started before the loss gradient of micro-batch {microbatch}"
+        )
 
 
 def _peaks(recompute: str):
-    pipe = layerpipe.Pipeline(wide_layers(), nn.functional.mse_loss, schedule="breadth-first", microbatches=4,
-                              stages_per_rank=2, partition=PARTITION, recompute=recompute, track_memory=True,
-                              timeout=60)
+    pipe = layerpipe.Pipeline(
+        wide_layers(),
+        nn.functional.mse_loss,
+        schedule="breadth-first",
+        microbatches=4,
+        stages_per_rank=2,
+        partition=PARTITION,
+        recompute=recompute,
+        track_memory=True,
+        timeout=60,
+    )
     inputs, targets = batch(32, width=8)
     pipe.train_step(inputs, targets)
     memory = pipe.memory()
-    return memory["activations"], memory["forward_activations"], pipe.schedule.programs[pipe.rank], \
-        pipe.schedule.config.recomputed_stages
+    return (
+        memory["activations"],
+        memory["forward_activations"],
+        pipe.schedule.programs[pipe.rank],
+        pipe.schedule.config.recomputed_stages,
+    )
 
 
 def _both_peaks():
@@ -77,13 +95,16 @@ def test_recomputation_lowers_the_measured_activation_peak_by_the_predicted_fact
         recomputed_peak, inputs_only, recompute_program, recomputed_stages = recomputed
         activation = [stored.get(s, 0) for s in range(STAGES)]
         kept = [inputs_only.get(s, 0) for s in range(STAGES)]
-        predicted = activation_peak(recompute_program, activation, kept, frozenset(recomputed_stages)).bytes / \
-            activation_peak(plain_program, activation, kept).bytes
+        predicted = (
+            activation_peak(recompute_program, activation, kept, frozenset(recomputed_stages)).bytes
+            / activation_peak(plain_program, activation, kept).bytes
+        )
         measured = recomputed_peak / plain_peak
         assert any(a.kind is Kind.R for a in recompute_program)
         assert measured < 0.6, f"rank {rank}: recomputation should shrink the peak ({measured:.2f})"
-        assert abs(measured - predicted) <= 0.1 * predicted, \
+        assert abs(measured - predicted) <= 0.1 * predicted, (
             f"rank {rank}: measured factor {measured:.3f}, memory model {predicted:.3f}"
+        )
 
 
 GPT = GPTConfig(vocab_size=11, block_size=32, width=16, heads=4, blocks=2)  # attention weights dominate: selective pays
@@ -109,9 +130,17 @@ def _gpt_reference(steps: int):
 
 def _gpt_run(recompute: str):
     expected_grads, expected_params = _gpt_reference(2)
-    pipe = layerpipe.Pipeline([layer.double() for layer in gpt_layers(GPT)], next_token_loss, schedule="breadth-first",
-                              microbatches=4, stages_per_rank=2, recompute=recompute, track_memory=True,
-                              optimizer=lambda params: torch.optim.AdamW(params, lr=0.01), timeout=60)
+    pipe = layerpipe.Pipeline(
+        [layer.double() for layer in gpt_layers(GPT)],
+        next_token_loss,
+        schedule="breadth-first",
+        microbatches=4,
+        stages_per_rank=2,
+        recompute=recompute,
+        track_memory=True,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=0.01),
+        timeout=60,
+    )
     for step in range(2):
         pipe.train_step(*_gpt_batch(step))
     grad_error = max(relative_error(p.grad, expected_grads[name]) for name, p in pipe.named_parameters())

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from runtime_models import batch, mlp_layers, multi_tensor_layers, reference_run, relative_error
 from torch import nn
 
 import layerpipe
 from layerpipe.schedule.config import ConfigError, ScheduleConfig, validate_config
-
-from runtime_models import batch, mlp_layers, multi_tensor_layers, reference_run, relative_error
 
 STEPS = 3
 TOLERANCE = 1e-10
@@ -44,9 +43,16 @@ def run_configurations(cases: list[tuple]) -> list[tuple]:
     for schedule, v, m, group_size, model in cases:
         layers = MODELS[model]()
         expected_losses, expected_grads, expected_params = reference_run(layers, STEPS, 2 * m)
-        pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, schedule=schedule, microbatches=m,
-                                  stages_per_rank=v, group_size=group_size,
-                                  optimizer=lambda params: torch.optim.AdamW(params, lr=0.05), timeout=60)
+        pipe = layerpipe.Pipeline(
+            layers,
+            nn.functional.mse_loss,
+            schedule=schedule,
+            microbatches=m,
+            stages_per_rank=v,
+            group_size=group_size,
+            optimizer=lambda params: torch.optim.AdamW(params, lr=0.05),
+            timeout=60,
+        )
         loss_error = grad_error = 0.0
         names = set()
         for step in range(STEPS):
@@ -56,8 +62,9 @@ def run_configurations(cases: list[tuple]) -> list[tuple]:
             for name, parameter in pipe.named_parameters():
                 names.add(name)
                 grad_error = max(grad_error, relative_error(parameter.grad, expected_grads[step][name]))
-        param_error = max(relative_error(p.detach(), expected_params[n]) for n, p in pipe.named_parameters()) \
-            if names else 0.0
+        param_error = (
+            max(relative_error(p.detach(), expected_params[n]) for n, p in pipe.named_parameters()) if names else 0.0
+        )
         results.append(((schedule, v, m, group_size, model), loss_error, grad_error, param_error, sorted(names)))
     return results
 
@@ -79,22 +86,23 @@ def check(ranks: int, cases: list[tuple]) -> None:
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_every_schedule_matches_the_single_process_reference(ranks):
     cases = configurations(ranks)
-    assert {case[0] for case in cases} == {"gpipe", "1f1b", "interleaved", "breadth-first", "grouped",
-                                           "zero-bubble"}
+    assert {case[0] for case in cases} == {"gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble"}
     check(ranks, cases)
 
 
 @pytest.mark.multiprocess
 def test_stages_passing_several_tensors_of_changing_shapes_match_the_reference():
-    cases = [(schedule, v, 4, None, "multi-tensor")
-             for schedule, v in (("breadth-first", 2), ("interleaved", 2), ("zero-bubble", 1), ("1f1b", 1))]
+    cases = [
+        (schedule, v, 4, None, "multi-tensor")
+        for schedule, v in (("breadth-first", 2), ("interleaved", 2), ("zero-bubble", 1), ("1f1b", 1))
+    ]
     check(2, cases)
 
 
 def test_the_reference_run_is_sensitive_to_a_wrong_gradient():
     """The tolerance is meaningful: halving one micro-batch's contribution is far above it."""
     layers = mlp_layers()
-    losses, grads, _ = reference_run(layers, 1, 4)
+    _, grads, _ = reference_run(layers, 1, 4)
     inputs, targets = batch(4, seed=1)
     model = nn.Sequential(*layers)
     halves = [nn.functional.mse_loss(model(x), y) for x, y in zip(inputs.chunk(2), targets.chunk(2))]

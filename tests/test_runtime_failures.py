@@ -12,26 +12,25 @@ import time
 
 import pytest
 import torch
+from runtime_models import batch, mlp_layers
 from torch import nn
 
 import layerpipe
-from layerpipe.schedule.config import ConfigError
 from layerpipe.runtime.launch import LaunchError
-from layerpipe.runtime.stage import PipelineError
 from layerpipe.runtime.partition import PartitionError, partition
+from layerpipe.runtime.stage import PipelineError
 from layerpipe.schedule.actions import Kind
 from layerpipe.schedule.build import build_schedule
-from layerpipe.schedule.config import ScheduleConfig
-
-from runtime_models import batch, mlp_layers
+from layerpipe.schedule.config import ConfigError, ScheduleConfig
 
 pytestmark = pytest.mark.multiprocess
 
 
 def _train_once(samples: int, microbatches: int, layers=None, schedule="breadth-first", timeout=60.0):
     layers = layers if layers is not None else mlp_layers()
-    pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, schedule=schedule, microbatches=microbatches,
-                              stages_per_rank=1, timeout=timeout)
+    pipe = layerpipe.Pipeline(
+        layers, nn.functional.mse_loss, schedule=schedule, microbatches=microbatches, stages_per_rank=1, timeout=timeout
+    )
     inputs, targets = batch(samples)
     return pipe.train_step(inputs, targets)
 
@@ -101,10 +100,14 @@ def test_a_hang_times_out_and_each_rank_names_its_blocked_action_and_peer():
         layerpipe.launch(_train_with_a_lost_send, 2, timeout=2.0)
     reports = caught.value.reports
     assert set(reports) == {0, 1}
-    assert "rank 1: timed out after 2 s at 1RECV_F1 waiting for stage 0's output for micro-batch 1 from rank 0" \
+    assert (
+        "rank 1: timed out after 2 s at 1RECV_F1 waiting for stage 0's output for micro-batch 1 from rank 0"
         in reports[1]
-    assert "at 0RECV_B0 waiting for the gradient of stage 0's output for micro-batch 0 (from stage 1) from rank 1" \
+    )
+    assert (
+        "at 0RECV_B0 waiting for the gradient of stage 0's output for micro-batch 0 (from stage 1) from rank 1"
         in reports[0]
+    )
 
 
 class ShrinkOnLargeInput(nn.Module):
@@ -127,30 +130,40 @@ def _train_with_a_changing_shape():
 def test_a_stage_output_that_changes_shape_names_the_stage_and_microbatch():
     with pytest.raises(LaunchError) as caught:
         layerpipe.launch(_train_with_a_changing_shape, 2, timeout=10.0)
-    assert "stage 0 produced (float64[2, 5]) for micro-batch 2, but the pipeline agreed on (float64[2, 6])" \
-        in str(caught.value)
+    assert "stage 0 produced (float64[2, 5]) for micro-batch 2, but the pipeline agreed on (float64[2, 6])" in str(
+        caught.value
+    )
 
 
-@pytest.mark.parametrize("options, text", [
-    ({"data_parallel": 2}, "data_parallel=2: must divide the 1 processes"),
-    ({"zero": 4}, "zero=4: choose one of 0, 1, 2, 3"),
-    ({"zero": 3}, "zero=3: shards over data-parallel replicas: needs data_parallel above 1"),
-    ({"recompute": "all"}, "recompute='all': choose one of none, full, selective"),
-    ({"recompute": ["full"]}, r"recompute=\('full',\): the last stage \(0\) cannot recompute"),
-    ({"recompute": ["none", "full"]}, "give one mode for each of the 1 stages"),
-    ({"reduce_portions": 0}, "reduce_portions=0: must be a whole number of at least 1"),
-    ({"replicas": 2}, "replicas=2: not an option of Pipeline; the schedule options are microbatches, "),
-    ({"schedule": "async"}, "optimizer=None: async updates every stage inside the stream: give optimizer="),
-    ({"schedule": "async", "update_every": 0}, "update_every=0: must be a whole number of at least 1"),
-    ({"schedule": "async", "weight_policy": "newest"},
-     "weight_policy='newest': choose one of stashed, double-buffered, live"),
-    ({"weight_policy": "live"}, "weight_policy='live': only the async schedule takes it"),
-    ({"schedule": "async", "delay_correction": "spike", "optimizer": "adam"},
-     "delay_correction='spike': reads the momentum of torch.optim.SGD with momentum > 0, no dampening and no "
-     "Nesterov; the optimizer is AdamW"),
-    ({"schedule": "async", "delay_correction": "predict", "optimizer": "sgd"},
-     r"the optimizer is SGD\(momentum=0, dampening=0, nesterov=False\)"),
-])
+@pytest.mark.parametrize(
+    "options, text",
+    [
+        ({"data_parallel": 2}, "data_parallel=2: must divide the 1 processes"),
+        ({"zero": 4}, "zero=4: choose one of 0, 1, 2, 3"),
+        ({"zero": 3}, "zero=3: shards over data-parallel replicas: needs data_parallel above 1"),
+        ({"recompute": "all"}, "recompute='all': choose one of none, full, selective"),
+        ({"recompute": ["full"]}, r"recompute=\('full',\): the last stage \(0\) cannot recompute"),
+        ({"recompute": ["none", "full"]}, "give one mode for each of the 1 stages"),
+        ({"reduce_portions": 0}, "reduce_portions=0: must be a whole number of at least 1"),
+        ({"replicas": 2}, "replicas=2: not an option of Pipeline; the schedule options are microbatches, "),
+        ({"schedule": "async"}, "optimizer=None: async updates every stage inside the stream: give optimizer="),
+        ({"schedule": "async", "update_every": 0}, "update_every=0: must be a whole number of at least 1"),
+        (
+            {"schedule": "async", "weight_policy": "newest"},
+            "weight_policy='newest': choose one of stashed, double-buffered, live",
+        ),
+        ({"weight_policy": "live"}, "weight_policy='live': only the async schedule takes it"),
+        (
+            {"schedule": "async", "delay_correction": "spike", "optimizer": "adam"},
+            "delay_correction='spike': reads the momentum of torch.optim.SGD with momentum > 0, no dampening and no "
+            "Nesterov; the optimizer is AdamW",
+        ),
+        (
+            {"schedule": "async", "delay_correction": "predict", "optimizer": "sgd"},
+            r"the optimizer is SGD\(momentum=0, dampening=0, nesterov=False\)",
+        ),
+    ],
+)
 def test_bad_data_parallel_and_recompute_options_are_refused_in_one_line(options, text):
     message = layerpipe.launch(_refused_message, 1, (options,))[0]
     assert re.search(text, message), message
@@ -164,8 +177,13 @@ def _refused_message(options: dict) -> str:
     options = dict(options)
     optimizer = OPTIMIZERS.get(options.pop("optimizer", None))
     try:
-        layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, microbatches=2, optimizer=optimizer,
-                           **{"stages_per_rank": 1, **options})
+        layerpipe.Pipeline(
+            mlp_layers(),
+            nn.functional.mse_loss,
+            microbatches=2,
+            optimizer=optimizer,
+            **{"stages_per_rank": 1, **options},
+        )
     except ConfigError as error:
         return str(error)
     return "accepted"
@@ -176,8 +194,11 @@ def _grouped_without_group_size():
 
 
 def test_schedule_options_are_refused_with_the_python_argument_names():
-    with pytest.raises(LaunchError, match=r"group_size=None: the grouped schedule needs one, between ranks \(2\) "
-                                          r"and microbatches \(4\)"):
+    with pytest.raises(
+        LaunchError,
+        match=r"group_size=None: the grouped schedule needs one, between ranks \(2\) "
+        r"and microbatches \(4\)",
+    ):
         layerpipe.launch(_grouped_without_group_size, 2)
 
 
@@ -277,8 +298,11 @@ def waiting_reports(tmp_path, text: str) -> str:
     """Run the two-process script ``text`` with a "still waiting" line every second; return its stderr."""
     script = tmp_path / "frozen.py"
     script.write_text(text)
-    environment = {**os.environ, "LAYERPIPE_WAIT_REPORT_SECONDS": "1",
-                   "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    environment = {
+        **os.environ,
+        "LAYERPIPE_WAIT_REPORT_SECONDS": "1",
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+    }
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=environment)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stderr
@@ -309,8 +333,11 @@ if __name__ == "__main__":
 
 def test_a_peer_frozen_before_the_first_step_is_reported_while_the_shapes_are_agreed(tmp_path):
     reports = waiting_reports(tmp_path, FROZEN_BEFORE_THE_FIRST_STEP)
-    assert re.search(r"rank 1 still waiting while agreeing tensor shapes for stage 0's output from rank 0, \d+ s "
-                     r"of 30", reports), reports
+    assert re.search(
+        r"rank 1 still waiting while agreeing tensor shapes for stage 0's output from rank 0, \d+ s "
+        r"of 30",
+        reports,
+    ), reports
 
 
 @pytest.mark.parametrize("timeout", [0, -5, float("inf"), "30"])
@@ -331,8 +358,10 @@ def _targets_that_would_broadcast():
 
 def test_targets_that_would_broadcast_against_the_output_are_refused():
     message = layerpipe.launch(_targets_that_would_broadcast, 1)[0]
-    assert message == ("rank 0: the last stage's output for micro-batch 0 has shape (2, 3) but its targets (2, 1): "
-                       "the loss would broadcast one against the other; give targets shaped like the output")
+    assert message == (
+        "rank 0: the last stage's output for micro-batch 0 has shape (2, 3) but its targets (2, 1): "
+        "the loss would broadcast one against the other; give targets shaped like the output"
+    )
 
 
 def _exchange_and_look_for_pickles():
@@ -348,5 +377,11 @@ def _exchange_and_look_for_pickles():
 
 def test_values_ranks_exchange_cross_as_json_and_arrive_in_rank_order():
     gathered = layerpipe.launch(_exchange_and_look_for_pickles, 2)
-    assert gathered[0] == gathered[1] == [{"rank": 0, "events": [[0, "compute", "0F1", 0.5, 1.0]]},
-                                          {"rank": 1, "events": [[0, "compute", "0F1", 0.5, 1.0]]}]
+    assert (
+        gathered[0]
+        == gathered[1]
+        == [
+            {"rank": 0, "events": [[0, "compute", "0F1", 0.5, 1.0]]},
+            {"rank": 1, "events": [[0, "compute", "0F1", 0.5, 1.0]]},
+        ]
+    )

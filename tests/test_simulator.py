@@ -16,8 +16,11 @@ from layerpipe.sim.cost import CostModel, collective_time
 from layerpipe.sim.simulator import simulate, steady_step
 
 UNIT = CostModel(forward_time=1, backward_time=2)
-DIVISIBLE = [(p, v, m) for p, v, m in itertools.product([1, 2, 3, 4, 8], [1, 2, 3, 4], [4, 8, 12, 16, 24, 32])
-             if m >= p and m % p == 0]
+DIVISIBLE = [
+    (p, v, m)
+    for p, v, m in itertools.product([1, 2, 3, 4, 8], [1, 2, 3, 4], [4, 8, 12, 16, 24, 32])
+    if m >= p and m % p == 0
+]
 
 
 @pytest.mark.parametrize("name", ["gpipe", "1f1b"])
@@ -30,8 +33,12 @@ def test_gpipe_and_1f1b_bubble(schedule_of, name, ranks, microbatches):
 @pytest.mark.parametrize("ranks,stages_per_rank,microbatches", DIVISIBLE)
 def test_looping_schedules_bubble(schedule_of, ranks, stages_per_rank, microbatches):
     expected = (ranks - 1) / (stages_per_rank * microbatches + ranks - 1)
-    for name, options in [("interleaved", {}), ("breadth-first", {}), ("grouped", {"group_size": ranks}),
-                          ("grouped", {"group_size": microbatches})]:
+    for name, options in [
+        ("interleaved", {}),
+        ("breadth-first", {}),
+        ("grouped", {"group_size": ranks}),
+        ("grouped", {"group_size": microbatches}),
+    ]:
         result = simulate(schedule_of(name, ranks, microbatches, stages_per_rank, **options), UNIT)
         assert result.bubble_fraction == pytest.approx(expected, abs=1e-12), (name, options)
 
@@ -87,8 +94,10 @@ def test_ring_collective_formulas():
 
 @pytest.mark.parametrize("microbatches", [4, 8, 16])
 def test_breadth_first_zero3_one_gather_and_one_reduce_per_stage(schedule_of, microbatches):
-    result = simulate(schedule_of("breadth-first", 4, microbatches, 2, data_parallel=2, zero=3),
-                      CostModel(weight_bytes=1.0, data_parallel_bandwidth=1.0))
+    result = simulate(
+        schedule_of("breadth-first", 4, microbatches, 2, data_parallel=2, zero=3),
+        CostModel(weight_bytes=1.0, data_parallel_bandwidth=1.0),
+    )
     assert (result.gathers, result.reduces) == (8, 8)
 
 
@@ -108,7 +117,9 @@ def test_interleaved_zero3_needs_more_gathers_with_bounded_buffers(schedule_of):
 
 def test_breadth_first_hides_reduces_better_than_interleaved(schedule_of):
     """A stage's reduce hides behind m backwards in breadth-first, behind N = p in interleaved."""
-    cost = CostModel(weight_bytes=8.0, data_parallel_bandwidth=1.0)  # all-reduce over 8 replicas: 14 units, a backward is 2
+    cost = CostModel(
+        weight_bytes=8.0, data_parallel_bandwidth=1.0
+    )  # all-reduce over 8 replicas: 14 units, a backward is 2
     breadth_first = simulate(schedule_of("breadth-first", 4, 16, 2, data_parallel=8), cost)
     interleaved = simulate(schedule_of("interleaved", 4, 16, 2, data_parallel=8), cost)
     exposed = lambda result: max(rank.exposed_communication for rank in result.ranks)  # noqa: E731
@@ -143,6 +154,7 @@ def test_simulator_reports_deadlock():
 
 def test_timeline_streams_and_json_round_trip(schedule_of):
     from layerpipe.sim.timeline import Timeline
+
     result = simulate(schedule_of("breadth-first", 2, 2, 2, data_parallel=2, zero=3), CostModel(weight_bytes=1.0))
     assert {event[1] for event in result.timeline.events} == {"compute", "p2p", "data_parallel"}
     again = Timeline.from_json(result.timeline.to_json())
@@ -163,8 +175,9 @@ def test_evaluation_programs_gather_at_zero3_and_simulate_without_reduces_or_ste
 def test_a_send_and_a_receive_hold_their_ranks_for_their_times():
     config = ScheduleConfig(schedule="gpipe", ranks=2, microbatches=1)
     plain = simulate(build_schedule(config), CostModel(forward_time=1.0, backward_time=2.0))
-    held = simulate(build_schedule(config), CostModel(forward_time=1.0, backward_time=2.0, send_time=0.5,
-                                                      receive_time=0.25))
+    held = simulate(
+        build_schedule(config), CostModel(forward_time=1.0, backward_time=2.0, send_time=0.5, receive_time=0.25)
+    )
     assert plain.step_time == 6.0
     assert held.step_time == 6.0 + 2 * (0.5 + 0.25)
     assert max(rank.exposed_communication for rank in held.ranks) >= 0.5 + 0.25
@@ -175,9 +188,13 @@ def test_calibration_reads_recompute_times_from_the_timeline():
     from layerpipe.sim.calibrate import calibrated_cost
     from layerpipe.sim.timeline import Timeline
 
-    events = ((0, "compute", Action(0, Kind.F, 0), 0.0, 1.0), (0, "compute", Action(1, Kind.F, 0), 1.0, 3.0),
-              (0, "compute", Action(1, Kind.B, 0), 3.0, 7.0), (0, "compute", Action(0, Kind.R, 0), 7.0, 7.5),
-              (0, "compute", Action(0, Kind.B, 0), 7.5, 9.5))
+    events = (
+        (0, "compute", Action(0, Kind.F, 0), 0.0, 1.0),
+        (0, "compute", Action(1, Kind.F, 0), 1.0, 3.0),
+        (0, "compute", Action(1, Kind.B, 0), 3.0, 7.0),
+        (0, "compute", Action(0, Kind.R, 0), 7.0, 7.5),
+        (0, "compute", Action(0, Kind.B, 0), 7.5, 9.5),
+    )
     cost = calibrated_cost(Timeline(1, events, "measured", "s", "t", {}), 2)
     assert cost.recompute_time == (0.5, 2.0)
     assert cost.forward_time == (1.0, 2.0) and cost.backward_time == (2.0, 4.0)
@@ -187,9 +204,12 @@ def test_drawn_compute_times_have_the_cost_models_mean_and_spread_and_repeat_wit
     config = ScheduleConfig(schedule="gpipe", ranks=1, microbatches=8)
     cost = CostModel(forward_time=2.0, backward_time=4.0, variation=0.3)
     schedule = build_schedule(config)
-    forwards = [end - start for seed in range(200)
-                for _, stream, action, start, end in simulate(schedule, cost, seed=seed).timeline.events
-                if stream == "compute" and action.kind is Kind.F]
+    forwards = [
+        end - start
+        for seed in range(200)
+        for _, stream, action, start, end in simulate(schedule, cost, seed=seed).timeline.events
+        if stream == "compute" and action.kind is Kind.F
+    ]
     mean = sum(forwards) / len(forwards)
     spread = (sum((time - mean) ** 2 for time in forwards) / len(forwards)) ** 0.5 / mean
     assert mean == pytest.approx(2.0, rel=0.05) and spread == pytest.approx(0.3, rel=0.1)
@@ -202,18 +222,27 @@ def test_drawn_holds_have_the_cost_models_mean_and_spread_and_lengthen_the_stead
     fixed = CostModel(forward_time=1.0, backward_time=2.0, send_time=0.5, receive_time=0.5)
     drawn = dataclasses.replace(fixed, hold_variation=0.8)
     schedule = build_schedule(config)
-    forwards = [end - start for seed in range(20)
-                for _, stream, action, start, end in simulate(schedule, drawn, seed=seed).timeline.events
-                if stream == "compute" and action.kind is Kind.F]
+    forwards = [
+        end - start
+        for seed in range(20)
+        for _, stream, action, start, end in simulate(schedule, drawn, seed=seed).timeline.events
+        if stream == "compute" and action.kind is Kind.F
+    ]
     assert forwards and all(time == pytest.approx(1.0) for time in forwards)  # compute times stay fixed
-    first_forward_end = [next(end for rank, stream, action, _, end in simulate(schedule, drawn, seed=seed)
-                              .timeline.events if rank == 1 and stream == "compute") for seed in range(300)]
+    first_forward_end = [
+        next(
+            end
+            for rank, stream, action, _, end in simulate(schedule, drawn, seed=seed).timeline.events
+            if rank == 1 and stream == "compute"
+        )
+        for seed in range(300)
+    ]
     # rank 1's first forward ends after rank 0's forward, the send's hold, rank 1's receive hold and its forward:
     # two independent holds of mean 0.5 and spread 0.8 add up to mean 1 and spread 0.8 / sqrt(2)
     holds = [end - 1.0 - 1.0 for end in first_forward_end]
     mean = sum(holds) / len(holds)
     spread = (sum((hold - mean) ** 2 for hold in holds) / len(holds)) ** 0.5 / mean
-    assert mean == pytest.approx(1.0, rel=0.1) and spread == pytest.approx(0.8 / 2 ** 0.5, rel=0.15)
+    assert mean == pytest.approx(1.0, rel=0.1) and spread == pytest.approx(0.8 / 2**0.5, rel=0.15)
     assert steady_step(config, drawn) > 1.02 * steady_step(config, fixed)
 
 
@@ -221,8 +250,7 @@ def test_drawn_times_lengthen_the_steady_step_and_replicas_wait_for_the_slowest(
     fixed = CostModel(forward_time=1.0, backward_time=2.0)
     drawn = CostModel(forward_time=1.0, backward_time=2.0, variation=0.5)
     single = ScheduleConfig(schedule="breadth-first", ranks=2, microbatches=4, stages_per_rank=2)
-    replicated = ScheduleConfig(schedule="breadth-first", ranks=2, microbatches=4, stages_per_rank=2,
-                                data_parallel=2)
+    replicated = ScheduleConfig(schedule="breadth-first", ranks=2, microbatches=4, stages_per_rank=2, data_parallel=2)
     assert steady_step(single, drawn) > 1.02 * steady_step(single, fixed)
     assert steady_step(replicated, fixed) == pytest.approx(steady_step(single, fixed))
     assert steady_step(replicated, drawn) > 1.02 * steady_step(single, drawn)

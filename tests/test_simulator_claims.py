@@ -10,7 +10,8 @@ closes as the number of micro-batches grows.  The setting is
 from __future__ import annotations
 
 from layerpipe.schedule.build import build_schedule
-from layerpipe.sim.scenarios import paper_52b_configurations as configurations, paper_52b_costs as layer_costs
+from layerpipe.sim.scenarios import paper_52b_configurations as configurations
+from layerpipe.sim.scenarios import paper_52b_costs as layer_costs
 from layerpipe.sim.simulator import simulate
 
 

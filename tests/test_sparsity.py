@@ -7,15 +7,24 @@ import math
 
 import pytest
 import torch
+from runtime_models import reference_run, relative_error
 from torch import nn
 
 import layerpipe
 from layerpipe.knobs import ConfigError
-from layerpipe.ops import NMSparseLinear, Pattern, compress, decompose, decompress, nm_mask, parse_pattern, prune, \
-    sparsify
-from layerpipe.ops import sparse_linear
+from layerpipe.ops import (
+    NMSparseLinear,
+    Pattern,
+    compress,
+    decompose,
+    decompress,
+    nm_mask,
+    parse_pattern,
+    prune,
+    sparse_linear,
+    sparsify,
+)
 from layerpipe.ops.sparsity import semi_structured_metadata
-from runtime_models import reference_run, relative_error
 
 PATTERNS = ["2:4", "1:4", "4:8", "3:8", "1:2"]
 
@@ -151,8 +160,9 @@ def test_sr_ste_lets_the_pattern_change_while_the_fixed_pattern_stays():
 
 def small_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Sequential(nn.Linear(16, 16), nn.ReLU()),
-                         nn.Linear(16, 4)).double()
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), nn.Sequential(nn.Linear(16, 16), nn.ReLU()), nn.Linear(16, 4)
+    ).double()
 
 
 def test_sparsify_equals_magnitude_pruning_of_the_original_model_and_can_leave_the_head_dense():
@@ -169,12 +179,15 @@ def test_sparsify_equals_magnitude_pruning_of_the_original_model_and_can_leave_t
     assert relative_error(model(inputs), pruned(inputs)) < 1e-14
 
 
-@pytest.mark.parametrize("arguments, message", [
-    ({"layers": ["1"]}, r"^layers: '1' is a Tanh, not an nn.Linear; the linear layers are 0, 2.0, 3$"),
-    ({"skip": ["head"]}, r"^skip: no layer named 'head'; the layers are 0, 1, 2, 2.0, 2.1, 3$"),
-    ({"pattern": "3:16"}, r"^layer '0' has 8 inputs, not a multiple of M = 16"),
-    ({"pattern": "5:4"}, r"^pattern='5:4': needs 1 <= N < M"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"layers": ["1"]}, r"^layers: '1' is a Tanh, not an nn.Linear; the linear layers are 0, 2.0, 3$"),
+        ({"skip": ["head"]}, r"^skip: no layer named 'head'; the layers are 0, 1, 2, 2.0, 2.1, 3$"),
+        ({"pattern": "3:16"}, r"^layer '0' has 8 inputs, not a multiple of M = 16"),
+        ({"pattern": "5:4"}, r"^pattern='5:4': needs 1 <= N < M"),
+    ],
+)
 def test_sparsify_refuses_bad_names_and_unfit_layers_in_one_line(arguments, message):
     with pytest.raises(ValueError, match=message):
         sparsify(small_model(), **arguments)
@@ -198,8 +211,10 @@ def test_a_dense_matrix_is_the_exact_sum_of_ceil_m_over_n_nm_terms(pattern):
 
 
 def test_the_2_4_metadata_agrees_with_pytorchs_own_fp16_conversion():
-    from torch.sparse._semi_structured_conversions import (sparse_semi_structured_from_dense_cutlass,
-                                                           sparse_semi_structured_to_dense_cutlass)
+    from torch.sparse._semi_structured_conversions import (
+        sparse_semi_structured_from_dense_cutlass,
+        sparse_semi_structured_to_dense_cutlass,
+    )
 
     weight = torch.randn(64, 64, generator=torch.Generator().manual_seed(5)).half()
     values, offsets = compress(weight, Pattern(2, 4))
@@ -212,24 +227,33 @@ def test_the_2_4_metadata_agrees_with_pytorchs_own_fp16_conversion():
 
 def _sparse_layers():
     torch.manual_seed(0)
-    layers = [nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(),
-              nn.Linear(8, 3)]
-    return [sparsify(nn.Sequential(layer.double()), "2:4")[0] if isinstance(layer, nn.Linear) else layer
-            for layer in layers]
+    layers = [nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3)]
+    return [
+        sparsify(nn.Sequential(layer.double()), "2:4")[0] if isinstance(layer, nn.Linear) else layer for layer in layers
+    ]
 
 
 def _sparse_batch(step: int):
     generator = torch.Generator().manual_seed(step)
-    return (torch.randn(8, 8, dtype=torch.float64, generator=generator),
-            torch.randn(8, 3, dtype=torch.float64, generator=generator))
+    return (
+        torch.randn(8, 8, dtype=torch.float64, generator=generator),
+        torch.randn(8, 3, dtype=torch.float64, generator=generator),
+    )
 
 
 def _sparse_pipeline_run():
-    expected_losses, _, expected = reference_run(_sparse_layers(), 3, lr=0.01,
-                                                 batches=[_sparse_batch(step) for step in range(3)])
-    pipe = layerpipe.Pipeline(_sparse_layers(), nn.functional.mse_loss, schedule="breadth-first", microbatches=4,
-                              stages_per_rank=2, optimizer=lambda params: torch.optim.AdamW(params, lr=0.01),
-                              timeout=60)
+    expected_losses, _, expected = reference_run(
+        _sparse_layers(), 3, lr=0.01, batches=[_sparse_batch(step) for step in range(3)]
+    )
+    pipe = layerpipe.Pipeline(
+        _sparse_layers(),
+        nn.functional.mse_loss,
+        schedule="breadth-first",
+        microbatches=4,
+        stages_per_rank=2,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=0.01),
+        timeout=60,
+    )
     losses = [pipe.train_step(*_sparse_batch(step)) for step in range(3)]
     loss_error = max(abs(found - wanted) / abs(wanted) for found, wanted in zip(losses, expected_losses))
     return loss_error, max(relative_error(p.detach(), expected[name]) for name, p in pipe.named_parameters())

@@ -29,11 +29,21 @@ def test_each_rank_receives_exactly_what_its_neighbours_send():
     layer = RowMap("conv", kernel=5, padding=2)
     wants = tuple(layer.needed_rows(first, end, 14) for first, end in layer.output_bounds(bounds, 14))
     plans = [plan_exchange(bounds, wants, 14, index) for index in range(3)]
-    assert plans[1] == ExchangePlan(8, copies=(Piece(1, 0, 4, 2),), receives=(Piece(0, 3, 5, 0), Piece(2, 0, 2, 6)),
-                                    sends=(Piece(0, 0, 2, 7), Piece(2, 2, 4, 0)))
+    assert plans[1] == ExchangePlan(
+        8,
+        copies=(Piece(1, 0, 4, 2),),
+        receives=(Piece(0, 3, 5, 0), Piece(2, 0, 2, 6)),
+        sends=(Piece(0, 0, 2, 7), Piece(2, 2, 4, 0)),
+    )
     sent = sorted(((index, piece) for index, plan in enumerate(plans) for piece in plan.sends), key=repr)
-    received = sorted(((piece.peer, Piece(index, piece.first, piece.end, piece.at))
-                      for index, plan in enumerate(plans) for piece in plan.receives), key=repr)
+    received = sorted(
+        (
+            (piece.peer, Piece(index, piece.first, piece.end, piece.at))
+            for index, plan in enumerate(plans)
+            for piece in plan.receives
+        ),
+        key=repr,
+    )
     assert sent == received
 
 
@@ -41,18 +51,22 @@ def test_a_chunk_smaller_than_the_overlap_it_must_provide_is_refused_in_one_line
     bounds = ((0, 6), (6, 7), (7, 14))
     layer = RowMap("conv", kernel=5, padding=2)
     wants = tuple(layer.needed_rows(first, end, 14) for first, end in layer.output_bounds(bounds, 14))
-    with pytest.raises(ValueError, match=r"^spatial rank 0 needs rows -2 to 7 \(its overlap\), which reach past its "
-                                         r"neighbour's chunk of 1 rows into spatial rank 2's"):
+    with pytest.raises(
+        ValueError,
+        match=r"^spatial rank 0 needs rows -2 to 7 \(its overlap\), which reach past its "
+        r"neighbour's chunk of 1 rows into spatial rank 2's",
+    ):
         plan_exchange(bounds, wants, 14, 0)
 
 
 # ---------------------------------------------------------------- against the whole image, on gloo ranks
 
-CONVOLUTIONS = [dict(kernel_size=kernel, stride=stride, dilation=dilation, padding=padding, padding_mode=mode)
-                for kernel, stride, dilation, mode in itertools.product((1, 3, 5, 7), (1, 2), (1, 2),
-                                                                         ("zeros", "circular"))
-                for padding in {dilation * (kernel - 1) // 2, 0}
-                if not (mode == "circular" and padding == 0)]
+CONVOLUTIONS = [
+    dict(kernel_size=kernel, stride=stride, dilation=dilation, padding=padding, padding_mode=mode)
+    for kernel, stride, dilation, mode in itertools.product((1, 3, 5, 7), (1, 2), (1, 2), ("zeros", "circular"))
+    for padding in {dilation * (kernel - 1) // 2, 0}
+    if not (mode == "circular" and padding == 0)
+]
 
 
 def _random(shape, seed):
@@ -70,13 +84,14 @@ def _compare(spatial: nn.Module, whole: nn.Module, height: int, bounds, seed: in
     first, end = bounds[index]
     chunk = image.detach()[:, :, first:end].clone().requires_grad_()
     found = spatial(chunk)
-    low, high = spatial.row_map().output_bounds(bounds, height)[index] if hasattr(spatial, "row_map") \
-        else bounds[index]
+    low, high = spatial.row_map().output_bounds(bounds, height)[index] if hasattr(spatial, "row_map") else bounds[index]
     found.backward(grad[:, :, low:high])
     scale = lambda tensor: max(float(tensor.abs().max()), 1e-30)  # noqa: E731
-    errors = [float((found - expected[:, :, low:high]).abs().max()) / scale(expected),
-              float((chunk.grad - image.grad[:, :, first:end]).abs().max()) / scale(image.grad)]
-    for (name, mine), theirs in zip(spatial.named_parameters(), whole.parameters()):
+    errors = [
+        float((found - expected[:, :, low:high]).abs().max()) / scale(expected),
+        float((chunk.grad - image.grad[:, :, first:end]).abs().max()) / scale(image.grad),
+    ]
+    for (_, mine), theirs in zip(spatial.named_parameters(), whole.parameters()):
         errors.append(float((mine.grad - theirs.grad).abs().max()) / scale(theirs.grad))
     return max(errors)
 
@@ -96,11 +111,13 @@ def _spatial_layers_equal_the_whole_image(height: int, uneven: bool):
         if error > 1e-12:
             failures.append((options, bounds, error))
     for number, (kernel, stride, padding, output_padding, dilation) in enumerate(
-            [(2, 2, 0, 0, 1), (3, 2, 1, 1, 1), (4, 2, 1, 0, 1), (5, 3, 2, 2, 1), (3, 1, 1, 0, 2), (7, 2, 3, 1, 2)]):
+        [(2, 2, 0, 0, 1), (3, 2, 1, 1, 1), (4, 2, 1, 0, 1), (5, 3, 2, 2, 1), (3, 1, 1, 0, 2), (7, 2, 3, 1, 2)]
+    ):
         bounds = split_rows(height, ranks)
         torch.manual_seed(100 + number)
-        options = dict(kernel_size=kernel, stride=stride, padding=padding, output_padding=output_padding,
-                       dilation=dilation)
+        options = dict(
+            kernel_size=kernel, stride=stride, padding=padding, output_padding=output_padding, dilation=dilation
+        )
         spatial = SpatialConvTranspose2d(4, 6, **options).double()
         error = _compare(spatial, nn.ConvTranspose2d(4, 6, **options).double(), height, bounds, seed=200 + number)
         if error > 1e-12:
@@ -116,8 +133,7 @@ def _spatial_layers_equal_the_whole_image(height: int, uneven: bool):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("ranks, height, uneven", [(2, 17, False), (2, 20, True), (4, 31, False)])
 def test_spatial_layers_equal_the_unpartitioned_layers_on_the_whole_image(ranks, height, uneven):
-    for rank, failures in enumerate(layerpipe.launch(_spatial_layers_equal_the_whole_image, ranks,
-                                                     (height, uneven))):
+    for rank, failures in enumerate(layerpipe.launch(_spatial_layers_equal_the_whole_image, ranks, (height, uneven))):
         assert failures == [], f"rank {rank}: {failures}"
 
 
@@ -125,14 +141,26 @@ def _a_stack(height: int):
     """Convolutions, activations, a spatial group norm, a strided convolution down and a transposed one up."""
     ranks, index = torch.distributed.get_world_size(), torch.distributed.get_rank()
     torch.manual_seed(0)
-    spatial = nn.Sequential(SpatialConv2d(3, 8, 3, padding=1), nn.GELU(), SpatialGroupNorm(2, 8),
-                            SpatialConv2d(8, 8, 3, stride=2, padding=1, padding_mode="circular"), nn.ReLU(),
-                            SpatialConv2d(8, 8, 5, padding=4, dilation=2), nn.Tanh(),
-                            SpatialConvTranspose2d(8, 3, 4, stride=2, padding=1)).double()
-    whole = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.GroupNorm(2, 8),
-                          nn.Conv2d(8, 8, 3, stride=2, padding=1, padding_mode="circular"), nn.ReLU(),
-                          nn.Conv2d(8, 8, 5, padding=4, dilation=2), nn.Tanh(),
-                          nn.ConvTranspose2d(8, 3, 4, stride=2, padding=1)).double()
+    spatial = nn.Sequential(
+        SpatialConv2d(3, 8, 3, padding=1),
+        nn.GELU(),
+        SpatialGroupNorm(2, 8),
+        SpatialConv2d(8, 8, 3, stride=2, padding=1, padding_mode="circular"),
+        nn.ReLU(),
+        SpatialConv2d(8, 8, 5, padding=4, dilation=2),
+        nn.Tanh(),
+        SpatialConvTranspose2d(8, 3, 4, stride=2, padding=1),
+    ).double()
+    whole = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GELU(),
+        nn.GroupNorm(2, 8),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, padding_mode="circular"),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 5, padding=4, dilation=2),
+        nn.Tanh(),
+        nn.ConvTranspose2d(8, 3, 4, stride=2, padding=1),
+    ).double()
     whole.load_state_dict(spatial.state_dict())
     bounds = split_rows(height, ranks, align=2)
     # down by 2, then up by 2: the chunk of the output is the input chunk's rows
@@ -151,9 +179,10 @@ def _against_whole(spatial, whole, image, rows, output_rows, grad_seed: int) -> 
     found = spatial(chunk)
     found.backward(grad[:, :, low:high])
     relative = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
-    return max([relative(found.detach(), expected.detach()[:, :, low:high]),
-                relative(chunk.grad, image.grad[:, :, first:end])] +
-               [relative(mine.grad, theirs.grad) for mine, theirs in zip(spatial.parameters(), whole.parameters())])
+    return max(
+        [relative(found.detach(), expected.detach()[:, :, low:high]), relative(chunk.grad, image.grad[:, :, first:end])]
+        + [relative(mine.grad, theirs.grad) for mine, theirs in zip(spatial.parameters(), whole.parameters())]
+    )
 
 
 @pytest.mark.multiprocess
@@ -176,22 +205,30 @@ def _too_small():
 @pytest.mark.multiprocess
 def test_a_chunk_smaller_than_its_overlap_is_refused_on_every_rank():
     messages = layerpipe.launch(_too_small, 3)
-    assert set(messages) == {"spatial rank 0 needs rows -2 to 7 (its overlap), which reach past its neighbour's "
-                             "chunk of 1 rows into spatial rank 2's: use fewer spatial ranks or a larger image"}
+    assert set(messages) == {
+        "spatial rank 0 needs rows -2 to 7 (its overlap), which reach past its neighbour's "
+        "chunk of 1 rows into spatial rank 2's: use fewer spatial ranks or a larger image"
+    }
 
 
 def _a_block(height: int):
     """A block that exchanges its overlap once equals the whole image, as the layer-by-layer exchange does."""
     ranks, index = torch.distributed.get_world_size(), torch.distributed.get_rank()
     torch.manual_seed(0)
-    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 5, stride=2, padding=2), nn.Sigmoid(),
-              nn.Conv2d(8, 4, 3, padding=2, dilation=2), nn.GELU(), nn.Conv2d(4, 4, 3)]
+    layers = [
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 5, stride=2, padding=2),
+        nn.Sigmoid(),
+        nn.Conv2d(8, 4, 3, padding=2, dilation=2),
+        nn.GELU(),
+        nn.Conv2d(4, 4, 3),
+    ]
     whole = nn.Sequential(*layers).double()
     block = SpatialBlock(*[copy.deepcopy(layer) for layer in layers]).double()
     bounds = split_rows(height, ranks, align=2)
     _, wanted = block.plan(bounds)
-    return _against_whole(block, whole, _random((2, 3, height, 12), 3), bounds[index], wanted[-1][index],
-                          grad_seed=4)
+    return _against_whole(block, whole, _random((2, 3, height, 12), 3), bounds[index], wanted[-1][index], grad_seed=4)
 
 
 @pytest.mark.multiprocess
@@ -201,10 +238,13 @@ def test_a_block_exchanging_its_overlap_once_equals_the_unpartitioned_layers(ran
         assert error <= 1e-12, f"rank {rank}: {error:.2e}"
 
 
-@pytest.mark.parametrize("layer, message", [
-    (nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), "SpatialBlock takes convolutions with numeric zeros"),
-    (nn.GroupNorm(1, 2), "SpatialBlock takes nn.Conv2d and element-wise layers .*, not GroupNorm"),
-])
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        (nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), "SpatialBlock takes convolutions with numeric zeros"),
+        (nn.GroupNorm(1, 2), "SpatialBlock takes nn.Conv2d and element-wise layers .*, not GroupNorm"),
+    ],
+)
 def test_a_block_refuses_layers_it_cannot_run_in_one_line(layer, message):
     with pytest.raises(ValueError, match=message):
         SpatialBlock(nn.Conv2d(2, 2, 3, padding=1), layer)
@@ -220,7 +260,7 @@ def _functional():
     found = spatial_conv2d(image[:, :, slice(*bounds[index])], weight, None, (2, 1), (1, 2), 1, 2)
     low, high = RowMap("conv", 3, 2, 1).output_bounds(bounds, 15)[index]
     found.sum().backward()
-    grad, = torch.autograd.grad(expected.sum(), weight)
+    (grad,) = torch.autograd.grad(expected.sum(), weight)
     return float((found - expected[:, :, low:high]).abs().max()), float((weight.grad - grad).abs().max())
 
 
@@ -250,8 +290,9 @@ def _compare_sequential(spatial, whole, height):
     chunk = image.detach()[:, :, first:end].clone().requires_grad_()
     spatial(chunk).sum().backward()
     errors = [float((chunk.grad - image.grad[:, :, first:end]).abs().max())]
-    errors += [float((mine.grad - theirs.grad).abs().max()) for mine, theirs in zip(spatial.parameters(),
-                                                                                 whole.parameters())]
+    errors += [
+        float((mine.grad - theirs.grad).abs().max()) for mine, theirs in zip(spatial.parameters(), whole.parameters())
+    ]
     return max(errors)
 
 
@@ -277,10 +318,13 @@ def test_the_spatial_group_norm_of_values_far_from_zero_matches_in_float32():
         assert error <= 1e-2, (rank, error)  # E[x²] − E[x]² gave differences up to 1.17, or NaN
 
 
-@pytest.mark.parametrize("keywords, message", [
-    (dict(padding_mode="reflect"), "padding_mode='reflect': a spatial convolution pads with zeros or circular"),
-    (dict(padding="same"), "padding='same': give the padding as numbers to a spatial convolution"),
-])
+@pytest.mark.parametrize(
+    "keywords, message",
+    [
+        (dict(padding_mode="reflect"), "padding_mode='reflect': a spatial convolution pads with zeros or circular"),
+        (dict(padding="same"), "padding='same': give the padding as numbers to a spatial convolution"),
+    ],
+)
 def test_the_functional_form_refuses_padding_it_cannot_do_in_one_line(keywords, message):
     from layerpipe.ops import spatial_conv2d
 

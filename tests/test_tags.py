@@ -44,6 +44,8 @@ def test_pipelines_made_one_after_another_get_disjoint_message_tags():
     span = 2 * stages * window * tags.TENSOR_SLOTS
     offsets = [tags.claim_message_tags(stages, window) for _ in range(3)]
     assert all(offset % span == 0 for offset in offsets) and len(set(offsets)) == 3
-    highest = max(tags.message_tag(Message(stages - 1, True, window - 1), window, tags.TENSOR_SLOTS - 1, offset)
-                  for offset in offsets)
+    highest = max(
+        tags.message_tag(Message(stages - 1, True, window - 1), window, tags.TENSOR_SLOTS - 1, offset)
+        for offset in offsets
+    )
     assert highest < tags.RANGES["messages"].stop

@@ -10,13 +10,36 @@ import sys
 
 import pytest
 
-SMALL = ["--steps", "60", "--width", "32", "--heads", "2", "--blocks", "2", "--block-size", "32",
-         "--batch-size", "16", "--microbatches", "4", "--sample-length", "20", "--learning-rate", "0.01"]
+SMALL = [
+    "--steps",
+    "60",
+    "--width",
+    "32",
+    "--heads",
+    "2",
+    "--blocks",
+    "2",
+    "--block-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--microbatches",
+    "4",
+    "--sample-length",
+    "20",
+    "--learning-rate",
+    "0.01",
+]
 
 
 def run_train(*arguments, cwd=None):
-    return subprocess.run([sys.executable, "-m", "layerpipe.cli", "train", *arguments], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "layerpipe.cli", "train", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+    )
 
 
 @pytest.mark.multiprocess
@@ -40,8 +63,21 @@ def test_train_writes_every_output_and_the_loss_falls(tmp_path):
 @pytest.mark.multiprocess
 def test_train_with_sharded_data_parallelism_prints_the_layout_and_reports_memory_beside_the_model(tmp_path):
     output = tmp_path / "run"
-    done = run_train(*SMALL, "--steps", "4", "--data-parallel", "2", "--zero", "3", "--recompute", "selective",
-                     "--reduce-portions", "2", "--output", str(output))
+    done = run_train(
+        *SMALL,
+        "--steps",
+        "4",
+        "--data-parallel",
+        "2",
+        "--zero",
+        "3",
+        "--recompute",
+        "selective",
+        "--reduce-portions",
+        "2",
+        "--output",
+        str(output),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 pipeline ranks × 2 data-parallel replicas = 4 processes" in done.stdout
     summary = json.loads((output / "summary.json").read_text())
@@ -57,8 +93,23 @@ def test_train_with_sharded_data_parallelism_prints_the_layout_and_reports_memor
 @pytest.mark.multiprocess
 def test_train_runs_the_async_stream_and_reports_weight_versions_and_measured_staleness(tmp_path):
     output = tmp_path / "run"
-    done = run_train(*SMALL, "--steps", "30", "--schedule", "async", "--update-every", "2", "--optimizer", "sgd",
-                     "--learning-rate", "0.3", "--delay-correction", "spike+predict", "--output", str(output))
+    done = run_train(
+        *SMALL,
+        "--steps",
+        "30",
+        "--schedule",
+        "async",
+        "--update-every",
+        "2",
+        "--optimizer",
+        "sgd",
+        "--learning-rate",
+        "0.3",
+        "--delay-correction",
+        "spike+predict",
+        "--output",
+        str(output),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["final_loss"] < 0.9 * summary["first_loss"]
@@ -98,8 +149,9 @@ def final_weights(output):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("layout", [["--data-parallel", "2", "--zero", "3", "--recompute", "selective"]],
-                         ids=["2x2-zero3-selective"])  # 2 × 1: test_a_process_killed_at_any_step_...
+@pytest.mark.parametrize(
+    "layout", [["--data-parallel", "2", "--zero", "3", "--recompute", "selective"]], ids=["2x2-zero3-selective"]
+)  # 2 × 1: test_a_process_killed_at_any_step_...
 def test_a_killed_run_resumes_to_the_same_losses_and_weights_as_a_straight_run(tmp_path, layout):
     import torch
 
@@ -108,8 +160,13 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights_as_a_straight_run(t
     assert run_train(*options, "--output", str(straight)).returncode == 0
     killed = tmp_path / "killed"
     environment = {**os.environ, "LAYERPIPE_KILL_AT": "1:3"}  # process 1, as step 3 begins: step-2 was written
-    done = subprocess.run([sys.executable, "-m", "layerpipe.cli", "train", *options, "--output", str(killed)],
-                          capture_output=True, text=True, timeout=600, env=environment)
+    done = subprocess.run(
+        [sys.executable, "-m", "layerpipe.cli", "train", *options, "--output", str(killed)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
     assert done.returncode == 1 and "signal 9" in done.stderr, done.stderr[-2000:]
     assert sorted(os.listdir(killed / "checkpoints")) == ["step-2"]
     resumed = run_train(*options, "--resume", str(killed))
@@ -124,8 +181,10 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights_as_a_straight_run(t
 @pytest.mark.multiprocess
 def test_a_rerun_into_an_old_output_folder_leaves_no_stale_files(tmp_path):
     output = tmp_path / "run"
-    assert run_train(*SMALL, "--steps", "4", "--checkpoint-every", "1", "--keep", "3", "--output", str(output)
-                     ).returncode == 0
+    assert (
+        run_train(*SMALL, "--steps", "4", "--checkpoint-every", "1", "--keep", "3", "--output", str(output)).returncode
+        == 0
+    )
     (output / "notes.txt").write_text("mine")
     assert run_train(*SMALL, "--steps", "2", "--output", str(output)).returncode == 0
     assert sorted(os.listdir(output / "checkpoints")) == ["step-2"]
@@ -135,8 +194,10 @@ def test_a_rerun_into_an_old_output_folder_leaves_no_stale_files(tmp_path):
 @pytest.mark.multiprocess
 def test_a_toml_config_sets_options_and_the_command_line_wins(tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text('schedule = "1f1b"\nstages_per_rank = 1\nsteps = 2\nwidth = 32\nheads = 2\nblocks = 2\n'
-                      'block_size = 16\nbatch_size = 8\nmicrobatches = 4\nsample_length = 5\n')
+    config.write_text(
+        'schedule = "1f1b"\nstages_per_rank = 1\nsteps = 2\nwidth = 32\nheads = 2\nblocks = 2\n'
+        "block_size = 16\nbatch_size = 8\nmicrobatches = 4\nsample_length = 5\n"
+    )
     output = tmp_path / "run"
     done = run_train("--config", str(config), "--steps", "3", "--output", str(output))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -144,45 +205,56 @@ def test_a_toml_config_sets_options_and_the_command_line_wins(tmp_path):
     assert summary["config"]["schedule"] == "1f1b" and summary["config"]["steps"] == 3
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--microbatches", "5"], "--batch-size 32: must be a multiple of --microbatches (5)"),
-    (["--blocks", "1"], "--blocks 1: the model has 3 layers but 4 stages"),
-    (["--schedule", "grouped"], "--group-size: the grouped schedule needs one"),
-    (["--steps", "0"], "--steps 0: must be a whole number of at least 1"),
-    (["--heads", "3"], "--heads 3: must divide --width (128)"),
-    (["--config", "missing.toml"], "--config missing.toml: no such file"),
-    (["--data-parallel", "3"], "--batch-size 32: must be a multiple of --microbatches (8) × --data-parallel (3)"),
-    (["--data-parallel", "0"], "--data-parallel 0: must be a whole number of at least 1"),
-    (["--weight-buffers", "0"], "--weight-buffers 0: must be a whole number of at least 1"),
-    (["--zero", "3"], "--zero 3: shards over data-parallel replicas: needs --data-parallel above 1"),
-    (["--update-every", "2"], "--update-every 2: only the async schedule takes it"),
-    (["--schedule", "async", "--update-every", "0"], "--update-every 0: must be a whole number of at least 1"),
-    (["--schedule", "async", "--weight-policy", "newest"],
-     "--weight-policy newest: choose one of stashed, double-buffered, live"),
-    (["--schedule", "async", "--delay-correction", "spike"],
-     "--delay-correction spike: reads SGD's momentum, and the optimizer is adamw: add --optimizer sgd"),
-    (["--schedule", "async", "--data-parallel", "2", "--zero", "3", "--batch-size", "16"],
-     "--zero 3: async updates each stage on its own after every k backwards: use --zero 0 or 1"),
-    (["--schedule", "async", "--weight-policy", "double-buffered", "--update-every", "1"],
-     "--update-every 1: double-buffered weights hold two versions"),
-    (["--learning-rate", "-1", "--timeout", "0"], "--learning-rate -1.0: must be a finite number above 0"),
-    (["--zero", "5"], "--zero 5: choose one of 0, 1, 2, 3"),
-    (["--resume", "nowhere"], "--resume nowhere: holds no complete checkpoint"),
-    (["--precision", "fp16"], "--precision fp16: needs --skip-nonfinite"),
-    (["--checkpoint-every", "-1"], "--checkpoint-every -1: must be a whole number of at least 0"),
-    (["--recompute", "half"], "--recompute half: choose one of none, full, selective"),
-    (["--sparsity", "5:4"], "--sparsity 5:4: needs 1 <= N < M <= 64"),
-    (["--sparsity", "0:4"], "--sparsity 0:4: needs 1 <= N < M <= 64"),
-    (["--sparsity", "half"], "--sparsity half: must be N:M"),
-    (["--sparsity", "2:48"], "--sparsity 2:48: M must divide --width (128)"),
-    (["--sparsity-method", "lottery"], "--sparsity-method lottery: choose one of fixed, sr-ste"),
-    (["--init-from", "nowhere"], "--init-from nowhere: holds no complete checkpoint"),
-    (["--spatial", "2"], "--spatial 2: the GPT's layers see whole sequences, not bands of rows"),
-    (["--model", "superres", "--crop", "30"], "--crop 30: must be a multiple of 4"),
-    (["--model", "superres", "--spatial", "4", "--crop", "40"], "--crop 40: its low-resolution half must split"),
-    (["--model", "superres", "--sparsity", "2:4"], "--sparsity 2:4: applies to --model gpt only"),
-    (["--model", "vit"], "--model vit: choose one of gpt, superres"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--microbatches", "5"], "--batch-size 32: must be a multiple of --microbatches (5)"),
+        (["--blocks", "1"], "--blocks 1: the model has 3 layers but 4 stages"),
+        (["--schedule", "grouped"], "--group-size: the grouped schedule needs one"),
+        (["--steps", "0"], "--steps 0: must be a whole number of at least 1"),
+        (["--heads", "3"], "--heads 3: must divide --width (128)"),
+        (["--config", "missing.toml"], "--config missing.toml: no such file"),
+        (["--data-parallel", "3"], "--batch-size 32: must be a multiple of --microbatches (8) × --data-parallel (3)"),
+        (["--data-parallel", "0"], "--data-parallel 0: must be a whole number of at least 1"),
+        (["--weight-buffers", "0"], "--weight-buffers 0: must be a whole number of at least 1"),
+        (["--zero", "3"], "--zero 3: shards over data-parallel replicas: needs --data-parallel above 1"),
+        (["--update-every", "2"], "--update-every 2: only the async schedule takes it"),
+        (["--schedule", "async", "--update-every", "0"], "--update-every 0: must be a whole number of at least 1"),
+        (
+            ["--schedule", "async", "--weight-policy", "newest"],
+            "--weight-policy newest: choose one of stashed, double-buffered, live",
+        ),
+        (
+            ["--schedule", "async", "--delay-correction", "spike"],
+            "--delay-correction spike: reads SGD's momentum, and the optimizer is adamw: add --optimizer sgd",
+        ),
+        (
+            ["--schedule", "async", "--data-parallel", "2", "--zero", "3", "--batch-size", "16"],
+            "--zero 3: async updates each stage on its own after every k backwards: use --zero 0 or 1",
+        ),
+        (
+            ["--schedule", "async", "--weight-policy", "double-buffered", "--update-every", "1"],
+            "--update-every 1: double-buffered weights hold two versions",
+        ),
+        (["--learning-rate", "-1", "--timeout", "0"], "--learning-rate -1.0: must be a finite number above 0"),
+        (["--zero", "5"], "--zero 5: choose one of 0, 1, 2, 3"),
+        (["--resume", "nowhere"], "--resume nowhere: holds no complete checkpoint"),
+        (["--precision", "fp16"], "--precision fp16: needs --skip-nonfinite"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every -1: must be a whole number of at least 0"),
+        (["--recompute", "half"], "--recompute half: choose one of none, full, selective"),
+        (["--sparsity", "5:4"], "--sparsity 5:4: needs 1 <= N < M <= 64"),
+        (["--sparsity", "0:4"], "--sparsity 0:4: needs 1 <= N < M <= 64"),
+        (["--sparsity", "half"], "--sparsity half: must be N:M"),
+        (["--sparsity", "2:48"], "--sparsity 2:48: M must divide --width (128)"),
+        (["--sparsity-method", "lottery"], "--sparsity-method lottery: choose one of fixed, sr-ste"),
+        (["--init-from", "nowhere"], "--init-from nowhere: holds no complete checkpoint"),
+        (["--spatial", "2"], "--spatial 2: the GPT's layers see whole sequences, not bands of rows"),
+        (["--model", "superres", "--crop", "30"], "--crop 30: must be a multiple of 4"),
+        (["--model", "superres", "--spatial", "4", "--crop", "40"], "--crop 40: its low-resolution half must split"),
+        (["--model", "superres", "--sparsity", "2:4"], "--sparsity 2:4: applies to --model gpt only"),
+        (["--model", "vit"], "--model vit: choose one of gpt, superres"),
+    ],
+)
 def test_bad_options_give_one_line_and_status_2(tmp_path, arguments, message):
     done = run_train(*arguments, "--output", str(tmp_path / "never"), cwd=tmp_path)
     assert done.returncode == 2
@@ -223,10 +295,26 @@ def test_train_runs_under_torchrun_and_leaves_no_process_group_thread(tmp_path):
     """
     output, script = tmp_path / "run", tmp_path / "train_and_list_threads.py"
     script.write_text(AND_THE_THREADS_LEFT)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), *SMALL, "--steps", "5", "--output", str(output)],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "THREADS_FOLDER": str(tmp_path)})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            *SMALL,
+            "--steps",
+            "5",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "THREADS_FOLDER": str(tmp_path)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["config"]["ranks"] == 2 and len(summary["losses"]) == 5
@@ -241,7 +329,8 @@ def test_an_output_that_is_a_file_is_refused_before_training(tmp_path):
     done = run_train("--output", str(taken), cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"layerpipe train: error: --output {taken}: is a file; name a folder (it is created if missing)"]
+        f"layerpipe train: error: --output {taken}: is a file; name a folder (it is created if missing)"
+    ]
 
 
 def test_an_output_inside_a_file_is_refused_before_training(tmp_path):
@@ -250,7 +339,8 @@ def test_an_output_inside_a_file_is_refused_before_training(tmp_path):
     done = run_train("--output", str(taken / "run"), cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"layerpipe train: error: --output {taken / 'run'}: cannot be written (Not a directory)"]
+        f"layerpipe train: error: --output {taken / 'run'}: cannot be written (Not a directory)"
+    ]
 
 
 def test_an_output_holding_a_folder_where_a_result_file_goes_is_refused_before_training(tmp_path):
@@ -258,17 +348,22 @@ def test_an_output_holding_a_folder_where_a_result_file_goes_is_refused_before_t
     done = run_train("--output", str(tmp_path / "run"), cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"layerpipe train: error: --output {tmp_path / 'run'}: holds a folder named loss.png, a file the run writes"]
+        f"layerpipe train: error: --output {tmp_path / 'run'}: holds a folder named loss.png, a file the run writes"
+    ]
 
 
 @pytest.mark.multiprocess
 def test_ctrl_c_ends_every_process_with_one_line_and_status_130(tmp_path):
     # A shell's background job starts with SIGINT ignored, and Python keeps an ignored SIGINT ignored: restore the
     # default, as a terminal would have it, so the test does not depend on how the suite itself was started.
-    process = subprocess.Popen([sys.executable, "-m", "layerpipe", "train", *SMALL, "--steps", "100000",
-                                "--output", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "layerpipe", "train", *SMALL, "--steps", "100000", "--output", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         assert process.stdout.readline().startswith("layout:"), "training started"
         os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C reaches every process of the group
@@ -285,12 +380,23 @@ def test_ctrl_c_ends_every_process_with_one_line_and_status_130(tmp_path):
 
 @pytest.mark.multiprocess
 def test_a_run_whose_steps_keep_failing_the_guard_stops_in_one_line(tmp_path):
-    done = run_train(*SMALL, "--steps", "20", "--skip-nonfinite", "--max-skips", "2", "--learning-rate", "1e30",
-                     "--output", str(tmp_path / "run"))
+    done = run_train(
+        *SMALL,
+        "--steps",
+        "20",
+        "--skip-nonfinite",
+        "--max-skips",
+        "2",
+        "--learning-rate",
+        "1e30",
+        "--output",
+        str(tmp_path / "run"),
+    )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
-    assert lines[-1].startswith("layerpipe train: stopped: step ") and "steps in a row skipped, stage " in lines[-1], \
+    assert lines[-1].startswith("layerpipe train: stopped: step ") and "steps in a row skipped, stage " in lines[-1], (
         done.stderr[-2000:]
+    )
 
 
 @pytest.mark.multiprocess
@@ -302,13 +408,21 @@ def test_a_process_killed_mid_checkpoint_leaves_it_unused_and_restarts_resume_fr
     assert run_train(*options, "--output", str(straight)).returncode == 0
     killed = tmp_path / "killed"
     environment = {**os.environ, "LAYERPIPE_KILL_AT": "1:checkpoint:4", "LAYERPIPE_KILL_ONCE": str(tmp_path / "once")}
-    done = subprocess.run([sys.executable, "-m", "layerpipe.cli", "train", *options, "--max-restarts", "1",
-                           "--output", str(killed)], capture_output=True, text=True, timeout=600, env=environment)
+    done = subprocess.run(
+        [sys.executable, "-m", "layerpipe.cli", "train", *options, "--max-restarts", "1", "--output", str(killed)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 1 failed: killed by signal 9 (SIGKILL)" in done.stderr and "step-2 (1 of 1)" in done.stderr, \
+    assert "rank 1 failed: killed by signal 9 (SIGKILL)" in done.stderr and "step-2 (1 of 1)" in done.stderr, (
         done.stderr[-2000:]
-    assert json.loads((killed / "summary.json").read_text())["losses"] == \
-        json.loads((straight / "summary.json").read_text())["losses"]
+    )
+    assert (
+        json.loads((killed / "summary.json").read_text())["losses"]
+        == json.loads((straight / "summary.json").read_text())["losses"]
+    )
     weights, reference = final_weights(killed), final_weights(straight)
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
 
@@ -323,28 +437,53 @@ def straight_six_steps(tmp_path_factory):
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("process, step", [(0, 1), (1, 2), (0, 3), (1, 4), (0, 5)])
-def test_a_process_killed_at_any_step_restarts_and_ends_equal_to_the_straight_run(tmp_path, straight_six_steps,
-                                                                                  process, step):
+def test_a_process_killed_at_any_step_restarts_and_ends_equal_to_the_straight_run(
+    tmp_path, straight_six_steps, process, step
+):
     import torch
 
     output = tmp_path / "run"
-    environment = {**os.environ, "LAYERPIPE_KILL_AT": f"{process}:{step}",
-                   "LAYERPIPE_KILL_ONCE": str(tmp_path / "once")}
-    done = subprocess.run([sys.executable, "-m", "layerpipe.cli", "train", *SMALL, "--steps", "6",
-                           "--checkpoint-every", "2", "--max-restarts", "1", "--output", str(output)],
-                          capture_output=True, text=True, timeout=600, env=environment)
+    environment = {
+        **os.environ,
+        "LAYERPIPE_KILL_AT": f"{process}:{step}",
+        "LAYERPIPE_KILL_ONCE": str(tmp_path / "once"),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "layerpipe.cli",
+            "train",
+            *SMALL,
+            "--steps",
+            "6",
+            "--checkpoint-every",
+            "2",
+            "--max-restarts",
+            "1",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"rank {process} failed: killed by signal 9 (SIGKILL)" in done.stderr, done.stderr[-2000:]
-    assert json.loads((output / "summary.json").read_text())["losses"] == \
-        json.loads((straight_six_steps / "summary.json").read_text())["losses"]
+    assert (
+        json.loads((output / "summary.json").read_text())["losses"]
+        == json.loads((straight_six_steps / "summary.json").read_text())["losses"]
+    )
     weights, reference = final_weights(output), final_weights(straight_six_steps)
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("process, step", [(0, 3), (1, 5)])
-def test_torchrun_restarts_a_killed_process_and_the_run_ends_equal_to_the_straight_run(tmp_path, straight_six_steps,
-                                                                                      process, step):
+def test_torchrun_restarts_a_killed_process_and_the_run_ends_equal_to_the_straight_run(
+    tmp_path, straight_six_steps, process, step
+):
     """Under ``torchrun --max-restarts 1`` the restarted processes resume from the latest checkpoint on their own.
 
     Before the restart store had its own prefix, the restarted round read the
@@ -354,16 +493,42 @@ def test_torchrun_restarts_a_killed_process_and_the_run_ends_equal_to_the_straig
     import torch
 
     output = tmp_path / "run"
-    environment = {**os.environ, "LAYERPIPE_KILL_AT": f"{process}:{step}",
-                   "LAYERPIPE_KILL_ONCE": str(tmp_path / "once")}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "--max-restarts", "1", "-m", "layerpipe.train", *SMALL, "--steps", "6",
-                           "--checkpoint-every", "2", "--output", str(output)],
-                          capture_output=True, text=True, timeout=600, env=environment)
+    environment = {
+        **os.environ,
+        "LAYERPIPE_KILL_AT": f"{process}:{step}",
+        "LAYERPIPE_KILL_ONCE": str(tmp_path / "once"),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "1",
+            "-m",
+            "layerpipe.train",
+            *SMALL,
+            "--steps",
+            "6",
+            "--checkpoint-every",
+            "2",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "once").exists(), "the fault was never injected"
-    assert json.loads((output / "summary.json").read_text())["losses"] == \
-        json.loads((straight_six_steps / "summary.json").read_text())["losses"]
+    assert (
+        json.loads((output / "summary.json").read_text())["losses"]
+        == json.loads((straight_six_steps / "summary.json").read_text())["losses"]
+    )
     weights, reference = final_weights(output), final_weights(straight_six_steps)
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
 
@@ -381,8 +546,9 @@ def test_sparse_fine_tuning_starts_from_the_dense_runs_weights_pruned_by_magnitu
     from layerpipe.ops.sparsity import Pattern, nm_offsets
 
     output = tmp_path / "sparse"
-    done = run_train(*SMALL, "--steps", "4", "--sparsity", "2:4", "--init-from", str(dense_four_steps),
-                     "--output", str(output))
+    done = run_train(
+        *SMALL, "--steps", "4", "--sparsity", "2:4", "--init-from", str(dense_four_steps), "--output", str(output)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     dense, sparse = final_weights(dense_four_steps), final_weights(output)
     assert torch_equal(sparse["1.qkv.offsets"][0], nm_offsets(dense["1.qkv.weight"], Pattern(2, 4)))
@@ -411,12 +577,27 @@ def test_init_from_a_checkpoint_that_does_not_fit_is_refused_in_one_line(tmp_pat
     done = run_train(*arguments, "--init-from", str(source), "--sparsity", "2:4", "--output", str(tmp_path / "run"))
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"layerpipe train: error: --init-from {source}: ") and reason in lines[0], \
-        done.stderr
+    assert (
+        len(lines) == 1
+        and lines[0].startswith(f"layerpipe train: error: --init-from {source}: ")
+        and reason in lines[0]
+    ), done.stderr
 
 
-SUPERRES = ["--model", "superres", "--steps", "4", "--batch-size", "8", "--microbatches", "2", "--crop", "16",
-            "--channels", "8"]
+SUPERRES = [
+    "--model",
+    "superres",
+    "--steps",
+    "4",
+    "--batch-size",
+    "8",
+    "--microbatches",
+    "2",
+    "--crop",
+    "16",
+    "--channels",
+    "8",
+]
 
 
 @pytest.mark.multiprocess

@@ -13,11 +13,10 @@ builds "tcp://[127.0.0.1]:port", which Python >= 3.11.4 rejects, and ignores the
 torch.distributed.is_hccl_available (missing in torch 2.13, called by pipeline/p2p.py) is stubbed.
 """
 
-import torch
-import torch.distributed as dist
-
 import common
 import model
+import torch
+import torch.distributed as dist
 
 if not hasattr(dist, "is_hccl_available"):
     dist.is_hccl_available = lambda: False
@@ -54,7 +53,7 @@ def main():
     layers = model.stack_layers(args.width, args.blocks)
     keys = model.parameter_keys(layers)
     per_stage = 2 * args.blocks // args.pipeline
-    own = layers[stages.stage * per_stage:(stages.stage + 1) * per_stage]
+    own = layers[stages.stage * per_stage : (stages.stage + 1) * per_stage]
     net = Stage(own, stages.is_first_stage(), stages.is_last_stage())
     optimizer = OptimizerWrapper(torch.optim.SGD(net.parameters(), lr=0.0))
     schedule = OneForwardOneBackwardSchedule(stages, num_microbatches=args.microbatches)
@@ -71,8 +70,10 @@ def main():
     stash = common.stash({keys[id(p)]: p.grad for p in net.parameters()})
     optimizer.step()
     times = common.time_steps(step, args.repeats)
-    notes = (f"colossalai {colossalai.__version__}, gloo, OneForwardOneBackwardSchedule, pp={args.pipeline} "
-             f"micro={args.samples // args.microbatches} x {args.microbatches}, fp32; SGD lr=0; loss/M")
+    notes = (
+        f"colossalai {colossalai.__version__}, gloo, OneForwardOneBackwardSchedule, pp={args.pipeline} "
+        f"micro={args.samples // args.microbatches} x {args.microbatches}, fp32; SGD lr=0; loss/M"
+    )
     common.finish(args, "colossalai", "1F1B", times, stash, notes)
 
 

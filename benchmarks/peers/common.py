@@ -8,11 +8,9 @@ import statistics
 import tempfile
 import time
 
-import torch
+import model
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-
-import model
 
 
 def parse_args(argv=None):
@@ -97,8 +95,11 @@ def finish(args, system: str, schedule: str, times: list, stash_path: str, notes
             merged[key] = max(value, merged.get(key, 0.0))
     expected = 2 * args.blocks  # weight and bias of each Linear
     result = {
-        "system": system, "schedule": schedule, "step_times": times,
-        "median": statistics.median(times), "peak_rss_bytes_per_process": [r for r, _ in all_rss],
+        "system": system,
+        "schedule": schedule,
+        "step_times": times,
+        "median": statistics.median(times),
+        "peak_rss_bytes_per_process": [r for r, _ in all_rss],
         "peak_vmhwm_bytes_per_process": [h for _, h in all_rss],
         "max_gradient_error": max(merged.values()) if len(merged) == expected else None,
         "notes": f"{notes}; gradients compared for {len(merged)}/{expected} parameters",

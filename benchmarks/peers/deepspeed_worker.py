@@ -15,10 +15,9 @@ import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import torch  # noqa: E402
-
-import common  # noqa: E402
-import model  # noqa: E402
+import common
+import model
+import torch
 
 
 def main():
@@ -31,8 +30,9 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo")
     layers = model.stack_layers(args.width, args.blocks)
     keys = model.parameter_keys(layers)
-    net = PipelineModule(layers=layers, num_stages=args.pipeline, loss_fn=model.loss_fn,
-                         partition_method="uniform")  # 2*blocks/P layers = blocks/P pairs per stage
+    net = PipelineModule(
+        layers=layers, num_stages=args.pipeline, loss_fn=model.loss_fn, partition_method="uniform"
+    )  # 2*blocks/P layers = blocks/P pairs per stage
     micro = args.samples // (args.microbatches * args.data)
     config = {
         "train_batch_size": args.samples,
@@ -41,7 +41,7 @@ def main():
         "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": args.zero},
-        "steps_per_print": 10 ** 9,
+        "steps_per_print": 10**9,
     }
     engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=list(net.parameters()), config=config)
     inputs, targets = model.make_batch(args.samples, args.width)
@@ -63,9 +63,11 @@ def main():
     engine.optimizer.step = optimizer_step
     stash = common.stash(captured)
     times = common.time_steps(lambda: engine.train_batch(iter(batches)), args.repeats)
-    notes = (f"deepspeed {deepspeed.__version__}, gloo, PipelineModule uniform, TrainSchedule (1F1B), "
-             f"pp={engine.num_stages} dp={engine.dp_world_size} zero={engine.zero_optimization_stage()} "
-             f"micro={micro} gas={args.microbatches}; SGD lr=0; loss/gas + dp mean all-reduce")
+    notes = (
+        f"deepspeed {deepspeed.__version__}, gloo, PipelineModule uniform, TrainSchedule (1F1B), "
+        f"pp={engine.num_stages} dp={engine.dp_world_size} zero={engine.zero_optimization_stage()} "
+        f"micro={micro} gas={args.microbatches}; SGD lr=0; loss/gas + dp mean all-reduce"
+    )
     common.finish(args, "deepspeed", "1F1B", times, stash, notes)
 
 

@@ -39,19 +39,22 @@ def reference_gradients(width: int, blocks: int, samples: int, seed: int = 0, ba
     inputs, targets = make_batch(samples, width, batch_seed)
     output = torch.nn.Sequential(*layers)(inputs.double())
     loss_fn(output, targets.double()).backward()
-    return {f"{index}.{name}": param.grad.detach().clone()
-            for index, layer in enumerate(layers)
-            for name, param in layer.named_parameters()}
+    return {
+        f"{index}.{name}": param.grad.detach().clone()
+        for index, layer in enumerate(layers)
+        for name, param in layer.named_parameters()
+    }
 
 
 def parameter_keys(layers) -> dict:
     """Return {id(parameter): "{layer_index}.{name}"} for the modules of `stack_layers`."""
-    return {id(param): f"{index}.{name}"
-            for index, layer in enumerate(layers)
-            for name, param in layer.named_parameters()}
+    return {
+        id(param): f"{index}.{name}" for index, layer in enumerate(layers) for name, param in layer.named_parameters()
+    }
 
 
 def relative_errors(gradients: dict, reference: dict) -> dict:
     """Return {key: ||g - ref|| / ||ref||} for each key of `gradients` (computed in float64)."""
-    return {key: float((grad.double() - reference[key]).norm() / reference[key].norm())
-            for key, grad in gradients.items()}
+    return {
+        key: float((grad.double() - reference[key]).norm() / reference[key].norm()) for key, grad in gradients.items()
+    }

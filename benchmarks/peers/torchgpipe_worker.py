@@ -10,10 +10,9 @@ batch, so no per-micro-batch scaling is needed and the gradient is the full-batc
 Each partition runs on its own worker thread (torchgpipe's per-device threads), all in this process.
 """
 
-import torch
-
 import common
 import model
+import torch
 
 
 def main():
@@ -27,8 +26,13 @@ def main():
     layers = model.stack_layers(args.width, args.blocks)
     keys = model.parameter_keys(layers)
     per_stage = 2 * args.blocks // args.pipeline
-    net = GPipe(torch.nn.Sequential(*layers), balance=[per_stage] * args.pipeline,
-                devices=["cpu"] * args.pipeline, chunks=args.microbatches, checkpoint="never")
+    net = GPipe(
+        torch.nn.Sequential(*layers),
+        balance=[per_stage] * args.pipeline,
+        devices=["cpu"] * args.pipeline,
+        chunks=args.microbatches,
+        checkpoint="never",
+    )
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
     inputs, targets = model.make_batch(args.samples, args.width)
 
@@ -42,9 +46,11 @@ def main():
     stash = common.stash({keys[id(p)]: p.grad for p in net.parameters()})
     optimizer.step()
     times = common.time_steps(step, args.repeats)
-    notes = (f"torchgpipe {torchgpipe.__version__}, single process, balance={net.balance}, "
-             f"devices=cpu x {args.pipeline}, chunks={args.microbatches}, checkpoint=never; SGD lr=0; "
-             "full-batch mean loss")
+    notes = (
+        f"torchgpipe {torchgpipe.__version__}, single process, balance={net.balance}, "
+        f"devices=cpu x {args.pipeline}, chunks={args.microbatches}, checkpoint=never; SGD lr=0; "
+        "full-batch mean loss"
+    )
     common.finish(args, "torchgpipe", "GPipe", times, stash, notes)
 
 

@@ -2,4 +2,4 @@
 
 from .pipelined import WEIGHT_POLICIES, PipelinedBackprop, VersionRecord
 
-__all__ = ["PipelinedBackprop", "VersionRecord", "WEIGHT_POLICIES"]
+__all__ = ["WEIGHT_POLICIES", "PipelinedBackprop", "VersionRecord"]

@@ -30,7 +30,7 @@ forward, of its backward and of the update that used its gradient
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ from ..runtime.delay import learning_rate_factor
 from ..runtime.stage import backward_roots, carries_gradient
 from ..runtime.versions import WEIGHT_POLICIES, VersionRecord, WeightVersions, check_stream
 
-__all__ = ["PipelinedBackprop", "VersionRecord", "WEIGHT_POLICIES"]
+__all__ = ["WEIGHT_POLICIES", "PipelinedBackprop", "VersionRecord"]
 
 
 class _Stage:
@@ -64,19 +64,39 @@ class PipelinedBackprop:
     optimizer cannot support (see ``runtime.delay``).
     """
 
-    def __init__(self, stages: Sequence[nn.Module], loss_fn: Callable, optimizer: Callable, update_every: int = 1,
-                 weight_policy: str = "stashed", zero_delay: bool = False, delay_warmup: int = 0,
-                 delay_correction: str = "none"):
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        loss_fn: Callable,
+        optimizer: Callable,
+        update_every: int = 1,
+        weight_policy: str = "stashed",
+        zero_delay: bool = False,
+        delay_warmup: int = 0,
+        delay_correction: str = "none",
+    ):
         check_stream(len(stages), update_every, weight_policy, delay_correction)
         if isinstance(delay_warmup, bool) or not isinstance(delay_warmup, int) or delay_warmup < 0:
             raise ConfigError("delay_warmup", delay_warmup, "must be a whole number of updates, 0 for none")
         self.delay_warmup = delay_warmup
         self.loss_fn, self.update_every, self.zero_delay = loss_fn, update_every, zero_delay
         self.stages = [
-            _Stage(index, module, WeightVersions(
-                index, module, optimizer([p for p in module.parameters() if p.requires_grad]), weight_policy,
-                delay_correction, self.delay_of(index, len(stages)), update_every, delay_warmup))
-            for index, module in enumerate(stages)]
+            _Stage(
+                index,
+                module,
+                WeightVersions(
+                    index,
+                    module,
+                    optimizer([p for p in module.parameters() if p.requires_grad]),
+                    weight_policy,
+                    delay_correction,
+                    self.delay_of(index, len(stages)),
+                    update_every,
+                    delay_warmup,
+                ),
+            )
+            for index, module in enumerate(stages)
+        ]
         self.losses: dict[int, float] = {}
         self._targets: Sequence[torch.Tensor] = ()
         self._offset = (0, 0)  # sub-minibatches and ticks of the earlier calls, so records stay unique
@@ -104,8 +124,12 @@ class PipelinedBackprop:
         whole number of virtual minibatches (``update_every`` sub-minibatches each).
         """
         if len(inputs) % self.update_every or len(inputs) != len(targets):
-            raise ConfigError("microbatches", len(inputs), f"give as many targets as inputs, in a multiple of "
-                              f"`update_every` ({self.update_every}) sub-minibatches")
+            raise ConfigError(
+                "microbatches",
+                len(inputs),
+                f"give as many targets as inputs, in a multiple of "
+                f"`update_every` ({self.update_every}) sub-minibatches",
+            )
         self.losses, self._targets = {}, targets
         first, ticks = self._offset
         if self.zero_delay:
@@ -176,10 +200,13 @@ class PipelinedBackprop:
         roots, gradients = self._roots(stage, microbatch, outputs)
         wanted = [leaf for leaf in leaves if carries_gradient(leaf.dtype)] if stage.index else []
         differentiated = wanted + list(weights.values())
-        found = torch.autograd.grad(roots, differentiated, gradients, allow_unused=True) if roots \
+        found = (
+            torch.autograd.grad(roots, differentiated, gradients, allow_unused=True)
+            if roots
             else (None,) * len(differentiated)
-        self._deliver(stage, microbatch, wanted, found[:len(wanted)])
-        stage.versions.accumulate(found[len(wanted):])
+        )
+        self._deliver(stage, microbatch, wanted, found[: len(wanted)])
+        stage.versions.accumulate(found[len(wanted) :])
         if stage.versions.backward_ran(first + microbatch, ticks + tick, version):
             stage.versions.update()
             stage.optimizer.zero_grad(set_to_none=True)
@@ -201,8 +228,9 @@ class PipelinedBackprop:
     def _deliver(self, stage: _Stage, microbatch: int, wanted, gradients) -> None:
         """Keep the gradients of the stage's inputs for the previous stage's backward."""
         if stage.index:
-            stage.sent_back[microbatch] = tuple(torch.zeros_like(leaf) if g is None else g
-                                                for leaf, g in zip(wanted, gradients))
+            stage.sent_back[microbatch] = tuple(
+                torch.zeros_like(leaf) if g is None else g for leaf, g in zip(wanted, gradients)
+            )
 
 
 def _as_tuple(value) -> tuple:

@@ -18,10 +18,15 @@ class GPTConfig:
     block_size: int = knob(64, "characters per sequence (the context length)", check=whole(1), metavar="N")
     width: int = knob(128, "model width", check=whole(1), metavar="N")
     heads: int = knob(4, "attention heads (must divide width)", check=whole(1), metavar="N")
-    blocks: int = knob(4, "transformer blocks (the model has blocks + 2 layers: embedding, blocks, head)",
-                       check=whole(1), metavar="N")
-    dropout: float = knob(0.0, "dropout probability", check=lambda value: number(0.0)(value) or (
-        "must be below 1" if value >= 1 else None), metavar="P")
+    blocks: int = knob(
+        4, "transformer blocks (the model has blocks + 2 layers: embedding, blocks, head)", check=whole(1), metavar="N"
+    )
+    dropout: float = knob(
+        0.0,
+        "dropout probability",
+        check=lambda value: number(0.0)(value) or ("must be below 1" if value >= 1 else None),
+        metavar="P",
+    )
 
     def to_json(self) -> dict:
         """Return the sizes as a JSON-ready dictionary."""
@@ -32,11 +37,15 @@ class GPTConfig:
 class SuperResConfig:
     """Sizes of the super-resolution network and its training crops."""
 
-    channels: int = knob(32, "feature channels of the super-resolution network (--model superres)", check=whole(1),
-                         metavar="N")
-    crop: int = knob(48, "side of the high-resolution training crops in pixels, a multiple of 4 (--model superres)",
-                     check=lambda value: whole(4)(value) or (None if value % 4 == 0 else "must be a multiple of 4"),
-                     metavar="PIXELS")
+    channels: int = knob(
+        32, "feature channels of the super-resolution network (--model superres)", check=whole(1), metavar="N"
+    )
+    crop: int = knob(
+        48,
+        "side of the high-resolution training crops in pixels, a multiple of 4 (--model superres)",
+        check=lambda value: whole(4)(value) or (None if value % 4 == 0 else "must be a multiple of 4"),
+        metavar="PIXELS",
+    )
 
     def to_json(self) -> dict:
         """Return the sizes as a JSON-ready dictionary."""

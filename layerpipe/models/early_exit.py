@@ -15,7 +15,7 @@ decision along with the data every later stage waits for anyway.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -12,13 +12,14 @@ out).
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 from torch.nn import functional
 
 from .config import GPTConfig
 
-__all__ = ["GPTConfig", "Embedding", "Block", "CausalAttention", "Head", "gpt_layers", "next_token_loss"]
+__all__ = ["Block", "CausalAttention", "Embedding", "GPTConfig", "Head", "gpt_layers", "next_token_loss"]
 
 
 class Embedding(nn.Module):
@@ -71,8 +72,12 @@ class Block(nn.Module):
         self.attention = CausalAttention(config.dropout)
         self.projection = nn.Linear(config.width, config.width)
         self.norm2 = nn.LayerNorm(config.width)
-        self.mlp = nn.Sequential(nn.Linear(config.width, 4 * config.width), nn.GELU(),
-                                 nn.Linear(4 * config.width, config.width), nn.Dropout(config.dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(config.width, 4 * config.width),
+            nn.GELU(),
+            nn.Linear(4 * config.width, config.width),
+            nn.Dropout(config.dropout),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, time, width = x.shape
@@ -113,8 +118,11 @@ def dense_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Return the shape of every parameter of ``gpt_layers(config)``, named as in ``nn.Sequential`` (nothing allocated)."""
     with torch.device("meta"):
         layers = [Embedding(config), *(Block(config) for _ in range(config.blocks)), Head(config)]
-    return {f"{index}.{name}": tuple(parameter.shape) for index, layer in enumerate(layers)
-            for name, parameter in layer.named_parameters()}
+    return {
+        f"{index}.{name}": tuple(parameter.shape)
+        for index, layer in enumerate(layers)
+        for name, parameter in layer.named_parameters()
+    }
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

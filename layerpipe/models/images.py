@@ -16,8 +16,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-TRAINING = ("astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg", "ihc.png",
-            "retina.jpg", "brick.png", "grass.png", "coins.png", "page.png", "moon.png")
+TRAINING = (
+    "astronaut.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "retina.jpg",
+    "brick.png",
+    "grass.png",
+    "coins.png",
+    "page.png",
+    "moon.png",
+)
 """The training photographs (``skimage/data`` file names)."""
 
 HELD_OUT = ("chelsea.png", "camera.png")
@@ -29,8 +41,10 @@ def image_folder() -> str:
     try:
         import skimage
     except ImportError:
-        raise ImportError("the superres demo reads the photographs scikit-image ships: "
-                          "pip install -e '.[images]' (or pip install scikit-image)") from None
+        raise ImportError(
+            "the superres demo reads the photographs scikit-image ships: "
+            "pip install -e '.[images]' (or pip install scikit-image)"
+        ) from None
     return os.path.join(os.path.dirname(skimage.__file__), "data")
 
 
@@ -67,7 +81,7 @@ class Photographs:
     name: str
 
     @classmethod
-    def load(cls, names: tuple[str, ...]) -> "Photographs":
+    def load(cls, names: tuple[str, ...]) -> Photographs:
         """Return the named photographs of ``skimage/data``."""
         return cls(tuple(load_image(name) for name in names), f"{len(names)} photographs of skimage/data")
 
@@ -82,7 +96,7 @@ class Photographs:
             image = self.images[index]
             top = int(torch.randint(0, image.shape[1] - crop + 1, (1,), generator=generator))
             left = int(torch.randint(0, image.shape[2] - crop + 1, (1,), generator=generator))
-            crops.append(image[:, top:top + crop, left:left + crop])
+            crops.append(image[:, top : top + crop, left : left + crop])
         targets = torch.stack(crops)
         return downscale(targets), targets
 
@@ -93,6 +107,6 @@ class Photographs:
             image = self.images[number % len(self.images)]
             share = (number // len(self.images) + 1) / (count // len(self.images) + 2)
             top, left = int((image.shape[1] - crop) * share), int((image.shape[2] - crop) * share)
-            crops.append(image[:, top:top + crop, left:left + crop])
+            crops.append(image[:, top : top + crop, left : left + crop])
         targets = torch.stack(crops)
         return downscale(targets), targets

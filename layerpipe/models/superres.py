@@ -69,9 +69,11 @@ def superres_layers(config: SuperResConfig, seed: int = 0, spatial: bool = False
     ``(batch, 3, 2h, 2w)``."""
     torch.manual_seed(seed)
     width = config.channels
-    return [Head(width, spatial),
-            Block(_convolution(spatial, width, 2 * width, 3, stride=2, padding=1)),
-            Block(_convolution(spatial, 2 * width, 2 * width, 3, padding=1)),
-            Block(_transposed(spatial, 2 * width, width, 4, stride=2, padding=1)),
-            Block(_transposed(spatial, width, width, 4, stride=2, padding=1)),
-            Tail(width, spatial)]
+    return [
+        Head(width, spatial),
+        Block(_convolution(spatial, width, 2 * width, 3, stride=2, padding=1)),
+        Block(_convolution(spatial, 2 * width, 2 * width, 3, padding=1)),
+        Block(_transposed(spatial, 2 * width, width, 4, stride=2, padding=1)),
+        Block(_transposed(spatial, width, width, 4, stride=2, padding=1)),
+        Tail(width, spatial),
+    ]

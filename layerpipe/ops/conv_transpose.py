@@ -59,8 +59,9 @@ def phases_of(length: int, kernel: int, stride: int, padding: int, dilation: int
         first_index = (first_output + padding - residue) // stride
         pad_before = largest_shift - first_index
         needed = (outputs - 1) + (len(taps) - 1) * step + 1
-        phases.append(Phase(tuple(reversed(taps)), first_output, outputs, pad_before, needed - length - pad_before,
-                            step))
+        phases.append(
+            Phase(tuple(reversed(taps)), first_output, outputs, pad_before, needed - length - pad_before, step)
+        )
     return phases
 
 
@@ -76,17 +77,22 @@ def multiply_counts(input_shape, weight_shape, stride, padding, output_padding=0
     input (every output times every weight); ``phases`` is this module's.
     """
     dims = len(input_shape) - 2
-    stride, padding, output_padding, dilation = (_as_tuple(value, dims)
-                                                 for value in (stride, padding, output_padding, dilation))
+    stride, padding, output_padding, dilation = (
+        _as_tuple(value, dims) for value in (stride, padding, output_padding, dilation)
+    )
     per_pair = input_shape[0] * input_shape[1] * weight_shape[1]  # samples × inputs × outputs per group
     counts = {"phases": per_pair, "zero_insertion": per_pair, "useful": per_pair}
-    for length, kernel, step, pad, extra, spread in zip(input_shape[2:], weight_shape[2:], stride, padding,
-                                                         output_padding, dilation):
+    for length, kernel, step, pad, extra, spread in zip(
+        input_shape[2:], weight_shape[2:], stride, padding, output_padding, dilation
+    ):
         out = (length - 1) * step - 2 * pad + spread * (kernel - 1) + extra + 1
-        counts["phases"] *= sum(phase.outputs * len(phase.taps)
-                                for phase in phases_of(length, kernel, step, pad, spread, out))
+        counts["phases"] *= sum(
+            phase.outputs * len(phase.taps) for phase in phases_of(length, kernel, step, pad, spread, out)
+        )
         counts["zero_insertion"] *= out * kernel
-        counts["useful"] *= sum(1 for i in range(length) for k in range(kernel) if 0 <= i * step + k * spread - pad < out)
+        counts["useful"] *= sum(
+            1 for i in range(length) for k in range(kernel) if 0 <= i * step + k * spread - pad < out
+        )
     return counts
 
 
@@ -96,23 +102,31 @@ def _check(input, weight, bias, stride, padding, output_padding, groups, dilatio
         _TRANSPOSED[dims](input, weight, bias, stride, padding, output_padding, groups, dilation)  # raises
     batched = input if input.dim() == dims + 2 else input.unsqueeze(0)
     if isinstance(groups, int) and groups > 0 and weight.shape[0] != batched.shape[1]:
-        raise RuntimeError(f"Given transposed=1, weight of size {list(weight.shape)}, expected input"
-                           f"{list(batched.shape)} to have {weight.shape[0]} channels, but got {batched.shape[1]} "
-                           f"channels instead")
+        raise RuntimeError(
+            f"Given transposed=1, weight of size {list(weight.shape)}, expected input"
+            f"{list(batched.shape)} to have {weight.shape[0]} channels, but got {batched.shape[1]} "
+            f"channels instead"
+        )
     sizes = _output_sizes(batched.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation, dims)
     if sizes is not None and min(sizes) <= 0:  # before the check below, which would meet the size as a shape
-        raise RuntimeError(f"Given input size per channel: ({' x '.join(map(str, batched.shape[2:]))}). Calculated "
-                           f"output size per channel: ({' x '.join(map(str, sizes))}). Output size is too small")
+        raise RuntimeError(
+            f"Given input size per channel: ({' x '.join(map(str, batched.shape[2:]))}). Calculated "
+            f"output size per channel: ({' x '.join(map(str, sizes))}). Output size is too small"
+        )
     with torch.no_grad():  # PyTorch's own checks of the arguments, on an empty batch: no arithmetic
-        _TRANSPOSED[dims](batched.new_empty((0, *batched.shape[1:])), weight, bias, stride, padding, output_padding,
-                          groups, dilation)
-    stride, padding, output_padding, dilation = (_as_tuple(value, dims)
-                                                 for value in (stride, padding, output_padding, dilation))
+        _TRANSPOSED[dims](
+            batched.new_empty((0, *batched.shape[1:])), weight, bias, stride, padding, output_padding, groups, dilation
+        )
+    stride, padding, output_padding, dilation = (
+        _as_tuple(value, dims) for value in (stride, padding, output_padding, dilation)
+    )
     if min(dilation) <= 0:
         raise RuntimeError(f"dilation should be greater than zero, but got dilation={list(dilation)}")
     if any(extra >= step and extra >= spread for extra, step, spread in zip(output_padding, stride, dilation)):
-        raise RuntimeError(f"output padding must be smaller than either stride or dilation, but got "
-                           f"output_padding={list(output_padding)}, stride={list(stride)}, dilation={list(dilation)}")
+        raise RuntimeError(
+            f"output padding must be smaller than either stride or dilation, but got "
+            f"output_padding={list(output_padding)}, stride={list(stride)}, dilation={list(dilation)}"
+        )
     return stride, padding, dilation, sizes
 
 
@@ -123,8 +137,10 @@ def _output_sizes(lengths, kernels, stride, padding, output_padding, dilation, d
         return None
     if min(values[0]) < 1 or min(values[1]) < 0 or min(values[3]) < 1:
         return None  # PyTorch's check names these
-    return [(length - 1) * step - 2 * pad + spread * (kernel - 1) + extra + 1
-            for length, kernel, step, pad, extra, spread in zip(lengths, kernels, *values)]
+    return [
+        (length - 1) * step - 2 * pad + spread * (kernel - 1) + extra + 1
+        for length, kernel, step, pad, extra, spread in zip(lengths, kernels, *values)
+    ]
 
 
 def as_convolution_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -141,23 +157,32 @@ def _phase_convolution(batched, kernel, groups, combination: tuple[Phase, ...]):
         sub_kernel = sub_kernel.index_select(2 + axis, torch.tensor(phase.taps, device=kernel.device))
     padding = [amount for phase in reversed(combination) for amount in (phase.pad_before, phase.pad_after)]
     padded = F.pad(batched, padding)
-    return _CONVOLUTIONS[len(combination)](padded, sub_kernel, None, 1, 0, tuple(p.dilation for p in combination),
-                                           groups)
+    return _CONVOLUTIONS[len(combination)](
+        padded, sub_kernel, None, 1, 0, tuple(p.dilation for p in combination), groups
+    )
 
 
 def phase_forward(batched, weight, stride, padding, dilation, groups, sizes):
     """Return the transposed convolution of a batched input (no bias), one phase convolution at a time."""
     kernel = as_convolution_weight(weight, groups)
-    per_axis = [phases_of(length, size_k, step, pad, spread, out)
-                for length, size_k, step, pad, spread, out
-                in zip(batched.shape[2:], weight.shape[2:], stride, padding, dilation, sizes)]
+    per_axis = [
+        phases_of(length, size_k, step, pad, spread, out)
+        for length, size_k, step, pad, spread, out in zip(
+            batched.shape[2:], weight.shape[2:], stride, padding, dilation, sizes
+        )
+    ]
     out = batched.new_zeros(batched.shape[0], kernel.shape[0], *sizes)
     for combination in itertools.product(*per_axis):
         if any(not phase.outputs for phase in combination):
             continue  # no weight reaches these outputs: only the bias
-        where = (slice(None), slice(None),
-                 *(slice(phase.first_output, phase.first_output + step * (phase.outputs - 1) + 1, step)
-                   for phase, step in zip(combination, stride)))
+        where = (
+            slice(None),
+            slice(None),
+            *(
+                slice(phase.first_output, phase.first_output + step * (phase.outputs - 1) + 1, step)
+                for phase, step in zip(combination, stride)
+            ),
+        )
         out[where] = _phase_convolution(batched, kernel, groups, combination)
     return out
 
@@ -191,10 +216,20 @@ class _PhaseConvTranspose(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_input = convolution(grad, weight, None, stride, padding, dilation, groups)[tuple(longer)]
         if ctx.needs_input_grad[1]:
-            lengths = [(length + 2 * pad - spread * (kernel - 1) - 1) // step + 1 for length, pad, spread, kernel, step
-                       in zip(grad.shape[2:], padding, dilation, weight.shape[2:], stride)]
-            extended = F.pad(batched, [amount for length, have in zip(reversed(lengths), reversed(batched.shape[2:]))
-                                       for amount in (0, length - have)])
+            lengths = [
+                (length + 2 * pad - spread * (kernel - 1) - 1) // step + 1
+                for length, pad, spread, kernel, step in zip(
+                    grad.shape[2:], padding, dilation, weight.shape[2:], stride
+                )
+            ]
+            extended = F.pad(
+                batched,
+                [
+                    amount
+                    for length, have in zip(reversed(lengths), reversed(batched.shape[2:]))
+                    for amount in (0, length - have)
+                ],
+            )
             weight_grad = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}[dims]
             grad_weight = weight_grad(grad, weight.shape, extended, stride, padding, dilation, groups)
         return grad_input, grad_weight, None, None, None, None, None
@@ -203,8 +238,9 @@ class _PhaseConvTranspose(torch.autograd.Function):
 def _conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation, dims: int):
     if input.numel() == 0:  # nothing to multiply: PyTorch's own answer, and its own refusals of empty inputs
         return _TRANSPOSED[dims](input, weight, bias, stride, padding, output_padding, groups, dilation)
-    stride, padding, dilation, sizes = _check(input, weight, bias, stride, padding, output_padding, groups, dilation,
-                                              dims)
+    stride, padding, dilation, sizes = _check(
+        input, weight, bias, stride, padding, output_padding, groups, dilation, dims
+    )
     batched = input if input.dim() == dims + 2 else input.unsqueeze(0)
     out = _PhaseConvTranspose.apply(batched, weight, stride, padding, dilation, groups, sizes)
     if bias is not None:
@@ -245,10 +281,12 @@ class ConvTranspose2d(nn.ConvTranspose2d):
 def _module_forward(module, input, output_size, dims: int):
     """Return a transposed-convolution module's output by phases (its ``output_size`` turned into output padding)."""
     _refuse_padding_mode(module)
-    extra = module._output_padding(input, output_size, module.stride, module.padding, module.kernel_size, dims,
-                                   module.dilation)
-    return _conv_transpose(input, module.weight, module.bias, module.stride, module.padding, extra, module.groups,
-                           module.dilation, dims)
+    extra = module._output_padding(
+        input, output_size, module.stride, module.padding, module.kernel_size, dims, module.dilation
+    )
+    return _conv_transpose(
+        input, module.weight, module.bias, module.stride, module.padding, extra, module.groups, module.dilation, dims
+    )
 
 
 def _refuse_padding_mode(module) -> None:

@@ -27,7 +27,7 @@ class Pattern:
         return math.ceil(self.m / self.n)
 
 
-def parse_pattern(text: "str | Pattern", field: str = "pattern") -> Pattern:
+def parse_pattern(text: str | Pattern, field: str = "pattern") -> Pattern:
     """Return the pattern ``"N:M"`` names; refuse (``ConfigError`` naming ``field``) anything but 1 ≤ N < M ≤ 64."""
     if isinstance(text, Pattern):
         return text

@@ -44,8 +44,9 @@ def gather_matmul(inputs: torch.Tensor, values: torch.Tensor, columns: torch.Ten
     return out.t()
 
 
-def gather_matmul_input_grad(grad: torch.Tensor, values: torch.Tensor, columns: torch.Tensor,
-                             in_features: int) -> torch.Tensor:
+def gather_matmul_input_grad(
+    grad: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, in_features: int
+) -> torch.Tensor:
     """Return the gradient of ``gather_matmul`` for its inputs: each output's gradient scattered to its columns."""
     by_output = grad.t().contiguous()
     grad_by_input = grad.new_zeros(in_features, grad.shape[0])
@@ -76,8 +77,9 @@ class _GatherLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         inputs, values, columns = ctx.saved_tensors
-        grad_inputs = gather_matmul_input_grad(grad, values, columns, inputs.shape[1]) \
-            if ctx.needs_input_grad[0] else None
+        grad_inputs = (
+            gather_matmul_input_grad(grad, values, columns, inputs.shape[1]) if ctx.needs_input_grad[0] else None
+        )
         grad_values = gather_matmul_values_grad(grad, inputs, columns) if ctx.needs_input_grad[1] else None
         return grad_inputs, grad_values, None
 
@@ -95,8 +97,9 @@ class _SparseRefinedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         inputs, weight, values, columns = ctx.saved_tensors
-        grad_inputs = gather_matmul_input_grad(grad, values, columns, inputs.shape[1]) \
-            if ctx.needs_input_grad[0] else None
+        grad_inputs = (
+            gather_matmul_input_grad(grad, values, columns, inputs.shape[1]) if ctx.needs_input_grad[0] else None
+        )
         grad_weight = None
         if ctx.needs_input_grad[1]:
             pruned = torch.ones_like(weight, dtype=torch.bool).scatter(1, columns, False)
@@ -138,9 +141,19 @@ class NMSparseLinear(nn.Module):
     not a multiple of M, and an unknown kernel, in one line.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, pattern: "str | Pattern" = "2:4",
-                 terms: int = 1, sr_ste: bool = False, decay: float = 2e-4, kernel: str = "gather",
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        pattern: str | Pattern = "2:4",
+        terms: int = 1,
+        sr_ste: bool = False,
+        decay: float = 2e-4,
+        kernel: str = "gather",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r}: must be one of {', '.join(KERNELS)}")
@@ -154,10 +167,14 @@ class NMSparseLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         dense = nn.Linear(in_features, out_features, bias=bias, **factory)  # nn.Linear's initialisation
         groups = in_features // self.pattern.m
-        self.register_buffer("offsets", torch.zeros(terms, out_features, groups, self.pattern.n, dtype=torch.uint8,
-                                                    device=device))
-        self.register_buffer("columns", torch.zeros(out_features, terms * groups * self.pattern.n, dtype=torch.long,
-                                                    device=device), persistent=False)
+        self.register_buffer(
+            "offsets", torch.zeros(terms, out_features, groups, self.pattern.n, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer(
+            "columns",
+            torch.zeros(out_features, terms * groups * self.pattern.n, dtype=torch.long, device=device),
+            persistent=False,
+        )
         if sr_ste:
             self.weight = nn.Parameter(dense.weight.detach().clone())
         else:
@@ -166,17 +183,33 @@ class NMSparseLinear(nn.Module):
         self.bias = nn.Parameter(dense.bias.detach().clone()) if bias else None
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, pattern: "str | Pattern" = "2:4", exact: bool = False,
-                   sr_ste: bool = False, decay: float = 2e-4, kernel: str = "gather") -> "NMSparseLinear":
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        pattern: str | Pattern = "2:4",
+        exact: bool = False,
+        sr_ste: bool = False,
+        decay: float = 2e-4,
+        kernel: str = "gather",
+    ) -> NMSparseLinear:
         """Return ``linear`` as an N:M layer: magnitude-pruned, or with ``exact`` the dense weight as a sum of
         ``ceil(M/N)`` N:M terms (the same outputs as ``linear``).  Refuses anything but an ``nn.Linear``."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense takes an nn.Linear, not a {type(linear).__name__}")
         pattern = parse_pattern(pattern)
         weight = linear.weight.detach()
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, pattern,
-                    terms=pattern.terms if exact else 1, sr_ste=sr_ste, decay=decay, kernel=kernel,
-                    device=weight.device, dtype=weight.dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            pattern,
+            terms=pattern.terms if exact else 1,
+            sr_ste=sr_ste,
+            decay=decay,
+            kernel=kernel,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         with torch.no_grad():
             if sr_ste:
                 layer.weight.copy_(weight)
@@ -209,8 +242,12 @@ class NMSparseLinear(nn.Module):
         if self.sr_ste:
             return self.weight * self._sr_ste_kept()
         width = self.values.shape[1] // self.terms
-        return sum(decompress(self.values[:, term * width:(term + 1) * width], self.offsets[term], self.pattern,
-                              self.in_features) for term in range(self.terms))
+        return sum(
+            decompress(
+                self.values[:, term * width : (term + 1) * width], self.offsets[term], self.pattern, self.in_features
+            )
+            for term in range(self.terms)
+        )
 
     def _sr_ste_kept(self) -> torch.Tensor:
         return torch.zeros_like(self.weight, dtype=torch.bool).scatter(1, self._sr_ste_columns(), True)
@@ -226,9 +263,15 @@ class NMSparseLinear(nn.Module):
         exists; it is made once per change of the values.  Not verified on a
         GPU yet.
         """
-        if not (inputs.is_cuda and not torch.is_grad_enabled() and not self.sr_ste and self.terms == 1
-                and str(self.pattern) == "2:4" and self.values.dtype in (torch.float16, torch.bfloat16)
-                and hasattr(torch.sparse, "to_sparse_semi_structured")):
+        if not (
+            inputs.is_cuda
+            and not torch.is_grad_enabled()
+            and not self.sr_ste
+            and self.terms == 1
+            and str(self.pattern) == "2:4"
+            and self.values.dtype in (torch.float16, torch.bfloat16)
+            and hasattr(torch.sparse, "to_sparse_semi_structured")
+        ):
             return None
         version = (self.values._version, self.values.data_ptr())
         if getattr(self, "_semi_structured", (None, None))[0] != version:
@@ -241,8 +284,11 @@ class NMSparseLinear(nn.Module):
         if semi_structured is not None:
             out = torch.nn.functional.linear(flat, semi_structured)
         elif self.kernel == "dense":
-            weight = _SparseRefinedWeight.apply(self.weight, self._sr_ste_kept(), self.decay) if self.sr_ste \
+            weight = (
+                _SparseRefinedWeight.apply(self.weight, self._sr_ste_kept(), self.decay)
+                if self.sr_ste
                 else self.dense_weight()
+            )
             out = flat @ weight.t()
         elif self.sr_ste:
             out = _SparseRefinedLinear.apply(flat, self.weight, self._sr_ste_columns(), self.decay)
@@ -253,12 +299,21 @@ class NMSparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = ", sr_ste" if self.sr_ste else (f", terms={self.terms}" if self.terms > 1 else "")
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"pattern={self.pattern}{mode}, kernel={self.kernel}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"pattern={self.pattern}{mode}, kernel={self.kernel}"
+        )
 
 
-def sparsify(model: nn.Module, pattern: "str | Pattern" = "2:4", layers=None, skip=(), sr_ste: bool = False,
-             decay: float = 2e-4, kernel: str = "gather") -> nn.Module:
+def sparsify(
+    model: nn.Module,
+    pattern: str | Pattern = "2:4",
+    layers=None,
+    skip=(),
+    sr_ste: bool = False,
+    decay: float = 2e-4,
+    kernel: str = "gather",
+) -> nn.Module:
     """Replace ``model``'s ``nn.Linear`` layers by magnitude-pruned ``NMSparseLinear`` in place; return ``model``.
 
     ``layers``: the names (as in ``model.named_modules()``) to convert, every
@@ -275,15 +330,18 @@ def sparsify(model: nn.Module, pattern: "str | Pattern" = "2:4", layers=None, sk
     left_dense = {match for name in skip for match in _matches(name, modules, "skip")}
     for name in chosen:
         if not isinstance(modules[name], nn.Linear):
-            raise ValueError(f"layers: {name!r} is a {type(modules[name]).__name__}, not an nn.Linear; "
-                             f"the linear layers are {', '.join(linear) or 'none'}")
+            raise ValueError(
+                f"layers: {name!r} is a {type(modules[name]).__name__}, not an nn.Linear; "
+                f"the linear layers are {', '.join(linear) or 'none'}"
+            )
     for name in chosen:
         if name in left_dense or any(name.startswith(dense + ".") for dense in left_dense):
             continue
         check_fits(modules[name].in_features, pattern, f"layer {name!r}")
         parent, _, child = name.rpartition(".")
-        modules[parent]._modules[child] = NMSparseLinear.from_dense(modules[name], pattern, sr_ste=sr_ste,
-                                                                    decay=decay, kernel=kernel)
+        modules[parent]._modules[child] = NMSparseLinear.from_dense(
+            modules[name], pattern, sr_ste=sr_ste, decay=decay, kernel=kernel
+        )
     return model
 
 

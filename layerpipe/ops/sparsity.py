@@ -22,8 +22,10 @@ from .pattern import Pattern, parse_pattern  # noqa: F401 - part of this module'
 def check_fits(in_features: int, pattern: Pattern, what: str = "the weight") -> None:
     """Refuse, in one line, an input size that is not a whole number of groups of ``pattern.m``."""
     if in_features % pattern.m:
-        raise ValueError(f"{what} has {in_features} inputs, not a multiple of M = {pattern.m} for the {pattern} "
-                         f"pattern: choose a pattern whose M divides {in_features}, or leave this layer dense")
+        raise ValueError(
+            f"{what} has {in_features} inputs, not a multiple of M = {pattern.m} for the {pattern} "
+            f"pattern: choose a pattern whose M divides {in_features}, or leave this layer dense"
+        )
 
 
 def nm_offsets(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
@@ -35,7 +37,7 @@ def nm_offsets(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     check_fits(weight.shape[-1], pattern)
     groups = weight.detach().abs().reshape(weight.shape[0], -1, pattern.m)
     order = torch.argsort(groups, dim=-1, descending=True, stable=True)
-    return order[..., :pattern.n].sort(dim=-1).values.to(torch.uint8)
+    return order[..., : pattern.n].sort(dim=-1).values.to(torch.uint8)
 
 
 def columns_of(offsets: torch.Tensor, pattern: Pattern) -> torch.Tensor:
@@ -105,8 +107,10 @@ def semi_structured_metadata(offsets: torch.Tensor) -> torch.Tensor:
 
     rows, groups, kept = offsets.shape
     if kept != 2 or rows % 32 or groups % 4:
-        raise ValueError(f"PyTorch's 2:4 layout needs the 2:4 pattern, rows a multiple of 32 and inputs a multiple "
-                         f"of 16; got offsets of shape {tuple(offsets.shape)}")
+        raise ValueError(
+            f"PyTorch's 2:4 layout needs the 2:4 pattern, rows a multiple of 32 and inputs a multiple "
+            f"of 16; got offsets of shape {tuple(offsets.shape)}"
+        )
     nibbles = (offsets[..., 0].long() | (offsets[..., 1].long() << 2)).to(torch.int16).view(rows, groups // 4, 4)
     words = nibbles[..., 0] | (nibbles[..., 1] << 4) | (nibbles[..., 2] << 8) | (nibbles[..., 3] << 12)
     scatter = _calculate_meta_reordering_scatter_offsets(rows, groups // 4, torch.int16, offsets.device)

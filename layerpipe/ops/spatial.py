@@ -66,10 +66,14 @@ def _peer(group, index: int) -> int:
 
 def _exchange(plan: ExchangePlan, outgoing, incoming, group, timeout: float, what: str) -> None:
     """Send ``outgoing[i]`` for ``plan.sends[i]`` and receive ``incoming[i]`` for ``plan.receives[i]``, at once."""
-    operations = [dist.P2POp(dist.isend, tensor.contiguous(), _peer(group, piece.peer), group, EXCHANGE_TAG)
-                  for piece, tensor in zip(plan.sends, outgoing)]
-    operations += [dist.P2POp(dist.irecv, tensor, _peer(group, piece.peer), group, EXCHANGE_TAG)
-                   for piece, tensor in zip(plan.receives, incoming)]
+    operations = [
+        dist.P2POp(dist.isend, tensor.contiguous(), _peer(group, piece.peer), group, EXCHANGE_TAG)
+        for piece, tensor in zip(plan.sends, outgoing)
+    ]
+    operations += [
+        dist.P2POp(dist.irecv, tensor, _peer(group, piece.peer), group, EXCHANGE_TAG)
+        for piece, tensor in zip(plan.receives, incoming)
+    ]
     if operations:
         _wait(dist.batch_isend_irecv(operations), what, timeout)
 
@@ -85,12 +89,12 @@ class _Overlap(torch.autograd.Function):
         shape[-2] = plan.rows
         assembled = chunk.new_zeros(shape)
         for piece in plan.copies:
-            assembled[..., piece.at:piece.at + piece.end - piece.first, :] = chunk[..., piece.first:piece.end, :]
-        incoming = [assembled[..., p.at:p.at + p.end - p.first, :].clone() for p in plan.receives]
-        outgoing = [chunk[..., p.first:p.end, :] for p in plan.sends]
+            assembled[..., piece.at : piece.at + piece.end - piece.first, :] = chunk[..., piece.first : piece.end, :]
+        incoming = [assembled[..., p.at : p.at + p.end - p.first, :].clone() for p in plan.receives]
+        outgoing = [chunk[..., p.first : p.end, :] for p in plan.sends]
         _exchange(plan, outgoing, incoming, group, timeout, "exchanging overlap rows")
         for piece, rows in zip(plan.receives, incoming):
-            assembled[..., piece.at:piece.at + piece.end - piece.first, :] = rows
+            assembled[..., piece.at : piece.at + piece.end - piece.first, :] = rows
         return assembled
 
     @staticmethod
@@ -100,13 +104,13 @@ class _Overlap(torch.autograd.Function):
         shape[-2] = ctx.rows
         grad_chunk = grad.new_zeros(shape)
         for piece in plan.copies:
-            grad_chunk[..., piece.first:piece.end, :] += grad[..., piece.at:piece.at + piece.end - piece.first, :]
+            grad_chunk[..., piece.first : piece.end, :] += grad[..., piece.at : piece.at + piece.end - piece.first, :]
         mirrored = ExchangePlan(plan.rows, plan.copies, receives=plan.sends, sends=plan.receives)
-        outgoing = [grad[..., p.at:p.at + p.end - p.first, :] for p in plan.receives]
-        incoming = [grad_chunk[..., p.first:p.end, :].clone() for p in plan.sends]
+        outgoing = [grad[..., p.at : p.at + p.end - p.first, :] for p in plan.receives]
+        incoming = [grad_chunk[..., p.first : p.end, :].clone() for p in plan.sends]
         _exchange(mirrored, outgoing, incoming, ctx.group, ctx.timeout, "returning overlap gradients")
         for piece, rows in zip(plan.sends, incoming):
-            grad_chunk[..., piece.first:piece.end, :] += rows
+            grad_chunk[..., piece.first : piece.end, :] += rows
         return grad_chunk, None, None, None
 
 
@@ -194,13 +198,32 @@ class SpatialConv2d(nn.Conv2d):
         return RowMap("conv", self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0])
 
     def forward(self, chunk: torch.Tensor) -> torch.Tensor:
-        return spatial_conv2d(chunk, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                              self.padding_mode, self.group, self.timeout)
+        return spatial_conv2d(
+            chunk,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.padding_mode,
+            self.group,
+            self.timeout,
+        )
 
 
-def spatial_conv2d(chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
-                   dilation=1, groups: int = 1, padding_mode: str = "zeros", group=None,
-                   timeout: float = 300.0) -> torch.Tensor:
+def spatial_conv2d(
+    chunk: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    group=None,
+    timeout: float = 300.0,
+) -> torch.Tensor:
     """``torch.nn.functional.conv2d`` of the image whose band of rows ``chunk`` is, on every process of ``group``.
 
     Returns this process's band of the output (``SpatialConv2d`` says which
@@ -216,8 +239,15 @@ def spatial_conv2d(chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     assembled, _, _ = overlap_rows(chunk, row_map, group, circular, timeout)
     if pad_across:
         assembled = F.pad(assembled, (pad_across, pad_across, 0, 0), mode="circular" if circular else "constant")
-    return F.conv2d(assembled, replicated(weight, group), replicated(bias, group), (stride_rows, stride_across), 0,
-                    (dilation_rows, dilation_across), groups)
+    return F.conv2d(
+        assembled,
+        replicated(weight, group),
+        replicated(bias, group),
+        (stride_rows, stride_across),
+        0,
+        (dilation_rows, dilation_across),
+        groups,
+    )
 
 
 class SpatialConvTranspose2d(nn.ConvTranspose2d):
@@ -235,8 +265,9 @@ class SpatialConvTranspose2d(nn.ConvTranspose2d):
 
     def row_map(self) -> RowMap:
         """Return how this layer maps rows along the split dimension."""
-        return RowMap("transposed", self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0],
-                      self.output_padding[0])
+        return RowMap(
+            "transposed", self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0], self.output_padding[0]
+        )
 
     def forward(self, chunk: torch.Tensor) -> torch.Tensor:
         row_map = self.row_map()
@@ -245,15 +276,28 @@ class SpatialConvTranspose2d(nn.ConvTranspose2d):
         low, _ = row_map.needed_rows(first, end, height)
         weight = replicated(self.weight, self.group)
         if assembled.shape[-2]:
-            local = conv_transpose2d(assembled, weight, None, self.stride, (0, self.padding[1]),
-                                     (0, self.output_padding[1]), self.groups, self.dilation)
+            local = conv_transpose2d(
+                assembled,
+                weight,
+                None,
+                self.stride,
+                (0, self.padding[1]),
+                (0, self.output_padding[1]),
+                self.groups,
+                self.dilation,
+            )
         else:  # no input row reaches this band's outputs, which hold the bias alone; the weight stays in the
             # graph so that its gradient's sum over the group runs on every rank
-            width = RowMap("transposed", self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1],
-                           self.output_padding[1]).output_height(chunk.shape[-1])
+            width = RowMap(
+                "transposed",
+                self.kernel_size[1],
+                self.stride[1],
+                self.padding[1],
+                self.dilation[1],
+                self.output_padding[1],
+            ).output_height(chunk.shape[-1])
             # (and the overlap exchange, whose backward the bands before it wait for, stays in it too)
-            local = (weight.sum() + assembled.sum()) * chunk.new_zeros(*chunk.shape[:-3], self.out_channels, 0,
-                                                                         width)
+            local = (weight.sum() + assembled.sum()) * chunk.new_zeros(*chunk.shape[:-3], self.out_channels, 0, width)
         # local row u is the uncropped output row low·stride + u; output row o is the uncropped row o + padding
         out = _rows_with_zeros(local, first + self.padding[0] - low * self.stride[0], end - first)
         bias = replicated(self.bias, self.group)
@@ -264,7 +308,7 @@ def _rows_with_zeros(local: torch.Tensor, start: int, rows: int) -> torch.Tensor
     """Return rows ``start … start + rows`` of ``local``, zeros where it has none."""
     have = local.shape[-2]
     before, after = max(0, -start), max(0, start + rows - have)
-    taken = local[..., max(0, start):max(0, min(have, start + rows)), :]
+    taken = local[..., max(0, start) : max(0, min(have, start + rows)), :]
     return F.pad(taken, (0, 0, before, after)) if before or after else taken
 
 
@@ -278,8 +322,7 @@ class SpatialGroupNorm(nn.GroupNorm):
     def forward(self, chunk: torch.Tensor) -> torch.Tensor:
         batch = chunk.shape[0]
         grouped = chunk.reshape(batch, self.num_groups, -1)
-        count = torch.full((batch, self.num_groups), float(grouped.shape[-1]), dtype=chunk.dtype,
-                           device=chunk.device)
+        count = torch.full((batch, self.num_groups), float(grouped.shape[-1]), dtype=chunk.dtype, device=chunk.device)
         # Two passes, as the whole-image layer does: E[x²] − E[x]² cancels badly in float32.
         totals = _SumOverGroup.apply(torch.stack([grouped.sum(-1), count]), self.group)
         mean = totals[0] / totals[1]
@@ -288,8 +331,9 @@ class SpatialGroupNorm(nn.GroupNorm):
         if not self.affine:
             return normalised
         shape = (1, -1) + (1,) * (chunk.dim() - 2)
-        return normalised * replicated(self.weight, self.group).view(shape) + \
-            replicated(self.bias, self.group).view(shape)
+        return normalised * replicated(self.weight, self.group).view(shape) + replicated(self.bias, self.group).view(
+            shape
+        )
 
 
 ELEMENT_WISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity)
@@ -313,18 +357,26 @@ class SpatialBlock(nn.Sequential):
         for layer in layers:
             if isinstance(layer, nn.Conv2d) and not isinstance(layer, SpatialConv2d):
                 if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-                    raise ValueError(f"SpatialBlock takes convolutions with numeric zeros padding, not "
-                                     f"padding={layer.padding!r}, padding_mode={layer.padding_mode!r}")
+                    raise ValueError(
+                        f"SpatialBlock takes convolutions with numeric zeros padding, not "
+                        f"padding={layer.padding!r}, padding_mode={layer.padding_mode!r}"
+                    )
             elif not isinstance(layer, ELEMENT_WISE):
-                raise ValueError(f"SpatialBlock takes nn.Conv2d and element-wise layers "
-                                 f"({', '.join(kind.__name__ for kind in ELEMENT_WISE)}), not {type(layer).__name__}")
+                raise ValueError(
+                    f"SpatialBlock takes nn.Conv2d and element-wise layers "
+                    f"({', '.join(kind.__name__ for kind in ELEMENT_WISE)}), not {type(layer).__name__}"
+                )
         super().__init__(*layers)
         self.group, self.timeout = group, timeout
 
     def row_maps(self) -> list[RowMap]:
         """Return each layer's row map (an element-wise layer's is the identity)."""
-        return [RowMap("conv", layer.kernel_size[0], layer.stride[0], layer.padding[0], layer.dilation[0])
-                if isinstance(layer, nn.Conv2d) else RowMap() for layer in self]
+        return [
+            RowMap("conv", layer.kernel_size[0], layer.stride[0], layer.padding[0], layer.dilation[0])
+            if isinstance(layer, nn.Conv2d)
+            else RowMap()
+            for layer in self
+        ]
 
     def plan(self, bounds: Bounds) -> tuple[list[int], list[tuple[tuple[int, int], ...]]]:
         """Return every layer's input height and, per layer, the rows each rank computes of its input
@@ -347,8 +399,15 @@ class SpatialBlock(nn.Sequential):
         for layer, height, (first, end) in zip(self, heights[1:], (part[index] for part in wanted[1:])):
             if isinstance(layer, nn.Conv2d):
                 padded = F.pad(rows, (layer.padding[1], layer.padding[1], 0, 0)) if layer.padding[1] else rows
-                rows = F.conv2d(padded, replicated(layer.weight, self.group), replicated(layer.bias, self.group),
-                                layer.stride, 0, layer.dilation, layer.groups)
+                rows = F.conv2d(
+                    padded,
+                    replicated(layer.weight, self.group),
+                    replicated(layer.bias, self.group),
+                    layer.stride,
+                    0,
+                    layer.dilation,
+                    layer.groups,
+                )
             else:
                 rows = layer(rows)
             inside_first, inside_end = max(0, -first), min(end, height) - first  # rows within the image

@@ -26,16 +26,22 @@ def split_rows(height: int, parts: int, align: int = 1) -> Bounds:
     """
     blocks = -(-height // align)
     if parts < 1 or parts > blocks:
-        raise ValueError(f"cannot split {height} rows into {parts} chunks starting on multiples of {align}: "
-                         f"at most {blocks} chunks")
+        raise ValueError(
+            f"cannot split {height} rows into {parts} chunks starting on multiples of {align}: at most {blocks} chunks"
+        )
     edges = [min(height, (blocks * part // parts) * align) for part in range(parts + 1)]
     return tuple(zip(edges, edges[1:]))
 
 
 def check_bounds(bounds: Bounds, height: int) -> None:
     """Refuse, with ``ValueError``, chunks that are empty or do not cover ``0 … height`` in order."""
-    if not bounds or bounds[0][0] != 0 or bounds[-1][1] != height or \
-            any(first >= end for first, end in bounds) or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+    if (
+        not bounds
+        or bounds[0][0] != 0
+        or bounds[-1][1] != height
+        or any(first >= end for first, end in bounds)
+        or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:]))
+    ):
         raise ValueError(f"spatial chunks {list(bounds)} must be non-empty and cover rows 0 to {height} in order")
 
 
@@ -90,14 +96,19 @@ class RowMap:
         total, centre = self.output_height(height), self.dilation * (self.kernel - 1) // 2
         edges = [0]
         for first, _ in bounds[1:]:
-            edge = first * self.stride - self.padding + centre if self.kind == "transposed" \
+            edge = (
+                first * self.stride - self.padding + centre
+                if self.kind == "transposed"
                 else -(-(first + self.padding - centre) // self.stride)
+            )
             edges.append(min(total, max(0, edge)))
         edges.append(total)
         result = tuple(zip(edges, edges[1:]))
         if any(first >= end for first, end in result):
-            raise ValueError(f"the spatial chunks {list(bounds)} of {height} rows leave a rank no output row of this "
-                             f"layer ({total} rows): use fewer spatial ranks or a larger image")
+            raise ValueError(
+                f"the spatial chunks {list(bounds)} of {height} rows leave a rank no output row of this "
+                f"layer ({total} rows): use fewer spatial ranks or a larger image"
+            )
         return result
 
 
@@ -131,7 +142,7 @@ def _pieces_for(want: tuple[int, int], bounds: Bounds, height: int, circular: bo
     """Return ``(owner, local first, local end, at)`` for each stretch of the wanted rows some rank holds."""
     low, high = want
     pieces = []
-    for shift in ((-height, 0, height) if circular else (0,)):
+    for shift in (-height, 0, height) if circular else (0,):
         for owner, (first, end) in enumerate(bounds):
             start, stop = max(low, first + shift), min(high, end + shift)
             if start < stop:
@@ -139,8 +150,9 @@ def _pieces_for(want: tuple[int, int], bounds: Bounds, height: int, circular: bo
     return sorted(pieces, key=lambda piece: piece[3])
 
 
-def plan_exchange(bounds: Bounds, wants: tuple[tuple[int, int], ...], height: int, index: int,
-                  circular: bool = False) -> ExchangePlan:
+def plan_exchange(
+    bounds: Bounds, wants: tuple[tuple[int, int], ...], height: int, index: int, circular: bool = False
+) -> ExchangePlan:
     """Return rank ``index``'s exchange, where rank ``j`` wants input rows ``wants[j]`` (image rows, may overhang).
 
     Refuses (``ValueError``) an exchange that needs rows of a rank other than
@@ -152,9 +164,11 @@ def plan_exchange(bounds: Bounds, wants: tuple[tuple[int, int], ...], height: in
     def check(receiver: int, owner: int) -> None:
         if abs(owner - receiver) > 1 and not (circular and {owner, receiver} == {0, ranks - 1}):
             first, end = bounds[receiver - 1 if owner < receiver else receiver + 1]
-            raise ValueError(f"spatial rank {receiver} needs rows {wants[receiver][0]} to {wants[receiver][1] - 1} "
-                             f"(its overlap), which reach past its neighbour's chunk of {end - first} rows into "
-                             f"spatial rank {owner}'s: use fewer spatial ranks or a larger image")
+            raise ValueError(
+                f"spatial rank {receiver} needs rows {wants[receiver][0]} to {wants[receiver][1] - 1} "
+                f"(its overlap), which reach past its neighbour's chunk of {end - first} rows into "
+                f"spatial rank {owner}'s: use fewer spatial ranks or a larger image"
+            )
 
     pieces = {receiver: _pieces_for(wants[receiver], bounds, height, circular) for receiver in range(ranks)}
     for receiver, found in pieces.items():  # every rank refuses the same split, so none waits for another

@@ -42,6 +42,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 
 from ..checkpoint_files import CheckpointError, seal, verify_checkpoint, write_json
 
+
 # ---------------------------------------------------------------- random states
 def random_states() -> dict[str, Any]:
     """Return this process's random states (Python, torch CPU and, where present, CUDA) as JSON-ready values."""
@@ -123,12 +124,21 @@ def save_checkpoint(pipe, folder: str, training: dict[str, Any]) -> str:
     weights = pipe.gathered_state_dict()
     optimizer = pipe.optimizer_state_dict()
     tensors = {f"model.{name}": value for name, value in weights.items()}
-    tensors.update({f"optimizer.{name}.{key}": value for name, values in optimizer["state"].items()
-                    for key, value in values.items()})
+    tensors.update(
+        {
+            f"optimizer.{name}.{key}": value
+            for name, values in optimizer["state"].items()
+            for key, value in values.items()
+        }
+    )
     dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(partial, save_distributed=True))
     kill_if_asked("checkpoint", training.get("step"))
-    own = {"training": training, "random": random_states(), "hyperparameters": _plain(optimizer["hyperparameters"]),
-           "optimizer_keys": _optimizer_keys(optimizer["state"])}
+    own = {
+        "training": training,
+        "random": random_states(),
+        "hyperparameters": _plain(optimizer["hyperparameters"]),
+        "optimizer_keys": _optimizer_keys(optimizer["state"]),
+    }
     write_json(os.path.join(partial, f"process-{rank}.json"), own)
     dist.barrier()
     if rank == 0:
@@ -148,13 +158,16 @@ def _optimizer_keys(state: dict[str, dict]) -> dict[str, str]:
 
 def _plain(hyperparameters: dict[str, dict]) -> dict[str, dict]:
     """Return the hyperparameters that JSON holds as they are (numbers, flags, strings, lists of numbers)."""
+
     def plain(value) -> bool:
         if isinstance(value, (list, tuple)):
             return all(plain(item) for item in value)
         return value is None or isinstance(value, (bool, int, float, str))
 
-    return {name: {key: _jsonable(value) for key, value in options.items() if plain(value)}
-            for name, options in hyperparameters.items()}
+    return {
+        name: {key: _jsonable(value) for key, value in options.items() if plain(value)}
+        for name, options in hyperparameters.items()
+    }
 
 
 # ---------------------------------------------------------------- loading
@@ -184,7 +197,7 @@ def load_checkpoint(pipe, folder: str) -> dict[str, Any]:
     return {**own["training"], "random": own["random"]}
 
 
-def load_weights(folder: str) -> dict[str, "torch.Tensor"]:
+def load_weights(folder: str) -> dict[str, torch.Tensor]:
     """Return a verified checkpoint's parameters and buffers by name (as in ``nn.Sequential(*layers)``), in one process.
 
     No process group is needed and nothing is unpickled: the safetensors
@@ -235,5 +248,3 @@ def _templates(pipe, optimizer_keys: dict[str, str]) -> dict[str, torch.Tensor]:
                     shape = () if shape_kind == "scalar" else parameter.shape
                     templates[f"optimizer.{prefix}{name}.{key}"] = torch.empty(shape, dtype=getattr(torch, dtype))
     return templates
-
-

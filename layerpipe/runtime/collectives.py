@@ -72,8 +72,12 @@ class Collectives:
     def _wait(self, issued: Issued, needed_by) -> None:
         start = time.perf_counter()
         if issued.work is not None:
-            wait_for(issued.work, self.timeout, self.rank,
-                     f"waiting at {needed_by} for {issued.action} across the data-parallel replicas")
+            wait_for(
+                issued.work,
+                self.timeout,
+                self.rank,
+                f"waiting at {needed_by} for {issued.action} across the data-parallel replicas",
+            )
         end = time.perf_counter()
         self.exposed += end - start
         finished = issued.done[0] if issued.done else end

@@ -32,7 +32,7 @@ is ``learning_rate_factor``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -53,18 +53,21 @@ def check_correction(correction: str, optimizer: torch.optim.Optimizer | None) -
         return
     plain_momentum = type(optimizer) is torch.optim.SGD and all(
         group["momentum"] > 0 and group["dampening"] == 0 and not group["nesterov"] and not group["maximize"]
-        for group in optimizer.param_groups)
+        for group in optimizer.param_groups
+    )
     if not plain_momentum:
-        raise ConfigError("delay_correction", correction,
-                          f"reads the momentum of torch.optim.SGD with momentum > 0, no dampening and no Nesterov; "
-                          f"the optimizer is {_describe(optimizer)}: use delay_correction='none' or such an SGD")
+        raise ConfigError(
+            "delay_correction",
+            correction,
+            f"reads the momentum of torch.optim.SGD with momentum > 0, no dampening and no Nesterov; "
+            f"the optimizer is {_describe(optimizer)}: use delay_correction='none' or such an SGD",
+        )
 
 
 def _describe(optimizer: torch.optim.Optimizer) -> str:
     if type(optimizer) is torch.optim.SGD:
         group = optimizer.param_groups[0]
-        return (f"SGD(momentum={group['momentum']}, dampening={group['dampening']}, "
-                f"nesterov={group['nesterov']})")
+        return f"SGD(momentum={group['momentum']}, dampening={group['dampening']}, nesterov={group['nesterov']})"
     return type(optimizer).__name__
 
 
@@ -88,7 +91,7 @@ def corrected_step(optimizer: torch.optim.Optimizer, correction: str, delay: flo
     with torch.no_grad():
         for group in optimizer.param_groups:
             momentum, rate, decay = group["momentum"], group["lr"], group["weight_decay"]
-            now = momentum ** delay
+            now = momentum**delay
             late = (1 - now) / (1 - momentum)
             for parameter in group["params"]:
                 if parameter.grad is None:
@@ -103,8 +106,7 @@ def corrected_step(optimizer: torch.optim.Optimizer, correction: str, delay: flo
                 parameter.add_(velocity * now + gradient * late, alpha=-rate)
 
 
-def predicted(parameters: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
-              delay: float) -> list[torch.Tensor]:
+def predicted(parameters: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, delay: float) -> list[torch.Tensor]:
     """Return detached copies of ``parameters`` predicted ``delay`` updates ahead: ``w − lr·D·v``.
 
     A parameter without a momentum buffer yet (before its first update) is

@@ -26,7 +26,7 @@ def all_gather_json(value, group=None, device: torch.device | str = "cpu") -> li
     dist.all_gather(lengths, length, group=group)
     longest = int(max(int(found) for found in lengths))
     padded = torch.zeros(longest, dtype=torch.uint8, device=device)
-    padded[:data.numel()] = data
+    padded[: data.numel()] = data
     texts = [torch.zeros_like(padded) for _ in range(size)]
     dist.all_gather(texts, padded, group=group)
-    return [json.loads(bytes(text[:int(found)].cpu().tolist()).decode("utf-8")) for text, found in zip(texts, lengths)]
+    return [json.loads(bytes(text[: int(found)].cpu().tolist()).decode("utf-8")) for text, found in zip(texts, lengths)]

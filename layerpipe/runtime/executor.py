@@ -26,8 +26,9 @@ gradient to send to the previous stage.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -36,12 +37,21 @@ from ..schedule.actions import AWAITS, Action, Kind, Program
 from .collectives import Collectives
 from .context import RankContext
 from .memory import ActivationMeter
-from .precision import LossScaler, compute, in_float32
 from .p2p import Mailbox, wait_for
+from .precision import LossScaler, compute, in_float32
 from .recompute import Recording, recomputed, recording
 from .sharding import StageShard
-from .stage import PipelineError, Stage, TensorMeta, backward_roots, carries_gradient, decode_header, encode_header, \
-    HEADER_LENGTH, metas_of
+from .stage import (
+    HEADER_LENGTH,
+    PipelineError,
+    Stage,
+    TensorMeta,
+    backward_roots,
+    carries_gradient,
+    decode_header,
+    encode_header,
+    metas_of,
+)
 from .tags import agree_tag, check_capacity, check_tensor_count
 
 F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
@@ -69,7 +79,9 @@ class RunResult(NamedTuple):
     exposed_data_parallel: float = 0.0
     peak_activation_bytes: int | None = None
     buffer_peak: dict | None = None
-    skipped: int | None = None  # the first stage whose gradients were not finite anywhere, when a GUARD skipped the step
+    skipped: int | None = (
+        None  # the first stage whose gradients were not finite anywhere, when a GUARD skipped the step
+    )
 
 
 @dataclass(frozen=True)
@@ -117,8 +129,14 @@ class Executor:
     when given, counts the activation bytes autograd saves.
     """
 
-    def __init__(self, context: RankContext, stages: dict[int, LocalStage], loss_fn: Callable,
-                 meter: ActivationMeter | None = None, group=None):
+    def __init__(
+        self,
+        context: RankContext,
+        stages: dict[int, LocalStage],
+        loss_fn: Callable,
+        meter: ActivationMeter | None = None,
+        group=None,
+    ):
         check_capacity(context.placement.stages, context.tag_window)
         self.context = context
         self.group = group  # the pipeline's ranks (the default group when there is one pipeline)
@@ -168,14 +186,17 @@ class Executor:
             with compute(self.context.precision, self.context.device):
                 return self.stages[stage].module(*inputs)
         except Exception as error:
-            raise PipelineError(f"rank {self.context.rank}: stage {stage} failed on micro-batch 0 "
-                                f"while agreeing tensor shapes: {error}") from error
+            raise PipelineError(
+                f"rank {self.context.rank}: stage {stage} failed on micro-batch 0 while agreeing tensor shapes: {error}"
+            ) from error
 
     def _agree_send(self, stage: int, peer: int, tensors, metas) -> None:
         destination = self.context.peers[peer]
         what = f"sending stage {stage}'s output to rank {peer} while agreeing tensor shapes"
         messages = [encode_header(metas).to(self.context.device), *(tensor.contiguous() for tensor in tensors)]
-        works = [dist.isend(message, dst=destination, tag=agree_tag(stage, slot)) for slot, message in enumerate(messages)]
+        works = [
+            dist.isend(message, dst=destination, tag=agree_tag(stage, slot)) for slot, message in enumerate(messages)
+        ]
         for work in works:
             wait_for(work, self.context.timeout, self.context.rank, what)
 
@@ -188,8 +209,9 @@ class Executor:
         tensors = []
         for slot, meta in enumerate(decode_header(header.cpu())):
             buffer = torch.empty(meta.shape, dtype=meta.dtype, device=device)
-            wait_for(dist.irecv(buffer, src=source, tag=agree_tag(stage - 1, 1 + slot)), self.context.timeout, rank,
-                     what)
+            wait_for(
+                dist.irecv(buffer, src=source, tag=agree_tag(stage - 1, 1 + slot)), self.context.timeout, rank, what
+            )
             tensors.append(buffer)
         return tuple(tensors)
 
@@ -221,8 +243,15 @@ class Executor:
             mailbox.reset()
         return mailbox
 
-    def run(self, program: Program, mailbox: Mailbox, metas, inputs: Sequence[tuple] | None,
-            targets: Sequence | None, training: bool) -> RunResult:
+    def run(
+        self,
+        program: Program,
+        mailbox: Mailbox,
+        metas,
+        inputs: Sequence[tuple] | None,
+        targets: Sequence | None,
+        training: bool,
+    ) -> RunResult:
         """Run ``program`` once and return the loss sum, outputs and measured events.
 
         ``inputs[i]`` and ``targets[i]`` are micro-batch ``i``'s tensors
@@ -261,14 +290,20 @@ class Executor:
                     emit((rank, stream, action, start, clock()))
                 if state.skipped is not None:  # a GUARD failed on some process: every rank skips the rest alike
                     skipped_at = clock()
-                    state.events += [(rank, "skipped", later, skipped_at, skipped_at) for later in program[index + 1:]]
+                    state.events += [(rank, "skipped", later, skipped_at, skipped_at) for later in program[index + 1 :]]
                     break
         self._finish_transfers(state)
         collectives.finish()
         loss_sum = float(torch.stack([loss.detach() for loss in state.losses.values()]).sum()) if state.losses else None
         outputs = tuple(state.outputs[i] for i in sorted(state.outputs)) if state.outputs else None
-        return RunResult(loss_sum, outputs, tuple(state.events) + tuple(collectives.events), collectives.exposed,
-                         buffer_peak=state.buffer_peak, skipped=state.skipped)
+        return RunResult(
+            loss_sum,
+            outputs,
+            tuple(state.events) + tuple(collectives.events),
+            collectives.exposed,
+            buffer_peak=state.buffer_peak,
+            skipped=state.skipped,
+        )
 
     def _finish_transfers(self, state: RunState) -> None:
         """Wait for the run's sends at its end (a stream waits a call later, see ``StreamExecutor``)."""
@@ -320,8 +355,9 @@ class Executor:
         del state.stage_outputs[key]
         _free_recording(state.recordings.pop(key, None))
         if action.stage > 0:
-            self._deliver_input_grads(action, state, tuple(
-                _grad_or_zeros(a) for a in arguments if carries_gradient(a.dtype)))
+            self._deliver_input_grads(
+                action, state, tuple(_grad_or_zeros(a) for a in arguments if carries_gradient(a.dtype))
+            )
         return COMPUTE
 
     def _input_backward(self, action: Action, state: RunState) -> str:
@@ -331,8 +367,11 @@ class Executor:
         del state.stage_outputs[key]
         if action.stage > 0:
             wanted = [a for a in arguments if carries_gradient(a.dtype)]
-            found = (torch.autograd.grad(tensors, wanted, grads, retain_graph=True, allow_unused=True)
-                     if wanted and tensors else [None] * len(wanted))
+            found = (
+                torch.autograd.grad(tensors, wanted, grads, retain_graph=True, allow_unused=True)
+                if wanted and tensors
+                else [None] * len(wanted)
+            )
             gradients = tuple(torch.zeros_like(a) if g is None else g for a, g in zip(wanted, found))
             self._deliver_input_grads(action, state, gradients)
         state.held_for_weights[key] = (tensors, grads)
@@ -374,7 +413,9 @@ class Executor:
     def _receive(self, action: Action, state: RunState) -> str:
         # Measured from the moment the rank waits: the receive itself was posted ahead and runs unseen.
         tensors = state.mailbox.receive(action)
-        (state.received if action.kind is Kind.RECV_F else state.output_grads)[(action.stage, action.microbatch)] = tensors
+        (state.received if action.kind is Kind.RECV_F else state.output_grads)[(action.stage, action.microbatch)] = (
+            tensors
+        )
         return P2P
 
     def _gather(self, action: Action, state: RunState) -> None:
@@ -382,7 +423,9 @@ class Executor:
         self._note_buffers(state)
 
     def _reduce(self, action: Action, state: RunState) -> None:
-        self.collectives.issue(action, self.stages[action.stage].shard.reduce(action.portion or 1, action.portions or 1))
+        self.collectives.issue(
+            action, self.stages[action.stage].shard.reduce(action.portion or 1, action.portions or 1)
+        )
 
     def _guard(self, action: Action, state: RunState) -> str:
         """Agree with every process whether the step goes on: not when a reduced gradient is not finite anywhere.
@@ -399,7 +442,9 @@ class Executor:
         bad = [index for index, local in sorted(self.stages.items()) if not local.shard.gradients_finite()]
         first = torch.tensor([float(bad[0]) if bad else float("inf")], dtype=torch.float64, device=self.context.device)
         work = dist.all_reduce(first, op=dist.ReduceOp.MIN, async_op=True)
-        wait_for(work, self.context.timeout, self.context.rank, f"at {action} agreeing whether every gradient is finite")
+        wait_for(
+            work, self.context.timeout, self.context.rank, f"at {action} agreeing whether every gradient is finite"
+        )
         if first.item() != float("inf"):
             state.skipped = int(first.item())
         if self.scaler is not None:
@@ -414,10 +459,21 @@ class Executor:
     def _release_weights(self, action: Action, state: RunState) -> None:
         self.stages[action.stage].shard.release()
 
-    HANDLERS: dict[Kind, Callable] = {
-        F: _forward, B: _backward, I: _input_backward, W: _weight_backward, R: _recompute, Kind.STEP: _step,
-        Kind.SEND_F: _send, Kind.SEND_B: _send, Kind.RECV_F: _receive, Kind.RECV_B: _receive,
-        Kind.GATHER: _gather, Kind.REDUCE: _reduce, Kind.RELEASE: _release_weights, Kind.GUARD: _guard,
+    HANDLERS: ClassVar[dict[Kind, Callable]] = {
+        F: _forward,
+        B: _backward,
+        I: _input_backward,
+        W: _weight_backward,
+        R: _recompute,
+        Kind.STEP: _step,
+        Kind.SEND_F: _send,
+        Kind.SEND_B: _send,
+        Kind.RECV_F: _receive,
+        Kind.RECV_B: _receive,
+        Kind.GATHER: _gather,
+        Kind.REDUCE: _reduce,
+        Kind.RELEASE: _release_weights,
+        Kind.GUARD: _guard,
     }
     """The handler of each action kind; it returns the stream to record the action on, or ``None`` when the
     action records itself (collectives, from issue to completion)."""
@@ -450,12 +506,15 @@ class Executor:
             produced = recomputed(module, *arguments) if whole else module(*arguments)
         expected = metas[stage]
         if len(produced) != len(expected) or any(
-                tuple(t.shape) != meta.shape or t.dtype != meta.dtype for t, meta in zip(produced, expected)):
+            tuple(t.shape) != meta.shape or t.dtype != meta.dtype for t, meta in zip(produced, expected)
+        ):
             found = ", ".join(str(m) for m in metas_of(produced))
             agreed = ", ".join(str(m) for m in expected)
-            raise PipelineError(f"rank {self.context.rank}: stage {stage} produced ({found}) for micro-batch "
-                                f"{microbatch}, but the pipeline agreed on ({agreed}) from micro-batch 0 of the first "
-                                f"step: every micro-batch must give a stage outputs of the same shapes and dtypes")
+            raise PipelineError(
+                f"rank {self.context.rank}: stage {stage} produced ({found}) for micro-batch "
+                f"{microbatch}, but the pipeline agreed on ({agreed}) from micro-batch 0 of the first "
+                f"step: every micro-batch must give a stage outputs of the same shapes and dtypes"
+            )
         return produced
 
     def _loss(self, value, target, microbatch: int) -> torch.Tensor:
@@ -463,9 +522,11 @@ class Executor:
         _check_no_broadcast(self.context.rank, value, target, microbatch)
         loss = self.loss_fn(in_float32(value), target[0] if len(target) == 1 else target)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise PipelineError(f"rank {self.context.rank}: loss_fn returned {type(loss).__name__} "
-                                f"{tuple(getattr(loss, 'shape', ()))} for micro-batch {microbatch}: "
-                                f"it must return a scalar tensor (the mean loss over the micro-batch)")
+            raise PipelineError(
+                f"rank {self.context.rank}: loss_fn returned {type(loss).__name__} "
+                f"{tuple(getattr(loss, 'shape', ()))} for micro-batch {microbatch}: "
+                f"it must return a scalar tensor (the mean loss over the micro-batch)"
+            )
         return loss
 
     def _backward_roots(self, action: Action, state: RunState):
@@ -493,9 +554,11 @@ def _check_no_broadcast(rank: int, value, target: tuple, microbatch: int) -> Non
     if not isinstance(value, torch.Tensor) or len(target) != 1 or not target[0].is_floating_point():
         return
     if value.shape != target[0].shape:
-        raise PipelineError(f"rank {rank}: the last stage's output for micro-batch {microbatch} has shape "
-                            f"{tuple(value.shape)} but its targets {tuple(target[0].shape)}: the loss would broadcast "
-                            f"one against the other; give targets shaped like the output")
+        raise PipelineError(
+            f"rank {rank}: the last stage's output for micro-batch {microbatch} has shape "
+            f"{tuple(value.shape)} but its targets {tuple(target[0].shape)}: the loss would broadcast "
+            f"one against the other; give targets shaped like the output"
+        )
 
 
 def _free_recording(recorded: Recording | None) -> None:

@@ -23,15 +23,17 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
 # Imported before any process group exists, on purpose: this module's functions take ``group=group.WORLD`` as a
 # default, evaluated at import.  Imported later (torch.optim does, lazily, through torch._dynamo) they would hold the
 # default group, and with it gloo's threads, past ``destroy_process_group`` until interpreter exit, where a joinable
 # thread aborts the process now and then ("terminate called without an active exception", exit -6).
-import torch.distributed.nn.functional  # noqa: F401
+import torch.distributed.nn.functional
 
 GRACE_SECONDS = 3.0
 """How long the other ranks may keep running after one rank failed, to report their own state."""
@@ -46,8 +48,9 @@ class LaunchError(RuntimeError):
     from its absence — then the rest by when they reported.
     """
 
-    def __init__(self, reports: dict[int, str], failed_at: dict[int, float] | None = None,
-                 died: set[int] | None = None):
+    def __init__(
+        self, reports: dict[int, str], failed_at: dict[int, float] | None = None, died: set[int] | None = None
+    ):
         self.reports = reports
         failed_at, died = failed_at or {}, died or set()
         first = min(reports, key=lambda rank: (rank not in died, failed_at.get(rank, float("inf")), rank))
@@ -91,8 +94,13 @@ def init_process_group(timeout: float = 300.0, backend: str | None = None, store
     if store is None:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     else:
-        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]), timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=datetime.timedelta(seconds=timeout),
+        )
 
 
 def elastic_restart_store(timeout: float):
@@ -111,8 +119,13 @@ def elastic_restart_store(timeout: float):
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restart == 0:
         return None
-    shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
-                           is_master=False, timeout=datetime.timedelta(seconds=timeout))
+    shared = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
     return dist.PrefixStore(f"layerpipe/restart-{restart}", shared)
 
 
@@ -122,10 +135,17 @@ def loopback_interface() -> str | None:
     return next((name for name in names if name in ("lo", "lo0")), None)
 
 
-def _worker(rank: int, nprocs: int, port: int, fn: Callable, args: tuple, result_dir: str,
-            timeout: float, backend: str | None) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(
+    rank: int, nprocs: int, port: int, fn: Callable, args: tuple, result_dir: str, timeout: float, backend: str | None
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(nprocs),
+        LOCAL_WORLD_SIZE=str(nprocs),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     loopback = loopback_interface()
     if loopback is not None:  # gloo's connections stay on this machine
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
@@ -134,12 +154,12 @@ def _worker(rank: int, nprocs: int, port: int, fn: Callable, args: tuple, result
         # The processes meet in a file in the launcher's private folder: no port open to other hosts.
         init_process_group(timeout, backend, store=dist.FileStore(os.path.join(result_dir, "store"), nprocs))
         result = ("ok", fn(*args))
-    except BaseException:  # noqa: BLE001 - every failure is reported to the parent
+    except BaseException:
         result = ("error", traceback.format_exc(), time.time())
     try:
         with open(path + ".part", "wb") as handle:
             pickle.dump(result, handle)
-    except Exception:  # noqa: BLE001 - an unpicklable result is reported as a failure
+    except Exception:
         with open(path + ".part", "wb") as handle:
             pickle.dump(("error", traceback.format_exc(), time.time()), handle)
     os.replace(path + ".part", path)
@@ -159,8 +179,15 @@ def _start_method(requested: str | None) -> str:
     return "spawn"
 
 
-def launch(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, timeout: float = 300.0,
-           backend: str | None = None, start_method: str | None = None) -> list[Any]:
+def launch(
+    fn: Callable[..., Any],
+    nprocs: int,
+    args: tuple = (),
+    *,
+    timeout: float = 300.0,
+    backend: str | None = None,
+    start_method: str | None = None,
+) -> list[Any]:
     """Run ``fn(*args)`` in ``nprocs`` local processes with a process group; return each rank's result.
 
     ``timeout`` (seconds) bounds every collective and transfer of the
@@ -176,8 +203,9 @@ def launch(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, timeout: fl
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="layerpipe-launch-") as result_dir:
         processes = [
-            context.Process(target=_worker, args=(rank, nprocs, port, fn, args, result_dir, timeout, backend),
-                            daemon=False)
+            context.Process(
+                target=_worker, args=(rank, nprocs, port, fn, args, result_dir, timeout, backend), daemon=False
+            )
             for rank in range(nprocs)
         ]
         for process in processes:

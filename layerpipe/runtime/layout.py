@@ -61,21 +61,27 @@ class Layout:
         """Return a small table: one line per pipeline rank listing its processes in every replica (and chunk)."""
         if self.spatial == 1:
             header = "pipeline rank │ " + " ".join(f"replica {d:<3}" for d in range(self.data_parallel))
-            lines = [f"layout: {self.pipeline} pipeline ranks × {self.data_parallel} data-parallel replicas "
-                     f"= {self.world} processes (global rank = pipeline rank × {self.data_parallel} + replica)",
-                     header]
+            lines = [
+                f"layout: {self.pipeline} pipeline ranks × {self.data_parallel} data-parallel replicas "
+                f"= {self.world} processes (global rank = pipeline rank × {self.data_parallel} + replica)",
+                header,
+            ]
             for r in range(self.pipeline):
                 lines.append(f"{r:>13} │ " + " ".join(f"{g:<11}" for g in self.data_members(r)))
             return "\n".join(lines)
-        lines = [f"layout: {self.pipeline} pipeline ranks × {self.data_parallel} data-parallel replicas × "
-                 f"{self.spatial} spatial chunks = {self.world} processes (process = (pipeline rank × "
-                 f"{self.data_parallel} + replica) × {self.spatial} + chunk; chunk i holds the i-th band of rows of "
-                 f"every image, top to bottom)",
-                 "pipeline rank │ " + " ".join(f"replica {d}: processes of chunks 0..{self.spatial - 1}"
-                                              for d in range(self.data_parallel))]
+        lines = [
+            f"layout: {self.pipeline} pipeline ranks × {self.data_parallel} data-parallel replicas × "
+            f"{self.spatial} spatial chunks = {self.world} processes (process = (pipeline rank × "
+            f"{self.data_parallel} + replica) × {self.spatial} + chunk; chunk i holds the i-th band of rows of "
+            f"every image, top to bottom)",
+            "pipeline rank │ "
+            + " ".join(f"replica {d}: processes of chunks 0..{self.spatial - 1}" for d in range(self.data_parallel)),
+        ]
         for r in range(self.pipeline):
-            lines.append(f"{r:>13} │ " + " ".join(f"{' '.join(map(str, self.spatial_members(r, d))):<31}"
-                                                 for d in range(self.data_parallel)))
+            lines.append(
+                f"{r:>13} │ "
+                + " ".join(f"{' '.join(map(str, self.spatial_members(r, d))):<31}" for d in range(self.data_parallel))
+            )
         return "\n".join(lines)
 
 
@@ -111,20 +117,42 @@ def make_groups(layout: Layout, rank: int, loss_pipeline_rank: int, spatial_laye
     """
     one_way = dist.get_backend() == "gloo"
     if layout.data_parallel == 1 and layout.spatial == 1 and not spatial_layers:
-        return Groups(dist.group.WORLD, None, None, downward=dist.new_group(layout.pipeline_members(0, 0))
-                      if one_way else None)
+        return Groups(
+            dist.group.WORLD, None, None, downward=dist.new_group(layout.pipeline_members(0, 0)) if one_way else None
+        )
     chunks = range(layout.spatial)
-    pipelines = {(d, i): dist.new_group(layout.pipeline_members(d, i))
-                 for d in range(layout.data_parallel) for i in chunks}
-    downwards = {(d, i): dist.new_group(layout.pipeline_members(d, i))
-                 for d in range(layout.data_parallel) for i in chunks} if one_way else {}
-    datas = {(r, i): dist.new_group(layout.data_members(r, i)) for r in range(layout.pipeline) for i in chunks} \
-        if layout.data_parallel > 1 else {}
-    losses = {i: dist.new_group(layout.data_members(loss_pipeline_rank, i)) for i in chunks} \
-        if layout.data_parallel > 1 else {}
-    spatials = {(r, d): dist.new_group(layout.spatial_members(r, d))
-                for r in range(layout.pipeline) for d in range(layout.data_parallel)} if spatial_layers else {}
+    pipelines = {
+        (d, i): dist.new_group(layout.pipeline_members(d, i)) for d in range(layout.data_parallel) for i in chunks
+    }
+    downwards = (
+        {(d, i): dist.new_group(layout.pipeline_members(d, i)) for d in range(layout.data_parallel) for i in chunks}
+        if one_way
+        else {}
+    )
+    datas = (
+        {(r, i): dist.new_group(layout.data_members(r, i)) for r in range(layout.pipeline) for i in chunks}
+        if layout.data_parallel > 1
+        else {}
+    )
+    losses = (
+        {i: dist.new_group(layout.data_members(loss_pipeline_rank, i)) for i in chunks}
+        if layout.data_parallel > 1
+        else {}
+    )
+    spatials = (
+        {
+            (r, d): dist.new_group(layout.spatial_members(r, d))
+            for r in range(layout.pipeline)
+            for d in range(layout.data_parallel)
+        }
+        if spatial_layers
+        else {}
+    )
     pipeline_rank, replica, index = layout.pipeline_rank(rank), layout.replica(rank), layout.spatial_index(rank)
-    return Groups(pipelines[replica, index], datas.get((pipeline_rank, index)),
-                  losses.get(index) if pipeline_rank == loss_pipeline_rank else None,
-                  spatials.get((pipeline_rank, replica)), downwards.get((replica, index)))
+    return Groups(
+        pipelines[replica, index],
+        datas.get((pipeline_rank, index)),
+        losses.get(index) if pipeline_rank == loss_pipeline_rank else None,
+        spatials.get((pipeline_rank, replica)),
+        downwards.get((replica, index)),
+    )

@@ -12,7 +12,7 @@ micro-batch cut from the batch costs what the micro-batch holds.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -21,9 +21,9 @@ from torch import nn
 class _Held:
     """A saved tensor, counted while autograd keeps it."""
 
-    __slots__ = ("meter", "key", "tensor")
+    __slots__ = ("key", "meter", "tensor")
 
-    def __init__(self, meter: "ActivationMeter", key: tuple[int, int], tensor: torch.Tensor):
+    def __init__(self, meter: ActivationMeter, key: tuple[int, int], tensor: torch.Tensor):
         self.meter = meter
         self.key = key
         self.tensor = tensor
@@ -79,5 +79,10 @@ class ActivationMeter:
 
 def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
     """Return the bytes of every tensor in the optimizers' state."""
-    return sum(value.untyped_storage().nbytes() for optimizer in optimizers for state in optimizer.state.values()
-               for value in state.values() if isinstance(value, torch.Tensor) and value.dim() > 0)
+    return sum(
+        value.untyped_storage().nbytes()
+        for optimizer in optimizers
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor) and value.dim() > 0
+    )

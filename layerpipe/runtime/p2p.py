@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -105,8 +105,13 @@ def describe(action: Action) -> str:
 class Mailbox:
     """The transfers of ``context.rank`` while it runs its program of ``programs``."""
 
-    def __init__(self, context: RankContext, programs: Sequence[Program],
-                 boundary_metas: Sequence[tuple[TensorMeta, ...]], by_receives: bool = False):
+    def __init__(
+        self,
+        context: RankContext,
+        programs: Sequence[Program],
+        boundary_metas: Sequence[tuple[TensorMeta, ...]],
+        by_receives: bool = False,
+    ):
         """``by_receives``: post receives in the order this rank's program receives them, not the order the
         peers' programs send them (a slice of an async stream receives what the peers sent in an earlier call)."""
         self.context = context
@@ -124,8 +129,9 @@ class Mailbox:
                 if action.kind is Kind.SEND_F or action.kind is Kind.SEND_B:
                     if placement.rank_of(peer_stage(action)) == rank:
                         self.incoming.setdefault(peer, []).append(message_of(action))
-        self.position = {message: (peer, index) for peer, messages in self.incoming.items()
-                         for index, message in enumerate(messages)}
+        self.position = {
+            message: (peer, index) for peer, messages in self.incoming.items() for index, message in enumerate(messages)
+        }
         self.reset()
 
     def reset(self) -> None:
@@ -161,8 +167,10 @@ class Mailbox:
         source = context.peers[peer]
         buffers = [torch.empty(meta.shape, dtype=meta.dtype, device=context.device) for meta in self._metas(message)]
         group = context.group_of(peer, context.rank)
-        works = [dist.irecv(buffer, src=source, tag=self._tag(message, slot), group=group)
-                 for slot, buffer in enumerate(buffers)]
+        works = [
+            dist.irecv(buffer, src=source, tag=self._tag(message, slot), group=group)
+            for slot, buffer in enumerate(buffers)
+        ]
         return buffers, works
 
     def receive(self, action: Action) -> tuple[torch.Tensor, ...]:
@@ -180,8 +188,12 @@ class Mailbox:
             peer = self._peer_of(action)
             buffers, works = self._post(message, peer)
         for work in works:
-            wait_for(work, self.context.timeout, self.context.rank,
-                     f"at {action} waiting for {message.describe()} from rank {peer}")
+            wait_for(
+                work,
+                self.context.timeout,
+                self.context.rank,
+                f"at {action} waiting for {message.describe()} from rank {peer}",
+            )
         return tuple(buffers)
 
     def send(self, action: Action, tensors: Sequence[torch.Tensor]) -> None:
@@ -190,8 +202,10 @@ class Mailbox:
         peer = self._peer_of(action)
         destination, group = self.context.peers[peer], self.context.group_of(self.context.rank, peer)
         payload = [t.detach().contiguous() for t in tensors]
-        works = [dist.isend(tensor, dst=destination, tag=self._tag(message, slot), group=group)
-                 for slot, tensor in enumerate(payload)]
+        works = [
+            dist.isend(tensor, dst=destination, tag=self._tag(message, slot), group=group)
+            for slot, tensor in enumerate(payload)
+        ]
         self.sends.append((action, works, payload))
 
     def finish(self) -> None:
@@ -209,5 +223,9 @@ class Mailbox:
             action, works, _ = sends.popleft()
             peer = self._peer_of(action)
             for work in works:
-                wait_for(work, self.context.timeout, self.context.rank,
-                         f"at {action} waiting for rank {peer} to receive {describe(action)}")
+                wait_for(
+                    work,
+                    self.context.timeout,
+                    self.context.rank,
+                    f"at {action} waiting for rank {peer} to receive {describe(action)}",
+                )

@@ -15,12 +15,12 @@ slowest stage) by binary search over that maximum with a greedy fill.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..sim.partition import Boundaries, PartitionError, check_layer_count, balance, balance_counts
+from ..sim.partition import Boundaries, PartitionError, balance, balance_counts, check_layer_count
 
 
 def parameter_counts(layers: Sequence[nn.Module]) -> list[int]:
@@ -56,8 +56,12 @@ def measure_layer_times(layers: Sequence[nn.Module], sample: torch.Tensor | tupl
     return times
 
 
-def balance_by_time(layers: Sequence[nn.Module], stages: int, sample: torch.Tensor | tuple,
-                    measure: Callable[[Sequence[nn.Module], object], Sequence[float]] | None = None) -> Boundaries:
+def balance_by_time(
+    layers: Sequence[nn.Module],
+    stages: int,
+    sample: torch.Tensor | tuple,
+    measure: Callable[[Sequence[nn.Module], object], Sequence[float]] | None = None,
+) -> Boundaries:
     """Return stage ranges with balanced forward+backward time per layer on ``sample``.
 
     ``measure(layers, sample)`` returns one time per layer (default:
@@ -77,17 +81,26 @@ def explicit_boundaries(layers: int, stages: int, starts: Sequence[int]) -> Boun
     """
     check_layer_count(layers, stages)
     starts = list(starts)
-    if len(starts) != stages or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) \
-            or starts[-1] >= layers:
+    if (
+        len(starts) != stages
+        or starts[0] != 0
+        or any(b <= a for a, b in zip(starts, starts[1:]))
+        or starts[-1] >= layers
+    ):
         raise PartitionError(
             f"partition {starts}: must be {stages} strictly increasing first-layer indices starting at 0 "
-            f"and below {layers} (one per stage)")
+            f"and below {layers} (one per stage)"
+        )
     ends = starts[1:] + [layers]
     return tuple(zip(starts, ends))
 
 
-def partition(layers: Sequence[nn.Module], stages: int, how: str | Sequence[int] = "parameters",
-              sample: Callable[[], object] | None = None) -> Boundaries:
+def partition(
+    layers: Sequence[nn.Module],
+    stages: int,
+    how: str | Sequence[int] = "parameters",
+    sample: Callable[[], object] | None = None,
+) -> Boundaries:
     """Return the stage ranges for ``how``: ``"parameters"``, ``"time"`` (needs ``sample``) or a list of starts.
 
     Refuses an unknown method, ``"time"`` without a sample input, and fewer

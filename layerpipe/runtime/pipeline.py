@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,19 +24,19 @@ from ..schedule.build import Schedule, build_schedule, stream_programs
 from ..schedule.config import ConfigError, ScheduleConfig, pipeline_ranks
 from ..sim.timeline import Timeline, TimelineEvent
 from .context import RankContext
+from .exchange import all_gather_json
 from .executor import Executor, LocalStage, RunResult
 from .launch import init_process_group
 from .layout import Layout, make_groups
 from .memory import ActivationMeter, optimizer_state_bytes
+from .p2p import Mailbox, wait_for
 from .partition import partition as split_layers
 from .precision import PRECISIONS
-from .p2p import Mailbox, wait_for
 from .recompute import mark_regions
 from .sharding import StageShard
 from .spatial_split import ChunkLoss, gather_rows, hand_group, has_spatial_layers, rows_of
 from .stage import PipelineError, Stage, as_tuple
 from .stream import StreamExecutor
-from .exchange import all_gather_json
 from .tags import LOSS_TAG, claim_message_tags
 from .versions import VersionRecord, WeightVersions
 
@@ -83,11 +83,23 @@ class Pipeline:
     schedule options; with ``PartitionError``, fewer layers than stages.
     """
 
-    def __init__(self, layers: Sequence[nn.Module] | nn.Sequential, loss_fn: Callable,
-                 schedule: str | ScheduleConfig | Schedule = "breadth-first", *, optimizer: Callable | None = None,
-                 partition: str | Sequence[int] = "parameters", device: torch.device | str | None = None,
-                 timeout: float = 300.0, sample: Callable[[], object] | None = None, track_memory: bool = False,
-                 check_every: int = 100, precision: str = "fp32", spatial: int = 1, **options):
+    def __init__(
+        self,
+        layers: Sequence[nn.Module] | nn.Sequential,
+        loss_fn: Callable,
+        schedule: str | ScheduleConfig | Schedule = "breadth-first",
+        *,
+        optimizer: Callable | None = None,
+        partition: str | Sequence[int] = "parameters",
+        device: torch.device | str | None = None,
+        timeout: float = 300.0,
+        sample: Callable[[], object] | None = None,
+        track_memory: bool = False,
+        check_every: int = 100,
+        precision: str = "fp32",
+        spatial: int = 1,
+        **options,
+    ):
         if number(0.0, above=True)(timeout) is not None:
             raise ConfigError("timeout", timeout, "must be a finite number of seconds above 0")
         if whole(0)(check_every) is not None:
@@ -100,8 +112,9 @@ class Pipeline:
         config = self.schedule.config
         _check_precision(precision, config)
         if spatial > 1 and config.schedule == "async":
-            raise ConfigError("spatial", spatial, "the async stream does not run on spatial chunks yet: use a "
-                              "flushed schedule")
+            raise ConfigError(
+                "spatial", spatial, "the async stream does not run on spatial chunks yet: use a flushed schedule"
+            )
         self.layout = Layout(config.ranks, config.data_parallel, spatial)
         self.global_rank = dist.get_rank()
         self.rank = self.layout.pipeline_rank(self.global_rank)
@@ -114,7 +127,8 @@ class Pipeline:
         self.boundaries = split_layers(layers, placement.stages, partition, sample)
         self.stages = {
             stage: Stage(stage, first, layers[first:end]).to(self.device)
-            for stage, (first, end) in enumerate(self.boundaries) if placement.rank_of(stage) == self.rank
+            for stage, (first, end) in enumerate(self.boundaries)
+            if placement.rank_of(stage) == self.rank
         }
         hand_group(self.stages.values(), self.groups.spatial)
         self._chunk_loss = ChunkLoss(loss_fn) if spatial > 1 else None
@@ -122,13 +136,21 @@ class Pipeline:
         self._target_rows: dict[tuple, tuple[int, int, int]] = {}
         for stage in self.stages.values():
             mark_regions(stage)  # submodules marked recompute_region become regions for recompute="selective"
-        self.shards = {index: StageShard(stage, config.zero, config.data_parallel, self.replica, self.groups.data,
-                                         self.device) for index, stage in self.stages.items()}
+        self.shards = {
+            index: StageShard(stage, config.zero, config.data_parallel, self.replica, self.groups.data, self.device)
+            for index, stage in self.stages.items()
+        }
         if config.schedule == "async" and optimizer is None:
-            raise ConfigError("optimizer", None, "async updates every stage inside the stream: give "
-                              "optimizer=callable(params) -> Optimizer")
-        self.optimizers = {index: optimizer(shard.optimized) for index, shard in self.shards.items()
-                           if optimizer is not None and shard.optimized}
+            raise ConfigError(
+                "optimizer",
+                None,
+                "async updates every stage inside the stream: give optimizer=callable(params) -> Optimizer",
+            )
+        self.optimizers = {
+            index: optimizer(shard.optimized)
+            for index, shard in self.shards.items()
+            if optimizer is not None and shard.optimized
+        }
         # A function of the shards, not a bound method: the meter must not keep the pipeline (and its groups) alive.
         self.meter = ActivationMeter(functools.partial(_weight_pointers, self.shards)) if track_memory else None
         # NCCL runs a pair's operations in issue order, so nothing is received ahead of the program there.
@@ -148,19 +170,40 @@ class Pipeline:
         """Return the interpreter of this rank's programs: the executor, or the async stream's."""
         config, placement = self.schedule.config, self.schedule.placement
         update_every = config.update_every if self.streaming else None
-        context = RankContext(self.rank, placement, self.microbatches, members, self.device, self._timeout,
-                              lookahead, config.data_parallel, update_every, precision=self.precision,
-                              downward=self.groups.downward)
+        context = RankContext(
+            self.rank,
+            placement,
+            self.microbatches,
+            members,
+            self.device,
+            self._timeout,
+            lookahead,
+            config.data_parallel,
+            update_every,
+            precision=self.precision,
+            downward=self.groups.downward,
+        )
         context = dataclasses.replace(context, tag_offset=claim_message_tags(placement.stages, context.tag_window))
         modes = config.recompute_modes
-        local = {index: LocalStage(stage, self.shards[index], self.optimizers.get(index), modes[index])
-                 for index, stage in self.stages.items()}
+        local = {
+            index: LocalStage(stage, self.shards[index], self.optimizers.get(index), modes[index])
+            for index, stage in self.stages.items()
+        }
         if not self.streaming:
             return Executor(context, local, loss_fn, self.meter, self.groups.pipeline)
-        versions = {index: WeightVersions(index, stage, self.optimizers.get(index), config.weight_policy,
-                                          config.delay_correction, 2 * (placement.stages - 1 - index),
-                                          config.update_every, config.delay_warmup)
-                    for index, stage in self.stages.items()}
+        versions = {
+            index: WeightVersions(
+                index,
+                stage,
+                self.optimizers.get(index),
+                config.weight_policy,
+                config.delay_correction,
+                2 * (placement.stages - 1 - index),
+                config.update_every,
+                config.delay_warmup,
+            )
+            for index, stage in self.stages.items()
+        }
         return StreamExecutor(context, local, loss_fn, self.meter, versions, self.groups.pipeline)
 
     # ---------------------------------------------------------------- public surface
@@ -362,13 +405,13 @@ class Pipeline:
             "recomputed_activations": dict(self.executor.recompute_bytes),
         }
 
-    def train(self, mode: bool = True) -> "Pipeline":
+    def train(self, mode: bool = True) -> Pipeline:
         """Set the local stages to training (or evaluation) mode; return the pipeline."""
         for stage in self.stages.values():
             stage.train(mode)
         return self
 
-    def eval(self) -> "Pipeline":
+    def eval(self) -> Pipeline:
         """Set the local stages to evaluation mode; return the pipeline."""
         return self.train(False)
 
@@ -382,20 +425,33 @@ class Pipeline:
         events = list(self.last_result.events) if self.last_result is not None else []
         records = self._last_call_records()
         if self.layout.pipeline > 1:
-            mine = {"events": [[r, stream, str(action), start, end] for r, stream, action, start, end in events],
-                    "records": [dataclasses.astuple(record) for record in records]}
+            mine = {
+                "events": [[r, stream, str(action), start, end] for r, stream, action, start, end in events],
+                "records": [dataclasses.astuple(record) for record in records],
+            }
             gathered = all_gather_json(mine, self.groups.pipeline, self.device)
-            events = [(r, stream, parse_action(action), start, end)
-                      for part in gathered for r, stream, action, start, end in part["events"]]
+            events = [
+                (r, stream, parse_action(action), start, end)
+                for part in gathered
+                for r, stream, action, start, end in part["events"]
+            ]
             records = sorted(VersionRecord(*fields) for part in gathered for fields in part["records"])
         metadata = {"config": self.schedule.config.to_json()}
         if self.streaming:
             metadata["version_records"] = [dataclasses.asdict(record) for record in records]
         origin = min((event[3] for event in events), default=0.0)
-        rows = tuple(sorted((TimelineEvent(r, stream, action, start - origin, end - origin)
-                             for r, stream, action, start, end in events), key=lambda row: (row[0], row[3])))
-        return Timeline(self.schedule.config.ranks, rows, "measured", "s", title or self.schedule.config.schedule,
-                        metadata)
+        rows = tuple(
+            sorted(
+                (
+                    TimelineEvent(r, stream, action, start - origin, end - origin)
+                    for r, stream, action, start, end in events
+                ),
+                key=lambda row: (row[0], row[3]),
+            )
+        )
+        return Timeline(
+            self.schedule.config.ranks, rows, "measured", "s", title or self.schedule.config.schedule, metadata
+        )
 
     def _last_call_records(self) -> list[VersionRecord]:
         """Return this rank's version records of the sub-minibatches the last async call ran a forward or backward of."""
@@ -405,8 +461,15 @@ class Pipeline:
         return [record for record in self.version_records() if record.microbatch >= low]
 
     # ---------------------------------------------------------------- internals
-    def _run(self, mode: str, programs, inputs: Tensors, targets: Tensors | None, split: bool = True,
-             stream_first: int | None = None) -> RunResult:
+    def _run(
+        self,
+        mode: str,
+        programs,
+        inputs: Tensors,
+        targets: Tensors | None,
+        split: bool = True,
+        stream_first: int | None = None,
+    ) -> RunResult:
         """Run this rank's program of ``programs`` on the batch; ``stream_first``: the async call's first sub-minibatch."""
         replicas = self.layout.data_parallel if split else 1
         replica = self.replica if split else 0
@@ -428,8 +491,9 @@ class Pipeline:
         if self.layout.spatial > 1 and target_parts is not None:
             target_parts = self._target_chunks(signature, metas, target_parts)
         mailbox = self.executor.mailbox((mode != "train", signature), programs, metas)
-        result = self.executor.run(programs[self.rank], mailbox, metas, input_parts, target_parts,
-                                   training=mode == "train")
+        result = self.executor.run(
+            programs[self.rank], mailbox, metas, input_parts, target_parts, training=mode == "train"
+        )
         self.last_result = result
         return result
 
@@ -442,9 +506,11 @@ class Pipeline:
         first, end, total = rows
         for target in target_parts[0]:
             if target.dim() < 3 or target.shape[-2] != total:
-                raise ValueError(f"targets: with spatial={self.layout.spatial} every target must be images whose "
-                                 f"rows match the output's {total} (second-to-last dimension); a micro-batch's "
-                                 f"target has shape {tuple(target.shape)}")
+                raise ValueError(
+                    f"targets: with spatial={self.layout.spatial} every target must be images whose "
+                    f"rows match the output's {total} (second-to-last dimension); a micro-batch's "
+                    f"target has shape {tuple(target.shape)}"
+                )
         self._chunk_loss.weight = (end - first) / total
         return [tuple(t[..., first:end, :] for t in part) for part in target_parts]
 
@@ -452,15 +518,19 @@ class Pipeline:
         """Refuse, with ``PipelineError``, processes handed different global batches (a checksum, all-reduced)."""
         if dist.get_world_size() == 1:
             return
-        total = sum(float(t.detach().double().sum()) + float(t.numel()) for t in as_tuple(
-            inputs if isinstance(inputs, torch.Tensor) else tuple(inputs)))
+        total = sum(
+            float(t.detach().double().sum()) + float(t.numel())
+            for t in as_tuple(inputs if isinstance(inputs, torch.Tensor) else tuple(inputs))
+        )
         found = torch.tensor([total, -total], dtype=torch.float64, device=self.device)
         work = dist.all_reduce(found, op=dist.ReduceOp.MAX, async_op=True)
         wait_for(work, self._timeout, self.global_rank, "comparing the batch's checksum with the other processes")
         if found[0] != -found[1]:
-            raise PipelineError(f"process {self.global_rank}: the processes were handed different batches "
-                                f"(input checksums from {-float(found[1]):.6g} to {float(found[0]):.6g}); every "
-                                f"process must pass the same global batch to train_step")
+            raise PipelineError(
+                f"process {self.global_rank}: the processes were handed different batches "
+                f"(input checksums from {-float(found[1]):.6g} to {float(found[0]):.6g}); every "
+                f"process must pass the same global batch to train_step"
+            )
 
     def _run_stream_call(self, programs, input_parts, target_parts, first: int) -> RunResult:
         """Run one async call's slice, the sub-minibatches numbered on from ``first`` across calls."""
@@ -496,8 +566,12 @@ class Pipeline:
         """
         released = [shard for shard in self.shards.values() if not shard.gathered]
         for shard in released:
-            wait_for(shard.gather(), self._timeout, self.global_rank,
-                     f"gathering stage {shard.stage_index}'s weights to agree the boundary shapes")
+            wait_for(
+                shard.gather(),
+                self._timeout,
+                self.global_rank,
+                f"gathering stage {shard.stage_index}'s weights to agree the boundary shapes",
+            )
         try:
             yield
         finally:
@@ -541,8 +615,11 @@ class Pipeline:
                 wait_for(work, self._timeout, self.global_rank, "averaging the step's loss over the replicas")
                 value /= self.layout.data_parallel
             members, context = self.layout.pipeline_members(self.replica, self.spatial_index), self.executor.context
-            works = [dist.isend(value, dst=peer, tag=LOSS_TAG, group=context.group_of(self.rank, pipeline_rank))
-                     for pipeline_rank, peer in enumerate(members) if peer != self.global_rank]
+            works = [
+                dist.isend(value, dst=peer, tag=LOSS_TAG, group=context.group_of(self.rank, pipeline_rank))
+                for pipeline_rank, peer in enumerate(members)
+                if peer != self.global_rank
+            ]
             for work in works:
                 wait_for(work, self._timeout, self.global_rank, "sending the step's loss to the other ranks")
             return self._summed_over_chunks(value)
@@ -565,11 +642,16 @@ def _check_spatial(spatial: object, layers: list) -> bool:
         raise ConfigError("spatial", spatial, "must be a whole number of chunks per image, at least 1")
     world, found = dist.get_world_size(), has_spatial_layers(layers)
     if world % spatial:
-        raise ConfigError("spatial", spatial, f"must divide the {world} processes (pipeline ranks × data_parallel "
-                          f"× spatial)")
+        raise ConfigError(
+            "spatial", spatial, f"must divide the {world} processes (pipeline ranks × data_parallel × spatial)"
+        )
     if spatial > 1 and not found:
-        raise ConfigError("spatial", spatial, "the model has no spatial layers (layerpipe.ops.SpatialConv2d, "
-                          "SpatialConvTranspose2d, SpatialGroupNorm, SpatialBlock) to run on chunks of its images")
+        raise ConfigError(
+            "spatial",
+            spatial,
+            "the model has no spatial layers (layerpipe.ops.SpatialConv2d, "
+            "SpatialConvTranspose2d, SpatialGroupNorm, SpatialBlock) to run on chunks of its images",
+        )
     return found
 
 
@@ -580,11 +662,18 @@ def _check_precision(precision: object, config: ScheduleConfig) -> None:
     if precision == "fp32":
         return
     if precision == "fp16" and config.schedule == "async":
-        raise ConfigError("precision", precision, "needs the guard of a flushed step for its loss scaling, which "
-                          "async has not: use bf16 with async")
+        raise ConfigError(
+            "precision",
+            precision,
+            "needs the guard of a flushed step for its loss scaling, which async has not: use bf16 with async",
+        )
     if precision == "fp16" and not config.skip_nonfinite:
-        raise ConfigError("precision", precision, "needs skip_nonfinite=True: its loss scaling skips the steps whose "
-                          "gradients overflowed, on every rank together")
+        raise ConfigError(
+            "precision",
+            precision,
+            "needs skip_nonfinite=True: its loss scaling skips the steps whose "
+            "gradients overflowed, on every rank together",
+        )
 
 
 def _check_same_batch(inputs: Tensors, targets: Tensors) -> None:
@@ -592,22 +681,27 @@ def _check_same_batch(inputs: Tensors, targets: Tensors) -> None:
     first_input = as_tuple(inputs if isinstance(inputs, torch.Tensor) else tuple(inputs))[0]
     for target in as_tuple(targets if isinstance(targets, torch.Tensor) else tuple(targets)):
         if target.dim() == 0 or first_input.dim() == 0 or target.shape[0] != first_input.shape[0]:
-            raise ValueError(f"targets: a batch of {target.shape[0] if target.dim() else 0} samples, but the inputs "
-                             f"have {first_input.shape[0] if first_input.dim() else 0}: give one target per sample")
+            raise ValueError(
+                f"targets: a batch of {target.shape[0] if target.dim() else 0} samples, but the inputs "
+                f"have {first_input.shape[0] if first_input.dim() else 0}: give one target per sample"
+            )
 
 
-def _split(batch: Tensors, microbatches: int, name: str, replicas: int = 1,
-           replica: int = 0) -> list[tuple[torch.Tensor, ...]]:
+def _split(
+    batch: Tensors, microbatches: int, name: str, replicas: int = 1, replica: int = 0
+) -> list[tuple[torch.Tensor, ...]]:
     """Return replica ``replica``'s contiguous share of the batch as ``microbatches`` equal micro-batches."""
     tensors = as_tuple(batch if isinstance(batch, torch.Tensor) else tuple(batch))
     size = tensors[0].shape[0] if tensors and tensors[0].dim() else 0
     parts = microbatches * replicas
     if size == 0 or size % parts or any(t.shape[0] != size for t in tensors):
         across = f"data_parallel={replicas} × " if replicas > 1 else ""
-        raise ValueError(f"{name} batch of {size} samples: must split into {across}microbatches={microbatches} "
-                         f"equal micro-batches (a multiple of {parts} along the first dimension)")
+        raise ValueError(
+            f"{name} batch of {size} samples: must split into {across}microbatches={microbatches} "
+            f"equal micro-batches (a multiple of {parts} along the first dimension)"
+        )
     share = size // replicas
-    tensors = tuple(t[replica * share:(replica + 1) * share] for t in tensors)
+    tensors = tuple(t[replica * share : (replica + 1) * share] for t in tensors)
     return list(zip(*(t.chunk(microbatches) for t in tensors)))
 
 
@@ -620,8 +714,11 @@ def _schedule_for(schedule: str | ScheduleConfig | Schedule, options: dict, worl
     """
     names = [field.name for field in knobs(ScheduleConfig) if field.name not in ("schedule", "ranks")]
     if isinstance(schedule, (Schedule, ScheduleConfig)) and options:
-        raise ConfigError(next(iter(options)), next(iter(options.values())),
-                          f"give it inside the {type(schedule).__name__}, not beside it")
+        raise ConfigError(
+            next(iter(options)),
+            next(iter(options.values())),
+            f"give it inside the {type(schedule).__name__}, not beside it",
+        )
     for name, value in options.items():
         if name not in names:
             raise ConfigError(name, value, f"not an option of Pipeline; the schedule options are {', '.join(names)}")
@@ -631,8 +728,11 @@ def _schedule_for(schedule: str | ScheduleConfig | Schedule, options: dict, worl
         schedule = build_schedule(schedule)
     config = schedule.config
     if config.ranks * config.data_parallel != world:
-        raise ConfigError("schedule", f"{config.ranks} ranks × data_parallel={config.data_parallel}",
-                          f"the process group has {world} processes (start pipeline ranks × data_parallel processes)")
+        raise ConfigError(
+            "schedule",
+            f"{config.ranks} ranks × data_parallel={config.data_parallel}",
+            f"the process group has {world} processes (start pipeline ranks × data_parallel processes)",
+        )
     return schedule
 
 
@@ -654,4 +754,3 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-

@@ -47,7 +47,7 @@ def in_float32(value):
 class LossScaler:
     """The dynamic loss scale of float16 training: halved on an overflow, doubled after ``growth_interval`` clean steps."""
 
-    scale: float = 2.0 ** 16
+    scale: float = 2.0**16
     growth_interval: int = 200
     clean_steps: int = 0
     skipped_steps: int = 0

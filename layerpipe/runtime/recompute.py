@@ -21,8 +21,8 @@ holding a submodule whose class sets ``recompute_region = True``;
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -87,8 +87,11 @@ class _Recomputed(torch.autograd.Function):
         targets = [t for t in region.leaves + region.parameters if t.requires_grad]
         if not roots or not targets:
             return (None, None) + (None,) * (len(region.leaves) + len(region.parameters))
-        found = iter(torch.autograd.grad([o for o, _ in roots], targets, [g for _, g in roots],
-                                         allow_unused=True, retain_graph=True))
+        found = iter(
+            torch.autograd.grad(
+                [o for o, _ in roots], targets, [g for _, g in roots], allow_unused=True, retain_graph=True
+            )
+        )
         gradients = [next(found) if t.requires_grad else None for t in region.leaves + region.parameters]
         return (None, None, *gradients)
 

@@ -53,9 +53,11 @@ class StageShard:
         self.parameters = [p for _, p in named]
         dtypes = {p.dtype for p in self.parameters}
         if len(dtypes) > 1:
-            raise PipelineError(f"stage {stage.index} holds parameters of several dtypes "
-                                f"({', '.join(sorted(str(d) for d in dtypes))}): sharded data parallelism keeps "
-                                f"one flat buffer per stage and needs one dtype")
+            raise PipelineError(
+                f"stage {stage.index} holds parameters of several dtypes "
+                f"({', '.join(sorted(str(d) for d in dtypes))}): sharded data parallelism keeps "
+                f"one flat buffer per stage and needs one dtype"
+            )
         dtype = dtypes.pop() if dtypes else torch.float32
         self.spans: list[tuple[int, int]] = []  # where each parameter lies in the flat buffers
         for parameter in self.parameters:
@@ -129,7 +131,7 @@ class StageShard:
             _allocate(self.flat)
             source = self.shard.detach()
         else:
-            source = self.flat[self.shard_bounds[0]:self.shard_bounds[1]]
+            source = self.flat[self.shard_bounds[0] : self.shard_bounds[1]]
         self.gathered = True
         return all_gather_into(self.flat, source, self.group)
 
@@ -157,7 +159,7 @@ class StageShard:
         low, high = _portion(self.shard_size, portion, portions)
         if low == high:
             return None
-        parts = [self.flat_grad[j * self.shard_size + low:j * self.shard_size + high] for j in range(self.replicas)]
+        parts = [self.flat_grad[j * self.shard_size + low : j * self.shard_size + high] for j in range(self.replicas)]
         return dist.reduce_scatter(self.shard.grad[low:high], parts, group=self.group, async_op=True)
 
     def reduced(self) -> None:
@@ -192,7 +194,7 @@ class StageShard:
         with torch.no_grad():
             if self.zero == 3:
                 full = self._flatten(values)
-                self.shard.copy_(full[self.shard_bounds[0]:self.shard_bounds[1]])
+                self.shard.copy_(full[self.shard_bounds[0] : self.shard_bounds[1]])
                 return
             for name, parameter in zip(self.names, self.parameters):
                 parameter.copy_(values[name])
@@ -206,9 +208,14 @@ class StageShard:
         to every parameter.  Independent of the layout, so it loads into another.
         """
         if self.zero == 0:
-            return {name: {key: value.detach().clone() for key, value in optimizer.state.get(p, {}).items()
-                           if isinstance(value, torch.Tensor)}
-                    for name, p in zip(self.names, self.parameters)}
+            return {
+                name: {
+                    key: value.detach().clone()
+                    for key, value in optimizer.state.get(p, {}).items()
+                    if isinstance(value, torch.Tensor)
+                }
+                for name, p in zip(self.names, self.parameters)
+            }
         state = optimizer.state.get(self.shard, {})
         found: dict[str, dict] = {name: {} for name in self.names}
         for key, value in sorted(state.items()):
@@ -219,8 +226,12 @@ class StageShard:
                     found[name][key] = value.detach().clone()
                 continue
             full = torch.empty(self.shard_size * self.replicas, dtype=value.dtype, device=value.device)
-            wait_for(all_gather_into(full, value.detach().contiguous(), self.group), timeout, rank,
-                     f"gathering stage {self.stage_index}'s optimizer state {key!r} for a checkpoint")
+            wait_for(
+                all_gather_into(full, value.detach().contiguous(), self.group),
+                timeout,
+                rank,
+                f"gathering stage {self.stage_index}'s optimizer state {key!r} for a checkpoint",
+            )
             for name, parameter, (start, end) in zip(self.names, self.parameters, self.spans):
                 found[name][key] = full[start:end].view(parameter.shape).clone()
         return found
@@ -254,8 +265,9 @@ class StageShard:
 
     def gradients_finite(self) -> bool:
         """Return whether every gradient this replica's step would use is finite (the reduced ones, after ``REDUCE``)."""
-        return all(bool(torch.isfinite(gradient).all()) for _, gradient in self.local_gradients()
-                   if gradient is not None)
+        return all(
+            bool(torch.isfinite(gradient).all()) for _, gradient in self.local_gradients() if gradient is not None
+        )
 
     def shard_ranges(self):
         """Yield ``(name, start, end)``: the elements ``[start, end)`` of each flattened parameter in this replica's shard.
@@ -289,7 +301,7 @@ class StageShard:
     def _shard_pieces(self, shard: torch.Tensor):
         low = self.shard_bounds[0]
         for name, _, start, end in self._clipped():
-            yield name, shard[start - low:end - low]
+            yield name, shard[start - low : end - low]
 
     def _clipped(self):
         """Yield ``(name, offset, start, end)``: each parameter's offset and its flat range clipped to the shard."""

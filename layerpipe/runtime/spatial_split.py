@@ -34,8 +34,10 @@ def hand_group(modules, group) -> None:
 
 def rows_of(tensors: tuple[torch.Tensor, ...], parts: int, index: int) -> tuple[torch.Tensor, ...]:
     """Return chunk ``index`` of ``parts`` of every image tensor (3 or more dimensions, rows second to last)."""
-    return tuple(tensor[..., slice(*split_rows(tensor.shape[-2], parts)[index]), :] if tensor.dim() >= 3 else tensor
-                 for tensor in tensors)
+    return tuple(
+        tensor[..., slice(*split_rows(tensor.shape[-2], parts)[index]), :] if tensor.dim() >= 3 else tensor
+        for tensor in tensors
+    )
 
 
 class ChunkLoss(nn.Module):
@@ -56,4 +58,4 @@ def gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
     padded = torch.nn.functional.pad(tensor, (0, 0, 0, tallest - tensor.shape[-2])).contiguous()
     parts = [torch.empty_like(padded) for _ in bounds]
     dist.all_gather(parts, padded, group=group)
-    return torch.cat([part[..., :end - first, :] for part, (first, end) in zip(parts, bounds)], dim=-2)
+    return torch.cat([part[..., : end - first, :] for part, (first, end) in zip(parts, bounds)], dim=-2)

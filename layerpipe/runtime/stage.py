@@ -8,7 +8,8 @@ boundary (agreed between ranks on the first step, checked afterwards).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -86,8 +87,20 @@ class Stage(nn.Module):
 
 # A header describes the tensors of a boundary: count, then per tensor dtype code, rank and sizes.
 HEADER_LENGTH = 256
-_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-           torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
+_DTYPES = (
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+)
 
 
 def encode_header(metas: Sequence[TensorMeta]) -> torch.Tensor:
@@ -99,12 +112,16 @@ def encode_header(metas: Sequence[TensorMeta]) -> torch.Tensor:
     words = [len(metas)]
     for meta in metas:
         if meta.dtype not in _DTYPES:
-            raise PipelineError(f"a stage output has dtype {meta.dtype}, which layerpipe cannot send "
-                                f"(supported: {', '.join(str(d) for d in _DTYPES)})")
+            raise PipelineError(
+                f"a stage output has dtype {meta.dtype}, which layerpipe cannot send "
+                f"(supported: {', '.join(str(d) for d in _DTYPES)})"
+            )
         words += [_DTYPES.index(meta.dtype), len(meta.shape), *meta.shape]
     if len(words) > HEADER_LENGTH:
-        raise PipelineError(f"a stage passes {len(metas)} tensors whose description does not fit in "
-                            f"{HEADER_LENGTH} words: pass fewer tensors between stages")
+        raise PipelineError(
+            f"a stage passes {len(metas)} tensors whose description does not fit in "
+            f"{HEADER_LENGTH} words: pass fewer tensors between stages"
+        )
     return torch.tensor(words + [0] * (HEADER_LENGTH - len(words)), dtype=torch.int64)
 
 
@@ -114,7 +131,7 @@ def decode_header(header: torch.Tensor) -> tuple[TensorMeta, ...]:
     count, position, metas = words[0], 1, []
     for _ in range(count):
         dtype, ndim = _DTYPES[words[position]], words[position + 1]
-        shape = tuple(words[position + 2: position + 2 + ndim])
+        shape = tuple(words[position + 2 : position + 2 + ndim])
         metas.append(TensorMeta(shape, dtype))
         position += 2 + ndim
     return tuple(metas)

@@ -23,7 +23,8 @@ the end of a drain.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch.func import functional_call
@@ -40,8 +41,15 @@ from .versions import VersionRecord, WeightVersions
 class StreamExecutor(Executor):
     """Runs slices of an async stream on ``context.rank``, one stage per rank, with ``versions`` per local stage."""
 
-    def __init__(self, context: RankContext, stages: dict[int, LocalStage], loss_fn: Callable,
-                 meter: ActivationMeter | None, versions: dict[int, WeightVersions], group=None):
+    def __init__(
+        self,
+        context: RankContext,
+        stages: dict[int, LocalStage],
+        loss_fn: Callable,
+        meter: ActivationMeter | None,
+        versions: dict[int, WeightVersions],
+        group=None,
+    ):
         super().__init__(context, stages, loss_fn, meter, group)
         self.versions = versions
         self.carried_inputs: dict = {}  # (stage, micro-batch) -> (inputs, random state) for its backward
@@ -61,8 +69,15 @@ class StreamExecutor(Executor):
         """Return a run's state; a training slice continues with the sub-minibatches in flight (``inputs`` by number)."""
         if not training:
             return super()._new_state(mailbox, metas, inputs, targets, training)
-        return RunState(mailbox, metas, inputs, targets, training, stage_inputs=self.carried_inputs,
-                        stage_outputs=self.carried_outputs)
+        return RunState(
+            mailbox,
+            metas,
+            inputs,
+            targets,
+            training,
+            stage_inputs=self.carried_inputs,
+            stage_outputs=self.carried_outputs,
+        )
 
     def drain(self, program, mailbox, metas, fed: int) -> RunResult:
         """Run the drain of the stream (``program``, no inputs), wait for every send, and start a new stream.
@@ -111,8 +126,9 @@ class StreamExecutor(Executor):
         versions.forward_ran(microbatch, self._tick(stage, Kind.F))
         return COMPUTE
 
-    def _versioned_outputs(self, stage: int, microbatch: int, arguments: tuple, weights: dict,
-                           state: RunState) -> tuple:
+    def _versioned_outputs(
+        self, stage: int, microbatch: int, arguments: tuple, weights: dict, state: RunState
+    ) -> tuple:
         """Return the stage's outputs on ``weights``; on the last stage, its loss scaled for the update.
 
         The last stage keeps the sub-minibatch's loss in ``state.losses``.
@@ -144,12 +160,18 @@ class StreamExecutor(Executor):
             roots, incoming = backward_roots(outputs, state.output_grads.pop(key))
         wanted = [a for a in arguments if carries_gradient(a.dtype)] if stage > 0 else []
         differentiated = wanted + list(weights.values())
-        found = torch.autograd.grad(roots, differentiated, incoming, allow_unused=True) if roots \
+        found = (
+            torch.autograd.grad(roots, differentiated, incoming, allow_unused=True)
+            if roots
             else (None,) * len(differentiated)
+        )
         if stage > 0:
-            self._deliver_input_grads(action, state, tuple(
-                torch.zeros_like(a) if g is None else g for a, g in zip(wanted, found[:len(wanted)])))
-        versions.accumulate(found[len(wanted):])
+            self._deliver_input_grads(
+                action,
+                state,
+                tuple(torch.zeros_like(a) if g is None else g for a, g in zip(wanted, found[: len(wanted)])),
+            )
+        versions.accumulate(found[len(wanted) :])
         versions.backward_ran(microbatch, self._tick(stage, Kind.B), version)
         return COMPUTE
 
@@ -160,4 +182,9 @@ class StreamExecutor(Executor):
         local.shard.begin_step()  # zero the gradient buffer for the next virtual minibatch
         return COMPUTE
 
-    HANDLERS = {**Executor.HANDLERS, Kind.F: _stream_forward, Kind.B: _stream_backward, Kind.STEP: _stream_step}
+    HANDLERS: ClassVar[dict] = {
+        **Executor.HANDLERS,
+        Kind.F: _stream_forward,
+        Kind.B: _stream_backward,
+        Kind.STEP: _stream_step,
+    }

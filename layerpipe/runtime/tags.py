@@ -52,8 +52,10 @@ def check_capacity(stages: int, microbatches: int) -> None:
     """Refuse, with ``PipelineError``, a pipeline whose messages would need more tags than their range holds."""
     needed = 2 * stages * microbatches * TENSOR_SLOTS
     if needed > len(_MESSAGES):
-        raise PipelineError(f"{stages} stages × {microbatches} micro-batches need {needed:,} message tags; "
-                            f"at most {len(_MESSAGES):,} exist: use fewer micro-batches or stages")
+        raise PipelineError(
+            f"{stages} stages × {microbatches} micro-batches need {needed:,} message tags; "
+            f"at most {len(_MESSAGES):,} exist: use fewer micro-batches or stages"
+        )
     if stages > MAX_AGREE_STAGES:
         raise PipelineError(f"{stages} stages: at most {MAX_AGREE_STAGES} can agree their shapes")
 
@@ -61,8 +63,10 @@ def check_capacity(stages: int, microbatches: int) -> None:
 def check_tensor_count(stage: int, count: int) -> None:
     """Refuse, with ``PipelineError``, a stage output of more tensors than one message can carry."""
     if count > TENSOR_SLOTS:
-        raise PipelineError(f"stage {stage} passes {count} tensors to the next stage; a message carries at most "
-                            f"{TENSOR_SLOTS}: concatenate or stack some of them")
+        raise PipelineError(
+            f"stage {stage} passes {count} tensors to the next stage; a message carries at most "
+            f"{TENSOR_SLOTS}: concatenate or stack some of them"
+        )
 
 
 _pipelines_made = itertools.count()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..schedule.config import WEIGHT_POLICIES, ScheduleConfig, validate_config
+from ..schedule.config import ScheduleConfig, validate_config
 from .delay import check_correction, corrected_step, learning_rate_factor, predicted
 
 
@@ -62,9 +62,16 @@ def check_stream(stages: int, update_every: int, weight_policy: str, delay_corre
     below 1, an unknown policy or correction, and ``double-buffered`` where
     the first stage's delay ``2(S-1)`` exceeds ``update_every``.
     """
-    validate_config(ScheduleConfig("async", ranks=stages, microbatches=update_every if isinstance(update_every, int)
-                                   and update_every > 0 else 1, update_every=update_every,
-                                   weight_policy=weight_policy, delay_correction=delay_correction))
+    validate_config(
+        ScheduleConfig(
+            "async",
+            ranks=stages,
+            microbatches=update_every if isinstance(update_every, int) and update_every > 0 else 1,
+            update_every=update_every,
+            weight_policy=weight_policy,
+            delay_correction=delay_correction,
+        )
+    )
 
 
 class WeightVersions:
@@ -76,8 +83,17 @@ class WeightVersions:
     ``ConfigError``, a correction the optimizer cannot support.
     """
 
-    def __init__(self, stage: int, module: nn.Module, optimizer: torch.optim.Optimizer | None, policy: str,
-                 correction: str, delay: int, update_every: int, warmup: int = 0):
+    def __init__(
+        self,
+        stage: int,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        policy: str,
+        correction: str,
+        delay: int,
+        update_every: int,
+        warmup: int = 0,
+    ):
         check_correction(correction, optimizer)
         self.stage, self.module, self.optimizer = stage, module, optimizer
         self.policy, self.correction = policy, correction
@@ -115,8 +131,9 @@ class WeightVersions:
                 copies = predicted(self.parameters, self.optimizer, self.horizon)
             else:
                 copies = [p.detach().clone() for p in self.parameters]
-            self._stash[self.version] = {name: copy.requires_grad_(self.policy != "live")
-                                         for name, copy in zip(self.names, copies)}
+            self._stash[self.version] = {
+                name: copy.requires_grad_(self.policy != "live") for name, copy in zip(self.names, copies)
+            }
         return self._stash[self.version]
 
     def backward_weights(self, microbatch: int) -> tuple[int, dict[str, torch.Tensor]]:

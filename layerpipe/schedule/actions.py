@@ -12,8 +12,9 @@ notation back.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from enum import Enum
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 
 class Kind(str, Enum):
@@ -21,7 +22,7 @@ class Kind(str, Enum):
 
     F = "F"  # forward of one micro-batch through one stage
     B = "B"  # full backward (input and weight gradients)
-    I = "I"  # noqa: E741  input-gradient half of B (needed by the previous stage)
+    I = "I"
     W = "W"  # weight-gradient half of B (can wait)
     R = "R"  # recompute the stage's forward intermediates before its backward
     SEND_F = "SEND_F"  # send this stage's output to the next stage
@@ -173,8 +174,10 @@ class Message(NamedTuple):
     def describe(self) -> str:
         """Return what the message carries, in words."""
         if self.backward:
-            return (f"the gradient of stage {self.receiver}'s output for micro-batch {self.microbatch} "
-                    f"(from stage {self.sender})")
+            return (
+                f"the gradient of stage {self.receiver}'s output for micro-batch {self.microbatch} "
+                f"(from stage {self.sender})"
+            )
         return f"stage {self.sender}'s output for micro-batch {self.microbatch}"
 
 
@@ -191,7 +194,9 @@ def message_of(action: Action) -> Message:
     shape = _MESSAGE_SHAPE.get(action[1])
     if shape is None:
         raise ValueError(f"{action} is not a send or a receive")
-    return tuple.__new__(Message, (action[0] + shape[0], shape[1], action[2]))  # Message(...) without its keyword handling: this is hot
+    return tuple.__new__(
+        Message, (action[0] + shape[0], shape[1], action[2])
+    )  # Message(...) without its keyword handling: this is hot
 
 
 def peer_stage(action: Action) -> int:

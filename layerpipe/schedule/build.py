@@ -9,8 +9,15 @@ from .actions import Kind, Program
 from .bulk import collector_paused
 from .config import ConfigError, ScheduleConfig, validate_config
 from .generators import GENERATORS, stream_slice
-from .lowering import (add_gradient_reduces, add_guard, add_optimizer_steps, add_p2p, add_periodic_updates,
-                       add_recompute, add_weight_gathers)
+from .lowering import (
+    add_gradient_reduces,
+    add_guard,
+    add_optimizer_steps,
+    add_p2p,
+    add_periodic_updates,
+    add_recompute,
+    add_weight_gathers,
+)
 from .placement import Placement, contiguous, looping, vshape
 from .validation import validate
 
@@ -42,7 +49,7 @@ class Schedule:
         with collector_paused():
             return lower(self.forward_compute, self.config, self.placement, training=False)
 
-    def forward_only(self) -> "Schedule":
+    def forward_only(self) -> Schedule:
         """Return this schedule with its forward-only programs as ``programs`` (to simulate an evaluation)."""
         return Schedule(self.config, self.placement, self.forward_compute, self.forward, self.calls)
 
@@ -70,8 +77,9 @@ def compute_programs(config: ScheduleConfig, placement: Placement) -> tuple[Prog
     return generator(placement, config.microbatches)
 
 
-def lower(compute: tuple[Program, ...], config: ScheduleConfig, placement: Placement,
-          training: bool = True) -> tuple[Program, ...]:
+def lower(
+    compute: tuple[Program, ...], config: ScheduleConfig, placement: Placement, training: bool = True
+) -> tuple[Program, ...]:
     """Return the compute programs with every lowering pass the configuration asks for applied.
 
     With ``training`` false (forward-only programs) only weight gathers and
@@ -140,5 +148,11 @@ def _repeated(programs: tuple[Program, ...], microbatches: int, calls: int) -> t
     """Return each program run ``calls`` times in a row, call ``n``'s micro-batches numbered from ``n·microbatches``."""
     if calls == 1:
         return programs
-    return tuple(tuple(action if action.microbatch is None else action._replace(microbatch=action.microbatch + call * microbatches)
-                       for call in range(calls) for action in program) for program in programs)
+    return tuple(
+        tuple(
+            action if action.microbatch is None else action._replace(microbatch=action.microbatch + call * microbatches)
+            for call in range(calls)
+            for action in program
+        )
+        for program in programs
+    )

@@ -11,8 +11,20 @@ from dataclasses import dataclass
 
 from ..knobs import ConfigError, check_fields, knob, one_of, optional, whole
 
-__all__ = ["ConfigError", "ScheduleConfig", "validate_config", "pipeline_ranks", "SCHEDULES", "PLACEMENTS", "REDUCE_ORDERS",
-           "RECOMPUTE_MODES", "STEP_PLACEMENTS", "ONE_STAGE_SCHEDULES", "WEIGHT_POLICIES", "DELAY_CORRECTIONS"]
+__all__ = [
+    "DELAY_CORRECTIONS",
+    "ONE_STAGE_SCHEDULES",
+    "PLACEMENTS",
+    "RECOMPUTE_MODES",
+    "REDUCE_ORDERS",
+    "SCHEDULES",
+    "STEP_PLACEMENTS",
+    "WEIGHT_POLICIES",
+    "ConfigError",
+    "ScheduleConfig",
+    "pipeline_ranks",
+    "validate_config",
+]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble", "async")
 """Schedule names understood by ``build_schedule`` and the command line (``async``: pipelined backpropagation,
@@ -51,59 +63,125 @@ def _recompute_rule(value: object) -> str | None:
 class ScheduleConfig:
     """Everything that decides the programs of one training step (see each field's help)."""
 
-    schedule: str = knob("breadth-first", "pipeline schedule: " + ", ".join(SCHEDULES), check=one_of(SCHEDULES),
-                         metavar="NAME")
-    ranks: int = knob(4, "pipeline ranks P (a run has P × data_parallel processes)",
-                      check=whole(1), metavar="P", short="-p")
-    microbatches: int = knob(8, "micro-batches per step M (per data-parallel replica)", check=whole(1), metavar="M",
-                             short="-m")
-    stages_per_rank: int | None = knob(None, "stages on each rank V; looping placement puts stage s on rank s % P",
-                                       check=optional(whole(1)), metavar="V", short="-v",
-                                       default_text="1 for gpipe and 1f1b, 2 for the looping schedules")
-    group_size: int | None = knob(None, "grouped only: micro-batches run per stage before switching, P <= N <= M "
-                                  "(N = P is interleaved, N = M breadth-first)", check=optional(whole(1)),
-                                  metavar="N", short="-n", default_text="none; grouped needs one")
-    placement: str = knob("auto", "stage placement: " + ", ".join(PLACEMENTS) + "; vshape puts stages r and 2P-1-r "
-                          "on rank r (breadth-first, V = 2); auto is contiguous for V = 1, else looping",
-                          check=one_of(PLACEMENTS), metavar="NAME")
-    data_parallel: int = knob(1, "data-parallel replicas D of the pipeline; each trains on its share of the batch",
-                              check=whole(1), metavar="D")
-    zero: int = knob(0, "sharding over the replicas (needs D > 1): 0 replicated, 1 optimizer state, "
-                     "2 and gradients, 3 and weights", check=one_of((0, 1, 2, 3)), metavar="LEVEL")
-    reduce_portions: int = knob(1, "portions each stage's gradient reduce is split into (needs D > 1)",
-                                check=whole(1), metavar="K")
-    reduce_order: str = knob("priority", "priority: portions interleaved so the earliest layers complete first; "
-                             "bucketed: a stage's portions together as it finishes, like DDP's buckets; "
-                             "after-flush: every stage's once the rank's backward is over, as Megatron-LM without "
-                             "--overlap-grad-reduce",
-                             check=one_of(REDUCE_ORDERS), metavar="ORDER")
-    step_placement: str = knob("end", "where each stage's optimizer STEP goes: end (every stage after the last "
-                               "backward) or early (after the reduce of the next stage the rank finishes, so an "
-                               "update runs while the rank's earlier stages still compute, and ZeRO-2/3 frees the "
-                               "stage's full gradients there)", check=one_of(STEP_PLACEMENTS), metavar="WHERE")
-    weight_buffers: int | None = knob(None, "gathered stage weight buffers a rank may hold at once (zero 3 only)",
-                                      check=optional(whole(1)), metavar="K", default_text="all of the rank's stages")
-    update_every: int | None = knob(None, "async only: each stage updates its weights after this many of its "
-                                    "backwards (k; the virtual minibatch is k sub-minibatches)",
-                                    check=optional(whole(1)), metavar="K", default_text="1 for async")
-    weight_policy: str | None = knob(None, "async only: which weights a backward uses: stashed (its forward's, "
-                                     "PipeDream), double-buffered (at most two versions, PipeDream-2BW; needs "
-                                     "K >= 2(P-1)) or live (the current ones)",
-                                     check=optional(one_of(WEIGHT_POLICIES)), metavar="POLICY",
-                                     default_text="stashed for async")
-    delay_correction: str | None = knob(None, "async only: correction of the delay, for SGD with momentum: none, "
-                                        "spike (spike compensation), predict (linear weight prediction) or "
-                                        "spike+predict (Kosson et al., 2021)",
-                                        check=optional(one_of(DELAY_CORRECTIONS)), metavar="NAME",
-                                        default_text="none for async")
-    delay_warmup: int | None = knob(None, "async only: updates over which a delayed stage's learning rate rises "
-                                    "from 1/(its staleness in updates) to the full rate (PipeMare); 0 for none",
-                                    check=optional(whole(0)), metavar="UPDATES", default_text="0 for async")
-    skip_nonfinite: bool = knob(False, "guard each step: when any gradient on any process is not finite, every "
-                                "rank skips the optimizer step together (a GUARD before the steps)")
-    recompute: str | tuple[str, ...] = knob("none", "activation recomputation: none, full or selective for every "
-                                            "stage but the last, or one mode per stage, comma-separated",
-                                            check=_recompute_rule, metavar="MODE")
+    schedule: str = knob(
+        "breadth-first", "pipeline schedule: " + ", ".join(SCHEDULES), check=one_of(SCHEDULES), metavar="NAME"
+    )
+    ranks: int = knob(
+        4, "pipeline ranks P (a run has P × data_parallel processes)", check=whole(1), metavar="P", short="-p"
+    )
+    microbatches: int = knob(
+        8, "micro-batches per step M (per data-parallel replica)", check=whole(1), metavar="M", short="-m"
+    )
+    stages_per_rank: int | None = knob(
+        None,
+        "stages on each rank V; looping placement puts stage s on rank s % P",
+        check=optional(whole(1)),
+        metavar="V",
+        short="-v",
+        default_text="1 for gpipe and 1f1b, 2 for the looping schedules",
+    )
+    group_size: int | None = knob(
+        None,
+        "grouped only: micro-batches run per stage before switching, P <= N <= M "
+        "(N = P is interleaved, N = M breadth-first)",
+        check=optional(whole(1)),
+        metavar="N",
+        short="-n",
+        default_text="none; grouped needs one",
+    )
+    placement: str = knob(
+        "auto",
+        "stage placement: " + ", ".join(PLACEMENTS) + "; vshape puts stages r and 2P-1-r "
+        "on rank r (breadth-first, V = 2); auto is contiguous for V = 1, else looping",
+        check=one_of(PLACEMENTS),
+        metavar="NAME",
+    )
+    data_parallel: int = knob(
+        1,
+        "data-parallel replicas D of the pipeline; each trains on its share of the batch",
+        check=whole(1),
+        metavar="D",
+    )
+    zero: int = knob(
+        0,
+        "sharding over the replicas (needs D > 1): 0 replicated, 1 optimizer state, 2 and gradients, 3 and weights",
+        check=one_of((0, 1, 2, 3)),
+        metavar="LEVEL",
+    )
+    reduce_portions: int = knob(
+        1, "portions each stage's gradient reduce is split into (needs D > 1)", check=whole(1), metavar="K"
+    )
+    reduce_order: str = knob(
+        "priority",
+        "priority: portions interleaved so the earliest layers complete first; "
+        "bucketed: a stage's portions together as it finishes, like DDP's buckets; "
+        "after-flush: every stage's once the rank's backward is over, as Megatron-LM without "
+        "--overlap-grad-reduce",
+        check=one_of(REDUCE_ORDERS),
+        metavar="ORDER",
+    )
+    step_placement: str = knob(
+        "end",
+        "where each stage's optimizer STEP goes: end (every stage after the last "
+        "backward) or early (after the reduce of the next stage the rank finishes, so an "
+        "update runs while the rank's earlier stages still compute, and ZeRO-2/3 frees the "
+        "stage's full gradients there)",
+        check=one_of(STEP_PLACEMENTS),
+        metavar="WHERE",
+    )
+    weight_buffers: int | None = knob(
+        None,
+        "gathered stage weight buffers a rank may hold at once (zero 3 only)",
+        check=optional(whole(1)),
+        metavar="K",
+        default_text="all of the rank's stages",
+    )
+    update_every: int | None = knob(
+        None,
+        "async only: each stage updates its weights after this many of its "
+        "backwards (k; the virtual minibatch is k sub-minibatches)",
+        check=optional(whole(1)),
+        metavar="K",
+        default_text="1 for async",
+    )
+    weight_policy: str | None = knob(
+        None,
+        "async only: which weights a backward uses: stashed (its forward's, "
+        "PipeDream), double-buffered (at most two versions, PipeDream-2BW; needs "
+        "K >= 2(P-1)) or live (the current ones)",
+        check=optional(one_of(WEIGHT_POLICIES)),
+        metavar="POLICY",
+        default_text="stashed for async",
+    )
+    delay_correction: str | None = knob(
+        None,
+        "async only: correction of the delay, for SGD with momentum: none, "
+        "spike (spike compensation), predict (linear weight prediction) or "
+        "spike+predict (Kosson et al., 2021)",
+        check=optional(one_of(DELAY_CORRECTIONS)),
+        metavar="NAME",
+        default_text="none for async",
+    )
+    delay_warmup: int | None = knob(
+        None,
+        "async only: updates over which a delayed stage's learning rate rises "
+        "from 1/(its staleness in updates) to the full rate (PipeMare); 0 for none",
+        check=optional(whole(0)),
+        metavar="UPDATES",
+        default_text="0 for async",
+    )
+    skip_nonfinite: bool = knob(
+        False,
+        "guard each step: when any gradient on any process is not finite, every "
+        "rank skips the optimizer step together (a GUARD before the steps)",
+    )
+    recompute: str | tuple[str, ...] = knob(
+        "none",
+        "activation recomputation: none, full or selective for every "
+        "stage but the last, or one mode per stage, comma-separated",
+        check=_recompute_rule,
+        metavar="MODE",
+    )
 
     def __post_init__(self) -> None:
         if self.stages_per_rank is None:
@@ -159,8 +237,11 @@ def pipeline_ranks(processes: int, data_parallel: object) -> int:
     whole number dividing the process count.
     """
     if whole(1)(data_parallel) is not None or processes % data_parallel:
-        raise ConfigError("data_parallel", data_parallel, f"must divide the {processes} processes "
-                          f"(processes = pipeline ranks × data_parallel)")
+        raise ConfigError(
+            "data_parallel",
+            data_parallel,
+            f"must divide the {processes} processes (processes = pipeline ranks × data_parallel)",
+        )
     return processes // data_parallel
 
 
@@ -183,30 +264,42 @@ def validate_config(config: ScheduleConfig) -> ScheduleConfig:
 def _check_stages(config: ScheduleConfig) -> None:
     p, m, v, name = config.ranks, config.microbatches, config.stages_per_rank, config.schedule
     if name in ONE_STAGE_SCHEDULES and v != 1:
-        raise ConfigError("stages_per_rank", v, f"{name} places one stage per rank; use 1, or a looping schedule "
-                          "(interleaved, breadth-first, grouped, zero-bubble)")
+        raise ConfigError(
+            "stages_per_rank",
+            v,
+            f"{name} places one stage per rank; use 1, or a looping schedule "
+            "(interleaved, breadth-first, grouped, zero-bubble)",
+        )
     if config.group_size is not None and name != "grouped":
         raise ConfigError("group_size", config.group_size, "only the grouped schedule takes a group size")
     if name == "grouped":
         if config.group_size is None:
-            raise ConfigError("group_size", None, f"the grouped schedule needs one, between `ranks` ({p}) and "
-                              f"`microbatches` ({m})")
+            raise ConfigError(
+                "group_size", None, f"the grouped schedule needs one, between `ranks` ({p}) and `microbatches` ({m})"
+            )
         if m < p:
             raise ConfigError("microbatches", m, f"grouped needs at least `ranks` ({p}) micro-batches")
         if not p <= config.group_size <= m:
-            raise ConfigError("group_size", config.group_size, f"must be between `ranks` ({p}) and `microbatches` ({m})")
+            raise ConfigError(
+                "group_size", config.group_size, f"must be between `ranks` ({p}) and `microbatches` ({m})"
+            )
     if name in ("interleaved", "zero-bubble"):
         rounds = max(1, m // p)
         if m % rounds:
-            raise ConfigError("microbatches", m, f"{name} with `ranks` {p} needs a multiple of {rounds} (m // p rounds "
-                              f"of equal size, as in torch.distributed.pipelining), e.g. {rounds * (m // rounds)}")
+            raise ConfigError(
+                "microbatches",
+                m,
+                f"{name} with `ranks` {p} needs a multiple of {rounds} (m // p rounds "
+                f"of equal size, as in torch.distributed.pipelining), e.g. {rounds * (m // rounds)}",
+            )
 
 
 def _check_placement(config: ScheduleConfig) -> None:
     name, v = config.schedule, config.stages_per_rank
     if config.placement == "vshape" and (name != "breadth-first" or v != 2):
-        raise ConfigError("placement", "vshape", f"needs the breadth-first schedule with `stages_per_rank` 2 "
-                          f"(got {name} with {v})")
+        raise ConfigError(
+            "placement", "vshape", f"needs the breadth-first schedule with `stages_per_rank` 2 (got {name} with {v})"
+        )
     if config.placement == "contiguous" and v != 1:
         raise ConfigError("placement", "contiguous", f"needs `stages_per_rank` 1 (got {v})")
     if config.placement == "looping" and name in ONE_STAGE_SCHEDULES:
@@ -218,17 +311,30 @@ def _check_data_parallel(config: ScheduleConfig) -> None:
         if config.zero:
             raise ConfigError("zero", config.zero, "shards over data-parallel replicas: needs `data_parallel` above 1")
         if config.reduce_portions != 1:
-            raise ConfigError("reduce_portions", config.reduce_portions,
-                              "splits the reduce over data-parallel replicas: needs `data_parallel` above 1")
+            raise ConfigError(
+                "reduce_portions",
+                config.reduce_portions,
+                "splits the reduce over data-parallel replicas: needs `data_parallel` above 1",
+            )
         if config.reduce_order != "priority":
-            raise ConfigError("reduce_order", config.reduce_order,
-                              "orders the reduces over data-parallel replicas: needs `data_parallel` above 1")
+            raise ConfigError(
+                "reduce_order",
+                config.reduce_order,
+                "orders the reduces over data-parallel replicas: needs `data_parallel` above 1",
+            )
     if config.step_placement == "early" and config.skip_nonfinite:
-        raise ConfigError("step_placement", "early", "the guard of `skip_nonfinite` decides every step together, "
-                          "after the last backward: use end with it")
+        raise ConfigError(
+            "step_placement",
+            "early",
+            "the guard of `skip_nonfinite` decides every step together, after the last backward: use end with it",
+        )
     if config.step_placement == "early" and config.reduce_order == "after-flush":
-        raise ConfigError("step_placement", "early", "steps early after each stage's reduce, and `reduce_order` "
-                          "after-flush holds every reduce until the backward is over: use end with it")
+        raise ConfigError(
+            "step_placement",
+            "early",
+            "steps early after each stage's reduce, and `reduce_order` "
+            "after-flush holds every reduce until the backward is over: use end with it",
+        )
     if config.weight_buffers is not None and config.zero != 3:
         raise ConfigError("weight_buffers", config.weight_buffers, "bounds gathered weights: needs `zero` 3")
 
@@ -236,11 +342,16 @@ def _check_data_parallel(config: ScheduleConfig) -> None:
 def _check_recompute(config: ScheduleConfig) -> None:
     modes = config.recompute_modes
     if len(modes) != config.stages:
-        raise ConfigError("recompute", config.recompute, f"give one mode for each of the {config.stages} stages, "
-                          f"or one mode for all")
+        raise ConfigError(
+            "recompute", config.recompute, f"give one mode for each of the {config.stages} stages, or one mode for all"
+        )
     if modes[-1] != "none":
-        raise ConfigError("recompute", config.recompute, f"the last stage ({config.stages - 1}) cannot recompute: it "
-                          f"computes the loss gradient from its own forward, and recomputation runs after that gradient")
+        raise ConfigError(
+            "recompute",
+            config.recompute,
+            f"the last stage ({config.stages - 1}) cannot recompute: it "
+            f"computes the loss gradient from its own forward, and recomputation runs after that gradient",
+        )
 
 
 def _check_async(config: ScheduleConfig) -> None:
@@ -250,30 +361,50 @@ def _check_async(config: ScheduleConfig) -> None:
                 raise ConfigError(name, getattr(config, name), "only the async schedule takes it")
         return
     if config.microbatches % config.update_every:
-        raise ConfigError("microbatches", config.microbatches, f"async needs a multiple of `update_every` "
-                          f"({config.update_every}), so that every call ends on whole virtual minibatches")
+        raise ConfigError(
+            "microbatches",
+            config.microbatches,
+            f"async needs a multiple of `update_every` "
+            f"({config.update_every}), so that every call ends on whole virtual minibatches",
+        )
     longest = 2 * (config.stages - 1)
     if config.weight_policy == "double-buffered" and config.update_every < longest:
-        raise ConfigError("update_every", config.update_every, f"double-buffered weights hold two versions, so a "
-                          f"stage must not update more than once while a sub-minibatch is in flight: the first "
-                          f"stage's delay is {longest} ticks, so use `update_every` {longest} or more (or stashed "
-                          f"weights)")
+        raise ConfigError(
+            "update_every",
+            config.update_every,
+            f"double-buffered weights hold two versions, so a "
+            f"stage must not update more than once while a sub-minibatch is in flight: the first "
+            f"stage's delay is {longest} ticks, so use `update_every` {longest} or more (or stashed "
+            f"weights)",
+        )
     if config.zero > 1:
-        raise ConfigError("zero", config.zero, "async updates each stage on its own after every k backwards: "
-                          "use `zero` 0 or 1")
+        raise ConfigError(
+            "zero", config.zero, "async updates each stage on its own after every k backwards: use `zero` 0 or 1"
+        )
     if config.zero and "predict" in config.delay_correction:
-        raise ConfigError("delay_correction", config.delay_correction, "predicts the weights from the whole "
-                          "momentum, which `zero` 1 shards over the replicas: use `zero` 0 or spike")
+        raise ConfigError(
+            "delay_correction",
+            config.delay_correction,
+            "predicts the weights from the whole "
+            "momentum, which `zero` 1 shards over the replicas: use `zero` 0 or spike",
+        )
     if config.recomputed_stages:
         raise ConfigError("recompute", config.recompute, "async does not recompute yet: use none")
     if config.reduce_portions != 1:
         raise ConfigError("reduce_portions", config.reduce_portions, "async reduces each update whole: use 1")
     if config.reduce_order != "priority":
-        raise ConfigError("reduce_order", config.reduce_order, "async reduces each update right after its "
-                          "stage's backwards: use priority")
+        raise ConfigError(
+            "reduce_order",
+            config.reduce_order,
+            "async reduces each update right after its stage's backwards: use priority",
+        )
     if config.skip_nonfinite:
-        raise ConfigError("skip_nonfinite", True, "async updates each stage on its own, with no step to guard "
-                          "together: leave it off")
+        raise ConfigError(
+            "skip_nonfinite", True, "async updates each stage on its own, with no step to guard together: leave it off"
+        )
     if config.step_placement != "end":
-        raise ConfigError("step_placement", config.step_placement, "async places each update after its stage's "
-                          "backwards already: use end")
+        raise ConfigError(
+            "step_placement",
+            config.step_placement,
+            "async places each update after its stage's backwards already: use end",
+        )

@@ -8,7 +8,7 @@ this against the installed torch).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .actions import Action, Kind, Program
 from .placement import Placement
@@ -92,7 +92,7 @@ def grouped(placement: Placement, microbatches: int, group_size: int) -> tuple[P
             forward_stage, forward_mb = forwards[warmup + index]
             backward_stage, backward_mb = backwards[index]
             program += [Action(forward_stage, F, forward_mb), Action(backward_stage, B, backward_mb)]
-        program += [Action(stage, B, mb) for stage, mb in backwards[total - warmup:]]
+        program += [Action(stage, B, mb) for stage, mb in backwards[total - warmup :]]
         programs.append(tuple(program))
     return tuple(programs)
 

@@ -22,7 +22,7 @@ The passes, in the order ``lower`` applies them:
 from __future__ import annotations
 
 import bisect
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .actions import BACKWARD_KINDS, COMPUTE_KINDS, Action, Kind, Program, backward_end
 from .placement import Placement
@@ -96,7 +96,9 @@ def _runs(program: Program) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _gather_plan(runs: list[tuple[int, int, int]], buffers: int) -> tuple[dict[int, list[Action]], dict[int, list[Action]]]:
+def _gather_plan(
+    runs: list[tuple[int, int, int]], buffers: int
+) -> tuple[dict[int, list[Action]], dict[int, list[Action]]]:
     """Decide where GATHER and RELEASE go for one rank: (actions before index, actions after index).
 
     A stage is gathered when a run needs it and it is not held; when
@@ -161,7 +163,9 @@ def add_weight_gathers(programs: Sequence[Program], weight_buffers: int | None =
     return tuple(lowered)
 
 
-def add_gradient_reduces(programs: Sequence[Program], portions: int = 1, order: str = "priority") -> tuple[Program, ...]:
+def add_gradient_reduces(
+    programs: Sequence[Program], portions: int = 1, order: str = "priority"
+) -> tuple[Program, ...]:
     """Return programs with each stage's ``REDUCE`` right after its last backward action (``order`` priority or
     bucketed), or every stage's after the rank's last backward (``after-flush``).
 
@@ -225,7 +229,7 @@ def _reduces_after_flush(program: Program, portions: int) -> Program:
         return tuple(program)
     last = finishing[-1][0]
     reduces = [action for _, stage in finishing for action in _reduce_actions(stage, portions)]
-    return tuple(program[:last + 1]) + tuple(reduces) + tuple(program[last + 1:])
+    return tuple(program[: last + 1]) + tuple(reduces) + tuple(program[last + 1 :])
 
 
 def add_optimizer_steps(programs: Sequence[Program], zero: int = 0, early: bool = False) -> tuple[Program, ...]:
@@ -245,8 +249,11 @@ def add_optimizer_steps(programs: Sequence[Program], zero: int = 0, early: bool 
             lowered.append(tuple(program) + tuple(a for stage in stages for a in _step(stage, zero)))
             continue
         finishing = _finishing_order(program)
-        after = {_end_of_reduces(program, index): finishing[position - 1]
-                 for position, (index, _) in enumerate(_last_backwards(program)) if position}
+        after = {
+            _end_of_reduces(program, index): finishing[position - 1]
+            for position, (index, _) in enumerate(_last_backwards(program))
+            if position
+        }
         out: list[Action] = []
         for index, action in enumerate(program):
             out.append(action)
@@ -277,8 +284,9 @@ def _end_of_reduces(program: Program, index: int) -> int:
     return index
 
 
-def add_periodic_updates(programs: Sequence[Program], every: int, zero: int = 0,
-                         data_parallel: int = 1) -> tuple[Program, ...]:
+def add_periodic_updates(
+    programs: Sequence[Program], every: int, zero: int = 0, data_parallel: int = 1
+) -> tuple[Program, ...]:
     """Return programs where each stage updates after every ``every`` of its backwards (pipelined backpropagation).
 
     After the backward (``B``, or ``W`` when split) of sub-minibatch ``j``

@@ -11,7 +11,7 @@ until the matching send is issued.
 from __future__ import annotations
 
 from collections import Counter, deque
-from typing import Sequence
+from collections.abc import Sequence
 
 from .actions import COMPUTE_KINDS, P2P_KINDS, Action, Kind, Message, Program, message_of
 from .lowering import add_p2p
@@ -33,11 +33,15 @@ def check_coverage(programs: Sequence[Program], placement: Placement, microbatch
         owned = frozenset(placement.stages_of(rank))
         for action in program:
             if action.stage not in owned:
-                raise ScheduleError(f"rank {rank}: {action} belongs to stage {action.stage}, which rank {rank} does not own")
+                raise ScheduleError(
+                    f"rank {rank}: {action} belongs to stage {action.stage}, which rank {rank} does not own"
+                )
         counts.update(action for action in program if action.kind in COMPUTE_KINDS)
     for action, count in counts.items():
         if not 0 <= action.microbatch < microbatches:
-            raise ScheduleError(f"rank {placement.rank_of(action.stage)}: {action} names micro-batch {action.microbatch}; there are {microbatches}")
+            raise ScheduleError(
+                f"rank {placement.rank_of(action.stage)}: {action} names micro-batch {action.microbatch}; there are {microbatches}"
+            )
         if count > 1:
             raise ScheduleError(f"rank {placement.rank_of(action.stage)}: {action} appears {count} times")
     # Actions hash and compare as plain tuples, so tuple literals look them up without building Actions.
@@ -83,7 +87,9 @@ def check_local_order(programs: Sequence[Program], placement: Placement) -> None
             for need in _required_before(action, placement):
                 met = (need.stage, need.microbatch) in backward_done if need.kind is B else need in done
                 if not met:
-                    raise ScheduleError(f"rank {rank}: {action} waits for {need}, which does not come before it on rank {rank}")
+                    raise ScheduleError(
+                        f"rank {rank}: {action} waits for {need}, which does not come before it on rank {rank}"
+                    )
             done.add(action)
             if action.kind is B or action.kind is I:
                 backward_done.add((action.stage, action.microbatch))
@@ -108,7 +114,9 @@ def blocked_report(programs: Sequence[Program], positions: Sequence[int], placem
         action = program[position]
         if action.kind in (Kind.RECV_F, Kind.RECV_B):
             send = message_of(action).send()
-            lines.append(f"rank {rank} blocked at {action} (action {position}): waits for {send} from rank {placement.rank_of(send.stage)}")
+            lines.append(
+                f"rank {rank} blocked at {action} (action {position}): waits for {send} from rank {placement.rank_of(send.stage)}"
+            )
         else:
             lines.append(f"rank {rank} blocked at {action} (action {position})")
     return "; ".join(lines)
@@ -116,14 +124,20 @@ def blocked_report(programs: Sequence[Program], positions: Sequence[int], placem
 
 def _unsent_receive(programs: Sequence[Program], positions: Sequence[int], placement: Placement) -> str | None:
     """Return the error for a blocked receive whose send appears in no program, if there is one."""
-    sent = {message_of(action) for program in programs for action in program
-            if action.kind is Kind.SEND_F or action.kind is Kind.SEND_B}
+    sent = {
+        message_of(action)
+        for program in programs
+        for action in program
+        if action.kind is Kind.SEND_F or action.kind is Kind.SEND_B
+    }
     for rank, (program, position) in enumerate(zip(programs, positions)):
         if position < len(program) and program[position].kind in (Kind.RECV_F, Kind.RECV_B):
             message = message_of(program[position])
             if message not in sent:
-                return (f"rank {rank}: the receive of {message.send()} has no matching send "
-                        f"on rank {placement.rank_of(message.sender)}")
+                return (
+                    f"rank {rank}: the receive of {message.send()} has no matching send "
+                    f"on rank {placement.rank_of(message.sender)}"
+                )
     return None
 
 
@@ -169,8 +183,10 @@ def check_transfers(programs: Sequence[Program], placement: Placement) -> None:
             index += 1
         positions[rank] = index
     if any(position < len(program) for position, program in zip(positions, programs)):
-        raise ScheduleError(_unsent_receive(programs, positions, placement)
-                            or "deadlock: " + blocked_report(programs, positions, placement))
+        raise ScheduleError(
+            _unsent_receive(programs, positions, placement)
+            or "deadlock: " + blocked_report(programs, positions, placement)
+        )
     for message, count in sent.items():
         if received.get(message, 0) < count:
             raise ScheduleError(f"rank {placement.rank_of(message.sender)}: {message.send()} has no matching receive")

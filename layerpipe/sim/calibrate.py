@@ -66,13 +66,23 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
         backward.append(b)
     recomputes = [typical(Kind.R, stage) for stage in range(stages)]
     steps = [t for (kind, _), values in durations.items() if kind == Kind.STEP.value for t in values]
-    recompute = None if all(time is None for time in recomputes) else tuple(
-        time if time is not None else forward[stage] for stage, time in enumerate(recomputes))
-    return CostModel(forward_time=tuple(forward), backward_time=tuple(backward), recompute_time=recompute,
-                     input_gradient_share=median(shares) if shares else 0.5,
-                     optimizer_time=mean(steps) if steps else 0.0, action_overhead=_typical_gap(starts),
-                     send_time=_mean(_send_holds(transfers)), receive_time=_mean(_ready_receives(transfers)),
-                     variation=_variation(durations), hold_variation=_hold_variation(transfers))
+    recompute = (
+        None
+        if all(time is None for time in recomputes)
+        else tuple(time if time is not None else forward[stage] for stage, time in enumerate(recomputes))
+    )
+    return CostModel(
+        forward_time=tuple(forward),
+        backward_time=tuple(backward),
+        recompute_time=recompute,
+        input_gradient_share=median(shares) if shares else 0.5,
+        optimizer_time=mean(steps) if steps else 0.0,
+        action_overhead=_typical_gap(starts),
+        send_time=_mean(_send_holds(transfers)),
+        receive_time=_mean(_ready_receives(transfers)),
+        variation=_variation(durations),
+        hold_variation=_hold_variation(transfers),
+    )
 
 
 def _variation(durations: dict) -> float:
@@ -145,9 +155,12 @@ def contention(timeline: Timeline, cores: int, replicas: int = 1) -> float:
     """
     if cores < 1 or replicas < 1:
         raise ValueError(f"contention needs at least one core and one replica, not {cores} and {replicas}")
-    changes = sorted(point for _, stream, action, start, end in timeline.events
-                     if stream == "compute" and end > start and action.kind is not Kind.GUARD
-                     for point in ((start, 1), (end, -1)))
+    changes = sorted(
+        point
+        for _, stream, action, start, end in timeline.events
+        if stream == "compute" and end > start and action.kind is not Kind.GUARD
+        for point in ((start, 1), (end, -1))
+    )
     busy = alone = 0.0
     running, previous = 0, None
     for moment, change in changes:
@@ -159,7 +172,9 @@ def contention(timeline: Timeline, cores: int, replicas: int = 1) -> float:
     return busy / alone if alone else 1.0
 
 
-def gather_latency(timeline: Timeline, weight_bytes: tuple[float, ...], replicas: int, bandwidth: float) -> float | None:
+def gather_latency(
+    timeline: Timeline, weight_bytes: tuple[float, ...], replicas: int, bandwidth: float
+) -> float | None:
     """Return the latency the timeline's weight gathers show, as ``collective_time`` reads it: the mean, over
     gathers, of the time each took once the collectives issued before it on its rank had ended, less its bytes'
     share over ``bandwidth`` (``None`` without gathers or replicas).

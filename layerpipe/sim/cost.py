@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 from ..knobs import Check, ConfigError, knob, number
 
-PerStage = Union[float, Sequence[float]]
+PerStage = float | Sequence[float]
 """One value for every stage, or one value per stage."""
 
 
 def _per_stage_rule(rule: Check) -> Check:
     """Return ``rule`` applied to one value or to each value of a per-stage sequence."""
+
     def check(value: object) -> str | None:
         values = value if isinstance(value, (tuple, list)) else (value,)
         reasons = [rule(item) for item in values]
         found = next((reason for reason in reasons if reason is not None), None)
         return None if found is None else found + (" (for every stage)" if isinstance(value, (tuple, list)) else "")
+
     return check
 
 
@@ -47,43 +49,94 @@ class CostModel:
     for every stage or one per stage (comma-separated on the command line).
     """
 
-    forward_time: PerStage = knob(1.0, "forward of one micro-batch through one stage (one value, or one per stage, comma-separated)", check=_TIME, metavar="T")
-    backward_time: PerStage = knob(2.0, "full backward (B) of one micro-batch through one stage (one value, or one per stage, comma-separated)", check=_TIME,
-                                   metavar="T")
-    input_gradient_share: float = knob(0.5, "share of the backward spent on the input gradient I (zero-bubble); "
-                                       "W takes the rest", check=lambda v: number(0.0)(v) or (
-                                           "must be at most 1" if v > 1 else None), metavar="SHARE")
-    recompute_time: PerStage | None = knob(None, "one recompute R (one value, or one per stage, comma-separated)", check=lambda v: None if v is None else _TIME(v),
-                                           metavar="T", default_text="the forward time")
+    forward_time: PerStage = knob(
+        1.0,
+        "forward of one micro-batch through one stage (one value, or one per stage, comma-separated)",
+        check=_TIME,
+        metavar="T",
+    )
+    backward_time: PerStage = knob(
+        2.0,
+        "full backward (B) of one micro-batch through one stage (one value, or one per stage, comma-separated)",
+        check=_TIME,
+        metavar="T",
+    )
+    input_gradient_share: float = knob(
+        0.5,
+        "share of the backward spent on the input gradient I (zero-bubble); W takes the rest",
+        check=lambda v: number(0.0)(v) or ("must be at most 1" if v > 1 else None),
+        metavar="SHARE",
+    )
+    recompute_time: PerStage | None = knob(
+        None,
+        "one recompute R (one value, or one per stage, comma-separated)",
+        check=lambda v: None if v is None else _TIME(v),
+        metavar="T",
+        default_text="the forward time",
+    )
     optimizer_time: float = knob(0.0, "optimizer step (STEP) of one stage", check=_SECONDS, metavar="T")
-    action_overhead: float = knob(0.0, "time a rank spends between two of its actions (dispatch and bookkeeping), "
-                                  "added to each compute action", check=_SECONDS, metavar="T")
-    send_time: float = knob(0.0, "time a SEND holds its rank while it is issued (copying the message out), before "
-                            "the transfer goes on alone", check=_SECONDS, metavar="T")
-    receive_time: float = knob(0.0, "time a RECV holds its rank once its message has arrived (taking it in)",
-                               check=_SECONDS, metavar="T")
-    p2p_latency: float = knob(0.0, "latency of one point-to-point transfer between pipeline ranks", check=_SECONDS,
-                              metavar="T")
-    p2p_bandwidth: float = knob(math.inf, "bytes per time unit between pipeline ranks", check=_BANDWIDTH,
-                                metavar="BYTES")
-    boundary_bytes: PerStage = knob(0.0, "bytes of a stage's output for one micro-batch (one value, or one per stage, comma-separated)", check=_BYTES,
-                                    metavar="BYTES")
-    activation_bytes: PerStage = knob(0.0, "bytes a stage stores per micro-batch for its backward (one value, or one per stage, comma-separated)", check=_BYTES,
-                                      metavar="BYTES")
-    weight_bytes: PerStage = knob(0.0, "bytes of one stage's weights (and of its gradients) (one value, or one per stage, comma-separated)", check=_BYTES,
-                                  metavar="BYTES")
+    action_overhead: float = knob(
+        0.0,
+        "time a rank spends between two of its actions (dispatch and bookkeeping), added to each compute action",
+        check=_SECONDS,
+        metavar="T",
+    )
+    send_time: float = knob(
+        0.0,
+        "time a SEND holds its rank while it is issued (copying the message out), before the transfer goes on alone",
+        check=_SECONDS,
+        metavar="T",
+    )
+    receive_time: float = knob(
+        0.0, "time a RECV holds its rank once its message has arrived (taking it in)", check=_SECONDS, metavar="T"
+    )
+    p2p_latency: float = knob(
+        0.0, "latency of one point-to-point transfer between pipeline ranks", check=_SECONDS, metavar="T"
+    )
+    p2p_bandwidth: float = knob(
+        math.inf, "bytes per time unit between pipeline ranks", check=_BANDWIDTH, metavar="BYTES"
+    )
+    boundary_bytes: PerStage = knob(
+        0.0,
+        "bytes of a stage's output for one micro-batch (one value, or one per stage, comma-separated)",
+        check=_BYTES,
+        metavar="BYTES",
+    )
+    activation_bytes: PerStage = knob(
+        0.0,
+        "bytes a stage stores per micro-batch for its backward (one value, or one per stage, comma-separated)",
+        check=_BYTES,
+        metavar="BYTES",
+    )
+    weight_bytes: PerStage = knob(
+        0.0,
+        "bytes of one stage's weights (and of its gradients) (one value, or one per stage, comma-separated)",
+        check=_BYTES,
+        metavar="BYTES",
+    )
     data_parallel_latency: float = knob(0.0, "latency of one data-parallel collective", check=_SECONDS, metavar="T")
-    data_parallel_bandwidth: float = knob(math.inf, "bytes per time unit of the data-parallel link", check=_BANDWIDTH,
-                               metavar="BYTES")
-    variation: float = knob(0.0, "spread of each compute action's time (standard deviation over mean); above 0 the "
-                            "simulator draws each time from a gamma distribution of that spread (seeded) and the "
-                            "steady step averages many steps", check=_SPREAD, metavar="SPREAD")
-    hold_variation: float = knob(0.0, "spread of the time a SEND or RECV holds its rank (standard deviation over "
-                                 "mean); above 0 the simulator draws each hold from a gamma distribution of that "
-                                 "spread (seeded), as it does compute times with --variation", check=_SPREAD,
-                                 metavar="SPREAD")
-    overlap: bool = knob(True, "communication runs on its own streams; with --no-overlap it occupies the compute "
-                         "stream")
+    data_parallel_bandwidth: float = knob(
+        math.inf, "bytes per time unit of the data-parallel link", check=_BANDWIDTH, metavar="BYTES"
+    )
+    variation: float = knob(
+        0.0,
+        "spread of each compute action's time (standard deviation over mean); above 0 the "
+        "simulator draws each time from a gamma distribution of that spread (seeded) and the "
+        "steady step averages many steps",
+        check=_SPREAD,
+        metavar="SPREAD",
+    )
+    hold_variation: float = knob(
+        0.0,
+        "spread of the time a SEND or RECV holds its rank (standard deviation over "
+        "mean); above 0 the simulator draws each hold from a gamma distribution of that "
+        "spread (seeded), as it does compute times with --variation",
+        check=_SPREAD,
+        metavar="SPREAD",
+    )
+    overlap: bool = knob(
+        True, "communication runs on its own streams; with --no-overlap it occupies the compute stream"
+    )
 
 
 def draws(cost: CostModel) -> bool:
@@ -104,8 +157,9 @@ def per_stage(value: PerStage, stages: int, name: str) -> tuple[float, ...]:
         return (float(value),) * stages
     values = tuple(float(item) for item in value)
     if len(values) != stages:
-        raise ConfigError(name, tuple(value), f"{len(values)} values for {stages} stages: give one value, "
-                          f"or one per stage")
+        raise ConfigError(
+            name, tuple(value), f"{len(values)} values for {stages} stages: give one value, or one per stage"
+        )
     return values
 
 

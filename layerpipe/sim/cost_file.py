@@ -34,8 +34,11 @@ def toml_value(value: Any) -> str:
 
 def cost_file_text(cost: CostModel, about: dict[str, Any]) -> str:
     """Return the TOML text of ``cost`` and its ``[about]`` table (strings, numbers, lists of them)."""
-    lines = [f"{field.name} = {toml_value(getattr(cost, field.name))}" for field in knobs(CostModel)
-             if getattr(cost, field.name) is not None]
+    lines = [
+        f"{field.name} = {toml_value(getattr(cost, field.name))}"
+        for field in knobs(CostModel)
+        if getattr(cost, field.name) is not None
+    ]
     lines += ["", "[about]"] + [f"{key} = {toml_value(value)}" for key, value in about.items()]
     return "\n".join(lines) + "\n"
 
@@ -52,8 +55,10 @@ def read_cost_file(path: str, option: str = "cost_file") -> CostModel:
     unreadable file, invalid TOML, an unknown key, a value of the wrong type
     or out of range (a negative time, a bandwidth of zero).
     """
-    values = {key: tuple(value) if isinstance(value, list) else value
-              for key, value in read_toml(path, [CostModel], option, ignore=("about",))[CostModel].items()}
+    values = {
+        key: tuple(value) if isinstance(value, list) else value
+        for key, value in read_toml(path, [CostModel], option, ignore=("about",))[CostModel].items()
+    }
     try:
         cost = CostModel(**values)
         check_fields(cost)

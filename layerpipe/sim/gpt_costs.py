@@ -75,8 +75,11 @@ def layer_activation_bytes(shape: GPTShape, microbatch_size: int, element_bytes:
     """
     b, s, h, a = microbatch_size, shape.block_size, shape.width, shape.heads
     scale = element_bytes / 2
-    block = {"none": s * b * h * (34 + 5 * a * s / h) * scale, "selective": s * b * h * 34 * scale,
-             "full": s * b * h * element_bytes}[mode]
+    block = {
+        "none": s * b * h * (34 + 5 * a * s / h) * scale,
+        "selective": s * b * h * 34 * scale,
+        "full": s * b * h * element_bytes,
+    }[mode]
     head = 2.0 * s * b * h * element_bytes + s * b * shape.vocab_size * (element_bytes + 4)
     return (8.0 * b * s,) + (float(block),) * shape.blocks + (head,)
 

@@ -88,22 +88,42 @@ peak per A100 for their trillion-parameter run; this project takes 50 % for both
 
 PRESETS: dict[str, Hardware] = {
     "a100": Hardware(
-        name="a100", flops=_SUSTAINED * 312e12, memory_bandwidth=2.039e12, devices_per_node=8,
-        intra_node_bandwidth=300e9, inter_node_bandwidth=25e9, intra_node_latency=5e-6, inter_node_latency=10e-6,
-        collective_latency=30e-6, action_overhead=20e-6,
-        sources=("NVIDIA A100 80GB SXM data sheet: 312 TFLOPS bf16 dense, 2,039 GB/s HBM2e, NVLink 600 GB/s "
-                 "(300 GB/s each way)",
-                 "NVIDIA DGX A100: eight 200 Gb/s HDR InfiniBand adapters for eight GPUs, 25 GB/s per GPU each way",
-                 "Narayanan et al., SC21 (arXiv 2104.04473): 52 % of peak sustained per GPU",
-                 "latencies and per-action overhead: this project's assumptions")),
+        name="a100",
+        flops=_SUSTAINED * 312e12,
+        memory_bandwidth=2.039e12,
+        devices_per_node=8,
+        intra_node_bandwidth=300e9,
+        inter_node_bandwidth=25e9,
+        intra_node_latency=5e-6,
+        inter_node_latency=10e-6,
+        collective_latency=30e-6,
+        action_overhead=20e-6,
+        sources=(
+            "NVIDIA A100 80GB SXM data sheet: 312 TFLOPS bf16 dense, 2,039 GB/s HBM2e, NVLink 600 GB/s "
+            "(300 GB/s each way)",
+            "NVIDIA DGX A100: eight 200 Gb/s HDR InfiniBand adapters for eight GPUs, 25 GB/s per GPU each way",
+            "Narayanan et al., SC21 (arXiv 2104.04473): 52 % of peak sustained per GPU",
+            "latencies and per-action overhead: this project's assumptions",
+        ),
+    ),
     "h100": Hardware(
-        name="h100", flops=_SUSTAINED * 989.4e12, memory_bandwidth=3.35e12, devices_per_node=8,
-        intra_node_bandwidth=450e9, inter_node_bandwidth=50e9, intra_node_latency=5e-6, inter_node_latency=10e-6,
-        collective_latency=30e-6, action_overhead=20e-6,
-        sources=("NVIDIA H100 SXM5 (glennklockwood.com/garden/processors/h100, from NVIDIA's data sheet): "
-                 "989.4 TFLOPS bf16 dense, 3.35 TB/s HBM3, NVLink 900 GB/s (450 GB/s each way)",
-                 "NVIDIA DGX H100: eight 400 Gb/s NDR InfiniBand adapters for eight GPUs, 50 GB/s per GPU each way",
-                 "sustained share 50 % and latencies: this project's assumptions")),
+        name="h100",
+        flops=_SUSTAINED * 989.4e12,
+        memory_bandwidth=3.35e12,
+        devices_per_node=8,
+        intra_node_bandwidth=450e9,
+        inter_node_bandwidth=50e9,
+        intra_node_latency=5e-6,
+        inter_node_latency=10e-6,
+        collective_latency=30e-6,
+        action_overhead=20e-6,
+        sources=(
+            "NVIDIA H100 SXM5 (glennklockwood.com/garden/processors/h100, from NVIDIA's data sheet): "
+            "989.4 TFLOPS bf16 dense, 3.35 TB/s HBM3, NVLink 900 GB/s (450 GB/s each way)",
+            "NVIDIA DGX H100: eight 400 Gb/s NDR InfiniBand adapters for eight GPUs, 50 GB/s per GPU each way",
+            "sustained share 50 % and latencies: this project's assumptions",
+        ),
+    ),
 }
 """Cluster presets by name: eight GPUs per node on NVLink, one InfiniBand adapter per GPU between nodes."""
 
@@ -137,14 +157,23 @@ def hardware_from_cost_file(path: str, cost: CostModel, option: str = "cost_file
     return Hardware(
         name=f"this machine ({about.get('machine', 'calibrated')})",
         flops=sum(stage_flops) / sum(forward) * _at_least_one(about, "contention", path, option),
-        memory_bandwidth=optimizer_bandwidth, devices_per_node=10**9, intra_node_bandwidth=bandwidth,
-        inter_node_bandwidth=bandwidth, intra_node_latency=latency, inter_node_latency=latency,
-        collective_latency=cost.data_parallel_latency, action_overhead=cost.action_overhead, precision="fp32",
+        memory_bandwidth=optimizer_bandwidth,
+        devices_per_node=10**9,
+        intra_node_bandwidth=bandwidth,
+        inter_node_bandwidth=bandwidth,
+        intra_node_latency=latency,
+        inter_node_latency=latency,
+        collective_latency=cost.data_parallel_latency,
+        action_overhead=cost.action_overhead,
+        precision="fp32",
         backward_ratio=sum(backward) / sum(forward) / (split if about.get("schedule") == "zero-bubble" else 1.0),
         cores=int(about.get("cores", 0)) or None,
-        rates=_rates(about, microbatch_size, path, option), split_backward=split,
-        send_time=cost.send_time, receive_time=cost.receive_time,
-        sources=(f"measured by layerpipe calibrate on {about.get('date', 'an unknown date')}: {path}",))
+        rates=_rates(about, microbatch_size, path, option),
+        split_backward=split,
+        send_time=cost.send_time,
+        receive_time=cost.receive_time,
+        sources=(f"measured by layerpipe calibrate on {about.get('date', 'an unknown date')}: {path}",),
+    )
 
 
 def _interpolated(pairs: tuple[tuple[int, float], ...], size: int) -> float:
@@ -173,20 +202,39 @@ def _rates(about: dict, calibrated_size: int, path: str, option: str) -> tuple[t
     sizes, times = about.get("alone_sizes"), about.get("alone_forward")
     if sizes is None and times is None:
         return ()
-    valid = (isinstance(sizes, list) and isinstance(times, list) and len(sizes) == len(times) > 0
-             and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)
-             and sizes == sorted(set(sizes))
-             and all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < math.inf for t in times))
+    valid = (
+        isinstance(sizes, list)
+        and isinstance(times, list)
+        and len(sizes) == len(times) > 0
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)
+        and sizes == sorted(set(sizes))
+        and all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < math.inf for t in times)
+    )
     if not valid:
-        raise ConfigError(option, path, f"its [about] alone_sizes = {sizes!r} and alone_forward = {times!r} must be "
-                          f"ascending whole numbers and as many positive times")
+        raise ConfigError(
+            option,
+            path,
+            f"its [about] alone_sizes = {sizes!r} and alone_forward = {times!r} must be "
+            f"ascending whole numbers and as many positive times",
+        )
     per_sequence = [size / time for size, time in zip(sizes, times)]
     reference = _interpolated(tuple(zip(sizes, per_sequence)), calibrated_size)
     return tuple((size, rate / reference) for size, rate in zip(sizes, per_sequence))
 
 
-_NEEDED = ("vocab_size", "block_size", "width", "heads", "blocks", "batch_size", "microbatches", "data_parallel",
-           "ranks", "stages_per_rank", "processes")
+_NEEDED = (
+    "vocab_size",
+    "block_size",
+    "width",
+    "heads",
+    "blocks",
+    "batch_size",
+    "microbatches",
+    "data_parallel",
+    "ranks",
+    "stages_per_rank",
+    "processes",
+)
 
 
 def _about(path: str, option: str) -> dict:
@@ -195,22 +243,31 @@ def _about(path: str, option: str) -> dict:
         about = tomllib.load(handle).get("about", {})
     missing = [key for key in _NEEDED if key not in about]
     if missing or about.get("model", "gpt") != "gpt":
-        raise ConfigError(option, path, f"its [about] table lacks {', '.join(missing) or 'a gpt model'}: the planner "
-                          f"needs a cost file written by `layerpipe calibrate` for the GPT demo")
-    bad = next((key for key in _NEEDED if isinstance(about[key], bool) or not isinstance(about[key], int)
-                or about[key] < 1), None)
+        raise ConfigError(
+            option,
+            path,
+            f"its [about] table lacks {', '.join(missing) or 'a gpt model'}: the planner "
+            f"needs a cost file written by `layerpipe calibrate` for the GPT demo",
+        )
+    bad = next(
+        (key for key in _NEEDED if isinstance(about[key], bool) or not isinstance(about[key], int) or about[key] < 1),
+        None,
+    )
     if bad is not None:
         raise ConfigError(option, path, f"its [about] {bad} = {about[bad]!r} must be a whole number of at least 1")
     if about["batch_size"] % (about["microbatches"] * about["data_parallel"]):
-        raise ConfigError(option, path, f"its [about] batch_size ({about['batch_size']}) must be a multiple of "
-                          f"microbatches × data_parallel")
+        raise ConfigError(
+            option,
+            path,
+            f"its [about] batch_size ({about['batch_size']}) must be a multiple of microbatches × data_parallel",
+        )
     return about
 
 
 def _per_stage(value, stages: int, path: str, option: str) -> list[float]:
     values = [float(value)] * stages if isinstance(value, (int, float)) else [float(item) for item in value]
     if len(values) != stages:
-        raise ConfigError(option, path, f"{len(values)} per-stage values for the {stages} stages its [about] table "
-                          f"describes")
+        raise ConfigError(
+            option, path, f"{len(values)} per-stage values for the {stages} stages its [about] table describes"
+        )
     return values
-

@@ -9,7 +9,8 @@ them.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from ..schedule.actions import BACKWARD_KINDS, COMPUTE_KINDS, Kind, Program, backward_end
 
@@ -59,8 +60,9 @@ def activation_peak(
     return ActivationPeak(peak_count, peak_size)
 
 
-def buffer_peak(program: Program, weight_bytes: Sequence[float], zero: int, replicas: int,
-                optimizer_states: int = 2) -> dict[str, float]:
+def buffer_peak(
+    program: Program, weight_bytes: Sequence[float], zero: int, replicas: int, optimizer_states: int = 2
+) -> dict[str, float]:
     """Return the peak bytes of parameter, gradient and optimizer-state buffers one rank holds over ``program``.
 
     ``weight_bytes[s]`` is stage ``s``'s parameters; the rank holds the
@@ -82,12 +84,16 @@ def buffer_peak(program: Program, weight_bytes: Sequence[float], zero: int, repl
         parameters = _running_peak(program, weight_bytes, Kind.GATHER, Kind.RELEASE, shard)
     if zero >= 2:
         gradients = _running_peak(program, weight_bytes, None, Kind.STEP, shard)
-    return {"parameters": parameters, "gradients": gradients,
-            "optimizer": optimizer_states * (full if zero == 0 else shard)}
+    return {
+        "parameters": parameters,
+        "gradients": gradients,
+        "optimizer": optimizer_states * (full if zero == 0 else shard),
+    }
 
 
-def _running_peak(program: Program, weight_bytes: Sequence[float], opening: Kind | None, closing: Kind,
-                  base: float) -> float:
+def _running_peak(
+    program: Program, weight_bytes: Sequence[float], opening: Kind | None, closing: Kind, base: float
+) -> float:
     """Return the peak of ``base`` plus the full stage buffers open at once (``opening``: first backward when ``None``)."""
     current = peak = base
     open_stages: set[int] = set()

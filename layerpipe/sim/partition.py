@@ -7,7 +7,7 @@ its slowest stage) by binary search over that maximum with a greedy fill;
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class PartitionError(ValueError):
@@ -22,7 +22,8 @@ def check_layer_count(layers: int, stages: int) -> None:
     if layers < stages:
         raise PartitionError(
             f"the model has {layers} layers but the pipeline has {stages} stages (ranks × stages per rank): "
-            f"give at least {stages} layers or use fewer ranks or stages per rank")
+            f"give at least {stages} layers or use fewer ranks or stages per rank"
+        )
 
 
 def balance(weights: Sequence[float], stages: int) -> Boundaries:

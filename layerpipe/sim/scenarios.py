@@ -37,8 +37,9 @@ def paper_52b_costs(network: float = NETWORK) -> CostModel:
 
 def paper_52b_configurations(microbatches: int) -> dict[str, ScheduleConfig]:
     """Return the compared schedules at ``microbatches`` micro-batches per replica."""
-    common = dict(ranks=PIPELINE, microbatches=microbatches, stages_per_rank=STAGES_PER_RANK,
-                  data_parallel=REPLICAS, zero=3)
+    common = dict(
+        ranks=PIPELINE, microbatches=microbatches, stages_per_rank=STAGES_PER_RANK, data_parallel=REPLICAS, zero=3
+    )
     return {
         "breadth-first": ScheduleConfig("breadth-first", **common),
         "depth-first, weights resident": ScheduleConfig("interleaved", **common),

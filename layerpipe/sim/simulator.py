@@ -31,8 +31,8 @@ from functools import cached_property
 from ..knobs import check_fields
 from ..schedule.actions import AWAITS, BACKWARD_KINDS, P2P_KINDS, Action, Kind, message_of
 from ..schedule.build import Schedule, build_schedule
-from ..schedule.config import ScheduleConfig
 from ..schedule.bulk import collector_paused
+from ..schedule.config import ScheduleConfig
 from ..schedule.validation import ScheduleError, blocked_report
 from .cost import NEGLIGIBLE_SPREAD, CostModel, collective_time, draws, per_stage
 from .memory import activation_peak, weight_versions
@@ -147,8 +147,11 @@ def steady_step(config: ScheduleConfig, cost: CostModel = CostModel()) -> float:
         two, three = (simulate(build_schedule(config, check=False, calls=calls), cost).step_time for calls in (2, 3))
         return three - two
     short, long = (build_schedule(config, check=False, calls=calls) for calls in (2, 2 + _STEADY_CALLS))
-    slopes = [(simulate(long, cost, seed=seed).step_time - simulate(short, cost, seed=seed + _STEADY_SEEDS).step_time)
-              / _STEADY_CALLS for seed in range(_STEADY_SEEDS)]
+    slopes = [
+        (simulate(long, cost, seed=seed).step_time - simulate(short, cost, seed=seed + _STEADY_SEEDS).step_time)
+        / _STEADY_CALLS
+        for seed in range(_STEADY_SEEDS)
+    ]
     return sum(slopes) / len(slopes) + _slowest_replica(config, cost)
 
 
@@ -160,7 +163,7 @@ def _slowest_replica(config: ScheduleConfig, cost: CostModel) -> float:
         return 0.0
     one = build_schedule(config, check=False)
     steps = [simulate(one, cost, seed=seed).step_time for seed in range(_REPLICA_GROUPS * replicas)]
-    slowest = [max(steps[group * replicas:(group + 1) * replicas]) for group in range(_REPLICA_GROUPS)]
+    slowest = [max(steps[group * replicas : (group + 1) * replicas]) for group in range(_REPLICA_GROUPS)]
     return sum(slowest) / len(slowest) - sum(steps) / len(steps)
 
 
@@ -177,15 +180,19 @@ class _Costs:
     receive_hold: tuple = (0.0,)  # per stage, what a RECV costs its rank once the message is there
 
     @staticmethod
-    def of(schedule: Schedule, cost: CostModel, seed: int = 0) -> "_Costs":
+    def of(schedule: Schedule, cost: CostModel, seed: int = 0) -> _Costs:
         config, stages = schedule.config, schedule.placement.stages
         backward = per_stage(cost.backward_time, stages, "backward_time")
         share = cost.input_gradient_share
         recompute = cost.forward_time if cost.recompute_time is None else cost.recompute_time
-        duration = {Kind.F: per_stage(cost.forward_time, stages, "forward_time"), Kind.B: backward,
-                    Kind.I: tuple(time * share for time in backward),
-                    Kind.W: tuple(time * (1 - share) for time in backward),
-                    Kind.R: per_stage(recompute, stages, "recompute_time"), Kind.STEP: (cost.optimizer_time,) * stages}
+        duration = {
+            Kind.F: per_stage(cost.forward_time, stages, "forward_time"),
+            Kind.B: backward,
+            Kind.I: tuple(time * share for time in backward),
+            Kind.W: tuple(time * (1 - share) for time in backward),
+            Kind.R: per_stage(recompute, stages, "recompute_time"),
+            Kind.STEP: (cost.optimizer_time,) * stages,
+        }
         if cost.action_overhead:
             duration = {kind: tuple(time + cost.action_overhead for time in times) for kind, times in duration.items()}
         draw = random.Random(seed).gammavariate
@@ -195,19 +202,30 @@ class _Costs:
         if cost.hold_variation > NEGLIGIBLE_SPREAD:
             holds = tuple(_Drawn(times, cost.hold_variation, draw) for times in holds)
         boundary = per_stage(cost.boundary_bytes, stages, "boundary_bytes")
-        transfer = {_SEND_F: tuple(cost.p2p_latency + size / cost.p2p_bandwidth for size in boundary),
-                    _SEND_B: tuple(cost.p2p_latency + (boundary[s - 1] if s else 0.0) / cost.p2p_bandwidth
-                                   for s in range(stages))}
+        transfer = {
+            _SEND_F: tuple(cost.p2p_latency + size / cost.p2p_bandwidth for size in boundary),
+            _SEND_B: tuple(
+                cost.p2p_latency + (boundary[s - 1] if s else 0.0) / cost.p2p_bandwidth for s in range(stages)
+            ),
+        }
         weights = per_stage(cost.weight_bytes, stages, "weight_bytes")
         replicas = config.data_parallel
         reduce_kind = "all_reduce" if config.zero < 2 else "reduce_scatter"
         collective = {
-            _GATHER: tuple(collective_time("all_gather", size, replicas, cost.data_parallel_bandwidth, cost.data_parallel_latency) for size in weights),
-            _REDUCE: tuple(collective_time(reduce_kind, size, replicas, cost.data_parallel_bandwidth, cost.data_parallel_latency) for size in weights),
+            _GATHER: tuple(
+                collective_time("all_gather", size, replicas, cost.data_parallel_bandwidth, cost.data_parallel_latency)
+                for size in weights
+            ),
+            _REDUCE: tuple(
+                collective_time(reduce_kind, size, replicas, cost.data_parallel_bandwidth, cost.data_parallel_latency)
+                for size in weights
+            ),
         }
         microbatches = schedule.microbatch_count
-        message_base = {kind: tuple(message_of(Action(stage, kind, 0)).number(microbatches) for stage in range(stages))
-                        for kind in P2P_KINDS}
+        message_base = {
+            kind: tuple(message_of(Action(stage, kind, 0)).number(microbatches) for stage in range(stages))
+            for kind in P2P_KINDS
+        }
         return _Costs(duration, transfer, collective, message_base, cost.p2p_latency, *holds)
 
 
@@ -216,7 +234,7 @@ class _Drawn:
     mean."""
 
     def __init__(self, means: tuple[float, ...], variation: float, draw):
-        self.shape = 1.0 / variation ** 2
+        self.shape = 1.0 / variation**2
         self.scales = tuple(mean / self.shape for mean in means)
         self.draw = draw
 
@@ -240,8 +258,9 @@ class _Run:
         self.arrivals: dict[int, tuple[float, float, float]] = {}  # message number -> (start, end, issued)
         self.waiting: dict[int, int] = {}  # message number -> rank blocked on it
         self.finished = {_GATHER: {}, _REDUCE: {}}  # collective kind -> stage -> when its last one ends
-        self.awaited = {kind: self.finished[collective] for kind, collective in AWAITS.items()
-                        if collective in self.finished}  # per action kind: stage -> when what it waits for ends
+        self.awaited = {
+            kind: self.finished[collective] for kind, collective in AWAITS.items() if collective in self.finished
+        }  # per action kind: stage -> when what it waits for ends
         self.events: list[tuple] = []  # rows of TimelineEvent, built as plain tuples: this loop is hot
         self.guards_passed = [0] * ranks  # per rank, how many GUARDs it has passed
         self.guard_arrivals: dict[int, dict[int, float]] = {}  # guard number -> rank -> when it arrived
@@ -250,9 +269,24 @@ class _Run:
 def _run_programs(programs, costs: _Costs, run: _Run) -> None:
     """Run every rank until it ends or blocks on a receive; a send wakes the rank waiting for it."""
     runnable = deque(range(len(programs)))
-    shared = (costs.duration, costs.transfer, costs.collective, costs.message_base, run.awaited, run.finished,
-              run.arrivals, run.waiting, run.events.append, run.overlap, run.p2p_free, run.dp_free, runnable.append,
-              costs.guard_time, costs.send_hold, costs.receive_hold)
+    shared = (
+        costs.duration,
+        costs.transfer,
+        costs.collective,
+        costs.message_base,
+        run.awaited,
+        run.finished,
+        run.arrivals,
+        run.waiting,
+        run.events.append,
+        run.overlap,
+        run.p2p_free,
+        run.dp_free,
+        runnable.append,
+        costs.guard_time,
+        costs.send_hold,
+        costs.receive_hold,
+    )
     while runnable:
         rank = runnable.popleft()
         _advance(rank, programs[rank], shared, run)
@@ -265,8 +299,24 @@ def _advance(rank: int, program, shared: tuple, run: _Run) -> None:
     (this loop is the simulator's hot path).  The wait rules are ``AWAITS``:
     an action waits for the collectives of its stage that the table names.
     """
-    duration, transfer, collective, message_base, awaited, finished, arrivals, waiting, emit, overlap, \
-        p2p_free, dp_free, wake, guard_time, send_hold, receive_hold = shared
+    (
+        duration,
+        transfer,
+        collective,
+        message_base,
+        awaited,
+        finished,
+        arrivals,
+        waiting,
+        emit,
+        overlap,
+        p2p_free,
+        _,
+        wake,
+        guard_time,
+        send_hold,
+        receive_hold,
+    ) = shared
     index, end_of_program, now, busy, exposed = run.positions[rank], len(program), run.compute_free[rank], 0.0, 0.0
     while index < end_of_program:
         action = program[index]
@@ -386,7 +436,9 @@ def _result(schedule: Schedule, cost: CostModel, run: _Run) -> SimResult:
     metrics = []
     for rank in range(ranks):
         peak = activation_peak(programs[rank], activation, inputs, recomputed)
-        metrics.append(RankMetrics(rank, run.busy[rank], step_time - run.busy[rank], exposed[rank], peak.count, peak.bytes))
+        metrics.append(
+            RankMetrics(rank, run.busy[rank], step_time - run.busy[rank], exposed[rank], peak.count, peak.bytes)
+        )
     gathers, reduces, portions = _collective_counts(programs)
     timeline = Timeline(ranks, tuple(run.events), "simulated", "unit", config.schedule, {"config": config.to_json()})
     return SimResult(
@@ -433,6 +485,9 @@ def steady_bubble(events: list[tuple], ranks: int) -> float | None:
     low, high = max(first_backward), min(last_forward)
     if high <= low:
         return None
-    busy = sum(min(end, high) - max(start, low) for _, stream, _, start, end in events
-               if stream == "compute" and end > low and start < high)
+    busy = sum(
+        min(end, high) - max(start, low)
+        for _, stream, _, start, end in events
+        if stream == "compute" and end > low and start < high
+    )
     return 1 - busy / (ranks * (high - low))

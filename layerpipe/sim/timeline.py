@@ -61,11 +61,19 @@ class Timeline:
         }
 
     @staticmethod
-    def from_json(data: dict) -> "Timeline":
+    def from_json(data: dict) -> Timeline:
         """Return the timeline that ``to_json`` wrote."""
-        events = tuple(TimelineEvent(int(r), str(s), parse_action(a), float(b), float(e)) for r, s, a, b, e in data["events"])
-        return Timeline(int(data["ranks"]), events, data.get("source", "simulated"), data.get("unit", "unit"),
-                        data.get("title", ""), dict(data.get("metadata", {})))
+        events = tuple(
+            TimelineEvent(int(r), str(s), parse_action(a), float(b), float(e)) for r, s, a, b, e in data["events"]
+        )
+        return Timeline(
+            int(data["ranks"]),
+            events,
+            data.get("source", "simulated"),
+            data.get("unit", "unit"),
+            data.get("title", ""),
+            dict(data.get("metadata", {})),
+        )
 
     def save(self, path: str) -> None:
         """Write the timeline as JSON to ``path``."""

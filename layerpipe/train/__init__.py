@@ -17,7 +17,7 @@ This package imports no torch until a run starts, so ``--help`` is quick.
 from .command import main
 from .config import TrainConfig
 
-__all__ = ["main", "run", "TrainConfig"]
+__all__ = ["TrainConfig", "main", "run"]
 
 
 def run(config: TrainConfig):

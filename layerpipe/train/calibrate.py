@@ -52,34 +52,50 @@ def _stage_bytes(pipe) -> dict:
     saved = pipe.memory()["forward_activations"]
     sizes = {}
     for index, shard in pipe.shards.items():
-        output = sum(torch.Size(meta.shape).numel() * torch.empty(0, dtype=meta.dtype).element_size()
-                     for meta in metas[index])
+        output = sum(
+            torch.Size(meta.shape).numel() * torch.empty(0, dtype=meta.dtype).element_size() for meta in metas[index]
+        )
         sizes[str(index)] = {"boundary": output, "weight": shard.weight_bytes, "activation": saved.get(index, 0)}
     return sizes
 
 
-_CONTENTION_KIND = ("the measured compute time over the time it would take alone, were the cores shared fairly "
-                    "between the processes computing at each moment")
+_CONTENTION_KIND = (
+    "the measured compute time over the time it would take alone, were the cores shared fairly "
+    "between the processes computing at each moment"
+)
 
 
-_ALONE_KIND = ("alone_forward: seconds of one forward of process 0's last stage, alone, at each of alone_sizes "
-               "sequences per micro-batch; split_backward: a backward split into input and weight gradients over a "
-               "whole one")
+_ALONE_KIND = (
+    "alone_forward: seconds of one forward of process 0's last stage, alone, at each of alone_sizes "
+    "sequences per micro-batch; split_backward: a backward split into input and weight gradients over a "
+    "whole one"
+)
 
 
 def _about(config, task, sharing: float, measured_step: float, measured: int) -> dict:
     """Return the cost file's ``[about]`` table: where, when and on what layout the figures were measured."""
     import torch.distributed as dist
 
-    return {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
-            "date": datetime.date.today().isoformat(), "processes": dist.get_world_size(),
-            "model": config.model, "schedule": config.pipeline.schedule, "ranks": config.pipeline.ranks,
-            "stages_per_rank": config.pipeline.stages_per_rank, "microbatches": config.pipeline.microbatches,
-            "data_parallel": config.pipeline.data_parallel, "zero": config.pipeline.zero,
-            "batch_size": config.batch_size, "units": "seconds and bytes", "core_sharing": sharing,
-            "core_sharing_kind": "a stage's forward while every process computes, divided by alone",
-            "measured_step": measured_step, "measured_steps": measured, "cores": os.cpu_count() or 1,
-            **_model_sizes(task)}
+    return {
+        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+        "date": datetime.date.today().isoformat(),
+        "processes": dist.get_world_size(),
+        "model": config.model,
+        "schedule": config.pipeline.schedule,
+        "ranks": config.pipeline.ranks,
+        "stages_per_rank": config.pipeline.stages_per_rank,
+        "microbatches": config.pipeline.microbatches,
+        "data_parallel": config.pipeline.data_parallel,
+        "zero": config.pipeline.zero,
+        "batch_size": config.batch_size,
+        "units": "seconds and bytes",
+        "core_sharing": sharing,
+        "core_sharing_kind": "a stage's forward while every process computes, divided by alone",
+        "measured_step": measured_step,
+        "measured_steps": measured,
+        "cores": os.cpu_count() or 1,
+        **_model_sizes(task),
+    }
 
 
 def _model_sizes(task) -> dict:
@@ -100,8 +116,12 @@ def _weights_gathered(pipe, timeout: float):
 
     released = [shard for _, shard in sorted(pipe.shards.items()) if not shard.gathered]
     for shard in released:
-        wait_for(shard.gather(), timeout, dist.get_rank(),
-                 f"gathering stage {shard.stage_index}'s weights to time a forward alone")
+        wait_for(
+            shard.gather(),
+            timeout,
+            dist.get_rank(),
+            f"gathering stage {shard.stage_index}'s weights to time a forward alone",
+        )
     try:
         yield
     finally:
@@ -115,12 +135,16 @@ def _one_forward(pipe, first_microbatch):
 
     index = min(pipe.stages)
     metas = next(iter(pipe._metas.values()))
-    inputs = first_microbatch if index == 0 else tuple(torch.zeros(meta.shape, dtype=meta.dtype)
-                                                      for meta in metas[index - 1])
+    inputs = (
+        first_microbatch
+        if index == 0
+        else tuple(torch.zeros(meta.shape, dtype=meta.dtype) for meta in metas[index - 1])
+    )
 
     def run():
         with torch.no_grad():
             pipe.stages[index](*inputs)
+
     return run
 
 
@@ -159,6 +183,7 @@ def alone_figures(pipe, first_microbatch: tuple, largest: int) -> dict:
         def forward(inputs=inputs):
             with torch.no_grad():
                 stage(*inputs)
+
         times.append(alone(forward))
     return {"alone_sizes": sizes, "alone_forward": times, "split_backward": ratio}
 
@@ -190,8 +215,10 @@ def one_after_another(timelines: list):
 
     events, offset = [], 0.0
     for part in timelines:
-        events += [TimelineEvent(rank, stream, action, start + offset, end + offset)
-                   for rank, stream, action, start, end in part.events]
+        events += [
+            TimelineEvent(rank, stream, action, start + offset, end + offset)
+            for rank, stream, action, start, end in part.events
+        ]
         offset += part.step_time
     first = timelines[0]
     return Timeline(first.ranks, tuple(events), first.source, first.unit, first.title, first.metadata)
@@ -236,20 +263,32 @@ def measure(config, cost_file: str) -> dict:
     weights = tuple(float(sizes[s]["weight"]) for s in range(stages))
     loaded = gather_latency(timeline, weights, config.pipeline.data_parallel, collective_bandwidth)
     cost = dataclasses.replace(
-        calibrated_cost(timeline, stages), p2p_latency=latency, p2p_bandwidth=bandwidth,
+        calibrated_cost(timeline, stages),
+        p2p_latency=latency,
+        p2p_bandwidth=bandwidth,
         boundary_bytes=tuple(float(sizes[s]["boundary"]) for s in range(stages)),
-        activation_bytes=tuple(float(sizes[s]["activation"]) for s in range(stages)), weight_bytes=weights,
-        data_parallel_latency=max(collective_latency, loaded or 0.0), data_parallel_bandwidth=collective_bandwidth)
+        activation_bytes=tuple(float(sizes[s]["activation"]) for s in range(stages)),
+        weight_bytes=weights,
+        data_parallel_latency=max(collective_latency, loaded or 0.0),
+        data_parallel_bandwidth=collective_bandwidth,
+    )
     measured_step = period
-    figures = {"measured_step": measured_step, "simulated_step": steady_step(pipe.schedule.config, cost),
-               "idle_collective_latency": collective_latency, "core_sharing": sharing,
-               "split_backward": alone_at["split_backward"],
-               "contention": contention(timeline, os.cpu_count() or 1, config.pipeline.data_parallel),
-               "cost": {k: v for k, v in dataclasses.asdict(cost).items()}}
+    figures = {
+        "measured_step": measured_step,
+        "simulated_step": steady_step(pipe.schedule.config, cost),
+        "idle_collective_latency": collective_latency,
+        "core_sharing": sharing,
+        "split_backward": alone_at["split_backward"],
+        "contention": contention(timeline, os.cpu_count() or 1, config.pipeline.data_parallel),
+        "cost": {k: v for k, v in dataclasses.asdict(cost).items()},
+    }
     if dist.get_rank() == 0:
         about = _about(config, task, sharing, measured_step, len(timelines)) | {
-            "contention": figures["contention"], "contention_kind": _CONTENTION_KIND, **alone_at,
-            "alone_kind": _ALONE_KIND}
+            "contention": figures["contention"],
+            "contention_kind": _CONTENTION_KIND,
+            **alone_at,
+            "alone_kind": _ALONE_KIND,
+        }
         write_cost_file(cost_file, cost, about)
     return figures
 
@@ -261,13 +300,16 @@ def main(argv: list[str]) -> int:
 
     parser = build_parser()
     parser.prog = "layerpipe calibrate"
-    parser.description = ("Measure the costs of training the demo with the given options on this machine and layout "
-                          "(stage times, message and all-reduce latency and bandwidth, bytes per stage, how much "
-                          "processes sharing cores slow each other) and write them as a cost file for "
-                          "'layerpipe simulate --cost-file'. Takes the options of 'layerpipe train'; trains "
-                          f"{DEFAULT_STEPS} steps unless --steps, writing nothing else.")
-    parser.add_argument("--cost-file", default="cost.toml", metavar="FILE.toml",
-                        help="where to write the costs (default: cost.toml)")
+    parser.description = (
+        "Measure the costs of training the demo with the given options on this machine and layout "
+        "(stage times, message and all-reduce latency and bandwidth, bytes per stage, how much "
+        "processes sharing cores slow each other) and write them as a cost file for "
+        "'layerpipe simulate --cost-file'. Takes the options of 'layerpipe train'; trains "
+        f"{DEFAULT_STEPS} steps unless --steps, writing nothing else."
+    )
+    parser.add_argument(
+        "--cost-file", default="cost.toml", metavar="FILE.toml", help="where to write the costs (default: cost.toml)"
+    )
     arguments = parser.parse_args(argv)
     try:
         config = config_from(arguments)
@@ -275,8 +317,10 @@ def main(argv: list[str]) -> int:
             config = replaced(config, steps=DEFAULT_STEPS)
         check_writable_file("cost_file", arguments.cost_file)
     except ConfigError as error:
-        print(f"layerpipe calibrate: error: {error.render(COMMAND_LINE) if error.field == 'cost_file' else error}",
-              file=sys.stderr)
+        print(
+            f"layerpipe calibrate: error: {error.render(COMMAND_LINE) if error.field == 'cost_file' else error}",
+            file=sys.stderr,
+        )
         return 2
     from ..runtime.launch import LaunchError, launch
 
@@ -294,21 +338,28 @@ def report(figures: dict, path: str) -> str:
     cost = figures["cost"]
     forward = ", ".join(f"{1e3 * t:.2f}" for t in cost["forward_time"])
     backward = ", ".join(f"{1e3 * t:.2f}" for t in cost["backward_time"])
-    return "\n".join([
-        f"forward per stage (ms): {forward}",
-        f"backward per stage (ms): {backward}",
-        f"message between processes 0 and 1: {1e6 * cost['p2p_latency']:.0f} µs latency, "
-        f"{cost['p2p_bandwidth'] / 1e6:,.0f} MB/s",
-        f"all-reduce over every process: {1e6 * figures['idle_collective_latency']:.0f} µs latency, "
-        f"{cost['data_parallel_bandwidth'] / 1e6:,.0f} MB/s"
-        + (f"; the run's weight gathers showed {1e6 * cost['data_parallel_latency']:.0f} µs, which the cost file "
-           f"keeps" if cost["data_parallel_latency"] > figures["idle_collective_latency"] else ""),
-        f"a forward while every process computes takes {figures['core_sharing']:.2f} times as long as alone; "
-        f"over the run, the compute took {figures['contention']:.2f} times as long as alone",
-        f"compute times spread by {100 * cost['variation']:.0f} % (standard deviation over mean); a backward "
-        f"split in two takes {figures['split_backward']:.2f} times as long as a whole one",
-        f"a send holds its process {1e3 * cost['send_time']:.2f} ms, a receive whose message is there "
-        f"{1e3 * cost['receive_time']:.2f} ms, on average (spread {100 * cost['hold_variation']:.0f} %)",
-        f"step: {1e3 * figures['measured_step']:.1f} ms measured (median of back-to-back steps), "
-        f"{1e3 * figures['simulated_step']:.1f} ms simulated with these costs",
-        f"wrote {path}: layerpipe simulate --cost-file {path} (with the same schedule options)"])
+    return "\n".join(
+        [
+            f"forward per stage (ms): {forward}",
+            f"backward per stage (ms): {backward}",
+            f"message between processes 0 and 1: {1e6 * cost['p2p_latency']:.0f} µs latency, "
+            f"{cost['p2p_bandwidth'] / 1e6:,.0f} MB/s",
+            f"all-reduce over every process: {1e6 * figures['idle_collective_latency']:.0f} µs latency, "
+            f"{cost['data_parallel_bandwidth'] / 1e6:,.0f} MB/s"
+            + (
+                f"; the run's weight gathers showed {1e6 * cost['data_parallel_latency']:.0f} µs, which the cost file "
+                f"keeps"
+                if cost["data_parallel_latency"] > figures["idle_collective_latency"]
+                else ""
+            ),
+            f"a forward while every process computes takes {figures['core_sharing']:.2f} times as long as alone; "
+            f"over the run, the compute took {figures['contention']:.2f} times as long as alone",
+            f"compute times spread by {100 * cost['variation']:.0f} % (standard deviation over mean); a backward "
+            f"split in two takes {figures['split_backward']:.2f} times as long as a whole one",
+            f"a send holds its process {1e3 * cost['send_time']:.2f} ms, a receive whose message is there "
+            f"{1e3 * cost['receive_time']:.2f} ms, on average (spread {100 * cost['hold_variation']:.0f} %)",
+            f"step: {1e3 * figures['measured_step']:.1f} ms measured (median of back-to-back steps), "
+            f"{1e3 * figures['simulated_step']:.1f} ms simulated with these costs",
+            f"wrote {path}: layerpipe simulate --cost-file {path} (with the same schedule options)",
+        ]
+    )

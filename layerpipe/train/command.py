@@ -84,8 +84,11 @@ def _launch(config) -> int:
             launch(run, config.processes, (config,), timeout=config.timeout)
             return 0
         except LaunchError as error:
-            stopped = [report.strip().splitlines()[-1] for report in error.reports.values()
-                       if report.strip().splitlines()[-1].startswith(STOPPED)]
+            stopped = [
+                report.strip().splitlines()[-1]
+                for report in error.reports.values()
+                if report.strip().splitlines()[-1].startswith(STOPPED)
+            ]
             if stopped:  # training decided to stop: its own line says why
                 print(f"layerpipe train: stopped: {stopped[0].removeprefix(STOPPED)}", file=sys.stderr)
                 return 1
@@ -96,8 +99,9 @@ def _launch(config) -> int:
             lines = str(error).splitlines()
             what = " ".join(line.strip() for line in lines[:2])
             where = f"from {latest}" if latest is not None else "from the beginning (no checkpoint yet)"
-            print(f"layerpipe train: {what}; restarting {where} ({attempt + 1} of {config.max_restarts})",
-                  file=sys.stderr)
+            print(
+                f"layerpipe train: {what}; restarting {where} ({attempt + 1} of {config.max_restarts})", file=sys.stderr
+            )
             if latest is not None:
                 config = replaced(config, resume=latest)
     return 1

@@ -15,13 +15,11 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..knobs import (COMMAND_LINE, ConfigError, Spelling, check_fields, knob, knobs, number, one_of,
-                     toml_spelling, whole)
+from ..knobs import COMMAND_LINE, ConfigError, Spelling, check_fields, knob, knobs, number, one_of, toml_spelling, whole
 from ..models.config import GPTConfig, SuperResConfig
 from ..ops.pattern import nm_pattern, parse_pattern
 from ..options import Parser, add_knobs, given, read_toml
 from ..schedule.config import ScheduleConfig, pipeline_ranks, validate_config
-
 
 OPTIMIZERS = ("adamw", "sgd")
 """The optimizers ``layerpipe train`` can give every stage."""
@@ -40,51 +38,110 @@ class TrainConfig:
     pipeline: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(ranks=2))
     gpt: GPTConfig = field(default_factory=GPTConfig)
     superres: SuperResConfig = field(default_factory=SuperResConfig)
-    model: str = knob("gpt", "which demo to train: gpt (a character-level GPT on Shakespeare's plays) or superres "
-                      "(2x super-resolution of the photographs scikit-image ships; needs the images extra)",
-                      check=one_of(MODELS), metavar="NAME")
-    spatial: int = knob(1, "split every image into this many bands of rows, one per process, and run each stage on "
-                        "them (--model superres; processes = ranks x data-parallel x spatial)", check=whole(1),
-                        metavar="S")
-    steps: int = knob(1000, "training steps (train_step calls; async updates each stage m/k times per call)",
-                      check=whole(1), metavar="N")
-    batch_size: int = knob(32, "sequences per step (a multiple of microbatches × data_parallel)", check=whole(1),
-                           metavar="N")
-    optimizer: str = knob("adamw", "optimizer of every stage: adamw (betas 0.9, 0.99, weight decay 0.01) or sgd "
-                          "(momentum 0.9, which async's delay corrections read)", check=one_of(OPTIMIZERS),
-                          metavar="NAME")
-    learning_rate: float = knob(3e-3, "peak learning rate (cosine decay to a tenth)",
-                                check=number(0.0, above=True), metavar="RATE")
+    model: str = knob(
+        "gpt",
+        "which demo to train: gpt (a character-level GPT on Shakespeare's plays) or superres "
+        "(2x super-resolution of the photographs scikit-image ships; needs the images extra)",
+        check=one_of(MODELS),
+        metavar="NAME",
+    )
+    spatial: int = knob(
+        1,
+        "split every image into this many bands of rows, one per process, and run each stage on "
+        "them (--model superres; processes = ranks x data-parallel x spatial)",
+        check=whole(1),
+        metavar="S",
+    )
+    steps: int = knob(
+        1000,
+        "training steps (train_step calls; async updates each stage m/k times per call)",
+        check=whole(1),
+        metavar="N",
+    )
+    batch_size: int = knob(
+        32, "sequences per step (a multiple of microbatches × data_parallel)", check=whole(1), metavar="N"
+    )
+    optimizer: str = knob(
+        "adamw",
+        "optimizer of every stage: adamw (betas 0.9, 0.99, weight decay 0.01) or sgd "
+        "(momentum 0.9, which async's delay corrections read)",
+        check=one_of(OPTIMIZERS),
+        metavar="NAME",
+    )
+    learning_rate: float = knob(
+        3e-3, "peak learning rate (cosine decay to a tenth)", check=number(0.0, above=True), metavar="RATE"
+    )
     seed: int = knob(0, "seed for weights and batches (the same on every rank)", check=whole(0), metavar="N")
     sample_length: int = knob(300, "characters of text to generate after training", check=whole(0), metavar="N")
     output: str = knob("layerpipe-run", "folder for summary.json, pictures, trace and checkpoints", metavar="DIR")
-    timeout: float = knob(300.0, "seconds any rank may wait for a peer before it reports what it waits for",
-                          check=number(0.0, above=True), metavar="SECONDS")
-    precision: str = knob("fp32", "compute precision of the stages: fp32, bf16 or fp16 (float32 weights, gradients and "
-                          "optimizer state; fp16 scales the loss and needs --skip-nonfinite)",
-                          check=one_of(("fp32", "bf16", "fp16")), metavar="NAME")
-    max_skips: int = knob(10, "with --skip-nonfinite: stop after this many steps in a row were skipped",
-                          check=whole(1), metavar="N")
-    max_restarts: int = knob(0, "when a process fails, start the run again from its latest checkpoint, at most this "
-                             "many times (under torchrun, its own --max-restarts does it)", check=whole(0), metavar="R")
-    checkpoint_every: int = knob(0, "write a complete checkpoint to OUTPUT/checkpoints/step-N every N steps "
-                                 "(0: only at the end)", check=whole(0), metavar="N")
+    timeout: float = knob(
+        300.0,
+        "seconds any rank may wait for a peer before it reports what it waits for",
+        check=number(0.0, above=True),
+        metavar="SECONDS",
+    )
+    precision: str = knob(
+        "fp32",
+        "compute precision of the stages: fp32, bf16 or fp16 (float32 weights, gradients and "
+        "optimizer state; fp16 scales the loss and needs --skip-nonfinite)",
+        check=one_of(("fp32", "bf16", "fp16")),
+        metavar="NAME",
+    )
+    max_skips: int = knob(
+        10, "with --skip-nonfinite: stop after this many steps in a row were skipped", check=whole(1), metavar="N"
+    )
+    max_restarts: int = knob(
+        0,
+        "when a process fails, start the run again from its latest checkpoint, at most this "
+        "many times (under torchrun, its own --max-restarts does it)",
+        check=whole(0),
+        metavar="R",
+    )
+    checkpoint_every: int = knob(
+        0,
+        "write a complete checkpoint to OUTPUT/checkpoints/step-N every N steps (0: only at the end)",
+        check=whole(0),
+        metavar="N",
+    )
     keep: int = knob(2, "checkpoints to keep in OUTPUT/checkpoints (the latest ones)", check=whole(1), metavar="K")
-    sparsity: str | None = knob(None, "train the blocks' linear layers N:M sparse, e.g. 2:4: at most N non-zero "
-                                "weights in every M inputs (the embedding and the output head stay dense)",
-                                check=nm_pattern, metavar="N:M", default_text="dense")
-    sparsity_method: str = knob("fixed", "with --sparsity: fixed (the pattern pruned from the first weights stays) or "
-                                "sr-ste (dense weights whose pattern may change, Zhou et al. 2021)",
-                                check=one_of(SPARSITY_METHODS), metavar="NAME")
-    sparse_kernel: str = knob("dense", "with --sparsity: dense (decompress, then dense BLAS: fast on a CPU) or gather "
-                              "(the metadata-driven gather an accelerator's loads do: the same numbers, much slower on a "
-                              "CPU)", check=one_of(("dense", "gather")), metavar="NAME")
-    init_from: str | None = knob(None, "start from the weights of this checkpoint (a run's output folder or a step "
-                                 "folder), e.g. a dense run to fine-tune sparse; the step, optimizer and data start "
-                                 "anew", metavar="DIR", default_text="none")
-    resume: str | None = knob(None, "continue the run whose output folder (or checkpoint step folder) this is, from "
-                              "its latest complete checkpoint; its summary and loss curve go on", metavar="DIR",
-                              default_text="none")
+    sparsity: str | None = knob(
+        None,
+        "train the blocks' linear layers N:M sparse, e.g. 2:4: at most N non-zero "
+        "weights in every M inputs (the embedding and the output head stay dense)",
+        check=nm_pattern,
+        metavar="N:M",
+        default_text="dense",
+    )
+    sparsity_method: str = knob(
+        "fixed",
+        "with --sparsity: fixed (the pattern pruned from the first weights stays) or "
+        "sr-ste (dense weights whose pattern may change, Zhou et al. 2021)",
+        check=one_of(SPARSITY_METHODS),
+        metavar="NAME",
+    )
+    sparse_kernel: str = knob(
+        "dense",
+        "with --sparsity: dense (decompress, then dense BLAS: fast on a CPU) or gather "
+        "(the metadata-driven gather an accelerator's loads do: the same numbers, much slower on a "
+        "CPU)",
+        check=one_of(("dense", "gather")),
+        metavar="NAME",
+    )
+    init_from: str | None = knob(
+        None,
+        "start from the weights of this checkpoint (a run's output folder or a step "
+        "folder), e.g. a dense run to fine-tune sparse; the step, optimizer and data start "
+        "anew",
+        metavar="DIR",
+        default_text="none",
+    )
+    resume: str | None = knob(
+        None,
+        "continue the run whose output folder (or checkpoint step folder) this is, from "
+        "its latest complete checkpoint; its summary and loss curve go on",
+        metavar="DIR",
+        default_text="none",
+    )
 
     @property
     def processes(self) -> int:
@@ -93,9 +150,12 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         """Return every knob as one flat JSON-ready dictionary (the keys a TOML file takes)."""
-        return {**self.pipeline.to_json(), **{f.name: getattr(self.gpt, f.name) for f in knobs(GPTConfig)},
-                **{f.name: getattr(self.superres, f.name) for f in knobs(SuperResConfig)},
-                **{f.name: getattr(self, f.name) for f in knobs(TrainConfig)}}
+        return {
+            **self.pipeline.to_json(),
+            **{f.name: getattr(self.gpt, f.name) for f in knobs(GPTConfig)},
+            **{f.name: getattr(self.superres, f.name) for f in knobs(SuperResConfig)},
+            **{f.name: getattr(self, f.name) for f in knobs(TrainConfig)},
+        }
 
 
 PARTS = (ScheduleConfig, GPTConfig, SuperResConfig, TrainConfig)
@@ -107,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="layerpipe train",
         description="Train a small character-level GPT with pipeline parallelism on local processes "
-                    "(or under torchrun) and write a summary, pictures, a trace and a checkpoint.",
+        "(or under torchrun) and write a summary, pictures, a trace and a checkpoint.",
         epilog="Options may also come from a TOML file (--config run.toml) whose keys are the option names "
-               "with underscores, e.g. stages_per_rank = 2; options on the command line win.")
+        "with underscores, e.g. stages_per_rank = 2; options on the command line win.",
+    )
     parser.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
     defaults = TrainConfig()
     add_knobs(parser.add_argument_group("schedule (ScheduleConfig)"), defaults.pipeline)
@@ -139,14 +200,18 @@ def config_from(arguments: argparse.Namespace, world: int | None = None) -> Trai
             values[cls].update(found)
             spelling.update({name: COMMAND_LINE for name in found})
         if world is not None:
-            values[ScheduleConfig]["ranks"] = _ranks_under_torchrun(values[ScheduleConfig], world,
-                                                                    values[TrainConfig].get("spatial", 1))
+            values[ScheduleConfig]["ranks"] = _ranks_under_torchrun(
+                values[ScheduleConfig], world, values[TrainConfig].get("spatial", 1)
+            )
         resume = values[TrainConfig].get("resume")
         if resume is not None and "output" not in values[TrainConfig]:
             values[TrainConfig]["output"] = run_folder_of(resume)
-        config = TrainConfig(pipeline=ScheduleConfig(**{"ranks": 2, **values[ScheduleConfig]}),
-                             gpt=GPTConfig(**values[GPTConfig]), superres=SuperResConfig(**values[SuperResConfig]),
-                             **values[TrainConfig])
+        config = TrainConfig(
+            pipeline=ScheduleConfig(**{"ranks": 2, **values[ScheduleConfig]}),
+            gpt=GPTConfig(**values[GPTConfig]),
+            superres=SuperResConfig(**values[SuperResConfig]),
+            **values[TrainConfig],
+        )
         check_config(config)
     except ConfigError as error:
         raise error.spelled(spelling.get(error.field, COMMAND_LINE)) from None
@@ -157,9 +222,13 @@ def _ranks_under_torchrun(schedule_values: dict, world: int, spatial: int) -> in
     data_parallel = schedule_values.get("data_parallel", 1)
     ranks = pipeline_ranks(world // spatial if world % spatial == 0 else world, data_parallel)
     if schedule_values.get("ranks", ranks) != ranks:
-        raise ConfigError("ranks", schedule_values["ranks"], f"torchrun started {world} processes = `ranks` × "
-                          f"`data_parallel` ({data_parallel}) × `spatial` ({spatial}); leave `ranks` out or make "
-                          f"them agree")
+        raise ConfigError(
+            "ranks",
+            schedule_values["ranks"],
+            f"torchrun started {world} processes = `ranks` × "
+            f"`data_parallel` ({data_parallel}) × `spatial` ({spatial}); leave `ranks` out or make "
+            f"them agree",
+        )
     return ranks
 
 
@@ -171,14 +240,22 @@ def check_config(config: TrainConfig) -> None:
     check_fields(config)
     schedule = config.pipeline
     if config.precision == "fp16" and not schedule.skip_nonfinite:
-        raise ConfigError("precision", "fp16", "needs `skip_nonfinite`: its loss scaling skips the steps whose "
-                          "gradients overflowed")
+        raise ConfigError(
+            "precision", "fp16", "needs `skip_nonfinite`: its loss scaling skips the steps whose gradients overflowed"
+        )
     if schedule.delay_correction not in (None, "none") and config.optimizer != "sgd":
-        raise ConfigError("delay_correction", schedule.delay_correction, f"reads SGD's momentum, and the optimizer "
-                          f"is {config.optimizer}: add `optimizer` sgd, or use none")
+        raise ConfigError(
+            "delay_correction",
+            schedule.delay_correction,
+            f"reads SGD's momentum, and the optimizer is {config.optimizer}: add `optimizer` sgd, or use none",
+        )
     if config.batch_size % (schedule.microbatches * schedule.data_parallel):
-        raise ConfigError("batch_size", config.batch_size, f"must be a multiple of `microbatches` "
-                          f"({schedule.microbatches}) × `data_parallel` ({schedule.data_parallel})")
+        raise ConfigError(
+            "batch_size",
+            config.batch_size,
+            f"must be a multiple of `microbatches` "
+            f"({schedule.microbatches}) × `data_parallel` ({schedule.data_parallel})",
+        )
     (_check_gpt if config.model == "gpt" else _check_superres)(config)
     if config.resume is not None:
         check_resume(config.resume)
@@ -190,16 +267,26 @@ def check_config(config: TrainConfig) -> None:
 def _check_gpt(config: TrainConfig) -> None:
     schedule, model = config.pipeline, config.gpt
     if config.spatial > 1:
-        raise ConfigError("spatial", config.spatial, "the GPT's layers see whole sequences, not bands of rows: "
-                          "use it with `model` superres")
+        raise ConfigError(
+            "spatial",
+            config.spatial,
+            "the GPT's layers see whole sequences, not bands of rows: use it with `model` superres",
+        )
     if model.width % model.heads:
         raise ConfigError("heads", model.heads, f"must divide `width` ({model.width})")
     if model.blocks + 2 < schedule.stages:
-        raise ConfigError("blocks", model.blocks, f"the model has {model.blocks + 2} layers but {schedule.stages} "
-                          f"stages (`ranks` × `stages_per_rank`) need one each: use {schedule.stages - 2} or more")
+        raise ConfigError(
+            "blocks",
+            model.blocks,
+            f"the model has {model.blocks + 2} layers but {schedule.stages} "
+            f"stages (`ranks` × `stages_per_rank`) need one each: use {schedule.stages - 2} or more",
+        )
     if config.sparsity is not None and model.width % parse_pattern(config.sparsity, "sparsity").m:
-        raise ConfigError("sparsity", config.sparsity, f"M must divide `width` ({model.width}), the input size of "
-                          f"the blocks' linear layers")
+        raise ConfigError(
+            "sparsity",
+            config.sparsity,
+            f"M must divide `width` ({model.width}), the input size of the blocks' linear layers",
+        )
 
 
 SUPERRES_LAYERS = 6
@@ -214,12 +301,20 @@ def _check_superres(config: TrainConfig) -> None:
     if schedule.schedule == "async" and config.spatial > 1:
         raise ConfigError("spatial", config.spatial, "the async stream does not run on spatial chunks yet")
     if SUPERRES_LAYERS < schedule.stages:
-        raise ConfigError("stages_per_rank", schedule.stages_per_rank, f"the super-resolution network has "
-                          f"{SUPERRES_LAYERS} layers but `ranks` × `stages_per_rank` = {schedule.stages} stages")
+        raise ConfigError(
+            "stages_per_rank",
+            schedule.stages_per_rank,
+            f"the super-resolution network has "
+            f"{SUPERRES_LAYERS} layers but `ranks` × `stages_per_rank` = {schedule.stages} stages",
+        )
     if (config.superres.crop // 2) % (2 * config.spatial):
-        raise ConfigError("crop", config.superres.crop, f"its low-resolution half must split into `spatial` "
-                          f"({config.spatial}) bands of an even number of rows: use a multiple of "
-                          f"{4 * config.spatial}")
+        raise ConfigError(
+            "crop",
+            config.superres.crop,
+            f"its low-resolution half must split into `spatial` "
+            f"({config.spatial}) bands of an even number of rows: use a multiple of "
+            f"{4 * config.spatial}",
+        )
 
 
 def run_folder_of(resume: str) -> str:
@@ -235,8 +330,12 @@ def check_resume(resume: str) -> None:
     from ..checkpoint_files import find_checkpoint
 
     if find_checkpoint(resume) is None:
-        raise ConfigError("resume", resume, "holds no complete checkpoint (give a run's output folder, whose "
-                          "checkpoints/step-N have a manifest.json, or one such step folder)")
+        raise ConfigError(
+            "resume",
+            resume,
+            "holds no complete checkpoint (give a run's output folder, whose "
+            "checkpoints/step-N have a manifest.json, or one such step folder)",
+        )
 
 
 def check_init_from(config: TrainConfig) -> None:
@@ -248,8 +347,12 @@ def check_init_from(config: TrainConfig) -> None:
 
     found = find_checkpoint(config.init_from)
     if found is None:
-        raise ConfigError("init_from", config.init_from, "holds no complete checkpoint (give a run's output folder, "
-                          "whose checkpoints/step-N have a manifest.json, or one such step folder)")
+        raise ConfigError(
+            "init_from",
+            config.init_from,
+            "holds no complete checkpoint (give a run's output folder, "
+            "whose checkpoints/step-N have a manifest.json, or one such step folder)",
+        )
     try:
         weights = load_weights(found)
     except CheckpointError as error:
@@ -259,11 +362,19 @@ def check_init_from(config: TrainConfig) -> None:
     model = dataclasses.replace(config.gpt, vocab_size=CharacterText.from_text(*load_corpus()).vocab_size)
     for name, shape in dense_shapes(model).items():
         if name not in weights:
-            raise ConfigError("init_from", config.init_from, f"has no weight {name}: it comes from another model or a "
-                              f"sparse run (start from a dense run of the same `width`, `heads` and `blocks`)")
+            raise ConfigError(
+                "init_from",
+                config.init_from,
+                f"has no weight {name}: it comes from another model or a "
+                f"sparse run (start from a dense run of the same `width`, `heads` and `blocks`)",
+            )
         if tuple(weights[name].shape) != shape:
-            raise ConfigError("init_from", config.init_from, f"holds {name} of shape {tuple(weights[name].shape)}, "
-                              f"this model's is {shape}: give the model options of that run")
+            raise ConfigError(
+                "init_from",
+                config.init_from,
+                f"holds {name} of shape {tuple(weights[name].shape)}, "
+                f"this model's is {shape}: give the model options of that run",
+            )
 
 
 OUTPUT_FILES = ("summary.json", "loss.png", "timeline.png", "timeline.json", "timeline-data.json", "superres.png")
@@ -297,6 +408,10 @@ def replaced(config: TrainConfig, **changes: Any) -> TrainConfig:
     owners = {f.name: cls for cls in PARTS for f in knobs(cls)}
     for name, value in changes.items():
         parts[owners[name]][name] = value
-    return dataclasses.replace(config, pipeline=dataclasses.replace(config.pipeline, **parts[ScheduleConfig]),
-                               gpt=dataclasses.replace(config.gpt, **parts[GPTConfig]),
-                               superres=dataclasses.replace(config.superres, **parts[SuperResConfig]), **parts[TrainConfig])
+    return dataclasses.replace(
+        config,
+        pipeline=dataclasses.replace(config.pipeline, **parts[ScheduleConfig]),
+        gpt=dataclasses.replace(config.gpt, **parts[GPTConfig]),
+        superres=dataclasses.replace(config.superres, **parts[SuperResConfig]),
+        **parts[TrainConfig],
+    )

@@ -20,8 +20,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..checkpoint_files import checkpoints_of, find_checkpoint, prune_checkpoints
-from ..runtime.checkpoint import (generator_state, kill_if_asked, load_checkpoint, restore_generator,
-                                  restore_random_states, save_checkpoint)
+from ..runtime.checkpoint import (
+    generator_state,
+    kill_if_asked,
+    load_checkpoint,
+    restore_generator,
+    restore_random_states,
+    save_checkpoint,
+)
 from ..runtime.exchange import all_gather_json
 from ..runtime.launch import init_process_group
 from ..runtime.pipeline import Pipeline, peak_memory_bytes
@@ -50,12 +56,21 @@ def make_optimizer(config: TrainConfig):
 
 def make_pipeline(config: TrainConfig, task) -> Pipeline:
     """Return the demo's model split over this process's pipeline, with the configured optimizer on every local stage."""
-    return Pipeline(task.layers(), task.loss_fn, config.pipeline, track_memory=True, timeout=config.timeout,
-                    optimizer=make_optimizer(config), precision=config.precision, spatial=config.spatial)
+    return Pipeline(
+        task.layers(),
+        task.loss_fn,
+        config.pipeline,
+        track_memory=True,
+        timeout=config.timeout,
+        optimizer=make_optimizer(config),
+        precision=config.precision,
+        spatial=config.spatial,
+    )
 
 
-def train(pipe: Pipeline, task, config: TrainConfig, show: bool,
-          resumed: dict | None = None) -> tuple[list[float], list[float]]:
+def train(
+    pipe: Pipeline, task, config: TrainConfig, show: bool, resumed: dict | None = None
+) -> tuple[list[float], list[float]]:
     """Run the training steps (from a resumed checkpoint's step on); return the loss and wall time of every step.
 
     Writes a checkpoint every ``config.checkpoint_every`` steps and at the end.
@@ -77,14 +92,21 @@ def train(pipe: Pipeline, task, config: TrainConfig, show: bool,
         step_times.append(time.perf_counter() - started)
         skips = skips + 1 if pipe.last_step_skipped is not None else 0
         if skips >= config.max_skips:
-            raise TrainingStopped(f"step {step}: {skips} steps in a row skipped, stage {pipe.last_step_skipped}'s "
-                                  f"gradients were not finite: lower --learning-rate or look at the data")
+            raise TrainingStopped(
+                f"step {step}: {skips} steps in a row skipped, stage {pipe.last_step_skipped}'s "
+                f"gradients were not finite: lower --learning-rate or look at the data"
+            )
         bar.update(1)
-        bar.set_postfix({"loss": f"{losses[-1]:.3f}", f"{task.unit}_per_s": f"{task.items_per_step / step_times[-1]:,.0f}"})
+        bar.set_postfix(
+            {"loss": f"{losses[-1]:.3f}", f"{task.unit}_per_s": f"{task.items_per_step / step_times[-1]:,.0f}"}
+        )
         done = step + 1
         if done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
-            write_checkpoint(pipe, config, {"step": done, "losses": losses, "step_times": step_times,
-                                            "data": generator_state(generator)})
+            write_checkpoint(
+                pipe,
+                config,
+                {"step": done, "losses": losses, "step_times": step_times, "data": generator_state(generator)},
+            )
     bar.close()
     return losses, step_times
 
@@ -142,8 +164,10 @@ def run(config: TrainConfig) -> dict | None:
     losses, step_times = train(pipe, task, config, show=rank == 0, resumed=resumed)
     measured = pipe.timeline(f"{config.pipeline.schedule}, measured last step")
     eval_loss = task.evaluate(pipe)  # async: flushes the stream first
-    records = [[VersionRecord(*fields) for fields in part]
-               for part in _gathered([dataclasses.astuple(record) for record in pipe.version_records()])]
+    records = [
+        [VersionRecord(*fields) for fields in part]
+        for part in _gathered([dataclasses.astuple(record) for record in pipe.version_records()])
+    ]
     versions = [{int(stage): count for stage, count in part.items()} for part in _gathered(pipe.weight_versions())]
     stream = stream_report(records, versions)
     outcome = task.finish(pipe)
@@ -151,8 +175,20 @@ def run(config: TrainConfig) -> dict | None:
     peaks, memory = _gathered(peak_memory_bytes(pipe.device)), _gathered(memory_report(pipe))
     if rank != 0:
         return None
-    record = RunRecord(config, pipe.schedule, describe(task), tuple(losses), tuple(step_times), eval_loss, measured,
-                       tuple(peaks), outcome, time.perf_counter() - started, tuple(memory), stream)
+    record = RunRecord(
+        config,
+        pipe.schedule,
+        describe(task),
+        tuple(losses),
+        tuple(step_times),
+        eval_loss,
+        measured,
+        tuple(peaks),
+        outcome,
+        time.perf_counter() - started,
+        tuple(memory),
+        stream,
+    )
     summary = write_outputs(record)
     print_summary(record, summary)
     return summary

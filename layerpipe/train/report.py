@@ -78,14 +78,20 @@ def stream_report(records_per_process: list, versions_per_process: list) -> dict
     for stage in sorted({record.stage for record in records}):
         mine = [record for record in records if record.stage == stage]
         lags = [record.update_version - 1 - record.forward_version for record in mine]
-        stages[str(stage)] = {"weight_versions": versions.get(stage, 1),
-                              "staleness_ticks": sorted({record.staleness for record in mine}),
-                              "updates_behind_max": max(lags), "updates_behind_mean": sum(lags) / len(lags),
-                              "sub_minibatches": len(mine)}
-    return {"per_stage": stages, "kind": "per stage over the whole run (records of every data-parallel replica): "
-                                         "weight versions held at once, ticks between forward and backward as "
-                                         "counted by the rank, updates between a gradient's forward weights and "
-                                         "the weights its update changed"}
+        stages[str(stage)] = {
+            "weight_versions": versions.get(stage, 1),
+            "staleness_ticks": sorted({record.staleness for record in mine}),
+            "updates_behind_max": max(lags),
+            "updates_behind_mean": sum(lags) / len(lags),
+            "sub_minibatches": len(mine),
+        }
+    return {
+        "per_stage": stages,
+        "kind": "per stage over the whole run (records of every data-parallel replica): "
+        "weight versions held at once, ticks between forward and backward as "
+        "counted by the rank, updates between a gradient's forward weights and "
+        "the weights its update changed",
+    }
 
 
 def memory_report(pipe) -> dict:
@@ -108,9 +114,13 @@ def memory_report(pipe) -> dict:
         weights[index] = shard.weight_bytes
     predicted = buffer_peak(program, weights, pipe.schedule.config.zero, pipe.layout.data_parallel)
     predicted["activations"] = activation_peak(program, stored, kept, recomputed).bytes
-    return {"process": pipe.global_rank, "pipeline_rank": pipe.rank, "replica": pipe.replica,
-            "measured": {key: measured[key] for key in ("activations", "parameters", "gradients", "optimizer")},
-            "predicted": predicted}
+    return {
+        "process": pipe.global_rank,
+        "pipeline_rank": pipe.rank,
+        "replica": pipe.replica,
+        "measured": {key: measured[key] for key in ("activations", "parameters", "gradients", "optimizer")},
+        "predicted": predicted,
+    }
 
 
 def summary_of(record: RunRecord, simulated_step_time: float) -> dict:
@@ -132,7 +142,7 @@ def summary_of(record: RunRecord, simulated_step_time: float) -> dict:
         "peak_memory_kind": "peak resident set size of each rank's process (CPU) or CUDA allocator peak (GPU)",
         "memory": list(record.memory),
         "memory_kind": "per process, last step, bytes: saved activations (autograd saved-tensor hooks) and parameter, "
-                       "gradient and optimizer buffers, measured and as the simulator's memory model predicts",
+        "gradient and optimizer buffers, measured and as the simulator's memory model predicts",
         **record.outcome.summary,
         **({"stream": record.stream} if record.stream is not None else {}),
         "wall_time": record.wall_time,
@@ -166,9 +176,12 @@ def write_outputs(record: RunRecord) -> dict:
         json.dump(summary, handle, indent=2)
     record.measured.save(os.path.join(output, "timeline-data.json"))
     write_chrome_trace(record.measured, os.path.join(output, "timeline.json"))
-    plot_timeline(record.measured, os.path.join(output, "timeline.png"),
-                  f"{schedule.schedule}: measured step, {schedule.ranks} ranks × {schedule.stages_per_rank} stages, "
-                  f"{schedule.microbatches} micro-batches")
+    plot_timeline(
+        record.measured,
+        os.path.join(output, "timeline.png"),
+        f"{schedule.schedule}: measured step, {schedule.ranks} ranks × {schedule.stages_per_rank} stages, "
+        f"{schedule.microbatches} micro-batches",
+    )
     plot_losses(record, os.path.join(output, "loss.png"))
     return summary
 
@@ -194,15 +207,24 @@ def plot_losses(record: RunRecord, path: str) -> None:
 def print_summary(record: RunRecord, summary: dict) -> None:
     """Print the closing lines of a run: loss, speed, memory, what was written, and the sample."""
     first, final = summary["first_loss"], summary["final_loss"]
-    print(f"\nloss {first:.3f} → {final:.3f} ({100 * (1 - final / first):.0f}% lower), "
-          f"held-out loss {record.eval_loss:.3f}")
+    print(
+        f"\nloss {first:.3f} → {final:.3f} ({100 * (1 - final / first):.0f}% lower), "
+        f"held-out loss {record.eval_loss:.3f}"
+    )
     unit = record.demo.unit
-    print(f"step time {1000 * summary['step_time']:.1f} ms measured, {1000 * summary['simulated_step_time']:.1f} ms "
-          f"simulated from the measured action times; {summary[f'{unit}_per_second']:,.0f} {unit}/s")
+    print(
+        f"step time {1000 * summary['step_time']:.1f} ms measured, {1000 * summary['simulated_step_time']:.1f} ms "
+        f"simulated from the measured action times; {summary[f'{unit}_per_second']:,.0f} {unit}/s"
+    )
     own = record.memory[0]
-    print(f"saved activations on process 0: {own['measured']['activations'] / 2**20:.2f} MiB at peak measured, "
-          f"{own['predicted']['activations'] / 2**20:.2f} MiB by the memory model")
-    print(f"wrote {record.config.output}/: summary.json loss.png timeline.png timeline.json timeline-data.json "
-          + "".join(f"{name} " for name in record.outcome.files) + f"checkpoints/step-{len(record.losses)}/")
+    print(
+        f"saved activations on process 0: {own['measured']['activations'] / 2**20:.2f} MiB at peak measured, "
+        f"{own['predicted']['activations'] / 2**20:.2f} MiB by the memory model"
+    )
+    print(
+        f"wrote {record.config.output}/: summary.json loss.png timeline.png timeline.json timeline-data.json "
+        + "".join(f"{name} " for name in record.outcome.files)
+        + f"checkpoints/step-{len(record.losses)}/"
+    )
     for line in record.outcome.lines:
         print(line)

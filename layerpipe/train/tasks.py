@@ -59,11 +59,17 @@ class GPTTask:
         layers = gpt_layers(self.model, config.seed)
         if config.init_from is not None:
             weights = load_weights(find_checkpoint(config.init_from))
-            nn.Sequential(*layers).load_state_dict({name: weights[name] for name in dense_shapes(self.model)},
-                                                   strict=False)
+            nn.Sequential(*layers).load_state_dict(
+                {name: weights[name] for name in dense_shapes(self.model)}, strict=False
+            )
         if config.sparsity is not None:
-            sparsify(nn.Sequential(*layers), config.sparsity, skip=["0", str(len(layers) - 1)],
-                     sr_ste=config.sparsity_method == "sr-ste", kernel=config.sparse_kernel)
+            sparsify(
+                nn.Sequential(*layers),
+                config.sparsity,
+                skip=["0", str(len(layers) - 1)],
+                sr_ste=config.sparsity_method == "sr-ste",
+                kernel=config.sparse_kernel,
+            )
         return layers
 
     def batch(self, generator: torch.Generator):
@@ -86,8 +92,10 @@ class GPTTask:
 def split_text(text: CharacterText) -> tuple[CharacterText, CharacterText]:
     """Return the first 95 % of the text for training and the rest, held out, for evaluation."""
     held_out = int(len(text.ids) * 0.95)
-    return (CharacterText(text.name, text.characters, text.ids[:held_out]),
-            CharacterText(text.name, text.characters, text.ids[held_out:]))
+    return (
+        CharacterText(text.name, text.characters, text.ids[:held_out]),
+        CharacterText(text.name, text.characters, text.ids[held_out:]),
+    )
 
 
 def generate(pipe: Pipeline, text: CharacterText, config: TrainConfig) -> str:
@@ -139,12 +147,13 @@ class SuperResTask:
         self.config = config
         self.training, self.held_out = Photographs.load(TRAINING), Photographs.load(HELD_OUT)
         self.model, self.corpus = config.superres, self.training.name
-        self.items_per_step = config.batch_size * config.superres.crop ** 2
+        self.items_per_step = config.batch_size * config.superres.crop**2
         self.title = f"{config.superres.channels}-channel 2× super-resolution on {self.corpus}"
         self.loss_fn = nn.functional.mse_loss
         schedule = config.pipeline
-        self.evaluation = self.held_out.centre_crops(schedule.microbatches * schedule.data_parallel,
-                                                     evaluation_crop(config.spatial))  # inputs, targets
+        self.evaluation = self.held_out.centre_crops(
+            schedule.microbatches * schedule.data_parallel, evaluation_crop(config.spatial)
+        )  # inputs, targets
 
     def layers(self) -> list[nn.Module]:
         """Return the network's layers (spatial ones when the images are split into bands)."""
@@ -173,17 +182,29 @@ class SuperResTask:
             outputs = outputs.float().cpu()
             found = {"psnr": psnr(outputs, targets), "psnr_bicubic": psnr(bicubic(inputs), targets)}
             os.makedirs(self.config.output, exist_ok=True)
-            draw_comparison(inputs[0], bicubic(inputs[:1])[0], outputs[0].clamp(0, 1), targets[0],
-                            os.path.join(self.config.output, "superres.png"))
+            draw_comparison(
+                inputs[0],
+                bicubic(inputs[:1])[0],
+                outputs[0].clamp(0, 1),
+                targets[0],
+                os.path.join(self.config.output, "superres.png"),
+            )
         scores = gathered_first(found)
         gain = scores["psnr"] - scores["psnr_bicubic"]
-        return Outcome(scores, ("superres.png",),
-                       ("", f"held-out PSNR: model {scores['psnr']:.2f} dB, bicubic {scores['psnr_bicubic']:.2f} dB "
-                            f"({gain:+.2f} dB)"))
+        return Outcome(
+            scores,
+            ("superres.png",),
+            (
+                "",
+                f"held-out PSNR: model {scores['psnr']:.2f} dB, bicubic {scores['psnr_bicubic']:.2f} dB "
+                f"({gain:+.2f} dB)",
+            ),
+        )
 
 
-def draw_comparison(low: torch.Tensor, bicubic: torch.Tensor, model: torch.Tensor, truth: torch.Tensor,
-                    path: str) -> None:
+def draw_comparison(
+    low: torch.Tensor, bicubic: torch.Tensor, model: torch.Tensor, truth: torch.Tensor, path: str
+) -> None:
     """Draw the low-resolution input, bicubic enlargement, the model's output and the original side by side."""
     import matplotlib
 
@@ -191,8 +212,9 @@ def draw_comparison(low: torch.Tensor, bicubic: torch.Tensor, model: torch.Tenso
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 4, figsize=(12, 3.4))
-    for axis, image, title in zip(axes, (low, bicubic, model, truth),
-                                  ("low-resolution input", "bicubic", "model", "original")):
+    for axis, image, title in zip(
+        axes, (low, bicubic, model, truth), ("low-resolution input", "bicubic", "model", "original")
+    ):
         axis.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
         axis.set_title(title)
         axis.axis("off")
@@ -209,4 +231,3 @@ def task_for(config: TrainConfig):
 def gathered_first(value):
     """Return the first non-``None`` of every process's ``value`` (JSON in tensors)."""
     return next((part for part in all_gather_json(value) if part is not None), None)
-

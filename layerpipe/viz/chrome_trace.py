@@ -20,16 +20,22 @@ def chrome_trace(timeline: Timeline) -> dict:
         for thread, stream in enumerate(STREAMS):
             events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": thread, "args": {"name": stream}})
     for rank, stream, action, start, end in timeline.events:
-        events.append({
-            "name": str(action),
-            "cat": stream,
-            "ph": "X",
-            "pid": rank,
-            "tid": STREAMS.index(stream),
-            "ts": start * scale,
-            "dur": (end - start) * scale,
-        })
-    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"source": timeline.source, "unit": timeline.unit}}
+        events.append(
+            {
+                "name": str(action),
+                "cat": stream,
+                "ph": "X",
+                "pid": rank,
+                "tid": STREAMS.index(stream),
+                "ts": start * scale,
+                "dur": (end - start) * scale,
+            }
+        )
+    return {
+        "traceEvents": events,
+        "displayTimeUnit": "ms",
+        "otherData": {"source": timeline.source, "unit": timeline.unit},
+    }
 
 
 def write_chrome_trace(timeline: Timeline, path: str) -> None:

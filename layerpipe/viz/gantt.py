@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..sim.timeline import Timeline
 
@@ -22,15 +22,22 @@ COLOURS = {
     "GUARD": "#333333",
 }
 LABELS = {
-    "F": "forward", "B": "backward", "I": "input gradient", "W": "weight gradient", "R": "recompute",
-    "STEP": "optimizer step", "SEND_F": "send activation", "SEND_B": "send gradient",
-    "GATHER": "gather weights", "REDUCE": "reduce gradients",
-    "RECV_F": "wait for activation", "RECV_B": "wait for gradient", "GUARD": "guard",
+    "F": "forward",
+    "B": "backward",
+    "I": "input gradient",
+    "W": "weight gradient",
+    "R": "recompute",
+    "STEP": "optimizer step",
+    "SEND_F": "send activation",
+    "SEND_B": "send gradient",
+    "GATHER": "gather weights",
+    "REDUCE": "reduce gradients",
+    "RECV_F": "wait for activation",
+    "RECV_B": "wait for gradient",
+    "GUARD": "guard",
 }
 _LANES = {"compute": (0.42, 0.5), "p2p": (0.22, 0.18), "data_parallel": (0.02, 0.18)}
 _MAX_LABELLED = 600
-
-
 
 
 def draw_timeline(axes, timeline: Timeline, title: str = "") -> None:
@@ -43,16 +50,22 @@ def draw_timeline(axes, timeline: Timeline, title: str = "") -> None:
     compute_events = [event for event in timeline.events if event[1] == "compute"]
     label = len(compute_events) <= _MAX_LABELLED
     stages_of_rank: dict[int, list[int]] = {}
-    for rank, stream, action, start, end in timeline.events:
+    for rank, stream, action, _, _ in timeline.events:
         stages_of_rank.setdefault(rank, [])
         if action.stage not in stages_of_rank[rank] and stream == "compute":
             stages_of_rank[rank].append(action.stage)
     skipped = [(start, rank) for rank, stream, _, start, _ in timeline.events if stream == "skipped"]
     if skipped:
         bottom, height = _LANES["compute"]
-        axes.plot([start for start, _ in skipped], [timeline.ranks - 1 - rank + bottom + height / 2
-                                                    for _, rank in skipped],
-                  linestyle="none", marker="x", color="#D62728", markersize=7, label="skipped (guard)")
+        axes.plot(
+            [start for start, _ in skipped],
+            [timeline.ranks - 1 - rank + bottom + height / 2 for _, rank in skipped],
+            linestyle="none",
+            marker="x",
+            color="#D62728",
+            markersize=7,
+            label="skipped (guard)",
+        )
     for rank, stream, action, start, end in timeline.events:
         if stream == "skipped":
             continue
@@ -64,8 +77,15 @@ def draw_timeline(axes, timeline: Timeline, title: str = "") -> None:
         by_colour.setdefault(key, []).append((start, end - start, rank))
         if label and stream == "compute" and action.microbatch is not None:
             bottom, height = _LANES[stream]
-            axes.text(start + (end - start) / 2, timeline.ranks - 1 - rank + bottom + height / 2, str(action.microbatch),
-                      ha="center", va="center", fontsize=7, color="white")
+            axes.text(
+                start + (end - start) / 2,
+                timeline.ranks - 1 - rank + bottom + height / 2,
+                str(action.microbatch),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white",
+            )
     labelled = set()
     for (kind, stream, depth), bars in sorted(by_colour.items()):
         bottom, height = _LANES.get(stream, (0.0, 0.2))
@@ -75,8 +95,15 @@ def draw_timeline(axes, timeline: Timeline, title: str = "") -> None:
         for rank, spans in rows.items():
             legend = LABELS.get(kind) if kind not in labelled else None
             labelled.add(kind)
-            axes.broken_barh(spans, (timeline.ranks - 1 - rank + bottom, height), facecolors=COLOURS.get(kind, "#999999"),
-                             alpha=1.0 - 0.45 * depth, edgecolor="white", linewidth=0.3, label=legend)
+            axes.broken_barh(
+                spans,
+                (timeline.ranks - 1 - rank + bottom, height),
+                facecolors=COLOURS.get(kind, "#999999"),
+                alpha=1.0 - 0.45 * depth,
+                edgecolor="white",
+                linewidth=0.3,
+                label=legend,
+            )
     axes.set_yticks([timeline.ranks - 1 - rank + 0.5 for rank in range(timeline.ranks)])
     axes.set_yticklabels([f"rank {rank}" for rank in range(timeline.ranks)])
     axes.set_ylim(0, timeline.ranks)
@@ -94,8 +121,14 @@ def plot_timelines(timelines: Sequence[Timeline], path: str, titles: Sequence[st
     import matplotlib.pyplot as plt
 
     heights = [max(1.2, 0.45 * timeline.ranks + 0.8) for timeline in timelines]
-    figure, axes_list = plt.subplots(len(timelines), 1, figsize=(12, sum(heights) + 0.6), sharex=True,
-                                     gridspec_kw={"height_ratios": heights}, squeeze=False)
+    figure, axes_list = plt.subplots(
+        len(timelines),
+        1,
+        figsize=(12, sum(heights) + 0.6),
+        sharex=True,
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
     for index, (axes, timeline) in enumerate(zip(axes_list[:, 0], timelines)):
         draw_timeline(axes, timeline, titles[index] if index < len(titles) else "")
     handles = {}

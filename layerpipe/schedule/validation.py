@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from .actions import COMPUTE_KINDS, P2P_KINDS, RECEIVE_KINDS, SEND_KINDS, Action, Kind, Program, message_of
+from .actions import COMPUTE_KINDS, P2P_KINDS, RECEIVE_KINDS, SEND_KINDS, Action, Kind, Message, Program, message_of
 from .bulk import collector_paused
 from .lowering import add_p2p
 from .placement import Placement
@@ -131,7 +131,7 @@ def _mismatch(programs: Sequence[Program], placement: Placement, bases: dict, se
     raise AssertionError("no mismatched transfer")  # pragma: no cover - called only when the counts differ
 
 
-def _needed_message(action: Action, placement: Placement):
+def _needed_message(action: Action, placement: Placement) -> Message | None:
     """Return the message a compute action needs received first on its rank (``None`` when its data is local)."""
     stage, kind, microbatch = action[0], action[1], action[2]
     if kind is F and placement.receives_forward[stage]:
@@ -148,16 +148,17 @@ def _check_received_before_use(programs: Sequence[Program], placement: Placement
     for rank, program in enumerate(programs):
         received = set()
         for action in program:
-            stage, kind = action[0], action[1]
+            stage, kind, microbatch = action[0], action[1], action[2]
             if kind in RECEIVE_KINDS:
-                received.add(bases[kind][stage] + action[2])
-            elif kind is F and receives_forward[stage]:
-                needed = forward[stage] + action[2]
+                received.add(bases[kind][stage] + microbatch)
+                continue
+            if kind is F and receives_forward[stage]:
+                needed = forward[stage] + microbatch
             elif (kind is B or kind is I) and sends_forward[stage]:
-                needed = backward[stage] + action[2]
+                needed = backward[stage] + microbatch
             else:
                 continue
-            if kind not in RECEIVE_KINDS and needed not in received:
+            if needed not in received:
                 raise ScheduleError(
                     f"rank {rank}: {action} needs {_needed_message(action, placement).receive()} before it"
                 )

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from . import __version__
 from .knobs import COMMAND_LINE, ConfigError, knobs, toml_spelling
 from .options import Parser, add_knobs, check_writable_file, given, write_whole
-from .schedule.actions import format_program
+from .schedule.actions import format_program, kinds_help
 from .schedule.build import build_schedule
 from .schedule.config import ONE_STAGE_SCHEDULES, SCHEDULES, ScheduleConfig, validate_config
 from .schedule.validation import ScheduleError
@@ -310,9 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule = commands.add_parser(
         "schedule",
         help="print each rank's program, one line per rank",
-        description="Print each rank's program: 'rank 0: 0F0 0F1 ...'. "
-        "Actions: F forward, B backward, I/W its input/weight halves, "
-        "R recompute, SEND/RECV, GATHER, RELEASE, REDUCE, STEP.",
+        description=f"Print each rank's program: 'rank 0: 0F0 0F1 ...'. Actions: {kinds_help()}.",
     )
     _add_schedule_and_cost(schedule, cost=False)
     schedule.add_argument(

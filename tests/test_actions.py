@@ -1,6 +1,26 @@
+import pickle
+import subprocess
+import sys
+
 import pytest
 
-from layerpipe.schedule.actions import Action, Kind, format_program, parse_action, parse_program
+from layerpipe.schedule.actions import (
+    AWAITS,
+    BACKWARD_KINDS,
+    BARRIER_KINDS,
+    COLLECTIVE_KINDS,
+    COMPUTE_KINDS,
+    P2P_KINDS,
+    RECEIVE_KINDS,
+    SEND_KINDS,
+    TIMED_KINDS,
+    Action,
+    Kind,
+    format_program,
+    kinds_help,
+    parse_action,
+    parse_program,
+)
 
 
 @pytest.mark.parametrize(
@@ -50,3 +70,50 @@ def test_bad_text_is_refused(text):
 def test_program_round_trip():
     text = "0F0 0SEND_F0 0RECV_B0 0B0 0REDUCE[1/2] 0REDUCE[2/2] 0STEP"
     assert format_program(parse_program(text)) == text
+
+
+def _example(kind: Kind) -> Action:
+    """Return an action of ``kind`` on stage 3, with micro-batch 5 where the kind names one."""
+    return Action(3, kind, 5 if kind.row.microbatch else None)
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_every_kind_of_the_table_prints_and_parses_back(kind):
+    action = _example(kind)
+    assert parse_action(str(action)) == action
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_the_table_decides_whether_a_kind_names_a_microbatch(kind):
+    text = str(_example(kind))
+    wrong = text[:-1] if kind.row.microbatch else text + "0"
+    with pytest.raises(ValueError, match="micro-batch number"):
+        parse_action(wrong)
+
+
+def test_kind_sets_and_wait_rules_come_from_the_table():
+    F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
+    assert COMPUTE_KINDS == {F, B, I, W, R}
+    assert BACKWARD_KINDS == {B, I, W}
+    assert P2P_KINDS == {Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B}
+    assert RECEIVE_KINDS == {Kind.RECV_F, Kind.RECV_B} and SEND_KINDS == {Kind.SEND_F, Kind.SEND_B}
+    assert COLLECTIVE_KINDS == {Kind.GATHER, Kind.REDUCE} and BARRIER_KINDS == {Kind.GUARD}
+    assert TIMED_KINDS == {F, B, I, W, R, Kind.STEP}
+    assert AWAITS == {**dict.fromkeys([F, B, I, W, R, Kind.RELEASE], Kind.GATHER), Kind.STEP: Kind.REDUCE}
+
+
+def test_a_kind_is_its_notation_to_hashing_and_pickling():
+    assert all(hash(kind) == hash(kind.value) and kind == kind.value and str(kind) == kind.value for kind in Kind)
+    assert {Kind.SEND_F: 1}["SEND_F"] == 1
+    assert pickle.loads(pickle.dumps(Action(1, Kind.GUARD))) == Action(1, Kind.GUARD)
+    assert all(pickle.loads(pickle.dumps(kind)) is kind for kind in Kind)
+
+
+def test_schedule_help_lists_every_action_kind_of_the_table():
+    found = subprocess.run(
+        [sys.executable, "-m", "layerpipe", "schedule", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    words = " ".join(found.split())
+    assert kinds_help() in words
+    assert all(f"{kind.value} {kind.row.label}" in words for kind in Kind)
+    assert "GUARD" in words

@@ -12,6 +12,7 @@ from layerpipe.schedule.config import ScheduleConfig
 from layerpipe.schedule.lowering import add_p2p
 from layerpipe.schedule.placement import contiguous
 from layerpipe.schedule.validation import ScheduleError
+from layerpipe.schedule.walk import walk, zero_costs
 from layerpipe.sim.cost import CostModel, collective_time
 from layerpipe.sim.simulator import simulate, steady_step
 
@@ -260,3 +261,21 @@ def test_a_negligible_spread_is_no_spread():
     config = ScheduleConfig(schedule="breadth-first", ranks=2, microbatches=4, stages_per_rank=2)
     fixed = CostModel(forward_time=1.0, backward_time=2.0)
     assert steady_step(config, dataclasses.replace(fixed, variation=1e-200)) == steady_step(config, fixed)
+
+
+def test_validation_walks_the_programs_as_the_simulator_does_at_zero_cost(schedule_of):
+    schedule = schedule_of("breadth-first", 2, 4, 2, data_parallel=2, zero=3, skip_nonfinite=True)
+    zero = simulate(schedule, CostModel(forward_time=0, backward_time=0))
+    run = walk(schedule.programs, zero_costs(schedule.placement.stages, schedule.microbatch_count))
+    assert run.events == list(zero.timeline.events) and zero.step_time == 0.0
+    assert run.positions == [len(program) for program in schedule.programs]
+
+
+def test_simulator_names_what_a_stuck_guard_waits_for():
+    placement = contiguous(2)
+    programs = parse_program("0F0 0SEND_F0 0RECV_B0 0B0 0GUARD 0STEP"), parse_program("1RECV_F0 1F0 1B0 1SEND_B0 1STEP")
+    schedule = Schedule(ScheduleConfig("1f1b", 2, 1), placement, programs, programs)
+    with pytest.raises(
+        ScheduleError, match=r"deadlock: rank 0 blocked at 0GUARD \(action 4\): waits for rank 1 to reach"
+    ):
+        simulate(schedule)

@@ -16,51 +16,125 @@ from collections.abc import Sequence
 from enum import Enum
 from typing import NamedTuple
 
+COMPUTE, P2P, DATA_PARALLEL = "compute", "p2p", "data_parallel"
+"""The streams of a rank, spelled as the timeline spells them."""
+
+ITS_SEND, EVERY_RANK = "its send", "every rank"
+"""What a receive waits for (the matching send) and what a guard waits for (every rank to reach its guard)."""
+
+
+class KindRow(NamedTuple):
+    """One row of the table of action kinds.
+
+    ``stream``: where the action runs (``None``: nowhere, it takes no time);
+    ``waits_for``: the kind of its stage's collectives it waits for (``GATHER``, ``REDUCE``), ``ITS_SEND``,
+    ``EVERY_RANK`` or ``None``; ``microbatch``: whether it names a micro-batch; ``gradient``: whether it produces
+    gradients; ``label`` and ``colour``: how help texts and Gantt charts show it.
+    """
+
+    notation: str
+    stream: str | None
+    waits_for: str | None
+    microbatch: bool
+    gradient: bool
+    label: str
+    colour: str
+
 
 class Kind(str, Enum):
-    """What an action does.  The value is the text used in the notation."""
+    """What an action does: the one table of action kinds, one ``KindRow`` per kind (``Kind.F.row``).
 
-    F = "F"  # forward of one micro-batch through one stage
-    B = "B"  # full backward (input and weight gradients)
-    I = "I"
-    W = "W"  # weight-gradient half of B (can wait)
-    R = "R"  # recompute the stage's forward intermediates before its backward
-    SEND_F = "SEND_F"  # send this stage's output to the next stage
-    RECV_F = "RECV_F"  # receive this stage's input from the previous stage
-    SEND_B = "SEND_B"  # send the gradient of this stage's input to the previous stage
-    RECV_B = "RECV_B"  # receive the gradient of this stage's output from the next stage
-    GATHER = "GATHER"  # all-gather the stage's sharded weights into a full buffer
-    RELEASE = "RELEASE"  # free the stage's gathered weight buffer (ZeRO-3)
-    REDUCE = "REDUCE"  # reduce the stage's gradients across data-parallel replicas
-    STEP = "STEP"  # optimizer step for the stage
-    GUARD = "GUARD"  # every process agrees whether to go on; if not, the rest of the step is skipped everywhere
+    The value is the text used in the notation.  The parse pattern, the kind sets, ``AWAITS``, the Gantt chart's
+    colours and legend and the command line's list of actions are generated from the rows.
+    """
+
+    # forward of one micro-batch through one stage
+    F = KindRow("F", COMPUTE, "GATHER", True, False, "forward", "#4C78A8")
+    # full backward (input and weight gradients)
+    B = KindRow("B", COMPUTE, "GATHER", True, True, "backward", "#F58518")
+    # input-gradient half of B (needed by the previous stage)
+    I = KindRow("I", COMPUTE, "GATHER", True, True, "input gradient", "#E45756")
+    # weight-gradient half of B (can wait)
+    W = KindRow("W", COMPUTE, "GATHER", True, True, "weight gradient", "#72B7B2")
+    # recompute the stage's forward intermediates before its backward
+    R = KindRow("R", COMPUTE, "GATHER", True, False, "recompute", "#B279A2")
+    # send this stage's output to the next stage
+    SEND_F = KindRow("SEND_F", P2P, None, True, False, "send activation", "#9DB9D8")
+    # receive this stage's input from the previous stage
+    RECV_F = KindRow("RECV_F", P2P, ITS_SEND, True, False, "wait for activation", "#C9D8EA")
+    # send the gradient of this stage's input to the previous stage
+    SEND_B = KindRow("SEND_B", P2P, None, True, False, "send gradient", "#F9C08A")
+    # receive the gradient of this stage's output from the next stage
+    RECV_B = KindRow("RECV_B", P2P, ITS_SEND, True, False, "wait for gradient", "#FCDDBE")
+    # all-gather the stage's sharded weights into a full buffer
+    GATHER = KindRow("GATHER", DATA_PARALLEL, None, False, False, "gather weights", "#8E6C8A")
+    # free the stage's gathered weight buffer (ZeRO-3)
+    RELEASE = KindRow("RELEASE", None, "GATHER", False, False, "release weights", "#BAB0AC")
+    # reduce the stage's gradients across data-parallel replicas
+    REDUCE = KindRow("REDUCE", DATA_PARALLEL, None, False, False, "reduce gradients", "#D62728")
+    # optimizer step for the stage
+    STEP = KindRow("STEP", COMPUTE, "REDUCE", False, False, "optimizer step", "#54A24B")
+    # every process agrees whether to go on; if not, the rest of the step is skipped everywhere
+    GUARD = KindRow("GUARD", COMPUTE, EVERY_RANK, False, False, "finiteness guard", "#333333")
 
     # Enum's own __hash__ is Python code; actions are hashed by the million.
     __hash__ = str.__hash__
+
+    def __new__(cls, *fields):
+        row = KindRow(*fields)
+        member = str.__new__(cls, row.notation)
+        member._value_ = row.notation
+        member.row = row
+        return member
 
     def __str__(self) -> str:
         return self.value
 
 
-COMPUTE_KINDS = frozenset({Kind.F, Kind.B, Kind.I, Kind.W, Kind.R})
+def _kinds(keep) -> frozenset[Kind]:
+    """Return the kinds whose row ``keep`` accepts."""
+    return frozenset(kind for kind in Kind if keep(kind.row))
+
+
+COMPUTE_KINDS = _kinds(lambda row: row.stream == COMPUTE and row.microbatch)
 """Kinds that run the stage's layers and take a micro-batch."""
 
-BACKWARD_KINDS = frozenset({Kind.B, Kind.I, Kind.W})
+BACKWARD_KINDS = _kinds(lambda row: row.gradient)
 """Kinds that produce gradients."""
 
-P2P_KINDS = frozenset({Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B})
+P2P_KINDS = _kinds(lambda row: row.stream == P2P)
 """Point-to-point kinds between pipeline ranks; they take a micro-batch."""
 
-_MICROBATCH_KINDS = COMPUTE_KINDS | P2P_KINDS
+RECEIVE_KINDS = _kinds(lambda row: row.waits_for == ITS_SEND)
+"""Kinds that block until the matching send has been issued."""
+
+SEND_KINDS = P2P_KINDS - RECEIVE_KINDS
+"""Kinds that hand a message to the next or previous stage; they never block."""
+
+COLLECTIVE_KINDS = _kinds(lambda row: row.stream == DATA_PARALLEL)
+"""Kinds that issue a collective over the data-parallel replicas."""
+
+BARRIER_KINDS = _kinds(lambda row: row.waits_for == EVERY_RANK)
+"""Kinds that block until every rank has reached one (the guard)."""
+
+TIMED_KINDS = _kinds(lambda row: row.stream == COMPUTE) - BARRIER_KINDS
+"""Kinds that occupy the compute stream for a time of their own."""
+
+_MICROBATCH_KINDS = _kinds(lambda row: row.microbatch)
 
 AWAITS: dict[Kind, Kind] = {
-    **{kind: Kind.GATHER for kind in COMPUTE_KINDS},
-    Kind.RELEASE: Kind.GATHER,
-    Kind.STEP: Kind.REDUCE,
+    kind: Kind(kind.row.waits_for)
+    for kind in Kind
+    if kind.row.waits_for in {collective.value for collective in COLLECTIVE_KINDS}
 }
 """The wait rules of both interpreters: an action of this kind waits until the collectives of the named kind
 issued earlier for its stage have finished (compute and ``RELEASE`` wait for the stage's ``GATHER``, ``STEP`` for
 its ``REDUCE`` portions).  Nothing else waits for a collective until the end of the program."""
+
+
+def kinds_help() -> str:
+    """Return every kind with its label, as the command line lists them: ``F forward, B backward, ...``."""
+    return ", ".join(f"{kind.value} {kind.row.label}" for kind in Kind)
 
 
 class Action(NamedTuple):
@@ -93,8 +167,9 @@ Program = tuple[Action, ...]
 """The ordered actions of one rank for one step."""
 
 _ACTION_PATTERN = re.compile(
-    r"(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|GATHER|RELEASE|REDUCE|STEP|GUARD|F|B|I|W|R)(\d*)(?:\[(\d+)/(\d+)\])?"
+    r"(\d+)(" + "|".join(sorted((kind.value for kind in Kind), key=len, reverse=True)) + r")(\d*)(?:\[(\d+)/(\d+)\])?"
 )
+"""The notation: stage, kind (the longest names first, so that ``RECV_F`` is not read as ``R``), micro-batch, portion."""
 
 
 def parse_action(text: str) -> Action:

@@ -3,25 +3,26 @@
 ``validate`` raises ``ScheduleError`` naming the rank, the action and what it
 waits for.  It checks, in order: coverage (every forward and backward of every
 stage and micro-batch exactly once, on the owning rank), local order
-(dependencies on one rank come first), and, in one run of the programs,
-matching sends and receives and freedom from deadlock when receives block
-until the matching send is issued.
+(dependencies on one rank come first), matching (every message sent once and
+received once, and received before the compute that uses it), and freedom
+from deadlock, which it proves by the simulator's own walk with every time
+zero (``schedule/walk.py``): what validation accepts, the simulator runs.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
 
-from .actions import COMPUTE_KINDS, P2P_KINDS, Action, Kind, Message, Program, message_of
+from .actions import COMPUTE_KINDS, P2P_KINDS, RECEIVE_KINDS, SEND_KINDS, Action, Kind, Message, Program, message_of
+from .bulk import collector_paused
 from .lowering import add_p2p
 from .placement import Placement
+from .walk import ScheduleError, check_finished, message_bases, walk, zero_costs
+
+__all__ = ["ScheduleError", "check_coverage", "check_local_order", "check_matching", "check_transfers", "validate"]
 
 F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
-
-
-class ScheduleError(ValueError):
-    """Programs that cannot run; the message names rank, action and what it waits for."""
 
 
 def check_coverage(programs: Sequence[Program], placement: Placement, microbatches: int) -> None:
@@ -95,101 +96,103 @@ def check_local_order(programs: Sequence[Program], placement: Placement) -> None
                 backward_done.add((action.stage, action.microbatch))
 
 
-def _needed_message(action: Action, placement: Placement) -> Message | None:
-    """Return the message a compute action needs received first on its rank (``None`` when its data is local)."""
-    stage, kind, microbatch = action[0], action[1], action[2]
-    if kind is F and placement.receives_forward[stage]:
-        return Message(stage - 1, False, microbatch)
-    if (kind is B or kind is I) and placement.sends_forward[stage]:
-        return Message(stage + 1, True, microbatch)
-    return None
+def _microbatch_span(programs: Sequence[Program]) -> int:
+    """Return one more than the highest micro-batch a transfer names: the span that numbers messages uniquely."""
+    return 1 + max((action[2] for program in programs for action in program if action[1] in P2P_KINDS), default=0)
 
 
-def blocked_report(programs: Sequence[Program], positions: Sequence[int], placement: Placement) -> str:
-    """Return one line per unfinished rank: the action it is blocked at and the send it waits for."""
-    lines = []
-    for rank, (program, position) in enumerate(zip(programs, positions)):
-        if position >= len(program):
-            continue
-        action = program[position]
-        if action.kind in (Kind.RECV_F, Kind.RECV_B):
-            send = message_of(action).send()
-            lines.append(
-                f"rank {rank} blocked at {action} (action {position}): waits for {send} from rank {placement.rank_of(send.stage)}"
-            )
-        else:
-            lines.append(f"rank {rank} blocked at {action} (action {position})")
-    return "; ".join(lines)
+def _counts(programs: Sequence[Program], kinds: frozenset, bases: dict) -> Counter:
+    """Return how often each message number is named by an action of ``kinds``."""
+    counts: Counter = Counter()
+    for program in programs:
+        counts.update(bases[action[1]][action[0]] + action[2] for action in program if action[1] in kinds)
+    return counts
 
 
-def _unsent_receive(programs: Sequence[Program], positions: Sequence[int], placement: Placement) -> str | None:
-    """Return the error for a blocked receive whose send appears in no program, if there is one."""
-    sent = {
-        message_of(action)
-        for program in programs
-        for action in program
-        if action.kind is Kind.SEND_F or action.kind is Kind.SEND_B
-    }
-    for rank, (program, position) in enumerate(zip(programs, positions)):
-        if position < len(program) and program[position].kind in (Kind.RECV_F, Kind.RECV_B):
-            message = message_of(program[position])
-            if message not in sent:
+def _mismatch(programs: Sequence[Program], placement: Placement, bases: dict, sent: Counter, received: Counter) -> str:
+    """Return the error for the first transfer, in rank and program order, whose message is not sent and received once."""
+    for rank, program in enumerate(programs):
+        for action in program:
+            if action[1] not in P2P_KINDS:
+                continue
+            number, message = bases[action[1]][action[0]] + action[2], message_of(action)
+            if action[1] in RECEIVE_KINDS and received[number] > sent[number]:
                 return (
                     f"rank {rank}: the receive of {message.send()} has no matching send "
                     f"on rank {placement.rank_of(message.sender)}"
                 )
+            if action[1] in SEND_KINDS and sent[number] > received[number]:
+                return f"rank {placement.rank_of(message.sender)}: {message.send()} has no matching receive"
+            if sent[number] > 1:
+                return (
+                    f"rank {placement.rank_of(message.sender)}: {message.send()} is sent {sent[number]} times "
+                    "(each message is sent and received once per step)"
+                )
+    raise AssertionError("no mismatched transfer")  # pragma: no cover - called only when the counts differ
+
+
+def _needed_message(action: Action, placement: Placement) -> Message | None:
+    """Return the message a compute action needs received first on its rank (``None`` when its data is local)."""
+    stage, kind, microbatch = action[0], action[1], action[2]
+    if kind is F and placement.receives_forward[stage]:
+        return message_of(Action(stage, Kind.RECV_F, microbatch))
+    if (kind is B or kind is I) and placement.sends_forward[stage]:
+        return message_of(Action(stage, Kind.RECV_B, microbatch))
     return None
 
 
-def check_transfers(programs: Sequence[Program], placement: Placement) -> None:
-    """Raise unless the programs run to the end when sends never block and each receive blocks until its send.
-
-    Also raises when a cross-rank input is used before it is received, a
-    receive has no send, or a send has no receive.  Runs the programs once,
-    in an order they could execute in; on a deadlock the error lists each
-    blocked rank, the receive it is stuck at and the peer it waits for.
-    """
-    positions = [0] * len(programs)
-    sent: dict[Message, int] = {}  # message -> sends issued so far
-    received: dict[Message, int] = {}
-    waiting: dict[Message, int] = {}
-    runnable = deque(range(len(programs)))
+def _check_received_before_use(programs: Sequence[Program], placement: Placement, bases: dict) -> None:
+    """Raise if a compute action uses a cross-rank input before its rank has received it."""
     receives_forward, sends_forward = placement.receives_forward, placement.sends_forward
-    recv_f, recv_b, send_f, send_b = Kind.RECV_F, Kind.RECV_B, Kind.SEND_F, Kind.SEND_B
-    while runnable:
-        rank = runnable.popleft()
-        program, index = programs[rank], positions[rank]
-        end = len(program)
-        while index < end:
-            action = program[index]
-            kind = action[1]
-            if kind is recv_f or kind is recv_b:
-                message = message_of(action)
-                count = received.get(message, 0)
-                if count >= sent.get(message, 0):
-                    waiting[message] = rank
-                    break
-                received[message] = count + 1
-            elif kind is send_f or kind is send_b:
-                message = message_of(action)
-                sent[message] = sent.get(message, 0) + 1
-                waiter = waiting.pop(message, None)
-                if waiter is not None:
-                    runnable.append(waiter)
-            elif (kind is F and receives_forward[action[0]]) or ((kind is B or kind is I) and sends_forward[action[0]]):
-                message = _needed_message(action, placement)
-                if message not in received:
-                    raise ScheduleError(f"rank {rank}: {action} needs {message.receive()} before it")
-            index += 1
-        positions[rank] = index
-    if any(position < len(program) for position, program in zip(positions, programs)):
-        raise ScheduleError(
-            _unsent_receive(programs, positions, placement)
-            or "deadlock: " + blocked_report(programs, positions, placement)
-        )
-    for message, count in sent.items():
-        if received.get(message, 0) < count:
-            raise ScheduleError(f"rank {placement.rank_of(message.sender)}: {message.send()} has no matching receive")
+    forward, backward = bases[Kind.RECV_F], bases[Kind.RECV_B]
+    for rank, program in enumerate(programs):
+        received = set()
+        for action in program:
+            stage, kind, microbatch = action[0], action[1], action[2]
+            if kind in RECEIVE_KINDS:
+                received.add(bases[kind][stage] + microbatch)
+                continue
+            if kind is F and receives_forward[stage]:
+                needed = forward[stage] + microbatch
+            elif (kind is B or kind is I) and sends_forward[stage]:
+                needed = backward[stage] + microbatch
+            else:
+                continue
+            if needed not in received:
+                raise ScheduleError(
+                    f"rank {rank}: {action} needs {_needed_message(action, placement).receive()} before it"
+                )
+
+
+def check_matching(programs: Sequence[Program], placement: Placement) -> None:
+    """Raise unless every message is sent once and received once, and received before the compute that uses it."""
+    bases = message_bases(placement.stages, _microbatch_span(programs))
+    sent, received = _counts(programs, SEND_KINDS, bases), _counts(programs, RECEIVE_KINDS, bases)
+    if sent != received or max(sent.values(), default=1) > 1:
+        raise ScheduleError(_mismatch(programs, placement, bases, sent, received))
+    _check_received_before_use(programs, placement, bases)
+
+
+def check_deadlock_free(programs: Sequence[Program], placement: Placement) -> None:
+    """Raise, naming each blocked rank and what it waits for, unless the programs run to their ends.
+
+    The proof is the simulator's own walk with every time zero: whether a walk
+    ends depends on the order of the actions only, so the programs end under
+    any costs exactly when they end here.
+    """
+    run = walk(programs, zero_costs(placement.stages, _microbatch_span(programs)))
+    check_finished(programs, run.positions, placement)
+
+
+def check_transfers(programs: Sequence[Program], placement: Placement) -> None:
+    """Raise unless the transfers match (``check_matching``) and the programs run to their ends without deadlock.
+
+    Sends never block; a receive blocks until its send is issued, a guard
+    until every rank has reached it.  On a deadlock the error lists each
+    blocked rank, the action it is stuck at and what it waits for.
+    """
+    check_matching(programs, placement)
+    check_deadlock_free(programs, placement)
 
 
 def validate(programs: Sequence[Program], placement: Placement, microbatches: int) -> None:
@@ -197,8 +200,9 @@ def validate(programs: Sequence[Program], placement: Placement, microbatches: in
 
     Compute-only programs are checked as they would run after ``add_p2p``.
     """
-    check_coverage(programs, placement, microbatches)
-    check_local_order(programs, placement)
-    if not any(action.kind in P2P_KINDS for program in programs for action in program):
-        programs = add_p2p(programs, placement)
-    check_transfers(programs, placement)
+    with collector_paused():
+        check_coverage(programs, placement, microbatches)
+        check_local_order(programs, placement)
+        if not any(action.kind in P2P_KINDS for program in programs for action in program):
+            programs = add_p2p(programs, placement)
+        check_transfers(programs, placement)

@@ -4,38 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..schedule.actions import RECEIVE_KINDS, Kind
 from ..sim.timeline import Timeline
 
-COLOURS = {
-    "F": "#4C78A8",
-    "B": "#F58518",
-    "I": "#E45756",
-    "W": "#72B7B2",
-    "R": "#B279A2",
-    "STEP": "#54A24B",
-    "SEND_F": "#9DB9D8",
-    "RECV_F": "#C9D8EA",
-    "SEND_B": "#F9C08A",
-    "RECV_B": "#FCDDBE",
-    "GATHER": "#8E6C8A",
-    "REDUCE": "#D62728",
-    "GUARD": "#333333",
-}
-LABELS = {
-    "F": "forward",
-    "B": "backward",
-    "I": "input gradient",
-    "W": "weight gradient",
-    "R": "recompute",
-    "STEP": "optimizer step",
-    "SEND_F": "send activation",
-    "SEND_B": "send gradient",
-    "GATHER": "gather weights",
-    "REDUCE": "reduce gradients",
-    "RECV_F": "wait for activation",
-    "RECV_B": "wait for gradient",
-    "GUARD": "guard",
-}
+COLOURS = {kind.value: kind.row.colour for kind in Kind}
+"""Per action kind, the colour of its bars (from the table of action kinds)."""
+LABELS = {kind.value: kind.row.label for kind in Kind}
+"""Per action kind, its name in the legend (from the table of action kinds)."""
 _LANES = {"compute": (0.42, 0.5), "p2p": (0.22, 0.18), "data_parallel": (0.02, 0.18)}
 _MAX_LABELLED = 600
 
@@ -46,37 +21,52 @@ def draw_timeline(axes, timeline: Timeline, title: str = "") -> None:
     Compute bars carry their micro-batch number when the step is small enough
     to read; later stages of a rank are drawn lighter.
     """
-    by_colour: dict[tuple[str, str, float], list[tuple[float, float, int]]] = {}
-    compute_events = [event for event in timeline.events if event[1] == "compute"]
-    label = len(compute_events) <= _MAX_LABELLED
+    _draw_skipped(axes, timeline)
+    stages_of_rank = _stages_of_ranks(timeline.events)
+    if sum(1 for event in timeline.events if event[1] == "compute") <= _MAX_LABELLED:
+        _draw_microbatch_numbers(axes, timeline)
+    _draw_bars(axes, timeline.ranks, _bars_by_colour(timeline, stages_of_rank))
+    _finish_axes(axes, timeline, title)
+
+
+def _stages_of_ranks(events) -> dict[int, list[int]]:
+    """Return, per rank with events, its stages in the order their compute first appears, sorted."""
     stages_of_rank: dict[int, list[int]] = {}
-    for rank, stream, action, _, _ in timeline.events:
+    for rank, stream, action, _, _ in events:
         stages_of_rank.setdefault(rank, [])
         if action.stage not in stages_of_rank[rank] and stream == "compute":
             stages_of_rank[rank].append(action.stage)
-    skipped = [(start, rank) for rank, stream, _, start, _ in timeline.events if stream == "skipped"]
-    if skipped:
-        bottom, height = _LANES["compute"]
-        axes.plot(
-            [start for start, _ in skipped],
-            [timeline.ranks - 1 - rank + bottom + height / 2 for _, rank in skipped],
-            linestyle="none",
-            marker="x",
-            color="#D62728",
-            markersize=7,
-            label="skipped (guard)",
-        )
+    return {rank: sorted(stages) for rank, stages in stages_of_rank.items()}
+
+
+def _shown(timeline: Timeline, stream: str, action) -> bool:
+    """Return whether an event gets a bar: not a skipped step, and a simulated receive only through its send's bar."""
+    if stream == "skipped":
+        return False
+    return not (stream == "p2p" and action.kind in RECEIVE_KINDS and timeline.source != "measured")
+
+
+def _bars_by_colour(timeline: Timeline, stages_of_rank: dict[int, list[int]]) -> dict:
+    """Return the bars to draw, ``(start, width, rank)``, grouped by ``(kind, stream, depth)``.
+
+    ``depth`` is the stage's place among its rank's stages (0 for the first; communication always 0).
+    """
+    by_colour: dict[tuple[str, str, float], list[tuple[float, float, int]]] = {}
     for rank, stream, action, start, end in timeline.events:
-        if stream == "skipped":
+        if not _shown(timeline, stream, action):
             continue
-        if stream == "p2p" and action.kind.value.startswith("RECV") and timeline.source != "measured":
-            continue  # simulated: the sender's bar already shows the transfer; measured: the receive is the wait
-        local = sorted(stages_of_rank.get(rank, [action.stage]))
+        local = stages_of_rank.get(rank, [action.stage])
         depth = local.index(action.stage) / max(1, len(local)) if action.stage in local else 0.0
         key = (action.kind.value, stream, round(depth, 3) if stream == "compute" else 0.0)
         by_colour.setdefault(key, []).append((start, end - start, rank))
-        if label and stream == "compute" and action.microbatch is not None:
-            bottom, height = _LANES[stream]
+    return by_colour
+
+
+def _draw_microbatch_numbers(axes, timeline: Timeline) -> None:
+    """Write each compute bar's micro-batch number in its middle."""
+    bottom, height = _LANES["compute"]
+    for rank, stream, action, start, end in timeline.events:
+        if stream == "compute" and action.microbatch is not None:
             axes.text(
                 start + (end - start) / 2,
                 timeline.ranks - 1 - rank + bottom + height / 2,
@@ -86,6 +76,10 @@ def draw_timeline(axes, timeline: Timeline, title: str = "") -> None:
                 fontsize=7,
                 color="white",
             )
+
+
+def _draw_bars(axes, ranks: int, by_colour: dict) -> None:
+    """Draw the grouped bars, one ``broken_barh`` per group and rank, each kind named once in the legend."""
     labelled = set()
     for (kind, stream, depth), bars in sorted(by_colour.items()):
         bottom, height = _LANES.get(stream, (0.0, 0.2))
@@ -97,13 +91,34 @@ def draw_timeline(axes, timeline: Timeline, title: str = "") -> None:
             labelled.add(kind)
             axes.broken_barh(
                 spans,
-                (timeline.ranks - 1 - rank + bottom, height),
+                (ranks - 1 - rank + bottom, height),
                 facecolors=COLOURS.get(kind, "#999999"),
                 alpha=1.0 - 0.45 * depth,
                 edgecolor="white",
                 linewidth=0.3,
                 label=legend,
             )
+
+
+def _draw_skipped(axes, timeline: Timeline) -> None:
+    """Mark the actions a failed guard skipped with a cross on their rank's compute lane."""
+    skipped = [(start, rank) for rank, stream, _, start, _ in timeline.events if stream == "skipped"]
+    if not skipped:
+        return
+    bottom, height = _LANES["compute"]
+    axes.plot(
+        [start for start, _ in skipped],
+        [timeline.ranks - 1 - rank + bottom + height / 2 for _, rank in skipped],
+        linestyle="none",
+        marker="x",
+        color="#D62728",
+        markersize=7,
+        label="skipped (guard)",
+    )
+
+
+def _finish_axes(axes, timeline: Timeline, title: str) -> None:
+    """Label the ranks and the time axis, and set the title."""
     axes.set_yticks([timeline.ranks - 1 - rank + 0.5 for rank in range(timeline.ranks)])
     axes.set_yticklabels([f"rank {rank}" for rank in range(timeline.ranks)])
     axes.set_ylim(0, timeline.ranks)

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..knobs import COMMAND_LINE, ConfigError, Spelling, check_fields, knob, knobs, number, one_of, toml_spelling, whole
 from ..models.config import GPTConfig, SuperResConfig
-from ..ops.pattern import nm_pattern, parse_pattern
+from ..ops.pattern import SPARSE_KERNELS, nm_pattern, parse_pattern
 from ..options import Parser, add_knobs, given, read_toml
 from ..schedule.config import ScheduleConfig, pipeline_ranks, validate_config
 
@@ -124,7 +124,7 @@ class TrainConfig:
         "with --sparsity: dense (decompress, then dense BLAS: fast on a CPU) or gather "
         "(the metadata-driven gather an accelerator's loads do: the same numbers, much slower on a "
         "CPU)",
-        check=one_of(("dense", "gather")),
+        check=one_of(SPARSE_KERNELS),
         metavar="NAME",
     )
     init_from: str | None = knob(

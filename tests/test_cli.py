@@ -180,7 +180,8 @@ import importlib, pkgutil
 for name in {TORCH_FREE!r}:
     module = importlib.import_module(name)
     for found in pkgutil.walk_packages(getattr(module, "__path__", []), name + "."):
-        importlib.import_module(found.name)
+        if not found.name.endswith(".__main__"):  # runs its command
+            importlib.import_module(found.name)
 assert not [name for name in sys.modules if name.split(".")[0] == "torch"]
 print("imported")
 """

@@ -43,6 +43,9 @@ from ..knobs import COMMAND_LINE, ConfigError
 
 DEFAULT_STEPS = 20
 
+NOT_CALIBRATE_OPTIONS = ("output", "checkpoint_every", "keep")
+"""Train's options about its output folder, which calibrate does not take: it writes its cost file and nothing else."""
+
 
 def _stage_bytes(pipe) -> dict:
     """Return, for this process's stages, their output bytes per micro-batch, saved activations and weights."""
@@ -298,21 +301,21 @@ def main(argv: list[str]) -> int:
     from ..options import check_writable_file
     from .config import build_parser, config_from, replaced
 
-    parser = build_parser()
+    parser = build_parser(skip=NOT_CALIBRATE_OPTIONS)
     parser.prog = "layerpipe calibrate"
     parser.description = (
         "Measure the costs of training the demo with the given options on this machine and layout "
         "(stage times, message and all-reduce latency and bandwidth, bytes per stage, how much "
         "processes sharing cores slow each other) and write them as a cost file for "
         "'layerpipe simulate --cost-file'. Takes the options of 'layerpipe train'; trains "
-        f"{DEFAULT_STEPS} steps unless --steps, writing nothing else."
+        f"{DEFAULT_STEPS} steps unless --steps, writing nothing but the cost file."
     )
     parser.add_argument(
         "--cost-file", default="cost.toml", metavar="FILE.toml", help="where to write the costs (default: cost.toml)"
     )
     arguments = parser.parse_args(argv)
     try:
-        config = config_from(arguments)
+        config = config_from(arguments, writes_output=False)
         if "--steps" not in argv:
             config = replaced(config, steps=DEFAULT_STEPS)
         check_writable_file("cost_file", arguments.cost_file)
@@ -360,6 +363,6 @@ def report(figures: dict, path: str) -> str:
             f"{1e3 * cost['receive_time']:.2f} ms, on average (spread {100 * cost['hold_variation']:.0f} %)",
             f"step: {1e3 * figures['measured_step']:.1f} ms measured (median of back-to-back steps), "
             f"{1e3 * figures['simulated_step']:.1f} ms simulated with these costs",
-            f"wrote {path}: layerpipe simulate --cost-file {path} (with the same schedule options)",
+            f"wrote {path}: layerpipe simulate --cost-file {path} (on the layout it was measured on, unless told)",
         ]
     )

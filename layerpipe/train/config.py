@@ -139,7 +139,8 @@ class TrainConfig:
     resume: str | None = knob(
         None,
         "continue the run whose output folder (or checkpoint step folder) this is, from "
-        "its latest complete checkpoint; its summary and loss curve go on",
+        "its latest complete checkpoint; its summary and loss curve go on (a different --steps makes the "
+        "learning rate's cosine span the new count from there on, and says so in one line)",
         metavar="DIR",
         default_text="none",
     )

@@ -146,7 +146,7 @@ def _one_process_skips_the_measurement():
 
     import torch.distributed as dist
 
-    from layerpipe.runtime.calibration import set_timeout, shared
+    from layerpipe.calibration.probes import set_timeout, shared
     from layerpipe.runtime.stage import PipelineError
 
     set_timeout(2)

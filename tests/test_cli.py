@@ -166,6 +166,7 @@ TORCH_FREE = (
     "layerpipe.ops.pattern",
     "layerpipe.train.config",
     "layerpipe.train.command",
+    "layerpipe.calibration.command",
 )
 """The modules and packages (with every module in them) that must import without torch."""
 

@@ -15,6 +15,6 @@ def add_parser(commands) -> None:
 
 def main(argv: list[str]) -> int:
     """Run ``layerpipe calibrate`` with ``argv`` (what follows ``calibrate``); return the exit status."""
-    from ..train.calibrate import main as calibrate_main
+    from ..calibration.command import main as calibrate_main
 
     return calibrate_main(argv)

@@ -37,6 +37,8 @@ import os
 import platform
 import statistics
 
+from ..sim.gpt_costs import SIZES
+
 
 def _stage_bytes(pipe) -> dict:
     """Return, for this process's stages, their output bytes per micro-batch, saved activations and weights."""
@@ -97,7 +99,7 @@ def _model_sizes(task) -> dict:
     model = getattr(task, "model", None)
     if model is None or not hasattr(model, "vocab_size"):
         return {}
-    return {key: getattr(model, key) for key in ("vocab_size", "block_size", "width", "heads", "blocks")}
+    return {key: getattr(model, key) for key in SIZES}
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..knobs import ConfigError, knob, number, one_of, whole
 from ..sim.cost_file import read_cost_file
-from ..sim.gpt_costs import GPTShape, layer_parameters
+from ..sim.gpt_costs import SIZES, GPTShape, layer_parameters
 from ..sim.hardware import PRESETS, Hardware, hardware_from_cost_file
 
 GIB = 2.0**30
@@ -90,7 +90,7 @@ def model_shape(model: str) -> GPTShape:
         raise ConfigError("model", model, f"cannot be read as TOML ({error})") from None
     sizes = {
         **dataclasses.asdict(MODELS["demo"]),
-        **{key: values[key] for key in ("vocab_size", "block_size", "width", "heads", "blocks") if key in values},
+        **{key: values[key] for key in SIZES if key in values},
     }
     bad = next(
         (key for key, value in sizes.items() if isinstance(value, bool) or not isinstance(value, int) or value < 1),

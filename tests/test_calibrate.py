@@ -66,6 +66,10 @@ def test_calibrate_writes_a_cost_file_that_simulate_reads(tmp_path, capsys):
         == 0
     )
     assert "step time" in capsys.readouterr().out
+    assert (
+        layerpipe_main(["simulate", "--cost-file", str(path)]) == 0
+    )  # on the layout measured, not the default 8 stages
+    assert capsys.readouterr().out.startswith("breadth-first: p=2 v=2 m=4")
 
 
 @pytest.mark.multiprocess

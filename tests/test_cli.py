@@ -162,6 +162,7 @@ TORCH_FREE = (
     "layerpipe.cli",
     "layerpipe.knobs",
     "layerpipe.options",
+    "layerpipe.checkpoint_files",
     "layerpipe.models.config",
     "layerpipe.ops.pattern",
     "layerpipe.train.config",

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(HERE)
 PACKAGE = os.path.join(ROOT, "layerpipe")
 
 LAYERS = [
-    ("entry points", ["cli", "train", "plan"]),
+    ("entry points", ["cli", "train", "calibration", "plan"]),
     ("runtime and pictures", ["runtime", "emulation", "viz", "models", "ops"]),
     ("simulator (no torch)", ["sim"]),
     ("schedule engine (no torch)", ["schedule"]),

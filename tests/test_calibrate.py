@@ -27,6 +27,16 @@ SMALL = [
 ]
 
 
+def test_calibrate_takes_no_output_folder_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        layerpipe_main(["calibrate", "--output", "cost.toml"])
+    assert refused.value.code == 2 and "unrecognized arguments: --output cost.toml" in capsys.readouterr().err
+    assert layerpipe_main(["calibrate", "--cost-file", "missing/cost.toml"]) == 2
+    assert "--cost-file missing/cost.toml: the folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no layerpipe-run/, no cost.toml folder
+
+
 @pytest.mark.multiprocess
 def test_calibrate_writes_a_cost_file_that_simulate_reads(tmp_path, capsys):
     path = tmp_path / "cost.toml"
@@ -35,8 +45,10 @@ def test_calibrate_writes_a_cost_file_that_simulate_reads(tmp_path, capsys):
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert [found.name for found in tmp_path.iterdir()] == ["cost.toml"]  # no layerpipe-run/, nothing else
     assert f"wrote {path}: layerpipe simulate --cost-file {path}" in done.stdout
     cost = read_cost_file(str(path))
     assert len(cost.forward_time) == 4 and all(t > 0 for t in cost.forward_time + cost.backward_time)
@@ -54,6 +66,10 @@ def test_calibrate_writes_a_cost_file_that_simulate_reads(tmp_path, capsys):
         == 0
     )
     assert "step time" in capsys.readouterr().out
+    assert (
+        layerpipe_main(["simulate", "--cost-file", str(path)]) == 0
+    )  # on the layout measured, not the default 8 stages
+    assert capsys.readouterr().out.startswith("breadth-first: p=2 v=2 m=4")
 
 
 @pytest.mark.multiprocess
@@ -134,7 +150,7 @@ def _one_process_skips_the_measurement():
 
     import torch.distributed as dist
 
-    from layerpipe.runtime.calibration import set_timeout, shared
+    from layerpipe.calibration.probes import set_timeout, shared
     from layerpipe.runtime.stage import PipelineError
 
     set_timeout(2)

@@ -139,3 +139,69 @@ def test_compare_ranks_on_the_mean_times_and_says_it_leaves_the_spread_out(capsy
     plain = capsys.readouterr().out.splitlines()
     assert drawn[0].startswith("ranked on the mean compute times and holds (the spreads of 30% and 0% are left out")
     assert drawn[1:] == plain
+
+
+WITHOUT_TORCH = """
+import sys
+
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is made unimportable by this test")
+
+
+sys.meta_path.insert(0, NoTorch())
+"""
+"""Code that makes torch unimportable in the process it starts (as on a laptop without it)."""
+
+TORCH_FREE = (
+    "layerpipe.schedule",
+    "layerpipe.sim",
+    "layerpipe.plan",
+    "layerpipe.cli",
+    "layerpipe.knobs",
+    "layerpipe.options",
+    "layerpipe.checkpoint_files",
+    "layerpipe.models.config",
+    "layerpipe.ops.pattern",
+    "layerpipe.train.config",
+    "layerpipe.train.command",
+    "layerpipe.calibration.command",
+)
+"""The modules and packages (with every module in them) that must import without torch."""
+
+
+def run_without_torch(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH + code], capture_output=True, text=True, timeout=300)
+
+
+def test_the_torch_free_modules_import_no_torch():
+    code = f"""
+import importlib, pkgutil
+for name in {TORCH_FREE!r}:
+    module = importlib.import_module(name)
+    for found in pkgutil.walk_packages(getattr(module, "__path__", []), name + "."):
+        if not found.name.endswith(".__main__"):  # runs its command
+            importlib.import_module(found.name)
+assert not [name for name in sys.modules if name.split(".")[0] == "torch"]
+print("imported")
+"""
+    run = run_without_torch(code)
+    assert run.returncode == 0 and run.stdout.strip() == "imported", run.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        *([command, "--help"] for command in ("train", "calibrate", "schedule", "simulate", "compare", "plan")),
+        ["schedule", "--lowered"],
+        ["simulate"],
+        ["compare"],
+        ["plan", "--gpus", "8", "--output", "PLAN"],
+    ],
+)
+def test_every_help_and_the_planning_commands_run_without_torch(arguments, tmp_path):
+    arguments = [str(tmp_path / "plan.toml") if argument == "PLAN" else argument for argument in arguments]
+    run = run_without_torch(f"from layerpipe.cli import main\nsys.exit(main({arguments!r}))")
+    assert run.returncode == 0 and run.stdout, run.stderr[-3000:]

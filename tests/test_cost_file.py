@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -201,3 +202,20 @@ def test_gather_latency_counts_each_gather_from_when_the_collectives_before_it_e
     weights = (4.0, 0.0, 4.0)
     assert gather_latency(timeline, weights, replicas=2, bandwidth=2.0) == pytest.approx(((2 - 1) + (3 - 1)) / 2)
     assert gather_latency(timeline, weights, replicas=1, bandwidth=2.0) is None
+
+
+def test_simulate_and_compare_default_to_the_layout_the_cost_file_was_measured_on(tmp_path, capsys):
+    path = tmp_path / "cost.toml"
+    layout = {"ranks": 2, "stages_per_rank": 2, "microbatches": 4, "data_parallel": 1, "zero": 0}
+    path.write_text(cost_file_text(CostModel(forward_time=(1.0, 2.0, 3.0, 4.0)), {"machine": "here", **layout}))
+    assert layerpipe_main(["simulate", "--cost-file", str(path), "--json"]) == 0  # 4 stages, not the default 8
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert {key: config[key] for key in layout} == layout
+    assert layerpipe_main(["compare", "--schedules", "breadth-first,interleaved", "--cost-file", str(path)]) == 0
+    assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]] == [
+        ["breadth-first", "2"],
+        ["interleaved", "2"],
+    ]
+    assert layerpipe_main(["simulate", "--cost-file", str(path), "--ranks", "4", "--stages-per-rank", "1"]) == 0
+    assert layerpipe_main(["simulate", "--cost-file", str(path), "--ranks", "4"]) == 2  # the command line wins
+    assert "4 values for 8 stages" in capsys.readouterr().err

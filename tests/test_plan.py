@@ -83,13 +83,13 @@ def test_a_block_stores_about_what_the_activation_formula_says():
 
 
 def test_in_bf16_a_block_also_stores_its_weights_copy_as_the_planner_counts():
-    from layerpipe.plan import _costs
+    from layerpipe.plan import cached_costs
 
     block = Block(_config(SMALL))
     meter = ActivationMeter(lambda: {parameter.untyped_storage().data_ptr() for parameter in block.parameters()})
     with meter.hooks(), torch.autocast("cpu", dtype=torch.bfloat16):
         output = block(torch.randn(2, SMALL.block_size, SMALL.width, requires_grad=True))
-    costs = _costs(SMALL, hardware_of(PlanRequest()), 1, SMALL.layers, 1, 2, ("none",) * SMALL.layers, 1)
+    costs = cached_costs(SMALL, hardware_of(PlanRequest()), 1, SMALL.layers, 1, 2, ("none",) * SMALL.layers, 1)
     block_stage = costs.full_activation[1]  # one layer per stage: stage 1 is the first block
     assert 0.75 * block_stage <= meter.current <= 1.25 * block_stage, (meter.current, block_stage)
     del output
@@ -156,12 +156,12 @@ def test_the_configuration_picked_does_not_depend_on_how_many_are_shown(tmp_path
 
 
 def test_the_memory_floor_never_exceeds_the_peak():
-    from layerpipe.plan import _costs_of, memory_floor, memory_programs, peak_memory
+    from layerpipe.plan import costs_of, memory_floor, memory_programs, peak_memory
 
     request = PlanRequest(model="demo", gpus=4, global_batch=16, max_stages_per_rank=2)
     shape, hardware = model_shape("demo"), hardware_of(request)
     for candidate in list(candidates(request, shape))[::7]:
-        costs = _costs_of(candidate, shape, hardware)
+        costs = costs_of(candidate, shape, hardware)
         peak = peak_memory(memory_programs(candidate.schedule), candidate.schedule, costs)
         assert memory_floor(candidate, costs) <= peak * (1 + 1e-12), candidate
 
@@ -209,13 +209,13 @@ def test_what_does_not_fit_is_refused_and_zero_three_fits_where_zero_zero_does_n
     ],
 )
 def test_memory_is_checked_on_short_programs_with_the_answer_of_the_whole_ones(knobs):
-    from layerpipe.plan import _costs_of, memory_programs, peak_memory
+    from layerpipe.plan import costs_of, memory_programs, peak_memory
     from layerpipe.schedule.build import build_schedule
     from layerpipe.schedule.config import ScheduleConfig
 
     config = ScheduleConfig(ranks=2, microbatches=4, data_parallel=2, **knobs)
     candidate = Candidate(config, 2)
-    costs = _costs_of(candidate, SMALL, hardware_of(PlanRequest()))
+    costs = costs_of(candidate, SMALL, hardware_of(PlanRequest()))
     whole = peak_memory(build_schedule(config).programs, config, costs)
     assert peak_memory(memory_programs(config), config, costs) == whole > 0
 
@@ -383,7 +383,7 @@ def test_the_alone_forward_times_give_rates_relative_to_the_calibrated_micro_bat
 
 
 def test_zero_bubble_pays_the_calibrated_price_of_splitting_its_backward(tmp_path):
-    from layerpipe.plan import _costs_of
+    from layerpipe.plan import costs_of
 
     request = PlanRequest(
         model="demo", gpus=2, gpu_memory=1.0, global_batch=32, cost_file=_cost_file(tmp_path / "c.toml")
@@ -394,7 +394,7 @@ def test_zero_bubble_pays_the_calibrated_price_of_splitting_its_backward(tmp_pat
         for c in candidates(request, shape)
         if c.schedule.ranks == 2 and c.schedule.recompute == "none"
     }
-    split, whole = (_costs_of(layout[(name, 8, 1)], shape, hardware).cost for name in ("zero-bubble", "1f1b"))
+    split, whole = (costs_of(layout[(name, 8, 1)], shape, hardware).cost for name in ("zero-bubble", "1f1b"))
     assert split.backward_time == pytest.approx(tuple(1.5 * time for time in whole.backward_time))
     assert split.forward_time == whole.forward_time
 

@@ -612,3 +612,35 @@ def test_superres_trains_on_bands_of_rows_as_on_whole_images_and_draws_its_compa
     assert found["losses"] == pytest.approx(expected["losses"], rel=1e-4)
     assert found["psnr"] == pytest.approx(expected["psnr"], abs=1e-3) and found["psnr_bicubic"] > 20
     assert found["pixels_per_second"] > 0 and (bands / "superres.png").stat().st_size > 1000
+
+
+def test_a_resume_with_other_steps_says_in_one_line_that_the_cosine_spans_the_new_count():
+    from layerpipe.train.config import TrainConfig
+    from layerpipe.train.loop import get_lr, steps_change
+
+    config = TrainConfig(steps=8)
+    assert steps_change({"step": 4, "steps": 8}, config) is None
+    assert steps_change({"step": 4}, config) is None  # a checkpoint that does not record its count
+    line = steps_change({"step": 4, "steps": 6}, config)
+    assert line == (
+        f"resuming step 4 of 8, not of the checkpoint's 6: the learning rate's cosine now spans 8 steps "
+        f"({get_lr(4, config):.3g} at step 4 instead of {get_lr(4, TrainConfig(steps=6)):.3g}); the steps taken "
+        f"keep theirs"
+    )
+    assert steps_change({"step": 4, "steps": 6}, TrainConfig(steps=3)) == (
+        "resuming step 4 with --steps 3: no step is left to take"
+    )
+
+
+@pytest.mark.multiprocess
+def test_a_run_resumed_with_more_steps_prints_the_change_and_goes_on(tmp_path, dense_four_steps):
+    import shutil
+
+    output = tmp_path / "run"
+    shutil.copytree(dense_four_steps, output)
+    done = run_train(*SMALL, "--steps", "6", "--resume", str(output))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        "resuming step 4 of 6, not of the checkpoint's 4: the learning rate's cosine now spans 6 steps" in done.stdout
+    )
+    assert len(json.loads((output / "summary.json").read_text())["losses"]) == 6

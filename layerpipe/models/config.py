@@ -5,22 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..knobs import knob, number, whole
+from ..sim.gpt_costs import GPTShape
 
 
 @dataclass(frozen=True)
-class GPTConfig:
-    """Sizes of the model: vocabulary, context length, width, heads and blocks.
+class GPTConfig(GPTShape):
+    """The demo GPT: its sizes (``GPTShape``'s: vocabulary, context length, width, heads and blocks) and its dropout.
 
     ``vocab_size`` is set from the text, not by the user, so it is no knob.
     """
 
-    vocab_size: int = 65
-    block_size: int = knob(64, "characters per sequence (the context length)", check=whole(1), metavar="N")
-    width: int = knob(128, "model width", check=whole(1), metavar="N")
-    heads: int = knob(4, "attention heads (must divide width)", check=whole(1), metavar="N")
-    blocks: int = knob(
-        4, "transformer blocks (the model has blocks + 2 layers: embedding, blocks, head)", check=whole(1), metavar="N"
-    )
     dropout: float = knob(
         0.0,
         "dropout probability",

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 from ..knobs import ConfigError
 
+SPARSE_KERNELS = ("gather", "dense")
+"""How ``NMSparseLinear`` multiplies: by the metadata-driven gather, or by decompressing and calling dense BLAS."""
+
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .pattern import SPARSE_KERNELS
 from .sparsity import Pattern, check_fits, columns_of, compress, decompose, decompress, nm_offsets, parse_pattern
 
 GATHER_BLOCK = 1 << 22
@@ -123,8 +124,8 @@ class _SparseRefinedWeight(torch.autograd.Function):
         return grad + ctx.decay * weight * ~kept, None, None
 
 
-KERNELS = ("gather", "dense")
-"""How ``NMSparseLinear`` multiplies: by the metadata-driven gather, or by decompressing and calling dense BLAS."""
+KERNELS = SPARSE_KERNELS
+"""How ``NMSparseLinear`` multiplies (``pattern.SPARSE_KERNELS``, the one list the command line checks too)."""
 
 
 class NMSparseLinear(nn.Module):

@@ -35,36 +35,9 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
     and data-parallel costs stay zero: ``layerpipe calibrate`` measures them apart.  Refuses, with
     ``ValueError``, a timeline without a forward of every stage.
     """
-    durations: dict[tuple[str, int], list[float]] = defaultdict(list)
-    starts: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    transfers: dict[tuple[bool, Message], list[tuple[float, float]]] = defaultdict(list)
-    for rank, stream, action, start, end in timeline.events:
-        if stream == "p2p":
-            transfers[(action.kind in _SENDS, message_of(action))].append((start, end))
-        if stream not in ("compute", "p2p"):
-            continue
-        starts[rank].append((start, end))
-        if stream == "compute":
-            durations[(action.kind.value, action.stage)].append(end - start)
-
-    def typical(kind: Kind, stage: int) -> float | None:
-        found = durations.get((kind.value, stage))
-        return mean(found) if found else None
-
-    forward, backward, shares = [], [], []
-    for stage in range(stages):
-        f = typical(Kind.F, stage)
-        if f is None:
-            raise ValueError(f"the timeline has no forward of stage {stage}: cannot calibrate {stages} stages")
-        b = typical(Kind.B, stage)
-        if b is None:
-            i, w = typical(Kind.I, stage) or 0.0, typical(Kind.W, stage) or 0.0
-            b = i + w
-            if b:
-                shares.append(i / b)
-        forward.append(f)
-        backward.append(b)
-    recomputes = [typical(Kind.R, stage) for stage in range(stages)]
+    durations, starts, transfers = _grouped(timeline)
+    forward, backward, shares = _compute_times(durations, stages)
+    recomputes = [_typical(durations, Kind.R, stage) for stage in range(stages)]
     steps = [t for (kind, _), values in durations.items() if kind == Kind.STEP.value for t in values]
     recompute = (
         None
@@ -83,6 +56,48 @@ def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
         variation=_variation(durations),
         hold_variation=_hold_variation(transfers),
     )
+
+
+def _grouped(timeline: Timeline) -> tuple[dict, dict, dict]:
+    """Return the timeline's compute durations by (kind, stage), each rank's compute and point-to-point spans, and
+    the point-to-point spans by (is a send, message)."""
+    durations: dict[tuple[str, int], list[float]] = defaultdict(list)
+    starts: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    transfers: dict[tuple[bool, Message], list[tuple[float, float]]] = defaultdict(list)
+    for rank, stream, action, start, end in timeline.events:
+        if stream == "p2p":
+            transfers[(action.kind in _SENDS, message_of(action))].append((start, end))
+        if stream not in ("compute", "p2p"):
+            continue
+        starts[rank].append((start, end))
+        if stream == "compute":
+            durations[(action.kind.value, action.stage)].append(end - start)
+    return durations, starts, transfers
+
+
+def _typical(durations: dict, kind: Kind, stage: int) -> float | None:
+    """Return the mean duration of ``kind`` on ``stage``, or ``None`` when the timeline has none."""
+    found = durations.get((kind.value, stage))
+    return mean(found) if found else None
+
+
+def _compute_times(durations: dict, stages: int) -> tuple[list[float], list[float], list[float]]:
+    """Return each stage's forward and backward time (``I`` plus ``W`` without a ``B``) and the input-gradient
+    shares of the split ones; refuse, with ``ValueError``, a stage without a forward."""
+    forward, backward, shares = [], [], []
+    for stage in range(stages):
+        f = _typical(durations, Kind.F, stage)
+        if f is None:
+            raise ValueError(f"the timeline has no forward of stage {stage}: cannot calibrate {stages} stages")
+        b = _typical(durations, Kind.B, stage)
+        if b is None:
+            i, w = _typical(durations, Kind.I, stage) or 0.0, _typical(durations, Kind.W, stage) or 0.0
+            b = i + w
+            if b:
+                shares.append(i / b)
+        forward.append(f)
+        backward.append(b)
+    return forward, backward, shares
 
 
 def _variation(durations: dict) -> float:

@@ -3,8 +3,9 @@
 ``layerpipe calibrate`` writes one; ``layerpipe simulate --cost-file`` and
 ``compare --cost-file`` read it, with any cost option given on the command
 line winning.  The keys are ``CostModel``'s knobs; an ``[about]`` table says
-where, when and on what layout the figures were measured.  Nothing here
-imports torch.
+where, when and on what layout the figures were measured (``LAYOUT``), and
+``simulate`` and ``compare`` take that layout for the options not given.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tomllib
 from typing import Any
 
 from ..knobs import ConfigError, check_fields, knobs, toml_spelling
 from ..options import read_toml, write_whole
 from .cost import CostModel
+
+LAYOUT = ("ranks", "stages_per_rank", "microbatches", "data_parallel", "zero")
+"""The ``ScheduleConfig`` knobs of the layout a cost file was measured on, recorded in its ``[about]`` table."""
 
 
 def toml_value(value: Any) -> str:
@@ -70,3 +75,13 @@ def read_cost_file(path: str, option: str = "cost_file") -> CostModel:
 def with_options(cost: CostModel, options: dict[str, Any]) -> CostModel:
     """Return ``cost`` with the cost options given on the command line put in."""
     return dataclasses.replace(cost, **options)
+
+
+def measured_layout(path: str) -> dict[str, Any]:
+    """Return the layout the cost file ``path`` was measured on (the ``LAYOUT`` keys its ``[about]`` table has).
+
+    Read after ``read_cost_file``, which refuses a file that cannot be read.
+    """
+    with open(path, "rb") as handle:
+        about = tomllib.load(handle).get("about", {})
+    return {key: about[key] for key in LAYOUT if key in about} if isinstance(about, dict) else {}

@@ -18,25 +18,38 @@ runtime makes.  Per micro-batch of ``b`` sequences of ``s`` tokens, width
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from ..knobs import knob, whole
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
 class GPTShape:
-    """The sizes of a GPT (``GPTConfig``'s, with the vocabulary): it has ``blocks + 2`` layers."""
+    """The sizes of a GPT, the one place they are defined: it has ``blocks + 2`` layers.
 
-    vocab_size: int
-    block_size: int
-    width: int
-    heads: int
-    blocks: int
+    ``layerpipe train``'s ``GPTConfig`` adds its dropout to them; their
+    knobs give its options.  ``vocab_size`` is set from the text, not by
+    the user, so it is no knob.
+    """
+
+    vocab_size: int = 65
+    block_size: int = knob(64, "characters per sequence (the context length)", check=whole(1), metavar="N")
+    width: int = knob(128, "model width", check=whole(1), metavar="N")
+    heads: int = knob(4, "attention heads (must divide width)", check=whole(1), metavar="N")
+    blocks: int = knob(
+        4, "transformer blocks (the model has blocks + 2 layers: embedding, blocks, head)", check=whole(1), metavar="N"
+    )
 
     @property
     def layers(self) -> int:
         """Return the number of layers: embedding, blocks, head."""
         return self.blocks + 2
+
+
+SIZES = tuple(field.name for field in fields(GPTShape))
+"""The names of a GPT's sizes, as TOML files and a cost file's ``[about]`` table spell them."""
 
 
 def layer_parameters(shape: GPTShape) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..knobs import ConfigError
 from .cost import CostModel
-from .gpt_costs import GPTShape, layer_forward_flops, layer_parameters
+from .gpt_costs import SIZES, GPTShape, layer_forward_flops, layer_parameters
 from .partition import balance_counts
 
 
@@ -140,7 +140,7 @@ def hardware_from_cost_file(path: str, cost: CostModel, option: str = "cost_file
     """
     about = _about(path, option)
     split = _at_least_one(about, "split_backward", path, option)  # a zero-bubble run's backwards hold it already
-    shape = GPTShape(**{key: int(about[key]) for key in ("vocab_size", "block_size", "width", "heads", "blocks")})
+    shape = GPTShape(**{key: int(about[key]) for key in SIZES})
     microbatch_size = int(about["batch_size"]) // (int(about["microbatches"]) * int(about["data_parallel"]))
     stages = int(about["ranks"]) * int(about["stages_per_rank"])
     forward = _per_stage(cost.forward_time, stages, path, option)
@@ -223,11 +223,7 @@ def _rates(about: dict, calibrated_size: int, path: str, option: str) -> tuple[t
 
 
 _NEEDED = (
-    "vocab_size",
-    "block_size",
-    "width",
-    "heads",
-    "blocks",
+    *SIZES,
     "batch_size",
     "microbatches",
     "data_parallel",

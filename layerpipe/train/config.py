@@ -12,12 +12,13 @@ import argparse
 import dataclasses
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..knobs import COMMAND_LINE, ConfigError, Spelling, check_fields, knob, knobs, number, one_of, toml_spelling, whole
 from ..models.config import GPTConfig, SuperResConfig
-from ..ops.pattern import nm_pattern, parse_pattern
+from ..ops.pattern import SPARSE_KERNELS, nm_pattern, parse_pattern
 from ..options import Parser, add_knobs, given, read_toml
 from ..schedule.config import ScheduleConfig, pipeline_ranks, validate_config
 
@@ -124,7 +125,7 @@ class TrainConfig:
         "with --sparsity: dense (decompress, then dense BLAS: fast on a CPU) or gather "
         "(the metadata-driven gather an accelerator's loads do: the same numbers, much slower on a "
         "CPU)",
-        check=one_of(("dense", "gather")),
+        check=one_of(SPARSE_KERNELS),
         metavar="NAME",
     )
     init_from: str | None = knob(
@@ -138,7 +139,8 @@ class TrainConfig:
     resume: str | None = knob(
         None,
         "continue the run whose output folder (or checkpoint step folder) this is, from "
-        "its latest complete checkpoint; its summary and loss curve go on",
+        "its latest complete checkpoint; its summary and loss curve go on (a different --steps makes the "
+        "learning rate's cosine span the new count from there on, and says so in one line)",
         metavar="DIR",
         default_text="none",
     )
@@ -162,8 +164,9 @@ PARTS = (ScheduleConfig, GPTConfig, SuperResConfig, TrainConfig)
 """The configurations whose knobs ``layerpipe train`` takes, in the order ``--help`` lists them."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the parser of ``layerpipe train``: one option per knob, defaults from ``TrainConfig()``."""
+def build_parser(skip: Iterable[str] = ()) -> argparse.ArgumentParser:
+    """Return the parser of ``layerpipe train``: one option per knob but those in ``skip``, defaults from
+    ``TrainConfig()``."""
     parser = Parser(
         prog="layerpipe train",
         description="Train a small character-level GPT with pipeline parallelism on local processes "
@@ -176,17 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_knobs(parser.add_argument_group("schedule (ScheduleConfig)"), defaults.pipeline)
     add_knobs(parser.add_argument_group("model (GPTConfig)"), defaults.gpt)
     add_knobs(parser.add_argument_group("super-resolution model (SuperResConfig)"), defaults.superres)
-    add_knobs(parser.add_argument_group("run"), defaults)
+    add_knobs(parser.add_argument_group("run"), defaults, skip=skip)
     return parser
 
 
-def config_from(arguments: argparse.Namespace, world: int | None = None) -> TrainConfig:
+def config_from(arguments: argparse.Namespace, world: int | None = None, writes_output: bool = True) -> TrainConfig:
     """Return the configuration from a TOML file and command-line options; refuse bad values with ``ConfigError``.
 
     The error names the knob in the spelling of where its value came from
     (``--ranks 0`` or ``run.toml: ranks = 0``).  ``world``, under torchrun,
     is the number of processes it started: it sets ``ranks`` to ``world /
-    data_parallel``, and a different ``--ranks`` is refused.
+    data_parallel``, and a different ``--ranks`` is refused.  With
+    ``writes_output`` (training does; calibrating does not) the output
+    folder is made and checked.
     """
     values: dict[type, dict[str, Any]] = {cls: {} for cls in PARTS}
     spelling: dict[str, Spelling] = {}
@@ -213,6 +218,8 @@ def config_from(arguments: argparse.Namespace, world: int | None = None) -> Trai
             **values[TrainConfig],
         )
         check_config(config)
+        if writes_output:
+            check_output(config.output)
     except ConfigError as error:
         raise error.spelled(spelling.get(error.field, COMMAND_LINE)) from None
     return config
@@ -261,7 +268,6 @@ def check_config(config: TrainConfig) -> None:
         check_resume(config.resume)
     if config.init_from is not None:
         check_init_from(config)
-    check_output(config.output)
 
 
 def _check_gpt(config: TrainConfig) -> None:

@@ -47,6 +47,25 @@ def get_lr(step: int, config: TrainConfig) -> float:
     return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def steps_change(resumed: dict, config: TrainConfig) -> str | None:
+    """Return the line a resume with a ``--steps`` other than the checkpoint's prints, or ``None`` when they agree.
+
+    The new count wins: the learning rate's cosine spans it from the step
+    resumed on (the steps already taken keep the rates they had).
+    Checkpoints that do not record their count say nothing.
+    """
+    original, step = resumed.get("steps"), resumed["step"]
+    if original is None or original == config.steps:
+        return None
+    if step >= config.steps:
+        return f"resuming step {step} with --steps {config.steps}: no step is left to take"
+    before, after = get_lr(step, dataclasses.replace(config, steps=original)), get_lr(step, config)
+    return (
+        f"resuming step {step} of {config.steps}, not of the checkpoint's {original}: the learning rate's cosine now "
+        f"spans {config.steps} steps ({after:.3g} at step {step} instead of {before:.3g}); the steps taken keep theirs"
+    )
+
+
 def make_optimizer(config: TrainConfig):
     """Return ``callable(params) -> Optimizer`` for ``config.optimizer``: AdamW, or SGD with momentum 0.9."""
     if config.optimizer == "sgd":
@@ -105,7 +124,13 @@ def train(
             write_checkpoint(
                 pipe,
                 config,
-                {"step": done, "losses": losses, "step_times": step_times, "data": generator_state(generator)},
+                {
+                    "step": done,
+                    "steps": config.steps,
+                    "losses": losses,
+                    "step_times": step_times,
+                    "data": generator_state(generator),
+                },
             )
     bar.close()
     return losses, step_times
@@ -161,6 +186,9 @@ def run(config: TrainConfig) -> dict | None:
     if config.resume is None and rank == 0:
         clear_outputs(config.output)
     resumed = resume_state(pipe, config)
+    change = None if resumed is None else steps_change(resumed, config)
+    if change is not None and rank == 0:
+        print(change)
     losses, step_times = train(pipe, task, config, show=rank == 0, resumed=resumed)
     measured = pipe.timeline(f"{config.pipeline.schedule}, measured last step")
     eval_loss = task.evaluate(pipe)  # async: flushes the stream first

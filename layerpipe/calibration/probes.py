@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .p2p import wait_for
+from ..runtime.p2p import wait_for
 
 SMALL, LARGE = 8, 4 << 20
 """Bytes of the messages that measure latency and bandwidth."""

@@ -1,8 +1,7 @@
-"""``layerpipe calibrate``: measure the demo's costs on this machine and layout, and write them as a cost file.
+"""The measurement of ``layerpipe calibrate``, on every process: the demo's costs on this machine and layout.
 
-It takes ``layerpipe train``'s options (the model, the schedule, the
-layout), trains a few steps (20 unless ``--steps``) and up to 20 more
-without writing any output, and measures:
+``measure`` trains the configured steps (``command`` gives 20 unless
+``--steps``) and up to 20 more without writing any output, and measures:
 
 - from the measured timelines of the last steps (half of them, at most
   10), each stage's mean forward, backward and optimizer-step time, with
@@ -37,11 +36,8 @@ import datetime
 import os
 import platform
 import statistics
-import sys
 
-from ..knobs import COMMAND_LINE, ConfigError
-
-DEFAULT_STEPS = 20
+from ..sim.gpt_costs import SIZES
 
 
 def _stage_bytes(pipe) -> dict:
@@ -103,7 +99,7 @@ def _model_sizes(task) -> dict:
     model = getattr(task, "model", None)
     if model is None or not hasattr(model, "vocab_size"):
         return {}
-    return {key: getattr(model, key) for key in ("vocab_size", "block_size", "width", "heads", "blocks")}
+    return {key: getattr(model, key) for key in SIZES}
 
 
 @contextlib.contextmanager
@@ -166,7 +162,7 @@ def alone_figures(pipe, first_microbatch: tuple, largest: int) -> dict:
     when that stage is the token stage of a model of several)."""
     import torch
 
-    from ..runtime.calibration import alone, shared, split_backward_ratio
+    from .probes import alone, shared, split_backward_ratio
 
     index = max(pipe.stages)
     stage = pipe.stages[index]
@@ -224,39 +220,29 @@ def one_after_another(timelines: list):
     return Timeline(first.ranks, tuple(events), first.source, first.unit, first.title, first.metadata)
 
 
-def measure(config, cost_file: str) -> dict:
-    """Train ``config.steps`` steps on this process, measure, and (on process 0) write ``cost_file``; return the
-    figures on every process."""
-    import torch
-    import torch.distributed as dist
-
-    from ..runtime.calibration import collective, core_sharing, point_to_point, set_timeout
-    from ..runtime.exchange import all_gather_json
-    from ..runtime.launch import init_process_group
-    from ..sim.calibrate import calibrated_cost, contention, gather_latency
-    from ..sim.cost_file import write_cost_file
-    from ..sim.simulator import steady_step
-    from .loop import make_pipeline
-    from .tasks import task_for
-
-    init_process_group(config.timeout)
-    set_timeout(config.timeout)
-    task = task_for(config)
-    pipe = make_pipeline(config, task)
-    generator = torch.Generator().manual_seed(config.seed)
+def _train(config, pipe, task, generator) -> tuple[list, float, tuple]:
+    """Train ``config.steps`` steps; return the timelines of the last ``measured_steps``, the step the loop then runs
+    at (``steady_period``) and the last batch."""
     timelines = []
     for step in range(config.steps):
         batch = task.batch(generator)
         pipe.train_step(*batch)
         if step >= config.steps - measured_steps(config.steps):
             timelines.append(pipe.timeline("calibration"))
-    period = steady_period(pipe, task, generator, 2 * measured_steps(config.steps))
-    timeline = one_after_another(timelines)
+    return timelines, steady_period(pipe, task, generator, 2 * measured_steps(config.steps)), batch
+
+
+def _measured_cost(config, pipe, timeline, first: tuple) -> tuple:
+    """Return the ``CostModel`` of ``timeline`` with the measured links, collectives and bytes put in, and the
+    figures measured beside it (collective over every process)."""
+    from ..runtime.exchange import all_gather_json
+    from ..sim.calibrate import calibrated_cost, gather_latency
+    from .probes import collective, core_sharing, point_to_point
+
     stages = pipe.schedule.placement.stages
     sizes = {int(stage): figures for part in all_gather_json(_stage_bytes(pipe)) for stage, figures in part.items()}
     latency, bandwidth = point_to_point()
     collective_latency, collective_bandwidth = collective()
-    first = (batch[0][: batch[0].shape[0] // pipe.microbatches],)
     with _weights_gathered(pipe, config.timeout):
         sharing = core_sharing(_one_forward(pipe, first))
         alone_at = alone_figures(pipe, first, config.batch_size // config.pipeline.data_parallel)
@@ -272,18 +258,42 @@ def measure(config, cost_file: str) -> dict:
         data_parallel_latency=max(collective_latency, loaded or 0.0),
         data_parallel_bandwidth=collective_bandwidth,
     )
-    measured_step = period
+    return cost, {"idle_collective_latency": collective_latency, "core_sharing": sharing, "alone": alone_at}
+
+
+def measure(config, cost_file: str) -> dict:
+    """Train ``config.steps`` steps on this process, measure, and (on process 0) write ``cost_file``; return the
+    figures on every process."""
+    import torch
+    import torch.distributed as dist
+
+    from ..runtime.launch import init_process_group
+    from ..sim.calibrate import contention
+    from ..sim.cost_file import write_cost_file
+    from ..sim.simulator import steady_step
+    from ..train.loop import make_pipeline
+    from ..train.tasks import task_for
+    from .probes import set_timeout
+
+    init_process_group(config.timeout)
+    set_timeout(config.timeout)
+    task = task_for(config)
+    pipe = make_pipeline(config, task)
+    timelines, measured_step, batch = _train(config, pipe, task, torch.Generator().manual_seed(config.seed))
+    timeline = one_after_another(timelines)
+    cost, beside = _measured_cost(config, pipe, timeline, (batch[0][: batch[0].shape[0] // pipe.microbatches],))
+    alone_at = beside["alone"]
     figures = {
         "measured_step": measured_step,
         "simulated_step": steady_step(pipe.schedule.config, cost),
-        "idle_collective_latency": collective_latency,
-        "core_sharing": sharing,
+        "idle_collective_latency": beside["idle_collective_latency"],
+        "core_sharing": beside["core_sharing"],
         "split_backward": alone_at["split_backward"],
         "contention": contention(timeline, os.cpu_count() or 1, config.pipeline.data_parallel),
-        "cost": {k: v for k, v in dataclasses.asdict(cost).items()},
+        "cost": dataclasses.asdict(cost),
     }
     if dist.get_rank() == 0:
-        about = _about(config, task, sharing, measured_step, len(timelines)) | {
+        about = _about(config, task, beside["core_sharing"], measured_step, len(timelines)) | {
             "contention": figures["contention"],
             "contention_kind": _CONTENTION_KIND,
             **alone_at,
@@ -291,75 +301,3 @@ def measure(config, cost_file: str) -> dict:
         }
         write_cost_file(cost_file, cost, about)
     return figures
-
-
-def main(argv: list[str]) -> int:
-    """Run ``layerpipe calibrate``; return the exit status (2 and one line for bad options)."""
-    from ..options import check_writable_file
-    from .config import build_parser, config_from, replaced
-
-    parser = build_parser()
-    parser.prog = "layerpipe calibrate"
-    parser.description = (
-        "Measure the costs of training the demo with the given options on this machine and layout "
-        "(stage times, message and all-reduce latency and bandwidth, bytes per stage, how much "
-        "processes sharing cores slow each other) and write them as a cost file for "
-        "'layerpipe simulate --cost-file'. Takes the options of 'layerpipe train'; trains "
-        f"{DEFAULT_STEPS} steps unless --steps, writing nothing else."
-    )
-    parser.add_argument(
-        "--cost-file", default="cost.toml", metavar="FILE.toml", help="where to write the costs (default: cost.toml)"
-    )
-    arguments = parser.parse_args(argv)
-    try:
-        config = config_from(arguments)
-        if "--steps" not in argv:
-            config = replaced(config, steps=DEFAULT_STEPS)
-        check_writable_file("cost_file", arguments.cost_file)
-    except ConfigError as error:
-        print(
-            f"layerpipe calibrate: error: {error.render(COMMAND_LINE) if error.field == 'cost_file' else error}",
-            file=sys.stderr,
-        )
-        return 2
-    from ..runtime.launch import LaunchError, launch
-
-    try:
-        figures = launch(measure, config.processes, (config, arguments.cost_file), timeout=config.timeout)[0]
-    except LaunchError as error:
-        print(f"layerpipe calibrate: failed\n{error}", file=sys.stderr)
-        return 1
-    print(report(figures, arguments.cost_file))
-    return 0
-
-
-def report(figures: dict, path: str) -> str:
-    """Return the lines ``layerpipe calibrate`` prints: what it measured and wrote."""
-    cost = figures["cost"]
-    forward = ", ".join(f"{1e3 * t:.2f}" for t in cost["forward_time"])
-    backward = ", ".join(f"{1e3 * t:.2f}" for t in cost["backward_time"])
-    return "\n".join(
-        [
-            f"forward per stage (ms): {forward}",
-            f"backward per stage (ms): {backward}",
-            f"message between processes 0 and 1: {1e6 * cost['p2p_latency']:.0f} µs latency, "
-            f"{cost['p2p_bandwidth'] / 1e6:,.0f} MB/s",
-            f"all-reduce over every process: {1e6 * figures['idle_collective_latency']:.0f} µs latency, "
-            f"{cost['data_parallel_bandwidth'] / 1e6:,.0f} MB/s"
-            + (
-                f"; the run's weight gathers showed {1e6 * cost['data_parallel_latency']:.0f} µs, which the cost file "
-                f"keeps"
-                if cost["data_parallel_latency"] > figures["idle_collective_latency"]
-                else ""
-            ),
-            f"a forward while every process computes takes {figures['core_sharing']:.2f} times as long as alone; "
-            f"over the run, the compute took {figures['contention']:.2f} times as long as alone",
-            f"compute times spread by {100 * cost['variation']:.0f} % (standard deviation over mean); a backward "
-            f"split in two takes {figures['split_backward']:.2f} times as long as a whole one",
-            f"a send holds its process {1e3 * cost['send_time']:.2f} ms, a receive whose message is there "
-            f"{1e3 * cost['receive_time']:.2f} ms, on average (spread {100 * cost['hold_variation']:.0f} %)",
-            f"step: {1e3 * figures['measured_step']:.1f} ms measured (median of back-to-back steps), "
-            f"{1e3 * figures['simulated_step']:.1f} ms simulated with these costs",
-            f"wrote {path}: layerpipe simulate --cost-file {path} (with the same schedule options)",
-        ]
-    )

@@ -333,7 +333,7 @@ def _costs_of(candidate: Candidate, shape: GPTShape, hardware: Hardware, slowdow
         config.recompute_modes,
         config.data_parallel if config.zero else 1,
         slowdown,
-        config.schedule == "zero-bubble",
+        config.record.splits_backward,
     )
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "RECOMPUTE_MODES",
     "REDUCE_ORDERS",
     "SCHEDULES",
+    "SPLITTING_SCHEDULES",
     "STEP_PLACEMENTS",
     "WEIGHT_POLICIES",
     "ConfigError",
@@ -35,6 +36,9 @@ pipelined backpropagation, a stream of sub-minibatches that never drains between
 
 ONE_STAGE_SCHEDULES = ScheduleNames(lambda record: record.family == "contiguous")
 """Schedules that place one stage per rank; the others loop ``stages_per_rank`` stages over the ranks."""
+
+SPLITTING_SCHEDULES = ScheduleNames(lambda record: record.splits_backward)
+"""Schedules whose programs split ``B`` into ``I`` and ``W`` (zero-bubble)."""
 
 PLACEMENTS = ("auto", "contiguous", "looping", "vshape")
 

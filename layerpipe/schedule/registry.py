@@ -4,8 +4,9 @@ Everything that depends on which schedules exist reads this table: the
 names (``SCHEDULES``), the generators, the schedule-specific rules of
 ``validate_config``, the command line's choices, the gallery and the
 tests' schedule lists.  Adding a schedule is one generator and one
-``register`` call (``schedule/generators.py`` holds the built-in ones).
-Nothing here imports torch or the configuration.
+``register`` call (``schedule/generators.py`` holds the built-in ones;
+``schedule.config`` imports it, so the built-ins are registered wherever a
+configuration exists).  Nothing here imports torch or the configuration.
 """
 
 from __future__ import annotations

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RECOMPUTE_MODES = ("none", "selective", "full")
-
 
 @dataclass(frozen=True)
 class GPTShape:

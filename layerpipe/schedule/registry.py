@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from .actions import Program
@@ -32,6 +33,9 @@ class Example:
     title: str
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     caption: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class ScheduleRecord:
     """Whether its programs split ``B`` into ``I`` and ``W`` (the cost of a backward is split too)."""
     rules: Rules | None = None
     examples: tuple[Example, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
     @property
     def family(self) -> str:

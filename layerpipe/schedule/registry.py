@@ -6,7 +6,11 @@ names (``SCHEDULES``), the generators, the schedule-specific rules of
 tests' schedule lists.  Adding a schedule is one generator and one
 ``register`` call (``schedule/generators.py`` holds the built-in ones;
 ``schedule.config`` imports it, so the built-ins are registered wherever a
-configuration exists).  Nothing here imports torch or the configuration.
+configuration exists).  A schedule registered later (a test, a plugin) is
+listed, accepted and built too, but the ``--schedule`` help text is written
+when ``schedule.config`` is first imported, and processes started with
+``spawn`` know only what their imports register.  Nothing here imports torch
+or the configuration.
 """
 
 from __future__ import annotations

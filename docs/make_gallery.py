@@ -12,6 +12,7 @@ import os
 from layerpipe.schedule.actions import format_program
 from layerpipe.schedule.build import build_schedule
 from layerpipe.schedule.config import ScheduleConfig
+from layerpipe.schedule.registry import schedule_records
 from layerpipe.sim.cost import CostModel
 from layerpipe.sim.simulator import simulate
 from layerpipe.viz.gantt import plot_timeline, plot_timelines
@@ -21,45 +22,15 @@ GALLERY = os.path.join(HERE, "gallery")
 P, M, V = 4, 8, 2
 
 SCHEDULE_PICTURES = [
-    ("gpipe", ScheduleConfig("gpipe", P, M), "All forwards, then all backwards: `m` activations stored per rank."),
     (
-        "1f1b",
-        ScheduleConfig("1f1b", P, M),
-        "Warm-up, then one forward one backward: at most `p - r` activations on rank `r`.",
-    ),
-    (
-        "interleaved",
-        ScheduleConfig("interleaved", P, M, V),
-        "Megatron's depth-first interleaved 1F1B: groups of `p` micro-batches per stage.",
-    ),
-    (
-        "breadth-first",
-        ScheduleConfig("breadth-first", P, M, V),
-        "All micro-batches through a stage before the next; backward finishes a stage before any earlier one.",
-    ),
-    (
-        "grouped-6",
-        ScheduleConfig("grouped", P, 12, V, group_size=6),
-        "The family between them: groups of `N = 6` of `m = 12` micro-batches.",
-    ),
-    (
-        "zero-bubble",
-        ScheduleConfig("zero-bubble", P, M, 1),
-        "ZB-H1: backward split into input gradient `I` and weight gradient `W`; `W` fills the bubble.",
-    ),
-    (
-        "breadth-first-vshape",
-        ScheduleConfig("breadth-first", P, M, 2, placement="vshape"),
-        "Breadth-first on the V-shape placement: the last rank turns from forward to backward without a transfer.",
-    ),
-    (
-        "async",
-        ScheduleConfig("async", P, M, update_every=2),
-        "Pipelined backpropagation: one forward and one backward per stage per tick, each stage stepping after every "
-        "`k = 2` of its backwards without waiting for the others. Shown for one call with its drain; over consecutive "
-        "calls the stream never drains (see below).",
-    ),
+        example.title,
+        ScheduleConfig(**{"schedule": record.name, "ranks": P, "microbatches": M, **example.options}),
+        example.caption,
+    )
+    for record in schedule_records()
+    for example in record.examples
 ]
+"""Every registered schedule's gallery examples (its record's ``examples``), in the order of registration."""
 
 
 def main() -> None:

@@ -20,10 +20,14 @@ from torch import nn
 
 import layerpipe
 from layerpipe.schedule.actions import Kind
+from layerpipe.schedule.config import ONE_STAGE_SCHEDULES
+from layerpipe.schedule.config import SCHEDULES as REGISTERED
+from layerpipe.schedule.registry import schedule_record
 
 STEPS = 3
 TOLERANCE = 1e-10
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble")
+SCHEDULES = tuple(name for name in REGISTERED if not schedule_record(name).streams)
+"""Every registered schedule that flushes each step (the async stream updates at ZeRO 0 or 1 only, tested apart)."""
 
 
 def configurations(pipeline: int, data: int) -> list[tuple]:
@@ -36,12 +40,12 @@ def configurations(pipeline: int, data: int) -> list[tuple]:
 def pipeline_options(schedule: str, pipeline: int) -> dict:
     """Return the schedule options used for ``schedule`` on ``pipeline`` ranks: ``m = 2p``, ``v = 2`` when looping."""
     microbatches = 2 * pipeline
-    looping = schedule not in ("gpipe", "1f1b")
+    looping = schedule not in ONE_STAGE_SCHEDULES
     return {
         "schedule": schedule,
         "microbatches": microbatches,
         "stages_per_rank": 2 if looping else 1,
-        "group_size": pipeline + 1 if schedule == "grouped" else None,
+        "group_size": pipeline + 1 if "group_size" in schedule_record(schedule).options else None,
     }
 
 

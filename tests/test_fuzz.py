@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layerpipe.cli import main
+from layerpipe.schedule.config import SCHEDULES as REGISTERED
 
 CASES = max(500, int(os.environ.get("FUZZ_CASES", "500")))
 
@@ -53,9 +54,7 @@ WORDS = st.sampled_from(
         "auto",
     ]
 )
-SCHEDULES = st.sampled_from(
-    ["gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble", "async", "bfs", ""]
-)
+SCHEDULES = st.sampled_from([*REGISTERED, "bfs", ""])
 
 OPTIONS = {
     "--schedule": SCHEDULES,

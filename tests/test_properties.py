@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 from layerpipe.knobs import COMMAND_LINE
 from layerpipe.schedule.actions import COMPUTE_KINDS
 from layerpipe.schedule.build import build_schedule
-from layerpipe.schedule.config import ConfigError, ScheduleConfig
+from layerpipe.schedule.config import SCHEDULES, ConfigError, ScheduleConfig
+from layerpipe.schedule.registry import schedule_record
 from layerpipe.schedule.validation import validate
 from layerpipe.sim.cost import CostModel
 from layerpipe.sim.simulator import simulate
@@ -14,14 +15,15 @@ from layerpipe.sim.simulator import simulate
 
 @st.composite
 def configs(draw):
-    name = draw(st.sampled_from(["gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble", "async"]))
-    if name == "async":
-        return _async_config(draw)
+    name = draw(st.sampled_from(tuple(SCHEDULES)))
+    record = schedule_record(name)
+    if record.streams:
+        return _stream_config(draw, name)
     ranks = draw(st.integers(1, 6))
-    stages_per_rank = 1 if name in ("gpipe", "1f1b") else draw(st.integers(1, 4))
+    stages_per_rank = 1 if record.family == "contiguous" else draw(st.integers(1, 4))
     microbatches = draw(st.integers(1, 20))
     group_size = None
-    if name == "grouped":
+    if "group_size" in record.options:
         microbatches = max(microbatches, ranks)
         group_size = draw(st.integers(ranks, microbatches))
     if name in ("interleaved", "zero-bubble"):
@@ -45,11 +47,11 @@ def configs(draw):
     )
 
 
-def _async_config(draw) -> ScheduleConfig:
+def _stream_config(draw, name: str) -> ScheduleConfig:
     every = draw(st.integers(1, 3))
     data_parallel = draw(st.sampled_from([1, 2]))
     return ScheduleConfig(
-        "async",
+        name,
         draw(st.integers(1, 6)),
         every * draw(st.integers(1, 8)),
         update_every=every,

@@ -10,6 +10,7 @@ from typing import Any
 from ..knobs import COMMAND_LINE, Spelling, knobs, toml_spelling
 from ..options import add_knobs, given
 from ..schedule.config import ONE_STAGE_SCHEDULES, ScheduleConfig
+from ..schedule.registry import schedule_record
 from ..sim.cost import CostModel
 from ..sim.cost_file import LAYOUT, measured_layout, read_cost_file, with_options
 from ..sim.simulator import SimResult
@@ -50,7 +51,7 @@ def schedule_config(args: argparse.Namespace, schedule: str | None = None) -> Sc
         values["schedule"] = schedule
         if schedule in ONE_STAGE_SCHEDULES:
             values.pop("stages_per_rank", None)
-        if schedule != "grouped":
+        if "group_size" not in schedule_record(schedule).options:
             values.pop("group_size", None)
     return ScheduleConfig(**values)
 

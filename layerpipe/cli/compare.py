@@ -9,6 +9,7 @@ from ..knobs import ConfigError
 from ..options import check_writable_file
 from ..schedule.build import build_schedule
 from ..schedule.config import SCHEDULES, validate_config
+from ..schedule.registry import schedule_record
 from ..sim.cost import at_means, draws
 from ..sim.same_model import same_model_cost
 from ..sim.simulator import simulate
@@ -55,8 +56,8 @@ def compared_schedules(args: argparse.Namespace) -> list[str]:
     for name in names:
         if name not in SCHEDULES:
             raise ConfigError("schedules", args.schedules, f"{name!r} is unknown; choose from {', '.join(SCHEDULES)}")
-        if name == "grouped" and args.group_size is None:
-            raise ConfigError("schedules", args.schedules, "grouped needs `group_size` too")
+        if "group_size" in schedule_record(name).options and args.group_size is None:
+            raise ConfigError("schedules", args.schedules, f"{name} needs `group_size` too")
     return names
 
 

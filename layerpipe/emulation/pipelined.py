@@ -39,7 +39,7 @@ from torch.func import functional_call
 from ..knobs import ConfigError
 from ..runtime.delay import learning_rate_factor
 from ..runtime.stage import backward_roots, carries_gradient
-from ..runtime.versions import VersionRecord, WeightVersions, check_stream
+from ..runtime.versions import VersionRecord, WeightVersions, check_stream, stage_delay
 from ..schedule.config import WEIGHT_POLICIES
 
 __all__ = ["WEIGHT_POLICIES", "PipelinedBackprop", "VersionRecord"]
@@ -104,7 +104,7 @@ class PipelinedBackprop:
 
     def delay_of(self, stage: int, stages: int) -> int:
         """Return the ticks between a sub-minibatch's forward and backward at ``stage`` of ``stages``: ``2(S-1-s)``, or 0."""
-        return 0 if self.zero_delay else 2 * (stages - 1 - stage)
+        return 0 if self.zero_delay else stage_delay(stages, stage)
 
     def delay(self, stage: int) -> int:
         """Return the ticks between a sub-minibatch's forward and backward at ``stage``: ``2(S-1-s)``, or 0."""
@@ -137,9 +137,9 @@ class PipelinedBackprop:
             for microbatch in range(len(inputs)):
                 self._one_at_a_time(microbatch, inputs)
         else:
-            for tick in range(len(inputs) + 2 * (len(self.stages) - 1)):
+            for tick in range(len(inputs) + self.delay(0)):
                 self._run_tick(tick, inputs)
-        spent = len(inputs) if self.zero_delay else len(inputs) + 2 * (len(self.stages) - 1)
+        spent = len(inputs) + self.delay(0)
         self._offset = (first + len(inputs), ticks + spent)
         return [self.losses[microbatch] for microbatch in range(len(inputs))]
 

@@ -102,7 +102,7 @@ def costs_of(candidate: Candidate, shape: GPTShape, hardware: Hardware, slowdown
         config.recompute_modes,
         config.data_parallel if config.zero else 1,
         slowdown,
-        config.schedule == "zero-bubble",
+        config.record.splits_backward,
     )
 
 

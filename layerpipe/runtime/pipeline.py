@@ -38,7 +38,7 @@ from .spatial_split import ChunkLoss, gather_rows, hand_group, has_spatial_layer
 from .stage import PipelineError, Stage, as_tuple
 from .stream import StreamExecutor
 from .tags import LOSS_TAG, claim_message_tags
-from .versions import VersionRecord, WeightVersions
+from .versions import VersionRecord, WeightVersions, stage_delay
 
 Tensors = torch.Tensor | Sequence[torch.Tensor]
 
@@ -140,7 +140,7 @@ class Pipeline:
             index: StageShard(stage, config.zero, config.data_parallel, self.replica, self.groups.data, self.device)
             for index, stage in self.stages.items()
         }
-        if config.schedule == "async" and optimizer is None:
+        if config.streams and optimizer is None:
             raise ConfigError(
                 "optimizer",
                 None,
@@ -158,7 +158,7 @@ class Pipeline:
         self._early_loss_receive = lookahead > 0
         self._timeout = timeout
         members = self.layout.pipeline_members(self.replica, self.spatial_index)
-        self.streaming = config.schedule == "async"
+        self.streaming = config.streams
         self.executor = self._make_executor(members, lookahead, loss_fn)
         self._stream_start = self._fed = 0  # async: where the stream in flight began, and the next sub-minibatch
         self.loss_rank = members[placement.loss_rank]
@@ -198,7 +198,7 @@ class Pipeline:
                 self.optimizers.get(index),
                 config.weight_policy,
                 config.delay_correction,
-                2 * (placement.stages - 1 - index),
+                stage_delay(placement.stages, index),
                 config.update_every,
                 config.delay_warmup,
             )
@@ -457,7 +457,7 @@ class Pipeline:
         """Return this rank's version records of the sub-minibatches the last async call ran a forward or backward of."""
         if not self.streaming:
             return []
-        low = self._fed - self.microbatches - 2 * (self.schedule.placement.stages - 1)
+        low = self._fed - self.microbatches - stage_delay(self.schedule.placement.stages, 0)
         return [record for record in self.version_records() if record.microbatch >= low]
 
     # ---------------------------------------------------------------- internals

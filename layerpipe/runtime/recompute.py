@@ -10,7 +10,7 @@ number state of the first run, and keeps the rebuilt graph; the backward of
 the region then goes through it.  So intermediate activations exist only
 between ``R`` and the backward that consumes them.
 
-Stage modes: ``none``; ``full`` — the whole stage is one region (it stores
+Stage modes (``schedule.config.RECOMPUTE_MODES``, the one list): ``none``; ``full`` — the whole stage is one region (it stores
 its input only); ``selective`` — only the regions its layers mark (cheap to
 recompute, expensive to store) are dropped.  A layer marks a region by
 holding a submodule whose class sets ``recompute_region = True``;

@@ -35,7 +35,7 @@ from .executor import COMPUTE, Executor, LocalStage, RunResult, RunState
 from .memory import ActivationMeter
 from .precision import compute
 from .stage import as_tuple, backward_roots, carries_gradient
-from .versions import VersionRecord, WeightVersions
+from .versions import VersionRecord, WeightVersions, stage_delay
 
 
 class StreamExecutor(Executor):
@@ -100,7 +100,7 @@ class StreamExecutor(Executor):
 
     def _end_stream(self, fed: int) -> None:
         """Start counting ticks for a new stream after a drained one that fed ``fed`` sub-minibatches."""
-        self.stream_start_tick += fed + 2 * (self.context.placement.stages - 1)
+        self.stream_start_tick += fed + stage_delay(self.context.placement.stages, 0)
         self._slot.clear()
         self._last_kind.clear()
 

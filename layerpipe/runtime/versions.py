@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..schedule.asynchronous import stage_delay as stage_delay  # the one spelling of the delay, for the stream's users
+from ..schedule.config import WEIGHT_POLICIES as WEIGHT_POLICIES  # re-exported for the emulator
 from ..schedule.config import ScheduleConfig, validate_config
 from .delay import check_correction, corrected_step, learning_rate_factor, predicted
 
@@ -77,7 +79,7 @@ def check_stream(stages: int, update_every: int, weight_policy: str, delay_corre
 class WeightVersions:
     """The weight versions of stage ``stage`` (``module`` with its ``optimizer``) and the records of their use.
 
-    ``delay`` is the stage's delay in ticks, ``2(S-1-s)``; ``update_every``
+    ``delay`` is the stage's delay in ticks, ``stage_delay(S, s)`` = ``2(S-1-s)``; ``update_every``
     the sub-minibatches per update; ``warmup`` the updates of the
     delay-aware learning-rate warm-up (0: none).  Refuses, with
     ``ConfigError``, a correction the optimizer cannot support.

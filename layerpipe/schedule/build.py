@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from .actions import Kind, Program
+from .asynchronous import stream_slice
 from .bulk import collector_paused
 from .config import ConfigError, ScheduleConfig, validate_config
-from .generators import GENERATORS, stream_slice
 from .lowering import (
     add_gradient_reduces,
     add_guard,
@@ -19,6 +19,7 @@ from .lowering import (
     add_weight_gathers,
 )
 from .placement import Placement, contiguous, looping, vshape
+from .registry import names_where
 from .validation import validate
 
 
@@ -71,10 +72,7 @@ def make_placement(config: ScheduleConfig) -> Placement:
 
 def compute_programs(config: ScheduleConfig, placement: Placement) -> tuple[Program, ...]:
     """Return the generator's compute program for every rank."""
-    generator = GENERATORS[config.schedule]
-    if config.schedule == "grouped":
-        return generator(placement, config.microbatches, config.group_size)
-    return generator(placement, config.microbatches)
+    return config.record.generate(placement, config.microbatches, config)
 
 
 def lower(
@@ -88,7 +86,7 @@ def lower(
     programs = compute
     if config.zero == 3:
         programs = add_weight_gathers(programs, config.weight_buffers)
-    if training and config.schedule == "async":
+    if training and config.streams:
         programs = add_periodic_updates(programs, config.update_every, config.zero, config.data_parallel)
     elif training:
         if config.data_parallel > 1:
@@ -118,8 +116,8 @@ def build_schedule(config: ScheduleConfig, check: bool = True, calls: int = 1) -
         raise ConfigError("calls", calls, "must be a whole number of at least 1")
     placement = make_placement(config)
     with collector_paused():
-        if config.schedule == "async":
-            compute = GENERATORS["async"](placement, config.microbatches * calls)
+        if config.streams:
+            compute = config.record.generate(placement, config.microbatches * calls, config)
             programs = lower(compute, config, placement)
         else:
             compute, programs = compute_programs(config, placement), None
@@ -131,14 +129,15 @@ def build_schedule(config: ScheduleConfig, check: bool = True, calls: int = 1) -
 
 
 def stream_programs(schedule: Schedule, start: int, first: int, count: int, drain: bool) -> tuple[Program, ...]:
-    """Return the lowered programs of one slice of an async stream (see ``generators.stream_slice``).
+    """Return the lowered programs of one slice of an async stream (see ``asynchronous.stream_slice``).
 
     What the runtime runs for one ``train_step`` call (``count`` =
     micro-batches, no drain) or a flush (``count = 0``, drain).  Slices are
     not validated one by one: the whole stream they cut is, in ``build_schedule``.
     """
-    if schedule.config.schedule != "async":
-        raise ConfigError("schedule", schedule.config.schedule, "only the async schedule runs as a stream")
+    if not schedule.config.streams:
+        streams = " or ".join(names_where(lambda record: record.streams))
+        raise ConfigError("schedule", schedule.config.schedule, f"only the {streams} schedule runs as a stream")
     with collector_paused():
         compute = stream_slice(schedule.placement, start, first, count, drain)
         return lower(compute, schedule.config, schedule.placement)

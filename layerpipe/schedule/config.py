@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..knobs import ConfigError, check_fields, knob, one_of, optional, whole
+from . import generators  # noqa: F401  (registers the built-in schedules before the knobs below list them)
+from .asynchronous import ASYNC_OPTIONS
+from .registry import ScheduleNames, ScheduleRecord, schedule_record, schedule_records
 
 __all__ = [
     "DELAY_CORRECTIONS",
@@ -18,6 +21,7 @@ __all__ = [
     "RECOMPUTE_MODES",
     "REDUCE_ORDERS",
     "SCHEDULES",
+    "SPLITTING_SCHEDULES",
     "STEP_PLACEMENTS",
     "WEIGHT_POLICIES",
     "ConfigError",
@@ -26,12 +30,15 @@ __all__ = [
     "validate_config",
 ]
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble", "async")
-"""Schedule names understood by ``build_schedule`` and the command line (``async``: pipelined backpropagation,
-a stream of sub-minibatches that never drains between steps)."""
+SCHEDULES = ScheduleNames()
+"""Schedule names understood by ``build_schedule`` and the command line, read from the registry (``async``:
+pipelined backpropagation, a stream of sub-minibatches that never drains between steps)."""
 
-ONE_STAGE_SCHEDULES = ("gpipe", "1f1b", "async")
+ONE_STAGE_SCHEDULES = ScheduleNames(lambda record: record.family == "contiguous")
 """Schedules that place one stage per rank; the others loop ``stages_per_rank`` stages over the ranks."""
+
+SPLITTING_SCHEDULES = ScheduleNames(lambda record: record.splits_backward)
+"""Schedules whose programs split ``B`` into ``I`` and ``W`` (zero-bubble)."""
 
 PLACEMENTS = ("auto", "contiguous", "looping", "vshape")
 
@@ -184,17 +191,28 @@ class ScheduleConfig:
     )
 
     def __post_init__(self) -> None:
+        record = self.record
         if self.stages_per_rank is None:
-            chosen = 1 if self.schedule in ONE_STAGE_SCHEDULES else 2
+            chosen = record.default_stages_per_rank if record is not None else 2
             object.__setattr__(self, "stages_per_rank", chosen)
-        if self.schedule == "async":
-            for name, default in ASYNC_DEFAULTS.items():
-                if getattr(self, name) is None:
-                    object.__setattr__(self, name, default)
+        for name, default in record.options.items() if record is not None else ():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
         if isinstance(self.recompute, str) and "," in self.recompute:
             object.__setattr__(self, "recompute", tuple(part.strip() for part in self.recompute.split(",")))
         elif isinstance(self.recompute, list):
             object.__setattr__(self, "recompute", tuple(self.recompute))
+
+    @property
+    def record(self) -> ScheduleRecord | None:
+        """Return the registry's record of this schedule (``None`` for a name no schedule has)."""
+        return schedule_record(self.schedule)
+
+    @property
+    def streams(self) -> bool:
+        """Return whether the schedule is a stream that never drains between calls (async)."""
+        record = self.record
+        return record is not None and record.streams
 
     @property
     def stages(self) -> int:
@@ -226,8 +244,8 @@ class ScheduleConfig:
         return {**self.__dict__, "recompute": recompute}
 
 
-ASYNC_DEFAULTS = {"update_every": 1, "weight_policy": "stashed", "delay_correction": "none", "delay_warmup": 0}
-"""The async schedule's own options and their defaults; other schedules refuse them."""
+ASYNC_DEFAULTS = ASYNC_OPTIONS
+"""The async schedule's own options and their defaults (its record's ``options``); other schedules refuse them."""
 
 
 def pipeline_ranks(processes: int, data_parallel: object) -> int:
@@ -257,52 +275,45 @@ def validate_config(config: ScheduleConfig) -> ScheduleConfig:
     _check_placement(config)
     _check_data_parallel(config)
     _check_recompute(config)
-    _check_async(config)
+    if config.record.rules is not None:
+        config.record.rules(config)
     return config
 
 
 def _check_stages(config: ScheduleConfig) -> None:
-    p, m, v, name = config.ranks, config.microbatches, config.stages_per_rank, config.schedule
-    if name in ONE_STAGE_SCHEDULES and v != 1:
+    name, v = config.schedule, config.stages_per_rank
+    if config.record.family == "contiguous" and v != 1:
+        looping = ", ".join(record.name for record in schedule_records() if record.family == "looping")
         raise ConfigError(
-            "stages_per_rank",
-            v,
-            f"{name} places one stage per rank; use 1, or a looping schedule "
-            "(interleaved, breadth-first, grouped, zero-bubble)",
+            "stages_per_rank", v, f"{name} places one stage per rank; use 1, or a looping schedule ({looping})"
         )
-    if config.group_size is not None and name != "grouped":
-        raise ConfigError("group_size", config.group_size, "only the grouped schedule takes a group size")
-    if name == "grouped":
-        if config.group_size is None:
-            raise ConfigError(
-                "group_size", None, f"the grouped schedule needs one, between `ranks` ({p}) and `microbatches` ({m})"
-            )
-        if m < p:
-            raise ConfigError("microbatches", m, f"grouped needs at least `ranks` ({p}) micro-batches")
-        if not p <= config.group_size <= m:
-            raise ConfigError(
-                "group_size", config.group_size, f"must be between `ranks` ({p}) and `microbatches` ({m})"
-            )
-    if name in ("interleaved", "zero-bubble"):
-        rounds = max(1, m // p)
-        if m % rounds:
-            raise ConfigError(
-                "microbatches",
-                m,
-                f"{name} with `ranks` {p} needs a multiple of {rounds} (m // p rounds "
-                f"of equal size, as in torch.distributed.pipelining), e.g. {rounds * (m // rounds)}",
-            )
+    _check_options(config)
+
+
+_OPTION_WORDS = {"group_size": "a group size"}
+"""How the refusal of an option another schedule takes names it (``it`` when not here)."""
+
+
+def _check_options(config: ScheduleConfig) -> None:
+    """Refuse an option given to a schedule whose record does not take it, naming the schedules that do."""
+    for record in schedule_records():
+        for option in record.options:
+            value = getattr(config, option)
+            if value is not None and option not in config.record.options:
+                owners = " or ".join(other.name for other in schedule_records() if option in other.options)
+                raise ConfigError(option, value, f"only the {owners} schedule takes {_OPTION_WORDS.get(option, 'it')}")
 
 
 def _check_placement(config: ScheduleConfig) -> None:
-    name, v = config.schedule, config.stages_per_rank
-    if config.placement == "vshape" and (name != "breadth-first" or v != 2):
+    name, v, placements = config.schedule, config.stages_per_rank, config.record.placements
+    if config.placement == "vshape" and ("vshape" not in placements or v != 2):
+        takers = " or ".join(record.name for record in schedule_records() if "vshape" in record.placements)
         raise ConfigError(
-            "placement", "vshape", f"needs the breadth-first schedule with `stages_per_rank` 2 (got {name} with {v})"
+            "placement", "vshape", f"needs the {takers} schedule with `stages_per_rank` 2 (got {name} with {v})"
         )
     if config.placement == "contiguous" and v != 1:
         raise ConfigError("placement", "contiguous", f"needs `stages_per_rank` 1 (got {v})")
-    if config.placement == "looping" and name in ONE_STAGE_SCHEDULES:
+    if config.placement == "looping" and "looping" not in placements:
         raise ConfigError("placement", "looping", f"{name} runs on the contiguous placement")
 
 
@@ -351,60 +362,4 @@ def _check_recompute(config: ScheduleConfig) -> None:
             config.recompute,
             f"the last stage ({config.stages - 1}) cannot recompute: it "
             f"computes the loss gradient from its own forward, and recomputation runs after that gradient",
-        )
-
-
-def _check_async(config: ScheduleConfig) -> None:
-    if config.schedule != "async":
-        for name in ASYNC_DEFAULTS:
-            if getattr(config, name) is not None:
-                raise ConfigError(name, getattr(config, name), "only the async schedule takes it")
-        return
-    if config.microbatches % config.update_every:
-        raise ConfigError(
-            "microbatches",
-            config.microbatches,
-            f"async needs a multiple of `update_every` "
-            f"({config.update_every}), so that every call ends on whole virtual minibatches",
-        )
-    longest = 2 * (config.stages - 1)
-    if config.weight_policy == "double-buffered" and config.update_every < longest:
-        raise ConfigError(
-            "update_every",
-            config.update_every,
-            f"double-buffered weights hold two versions, so a "
-            f"stage must not update more than once while a sub-minibatch is in flight: the first "
-            f"stage's delay is {longest} ticks, so use `update_every` {longest} or more (or stashed "
-            f"weights)",
-        )
-    if config.zero > 1:
-        raise ConfigError(
-            "zero", config.zero, "async updates each stage on its own after every k backwards: use `zero` 0 or 1"
-        )
-    if config.zero and "predict" in config.delay_correction:
-        raise ConfigError(
-            "delay_correction",
-            config.delay_correction,
-            "predicts the weights from the whole "
-            "momentum, which `zero` 1 shards over the replicas: use `zero` 0 or spike",
-        )
-    if config.recomputed_stages:
-        raise ConfigError("recompute", config.recompute, "async does not recompute yet: use none")
-    if config.reduce_portions != 1:
-        raise ConfigError("reduce_portions", config.reduce_portions, "async reduces each update whole: use 1")
-    if config.reduce_order != "priority":
-        raise ConfigError(
-            "reduce_order",
-            config.reduce_order,
-            "async reduces each update right after its stage's backwards: use priority",
-        )
-    if config.skip_nonfinite:
-        raise ConfigError(
-            "skip_nonfinite", True, "async updates each stage on its own, with no step to guard together: leave it off"
-        )
-    if config.step_placement != "end":
-        raise ConfigError(
-            "step_placement",
-            config.step_placement,
-            "async places each update after its stage's backwards already: use end",
         )

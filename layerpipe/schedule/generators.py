@@ -1,17 +1,21 @@
-"""Generators: the compute program (F, B, I, W) of every rank for one step.
+"""Generators: the compute program (F, B, I, W) of every rank for one step, each registered as a schedule.
 
 Each generator takes a placement and the number of micro-batches and returns
 one program per rank.  Orders that ``torch.distributed.pipelining`` also
 generates are the same order here, with its idle slots dropped (tests check
-this against the installed torch).
+this against the installed torch).  The table at the end registers each
+(``registry``) with its placements, options, rules and gallery examples; the
+async stream's generator and rules are in ``asynchronous``.  Adding a
+schedule is one generator and one ``register`` call here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from ..knobs import ConfigError
 from .actions import Action, Kind, Program
+from .asynchronous import ASYNC_OPTIONS, async_rules, asynchronous
 from .placement import Placement
+from .registry import Example, Generators, ScheduleRecord, register
 
 F, B, I, W = Kind.F, Kind.B, Kind.I, Kind.W
 
@@ -166,56 +170,141 @@ def zero_bubble(placement: Placement, microbatches: int) -> tuple[Program, ...]:
     return tuple(programs)
 
 
-def asynchronous(placement: Placement, microbatches: int) -> tuple[Program, ...]:
-    """Return pipelined backpropagation: a stream of sub-minibatches, one forward and one backward per stage per tick.
-
-    Stage ``s`` of ``S`` runs, at tick ``t``, the forward of sub-minibatch
-    ``t - s`` and then the backward of sub-minibatch ``t - 2(S-1) + s``, so a
-    sub-minibatch's forward and backward at stage ``s`` are ``2(S-1-s)``
-    ticks apart and the stage holds ``2(S-1-s) + 1`` of them in flight.  The
-    stream never drains between steps; these programs end with the drain of
-    the last sub-minibatch (the flush at the end of training, an evaluation
-    or a checkpoint).  When to update the weights is the lowering's
-    (``add_periodic_updates``).  Needs one stage per rank.
-    """
-    return stream_slice(placement, 0, 0, microbatches, drain=True)
+# ---------------------------------------------------------------- schedule-specific rules
+def _grouped_rules(config) -> None:
+    p, m, group_size = config.ranks, config.microbatches, config.group_size
+    if group_size is None:
+        raise ConfigError(
+            "group_size", None, f"the grouped schedule needs one, between `ranks` ({p}) and `microbatches` ({m})"
+        )
+    if m < p:
+        raise ConfigError("microbatches", m, f"grouped needs at least `ranks` ({p}) micro-batches")
+    if not p <= group_size <= m:
+        raise ConfigError("group_size", group_size, f"must be between `ranks` ({p}) and `microbatches` ({m})")
 
 
-def stream_slice(placement: Placement, start: int, first: int, count: int, drain: bool) -> tuple[Program, ...]:
-    """Return the part of an async stream that one ``train_step`` call (or a flush) runs.
-
-    The stream began at sub-minibatch ``start``; the call feeds
-    sub-minibatches ``first .. first + count - 1``: on stage ``s`` it runs
-    the ticks of their forwards, with the backwards of those ticks (of
-    sub-minibatches fed earlier, from ``start`` on).  With ``drain`` it
-    goes on with the remaining backwards, so that nothing stays in flight;
-    ``count = 0`` with ``drain`` is the flush after the call that fed up to
-    ``first - 1``.  A rank's slice needs only what its peers' slices of the
-    same or earlier calls send, so calls run one after another without a
-    deadlock.
-    """
-    stages = placement.stages
-    programs = []
-    for rank in range(placement.ranks):
-        (stage,) = placement.stages_of(rank)
-        delay = 2 * (stages - 1 - stage)
-        program = []
-        for tick in range(first + stage, first + count + stage + (delay if drain else 0)):
-            if tick - stage < first + count:
-                program.append(Action(stage, F, tick - stage))
-            if start <= tick - stage - delay:
-                program.append(Action(stage, B, tick - stage - delay))
-        programs.append(tuple(program))
-    return tuple(programs)
+def _equal_rounds_rule(config) -> None:
+    """Refuse micro-batches that do not split into ``m // p`` rounds of equal size (torch's interleaved orders)."""
+    p, m = config.ranks, config.microbatches
+    rounds = max(1, m // p)
+    if m % rounds:
+        raise ConfigError(
+            "microbatches",
+            m,
+            f"{config.schedule} with `ranks` {p} needs a multiple of {rounds} (m // p rounds "
+            f"of equal size, as in torch.distributed.pipelining), e.g. {rounds * (m // rounds)}",
+        )
 
 
-GENERATORS: dict[str, Callable[..., tuple[Program, ...]]] = {
-    "gpipe": gpipe,
-    "1f1b": one_f_one_b,
-    "interleaved": interleaved,
-    "breadth-first": breadth_first,
-    "grouped": grouped,
-    "zero-bubble": zero_bubble,
-    "async": asynchronous,
-}
-"""Generator of each schedule name; ``grouped`` also takes ``group_size``."""
+# ---------------------------------------------------------------- the built-in schedules, in the order of SCHEDULES
+ONE_STAGE = ("contiguous",)
+LOOPING = ("contiguous", "looping")
+
+register(
+    ScheduleRecord(
+        "gpipe",
+        gpipe,
+        ONE_STAGE,
+        examples=(Example("gpipe", {}, "All forwards, then all backwards: `m` activations stored per rank."),),
+    )
+)
+register(
+    ScheduleRecord(
+        "1f1b",
+        one_f_one_b,
+        ONE_STAGE,
+        examples=(
+            Example("1f1b", {}, "Warm-up, then one forward one backward: at most `p - r` activations on rank `r`."),
+        ),
+    )
+)
+register(
+    ScheduleRecord(
+        "interleaved",
+        interleaved,
+        LOOPING,
+        rules=_equal_rounds_rule,
+        examples=(
+            Example(
+                "interleaved",
+                {"stages_per_rank": 2},
+                "Megatron's depth-first interleaved 1F1B: groups of `p` micro-batches per stage.",
+            ),
+        ),
+    )
+)
+register(
+    ScheduleRecord(
+        "breadth-first",
+        breadth_first,
+        (*LOOPING, "vshape"),
+        examples=(
+            Example(
+                "breadth-first",
+                {"stages_per_rank": 2},
+                "All micro-batches through a stage before the next; backward finishes a stage before any earlier one.",
+            ),
+            Example(
+                "breadth-first-vshape",
+                {"stages_per_rank": 2, "placement": "vshape"},
+                "Breadth-first on the V-shape placement: the last rank turns from forward to backward without a "
+                "transfer.",
+            ),
+        ),
+    )
+)
+register(
+    ScheduleRecord(
+        "grouped",
+        grouped,
+        LOOPING,
+        options={"group_size": None},
+        generator_options=("group_size",),
+        rules=_grouped_rules,
+        examples=(
+            Example(
+                "grouped-6",
+                {"microbatches": 12, "stages_per_rank": 2, "group_size": 6},
+                "The family between them: groups of `N = 6` of `m = 12` micro-batches.",
+            ),
+        ),
+    )
+)
+register(
+    ScheduleRecord(
+        "zero-bubble",
+        zero_bubble,
+        LOOPING,
+        splits_backward=True,
+        rules=_equal_rounds_rule,
+        examples=(
+            Example(
+                "zero-bubble",
+                {"stages_per_rank": 1},
+                "ZB-H1: backward split into input gradient `I` and weight gradient `W`; `W` fills the bubble.",
+            ),
+        ),
+    )
+)
+register(
+    ScheduleRecord(
+        "async",
+        asynchronous,
+        ONE_STAGE,
+        options=ASYNC_OPTIONS,
+        streams=True,
+        rules=async_rules,
+        examples=(
+            Example(
+                "async",
+                {"update_every": 2},
+                "Pipelined backpropagation: one forward and one backward per stage per tick, each stage stepping "
+                "after every `k = 2` of its backwards without waiting for the others. Shown for one call with its "
+                "drain; over consecutive calls the stream never drains (see below).",
+            ),
+        ),
+    )
+)
+
+GENERATORS = Generators()
+"""Generator of each schedule name, read from the registry; ``grouped``'s also takes ``group_size``."""

@@ -22,8 +22,6 @@ from dataclasses import dataclass, fields
 
 from ..knobs import knob, whole
 
-RECOMPUTE_MODES = ("none", "selective", "full")
-
 
 @dataclass(frozen=True)
 class GPTShape:

@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from ..knobs import ConfigError
+from ..schedule.config import SPLITTING_SCHEDULES
 from .cost import CostModel
 from .gpt_costs import SIZES, GPTShape, layer_forward_flops, layer_parameters
 from .partition import balance_counts
@@ -166,7 +167,7 @@ def hardware_from_cost_file(path: str, cost: CostModel, option: str = "cost_file
         collective_latency=cost.data_parallel_latency,
         action_overhead=cost.action_overhead,
         precision="fp32",
-        backward_ratio=sum(backward) / sum(forward) / (split if about.get("schedule") == "zero-bubble" else 1.0),
+        backward_ratio=sum(backward) / sum(forward) / (split if about.get("schedule") in SPLITTING_SCHEDULES else 1.0),
         cores=int(about.get("cores", 0)) or None,
         rates=_rates(about, microbatch_size, path, option),
         split_backward=split,

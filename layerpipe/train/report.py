@@ -156,7 +156,7 @@ def simulated_step_time(schedule, cost) -> float:
     from ..schedule.build import build_schedule
     from ..sim.simulator import simulate
 
-    if schedule.config.schedule != "async":
+    if not schedule.config.streams:
         return simulate(schedule, cost).step_time
     calls = [simulate(build_schedule(schedule.config, check=False, calls=n), cost).step_time for n in (4, 5)]
     return calls[1] - calls[0]

@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..knobs import knobs, number, whole
+from ..knobs import knobs
 from ..ops.spatial import gather_bounds
+from ..run_options import RunOptions
 from ..schedule.actions import parse_action
 from ..schedule.build import Schedule, build_schedule, stream_programs
 from ..schedule.config import ConfigError, ScheduleConfig, pipeline_ranks
@@ -31,7 +32,6 @@ from .layout import Layout, make_groups
 from .memory import ActivationMeter, optimizer_state_bytes
 from .p2p import Mailbox, wait_for
 from .partition import partition as split_layers
-from .precision import PRECISIONS
 from .recompute import mark_regions
 from .sharding import StageShard
 from .spatial_split import ChunkLoss, gather_rows, hand_group, has_spatial_layers, rows_of
@@ -100,21 +100,13 @@ class Pipeline:
         spatial: int = 1,
         **options,
     ):
-        if number(0.0, above=True)(timeout) is not None:
-            raise ConfigError("timeout", timeout, "must be a finite number of seconds above 0")
-        if whole(0)(check_every) is not None:
-            raise ConfigError("check_every", check_every, "must be a whole number of steps, 0 for never")
+        run = RunOptions(precision, spatial, timeout, check_every).checked()
         init_process_group(timeout)
         self.check_every, self._calls, self.precision = check_every, 0, precision
         layers = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
         spatial_layers = _check_spatial(spatial, layers)
-        self.schedule = _schedule_for(schedule, options, dist.get_world_size() // spatial)
+        self.schedule = _schedule_for(schedule, options, dist.get_world_size() // spatial, run)
         config = self.schedule.config
-        _check_precision(precision, config)
-        if spatial > 1 and config.schedule == "async":
-            raise ConfigError(
-                "spatial", spatial, "the async stream does not run on spatial chunks yet: use a flushed schedule"
-            )
         self.layout = Layout(config.ranks, config.data_parallel, spatial)
         self.global_rank = dist.get_rank()
         self.rank = self.layout.pipeline_rank(self.global_rank)
@@ -638,8 +630,6 @@ class Pipeline:
 def _check_spatial(spatial: object, layers: list) -> bool:
     """Refuse, with ``ConfigError`` on ``spatial``, a chunk count the model or the process count cannot take;
     return whether the model has spatial layers."""
-    if whole(1)(spatial) is not None:
-        raise ConfigError("spatial", spatial, "must be a whole number of chunks per image, at least 1")
     world, found = dist.get_world_size(), has_spatial_layers(layers)
     if world % spatial:
         raise ConfigError(
@@ -653,27 +643,6 @@ def _check_spatial(spatial: object, layers: list) -> bool:
             "SpatialConvTranspose2d, SpatialGroupNorm, SpatialBlock) to run on chunks of its images",
         )
     return found
-
-
-def _check_precision(precision: object, config: ScheduleConfig) -> None:
-    """Refuse, with ``ConfigError`` on ``precision``, an unknown precision or one the configuration cannot run in."""
-    if precision not in PRECISIONS:
-        raise ConfigError("precision", precision, "choose one of " + ", ".join(PRECISIONS))
-    if precision == "fp32":
-        return
-    if precision == "fp16" and config.schedule == "async":
-        raise ConfigError(
-            "precision",
-            precision,
-            "needs the guard of a flushed step for its loss scaling, which async has not: use bf16 with async",
-        )
-    if precision == "fp16" and not config.skip_nonfinite:
-        raise ConfigError(
-            "precision",
-            precision,
-            "needs skip_nonfinite=True: its loss scaling skips the steps whose "
-            "gradients overflowed, on every rank together",
-        )
 
 
 def _check_same_batch(inputs: Tensors, targets: Tensors) -> None:
@@ -705,11 +674,13 @@ def _split(
     return list(zip(*(t.chunk(microbatches) for t in tensors)))
 
 
-def _schedule_for(schedule: str | ScheduleConfig | Schedule, options: dict, world: int) -> Schedule:
+def _schedule_for(schedule: str | ScheduleConfig | Schedule, options: dict, world: int, run: RunOptions) -> Schedule:
     """Return the built schedule ``Pipeline`` runs on ``world`` processes: as given, or from a config or a name and options.
 
     Refuses, with ``ConfigError``, options beside a built schedule or a
-    config, unknown options, and a schedule whose ranks × data_parallel is
+    config, unknown options, run options the schedule cannot run with
+    (before the schedule's own rules, so that each refusal is one line
+    whatever else is set), and a schedule whose ranks × data_parallel is
     not ``world``.
     """
     names = [field.name for field in knobs(ScheduleConfig) if field.name not in ("schedule", "ranks")]
@@ -724,6 +695,8 @@ def _schedule_for(schedule: str | ScheduleConfig | Schedule, options: dict, worl
             raise ConfigError(name, value, f"not an option of Pipeline; the schedule options are {', '.join(names)}")
     if isinstance(schedule, str):
         schedule = ScheduleConfig(schedule, ranks=pipeline_ranks(world, options.get("data_parallel", 1)), **options)
+    config = schedule.config if isinstance(schedule, Schedule) else schedule
+    run.check_schedule(config.schedule == "async", config.skip_nonfinite)
     if isinstance(schedule, ScheduleConfig):
         schedule = build_schedule(schedule)
     config = schedule.config

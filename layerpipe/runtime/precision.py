@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-"""The compute precisions a pipeline may run in."""
+from ..run_options import PRECISIONS
+
+__all__ = ["PRECISIONS", "LossScaler", "compute", "in_float32"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -39,7 +39,8 @@ from torch.func import functional_call
 from ..knobs import ConfigError
 from ..runtime.delay import learning_rate_factor
 from ..runtime.stage import backward_roots, carries_gradient
-from ..runtime.versions import WEIGHT_POLICIES, VersionRecord, WeightVersions, check_stream
+from ..runtime.versions import VersionRecord, WeightVersions, check_stream
+from ..schedule.config import WEIGHT_POLICIES
 
 __all__ = ["WEIGHT_POLICIES", "PipelinedBackprop", "VersionRecord"]
 

@@ -42,17 +42,13 @@ from .precision import LossScaler, compute, in_float32
 from .recompute import Recording, recomputed, recording
 from .sharding import StageShard
 from .stage import (
-    HEADER_LENGTH,
     PipelineError,
     Stage,
-    TensorMeta,
     backward_roots,
     carries_gradient,
-    decode_header,
-    encode_header,
     metas_of,
 )
-from .tags import agree_tag, check_capacity, check_tensor_count
+from .tags import check_capacity
 
 F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
 COMPUTE, P2P = "compute", "p2p"
@@ -149,88 +145,6 @@ class Executor:
         self.recompute_bytes: dict[int, int] = {}  # activation bytes one R of the stage added back (largest seen)
         self.collectives = Collectives(context.rank, context.timeout, completion_times=context.device.type == "cpu")
         self._mailboxes: dict[tuple, Mailbox] = {}
-
-    # ---------------------------------------------------------------- agreement
-    def agree(self, first_microbatch: tuple[torch.Tensor, ...]) -> tuple[tuple[TensorMeta, ...], ...]:
-        """Return every stage's output metas, found by passing micro-batch 0 through the pipeline once.
-
-        Each rank runs its stages without gradients in stage order and sends
-        a header and the tensors to the next stage's rank.  Collective: every
-        rank calls it with the same input.  Refuses, with ``PipelineError``,
-        a stage that fails or passes more tensors than a message carries.
-        """
-        placement = self.context.placement
-        metas: list[tuple[TensorMeta, ...] | None] = []
-        previous_output = None
-        with torch.no_grad():
-            for stage in range(placement.stages):
-                if not self.context.owns(stage):
-                    metas.append(None)
-                    continue
-                if stage == 0:
-                    inputs = tuple(t.to(self.context.device) for t in first_microbatch)
-                elif placement.receives_forward[stage]:
-                    inputs = self._agree_receive(stage, placement.rank_of(stage - 1))
-                else:
-                    inputs = previous_output
-                previous_output = self._agree_forward(stage, inputs)
-                found = metas_of(previous_output)
-                check_tensor_count(stage, len(found))
-                if placement.sends_forward[stage]:
-                    self._agree_send(stage, placement.rank_of(stage + 1), previous_output, found)
-                metas.append(found)
-        return self._share_metas(metas)
-
-    def _agree_forward(self, stage: int, inputs: tuple) -> tuple:
-        try:
-            with compute(self.context.precision, self.context.device):
-                return self.stages[stage].module(*inputs)
-        except Exception as error:
-            raise PipelineError(
-                f"rank {self.context.rank}: stage {stage} failed on micro-batch 0 while agreeing tensor shapes: {error}"
-            ) from error
-
-    def _agree_send(self, stage: int, peer: int, tensors, metas) -> None:
-        destination = self.context.peers[peer]
-        what = f"sending stage {stage}'s output to rank {peer} while agreeing tensor shapes"
-        messages = [encode_header(metas).to(self.context.device), *(tensor.contiguous() for tensor in tensors)]
-        works = [
-            dist.isend(message, dst=destination, tag=agree_tag(stage, slot)) for slot, message in enumerate(messages)
-        ]
-        for work in works:
-            wait_for(work, self.context.timeout, self.context.rank, what)
-
-    def _agree_receive(self, stage: int, peer: int) -> tuple[torch.Tensor, ...]:
-        """Return stage ``stage - 1``'s output from ``peer``; every wait is timed and reported like a program's."""
-        source, device, rank = self.context.peers[peer], self.context.device, self.context.rank
-        what = f"while agreeing tensor shapes for stage {stage - 1}'s output from rank {peer}"
-        header = torch.empty(HEADER_LENGTH, dtype=torch.int64, device=device)
-        wait_for(dist.irecv(header, src=source, tag=agree_tag(stage - 1, 0)), self.context.timeout, rank, what)
-        tensors = []
-        for slot, meta in enumerate(decode_header(header.cpu())):
-            buffer = torch.empty(meta.shape, dtype=meta.dtype, device=device)
-            wait_for(
-                dist.irecv(buffer, src=source, tag=agree_tag(stage - 1, 1 + slot)), self.context.timeout, rank, what
-            )
-            tensors.append(buffer)
-        return tuple(tensors)
-
-    def _share_metas(self, metas: list) -> tuple[tuple[TensorMeta, ...], ...]:
-        """Return the metas of every stage, each filled in by the rank that owns it.
-
-        Exchanged as tensors, not pickles: each rank writes the encoded
-        header of its own stages into a zeroed table, and a sum over the
-        pipeline's ranks fills in every row (one owner per stage).
-        """
-        if len(self.context.peers) == 1:
-            return tuple(metas)
-        table = torch.zeros(len(metas), HEADER_LENGTH, dtype=torch.int64)
-        for stage, found in enumerate(metas):
-            if found is not None:
-                table[stage] = encode_header(found)
-        table = table.to(self.context.device)
-        dist.all_reduce(table, group=self.group)
-        return tuple(decode_header(row) for row in table.cpu())
 
     # ---------------------------------------------------------------- running
     def mailbox(self, key: tuple, programs: Sequence[Program], metas) -> Mailbox:

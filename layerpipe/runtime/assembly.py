@@ -23,12 +23,13 @@ from ..schedule.config import ConfigError, ScheduleConfig, pipeline_ranks
 from .async_stream import AsyncStream
 from .batches import Batches
 from .context import RankContext
-from .executor import Executor, LocalStage
+from .executor import Executor
 from .layout import Layout, make_groups
 from .loss_sharing import LossSharing
 from .memory import ActivationMeter
 from .partition import partition as split_layers
 from .recompute import mark_regions
+from .run_state import LocalStage
 from .runs import FlushedRuns
 from .shapes import BoundaryShapes, ShapeAgreement
 from .sharding import StageShard

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from ..schedule.build import stream_programs
 from .batches import Tensors
-from .executor import RunResult
 from .p2p import Mailbox
+from .run_state import RunResult
 from .runs import FlushedRuns
 from .versions import VersionRecord
 

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from .context import RankContext
-from .executor import RunResult
 from .layout import Layout
 from .p2p import wait_for
+from .run_state import RunResult
 from .tags import LOSS_TAG
 
 

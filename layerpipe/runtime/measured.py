@@ -9,8 +9,9 @@ import torch
 from ..schedule.actions import parse_action
 from ..sim.timeline import Timeline, TimelineEvent
 from .exchange import all_gather_json
-from .executor import Executor, RunResult
+from .executor import Executor
 from .memory import optimizer_state_bytes
+from .run_state import RunResult
 from .versions import VersionRecord
 
 

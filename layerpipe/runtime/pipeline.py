@@ -25,9 +25,9 @@ from ..schedule.config import ScheduleConfig
 from ..sim.timeline import Timeline
 from .assembly import assemble
 from .batches import Tensors
-from .executor import RunResult
 from .launch import init_process_group
 from .measured import measured_timeline, memory_in_last_step, peak_memory_bytes
+from .run_state import RunResult
 from .sharding import weights_gathered
 from .state import PipelineState
 from .versions import VersionRecord

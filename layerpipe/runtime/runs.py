@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 from ..schedule.build import Schedule
 from .batches import Batches, Tensors
-from .executor import Executor, RunResult
+from .executor import Executor
 from .loss_sharing import LossSharing
+from .run_state import RunResult
 from .shapes import BoundaryShapes, signature_of
 from .sharding import StageShard
 from .versions import VersionRecord

@@ -28,6 +28,20 @@ def signature_of(first_microbatch: tuple) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in first_microbatch)
 
 
+def check_agreed(rank: int, stage: int, microbatch: int, produced: tuple, expected: tuple) -> None:
+    """Refuse, with ``PipelineError``, a stage's outputs of other shapes or dtypes than the agreed ``expected``."""
+    if len(produced) != len(expected) or any(
+        tuple(t.shape) != meta.shape or t.dtype != meta.dtype for t, meta in zip(produced, expected)
+    ):
+        found = ", ".join(str(m) for m in metas_of(produced))
+        agreed = ", ".join(str(m) for m in expected)
+        raise PipelineError(
+            f"rank {rank}: stage {stage} produced ({found}) for micro-batch "
+            f"{microbatch}, but the pipeline agreed on ({agreed}) from micro-batch 0 of the first "
+            f"step: every micro-batch must give a stage outputs of the same shapes and dtypes"
+        )
+
+
 class ShapeAgreement:
     """Agrees the boundary metas of ``context.rank``'s pipeline over the ``stages`` it holds (by stage index).
 

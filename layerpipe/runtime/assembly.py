@@ -87,14 +87,7 @@ def assemble(
     groups = make_groups(layout, global_rank, placement.loss_rank, spatial_layers)
     device = torch.device(device) if device is not None else _default_device()
     boundaries = split_layers(layers, placement.stages, partition, sample)
-    stages = {
-        stage: Stage(stage, first, layers[first:end]).to(device)
-        for stage, (first, end) in enumerate(boundaries)
-        if placement.rank_of(stage) == rank
-    }
-    hand_group(stages.values(), groups.spatial)
-    for stage in stages.values():
-        mark_regions(stage)  # submodules marked recompute_region become regions for recompute="selective"
+    stages = _local_stages(layers, boundaries, placement, rank, device, groups.spatial)
     shards = {
         index: StageShard(stage, config.zero, config.data_parallel, replica, groups.data, device)
         for index, stage in stages.items()
@@ -119,6 +112,21 @@ def assemble(
     runs = (AsyncStream if streams(config) else FlushedRuns)(built, executor, shards, batches, shapes, loss)
     parts = (built, layout, global_rank, groups, device, boundaries, stages, shards, optimizers, meter, executor)
     return Assembly(*parts, loss_rank, shapes, runs)
+
+
+def _local_stages(
+    layers: list[nn.Module], boundaries: list, placement, rank: int, device: torch.device, spatial_group
+) -> dict[int, Stage]:
+    """Return the stages this rank holds, by index, on ``device``, with their spatial group and recomputation regions."""
+    stages = {
+        stage: Stage(stage, first, layers[first:end]).to(device)
+        for stage, (first, end) in enumerate(boundaries)
+        if placement.rank_of(stage) == rank
+    }
+    hand_group(stages.values(), spatial_group)
+    for stage in stages.values():
+        mark_regions(stage)  # submodules marked recompute_region become regions for recompute="selective"
+    return stages
 
 
 def _optimizers(optimizer: Callable | None, shards: dict[int, StageShard], streaming: bool) -> dict:

@@ -47,22 +47,26 @@ def knob(
 # ---------------------------------------------------------------- spellings
 @dataclass(frozen=True)
 class Spelling:
-    """How an entry point writes a field's name and a value for it."""
+    """How an entry point writes a field's name, a value for it, and a switch (a true boolean) turned on."""
 
     name: Callable[[str], str]
     assignment: Callable[[str, Any], str]
+    switch: Callable[[str], str] = lambda field: field
 
 
-PYTHON = Spelling(lambda field: field, lambda field, value: f"{field}={value!r}")
+PYTHON = Spelling(lambda field: field, lambda field, value: f"{field}={value!r}", lambda field: f"{field}=True")
 COMMAND_LINE = Spelling(
     lambda field: "--" + field.replace("_", "-"),
     lambda field, value: f"--{field.replace('_', '-')}" + ("" if value is None else f" {_plain(value)}"),
+    lambda field: "--" + field.replace("_", "-"),
 )
 
 
 def toml_spelling(path: str) -> Spelling:
     """Return the spelling of keys in the TOML file ``path``."""
-    return Spelling(lambda field: field, lambda field, value: f"{path}: {field} = {value!r}")
+    return Spelling(
+        lambda field: field, lambda field, value: f"{path}: {field} = {value!r}", lambda field: f"{field} = true"
+    )
 
 
 def _plain(value: Any) -> str:
@@ -72,13 +76,15 @@ def _plain(value: Any) -> str:
 
 
 _MENTION = re.compile(r"`([a-z_]+)`")
+_SWITCH = re.compile(r"`([a-z_]+)=True`")
 
 
 class ConfigError(ValueError):
     """Bad user input: ``field`` had ``value``; ``valid`` says what would be valid.
 
-    ``valid`` may mention other fields as ```name```; ``render`` writes
-    them, and the field itself, in an entry point's spelling.  ``str()``
+    ``valid`` may mention other fields as ```name```, and a switch turned on
+    as ```name=True```; ``render`` writes them, and the field itself, in an
+    entry point's spelling (``--name`` for both on the command line).  ``str()``
     uses Python's (``group_size=3: must be between ranks (4) and microbatches (8)``)
     unless ``spelled`` chose another.
     """
@@ -98,7 +104,8 @@ class ConfigError(ValueError):
 
     def render(self, spelling: Spelling) -> str:
         """Return the message with field names in ``spelling``."""
-        reason = _MENTION.sub(lambda match: spelling.name(match.group(1)), self.valid)
+        reason = _SWITCH.sub(lambda match: spelling.switch(match.group(1)), self.valid)
+        reason = _MENTION.sub(lambda match: spelling.name(match.group(1)), reason)
         return f"{spelling.assignment(self.field, self.value)}: {reason}"
 
 

@@ -16,6 +16,7 @@ from layerpipe.cli import main as layerpipe_main
 from layerpipe.knobs import ConfigError, check_fields, knobs
 from layerpipe.models.config import GPTConfig, SuperResConfig
 from layerpipe.plan import PlanRequest
+from layerpipe.run_options import RunOptions
 from layerpipe.schedule.config import ScheduleConfig, validate_config
 from layerpipe.sim.cost import CostModel
 from layerpipe.train.config import PARTS, TrainConfig, config_from
@@ -93,12 +94,13 @@ BAD = {
     "seed": -1,
     "sample_length": -1,
     "timeout": 0.0,
+    "check_every": -1,
 }
 """A value each knob with a validity rule refuses."""
 
 CHECKED = [
     (cls, field.name)
-    for cls in (ScheduleConfig, CostModel, GPTConfig, SuperResConfig, TrainConfig, PlanRequest)
+    for cls in (ScheduleConfig, CostModel, GPTConfig, SuperResConfig, TrainConfig, PlanRequest, RunOptions)
     for field in knobs(cls)
     if field.metadata.get("check") is not None
 ]

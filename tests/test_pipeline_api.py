@@ -119,3 +119,28 @@ def test_on_gloo_messages_to_a_lower_rank_go_on_a_group_of_their_own():
     # A gloo pair with a receive posted holds back the sends on it: each pair of each group carries one way only.
     for found in layerpipe.launch(_message_groups, 2, timeout=60, backend="gloo"):
         assert found == {"downward_members": [0, 1], "down_is_own_group": True, "up_is_default": True}
+
+
+def _accessors():
+    pipe = layerpipe.Pipeline(
+        mlp_layers(), nn.functional.mse_loss, schedule="gpipe", microbatches=2, data_parallel=2, zero=3, timeout=30
+    )
+    try:
+        pipe.boundary_metas()
+        before = "agreed"
+    except LookupError:
+        before = "none yet"
+    pipe.train_step(*batch(8))
+    metas = pipe.boundary_metas()
+    released = [shard.gathered for shard in pipe.shards.values()]
+    with pipe.weights_gathered("to read them whole"):
+        held = [shard.gathered for shard in pipe.shards.values()]
+    after = [shard.gathered for shard in pipe.shards.values()]
+    return dict(before=before, metas=metas == next(pipe.shapes.agreed()), held=(released, held, after))
+
+
+def test_the_agreed_shapes_and_whole_weights_have_public_accessors():
+    """What ``layerpipe calibrate`` reads: the boundary metas of the first batch, and the weights held whole at ZeRO-3."""
+    for result in layerpipe.launch(_accessors, 2, timeout=60):
+        assert result["before"] == "none yet" and result["metas"]
+        assert result["held"] == ([False], [True], [False])

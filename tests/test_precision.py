@@ -52,7 +52,7 @@ def train(
         skipped.append(pipe.last_step_skipped)
         if handle is not None:
             handle.remove()
-    dtypes = sorted({str(meta.dtype) for metas in pipe._metas.values() for stage in metas if stage for meta in stage})
+    dtypes = sorted({str(meta.dtype) for metas in pipe.shapes.agreed() for stage in metas if stage for meta in stage})
     weights = sorted({str(p.dtype) for p in pipe.parameters()})
     final = {name: value.detach().clone() for name, value in pipe.named_parameters()}
     return dict(losses=losses, scales=scales, skipped=skipped, dtypes=dtypes, weights=weights, final=final)
@@ -122,7 +122,7 @@ def train_async_in_bfloat16() -> dict:
     )
     losses = [pipe.train_step(*(t.float() for t in batch(16, seed=step + 1))) for step in range(8)]
     pipe.flush()
-    dtypes = sorted({str(meta.dtype) for metas in pipe._metas.values() for stage in metas if stage for meta in stage})
+    dtypes = sorted({str(meta.dtype) for metas in pipe.shapes.agreed() for stage in metas if stage for meta in stage})
     return dict(losses=losses, dtypes=dtypes, weights=sorted({str(p.dtype) for p in pipe.parameters()}))
 
 

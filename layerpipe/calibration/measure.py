@@ -30,7 +30,6 @@ The cost file (TOML) feeds ``layerpipe simulate --cost-file``,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import os
@@ -44,7 +43,7 @@ def _stage_bytes(pipe) -> dict:
     """Return, for this process's stages, their output bytes per micro-batch, saved activations and weights."""
     import torch
 
-    metas = next(iter(pipe._metas.values()))
+    metas = pipe.boundary_metas()
     saved = pipe.memory()["forward_activations"]
     sizes = {}
     for index, shard in pipe.shards.items():
@@ -102,35 +101,12 @@ def _model_sizes(task) -> dict:
     return {key: getattr(model, key) for key in SIZES}
 
 
-@contextlib.contextmanager
-def _weights_gathered(pipe, timeout: float):
-    """Hold every local stage's full weights for the block (ZeRO-3 releases them after each step); collective over
-    the replicas, which gather their stages in the same order."""
-    import torch.distributed as dist
-
-    from ..runtime.p2p import wait_for
-
-    released = [shard for _, shard in sorted(pipe.shards.items()) if not shard.gathered]
-    for shard in released:
-        wait_for(
-            shard.gather(),
-            timeout,
-            dist.get_rank(),
-            f"gathering stage {shard.stage_index}'s weights to time a forward alone",
-        )
-    try:
-        yield
-    finally:
-        for shard in released:
-            shard.release()
-
-
 def _one_forward(pipe, first_microbatch):
     """Return a function that runs this process's first stage forward once, on an input of the agreed shape."""
     import torch
 
     index = min(pipe.stages)
-    metas = next(iter(pipe._metas.values()))
+    metas = pipe.boundary_metas()
     inputs = (
         first_microbatch
         if index == 0
@@ -152,7 +128,7 @@ def _inputs_of_size(pipe, index: int, first_microbatch: tuple, size: int) -> tup
     if index == 0:
         tokens = first_microbatch[0]
         return (tokens.repeat((size + len(tokens) - 1) // len(tokens), *[1] * (tokens.dim() - 1))[:size],)
-    metas = next(iter(pipe._metas.values()))
+    metas = pipe.boundary_metas()
     return tuple(torch.zeros((size, *meta.shape[1:]), dtype=meta.dtype) for meta in metas[index - 1])
 
 
@@ -243,7 +219,7 @@ def _measured_cost(config, pipe, timeline, first: tuple) -> tuple:
     sizes = {int(stage): figures for part in all_gather_json(_stage_bytes(pipe)) for stage, figures in part.items()}
     latency, bandwidth = point_to_point()
     collective_latency, collective_bandwidth = collective()
-    with _weights_gathered(pipe, config.timeout):
+    with pipe.weights_gathered("to time a forward alone"):
         sharing = core_sharing(_one_forward(pipe, first))
         alone_at = alone_figures(pipe, first, config.batch_size // config.pipeline.data_parallel)
     weights = tuple(float(sizes[s]["weight"]) for s in range(stages))

@@ -27,99 +27,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
-import torch.distributed as dist
 
 from ..schedule.actions import AWAITS, Action, Kind, Program
 from .collectives import Collectives
 from .context import RankContext
+from .guard import guard
 from .memory import ActivationMeter
-from .p2p import Mailbox, wait_for
+from .p2p import Mailbox
 from .precision import LossScaler, compute, in_float32
 from .recompute import Recording, recomputed, recording
-from .sharding import StageShard
+from .run_state import COMPUTE, P2P, LocalStage, RunResult, RunState
+from .shapes import check_agreed
 from .stage import (
-    HEADER_LENGTH,
     PipelineError,
-    Stage,
-    TensorMeta,
     backward_roots,
     carries_gradient,
-    decode_header,
-    encode_header,
-    metas_of,
 )
-from .tags import agree_tag, check_capacity, check_tensor_count
+from .tags import check_capacity
 
 F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
-COMPUTE, P2P = "compute", "p2p"
-
-
-class RunResult(NamedTuple):
-    """What one run of a program produced on this rank.
-
-    ``loss_sum`` is the sum of the micro-batch losses (last stage only, else
-    ``None``); ``outputs`` the last stage's outputs per micro-batch in
-    forward-only runs; ``events`` the measured ``(rank, stream, action, start,
-    end)`` rows in ``time.perf_counter`` seconds: a receive from when the rank
-    waits for it to its arrival, a send while it is being posted (gloo tells
-    a send's completion only to a wait, which would block), a collective from
-    its issue to its completion; ``exposed_data_parallel`` the seconds the
-    rank waited for collectives; ``peak_activation_bytes`` the peak of saved
-    activations during the run when a meter is attached; ``buffer_peak`` the
-    peak bytes of the stages' parameter and gradient buffers, per kind.
-    """
-
-    loss_sum: float | None
-    outputs: tuple | None
-    events: tuple[tuple, ...]
-    exposed_data_parallel: float = 0.0
-    peak_activation_bytes: int | None = None
-    buffer_peak: dict | None = None
-    skipped: int | None = (
-        None  # the first stage whose gradients were not finite anywhere, when a GUARD skipped the step
-    )
-
-
-@dataclass(frozen=True)
-class LocalStage:
-    """One stage this rank holds: its layers, their sharded buffers, its optimizer and its recomputation mode."""
-
-    module: Stage
-    shard: StageShard
-    optimizer: torch.optim.Optimizer | None = None
-    recompute: str = "none"
-
-    @property
-    def parameters(self) -> list[torch.Tensor]:
-        """Return the stage's trainable parameters."""
-        return self.shard.parameters
-
-
-@dataclass
-class RunState:
-    """The tensors of one run of a program, keyed by ``(stage, micro-batch)``, shared by the handlers."""
-
-    mailbox: Mailbox
-    metas: tuple
-    inputs: Sequence[tuple] | None
-    targets: Sequence | None
-    training: bool
-    stage_inputs: dict = field(default_factory=dict)  # what a forward took, for its backward
-    stage_outputs: dict = field(default_factory=dict)  # what a forward produced, until sent or differentiated
-    received: dict = field(default_factory=dict)  # activations received for a forward
-    output_grads: dict = field(default_factory=dict)  # gradients of a stage's outputs, for its backward
-    input_grads: dict = field(default_factory=dict)  # gradients of a stage's inputs, to send back
-    held_for_weights: dict = field(default_factory=dict)  # roots kept by I for the W that follows
-    recordings: dict = field(default_factory=dict)  # recomputation regions per forward
-    losses: dict = field(default_factory=dict)
-    outputs: dict = field(default_factory=dict)
-    events: list = field(default_factory=list)
-    buffer_peak: dict = field(default_factory=dict)
-    skipped: int | None = None  # set by a GUARD that stops the rest of the program
 
 
 class Executor:
@@ -149,88 +78,6 @@ class Executor:
         self.recompute_bytes: dict[int, int] = {}  # activation bytes one R of the stage added back (largest seen)
         self.collectives = Collectives(context.rank, context.timeout, completion_times=context.device.type == "cpu")
         self._mailboxes: dict[tuple, Mailbox] = {}
-
-    # ---------------------------------------------------------------- agreement
-    def agree(self, first_microbatch: tuple[torch.Tensor, ...]) -> tuple[tuple[TensorMeta, ...], ...]:
-        """Return every stage's output metas, found by passing micro-batch 0 through the pipeline once.
-
-        Each rank runs its stages without gradients in stage order and sends
-        a header and the tensors to the next stage's rank.  Collective: every
-        rank calls it with the same input.  Refuses, with ``PipelineError``,
-        a stage that fails or passes more tensors than a message carries.
-        """
-        placement = self.context.placement
-        metas: list[tuple[TensorMeta, ...] | None] = []
-        previous_output = None
-        with torch.no_grad():
-            for stage in range(placement.stages):
-                if not self.context.owns(stage):
-                    metas.append(None)
-                    continue
-                if stage == 0:
-                    inputs = tuple(t.to(self.context.device) for t in first_microbatch)
-                elif placement.receives_forward[stage]:
-                    inputs = self._agree_receive(stage, placement.rank_of(stage - 1))
-                else:
-                    inputs = previous_output
-                previous_output = self._agree_forward(stage, inputs)
-                found = metas_of(previous_output)
-                check_tensor_count(stage, len(found))
-                if placement.sends_forward[stage]:
-                    self._agree_send(stage, placement.rank_of(stage + 1), previous_output, found)
-                metas.append(found)
-        return self._share_metas(metas)
-
-    def _agree_forward(self, stage: int, inputs: tuple) -> tuple:
-        try:
-            with compute(self.context.precision, self.context.device):
-                return self.stages[stage].module(*inputs)
-        except Exception as error:
-            raise PipelineError(
-                f"rank {self.context.rank}: stage {stage} failed on micro-batch 0 while agreeing tensor shapes: {error}"
-            ) from error
-
-    def _agree_send(self, stage: int, peer: int, tensors, metas) -> None:
-        destination = self.context.peers[peer]
-        what = f"sending stage {stage}'s output to rank {peer} while agreeing tensor shapes"
-        messages = [encode_header(metas).to(self.context.device), *(tensor.contiguous() for tensor in tensors)]
-        works = [
-            dist.isend(message, dst=destination, tag=agree_tag(stage, slot)) for slot, message in enumerate(messages)
-        ]
-        for work in works:
-            wait_for(work, self.context.timeout, self.context.rank, what)
-
-    def _agree_receive(self, stage: int, peer: int) -> tuple[torch.Tensor, ...]:
-        """Return stage ``stage - 1``'s output from ``peer``; every wait is timed and reported like a program's."""
-        source, device, rank = self.context.peers[peer], self.context.device, self.context.rank
-        what = f"while agreeing tensor shapes for stage {stage - 1}'s output from rank {peer}"
-        header = torch.empty(HEADER_LENGTH, dtype=torch.int64, device=device)
-        wait_for(dist.irecv(header, src=source, tag=agree_tag(stage - 1, 0)), self.context.timeout, rank, what)
-        tensors = []
-        for slot, meta in enumerate(decode_header(header.cpu())):
-            buffer = torch.empty(meta.shape, dtype=meta.dtype, device=device)
-            wait_for(
-                dist.irecv(buffer, src=source, tag=agree_tag(stage - 1, 1 + slot)), self.context.timeout, rank, what
-            )
-            tensors.append(buffer)
-        return tuple(tensors)
-
-    def _share_metas(self, metas: list) -> tuple[tuple[TensorMeta, ...], ...]:
-        """Return the metas of every stage, each filled in by the rank that owns it.
-
-        Exchanged as tensors, not pickles: each rank writes the encoded
-        header of its own stages into a zeroed table, and a sum over the
-        pipeline's ranks fills in every row (one owner per stage).
-        """
-        if len(self.context.peers) == 1:
-            return tuple(metas)
-        table = torch.zeros(len(metas), HEADER_LENGTH, dtype=torch.int64)
-        for stage, found in enumerate(metas):
-            if found is not None:
-                table[stage] = encode_header(found)
-        table = table.to(self.context.device)
-        dist.all_reduce(table, group=self.group)
-        return tuple(decode_header(row) for row in table.cpu())
 
     # ---------------------------------------------------------------- running
     def mailbox(self, key: tuple, programs: Sequence[Program], metas) -> Mailbox:
@@ -427,35 +274,6 @@ class Executor:
             action, self.stages[action.stage].shard.reduce(action.portion or 1, action.portions or 1)
         )
 
-    def _guard(self, action: Action, state: RunState) -> str:
-        """Agree with every process whether the step goes on: not when a reduced gradient is not finite anywhere.
-
-        Waits for the local stages' reduces, checks the gradients each step
-        would use, and all-reduces the first stage with a non-finite one
-        (the minimum over every process; one number).  When there is one,
-        ``state.skipped`` names it and the run stops after this action, on
-        every rank alike.
-        """
-        for index in sorted(self.stages):
-            if (index, Kind.REDUCE) in self.collectives.pending:
-                self.collectives.wait(index, Kind.REDUCE, action)
-        bad = [index for index, local in sorted(self.stages.items()) if not local.shard.gradients_finite()]
-        first = torch.tensor([float(bad[0]) if bad else float("inf")], dtype=torch.float64, device=self.context.device)
-        work = dist.all_reduce(first, op=dist.ReduceOp.MIN, async_op=True)
-        wait_for(
-            work, self.context.timeout, self.context.rank, f"at {action} agreeing whether every gradient is finite"
-        )
-        if first.item() != float("inf"):
-            state.skipped = int(first.item())
-        if self.scaler is not None:
-            if state.skipped is None:  # the step goes on with the gradients of the unscaled loss
-                for local in self.stages.values():
-                    for _, gradient in local.shard.local_gradients():
-                        if gradient is not None:
-                            gradient.mul_(1.0 / self.scaler.scale)
-            self.scaler.after_step(state.skipped is not None)
-        return COMPUTE
-
     def _release_weights(self, action: Action, state: RunState) -> None:
         self.stages[action.stage].shard.release()
 
@@ -473,7 +291,7 @@ class Executor:
         Kind.GATHER: _gather,
         Kind.REDUCE: _reduce,
         Kind.RELEASE: _release_weights,
-        Kind.GUARD: _guard,
+        Kind.GUARD: guard,
     }
     """The handler of each action kind; it returns the stream to record the action on, or ``None`` when the
     action records itself (collectives, from issue to completion)."""
@@ -504,29 +322,14 @@ class Executor:
         module = self.stages[stage].module
         with compute(self.context.precision, self.context.device):
             produced = recomputed(module, *arguments) if whole else module(*arguments)
-        expected = metas[stage]
-        if len(produced) != len(expected) or any(
-            tuple(t.shape) != meta.shape or t.dtype != meta.dtype for t, meta in zip(produced, expected)
-        ):
-            found = ", ".join(str(m) for m in metas_of(produced))
-            agreed = ", ".join(str(m) for m in expected)
-            raise PipelineError(
-                f"rank {self.context.rank}: stage {stage} produced ({found}) for micro-batch "
-                f"{microbatch}, but the pipeline agreed on ({agreed}) from micro-batch 0 of the first "
-                f"step: every micro-batch must give a stage outputs of the same shapes and dtypes"
-            )
+        check_agreed(self.context.rank, stage, microbatch, produced, metas[stage])
         return produced
 
     def _loss(self, value, target, microbatch: int) -> torch.Tensor:
         target = tuple(t.to(self.context.device, non_blocking=True) for t in target)
         _check_no_broadcast(self.context.rank, value, target, microbatch)
         loss = self.loss_fn(in_float32(value), target[0] if len(target) == 1 else target)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise PipelineError(
-                f"rank {self.context.rank}: loss_fn returned {type(loss).__name__} "
-                f"{tuple(getattr(loss, 'shape', ()))} for micro-batch {microbatch}: "
-                f"it must return a scalar tensor (the mean loss over the micro-batch)"
-            )
+        _check_scalar(self.context.rank, loss, microbatch)
         return loss
 
     def _backward_roots(self, action: Action, state: RunState):
@@ -558,6 +361,16 @@ def _check_no_broadcast(rank: int, value, target: tuple, microbatch: int) -> Non
             f"rank {rank}: the last stage's output for micro-batch {microbatch} has shape "
             f"{tuple(value.shape)} but its targets {tuple(target[0].shape)}: the loss would broadcast "
             f"one against the other; give targets shaped like the output"
+        )
+
+
+def _check_scalar(rank: int, loss, microbatch: int) -> None:
+    """Refuse, with ``PipelineError``, a loss that is not a scalar tensor."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise PipelineError(
+            f"rank {rank}: loss_fn returned {type(loss).__name__} "
+            f"{tuple(getattr(loss, 'shape', ()))} for micro-batch {microbatch}: "
+            f"it must return a scalar tensor (the mean loss over the micro-batch)"
         )
 
 

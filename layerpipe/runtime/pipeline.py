@@ -4,43 +4,35 @@ Every process builds the same list of layers (same seed) and the same
 ``Pipeline``; each keeps only the stages its rank holds.  A step splits the
 batch into micro-batches, runs this rank's lowered program (the schedule's
 data, see ``layerpipe.schedule``) and returns the mean loss on every rank.
+
+``Pipeline`` is a facade: ``assembly`` builds what it is made of, ``runs``
+(or ``async_stream``) runs batches through it with ``batches``,
+``shapes`` and ``loss_sharing``, ``state`` reads and writes its state, and
+``run_options`` holds the run-level knobs and their rules.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ..knobs import knobs, number, whole
-from ..ops.spatial import gather_bounds
-from ..schedule.actions import parse_action
-from ..schedule.build import Schedule, build_schedule, stream_programs
-from ..schedule.config import ConfigError, ScheduleConfig, pipeline_ranks
-from ..sim.timeline import Timeline, TimelineEvent
-from .context import RankContext
-from .exchange import all_gather_json
-from .executor import Executor, LocalStage, RunResult
+from ..run_options import RunOptions
+from ..schedule.build import Schedule
+from ..schedule.config import ScheduleConfig
+from ..sim.timeline import Timeline
+from .assembly import assemble
+from .batches import Tensors
 from .launch import init_process_group
-from .layout import Layout, make_groups
-from .memory import ActivationMeter, optimizer_state_bytes
-from .p2p import Mailbox, wait_for
-from .partition import partition as split_layers
-from .precision import PRECISIONS
-from .recompute import mark_regions
-from .sharding import StageShard
-from .spatial_split import ChunkLoss, gather_rows, hand_group, has_spatial_layers, rows_of
-from .stage import PipelineError, Stage, as_tuple
-from .stream import StreamExecutor
-from .tags import LOSS_TAG, claim_message_tags
-from .versions import VersionRecord, WeightVersions, stage_delay
+from .measured import measured_timeline, memory_in_last_step, peak_memory_bytes
+from .run_state import RunResult
+from .sharding import weights_gathered
+from .state import PipelineState
+from .versions import VersionRecord
 
-Tensors = torch.Tensor | Sequence[torch.Tensor]
+__all__ = ["Pipeline", "peak_memory_bytes"]
 
 
 class Pipeline:
@@ -100,113 +92,22 @@ class Pipeline:
         spatial: int = 1,
         **options,
     ):
-        if number(0.0, above=True)(timeout) is not None:
-            raise ConfigError("timeout", timeout, "must be a finite number of seconds above 0")
-        if whole(0)(check_every) is not None:
-            raise ConfigError("check_every", check_every, "must be a whole number of steps, 0 for never")
+        run = RunOptions(precision, spatial, timeout, check_every).checked()
         init_process_group(timeout)
-        self.check_every, self._calls, self.precision = check_every, 0, precision
         layers = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
-        spatial_layers = _check_spatial(spatial, layers)
-        self.schedule = _schedule_for(schedule, options, dist.get_world_size() // spatial)
-        config = self.schedule.config
-        _check_precision(precision, config)
-        if spatial > 1 and config.schedule == "async":
-            raise ConfigError(
-                "spatial", spatial, "the async stream does not run on spatial chunks yet: use a flushed schedule"
-            )
-        self.layout = Layout(config.ranks, config.data_parallel, spatial)
-        self.global_rank = dist.get_rank()
+        parts = assemble(layers, loss_fn, schedule, options, run, optimizer, partition, device, sample, track_memory)
+        self.check_every, self.precision, self._timeout = check_every, precision, timeout
+        self.schedule, self.layout, self.groups, self.device = parts.schedule, parts.layout, parts.groups, parts.device
+        self.global_rank, self.loss_rank, self.boundaries = parts.global_rank, parts.loss_rank, parts.boundaries
         self.rank = self.layout.pipeline_rank(self.global_rank)
         self.replica = self.layout.replica(self.global_rank)
         self.spatial_index = self.layout.spatial_index(self.global_rank)
-        placement = self.schedule.placement
-        self.groups = make_groups(self.layout, self.global_rank, placement.loss_rank, spatial_layers)
-        self.microbatches = config.microbatches
-        self.device = torch.device(device) if device is not None else _default_device()
-        self.boundaries = split_layers(layers, placement.stages, partition, sample)
-        self.stages = {
-            stage: Stage(stage, first, layers[first:end]).to(self.device)
-            for stage, (first, end) in enumerate(self.boundaries)
-            if placement.rank_of(stage) == self.rank
-        }
-        hand_group(self.stages.values(), self.groups.spatial)
-        self._chunk_loss = ChunkLoss(loss_fn) if spatial > 1 else None
-        loss_fn = self._chunk_loss or loss_fn
-        self._target_rows: dict[tuple, tuple[int, int, int]] = {}
-        for stage in self.stages.values():
-            mark_regions(stage)  # submodules marked recompute_region become regions for recompute="selective"
-        self.shards = {
-            index: StageShard(stage, config.zero, config.data_parallel, self.replica, self.groups.data, self.device)
-            for index, stage in self.stages.items()
-        }
-        if config.streams and optimizer is None:
-            raise ConfigError(
-                "optimizer",
-                None,
-                "async updates every stage inside the stream: give optimizer=callable(params) -> Optimizer",
-            )
-        self.optimizers = {
-            index: optimizer(shard.optimized)
-            for index, shard in self.shards.items()
-            if optimizer is not None and shard.optimized
-        }
-        # A function of the shards, not a bound method: the meter must not keep the pipeline (and its groups) alive.
-        self.meter = ActivationMeter(functools.partial(_weight_pointers, self.shards)) if track_memory else None
-        # NCCL runs a pair's operations in issue order, so nothing is received ahead of the program there.
-        lookahead = 0 if dist.get_backend() == "nccl" else 2
-        self._early_loss_receive = lookahead > 0
-        self._timeout = timeout
-        members = self.layout.pipeline_members(self.replica, self.spatial_index)
-        self.streaming = config.streams
-        self.executor = self._make_executor(members, lookahead, loss_fn)
-        self._stream_start = self._fed = 0  # async: where the stream in flight began, and the next sub-minibatch
-        self.loss_rank = members[placement.loss_rank]
-        self._metas: dict[tuple, tuple] = {}
-        self.last_result: RunResult | None = None  # of the last run: training, evaluation or forward
-        self._last_training: RunResult | None = None
+        self.microbatches = self.schedule.config.microbatches
+        self.stages, self.shards, self.optimizers = parts.stages, parts.shards, parts.optimizers
+        self.meter, self.executor, self.shapes, self._runs = parts.meter, parts.executor, parts.shapes, parts.runs
+        self._state = PipelineState(self.stages, self.shards, self.optimizers, timeout, self.global_rank)
 
-    def _make_executor(self, members: tuple[int, ...], lookahead: int, loss_fn: Callable) -> Executor:
-        """Return the interpreter of this rank's programs: the executor, or the async stream's."""
-        config, placement = self.schedule.config, self.schedule.placement
-        update_every = config.update_every if self.streaming else None
-        context = RankContext(
-            self.rank,
-            placement,
-            self.microbatches,
-            members,
-            self.device,
-            self._timeout,
-            lookahead,
-            config.data_parallel,
-            update_every,
-            precision=self.precision,
-            downward=self.groups.downward,
-        )
-        context = dataclasses.replace(context, tag_offset=claim_message_tags(placement.stages, context.tag_window))
-        modes = config.recompute_modes
-        local = {
-            index: LocalStage(stage, self.shards[index], self.optimizers.get(index), modes[index])
-            for index, stage in self.stages.items()
-        }
-        if not self.streaming:
-            return Executor(context, local, loss_fn, self.meter, self.groups.pipeline)
-        versions = {
-            index: WeightVersions(
-                index,
-                stage,
-                self.optimizers.get(index),
-                config.weight_policy,
-                config.delay_correction,
-                stage_delay(placement.stages, index),
-                config.update_every,
-                config.delay_warmup,
-            )
-            for index, stage in self.stages.items()
-        }
-        return StreamExecutor(context, local, loss_fn, self.meter, versions, self.groups.pipeline)
-
-    # ---------------------------------------------------------------- public surface
+    # ---------------------------------------------------------------- running
     def train_step(self, inputs: Tensors, targets: Tensors) -> float:
         """Run one training step on the global batch; return its mean loss on every rank.
 
@@ -223,23 +124,7 @@ class Pipeline:
         is the mean over this call's sub-minibatches, each computed by its
         forward on the weights every stage held when it passed.
         """
-        if self.streaming:
-            return self._feed(inputs, targets)
-        for shard in self.shards.values():
-            shard.begin_step()
-        posted = self._post_loss_receive() if self._early_loss_receive else None
-        result = self._run("train", self.schedule.programs, inputs, targets)
-        self._last_training = result
-        return self._share_loss(result, posted)
-
-    def _feed(self, inputs: Tensors, targets: Tensors) -> float:
-        """Run one async call: the slice of the stream that feeds this batch; return its sub-minibatches' mean loss."""
-        programs = stream_programs(self.schedule, self._stream_start, self._fed, self.microbatches, drain=False)
-        posted = self._post_loss_receive() if self._early_loss_receive else None
-        result = self._run("train", programs, inputs, targets, stream_first=self._fed)
-        self._fed += self.microbatches
-        self._last_training = result
-        return self._share_loss(result, posted)
+        return self._runs.train(inputs, targets)
 
     def flush(self) -> None:
         """Drain the async stream: run the backwards and updates of every sub-minibatch still in flight.
@@ -250,13 +135,24 @@ class Pipeline:
         flush first.  Collective over the pipeline; does nothing for the
         flushed schedules or when nothing is in flight.
         """
-        if not self.streaming or self._fed == self._stream_start:
-            return
-        programs = stream_programs(self.schedule, self._stream_start, self._fed, 0, drain=True)
-        mailbox = Mailbox(self.executor.context, programs, self._stream_metas, by_receives=True)
-        # Not ``last_result``: the timeline shows the last call, and a drain is no call.
-        self.executor.drain(programs[self.rank], mailbox, self._stream_metas, self._fed - self._stream_start)
-        self._stream_start = self._fed
+        self._runs.flush()
+
+    def eval_step(self, inputs: Tensors, targets: Tensors) -> float:
+        """Return the mean loss over the global batch without gradients (forward only, pipelined, split over replicas).
+
+        Collective over the data-parallel group at ZeRO-3 (the forward programs gather each stage), as is
+        ``forward``.  Async: flushes first.
+        """
+        return self._runs.evaluate(inputs, targets)
+
+    def forward(self, inputs: Tensors):
+        """Return the model's output for the whole batch on each replica's last-stage rank (``None`` on the others).
+
+        Inference is not split over replicas: each runs the whole batch.  Async: flushes first.
+        """
+        return self._runs.forward(inputs)
+
+    __call__ = forward
 
     def version_records(self) -> list[VersionRecord]:
         """Return, for this rank's stages, which weight version each sub-minibatch met (async; empty otherwise).
@@ -265,49 +161,20 @@ class Pipeline:
         backward and of the update that used its gradient, and the ticks of
         its forward and backward as the rank counted them.
         """
-        return self.executor.records if self.streaming else []
+        return self._runs.version_records()
 
     def weight_versions(self) -> dict[int, int]:
         """Return, per local stage, the most weight versions it held at once (async; empty otherwise)."""
-        if not self.streaming:
-            return {}
-        return {index: versions.held_versions for index, versions in self.executor.versions.items()}
+        return self._runs.weight_versions()
 
-    def eval_step(self, inputs: Tensors, targets: Tensors) -> float:
-        """Return the mean loss over the global batch without gradients (forward only, pipelined, split over replicas).
-
-        Collective over the data-parallel group at ZeRO-3 (the forward programs gather each stage), as is
-        ``forward``.  Async: flushes first.
-        """
-        self.flush()
-        posted = self._post_loss_receive() if self._early_loss_receive else None
-        result = self._run("eval", self.schedule.forward, inputs, targets)
-        return self._share_loss(result, posted)
-
-    def forward(self, inputs: Tensors):
-        """Return the model's output for the whole batch on each replica's last-stage rank (``None`` on the others).
-
-        Inference is not split over replicas: each runs the whole batch.  Async: flushes first.
-        """
-        self.flush()
-        result = self._run("forward", self.schedule.forward, inputs, None, split=False)
-        if result.outputs is None:
-            return None
-        joined = tuple(torch.cat(parts) for parts in zip(*result.outputs))
-        if self.layout.spatial > 1:  # the whole images, from every chunk's rows
-            joined = tuple(gather_rows(t, self.groups.spatial) if t.dim() >= 3 else t for t in joined)
-        return joined[0] if len(joined) == 1 else joined
-
-    __call__ = forward
-
+    # ---------------------------------------------------------------- state
     def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield this process's parameters named as in ``nn.Sequential(*layers)`` (``"3.weight"``).
 
         At ZeRO-3 each is the part of the parameter this replica stores: a
         flat view of its shard (see ``gathered_state_dict`` for full values).
         """
-        for index in sorted(self.shards):
-            yield from self.shards[index].local_parameters()
+        return self._state.named_parameters()
 
     def parameters(self) -> Iterator[torch.Tensor]:
         """Yield this process's parameters (see ``named_parameters``)."""
@@ -322,17 +189,7 @@ class Pipeline:
         (collective over the pipeline).
         """
         self.flush()
-        state = {}
-        for index in sorted(self.stages):
-            stage = self.stages[index]
-            full = self.shards[index].full_parameters(self._timeout, self.global_rank)
-            for offset, layer in enumerate(stage.layers):
-                prefix = f"{stage.first + offset}."
-                for name, tensor in layer.named_buffers():
-                    state[prefix + name] = tensor.detach().clone()
-                for name, parameter in layer.named_parameters():
-                    state[prefix + name] = full.get(prefix + name, parameter.detach())
-        return state
+        return self._state.gathered_state_dict()
 
     state_dict = gathered_state_dict
 
@@ -345,18 +202,7 @@ class Pipeline:
         ``KeyError`` naming it, a value this rank's stages need and ``state`` lacks.
         """
         self.flush()
-        for index in sorted(self.stages):
-            stage, shard = self.stages[index], self.shards[index]
-            missing = [name for name in shard.names if name not in state]
-            if missing:
-                raise KeyError(f"the state has no value for {missing[0]} (stage {index})")
-            shard.load_parameters({name: state[name] for name in shard.names})
-            with torch.no_grad():
-                for offset, layer in enumerate(stage.layers):
-                    for name, tensor in layer.named_buffers():
-                        key = f"{stage.first + offset}.{name}"
-                        if key in state:
-                            tensor.copy_(state[key])
+        self._state.load_state_dict(state)
 
     def optimizer_state_dict(self) -> dict:
         """Return this rank's optimizer state per parameter, layout-independent (collective at ZeRO 1–3).
@@ -367,43 +213,12 @@ class Pipeline:
         is gathered and cut into the parameters, so it loads into any layout.
         """
         self.flush()
-        state, hyperparameters = {}, {}
-        for index, optimizer in sorted(self.optimizers.items()):
-            shard = self.shards[index]
-            state.update(shard.full_optimizer_state(optimizer, self._timeout, self.global_rank))
-            group = {key: value for key, value in optimizer.param_groups[0].items() if key != "params"}
-            hyperparameters.update({name: dict(group) for name in shard.names})
-        return {"state": state, "hyperparameters": hyperparameters}
+        return self._state.optimizer_state_dict()
 
     def load_optimizer_state_dict(self, state: dict) -> None:
         """Load what ``optimizer_state_dict`` returned (on this or another layout) into this rank's optimizers."""
         self.flush()
-        for index, optimizer in sorted(self.optimizers.items()):
-            shard = self.shards[index]
-            shard.load_optimizer_state(optimizer, state["state"])
-            options = state.get("hyperparameters", {}).get(shard.names[0]) if shard.names else None
-            for group in optimizer.param_groups:
-                group.update({key: value for key, value in (options or {}).items() if key in group})
-
-    def memory(self) -> dict[str, int | None]:
-        """Return this process's memory in the last training step, in bytes.
-
-        ``activations``: peak bytes of tensors saved for backward (``None``
-        unless ``track_memory``); ``parameters`` and ``gradients``: peak of
-        the stage buffers (full and shard); ``optimizer``: optimizer state;
-        ``forward_activations``: per local stage, what one forward saved;
-        ``recomputed_activations``: per recomputed stage, what one ``R`` added.
-        """
-        last = self._last_training
-        peak = last.buffer_peak if last is not None else {}
-        return {
-            "activations": last.peak_activation_bytes if last is not None else None,
-            "parameters": peak.get("parameters", 0),
-            "gradients": peak.get("gradients", 0),
-            "optimizer": optimizer_state_bytes(self.optimizers.values()),
-            "forward_activations": dict(self.executor.forward_bytes),
-            "recomputed_activations": dict(self.executor.recompute_bytes),
-        }
+        self._state.load_optimizer_state_dict(state)
 
     def train(self, mode: bool = True) -> Pipeline:
         """Set the local stages to training (or evaluation) mode; return the pipeline."""
@@ -415,6 +230,18 @@ class Pipeline:
         """Set the local stages to evaluation mode; return the pipeline."""
         return self.train(False)
 
+    # ---------------------------------------------------------------- what the last run did
+    def memory(self) -> dict[str, int | None]:
+        """Return this process's memory in the last training step, in bytes.
+
+        ``activations``: peak bytes of tensors saved for backward (``None``
+        unless ``track_memory``); ``parameters`` and ``gradients``: peak of
+        the stage buffers (full and shard); ``optimizer``: optimizer state;
+        ``forward_activations``: per local stage, what one forward saved;
+        ``recomputed_activations``: per recomputed stage, what one ``R`` added.
+        """
+        return memory_in_last_step(self._runs.last_training, self.optimizers, self.executor)
+
     def timeline(self, title: str = "") -> Timeline:
         """Return the measured timeline of this replica's last step, gathered from its pipeline ranks (collective).
 
@@ -422,161 +249,22 @@ class Pipeline:
         last call's slice, with the version records of its sub-minibatches
         in ``metadata["version_records"]``.
         """
-        events = list(self.last_result.events) if self.last_result is not None else []
-        records = self._last_call_records()
-        if self.layout.pipeline > 1:
-            mine = {
-                "events": [[r, stream, str(action), start, end] for r, stream, action, start, end in events],
-                "records": [dataclasses.astuple(record) for record in records],
-            }
-            gathered = all_gather_json(mine, self.groups.pipeline, self.device)
-            events = [
-                (r, stream, parse_action(action), start, end)
-                for part in gathered
-                for r, stream, action, start, end in part["events"]
-            ]
-            records = sorted(VersionRecord(*fields) for part in gathered for fields in part["records"])
-        metadata = {"config": self.schedule.config.to_json()}
-        if self.streaming:
-            metadata["version_records"] = [dataclasses.asdict(record) for record in records]
-        origin = min((event[3] for event in events), default=0.0)
-        rows = tuple(
-            sorted(
-                (
-                    TimelineEvent(r, stream, action, start - origin, end - origin)
-                    for r, stream, action, start, end in events
-                ),
-                key=lambda row: (row[0], row[3]),
-            )
-        )
-        return Timeline(
-            self.schedule.config.ranks, rows, "measured", "s", title or self.schedule.config.schedule, metadata
-        )
+        records = self._runs.last_call_records()
+        return measured_timeline(self.last_result, records, self._runs.streams, self, title)
 
-    def _last_call_records(self) -> list[VersionRecord]:
-        """Return this rank's version records of the sub-minibatches the last async call ran a forward or backward of."""
-        if not self.streaming:
-            return []
-        low = self._fed - self.microbatches - stage_delay(self.schedule.placement.stages, 0)
-        return [record for record in self.version_records() if record.microbatch >= low]
+    def boundary_metas(self) -> tuple:
+        """Return every stage's output metas agreed for the first batch's shapes (``LookupError`` before any run)."""
+        return self.shapes.first()
 
-    # ---------------------------------------------------------------- internals
-    def _run(
-        self,
-        mode: str,
-        programs,
-        inputs: Tensors,
-        targets: Tensors | None,
-        split: bool = True,
-        stream_first: int | None = None,
-    ) -> RunResult:
-        """Run this rank's program of ``programs`` on the batch; ``stream_first``: the async call's first sub-minibatch."""
-        replicas = self.layout.data_parallel if split else 1
-        replica = self.replica if split else 0
-        if targets is not None:
-            _check_same_batch(inputs, targets)
-        if mode == "train" and self.check_every and self._calls % self.check_every == 0:
-            self._check_same_batch_everywhere(inputs)
-        self._calls += mode == "train"
-        input_parts = _split(inputs, self.microbatches, "inputs", replicas, replica)
-        target_parts = _split(targets, self.microbatches, "targets", replicas, replica) if targets is not None else None
-        if stream_first is not None:
-            return self._run_stream_call(programs, input_parts, target_parts, stream_first)
-        # The whole images' shapes, not this band's: two heights can give one band the same rows, and the
-        # bands must agree (and gather) together.
-        signature = tuple((tuple(t.shape), t.dtype) for t in input_parts[0])
-        if self.layout.spatial > 1:
-            input_parts = [rows_of(part, self.layout.spatial, self.spatial_index) for part in input_parts]
-        metas = self._agreed_metas(input_parts[0], signature)
-        if self.layout.spatial > 1 and target_parts is not None:
-            target_parts = self._target_chunks(signature, metas, target_parts)
-        mailbox = self.executor.mailbox((mode != "train", signature), programs, metas)
-        result = self.executor.run(
-            programs[self.rank], mailbox, metas, input_parts, target_parts, training=mode == "train"
-        )
-        self.last_result = result
-        return result
+    def weights_gathered(self, purpose: str) -> AbstractContextManager:
+        """Return a context that holds every local stage's full weights inside it (collective over the replicas at
+        ZeRO-3, which gather their stages in the same order); ``purpose`` ends the report of a gather that waits."""
+        return weights_gathered(self.shards.values(), self._timeout, self.global_rank, purpose)
 
-    def _target_chunks(self, signature: tuple, metas: tuple, target_parts: list) -> list:
-        """Return the targets' rows that this chunk's last-stage outputs stand for; weight its loss by their share."""
-        rows = self._target_rows.get(signature)
-        if rows is None:
-            bounds = gather_bounds(metas[-1][0].shape[-2], self.groups.spatial)
-            rows = self._target_rows[signature] = (*bounds[self.spatial_index], bounds[-1][1])
-        first, end, total = rows
-        for target in target_parts[0]:
-            if target.dim() < 3 or target.shape[-2] != total:
-                raise ValueError(
-                    f"targets: with spatial={self.layout.spatial} every target must be images whose "
-                    f"rows match the output's {total} (second-to-last dimension); a micro-batch's "
-                    f"target has shape {tuple(target.shape)}"
-                )
-        self._chunk_loss.weight = (end - first) / total
-        return [tuple(t[..., first:end, :] for t in part) for part in target_parts]
-
-    def _check_same_batch_everywhere(self, inputs: Tensors) -> None:
-        """Refuse, with ``PipelineError``, processes handed different global batches (a checksum, all-reduced)."""
-        if dist.get_world_size() == 1:
-            return
-        total = sum(
-            float(t.detach().double().sum()) + float(t.numel())
-            for t in as_tuple(inputs if isinstance(inputs, torch.Tensor) else tuple(inputs))
-        )
-        found = torch.tensor([total, -total], dtype=torch.float64, device=self.device)
-        work = dist.all_reduce(found, op=dist.ReduceOp.MAX, async_op=True)
-        wait_for(work, self._timeout, self.global_rank, "comparing the batch's checksum with the other processes")
-        if found[0] != -found[1]:
-            raise PipelineError(
-                f"process {self.global_rank}: the processes were handed different batches "
-                f"(input checksums from {-float(found[1]):.6g} to {float(found[0]):.6g}); every "
-                f"process must pass the same global batch to train_step"
-            )
-
-    def _run_stream_call(self, programs, input_parts, target_parts, first: int) -> RunResult:
-        """Run one async call's slice, the sub-minibatches numbered on from ``first`` across calls."""
-        metas = self._agreed_metas(input_parts[0])
-        if self._fed != self._stream_start and metas != self._stream_metas:
-            raise ValueError("inputs of another shape or dtype than the sub-minibatches in flight: flush() first")
-        self._stream_metas = metas
-        mailbox = Mailbox(self.executor.context, programs, metas, by_receives=True)
-        numbered = {first + index: part for index, part in enumerate(input_parts)}
-        targets = {first + index: part for index, part in enumerate(target_parts)}
-        result = self.executor.run(programs[self.rank], mailbox, metas, numbered, targets, training=True)
-        self.last_result = result
-        return result
-
-    def _agreed_metas(self, first_microbatch: tuple, signature: tuple | None = None) -> tuple:
-        """Return every stage's output metas for inputs shaped like ``first_microbatch`` (agreed on first use).
-
-        ``signature`` keys the agreement (the micro-batch's shapes by default).
-        """
-        signature = signature or tuple((tuple(t.shape), t.dtype) for t in first_microbatch)
-        metas = self._metas.get(signature)
-        if metas is None:
-            with self._all_gathered():
-                metas = self.executor.agree(first_microbatch)
-            self._metas[signature] = metas
-        return metas
-
-    @contextmanager
-    def _all_gathered(self):
-        """Hold every local stage's full weights inside the block (to agree the boundary shapes, before any program runs).
-
-        Collective over the data-parallel group at ZeRO-3, where weights are stored sharded.
-        """
-        released = [shard for shard in self.shards.values() if not shard.gathered]
-        for shard in released:
-            wait_for(
-                shard.gather(),
-                self._timeout,
-                self.global_rank,
-                f"gathering stage {shard.stage_index}'s weights to agree the boundary shapes",
-            )
-        try:
-            yield
-        finally:
-            for shard in released:
-                shard.release()
+    @property
+    def last_result(self) -> RunResult | None:
+        """Return what the last run did on this rank (training, evaluation or forward; ``None`` before any)."""
+        return self._runs.last_result
 
     @property
     def loss_scale(self) -> float | None:
@@ -587,170 +275,10 @@ class Pipeline:
     def last_step_skipped(self) -> int | None:
         """Return, when ``skip_nonfinite`` skipped the last step on every rank, the first stage whose gradients were
         not finite (on any process); ``None`` when it stepped."""
-        return self._last_training.skipped if self._last_training is not None else None
+        last = self._runs.last_training
+        return last.skipped if last is not None else None
 
     @property
     def last_exposed_communication(self) -> float:
         """Return the seconds the last run waited for data-parallel collectives."""
         return self.last_result.exposed_data_parallel if self.last_result is not None else 0.0
-
-    def _post_loss_receive(self):
-        """Post the receive of the step's mean loss from the last stage's rank (gloo: before the program runs)."""
-        if self.global_rank == self.loss_rank:
-            return None
-        buffer = torch.zeros(1, dtype=torch.float64, device=self.device)
-        group = self.executor.context.group_of(self.schedule.placement.loss_rank, self.rank)
-        return buffer, dist.irecv(buffer, src=self.loss_rank, tag=LOSS_TAG, group=group)
-
-    def _share_loss(self, result: RunResult, posted) -> float:
-        """Return the step's mean loss: averaged over the replicas' last-stage ranks, sent point-to-point to the others.
-
-        A receive posted before the program runs costs the other ranks
-        nothing, where a broadcast would hold every rank at the end of the step.
-        """
-        if self.global_rank == self.loss_rank:
-            value = torch.full((1,), result.loss_sum / self.microbatches, dtype=torch.float64, device=self.device)
-            if self.groups.loss is not None:
-                work = dist.all_reduce(value, group=self.groups.loss, async_op=True)
-                wait_for(work, self._timeout, self.global_rank, "averaging the step's loss over the replicas")
-                value /= self.layout.data_parallel
-            members, context = self.layout.pipeline_members(self.replica, self.spatial_index), self.executor.context
-            works = [
-                dist.isend(value, dst=peer, tag=LOSS_TAG, group=context.group_of(self.rank, pipeline_rank))
-                for pipeline_rank, peer in enumerate(members)
-                if peer != self.global_rank
-            ]
-            for work in works:
-                wait_for(work, self._timeout, self.global_rank, "sending the step's loss to the other ranks")
-            return self._summed_over_chunks(value)
-        buffer, work = posted if posted is not None else self._post_loss_receive()
-        wait_for(work, self._timeout, self.global_rank, f"waiting for the step's loss from rank {self.loss_rank}")
-        return self._summed_over_chunks(buffer)
-
-    def _summed_over_chunks(self, loss: torch.Tensor) -> float:
-        """Return the whole images' loss: the sum of the chunks' weighted losses (the loss itself without chunks)."""
-        if self.layout.spatial > 1:
-            work = dist.all_reduce(loss, group=self.groups.spatial, async_op=True)
-            wait_for(work, self._timeout, self.global_rank, "summing the step's loss over the spatial chunks")
-        return float(loss.item())
-
-
-def _check_spatial(spatial: object, layers: list) -> bool:
-    """Refuse, with ``ConfigError`` on ``spatial``, a chunk count the model or the process count cannot take;
-    return whether the model has spatial layers."""
-    if whole(1)(spatial) is not None:
-        raise ConfigError("spatial", spatial, "must be a whole number of chunks per image, at least 1")
-    world, found = dist.get_world_size(), has_spatial_layers(layers)
-    if world % spatial:
-        raise ConfigError(
-            "spatial", spatial, f"must divide the {world} processes (pipeline ranks × data_parallel × spatial)"
-        )
-    if spatial > 1 and not found:
-        raise ConfigError(
-            "spatial",
-            spatial,
-            "the model has no spatial layers (layerpipe.ops.SpatialConv2d, "
-            "SpatialConvTranspose2d, SpatialGroupNorm, SpatialBlock) to run on chunks of its images",
-        )
-    return found
-
-
-def _check_precision(precision: object, config: ScheduleConfig) -> None:
-    """Refuse, with ``ConfigError`` on ``precision``, an unknown precision or one the configuration cannot run in."""
-    if precision not in PRECISIONS:
-        raise ConfigError("precision", precision, "choose one of " + ", ".join(PRECISIONS))
-    if precision == "fp32":
-        return
-    if precision == "fp16" and config.schedule == "async":
-        raise ConfigError(
-            "precision",
-            precision,
-            "needs the guard of a flushed step for its loss scaling, which async has not: use bf16 with async",
-        )
-    if precision == "fp16" and not config.skip_nonfinite:
-        raise ConfigError(
-            "precision",
-            precision,
-            "needs skip_nonfinite=True: its loss scaling skips the steps whose "
-            "gradients overflowed, on every rank together",
-        )
-
-
-def _check_same_batch(inputs: Tensors, targets: Tensors) -> None:
-    """Refuse, with ``ValueError`` naming ``targets``, targets whose batch size differs from the inputs'."""
-    first_input = as_tuple(inputs if isinstance(inputs, torch.Tensor) else tuple(inputs))[0]
-    for target in as_tuple(targets if isinstance(targets, torch.Tensor) else tuple(targets)):
-        if target.dim() == 0 or first_input.dim() == 0 or target.shape[0] != first_input.shape[0]:
-            raise ValueError(
-                f"targets: a batch of {target.shape[0] if target.dim() else 0} samples, but the inputs "
-                f"have {first_input.shape[0] if first_input.dim() else 0}: give one target per sample"
-            )
-
-
-def _split(
-    batch: Tensors, microbatches: int, name: str, replicas: int = 1, replica: int = 0
-) -> list[tuple[torch.Tensor, ...]]:
-    """Return replica ``replica``'s contiguous share of the batch as ``microbatches`` equal micro-batches."""
-    tensors = as_tuple(batch if isinstance(batch, torch.Tensor) else tuple(batch))
-    size = tensors[0].shape[0] if tensors and tensors[0].dim() else 0
-    parts = microbatches * replicas
-    if size == 0 or size % parts or any(t.shape[0] != size for t in tensors):
-        across = f"data_parallel={replicas} × " if replicas > 1 else ""
-        raise ValueError(
-            f"{name} batch of {size} samples: must split into {across}microbatches={microbatches} "
-            f"equal micro-batches (a multiple of {parts} along the first dimension)"
-        )
-    share = size // replicas
-    tensors = tuple(t[replica * share : (replica + 1) * share] for t in tensors)
-    return list(zip(*(t.chunk(microbatches) for t in tensors)))
-
-
-def _schedule_for(schedule: str | ScheduleConfig | Schedule, options: dict, world: int) -> Schedule:
-    """Return the built schedule ``Pipeline`` runs on ``world`` processes: as given, or from a config or a name and options.
-
-    Refuses, with ``ConfigError``, options beside a built schedule or a
-    config, unknown options, and a schedule whose ranks × data_parallel is
-    not ``world``.
-    """
-    names = [field.name for field in knobs(ScheduleConfig) if field.name not in ("schedule", "ranks")]
-    if isinstance(schedule, (Schedule, ScheduleConfig)) and options:
-        raise ConfigError(
-            next(iter(options)),
-            next(iter(options.values())),
-            f"give it inside the {type(schedule).__name__}, not beside it",
-        )
-    for name, value in options.items():
-        if name not in names:
-            raise ConfigError(name, value, f"not an option of Pipeline; the schedule options are {', '.join(names)}")
-    if isinstance(schedule, str):
-        schedule = ScheduleConfig(schedule, ranks=pipeline_ranks(world, options.get("data_parallel", 1)), **options)
-    if isinstance(schedule, ScheduleConfig):
-        schedule = build_schedule(schedule)
-    config = schedule.config
-    if config.ranks * config.data_parallel != world:
-        raise ConfigError(
-            "schedule",
-            f"{config.ranks} ranks × data_parallel={config.data_parallel}",
-            f"the process group has {world} processes (start pipeline ranks × data_parallel processes)",
-        )
-    return schedule
-
-
-def _weight_pointers(shards: dict) -> list[int]:
-    """Return where the stages' flat weight buffers live (saved tensors there are weights, not activations)."""
-    return [shard.flat.untyped_storage().data_ptr() for shard in shards.values()]
-
-
-def _default_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Return this process's peak memory: CUDA allocator peak on GPU, peak resident set size on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-"""The compute precisions a pipeline may run in."""
+from ..run_options import PRECISIONS
+
+__all__ = ["PRECISIONS", "LossScaler", "compute", "in_float32"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,3 +64,15 @@ class LossScaler:
         if self.clean_steps >= self.growth_interval:
             self.scale *= 2.0
             self.clean_steps = 0
+
+    def unscale_or_skip(self, shards, skipped: bool) -> None:
+        """Finish a guarded step: divide the shards' gradients by the scale when it goes on, then update the scale.
+
+        ``shards`` are the local stages' ``StageShard``; ``skipped``: the guard stopped the step on every rank.
+        """
+        if not skipped:  # the step goes on with the gradients of the unscaled loss
+            for shard in shards:
+                for _, gradient in shard.local_gradients():
+                    if gradient is not None:
+                        gradient.mul_(1.0 / self.scale)
+        self.after_step(skipped)

@@ -26,6 +26,9 @@ once its shard has been reduced.  All collectives are issued with
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -172,97 +175,6 @@ class StageShard:
                 parameter.grad = None
             self.flat_grad.untyped_storage().resize_(0)
 
-    # ---------------------------------------------------------------- views for the user
-    def full_parameters(self, timeout: float, rank: int) -> dict[str, torch.Tensor]:
-        """Return copies of the stage's full parameters by model name (collective at ZeRO-3 when released).
-
-        ``timeout`` bounds the gather; ``rank`` names this process in its error.
-        """
-        released = not self.gathered
-        if released:
-            wait_for(self.gather(), timeout, rank, f"gathering stage {self.stage_index}'s weights for a state dict")
-        values = {name: p.detach().clone() for name, p in zip(self.names, self.parameters)}
-        if released:
-            self.release()
-        return values
-
-    def load_parameters(self, values: dict[str, torch.Tensor]) -> None:
-        """Copy full parameter values (by model name) into the stage's buffers: the flat buffer, or the shard at ZeRO-3.
-
-        Every replica must pass the same values; each keeps what it stores.
-        """
-        with torch.no_grad():
-            if self.zero == 3:
-                full = self._flatten(values)
-                self.shard.copy_(full[self.shard_bounds[0] : self.shard_bounds[1]])
-                return
-            for name, parameter in zip(self.names, self.parameters):
-                parameter.copy_(values[name])
-
-    def full_optimizer_state(self, optimizer: torch.optim.Optimizer, timeout: float, rank: int) -> dict[str, dict]:
-        """Return the optimizer's state per parameter, by model name: ``{name: {key: tensor shaped like it}}``.
-
-        At ZeRO 1–3 the optimizer steps the flat shard: its per-element state
-        is gathered from the replicas (collective over the data-parallel
-        group) and cut into the parameters; a scalar state (``step``) is given
-        to every parameter.  Independent of the layout, so it loads into another.
-        """
-        if self.zero == 0:
-            return {
-                name: {
-                    key: value.detach().clone()
-                    for key, value in optimizer.state.get(p, {}).items()
-                    if isinstance(value, torch.Tensor)
-                }
-                for name, p in zip(self.names, self.parameters)
-            }
-        state = optimizer.state.get(self.shard, {})
-        found: dict[str, dict] = {name: {} for name in self.names}
-        for key, value in sorted(state.items()):
-            if not isinstance(value, torch.Tensor):
-                continue
-            if value.dim() == 0:  # a count, as Adam's step
-                for name in self.names:
-                    found[name][key] = value.detach().clone()
-                continue
-            full = torch.empty(self.shard_size * self.replicas, dtype=value.dtype, device=value.device)
-            wait_for(
-                all_gather_into(full, value.detach().contiguous(), self.group),
-                timeout,
-                rank,
-                f"gathering stage {self.stage_index}'s optimizer state {key!r} for a checkpoint",
-            )
-            for name, parameter, (start, end) in zip(self.names, self.parameters, self.spans):
-                found[name][key] = full[start:end].view(parameter.shape).clone()
-        return found
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, dict]) -> None:
-        """Set the optimizer's state from ``full_optimizer_state``'s form (every replica passes the same)."""
-        if self.zero == 0:
-            for name, parameter in zip(self.names, self.parameters):
-                optimizer.state[parameter] = {key: value.clone() for key, value in state.get(name, {}).items()}
-            return
-        low, high = self.shard_bounds
-        keys = sorted({key for values in state.values() for key in values})
-        loaded = {}
-        for key in keys:
-            pieces = {name: state[name][key] for name in self.names if key in state.get(name, {})}
-            first = next(iter(pieces.values()))
-            if first.dim() == 0:
-                loaded[key] = first.clone()
-            else:
-                loaded[key] = self._flatten(pieces)[low:high].clone()
-        optimizer.state[self.shard] = loaded
-
-    def _flatten(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Return per-parameter values laid out as the padded flat buffer (zeros in the padding)."""
-        sample = next(iter(values.values()))
-        full = torch.zeros(self.shard_size * self.replicas, dtype=sample.dtype, device=self.flat.device)
-        for name, (start, end) in zip(self.names, self.spans):
-            if name in values:
-                full[start:end].copy_(values[name].reshape(-1))
-        return full
-
     def gradients_finite(self) -> bool:
         """Return whether every gradient this replica's step would use is finite (the reduced ones, after ``REDUCE``)."""
         return all(
@@ -337,3 +249,20 @@ def all_gather_into(output: torch.Tensor, shard: torch.Tensor, group):
     """Issue the all-gather of every replica's ``shard`` into ``output``; return the work (newer torch names it ``all_gather_single``)."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return gather(output, shard, group=group, async_op=True)
+
+
+@contextmanager
+def weights_gathered(shards: Iterable[StageShard], timeout: float, rank: int, purpose: str):
+    """Hold the full weights of every shard inside the block; release again those that were released before.
+
+    Collective over the data-parallel group at ZeRO-3, where weights are stored sharded: every replica gathers
+    its shards in the same order.  ``purpose`` ends the report of a gather that waits too long.
+    """
+    released = [shard for shard in shards if not shard.gathered]
+    for shard in released:
+        wait_for(shard.gather(), timeout, rank, f"gathering stage {shard.stage_index}'s weights {purpose}")
+    try:
+        yield
+    finally:
+        for shard in released:
+            shard.release()

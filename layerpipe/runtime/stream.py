@@ -31,9 +31,10 @@ from torch.func import functional_call
 
 from ..schedule.actions import Action, Kind
 from .context import RankContext
-from .executor import COMPUTE, Executor, LocalStage, RunResult, RunState
+from .executor import Executor
 from .memory import ActivationMeter
 from .precision import compute
+from .run_state import COMPUTE, LocalStage, RunResult, RunState
 from .stage import as_tuple, backward_roots, carries_gradient
 from .versions import VersionRecord, WeightVersions, stage_delay
 

@@ -20,6 +20,7 @@ from ..knobs import COMMAND_LINE, ConfigError, Spelling, check_fields, knob, kno
 from ..models.config import GPTConfig, SuperResConfig
 from ..ops.pattern import SPARSE_KERNELS, nm_pattern, parse_pattern
 from ..options import Parser, add_knobs, given, read_toml
+from ..run_options import PRECISIONS, check_precision, check_spatial, chunk_rule, seconds_rule
 from ..schedule.config import ScheduleConfig, pipeline_ranks, validate_config
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -50,7 +51,7 @@ class TrainConfig:
         1,
         "split every image into this many bands of rows, one per process, and run each stage on "
         "them (--model superres; processes = ranks x data-parallel x spatial)",
-        check=whole(1),
+        check=chunk_rule,
         metavar="S",
     )
     steps: int = knob(
@@ -78,14 +79,14 @@ class TrainConfig:
     timeout: float = knob(
         300.0,
         "seconds any rank may wait for a peer before it reports what it waits for",
-        check=number(0.0, above=True),
+        check=seconds_rule,
         metavar="SECONDS",
     )
     precision: str = knob(
         "fp32",
         "compute precision of the stages: fp32, bf16 or fp16 (float32 weights, gradients and "
         "optimizer state; fp16 scales the loss and needs --skip-nonfinite)",
-        check=one_of(("fp32", "bf16", "fp16")),
+        check=one_of(PRECISIONS),
         metavar="NAME",
     )
     max_skips: int = knob(
@@ -241,15 +242,15 @@ def _ranks_under_torchrun(schedule_values: dict, world: int, spatial: int) -> in
 
 def check_config(config: TrainConfig) -> None:
     """Refuse, with ``ConfigError`` naming the knob, a configuration that cannot train."""
+    schedule = config.pipeline
+    check_precision(
+        config.precision, schedule.streams, schedule.skip_nonfinite
+    )  # before the schedule's own rules: one line
     validate_config(config.pipeline)
     check_fields(config.gpt)
     check_fields(config.superres)
     check_fields(config)
-    schedule = config.pipeline
-    if config.precision == "fp16" and not schedule.skip_nonfinite:
-        raise ConfigError(
-            "precision", "fp16", "needs `skip_nonfinite`: its loss scaling skips the steps whose gradients overflowed"
-        )
+    check_spatial(config.spatial, schedule.streams)
     if schedule.delay_correction not in (None, "none") and config.optimizer != "sgd":
         raise ConfigError(
             "delay_correction",
@@ -304,8 +305,6 @@ def _check_superres(config: TrainConfig) -> None:
     for name in ("sparsity", "init_from"):
         if getattr(config, name) is not None:
             raise ConfigError(name, getattr(config, name), "applies to `model` gpt only")
-    if schedule.schedule == "async" and config.spatial > 1:
-        raise ConfigError("spatial", config.spatial, "the async stream does not run on spatial chunks yet")
     if SUPERRES_LAYERS < schedule.stages:
         raise ConfigError(
             "stages_per_rank",

@@ -1,0 +1,102 @@
+"""Runs of the flushed schedules: a training step, an evaluation or a forward, each one whole program per call.
+
+``FlushedRuns`` is what ``Pipeline`` calls to run a batch: it checks and
+splits the batch (``Batches``), agrees the boundary shapes on first use
+(``BoundaryShapes``), runs this rank's program in the executor and shares
+the loss (``LossSharing``).  The async stream (``AsyncStream``) is the same
+with sub-minibatches left in flight between calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..schedule.build import Schedule
+from .batches import Batches, Tensors
+from .executor import Executor
+from .loss_sharing import LossSharing
+from .run_state import RunResult
+from .shapes import BoundaryShapes, signature_of
+from .sharding import StageShard
+from .versions import VersionRecord
+
+
+class FlushedRuns:
+    """Runs ``schedule``'s programs on batches with ``executor``; every call ends with nothing in flight."""
+
+    streams = False
+    """Whether sub-minibatches stay in flight from call to call (the async stream)."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        executor: Executor,
+        shards: dict[int, StageShard],
+        batches: Batches,
+        shapes: BoundaryShapes,
+        loss: LossSharing,
+    ):
+        self.schedule, self.executor, self.shards = schedule, executor, shards
+        self.batches, self.shapes, self.loss = batches, shapes, loss
+        self.last_result: RunResult | None = None  # of the last run: training, evaluation or forward
+        self.last_training: RunResult | None = None
+
+    def train(self, inputs: Tensors, targets: Tensors) -> float:
+        """Run one training step on the global batch; return its mean loss."""
+        for shard in self.shards.values():
+            shard.begin_step()
+        posted = self.loss.post()
+        result = self.run("train", self.schedule.programs, inputs, targets)
+        self.last_training = result
+        return self.loss.share(result, posted)
+
+    def evaluate(self, inputs: Tensors, targets: Tensors) -> float:
+        """Return the mean loss over the global batch without gradients (flushes a stream first)."""
+        self.flush()
+        posted = self.loss.post()
+        result = self.run("eval", self.schedule.forward, inputs, targets)
+        return self.loss.share(result, posted)
+
+    def forward(self, inputs: Tensors):
+        """Return the model's output for the whole batch on the last stage's rank, ``None`` elsewhere (flushes first)."""
+        self.flush()
+        result = self.run("forward", self.schedule.forward, inputs, None, across_replicas=False)
+        return self.batches.joined(result.outputs) if result.outputs is not None else None
+
+    def flush(self) -> None:
+        """Do nothing: a flushed schedule leaves nothing in flight."""
+
+    def version_records(self) -> list[VersionRecord]:
+        """Return no version records: every forward and backward of a step meet the same weights."""
+        return []
+
+    def weight_versions(self) -> dict[int, int]:
+        """Return no weight versions: each stage holds one."""
+        return {}
+
+    def last_call_records(self) -> list[VersionRecord]:
+        """Return the version records of the last call's sub-minibatches (none here)."""
+        return []
+
+    def run(
+        self,
+        mode: str,
+        programs: Sequence,
+        inputs: Tensors,
+        targets: Tensors | None,
+        across_replicas: bool = True,
+    ) -> RunResult:
+        """Run this rank's program of ``programs`` on the batch; ``mode``: train, eval or forward."""
+        input_parts, target_parts = self.batches.split(mode == "train", inputs, targets, across_replicas)
+        # The whole images' shapes, not this band's: two heights can give one band the same rows, and the
+        # bands must agree (and gather) together.
+        signature = signature_of(input_parts[0])
+        input_parts = self.batches.bands(input_parts)
+        metas = self.shapes.metas_for(input_parts[0], signature)
+        target_parts = self.batches.target_bands(signature, metas, target_parts)
+        mailbox = self.executor.mailbox((mode != "train", signature), programs, metas)
+        result = self.executor.run(
+            programs[self.executor.context.rank], mailbox, metas, input_parts, target_parts, training=mode == "train"
+        )
+        self.last_result = result
+        return result

@@ -1,0 +1,169 @@
+"""The shape agreement: before the first program runs on inputs of a new shape, every rank learns every stage's
+output shapes and dtypes (the boundary *metas*), which size the receive buffers of the programs.
+
+``ShapeAgreement`` passes micro-batch 0 once through the pipeline without
+gradients; ``BoundaryShapes`` keeps what was agreed per input signature and
+agrees on first use, with every local stage's full weights held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from .context import RankContext
+from .p2p import wait_for
+from .precision import compute
+from .sharding import StageShard, weights_gathered
+from .stage import HEADER_LENGTH, PipelineError, Stage, TensorMeta, decode_header, encode_header, metas_of
+from .tags import agree_tag, check_tensor_count
+
+Metas = tuple[tuple[TensorMeta, ...], ...]
+
+
+def signature_of(first_microbatch: tuple) -> tuple:
+    """Return the shapes and dtypes of a micro-batch's tensors: the key of an agreement."""
+    return tuple((tuple(t.shape), t.dtype) for t in first_microbatch)
+
+
+def check_agreed(rank: int, stage: int, microbatch: int, produced: tuple, expected: tuple) -> None:
+    """Refuse, with ``PipelineError``, a stage's outputs of other shapes or dtypes than the agreed ``expected``."""
+    if len(produced) != len(expected) or any(
+        tuple(t.shape) != meta.shape or t.dtype != meta.dtype for t, meta in zip(produced, expected)
+    ):
+        found = ", ".join(str(m) for m in metas_of(produced))
+        agreed = ", ".join(str(m) for m in expected)
+        raise PipelineError(
+            f"rank {rank}: stage {stage} produced ({found}) for micro-batch "
+            f"{microbatch}, but the pipeline agreed on ({agreed}) from micro-batch 0 of the first "
+            f"step: every micro-batch must give a stage outputs of the same shapes and dtypes"
+        )
+
+
+class ShapeAgreement:
+    """Agrees the boundary metas of ``context.rank``'s pipeline over the ``stages`` it holds (by stage index).
+
+    ``group`` is the pipeline's ranks (the default group when there is one pipeline).
+    """
+
+    def __init__(self, context: RankContext, stages: dict[int, Stage], group=None):
+        self.context, self.stages, self.group = context, stages, group
+
+    def agree(self, first_microbatch: tuple[torch.Tensor, ...]) -> tuple[tuple[TensorMeta, ...], ...]:
+        """Return every stage's output metas, found by passing micro-batch 0 through the pipeline once.
+
+        Each rank runs its stages without gradients in stage order and sends
+        a header and the tensors to the next stage's rank.  Collective: every
+        rank calls it with the same input.  Refuses, with ``PipelineError``,
+        a stage that fails or passes more tensors than a message carries.
+        """
+        placement = self.context.placement
+        metas: list[tuple[TensorMeta, ...] | None] = []
+        previous_output = None
+        with torch.no_grad():
+            for stage in range(placement.stages):
+                if not self.context.owns(stage):
+                    metas.append(None)
+                    continue
+                if stage == 0:
+                    inputs = tuple(t.to(self.context.device) for t in first_microbatch)
+                elif placement.receives_forward[stage]:
+                    inputs = self._agree_receive(stage, placement.rank_of(stage - 1))
+                else:
+                    inputs = previous_output
+                previous_output = self._agree_forward(stage, inputs)
+                found = metas_of(previous_output)
+                check_tensor_count(stage, len(found))
+                if placement.sends_forward[stage]:
+                    self._agree_send(stage, placement.rank_of(stage + 1), previous_output, found)
+                metas.append(found)
+        return self._share_metas(metas)
+
+    def _agree_forward(self, stage: int, inputs: tuple) -> tuple:
+        try:
+            with compute(self.context.precision, self.context.device):
+                return self.stages[stage](*inputs)
+        except Exception as error:
+            raise PipelineError(
+                f"rank {self.context.rank}: stage {stage} failed on micro-batch 0 while agreeing tensor shapes: {error}"
+            ) from error
+
+    def _agree_send(self, stage: int, peer: int, tensors, metas) -> None:
+        destination = self.context.peers[peer]
+        what = f"sending stage {stage}'s output to rank {peer} while agreeing tensor shapes"
+        messages = [encode_header(metas).to(self.context.device), *(tensor.contiguous() for tensor in tensors)]
+        works = [
+            dist.isend(message, dst=destination, tag=agree_tag(stage, slot)) for slot, message in enumerate(messages)
+        ]
+        for work in works:
+            wait_for(work, self.context.timeout, self.context.rank, what)
+
+    def _agree_receive(self, stage: int, peer: int) -> tuple[torch.Tensor, ...]:
+        """Return stage ``stage - 1``'s output from ``peer``; every wait is timed and reported like a program's."""
+        source, device, rank = self.context.peers[peer], self.context.device, self.context.rank
+        what = f"while agreeing tensor shapes for stage {stage - 1}'s output from rank {peer}"
+        header = torch.empty(HEADER_LENGTH, dtype=torch.int64, device=device)
+        wait_for(dist.irecv(header, src=source, tag=agree_tag(stage - 1, 0)), self.context.timeout, rank, what)
+        tensors = []
+        for slot, meta in enumerate(decode_header(header.cpu())):
+            buffer = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+            wait_for(
+                dist.irecv(buffer, src=source, tag=agree_tag(stage - 1, 1 + slot)), self.context.timeout, rank, what
+            )
+            tensors.append(buffer)
+        return tuple(tensors)
+
+    def _share_metas(self, metas: list) -> tuple[tuple[TensorMeta, ...], ...]:
+        """Return the metas of every stage, each filled in by the rank that owns it.
+
+        Exchanged as tensors, not pickles: each rank writes the encoded
+        header of its own stages into a zeroed table, and a sum over the
+        pipeline's ranks fills in every row (one owner per stage).
+        """
+        if len(self.context.peers) == 1:
+            return tuple(metas)
+        table = torch.zeros(len(metas), HEADER_LENGTH, dtype=torch.int64)
+        for stage, found in enumerate(metas):
+            if found is not None:
+                table[stage] = encode_header(found)
+        table = table.to(self.context.device)
+        dist.all_reduce(table, group=self.group)
+        return tuple(decode_header(row) for row in table.cpu())
+
+
+class BoundaryShapes:
+    """The boundary metas agreed so far, per input signature; a new signature is agreed on first use.
+
+    ``shards`` are the local stages' shards: at ZeRO-3 their weights are
+    gathered for the agreement (collective over the data-parallel group).
+    """
+
+    def __init__(self, agreement: ShapeAgreement, shards: dict[int, StageShard], timeout: float, rank: int):
+        self._agreement, self._shards, self._timeout, self._rank = agreement, shards, timeout, rank
+        self._agreed: dict[tuple, Metas] = {}
+
+    def metas_for(self, first_microbatch: tuple, signature: tuple | None = None) -> Metas:
+        """Return every stage's output metas for inputs shaped like ``first_microbatch`` (agreed on first use).
+
+        ``signature`` keys the agreement (the micro-batch's shapes by default).
+        """
+        signature = signature or signature_of(first_microbatch)
+        metas = self._agreed.get(signature)
+        if metas is None:
+            purpose = "to agree the boundary shapes"
+            with weights_gathered(self._shards.values(), self._timeout, self._rank, purpose):
+                metas = self._agreement.agree(first_microbatch)
+            self._agreed[signature] = metas
+        return metas
+
+    def agreed(self) -> Iterator[Metas]:
+        """Yield the metas agreed so far, in the order they were agreed (one per input signature)."""
+        yield from self._agreed.values()
+
+    def first(self) -> Metas:
+        """Return the metas agreed first (those of the first batch's shapes); ``LookupError`` before any run."""
+        for metas in self._agreed.values():
+            return metas
+        raise LookupError("no boundary shapes agreed yet: run a step first")

@@ -25,7 +25,7 @@ LAYERS = [
     ("runtime and pictures", ["runtime", "emulation", "viz", "models", "ops"]),
     ("simulator (no torch)", ["sim"]),
     ("schedule engine (no torch)", ["schedule"]),
-    ("configuration (no torch)", ["knobs", "options"]),
+    ("configuration (no torch)", ["knobs", "options", "run_options"]),
 ]
 """Rows of the picture, top to bottom: each package imports only packages of its own row or below."""
 

@@ -722,15 +722,28 @@ def test_a_killed_run_with_warm_up_resumes_bit_for_bit_and_its_tensorboard_curve
         assert scalars["eval/loss"] == [(6, as_float32([summary["eval_loss"]])[0])]
 
 
-def test_a_tensorboard_folder_that_is_a_file_is_refused_before_training(tmp_path):
+@pytest.mark.parametrize("inside", [False, True], ids=["a-file", "inside-a-file"])
+def test_a_tensorboard_folder_that_is_or_is_inside_a_file_is_refused_before_training(tmp_path, inside):
+    pytest.importorskip("tensorboard")
     taken = tmp_path / "taken"
     taken.write_text("not a folder")
-    done = run_train("--tensorboard", str(taken), "--output", str(tmp_path / "never"), cwd=tmp_path)
+    folder = taken / "tb" if inside else taken
+    done = run_train("--tensorboard", str(folder), "--output", str(tmp_path / "never"), cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        f"layerpipe train: error: --tensorboard {taken}: is a file; name a folder (it is created if missing)"
-    ]
+    reason = f"cannot be made: {taken} is a file" if inside else "is a file; name a folder (it is created if missing)"
+    assert done.stderr.strip().splitlines() == [f"layerpipe train: error: --tensorboard {folder}: {reason}"]
     assert not os.path.exists(tmp_path / "never")
+
+
+def test_a_checkpoint_without_learning_rates_resumes_with_them_recomputed():
+    from layerpipe.train.config import TrainConfig
+    from layerpipe.train.loop import get_lr, resumed_history
+
+    written = {"step": 2, "steps": 4, "losses": [4.0, 3.9], "step_times": [0.1, 0.2]}  # before they were kept
+    history = resumed_history(written, TrainConfig(steps=6))
+    assert history["learning_rates"] == [get_lr(step, TrainConfig(steps=4)) for step in range(2)]
+    assert history["losses"] == [4.0, 3.9] and history["step_times"] == [0.1, 0.2]
+    assert resumed_history({**written, "learning_rates": [1.0, 2.0]}, TrainConfig())["learning_rates"] == [1.0, 2.0]
 
 
 def test_tensorboard_not_installed_is_refused_in_one_line_naming_the_extra(tmp_path):

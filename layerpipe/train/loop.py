@@ -107,12 +107,11 @@ def resumed_history(resumed: dict | None, config: TrainConfig) -> dict[str, list
     """
     if resumed is None:
         return {name: [] for name in HISTORY}
-    steps = dataclasses.replace(config, steps=resumed.get("steps", config.steps))
-    return {
-        "losses": list(resumed["losses"]),
-        "step_times": list(resumed["step_times"]),
-        "learning_rates": list(resumed.get("learning_rates", [get_lr(s, steps) for s in range(resumed["step"])])),
-    }
+    rates = resumed.get("learning_rates")
+    if rates is None:
+        taken = dataclasses.replace(config, steps=resumed.get("steps", config.steps))
+        rates = [get_lr(step, taken) for step in range(resumed["step"])]
+    return {"losses": list(resumed["losses"]), "step_times": list(resumed["step_times"]), "learning_rates": list(rates)}
 
 
 def set_learning_rate(pipe: Pipeline, rate: float) -> None:

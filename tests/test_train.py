@@ -253,6 +253,8 @@ def test_a_toml_config_sets_options_and_the_command_line_wins(tmp_path):
         (["--model", "superres", "--spatial", "4", "--crop", "40"], "--crop 40: its low-resolution half must split"),
         (["--model", "superres", "--sparsity", "2:4"], "--sparsity 2:4: applies to --model gpt only"),
         (["--model", "vit"], "--model vit: choose one of gpt, superres"),
+        (["--warmup-steps", "-1"], "--warmup-steps -1: must be a whole number of at least 0"),
+        (["--steps", "5", "--warmup-steps", "5"], "--warmup-steps 5: must be below --steps (5)"),
     ],
 )
 def test_bad_options_give_one_line_and_status_2(tmp_path, arguments, message):
@@ -644,3 +646,117 @@ def test_a_run_resumed_with_more_steps_prints_the_change_and_goes_on(tmp_path, d
         "resuming step 4 of 6, not of the checkpoint's 4: the learning rate's cosine now spans 6 steps" in done.stdout
     )
     assert len(json.loads((output / "summary.json").read_text())["losses"]) == 6
+
+
+def test_the_learning_rate_warms_up_linearly_then_decays_by_cosine_and_no_warm_up_is_the_old_rule():
+    import math
+
+    from layerpipe.train.config import TrainConfig
+    from layerpipe.train.loop import get_lr
+
+    warm = TrainConfig(steps=10, warmup_steps=4, learning_rate=1.0)
+    rates = [get_lr(step, warm) for step in range(10)]
+    assert rates[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]  # (step + 1) / (warmup + 1), then the peak
+    assert all(a > b for a, b in zip(rates[4:], rates[5:])) and rates[-1] == pytest.approx(0.1)
+    plain = TrainConfig(steps=7, learning_rate=3e-3)
+    old = [3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / 6))) for step in range(7)]
+    assert [get_lr(step, plain) for step in range(7)] == old  # bit for bit: the default run is unchanged
+
+
+def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Return every scalar TensorBoard finds in ``folder``, by tag: (step, value) in order."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={SCALARS: 0})  # 0: keep every point
+    events.Reload()
+    return {tag: [(s.step, s.value) for s in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def as_float32(values) -> list[float]:
+    """Return ``values`` as TensorBoard stores scalars: rounded to float32."""
+    import numpy
+
+    return [float(numpy.float32(value)) for value in values]
+
+
+@pytest.mark.multiprocess
+def test_a_killed_run_with_warm_up_resumes_bit_for_bit_and_its_tensorboard_curves_go_on(tmp_path):
+    pytest.importorskip("tensorboard")
+    import torch
+
+    from layerpipe.train.config import TrainConfig
+    from layerpipe.train.loop import get_lr
+
+    options = [*SMALL, "--steps", "6", "--checkpoint-every", "2", "--warmup-steps", "2"]
+    straight = tmp_path / "straight"
+    done = run_train(*options, "--output", str(straight), "--tensorboard", str(straight / "tb"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = tmp_path / "killed"
+    environment = {**os.environ, "LAYERPIPE_KILL_AT": "1:3"}  # process 1, as step 3 begins: step-2 was written
+    done = subprocess.run(
+        [sys.executable, "-m", "layerpipe.cli", "train", *options, "--output", str(killed)]
+        + ["--tensorboard", str(killed / "tb")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
+    assert done.returncode == 1 and "signal 9" in done.stderr, done.stderr[-2000:]
+    resumed = run_train(*options, "--resume", str(killed), "--tensorboard", str(killed / "tb"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = json.loads((straight / "summary.json").read_text())
+    found = json.loads((killed / "summary.json").read_text())
+    assert found["losses"] == expected["losses"] and found["learning_rates"] == expected["learning_rates"]
+    config = TrainConfig(steps=6, warmup_steps=2, learning_rate=0.01)
+    assert found["learning_rates"] == [get_lr(step, config) for step in range(6)]
+    assert found["learning_rates"][0] < found["learning_rates"][1] < found["learning_rates"][2] == 0.01
+    weights, reference = final_weights(killed), final_weights(straight)
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)
+    for summary, folder in ((expected, straight / "tb"), (found, killed / "tb")):
+        scalars = read_scalars(folder)
+        steps = list(range(1, 7))
+        assert scalars["train/loss"] == list(zip(steps, as_float32(summary["losses"])))
+        assert scalars["train/learning_rate"] == list(zip(steps, as_float32(summary["learning_rates"])))
+        assert [step for step, _ in scalars["train/step_time"]] == steps
+        assert [step for step, value in scalars["train/tokens_per_second"] if value > 0] == steps
+        assert scalars["eval/loss"] == [(6, as_float32([summary["eval_loss"]])[0])]
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["a-file", "inside-a-file"])
+def test_a_tensorboard_folder_that_is_or_is_inside_a_file_is_refused_before_training(tmp_path, inside):
+    pytest.importorskip("tensorboard")
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    folder = taken / "tb" if inside else taken
+    done = run_train("--tensorboard", str(folder), "--output", str(tmp_path / "never"), cwd=tmp_path)
+    assert done.returncode == 2
+    reason = f"cannot be made: {taken} is a file" if inside else "is a file; name a folder (it is created if missing)"
+    assert done.stderr.strip().splitlines() == [f"layerpipe train: error: --tensorboard {folder}: {reason}"]
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_a_checkpoint_without_learning_rates_resumes_with_them_recomputed():
+    from layerpipe.train.config import TrainConfig
+    from layerpipe.train.loop import get_lr, resumed_history
+
+    written = {"step": 2, "steps": 4, "losses": [4.0, 3.9], "step_times": [0.1, 0.2]}  # before they were kept
+    history = resumed_history(written, TrainConfig(steps=6))
+    assert history["learning_rates"] == [get_lr(step, TrainConfig(steps=4)) for step in range(2)]
+    assert history["losses"] == [4.0, 3.9] and history["step_times"] == [0.1, 0.2]
+    assert resumed_history({**written, "learning_rates": [1.0, 2.0]}, TrainConfig())["learning_rates"] == [1.0, 2.0]
+
+
+def test_tensorboard_not_installed_is_refused_in_one_line_naming_the_extra(tmp_path):
+    code = (
+        "import sys\n"
+        "sys.modules['tensorboard'] = None  # as if it were not installed\n"
+        "from layerpipe.cli import main\n"
+        f"sys.exit(main(['train', '--tensorboard', 'tb', '--output', {str(tmp_path / 'never')!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "layerpipe train: error: --tensorboard tb: needs the tensorboard package: install the extra with "
+        "pip install 'layerpipe[tensorboard]'"
+    ]
+    assert not os.path.exists(tmp_path / "never") and not os.path.exists(tmp_path / "tb")

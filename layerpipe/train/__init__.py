@@ -10,7 +10,8 @@ the processes torchrun started::
 
 The parts: ``config`` (the knobs and their checks), ``loop`` (the training
 loop, ``get_lr`` and ``evaluate``), ``report`` (one ``RunRecord`` written as
-summary.json, pictures and a trace) and ``command`` (processes and errors).
+summary.json, pictures and a trace), ``metrics`` (TensorBoard scalars) and
+``command`` (processes and errors).
 This package imports no torch until a run starts, so ``--help`` is quick.
 """
 

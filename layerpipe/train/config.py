@@ -22,6 +22,7 @@ from ..ops.pattern import SPARSE_KERNELS, nm_pattern, parse_pattern
 from ..options import Parser, add_knobs, given, read_toml
 from ..run_options import PRECISIONS, check_precision, check_spatial, chunk_rule, seconds_rule
 from ..schedule.config import ScheduleConfig, pipeline_ranks, validate_config
+from .metrics import tensorboard_folder
 
 OPTIMIZERS = ("adamw", "sgd")
 """The optimizers ``layerpipe train`` can give every stage."""
@@ -71,7 +72,13 @@ class TrainConfig:
         metavar="NAME",
     )
     learning_rate: float = knob(
-        3e-3, "peak learning rate (cosine decay to a tenth)", check=number(0.0, above=True), metavar="RATE"
+        3e-3,
+        "peak learning rate (reached after --warmup-steps, then cosine decay to a tenth)",
+        check=number(0.0, above=True),
+        metavar="RATE",
+    )
+    warmup_steps: int = knob(
+        0, "steps of linear learning-rate warm-up before the cosine decay", check=whole(0), metavar="N"
     )
     seed: int = knob(0, "seed for weights and batches (the same on every rank)", check=whole(0), metavar="N")
     sample_length: int = knob(300, "characters of text to generate after training", check=whole(0), metavar="N")
@@ -134,6 +141,14 @@ class TrainConfig:
         "start from the weights of this checkpoint (a run's output folder or a step "
         "folder), e.g. a dense run to fine-tune sparse; the step, optimizer and data start "
         "anew",
+        metavar="DIR",
+        default_text="none",
+    )
+    tensorboard: str | None = knob(
+        None,
+        "write every step's loss, learning rate, step time and throughput, and the held-out loss, as TensorBoard "
+        "scalars into this folder (tensorboard --logdir DIR; needs the extra layerpipe[tensorboard])",
+        check=tensorboard_folder,
         metavar="DIR",
         default_text="none",
     )
@@ -263,6 +278,10 @@ def check_config(config: TrainConfig) -> None:
             config.batch_size,
             f"must be a multiple of `microbatches` "
             f"({schedule.microbatches}) × `data_parallel` ({schedule.data_parallel})",
+        )
+    if config.warmup_steps >= config.steps:
+        raise ConfigError(
+            "warmup_steps", config.warmup_steps, f"must be below `steps` ({config.steps}): the cosine decay follows it"
         )
     (_check_gpt if config.model == "gpt" else _check_superres)(config)
     if config.resume is not None:

@@ -32,9 +32,14 @@ from ..runtime.exchange import all_gather_json
 from ..runtime.launch import init_process_group
 from ..runtime.pipeline import Pipeline, peak_memory_bytes
 from ..runtime.versions import VersionRecord
+from ..sim.timeline import Timeline
 from .config import OUTPUT_FILES, TrainConfig
+from .metrics import NoMetrics, open_metrics, step_scalars
 from .report import RunRecord, describe, memory_report, print_summary, stream_report, write_outputs
 from .tasks import task_for
+
+NO_METRICS = NoMetrics()
+"""What ``train`` writes scalars to when no TensorBoard folder was asked for."""
 
 
 class TrainingStopped(RuntimeError):
@@ -42,8 +47,12 @@ class TrainingStopped(RuntimeError):
 
 
 def get_lr(step: int, config: TrainConfig) -> float:
-    """Return the learning rate of ``step``: cosine decay from ``learning_rate`` to a tenth of it over the run."""
-    progress = step / max(1, config.steps - 1)
+    """Return the learning rate of ``step``: a linear warm-up over ``warmup_steps`` to ``learning_rate``, then cosine
+    decay to a tenth of it by the last step (no warm-up: the decay starts at step 0)."""
+    warmup = config.warmup_steps
+    if step < warmup:
+        return config.learning_rate * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, config.steps - 1 - warmup)
     return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -87,53 +96,74 @@ def make_pipeline(config: TrainConfig, task) -> Pipeline:
     )
 
 
-def train(
-    pipe: Pipeline, task, config: TrainConfig, show: bool, resumed: dict | None = None
-) -> tuple[list[float], list[float]]:
-    """Run the training steps (from a resumed checkpoint's step on); return the loss and wall time of every step.
+HISTORY = ("losses", "step_times", "learning_rates")
+"""The per-step lists of a run: kept in every checkpoint, written to summary.json and (the latest) to TensorBoard."""
 
-    Writes a checkpoint every ``config.checkpoint_every`` steps and at the end.
+
+def resumed_history(resumed: dict | None, config: TrainConfig) -> dict[str, list]:
+    """Return the per-step lists a run goes on from: empty, or a resumed checkpoint's.
+
+    A checkpoint written before learning rates were kept gets them recomputed by ``get_lr``.
+    """
+    if resumed is None:
+        return {name: [] for name in HISTORY}
+    rates = resumed.get("learning_rates")
+    if rates is None:
+        taken = dataclasses.replace(config, steps=resumed.get("steps", config.steps))
+        rates = [get_lr(step, taken) for step in range(resumed["step"])]
+    return {"losses": list(resumed["losses"]), "step_times": list(resumed["step_times"]), "learning_rates": list(rates)}
+
+
+def set_learning_rate(pipe: Pipeline, rate: float) -> None:
+    """Give every local optimizer's parameter groups the learning rate ``rate``."""
+    for optimizer in pipe.optimizers.values():
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+
+
+def train(
+    pipe: Pipeline, task, config: TrainConfig, show: bool, resumed: dict | None = None, metrics=NO_METRICS
+) -> dict[str, list]:
+    """Run the training steps (from a resumed checkpoint's step on); return the per-step lists (``HISTORY``).
+
+    Writes every step's scalars to ``metrics`` and a checkpoint every ``config.checkpoint_every`` steps and at the end.
     """
     generator = torch.Generator().manual_seed(config.seed)
-    losses, step_times, first, skips = [], [], 0, 0
+    history, first, skips = resumed_history(resumed, config), 0, 0
     if resumed is not None:
         restore_generator(generator, resumed["data"])
-        losses, step_times, first = list(resumed["losses"]), list(resumed["step_times"]), resumed["step"]
+        first = resumed["step"]
     bar = tqdm(total=config.steps, initial=first, desc="train", unit="step", disable=not show, dynamic_ncols=True)
     for step in range(first, config.steps):
         kill_if_asked("step", step)
-        for optimizer in pipe.optimizers.values():
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(step, config)
+        history["learning_rates"].append(get_lr(step, config))
+        set_learning_rate(pipe, history["learning_rates"][-1])
         inputs, targets = task.batch(generator)
         started = time.perf_counter()
-        losses.append(pipe.train_step(inputs, targets))
-        step_times.append(time.perf_counter() - started)
+        history["losses"].append(pipe.train_step(inputs, targets))
+        history["step_times"].append(time.perf_counter() - started)
         skips = skips + 1 if pipe.last_step_skipped is not None else 0
         if skips >= config.max_skips:
             raise TrainingStopped(
                 f"step {step}: {skips} steps in a row skipped, stage {pipe.last_step_skipped}'s "
                 f"gradients were not finite: lower --learning-rate or look at the data"
             )
+        done, scalars = step + 1, step_scalars(history, task.items_per_step, task.unit)
+        metrics.write(done, scalars)
         bar.update(1)
         bar.set_postfix(
-            {"loss": f"{losses[-1]:.3f}", f"{task.unit}_per_s": f"{task.items_per_step / step_times[-1]:,.0f}"}
+            {
+                "loss": f"{scalars['train/loss']:.3f}",
+                f"{task.unit}_per_s": f"{scalars[f'train/{task.unit}_per_second']:,.0f}",
+            }
         )
-        done = step + 1
         if done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
+            metrics.flush()  # the curves up to the checkpoint are on disk before it is
             write_checkpoint(
-                pipe,
-                config,
-                {
-                    "step": done,
-                    "steps": config.steps,
-                    "losses": losses,
-                    "step_times": step_times,
-                    "data": generator_state(generator),
-                },
+                pipe, config, {"step": done, "steps": config.steps, **history, "data": generator_state(generator)}
             )
     bar.close()
-    return losses, step_times
+    return history
 
 
 def write_checkpoint(pipe: Pipeline, config: TrainConfig, training: dict) -> str:
@@ -172,6 +202,21 @@ def _gathered(value) -> list:
     return all_gather_json(value)
 
 
+def train_and_evaluate(pipe: Pipeline, task, config: TrainConfig, resumed: dict | None) -> tuple[dict, float, Timeline]:
+    """Train, then measure the last step's timeline and the held-out loss; return the per-step lists, the held-out
+    loss and the timeline.  Rank 0 writes the scalars to ``config.tensorboard`` when it is given."""
+    rank, first = dist.get_rank(), 0 if resumed is None else resumed["step"]
+    metrics = open_metrics(config.tensorboard, first + 1, writes=rank == 0)
+    try:
+        history = train(pipe, task, config, show=rank == 0, resumed=resumed, metrics=metrics)
+        measured = pipe.timeline(f"{config.pipeline.schedule}, measured last step")
+        eval_loss = task.evaluate(pipe)  # async: flushes the stream first
+        metrics.write(len(history["losses"]), {"eval/loss": eval_loss})
+    finally:
+        metrics.close()
+    return history, eval_loss, measured
+
+
 def run(config: TrainConfig) -> dict | None:
     """Train on this process's rank (a process group exists or is made from the environment).
 
@@ -189,9 +234,7 @@ def run(config: TrainConfig) -> dict | None:
     change = None if resumed is None else steps_change(resumed, config)
     if change is not None and rank == 0:
         print(change)
-    losses, step_times = train(pipe, task, config, show=rank == 0, resumed=resumed)
-    measured = pipe.timeline(f"{config.pipeline.schedule}, measured last step")
-    eval_loss = task.evaluate(pipe)  # async: flushes the stream first
+    history, eval_loss, measured = train_and_evaluate(pipe, task, config, resumed)
     records = [
         [VersionRecord(*fields) for fields in part]
         for part in _gathered([dataclasses.astuple(record) for record in pipe.version_records()])
@@ -207,8 +250,9 @@ def run(config: TrainConfig) -> dict | None:
         config,
         pipe.schedule,
         describe(task),
-        tuple(losses),
-        tuple(step_times),
+        tuple(history["losses"]),
+        tuple(history["step_times"]),
+        tuple(history["learning_rates"]),
         eval_loss,
         measured,
         tuple(peaks),

@@ -47,6 +47,7 @@ class RunRecord:
     demo: Demo
     losses: tuple[float, ...]
     step_times: tuple[float, ...]
+    learning_rates: tuple[float, ...]
     eval_loss: float
     measured: Timeline
     peak_memory: tuple[int, ...]
@@ -131,6 +132,7 @@ def summary_of(record: RunRecord, simulated_step_time: float) -> dict:
         "model": record.demo.model,
         "corpus": record.demo.corpus,
         "losses": list(record.losses),
+        "learning_rates": list(record.learning_rates),
         "first_loss": record.losses[0],
         "final_loss": record.losses[-1],
         "eval_loss": record.eval_loss,
@@ -226,5 +228,9 @@ def print_summary(record: RunRecord, summary: dict) -> None:
         + "".join(f"{name} " for name in record.outcome.files)
         + f"checkpoints/step-{len(record.losses)}/"
     )
+    if record.config.tensorboard is not None:
+        print(
+            f"wrote TensorBoard scalars to {record.config.tensorboard}/ (tensorboard --logdir {record.config.tensorboard})"
+        )
     for line in record.outcome.lines:
         print(line)

@@ -73,8 +73,16 @@ class ScheduleRecord:
 
     @property
     def family(self) -> str:
-        """Return the placement family: ``looping`` (``stages_per_rank`` stages a rank) or ``contiguous`` (one)."""
-        return "looping" if "looping" in self.placements else "contiguous"
+        """Return the placement family: ``looping`` (``stages_per_rank`` stages a rank) or ``contiguous`` (one).
+
+        A schedule that runs only on the V-shape (two stages a rank) is of the looping family.
+        """
+        return "contiguous" if self.placements == ("contiguous",) else "looping"
+
+    @property
+    def default_placement(self) -> str | None:
+        """Return the placement ``auto`` means for this schedule: ``vshape`` when it runs on nothing else, else ``None``."""
+        return "vshape" if self.placements == ("vshape",) else None
 
     @property
     def default_stages_per_rank(self) -> int:

@@ -16,14 +16,17 @@ from test_data_parallel import run_configurations as run_data_parallel
 from test_runtime_equivalence import check
 
 import layerpipe
+from layerpipe.schedule.build import build_schedule
 from layerpipe.schedule.config import ConfigError, ScheduleConfig, validate_config
 from layerpipe.schedule.registry import names_where
+from layerpipe.sim.cost import CostModel
+from layerpipe.sim.simulator import simulate
 
 V_SCHEDULES = names_where(lambda record: record.placements == ("vshape",))
 
 
 def test_the_v_schedules_are_registered_on_the_vshape_placement():
-    assert set(V_SCHEDULES) >= {"zb-v"}
+    assert V_SCHEDULES == ("zb-v", "v-half", "v-min")
     for name in V_SCHEDULES:
         config = validate_config(ScheduleConfig(name, ranks=3, microbatches=6))
         assert config.stages_per_rank == 2 and config.placement_name == "vshape"
@@ -60,3 +63,50 @@ def test_v_schedules_with_data_parallelism_match_the_reference_at_every_zero_lev
     cases = list(itertools.product(V_SCHEDULES, (0, 1, 2, 3), ("none", "full"), (1, 3)))
     per_process = layerpipe.launch(run_data_parallel, 4, (2, 2, cases), timeout=600)
     check_results(2, 2, cases, per_process)
+
+
+# ---------------------------------------------------------------- unit costs: bubble and memory against the papers
+def simulated(name: str, ranks: int, microbatches: int) -> tuple[float, float]:
+    """Return (bubble over compute time, peak activation memory) of ``name`` with unit F, I and W on one model.
+
+    The V schedules split the model into twice as many stages, so each of
+    their stages takes half the time and holds half the activations; memory
+    is in micro-batches of a one-stage-per-rank stage's activations.
+    """
+    stages_per_rank = 2 if name in V_SCHEDULES else 1
+    share = 1 / stages_per_rank
+    cost = CostModel(forward_time=share, backward_time=2 * share, activation_bytes=share)
+    config = ScheduleConfig(name, ranks, microbatches, stages_per_rank)
+    result = simulate(build_schedule(config), cost)
+    return result.step_time / result.ideal_time - 1, max(rank.peak_activation_bytes for rank in result.ranks)
+
+
+SIZES = [(p, m) for p in (2, 3, 4, 6, 8) for m in (2 * p, 4 * p)]
+
+
+@pytest.mark.parametrize("ranks, microbatches", SIZES)
+def test_zb_v_bubble_is_below_zb_h1_below_1f1b_at_the_same_memory(ranks, microbatches):
+    one_f_one_b, zb_h1, zb_v = (simulated(name, ranks, microbatches) for name in ("1f1b", "zero-bubble", "zb-v"))
+    assert zb_v[0] < zb_h1[0] < one_f_one_b[0]
+    assert one_f_one_b[0] == pytest.approx((ranks - 1) / microbatches)
+    assert zb_h1[0] == pytest.approx((ranks - 1) / (3 * microbatches))
+    assert zb_v[1] == zb_h1[1] == one_f_one_b[1] == ranks
+
+
+@pytest.mark.parametrize("ranks, microbatches", SIZES)
+def test_v_half_and_v_min_hold_the_memory_the_paper_states(ranks, microbatches):
+    """Peak activations (p+2)//2 and (p+4)//3 of 1F1B's p (Qi et al., NeurIPS 2024), bubbles near p/2m and 2p/3m."""
+    one_f_one_b = simulated("1f1b", ranks, microbatches)
+    v_half, v_min = simulated("v-half", ranks, microbatches), simulated("v-min", ranks, microbatches)
+    assert v_half[1] == (ranks + 2) // 2 and v_min[1] == (ranks + 4) // 3
+    assert v_half[1] / one_f_one_b[1] <= 0.5 + 1 / ranks and v_min[1] / one_f_one_b[1] <= 1 / 3 + 4 / (3 * ranks)
+    assert v_half[0] <= 1.1 * ranks / (2 * microbatches) and v_min[0] <= 2 * ranks / (3 * microbatches)
+    assert v_half[0] <= v_min[0] < one_f_one_b[0]
+
+
+@pytest.mark.parametrize("name", V_SCHEDULES)
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5])
+def test_every_microbatch_count_builds_and_validates(name, ranks):
+    """No V schedule needs a least number of micro-batches: each order runs for any m (zb-v drops, as torch does)."""
+    for microbatches in range(1, 3 * ranks + 2):
+        build_schedule(ScheduleConfig(name, ranks, microbatches))

@@ -43,9 +43,10 @@ def test_stages_per_rank_other_than_two_is_refused_in_one_line(name, stages_per_
 
 
 @pytest.mark.parametrize("name", V_SCHEDULES)
-def test_a_placement_other_than_the_v_is_refused(name):
-    with pytest.raises(ConfigError, match=f"placement='looping': {name} runs on the vshape placement"):
-        validate_config(ScheduleConfig(name, ranks=2, microbatches=4, placement="looping"))
+@pytest.mark.parametrize("placement", ["looping", "contiguous"])
+def test_a_placement_other_than_the_v_is_refused(name, placement):
+    with pytest.raises(ConfigError, match=f"^placement='{placement}': {name} runs on the vshape placement$"):
+        validate_config(ScheduleConfig(name, ranks=2, microbatches=4, placement=placement))
 
 
 @pytest.mark.multiprocess

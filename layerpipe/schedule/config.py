@@ -314,10 +314,10 @@ def _check_placement(config: ScheduleConfig) -> None:
         raise ConfigError(
             "placement", "vshape", f"needs the {takers} schedule with `stages_per_rank` 2 (got {name} with {v})"
         )
+    if config.placement in ("contiguous", "looping") and config.placement not in placements:
+        raise ConfigError("placement", config.placement, f"{name} runs on the {' or '.join(placements)} placement")
     if config.placement == "contiguous" and v != 1:
         raise ConfigError("placement", "contiguous", f"needs `stages_per_rank` 1 (got {v})")
-    if config.placement == "looping" and "looping" not in placements:
-        raise ConfigError("placement", "looping", f"{name} runs on the {' or '.join(placements)} placement")
 
 
 def _check_data_parallel(config: ScheduleConfig) -> None:

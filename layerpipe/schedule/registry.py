@@ -49,7 +49,8 @@ class ScheduleRecord:
     ``placements`` are those the generator runs on: ``("contiguous",)`` for
     one stage per rank; with ``"looping"`` it loops ``stages_per_rank``
     stages over the ranks (its family); ``"vshape"`` where it also runs on
-    the V-shape.  ``options`` are the configuration fields only this
+    the V-shape, and ``("vshape",)`` alone for a schedule that runs on nothing
+    else (two stages a rank; ``auto`` placement means the V for it).  ``options`` are the configuration fields only this
     schedule takes, with the default it fills in (``None``: none);
     ``generator_options`` those of them the generator takes as keywords.
     A schedule that ``streams`` never drains between calls (its generator

@@ -6,7 +6,13 @@
 * ``v-half`` and ``v-min``: the controllable-memory schedules of Qi et al.,
   "Pipeline Parallelism with Controllable Memory" (NeurIPS 2024,
   arXiv 2405.15362), built from the paper's V-shape building block
-  (``controllable``).
+  (``building_block``, ``controllable``).  The paper's observation: a rank's
+  peak activation memory is the lifespan of its stages' activations (from a
+  forward to its weight gradient) over the interval at which the block
+  repeats, so the offsets between consecutive stages' passes set the memory.
+  Offsets summing to ``d`` over a forward and a backward hop keep a rank's two
+  stages alive about ``2(p-1)d`` slots per micro-batch, against about ``12p``
+  for 1F1B's (and ZB-V's) memory: ``d = 3`` gives V-Half, ``d = 2`` (the least) V-Min.
 
 Each generator takes the V-shape placement and the number of micro-batches
 and returns one program per rank; the records at the end register them.
@@ -156,9 +162,8 @@ def v_half(placement: Placement, microbatches: int) -> tuple[Program, ...]:
 
     The paper states, for equal ``F``, ``I`` and ``W``, a peak of ``(p+2)//2``
     micro-batches of 1F1B's activations (``p``) and a bubble of about
-    ``p/(2m)`` (1F1B: about ``p/m``).  The offsets average 1.5 slots: a stage's
-    activations live about ``3(p-1)`` slots over its rank's two stages, half
-    of what ZB-V's do.
+    ``p/(2m)`` (1F1B: about ``p/m``).  The offsets alternate 1 and 2 slots,
+    1.5 on average: a forward and a backward hop sum to 3.
     """
     return controllable(placement, microbatches, *V_HALF_GAPS)
 
@@ -168,7 +173,8 @@ def v_min(placement: Placement, microbatches: int) -> tuple[Program, ...]:
 
     The paper states, for equal ``F``, ``I`` and ``W``, a peak of
     ``(p+4)//3`` micro-batches of 1F1B's activations (``p``) and a bubble of
-    about ``2p/(3m)``.  Every offset is one slot, the least possible.
+    about ``2p/(3m)``.  Every offset is one slot, the least possible: a
+    forward and a backward hop sum to 2.
     """
     return controllable(placement, microbatches, *V_MIN_GAPS)
 

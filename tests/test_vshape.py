@@ -16,8 +16,11 @@ from test_data_parallel import run_configurations as run_data_parallel
 from test_runtime_equivalence import check
 
 import layerpipe
+from layerpipe.schedule import vshape
+from layerpipe.schedule.actions import Kind
 from layerpipe.schedule.build import build_schedule
 from layerpipe.schedule.config import ConfigError, ScheduleConfig, validate_config
+from layerpipe.schedule.placement import vshape as vshape_placement
 from layerpipe.schedule.registry import names_where
 from layerpipe.sim.cost import CostModel
 from layerpipe.sim.simulator import simulate
@@ -111,3 +114,20 @@ def test_every_microbatch_count_builds_and_validates(name, ranks):
     """No V schedule needs a least number of micro-batches: each order runs for any m (zb-v drops, as torch does)."""
     for microbatches in range(1, 3 * ranks + 2):
         build_schedule(ScheduleConfig(name, ranks, microbatches))
+
+
+@pytest.mark.parametrize("gaps", [vshape.V_HALF_GAPS, vshape.V_MIN_GAPS], ids=["v-half", "v-min"])
+@pytest.mark.parametrize("ranks", range(1, 11))
+def test_the_building_block_repeats_without_collision_and_after_what_each_pass_needs(gaps, ranks):
+    slots = vshape.building_block(ranks, *gaps)
+    placement = vshape_placement(ranks)
+    for rank in range(ranks):
+        residues = [slot % vshape.CYCLE for (stage, _), slot in slots.items() if placement.rank_of(stage) == rank]
+        assert sorted(residues) == list(range(vshape.CYCLE))
+    last = 2 * ranks - 1
+    for stage in range(last + 1):
+        assert slots[stage, Kind.F] < slots[stage, Kind.I] < slots[stage, Kind.W]
+        if stage:
+            assert slots[stage - 1, Kind.F] < slots[stage, Kind.F]
+        if stage < last:
+            assert slots[stage + 1, Kind.I] < slots[stage, Kind.I]

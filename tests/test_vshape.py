@@ -11,9 +11,11 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from runtime_models import batch, wide_layers
 from test_data_parallel import check_results
 from test_data_parallel import run_configurations as run_data_parallel
 from test_runtime_equivalence import check
+from torch import nn
 
 import layerpipe
 from layerpipe.schedule import vshape
@@ -23,6 +25,7 @@ from layerpipe.schedule.config import ConfigError, ScheduleConfig, validate_conf
 from layerpipe.schedule.placement import vshape as vshape_placement
 from layerpipe.schedule.registry import names_where
 from layerpipe.sim.cost import CostModel
+from layerpipe.sim.memory import activation_peak
 from layerpipe.sim.simulator import simulate
 
 V_SCHEDULES = names_where(lambda record: record.placements == ("vshape",))
@@ -131,3 +134,46 @@ def test_the_building_block_repeats_without_collision_and_after_what_each_pass_n
             assert slots[stage - 1, Kind.F] < slots[stage, Kind.F]
         if stage < last:
             assert slots[stage + 1, Kind.I] < slots[stage, Kind.I]
+
+
+# ---------------------------------------------------------------- measured on gloo: the activation meter
+MEASURED_RANKS = 4
+
+
+def _measured_peaks() -> dict[str, tuple]:
+    """Worker: one step of each schedule on one model of 8 equal groups; the meter's peak and the rank's program."""
+    found = {}
+    for name in ("1f1b", "v-half", "v-min"):
+        v_shaped = name in V_SCHEDULES
+        pipe = layerpipe.Pipeline(
+            wide_layers(stages=2 * MEASURED_RANKS),
+            nn.functional.mse_loss,
+            schedule=name,
+            microbatches=4 * MEASURED_RANKS,
+            stages_per_rank=2 if v_shaped else 1,
+            partition=list(range(0, 40, 5 if v_shaped else 10)),
+            track_memory=True,
+            timeout=60,
+        )
+        pipe.train_step(*batch(8 * MEASURED_RANKS, width=8))
+        memory = pipe.memory()
+        found[name] = (memory["activations"], memory["forward_activations"], pipe.schedule.programs[pipe.rank])
+    return found
+
+
+@pytest.mark.multiprocess
+def test_v_half_and_v_min_measured_peaks_are_the_memory_models_and_the_papers():
+    """The meter's peak over ranks against 1F1B's: (p+2)//2/p and (p+4)//3/p (3/4 and 1/2 at p = 4), within 10 %."""
+    per_rank = layerpipe.launch(_measured_peaks, MEASURED_RANKS, timeout=300)
+    peak = {name: max(rank[name][0] for rank in per_rank) for name in ("1f1b", "v-half", "v-min")}
+    stated = {"v-half": (MEASURED_RANKS + 2) // 2 / MEASURED_RANKS, "v-min": (MEASURED_RANKS + 4) // 3 / MEASURED_RANKS}
+    for name, ratio in stated.items():
+        measured = peak[name] / peak["1f1b"]
+        assert abs(measured - ratio) <= 0.1 * ratio, f"{name}: measured {measured:.3f} of 1F1B's, stated {ratio:.3f}"
+        for rank, results in enumerate(per_rank):
+            measured_peak, stored, program = results[name]
+            activation = [stored.get(stage, 0) for stage in range(2 * MEASURED_RANKS)]
+            model = activation_peak(program, activation, [0] * len(activation)).bytes
+            assert abs(measured_peak - model) <= 0.1 * model, (
+                f"{name} rank {rank}: meter {measured_peak}, model {model}"
+            )

@@ -6,9 +6,11 @@ import types
 import pytest
 from torch.distributed.pipelining import schedules as torch_schedules
 
-from layerpipe.schedule import generators
+from layerpipe.schedule import generators, vshape
 from layerpipe.schedule.actions import Kind, format_program, parse_program
 from layerpipe.schedule.placement import contiguous, looping
+from layerpipe.schedule.placement import vshape as vshape_placement
+from layerpipe.schedule.validation import validate
 
 SIZES = [(p, v, m) for p, v, m in itertools.product([1, 2, 3, 4], [1, 2, 3], [1, 2, 3, 4, 6, 8, 12])]
 
@@ -104,3 +106,26 @@ def test_breadth_first_on_vshape_keeps_turn_local():
 
     programs = generators.breadth_first(vshape(2), 2)
     assert programs[1] == parse_program("1F0 1F1 2F0 2F1 2B1 2B0 1B1 1B0")
+
+
+def torch_zb_v_order(ranks, microbatches, rank):
+    """Return ``ScheduleZBVZeroBubble``'s compute order for one rank, idle slots dropped (no process groups)."""
+    state = types.SimpleNamespace(pp_group_size=ranks, num_stages=2 * ranks, _n_microbatches=microbatches)
+    order = torch_schedules.ScheduleZBVZeroBubble._calculate_single_rank_operations(state, rank)
+    return [str(action) for action in order if action is not None]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("microbatches", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16])
+def test_zb_v_equals_torch_zbv_zero_bubble(ranks, microbatches):
+    """Every micro-batch count torch accepts, including fewer than the ``2p - 1`` that fill the V."""
+    ours = vshape.zb_v(vshape_placement(ranks), microbatches)
+    for rank in range(ranks):
+        assert [str(a) for a in ours[rank]] == torch_zb_v_order(ranks, microbatches, rank)
+    validate(ours, vshape_placement(ranks), microbatches)
+
+
+def test_zb_v_reads_as_its_phases_on_the_last_rank():
+    """Rank p-1 holds the two middle stages: warm-up forwards, then F/I/W of the V's two halves in turn."""
+    programs = vshape.zb_v(vshape_placement(2), 3)
+    assert format_program(programs[1]) == "1F0 2F0 1F1 2F1 2I0 2W0 1F2 1I0 1W0 2F2 2I1 2W1 1I1 2I2 1I2 1W1 2W2 1W2"

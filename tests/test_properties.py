@@ -21,6 +21,8 @@ def configs(draw):
         return _stream_config(draw, name)
     ranks = draw(st.integers(1, 6))
     stages_per_rank = 1 if record.family == "contiguous" else draw(st.integers(1, 4))
+    if record.default_placement == "vshape":
+        stages_per_rank = 2  # a V holds two stages per rank
     microbatches = draw(st.integers(1, 20))
     group_size = None
     if "group_size" in record.options:

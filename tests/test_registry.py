@@ -31,7 +31,18 @@ from layerpipe.schedule.placement import Placement
 from layerpipe.schedule.registry import Example, ScheduleRecord, register, schedule_record, schedule_records
 from layerpipe.sim.simulator import simulate
 
-BUILT_IN = ("gpipe", "1f1b", "interleaved", "breadth-first", "grouped", "zero-bubble", "async")
+BUILT_IN = (
+    "gpipe",
+    "1f1b",
+    "interleaved",
+    "breadth-first",
+    "grouped",
+    "zero-bubble",
+    "async",
+    "zb-v",
+    "v-half",
+    "v-min",
+)
 
 
 def backwards_reversed(placement: Placement, microbatches: int) -> tuple[Program, ...]:
@@ -68,7 +79,12 @@ def tiny(monkeypatch):
 
 def test_the_built_in_schedules_are_registered_in_order():
     assert tuple(SCHEDULES) == SCHEDULES == BUILT_IN
-    assert ONE_STAGE_SCHEDULES == ("gpipe", "1f1b", "async") and SPLITTING_SCHEDULES == ("zero-bubble",)
+    assert ONE_STAGE_SCHEDULES == ("gpipe", "1f1b", "async") and SPLITTING_SCHEDULES == (
+        "zero-bubble",
+        "zb-v",
+        "v-half",
+        "v-min",
+    )
     assert set(GENERATORS) == set(BUILT_IN) and GENERATORS["gpipe"] is schedule_record("gpipe").generator
     assert [record.name for record in schedule_records() if record.streams] == ["async"]
 
@@ -112,7 +128,9 @@ def test_a_schedule_registered_on_import_is_in_the_help():
         "main(['simulate', '--help'])\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert "zero-bubble, async, backwards-reversed" in " ".join(done.stdout.split()), done.stderr
+    assert "async,zb-v,v-half,v-min,backwards-reversed" in "".join(done.stdout.split()), (
+        done.stderr
+    )  # wrapped lines joined
 
 
 @pytest.mark.parametrize("record", schedule_records(), ids=lambda record: record.name)

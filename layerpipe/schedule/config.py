@@ -99,7 +99,8 @@ class ScheduleConfig:
     placement: str = knob(
         "auto",
         "stage placement: " + ", ".join(PLACEMENTS) + "; vshape puts stages r and 2P-1-r "
-        "on rank r (breadth-first, V = 2); auto is contiguous for V = 1, else looping",
+        "on rank r (V = 2: breadth-first, and the V schedules, which run on nothing else); auto is the V "
+        "schedules' vshape, else contiguous for V = 1 and looping above",
         check=one_of(PLACEMENTS),
         metavar="NAME",
     )
@@ -236,6 +237,8 @@ class ScheduleConfig:
         """Return the placement this configuration uses, with ``auto`` resolved."""
         if self.placement != "auto":
             return self.placement
+        if self.record is not None and self.record.default_placement is not None:
+            return self.record.default_placement
         return "contiguous" if self.stages_per_rank == 1 else "looping"
 
     def to_json(self) -> dict:
@@ -311,10 +314,10 @@ def _check_placement(config: ScheduleConfig) -> None:
         raise ConfigError(
             "placement", "vshape", f"needs the {takers} schedule with `stages_per_rank` 2 (got {name} with {v})"
         )
+    if config.placement in ("contiguous", "looping") and config.placement not in placements:
+        raise ConfigError("placement", config.placement, f"{name} runs on the {' or '.join(placements)} placement")
     if config.placement == "contiguous" and v != 1:
         raise ConfigError("placement", "contiguous", f"needs `stages_per_rank` 1 (got {v})")
-    if config.placement == "looping" and "looping" not in placements:
-        raise ConfigError("placement", "looping", f"{name} runs on the contiguous placement")
 
 
 def _check_data_parallel(config: ScheduleConfig) -> None:

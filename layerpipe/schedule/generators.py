@@ -5,8 +5,9 @@ one program per rank.  Orders that ``torch.distributed.pipelining`` also
 generates are the same order here, with its idle slots dropped (tests check
 this against the installed torch).  The table at the end registers each
 (``registry``) with its placements, options, rules and gallery examples; the
-async stream's generator and rules are in ``asynchronous``.  Adding a
-schedule is one generator and one ``register`` call here.
+async stream's generator and rules are in ``asynchronous``, the V-shape
+schedules' (``zb-v``, ``v-half``, ``v-min``) in ``vshape``, imported at the
+end.  Adding a schedule is one generator and one ``register`` call here.
 """
 
 from __future__ import annotations
@@ -305,6 +306,8 @@ register(
         ),
     )
 )
+
+from . import vshape  # noqa: E402, F401  (the V-shape schedules, registered after these in their own module)
 
 GENERATORS = Generators()
 """Generator of each schedule name, read from the registry; ``grouped``'s also takes ``group_size``."""

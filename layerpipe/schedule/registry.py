@@ -49,7 +49,8 @@ class ScheduleRecord:
     ``placements`` are those the generator runs on: ``("contiguous",)`` for
     one stage per rank; with ``"looping"`` it loops ``stages_per_rank``
     stages over the ranks (its family); ``"vshape"`` where it also runs on
-    the V-shape.  ``options`` are the configuration fields only this
+    the V-shape, and ``("vshape",)`` alone for a schedule that runs on nothing
+    else (two stages a rank; ``auto`` placement means the V for it).  ``options`` are the configuration fields only this
     schedule takes, with the default it fills in (``None``: none);
     ``generator_options`` those of them the generator takes as keywords.
     A schedule that ``streams`` never drains between calls (its generator
@@ -73,8 +74,16 @@ class ScheduleRecord:
 
     @property
     def family(self) -> str:
-        """Return the placement family: ``looping`` (``stages_per_rank`` stages a rank) or ``contiguous`` (one)."""
-        return "looping" if "looping" in self.placements else "contiguous"
+        """Return the placement family: ``looping`` (``stages_per_rank`` stages a rank) or ``contiguous`` (one).
+
+        A schedule that runs only on the V-shape (two stages a rank) is of the looping family.
+        """
+        return "contiguous" if self.placements == ("contiguous",) else "looping"
+
+    @property
+    def default_placement(self) -> str | None:
+        """Return the placement ``auto`` means for this schedule: ``vshape`` when it runs on nothing else, else ``None``."""
+        return "vshape" if self.placements == ("vshape",) else None
 
     @property
     def default_stages_per_rank(self) -> int:

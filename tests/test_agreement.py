@@ -1,0 +1,121 @@
+"""The model behaves in the pipeline as in one process: the shape agreement leaves no trace, in-place layers at a
+stage's start train, layer outputs are checked, and evaluation takes any batch size.
+
+Float64 against one process.  Each launch runs several checks, so processes start few times.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from runtime_models import Chain, batch
+from torch import nn
+
+import layerpipe
+
+TOLERANCE = 1e-10
+
+
+def _norm_layers(seed: int = 0) -> list[nn.Module]:
+    """Return layers with BatchNorm and Dropout (the agreement must change neither buffers nor random state)."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.Linear(8, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)]
+    return [layer.double() for layer in layers]
+
+
+class NeedsValues(nn.Module):
+    """Scales by a Python number read from its input: it cannot run on meta tensors."""
+
+    def forward(self, x):
+        return x * (1.0 + 0.0 * float(x.sum()))
+
+
+def _buffers(pipe) -> dict[str, torch.Tensor]:
+    return {name: buffer.clone() for stage in pipe.stages.values() for name, buffer in stage.named_buffers()}
+
+
+def _agreement_leaves_no_trace(layers: list[nn.Module]) -> tuple[bool, bool, list[str]]:
+    """Worker: agree the shapes of a new input shape; return whether the random state and the buffers stayed."""
+    pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, microbatches=2, timeout=60)
+    inputs, _ = batch(4)
+    buffers, random_state = _buffers(pipe), torch.get_rng_state()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.shapes.metas_for((inputs[:2],))
+    same_buffers = all(torch.equal(buffers[name], found) for name, found in _buffers(pipe).items())
+    return torch.equal(random_state, torch.get_rng_state()), same_buffers, [str(w.message) for w in caught]
+
+
+def test_the_agreement_changes_no_random_state_and_no_buffer_on_two_ranks():
+    for same_random_state, same_buffers, warned in layerpipe.launch(
+        _agreement_leaves_no_trace, 2, (_norm_layers(),), timeout=60
+    ):
+        assert same_random_state and same_buffers and warned == []
+
+
+def test_a_layer_that_cannot_run_on_meta_falls_back_to_a_forward_that_restores_buffers_and_random_state():
+    layers = _norm_layers()
+    layers.insert(2, NeedsValues())
+    results = layerpipe.launch(_agreement_leaves_no_trace, 2, (layers,), timeout=60)
+    for same_random_state, same_buffers, _ in results:
+        assert same_random_state and same_buffers
+    warned = [line for _, _, lines in results for line in lines]
+    assert len(warned) == 1 and "cannot run on meta tensors to agree the boundary shapes" in warned[0]
+    assert "DataDependentOutputException" in warned[0] and "were undone" in warned[0]
+
+
+def _trains_batch_norm(steps: int, microbatches: int) -> dict[str, torch.Tensor]:
+    """Worker: train the BatchNorm model (no dropout) for ``steps`` SGD steps; return this rank's buffers."""
+    layers = [layer for layer in _norm_layers() if not isinstance(layer, nn.Dropout)]
+    pipe = layerpipe.Pipeline(
+        layers,
+        nn.functional.mse_loss,
+        microbatches=microbatches,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        timeout=60,
+    )
+    for step in range(steps):
+        pipe.train_step(*batch(8, seed=step + 1))
+    return pipe.gathered_state_dict()
+
+
+def test_batch_norm_buffers_after_training_equal_one_process_doing_the_same_gradient_accumulation():
+    steps, microbatches = 3, 2
+    found = {}
+    for state in layerpipe.launch(_trains_batch_norm, 2, (steps, microbatches), timeout=60):
+        found.update(state)
+    model = Chain(*copy.deepcopy([layer for layer in _norm_layers() if not isinstance(layer, nn.Dropout)]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        inputs, targets = batch(8, seed=step + 1)
+        optimizer.zero_grad()
+        for part, target in zip(inputs.chunk(microbatches), targets.chunk(microbatches)):
+            (nn.functional.mse_loss(model(part), target) / microbatches).backward()
+        optimizer.step()
+    for name, expected in model.state_dict().items():
+        if expected.is_floating_point():
+            assert torch.allclose(found[name], expected, rtol=TOLERANCE, atol=1e-14), name
+        else:
+            assert torch.equal(found[name], expected), name
+    assert int(found["1.num_batches_tracked"]) == steps * microbatches
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_fake_agreement_gives_the_dtypes_of_autocast(precision):
+    """Single process, no launch: the fake forward runs under the run's precision as a real one does."""
+    from layerpipe.runtime.meta_forward import fake_forward, fake_inputs, fake_mode
+    from layerpipe.runtime.precision import compute
+    from layerpipe.runtime.stage import Stage, metas_of
+
+    stage = Stage(0, 0, [nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)])
+    inputs = (torch.randn(5, 6),)
+    mode = fake_mode()
+    found = metas_of(
+        fake_forward(mode, stage, fake_inputs(mode, inputs, torch.device("cpu")), precision, torch.device("cpu"))
+    )
+    with torch.no_grad(), compute(precision, torch.device("cpu")):
+        expected = metas_of(stage(*inputs))
+    assert found == expected and found[0].dtype == torch.bfloat16

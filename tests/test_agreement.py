@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from runtime_models import Chain, batch
+from runtime_models import Chain, batch, reference_run, relative_error
 from torch import nn
 
 import layerpipe
@@ -119,3 +119,38 @@ def test_fake_agreement_gives_the_dtypes_of_autocast(precision):
     with torch.no_grad(), compute(precision, torch.device("cpu")):
         expected = metas_of(stage(*inputs))
     assert found == expected and found[0].dtype == torch.bfloat16
+
+
+def _in_place_layers(seed: int = 0) -> list[nn.Module]:
+    """Return layers whose second stage (cut at layer 3) starts with an in-place ReLU, then an in-place add."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6), nn.ReLU(inplace=True), nn.Linear(6, 5), nn.Linear(5, 3)]
+    return [layer.double() for layer in layers]
+
+
+def _trains_in_place(schedule: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Worker: train the in-place model for three AdamW steps; return the losses and this rank's parameters."""
+    pipe = layerpipe.Pipeline(
+        _in_place_layers(),
+        nn.functional.mse_loss,
+        schedule=schedule,
+        microbatches=2,
+        stages_per_rank=1,
+        partition=[0, 3],
+        optimizer=lambda params: torch.optim.AdamW(params, lr=0.05),
+        timeout=60,
+    )
+    losses = [pipe.train_step(*batch(4, seed=step + 1)) for step in range(3)]
+    return losses, {name: p.detach().clone() for name, p in pipe.named_parameters()}
+
+
+@pytest.mark.parametrize("schedule", ["breadth-first", "zero-bubble"])
+def test_an_in_place_relu_at_a_stage_start_trains_equal_to_one_process(schedule):
+    expected_losses, _, expected_parameters = reference_run(_in_place_layers(), 3, 4)
+    found = {}
+    for losses, parameters in layerpipe.launch(_trains_in_place, 2, (schedule,), timeout=60):
+        assert all(abs(a - b) <= TOLERANCE * abs(b) for a, b in zip(losses, expected_losses))
+        found.update(parameters)
+    assert sorted(found) == sorted(expected_parameters)
+    for name, expected in expected_parameters.items():
+        assert relative_error(found[name], expected) <= TOLERANCE, name

@@ -20,7 +20,8 @@ over ``d`` replicas, so the gradients summed by the reduce are those of the
 mean loss over the step's global batch (``loss_fn`` returns a mean over its
 micro-batch and micro-batches are equal).  A stage's floating-point inputs
 are leaves that require a gradient, so ``B`` (or ``I``) leaves in them the
-gradient to send to the previous stage.
+gradient to send to the previous stage; the layers receive aliases of them
+that they may modify in place (``stage_entry``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .stage import (
     backward_roots,
     carries_gradient,
 )
+from .stage_entry import entered
 from .tags import check_capacity
 
 F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
@@ -163,11 +165,12 @@ class Executor:
         arguments = self._forward_arguments(action, state)
         saved_before = self.meter.current if self.meter is not None else 0
         mode = self.stages[stage].recompute if state.training else "none"
+        given = entered(arguments) if state.training else arguments  # the layers may modify them in place
         if mode == "none":
-            produced = self._stage_forward(stage, microbatch, arguments, state.metas)
+            produced = self._stage_forward(stage, microbatch, given, state.metas)
         else:
             with recording(state.recordings.setdefault(key, Recording())):
-                produced = self._stage_forward(stage, microbatch, arguments, state.metas, whole=mode == "full")
+                produced = self._stage_forward(stage, microbatch, given, state.metas, whole=mode == "full")
         if stage == self.context.last_stage:
             if state.targets is None:
                 state.outputs[microbatch] = produced

@@ -154,3 +154,67 @@ def test_an_in_place_relu_at_a_stage_start_trains_equal_to_one_process(schedule)
     assert sorted(found) == sorted(expected_parameters)
     for name, expected in expected_parameters.items():
         assert relative_error(found[name], expected) <= TOLERANCE, name
+
+
+class Boom(nn.Module):
+    """Raises on rank 1 in the training step (after the shapes were agreed)."""
+
+    def forward(self, x):
+        if torch.distributed.get_rank() == 1 and torch.is_grad_enabled():
+            raise ValueError("boom\nsecond line")
+        return x
+
+
+def _train_with_boom():
+    layers = [nn.Linear(6, 6).double(), Boom(), nn.Linear(6, 3).double()]
+    pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, "gpipe", microbatches=2, partition=[0, 1], timeout=30)
+    return pipe.train_step(*batch(4))
+
+
+def test_a_launch_error_leads_with_the_failing_rank_action_layer_and_original_exception():
+    with pytest.raises(layerpipe.LaunchError) as caught:
+        layerpipe.launch(_train_with_boom, 2, timeout=30)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "rank 1 failed: at 1F0, in layer 1 (Boom) of stage 1: ValueError: boom"
+    assert lines[1].startswith("rank 0: "), "the other rank's consequence comes second, in one line"
+    assert lines[2] == "rank 1's report:" and lines[3].startswith("Traceback")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(6, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def _pipeline_of_a_model_object():
+    layerpipe.Pipeline(Net(), nn.functional.mse_loss, timeout=30)
+
+
+def test_a_model_object_is_refused_saying_how_to_give_layers():
+    with pytest.raises(layerpipe.LaunchError) as caught:
+        layerpipe.launch(_pipeline_of_a_model_object, 1, timeout=30)
+    assert str(caught.value).splitlines()[0] == (
+        "rank 0 failed: TypeError: layers: a Net, not a list of layers; give the model as a list of nn.Module "
+        "(or an nn.Sequential) whose layers each take the previous one's output, e.g. list(model.children()) "
+        "when its forward calls them in order (see docs/one-process.md)"
+    )
+
+
+def test_a_pipeline_outside_launched_processes_says_to_use_launch_or_torchrun(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    if torch.distributed.is_initialized():
+        pytest.skip("this process already has a process group")
+    with pytest.raises(RuntimeError) as caught:
+        layerpipe.Pipeline([nn.Linear(6, 3)], nn.functional.mse_loss)
+    assert (
+        str(caught.value)
+        .splitlines()[0]
+        .startswith(
+            "layerpipe runs one process per pipeline rank, started together, and this process was not: call your "
+            "function with layerpipe.launch(fn, nprocs), or start the script with torchrun"
+        )
+    )

@@ -35,6 +35,7 @@ import torch
 from ..schedule.actions import AWAITS, Action, Kind, Program
 from .collectives import Collectives
 from .context import RankContext
+from .failure import mark_action
 from .guard import guard
 from .memory import ActivationMeter
 from .p2p import Mailbox
@@ -127,20 +128,27 @@ class Executor:
     def _run(self, program: Program, state: RunState) -> RunResult:
         rank, handlers, collectives = self.context.rank, self.HANDLERS, self.collectives
         pending, emit, clock = collectives.pending, state.events.append, time.perf_counter
-        self._note_buffers(state)
-        with torch.enable_grad() if state.training else torch.no_grad():
-            for index, action in enumerate(program):
-                awaited = AWAITS.get(action.kind)
-                if awaited is not None and (action.stage, awaited) in pending:
-                    collectives.wait(action.stage, awaited, action)
-                start = clock()
-                stream = handlers[action.kind](self, action, state)
-                if stream is not None:
-                    emit((rank, stream, action, start, clock()))
-                if state.skipped is not None:  # a GUARD failed on some process: every rank skips the rest alike
-                    skipped_at = clock()
-                    state.events += [(rank, "skipped", later, skipped_at, skipped_at) for later in program[index + 1 :]]
-                    break
+        _note_buffers(self.stages, state)
+        action = None
+        try:
+            with torch.enable_grad() if state.training else torch.no_grad():
+                for index, action in enumerate(program):
+                    awaited = AWAITS.get(action.kind)
+                    if awaited is not None and (action.stage, awaited) in pending:
+                        collectives.wait(action.stage, awaited, action)
+                    start = clock()
+                    stream = handlers[action.kind](self, action, state)
+                    if stream is not None:
+                        emit((rank, stream, action, start, clock()))
+                    if state.skipped is not None:  # a GUARD failed on some process: every rank skips the rest alike
+                        skipped_at = clock()
+                        state.events += [
+                            (rank, "skipped", later, skipped_at, skipped_at) for later in program[index + 1 :]
+                        ]
+                        break
+        except Exception as error:
+            mark_action(error, action)
+            raise
         self._finish_transfers(state)
         collectives.finish()
         loss_sum = float(torch.stack([loss.detach() for loss in state.losses.values()]).sum()) if state.losses else None
@@ -270,7 +278,7 @@ class Executor:
 
     def _gather(self, action: Action, state: RunState) -> None:
         self.collectives.issue(action, self.stages[action.stage].shard.gather())
-        self._note_buffers(state)
+        _note_buffers(self.stages, state)
 
     def _reduce(self, action: Action, state: RunState) -> None:
         self.collectives.issue(
@@ -303,17 +311,8 @@ class Executor:
     def _begin_backward(self, action: Action, state: RunState) -> tuple[int, int]:
         """Make sure the stage's gradient buffer exists (the shard's policy); return the action's key."""
         if self.stages[action.stage].shard.ensure_gradients():
-            self._note_buffers(state)
+            _note_buffers(self.stages, state)
         return action.stage, action.microbatch
-
-    def _note_buffers(self, state: RunState) -> None:
-        """Raise the run's buffer peak (bytes of parameter and gradient buffers per kind) to what the shards hold now."""
-        totals: dict[str, int] = {}
-        for local in self.stages.values():
-            for kind, size in local.shard.buffer_bytes().items():
-                totals[kind] = totals.get(kind, 0) + size
-        for kind, size in totals.items():
-            state.buffer_peak[kind] = max(size, state.buffer_peak.get(kind, 0))
 
     def _note_saved(self, largest: dict[int, int], stage: int, before: int) -> None:
         """Raise ``largest[stage]`` to the activation bytes saved since the meter read ``before``."""
@@ -375,6 +374,16 @@ def _check_scalar(rank: int, loss, microbatch: int) -> None:
             f"{tuple(getattr(loss, 'shape', ()))} for micro-batch {microbatch}: "
             f"it must return a scalar tensor (the mean loss over the micro-batch)"
         )
+
+
+def _note_buffers(stages: dict[int, LocalStage], state: RunState) -> None:
+    """Raise the run's buffer peak (bytes of parameter and gradient buffers per kind) to what the shards hold now."""
+    totals: dict[str, int] = {}
+    for local in stages.values():
+        for kind, size in local.shard.buffer_bytes().items():
+            totals[kind] = totals.get(kind, 0) + size
+    for kind, size in totals.items():
+        state.buffer_peak[kind] = max(size, state.buffer_peak.get(kind, 0))
 
 
 def _free_recording(recorded: Recording | None) -> None:

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .failure import mark_layer
+
 
 class PipelineError(RuntimeError):
     """Something went wrong while running a pipeline program; the message names rank, action and peer."""
@@ -27,6 +29,31 @@ class TensorMeta(NamedTuple):
 
     def __str__(self) -> str:
         return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)}"
+
+
+def layer_list(layers) -> list[nn.Module]:
+    """Return the user's layers as a list: from an ``nn.Sequential``, an ``nn.ModuleList`` or a sequence of modules.
+
+    Refuses, with ``TypeError`` saying how to give layers, a single model
+    object and anything that is not modules.
+    """
+    if isinstance(layers, (nn.Sequential, nn.ModuleList)):
+        return list(layers.children())
+    given = layers
+    try:
+        layers = None if isinstance(layers, nn.Module) else list(layers)
+    except TypeError:
+        layers = None
+    if layers is None:
+        raise TypeError(
+            f"layers: a {type(given).__name__}, not a list of layers; give the model as a list of nn.Module (or an "
+            f"nn.Sequential) whose layers each take the previous one's output, e.g. list(model.children()) when "
+            f"its forward calls them in order (see docs/one-process.md)"
+        )
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"layers[{index}]: a {type(layer).__name__}; every layer must be an nn.Module")
+    return layers
 
 
 def as_tuple(value) -> tuple:
@@ -74,8 +101,12 @@ class Stage(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         value = inputs
-        for layer in self.layers:
-            value = layer(*value) if isinstance(value, tuple) else layer(value)
+        for offset, layer in enumerate(self.layers):
+            try:
+                value = layer(*value) if isinstance(value, tuple) else layer(value)
+            except Exception as error:
+                mark_layer(error, self.first + offset, layer, self.index)
+                raise
         return as_tuple(value)
 
     def named_model_parameters(self):

@@ -218,3 +218,37 @@ def test_a_pipeline_outside_launched_processes_says_to_use_launch_or_torchrun(mo
             "function with layerpipe.launch(fn, nprocs), or start the script with torchrun"
         )
     )
+
+
+class ReturnsDict(nn.Module):
+    def forward(self, x):
+        return {"hidden": x}
+
+
+class ReturnsTupleWithNone(nn.Module):
+    def forward(self, x):
+        return x, None
+
+
+def _pipeline_with(layer: nn.Module):
+    layers = [nn.Linear(6, 6).double(), layer, nn.Linear(6, 3).double()]
+    pipe = layerpipe.Pipeline(layers, nn.functional.mse_loss, "gpipe", microbatches=2, timeout=30)
+    return pipe.train_step(*batch(4))
+
+
+@pytest.mark.parametrize(
+    "layer, found",
+    [
+        (
+            ReturnsDict(),
+            "a dict: a layer must return a tensor or a tuple of tensors; return its values as a tuple, in the "
+            "order the next layer takes them as arguments",
+        ),
+        (ReturnsTupleWithNone(), "a tuple holding None: a layer must return a tensor or a tuple of tensors"),
+    ],
+)
+def test_a_layer_returning_other_than_tensors_is_refused_in_one_line_naming_it(layer, found):
+    with pytest.raises(layerpipe.LaunchError) as caught:
+        layerpipe.launch(_pipeline_with, 1, (layer,), timeout=30)
+    first = str(caught.value).splitlines()[0]
+    assert first == f"rank 0 failed: PipelineError: layer 1 ({type(layer).__name__}) of stage 0 returned {found}"

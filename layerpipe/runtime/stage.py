@@ -1,7 +1,9 @@
 """A stage: a contiguous run of the user's layers, and the tensors that cross its boundaries.
 
 A layer may return one tensor or a tuple of tensors; a tuple is passed to
-the next layer as separate arguments.  Stages therefore take and return
+the next layer as separate arguments.  Anything else (a dict, a list,
+``None``) is refused naming the layer: what crosses a stage boundary is a
+numbered list of tensors.  Stages therefore take and return
 tuples of tensors, and ``TensorMeta`` describes one tensor crossing a stage
 boundary (agreed between ranks on the first step, checked afterwards).
 """
@@ -56,6 +58,28 @@ def layer_list(layers) -> list[nn.Module]:
     return layers
 
 
+def check_layer_output(value, index: int, layer: nn.Module, stage: int) -> None:
+    """Refuse, with ``PipelineError`` naming the layer, an output other than a tensor or a tuple of tensors."""
+    if isinstance(value, tuple) and all(isinstance(item, torch.Tensor) for item in value):
+        return
+    found = _described(value)
+    if isinstance(value, tuple):
+        found = f"a tuple holding {next(_described(i) for i in value if not isinstance(i, torch.Tensor))}"
+    advice = (
+        "; return its values as a tuple, in the order the next layer takes them as arguments"
+        if isinstance(value, dict)
+        else ""
+    )
+    raise PipelineError(
+        f"layer {index} ({type(layer).__name__}) of stage {stage} returned {found}: a layer must return a tensor "
+        f"or a tuple of tensors{advice}"
+    )
+
+
+def _described(value) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
 def as_tuple(value) -> tuple:
     """Return ``value`` as a tuple of tensors (a single tensor becomes a 1-tuple)."""
     return value if isinstance(value, tuple) else (value,)
@@ -107,6 +131,8 @@ class Stage(nn.Module):
             except Exception as error:
                 mark_layer(error, self.first + offset, layer, self.index)
                 raise
+            if not isinstance(value, torch.Tensor):
+                check_layer_output(value, self.first + offset, layer, self.index)
         return as_tuple(value)
 
     def named_model_parameters(self):

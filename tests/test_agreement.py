@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from runtime_models import Chain, batch, reference_run, relative_error
+from runtime_models import Chain, batch, mlp_layers, reference_run, relative_error
 from torch import nn
 
 import layerpipe
@@ -252,3 +252,36 @@ def test_a_layer_returning_other_than_tensors_is_refused_in_one_line_naming_it(l
         layerpipe.launch(_pipeline_with, 1, (layer,), timeout=30)
     first = str(caught.value).splitlines()[0]
     assert first == f"rank 0 failed: PipelineError: layer 1 ({type(layer).__name__}) of stage 0 returned {found}"
+
+
+def _evaluates_any_batch_size(samples: tuple[int, ...]) -> list:
+    """Worker: eval_step and forward on batches of ``samples`` with 4 micro-batches; return the losses and outputs."""
+    pipe = layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, microbatches=4, timeout=60)
+    found = []
+    for size in samples:
+        inputs, targets = batch(size, seed=size)
+        found.append((pipe.eval_step(inputs, targets), pipe.forward(inputs)))
+    return found
+
+
+def test_eval_step_and_forward_on_359_samples_with_4_microbatches_equal_one_process():
+    sizes = (359, 360, 5, 359)
+    model, outputs = Chain(*mlp_layers()), 0
+    for rank, found in enumerate(layerpipe.launch(_evaluates_any_batch_size, 2, (sizes,), timeout=60)):
+        for size, (loss, output) in zip(sizes, found):
+            inputs, targets = batch(size, seed=size)
+            with torch.no_grad():
+                expected = model(inputs)
+            assert abs(loss - float(nn.functional.mse_loss(expected, targets))) <= TOLERANCE * loss, (rank, size)
+            if output is not None:
+                assert relative_error(output, expected) <= TOLERANCE, (rank, size)
+                outputs += 1
+    assert outputs == len(sizes), "the last stage's rank returns the whole batch's output"
+
+
+def test_an_uneven_split_keeps_all_micro_batches_but_the_last_equal():
+    from layerpipe.runtime.batches import microbatch_sizes
+
+    assert microbatch_sizes(359, 4) == [90, 90, 90, 89]
+    assert microbatch_sizes(5, 4) == [1, 1, 1, 2]
+    assert microbatch_sizes(8, 4) == [2, 2, 2, 2]

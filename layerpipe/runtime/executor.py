@@ -45,8 +45,11 @@ from .run_state import COMPUTE, P2P, LocalStage, RunResult, RunState
 from .shapes import check_agreed
 from .stage import (
     PipelineError,
+    UnevenMetas,
     backward_roots,
     carries_gradient,
+    stage_metas,
+    uneven_key,
 )
 from .stage_entry import entered
 from .tags import check_capacity
@@ -85,6 +88,7 @@ class Executor:
     # ---------------------------------------------------------------- running
     def mailbox(self, key: tuple, programs: Sequence[Program], metas) -> Mailbox:
         """Return the (cached) mailbox for ``programs`` with boundary ``metas``; ``key`` names the pair."""
+        key = (key, uneven_key(metas))
         mailbox = self._mailboxes.get(key)
         if mailbox is None:
             mailbox = Mailbox(self.context, programs, metas)
@@ -184,7 +188,8 @@ class Executor:
                 state.outputs[microbatch] = produced
             else:
                 value = produced[0] if len(produced) == 1 else produced
-                state.losses[microbatch] = self._loss(value, state.targets[microbatch], microbatch)
+                loss = self._loss(value, state.targets[microbatch], microbatch)
+                state.losses[microbatch] = weighted(loss, state.metas, microbatch)
         self._note_saved(self.forward_bytes, stage, saved_before)  # with the loss's on the last stage
         if state.training:
             state.stage_inputs[key] = arguments
@@ -324,7 +329,7 @@ class Executor:
         module = self.stages[stage].module
         with compute(self.context.precision, self.context.device):
             produced = recomputed(module, *arguments) if whole else module(*arguments)
-        check_agreed(self.context.rank, stage, microbatch, produced, metas[stage])
+        check_agreed(self.context.rank, stage, microbatch, produced, stage_metas(metas, stage, microbatch))
         return produced
 
     def _loss(self, value, target, microbatch: int) -> torch.Tensor:
@@ -384,6 +389,11 @@ def _note_buffers(stages: dict[int, LocalStage], state: RunState) -> None:
             totals[kind] = totals.get(kind, 0) + size
     for kind, size in totals.items():
         state.buffer_peak[kind] = max(size, state.buffer_peak.get(kind, 0))
+
+
+def weighted(loss: torch.Tensor, metas: tuple, microbatch: int) -> torch.Tensor:
+    """Return a micro-batch's mean loss weighted by its share of the samples when micro-batches are uneven."""
+    return loss * metas.loss_weights[microbatch] if type(metas) is UnevenMetas else loss
 
 
 def _free_recording(recorded: Recording | None) -> None:

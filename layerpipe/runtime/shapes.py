@@ -20,7 +20,16 @@ from .meta_forward import CannotRunFake, fake_forward, fake_inputs, fake_mode, f
 from .p2p import wait_for
 from .precision import compute
 from .sharding import StageShard, weights_gathered
-from .stage import HEADER_LENGTH, PipelineError, Stage, TensorMeta, decode_header, encode_header, metas_of
+from .stage import (
+    HEADER_LENGTH,
+    PipelineError,
+    Stage,
+    TensorMeta,
+    UnevenMetas,
+    decode_header,
+    encode_header,
+    metas_of,
+)
 from .tags import agree_tag, check_tensor_count
 
 Metas = tuple[tuple[TensorMeta, ...], ...]
@@ -239,6 +248,20 @@ class BoundaryShapes:
                 metas = self._agreement.agree(first_microbatch)
             self._agreed[signature] = metas
         return metas
+
+    def metas_for_parts(self, parts: list[tuple], signature: tuple | None = None) -> Metas:
+        """Return every stage's output metas for the micro-batches ``parts`` (agreed on first use).
+
+        When the last micro-batch differs from the others (an uneven
+        evaluation batch), both shapes are agreed and ``UnevenMetas`` holds
+        them with each micro-batch's loss weight.
+        """
+        metas = self.metas_for(parts[0], signature)
+        last = signature_of(parts[-1])
+        if last == signature_of(parts[0]):
+            return metas
+        sizes = tuple(part[0].shape[0] if part and part[0].dim() else 1 for part in parts)
+        return UnevenMetas(metas, self.metas_for(parts[-1], ("last", signature, last)), sizes)
 
     def agreed(self) -> Iterator[Metas]:
         """Yield the metas agreed so far, in the order they were agreed (one per input signature)."""

@@ -90,6 +90,38 @@ def metas_of(tensors: Sequence[torch.Tensor]) -> tuple[TensorMeta, ...]:
     return tuple(TensorMeta(tuple(t.shape), t.dtype) for t in tensors)
 
 
+class UnevenMetas(tuple):
+    """Every stage's output metas for a batch whose last micro-batch is smaller or larger than the others.
+
+    As a tuple it is the metas of the other micro-batches (``metas[stage]``);
+    ``last`` holds those of micro-batch ``last_microbatch``, and
+    ``loss_weights`` what each micro-batch's mean loss is multiplied by so
+    that their mean is the mean over every sample.
+    """
+
+    last: tuple
+    last_microbatch: int
+    loss_weights: tuple[float, ...]
+
+    def __new__(cls, metas: tuple, last: tuple, sizes: tuple[int, ...]):
+        made = super().__new__(cls, metas)
+        made.last, made.last_microbatch = last, len(sizes) - 1
+        made.loss_weights = tuple(size * len(sizes) / sum(sizes) for size in sizes)
+        return made
+
+
+def stage_metas(metas: tuple, stage: int, microbatch: int) -> tuple[TensorMeta, ...]:
+    """Return stage ``stage``'s output metas for micro-batch ``microbatch``."""
+    if type(metas) is UnevenMetas and microbatch == metas.last_microbatch:
+        return metas.last[stage]
+    return metas[stage]
+
+
+def uneven_key(metas: tuple):
+    """Return what tells uneven metas apart from the even ones they equal as tuples (``None`` for even ones)."""
+    return (metas.last, metas.loss_weights) if type(metas) is UnevenMetas else None
+
+
 def carries_gradient(dtype: torch.dtype) -> bool:
     """Return whether a tensor of this dtype carries a gradient between stages (floating point and complex do)."""
     return dtype.is_floating_point or dtype.is_complex

@@ -167,7 +167,7 @@ class ShapeAgreement:
     def _receive_header(self, stage: int, peer: int):
         """Return stage ``stage - 1``'s output metas (or ``FAILED``) from ``peer``."""
         header = torch.empty(HEADER_LENGTH, dtype=torch.int64, device=self.context.device)
-        what = f"while agreeing tensor shapes for stage {stage - 1}'s output shapes from rank {peer}"
+        what = f"while agreeing tensor shapes for stage {stage - 1}'s output from rank {peer}"
         work = dist.irecv(header, src=self.context.peers[peer], tag=agree_tag(stage - 1, 0))
         wait_for(work, self.context.timeout, self.context.rank, what)
         return _decoded(header.cpu())

@@ -92,7 +92,7 @@ def main() -> None:
         f"step: 2 ranks × 2 stages, 8 × (ReLU + Linear(64)), 16 micro-batches of 4, one pipeline whose layers "
         f"get the received leaves (before), aliases (now) or copies (what a clone would cost).",
         "",
-        "| variant | time (ms) | ratio now / before |",
+        "| variant | time (ms) | ratio to before |",
         "| --- | --- | --- |",
     ]
     for group in (names[0:2], names[2:5]):

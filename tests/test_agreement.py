@@ -285,3 +285,35 @@ def test_an_uneven_split_keeps_all_micro_batches_but_the_last_equal():
     assert microbatch_sizes(359, 4) == [90, 90, 90, 89]
     assert microbatch_sizes(5, 4) == [1, 1, 1, 2]
     assert microbatch_sizes(8, 4) == [2, 2, 2, 2]
+
+
+def _trains_with_dropout(steps: int, microbatches: int) -> list[float]:
+    """Worker (one process): train the BatchNorm and Dropout model, seeded just before the first step."""
+    pipe = layerpipe.Pipeline(
+        _norm_layers(),
+        nn.functional.mse_loss,
+        "gpipe",
+        microbatches=microbatches,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        timeout=60,
+    )
+    torch.manual_seed(7)
+    return [pipe.train_step(*batch(8, seed=step + 1)) for step in range(steps)]
+
+
+def test_dropout_draws_the_same_masks_as_one_process_since_the_agreement_draws_none():
+    steps, microbatches = 3, 2
+    (found,) = layerpipe.launch(_trains_with_dropout, 1, (steps, microbatches), timeout=60)
+    model = Chain(*copy.deepcopy(_norm_layers()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(7)
+    for step in range(steps):
+        inputs, targets = batch(8, seed=step + 1)
+        optimizer.zero_grad()
+        loss = 0.0
+        for part, target in zip(inputs.chunk(microbatches), targets.chunk(microbatches)):
+            micro = nn.functional.mse_loss(model(part), target) / microbatches
+            micro.backward()
+            loss += float(micro.detach())
+        optimizer.step()
+        assert abs(found[step] - loss) <= TOLERANCE * abs(loss), step

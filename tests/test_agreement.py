@@ -317,3 +317,36 @@ def test_dropout_draws_the_same_masks_as_one_process_since_the_agreement_draws_n
             loss += float(micro.detach())
         optimizer.step()
         assert abs(found[step] - loss) <= TOLERANCE * abs(loss), step
+
+
+def _evaluates_uneven_on_two_replicas_at_zero_3():
+    """Worker: one SGD step on 2 replicas at ZeRO-3, then eval_step on 358 samples and on 359 (refused)."""
+    pipe = layerpipe.Pipeline(
+        mlp_layers(),
+        nn.functional.mse_loss,
+        microbatches=4,
+        data_parallel=2,
+        zero=3,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        timeout=60,
+    )
+    pipe.train_step(*batch(8))
+    state = pipe.gathered_state_dict()
+    loss = pipe.eval_step(*batch(358, seed=3))
+    with pytest.raises(ValueError) as caught:
+        pipe.eval_step(*batch(359, seed=3))
+    return loss, state, str(caught.value)
+
+
+def test_uneven_evaluation_on_replicas_splits_each_share_and_equals_one_process():
+    for loss, state, refused in layerpipe.launch(_evaluates_uneven_on_two_replicas_at_zero_3, 2, timeout=60):
+        model = Chain(*mlp_layers())
+        model.load_state_dict(state)
+        inputs, targets = batch(358, seed=3)
+        with torch.no_grad():
+            expected = float(nn.functional.mse_loss(model(inputs), targets))
+        assert abs(loss - expected) <= TOLERANCE * expected
+        assert refused == (
+            "inputs batch of 359 samples: must split into data_parallel=2 equal shares "
+            "(a multiple of 2 along the first dimension)"
+        )

@@ -214,7 +214,7 @@ def test_a_killed_process_is_named_first_with_its_signal():
     with pytest.raises(LaunchError) as caught:
         layerpipe.launch(_killed_on_rank_one, 2, timeout=20.0)
     message = str(caught.value)
-    assert message.startswith("rank 1 failed:\nkilled by signal 9 (SIGKILL) before it could report"), message
+    assert message.startswith("rank 1 failed: killed by signal 9 (SIGKILL) before it could report"), message
     assert 0 in caught.value.reports
 
 

@@ -57,9 +57,12 @@ class Batches:
         if training and self.check_every and self.training_calls % self.check_every == 0:
             self._check_same_batch_everywhere(inputs)
         self.training_calls += training
-        input_parts = split_batch(inputs, self.microbatches, "inputs", replicas, replica)
+        uneven = not training
+        input_parts = split_batch(inputs, self.microbatches, "inputs", replicas, replica, uneven)
         target_parts = (
-            split_batch(targets, self.microbatches, "targets", replicas, replica) if targets is not None else None
+            split_batch(targets, self.microbatches, "targets", replicas, replica, uneven)
+            if targets is not None
+            else None
         )
         return input_parts, target_parts
 
@@ -126,18 +129,48 @@ def check_same_batch(inputs: Tensors, targets: Tensors) -> None:
 
 
 def split_batch(
-    batch: Tensors, microbatches: int, name: str, replicas: int = 1, replica: int = 0
+    batch: Tensors, microbatches: int, name: str, replicas: int = 1, replica: int = 0, uneven: bool = False
 ) -> list[tuple[torch.Tensor, ...]]:
-    """Return replica ``replica``'s contiguous share of the batch as ``microbatches`` equal micro-batches."""
+    """Return replica ``replica``'s contiguous share of the batch as ``microbatches`` micro-batches.
+
+    Equal ones for training; with ``uneven`` (evaluation) the last may differ
+    from the others (``microbatch_sizes``), and the replicas' shares must be equal.
+    """
     tensors = as_tuple(batch if isinstance(batch, torch.Tensor) else tuple(batch))
     size = tensors[0].shape[0] if tensors and tensors[0].dim() else 0
     parts = microbatches * replicas
-    if size == 0 or size % parts or any(t.shape[0] != size for t in tensors):
-        across = f"data_parallel={replicas} × " if replicas > 1 else ""
-        raise ValueError(
-            f"{name} batch of {size} samples: must split into {across}microbatches={microbatches} "
-            f"equal micro-batches (a multiple of {parts} along the first dimension)"
-        )
+    if size == 0 or any(t.shape[0] != size for t in tensors) or size % (replicas if uneven else parts):
+        raise ValueError(_unsplittable(name, size, microbatches, replicas, uneven))
     share = size // replicas
+    if share < microbatches:
+        raise ValueError(f"{name} batch of {size} samples: fewer than one sample per micro-batch ({parts})")
     tensors = tuple(t[replica * share : (replica + 1) * share] for t in tensors)
-    return list(zip(*(t.chunk(microbatches) for t in tensors)))
+    sizes = microbatch_sizes(share, microbatches)
+    return list(zip(*(t.split(sizes) for t in tensors)))
+
+
+def microbatch_sizes(samples: int, microbatches: int) -> list[int]:
+    """Return the sizes of ``microbatches`` micro-batches of ``samples``: all equal but the last.
+
+    The others hold ``ceil(samples / microbatches)`` when that leaves the
+    last at least one sample (359 in 4: 90, 90, 90, 89), else the floor (5 in 4: 1, 1, 1, 2).
+    """
+    size = -(-samples // microbatches)
+    if samples - size * (microbatches - 1) < 1:
+        size = samples // microbatches
+    return [size] * (microbatches - 1) + [samples - size * (microbatches - 1)]
+
+
+def _unsplittable(name: str, size: int, microbatches: int, replicas: int, uneven: bool) -> str:
+    """Return why a batch of ``size`` samples does not split (training needs equal micro-batches)."""
+    if uneven:
+        return (
+            f"{name} batch of {size} samples: must split into data_parallel={replicas} equal shares "
+            f"(a multiple of {replicas} along the first dimension)"
+        )
+    parts = microbatches * replicas
+    across = f"data_parallel={replicas} × " if replicas > 1 else ""
+    return (
+        f"{name} batch of {size} samples: must split into {across}microbatches={microbatches} "
+        f"equal micro-batches (a multiple of {parts} along the first dimension)"
+    )

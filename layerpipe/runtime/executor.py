@@ -18,9 +18,12 @@ action kind is a new handler and a table entry.
 Gradients: the last stage scales each micro-batch's loss by ``1/(m·d)``
 over ``d`` replicas, so the gradients summed by the reduce are those of the
 mean loss over the step's global batch (``loss_fn`` returns a mean over its
-micro-batch and micro-batches are equal).  A stage's floating-point inputs
+micro-batch and training micro-batches are equal); an evaluation batch
+whose last micro-batch differs weights each micro-batch's loss by its share
+of the samples (``UnevenMetas``), so the mean is over samples.  A stage's floating-point inputs
 are leaves that require a gradient, so ``B`` (or ``I``) leaves in them the
-gradient to send to the previous stage.
+gradient to send to the previous stage; the layers receive aliases of them
+that they may modify in place (``stage_entry``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 from ..schedule.actions import AWAITS, Action, Kind, Program
 from .collectives import Collectives
 from .context import RankContext
+from .failure import mark_action
 from .guard import guard
 from .memory import ActivationMeter
 from .p2p import Mailbox
@@ -43,9 +47,13 @@ from .run_state import COMPUTE, P2P, LocalStage, RunResult, RunState
 from .shapes import check_agreed
 from .stage import (
     PipelineError,
+    UnevenMetas,
     backward_roots,
     carries_gradient,
+    stage_metas,
+    uneven_key,
 )
+from .stage_entry import entered
 from .tags import check_capacity
 
 F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
@@ -82,6 +90,7 @@ class Executor:
     # ---------------------------------------------------------------- running
     def mailbox(self, key: tuple, programs: Sequence[Program], metas) -> Mailbox:
         """Return the (cached) mailbox for ``programs`` with boundary ``metas``; ``key`` names the pair."""
+        key = (key, uneven_key(metas))
         mailbox = self._mailboxes.get(key)
         if mailbox is None:
             mailbox = Mailbox(self.context, programs, metas)
@@ -125,20 +134,27 @@ class Executor:
     def _run(self, program: Program, state: RunState) -> RunResult:
         rank, handlers, collectives = self.context.rank, self.HANDLERS, self.collectives
         pending, emit, clock = collectives.pending, state.events.append, time.perf_counter
-        self._note_buffers(state)
-        with torch.enable_grad() if state.training else torch.no_grad():
-            for index, action in enumerate(program):
-                awaited = AWAITS.get(action.kind)
-                if awaited is not None and (action.stage, awaited) in pending:
-                    collectives.wait(action.stage, awaited, action)
-                start = clock()
-                stream = handlers[action.kind](self, action, state)
-                if stream is not None:
-                    emit((rank, stream, action, start, clock()))
-                if state.skipped is not None:  # a GUARD failed on some process: every rank skips the rest alike
-                    skipped_at = clock()
-                    state.events += [(rank, "skipped", later, skipped_at, skipped_at) for later in program[index + 1 :]]
-                    break
+        _note_buffers(self.stages, state)
+        action = None
+        try:
+            with torch.enable_grad() if state.training else torch.no_grad():
+                for index, action in enumerate(program):
+                    awaited = AWAITS.get(action.kind)
+                    if awaited is not None and (action.stage, awaited) in pending:
+                        collectives.wait(action.stage, awaited, action)
+                    start = clock()
+                    stream = handlers[action.kind](self, action, state)
+                    if stream is not None:
+                        emit((rank, stream, action, start, clock()))
+                    if state.skipped is not None:  # a GUARD failed on some process: every rank skips the rest alike
+                        skipped_at = clock()
+                        state.events += [
+                            (rank, "skipped", later, skipped_at, skipped_at) for later in program[index + 1 :]
+                        ]
+                        break
+        except Exception as error:
+            mark_action(error, action)
+            raise
         self._finish_transfers(state)
         collectives.finish()
         loss_sum = float(torch.stack([loss.detach() for loss in state.losses.values()]).sum()) if state.losses else None
@@ -163,17 +179,19 @@ class Executor:
         arguments = self._forward_arguments(action, state)
         saved_before = self.meter.current if self.meter is not None else 0
         mode = self.stages[stage].recompute if state.training else "none"
+        given = entered(arguments) if state.training else arguments  # the layers may modify them in place
         if mode == "none":
-            produced = self._stage_forward(stage, microbatch, arguments, state.metas)
+            produced = self._stage_forward(stage, microbatch, given, state.metas)
         else:
             with recording(state.recordings.setdefault(key, Recording())):
-                produced = self._stage_forward(stage, microbatch, arguments, state.metas, whole=mode == "full")
+                produced = self._stage_forward(stage, microbatch, given, state.metas, whole=mode == "full")
         if stage == self.context.last_stage:
             if state.targets is None:
                 state.outputs[microbatch] = produced
             else:
                 value = produced[0] if len(produced) == 1 else produced
-                state.losses[microbatch] = self._loss(value, state.targets[microbatch], microbatch)
+                loss = self._loss(value, state.targets[microbatch], microbatch)
+                state.losses[microbatch] = weighted(loss, state.metas, microbatch)
         self._note_saved(self.forward_bytes, stage, saved_before)  # with the loss's on the last stage
         if state.training:
             state.stage_inputs[key] = arguments
@@ -267,7 +285,7 @@ class Executor:
 
     def _gather(self, action: Action, state: RunState) -> None:
         self.collectives.issue(action, self.stages[action.stage].shard.gather())
-        self._note_buffers(state)
+        _note_buffers(self.stages, state)
 
     def _reduce(self, action: Action, state: RunState) -> None:
         self.collectives.issue(
@@ -300,17 +318,8 @@ class Executor:
     def _begin_backward(self, action: Action, state: RunState) -> tuple[int, int]:
         """Make sure the stage's gradient buffer exists (the shard's policy); return the action's key."""
         if self.stages[action.stage].shard.ensure_gradients():
-            self._note_buffers(state)
+            _note_buffers(self.stages, state)
         return action.stage, action.microbatch
-
-    def _note_buffers(self, state: RunState) -> None:
-        """Raise the run's buffer peak (bytes of parameter and gradient buffers per kind) to what the shards hold now."""
-        totals: dict[str, int] = {}
-        for local in self.stages.values():
-            for kind, size in local.shard.buffer_bytes().items():
-                totals[kind] = totals.get(kind, 0) + size
-        for kind, size in totals.items():
-            state.buffer_peak[kind] = max(size, state.buffer_peak.get(kind, 0))
 
     def _note_saved(self, largest: dict[int, int], stage: int, before: int) -> None:
         """Raise ``largest[stage]`` to the activation bytes saved since the meter read ``before``."""
@@ -322,7 +331,7 @@ class Executor:
         module = self.stages[stage].module
         with compute(self.context.precision, self.context.device):
             produced = recomputed(module, *arguments) if whole else module(*arguments)
-        check_agreed(self.context.rank, stage, microbatch, produced, metas[stage])
+        check_agreed(self.context.rank, stage, microbatch, produced, stage_metas(metas, stage, microbatch))
         return produced
 
     def _loss(self, value, target, microbatch: int) -> torch.Tensor:
@@ -372,6 +381,21 @@ def _check_scalar(rank: int, loss, microbatch: int) -> None:
             f"{tuple(getattr(loss, 'shape', ()))} for micro-batch {microbatch}: "
             f"it must return a scalar tensor (the mean loss over the micro-batch)"
         )
+
+
+def _note_buffers(stages: dict[int, LocalStage], state: RunState) -> None:
+    """Raise the run's buffer peak (bytes of parameter and gradient buffers per kind) to what the shards hold now."""
+    totals: dict[str, int] = {}
+    for local in stages.values():
+        for kind, size in local.shard.buffer_bytes().items():
+            totals[kind] = totals.get(kind, 0) + size
+    for kind, size in totals.items():
+        state.buffer_peak[kind] = max(size, state.buffer_peak.get(kind, 0))
+
+
+def weighted(loss: torch.Tensor, metas: tuple, microbatch: int) -> torch.Tensor:
+    """Return a micro-batch's mean loss weighted by its share of the samples when micro-batches are uneven."""
+    return loss * metas.loss_weights[microbatch] if type(metas) is UnevenMetas else loss
 
 
 def _free_recording(recorded: Recording | None) -> None:

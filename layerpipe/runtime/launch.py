@@ -7,8 +7,9 @@ through a file store in a private temporary folder (so no port is opened
 that another host could reach; gloo is held to the loopback interface),
 calls ``fn(*args)`` in each and returns the per-rank results.  When a rank
 fails, the others get a short grace period to report their own failure and
-are then stopped; ``LaunchError`` carries every rank's report, the first
-failure's traceback in full.
+are then stopped; ``LaunchError`` leads with the first failure's cause in
+one line and carries every rank's report, the first failure's traceback in
+full.
 """
 
 from __future__ import annotations
@@ -35,30 +36,52 @@ import torch.distributed as dist
 # thread aborts the process now and then ("terminate called without an active exception", exit -6).
 import torch.distributed.nn.functional
 
+from .failure import one_line
+
 GRACE_SECONDS = 3.0
 """How long the other ranks may keep running after one rank failed, to report their own state."""
 
 
 class LaunchError(RuntimeError):
-    """One or more ranks failed; ``reports`` maps rank to what it reported.
+    """One or more ranks failed; ``reports`` maps rank to what it reported (its traceback).
 
-    The message shows the report of the rank that failed first and the
-    last line of every other rank's report.  A rank that died without
-    reporting (killed by a signal) comes first — the others' errors follow
-    from its absence — then the rest by when they reported.
+    The message's first line names the rank that failed first, where (the
+    action, the layer) and its original exception:
+    ``rank 1 failed: at 1F2, in layer 1 (Net) of stage 1: ValueError: ...``;
+    then one line per other rank (their consequences), then the first
+    rank's full report.  A rank that died without reporting (killed by a
+    signal) comes first — the others' errors follow from its absence — then
+    the rest by when they reported.  ``summaries`` holds each rank's one
+    line where the rank could write it (else its report's last line is used).
     """
 
     def __init__(
-        self, reports: dict[int, str], failed_at: dict[int, float] | None = None, died: set[int] | None = None
+        self,
+        reports: dict[int, str],
+        failed_at: dict[int, float] | None = None,
+        died: set[int] | None = None,
+        summaries: dict[int, str] | None = None,
     ):
         self.reports = reports
-        failed_at, died = failed_at or {}, died or set()
+        failed_at, died, summaries = failed_at or {}, died or set(), summaries or {}
         first = min(reports, key=lambda rank: (rank not in died, failed_at.get(rank, float("inf")), rank))
-        lines = [f"rank {first} failed:", reports[first].rstrip()]
-        for rank in sorted(reports):
-            if rank != first:
-                lines.append(f"rank {rank}: " + reports[rank].strip().splitlines()[-1])
+        self.summaries = {rank: summaries.get(rank) or _last_line(report) for rank, report in reports.items()}
+        lines = [f"rank {first} failed: {self.summaries[first]}"]
+        lines += [f"rank {rank}: {_shortened(self.summaries[rank])}" for rank in sorted(reports) if rank != first]
+        if reports[first].strip() != self.summaries[first]:
+            lines += [f"rank {first}'s report:", reports[first].rstrip()]
         super().__init__("\n".join(lines))
+
+
+def _shortened(line: str, most: int = 200) -> str:
+    """Return ``line`` cut to ``most`` characters (another rank's consequence, not the cause)."""
+    return line if len(line) <= most else line[: most - 1] + "…"
+
+
+def _last_line(report: str) -> str:
+    """Return a report's last non-empty line (a traceback's exception line)."""
+    lines = [line.strip() for line in report.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no report)"
 
 
 def free_port() -> int:
@@ -85,6 +108,12 @@ def init_process_group(timeout: float = 300.0, backend: str | None = None, store
     """
     if dist.is_initialized():
         return
+    if store is None and not all(name in os.environ for name in ("RANK", "WORLD_SIZE")):
+        raise RuntimeError(
+            "layerpipe runs one process per pipeline rank, started together, and this process was not: call your "
+            "function with layerpipe.launch(fn, nprocs), or start the script with torchrun --nproc-per-node N "
+            "(RANK and WORLD_SIZE are not set)"
+        )
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -154,8 +183,8 @@ def _worker(
         # The processes meet in a file in the launcher's private folder: no port open to other hosts.
         init_process_group(timeout, backend, store=dist.FileStore(os.path.join(result_dir, "store"), nprocs))
         result = ("ok", fn(*args))
-    except BaseException:
-        result = ("error", traceback.format_exc(), time.time())
+    except BaseException as error:
+        result = ("error", traceback.format_exc(), time.time(), one_line(error))
     try:
         with open(path + ".part", "wb") as handle:
             pickle.dump(result, handle)
@@ -215,12 +244,13 @@ def launch(
         except KeyboardInterrupt:  # Ctrl-C: every process ends, and the caller says so once
             _stop(processes)
             raise
-        results, reports, failed_at, died = [], {}, {}, set()
+        results, reports, failed_at, died, summaries = [], {}, {}, set(), {}
         for rank, process in enumerate(processes):
             path = os.path.join(result_dir, f"rank{rank}.pickle")
             if os.path.exists(path):
                 with open(path, "rb") as handle:  # written by this launcher's own child, in its private folder
                     status, value, *when = pickle.load(handle)
+                summaries.update({rank: when.pop()} if len(when) == 2 else {})
             elif rank in stopped:
                 status, value, when = "error", "stopped by the launcher after another rank failed", []
             else:  # it died without reporting: a signal, or an exit past the worker's own handling
@@ -232,7 +262,7 @@ def launch(
                 reports[rank] = value
                 failed_at.update({rank: when[0]} if when else {})
         if reports:
-            raise LaunchError(reports, failed_at, died)
+            raise LaunchError(reports, failed_at, died, summaries)
         return results
 
 

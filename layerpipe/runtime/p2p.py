@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ..schedule.actions import Action, Kind, Message, Program, message_of, peer_stage
 from .context import RankContext
-from .stage import PipelineError, TensorMeta, carries_gradient
+from .stage import PipelineError, TensorMeta, carries_gradient, stage_metas
 from .tags import message_tag
 
 
@@ -152,7 +152,7 @@ class Mailbox:
     def _metas(self, message: Message) -> tuple[TensorMeta, ...]:
         if message.backward:
             return tuple(meta for meta in self.boundary_metas[message.receiver] if carries_gradient(meta.dtype))
-        return self.boundary_metas[message.sender]
+        return stage_metas(self.boundary_metas, message.sender, message.microbatch)
 
     def _post_through(self, peer: int, index: int) -> None:
         messages = self.incoming[peer]

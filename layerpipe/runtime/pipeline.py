@@ -29,6 +29,7 @@ from .launch import init_process_group
 from .measured import measured_timeline, memory_in_last_step, peak_memory_bytes
 from .run_state import RunResult
 from .sharding import weights_gathered
+from .stage import layer_list
 from .state import PipelineState
 from .versions import VersionRecord
 
@@ -94,7 +95,7 @@ class Pipeline:
     ):
         run = RunOptions(precision, spatial, timeout, check_every).checked()
         init_process_group(timeout)
-        layers = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
+        layers = layer_list(layers)
         parts = assemble(layers, loss_fn, schedule, options, run, optimizer, partition, device, sample, track_memory)
         self.check_every, self.precision, self._timeout = check_every, precision, timeout
         self.schedule, self.layout, self.groups, self.device = parts.schedule, parts.layout, parts.groups, parts.device

@@ -92,7 +92,7 @@ class FlushedRuns:
         # bands must agree (and gather) together.
         signature = signature_of(input_parts[0])
         input_parts = self.batches.bands(input_parts)
-        metas = self.shapes.metas_for(input_parts[0], signature)
+        metas = self.shapes.metas_for_parts(input_parts, signature)
         target_parts = self.batches.target_bands(signature, metas, target_parts)
         mailbox = self.executor.mailbox((mode != "train", signature), programs, metas)
         result = self.executor.run(

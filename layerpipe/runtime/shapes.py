@@ -1,26 +1,53 @@
 """The shape agreement: before the first program runs on inputs of a new shape, every rank learns every stage's
 output shapes and dtypes (the boundary *metas*), which size the receive buffers of the programs.
 
-``ShapeAgreement`` passes micro-batch 0 once through the pipeline without
-gradients; ``BoundaryShapes`` keeps what was agreed per input signature and
+``ShapeAgreement`` passes micro-batch 0 once through the pipeline on fake
+tensors (shapes without values, ``meta_forward``), falling back to a real
+forward that undoes its side effects; ``BoundaryShapes`` keeps what was agreed per input signature and
 agrees on first use, with every local stage's full weights held.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
 from .context import RankContext
+from .meta_forward import CannotRunFake, fake_forward, fake_inputs, fake_mode, fake_tensors, restoring
 from .p2p import wait_for
 from .precision import compute
 from .sharding import StageShard, weights_gathered
-from .stage import HEADER_LENGTH, PipelineError, Stage, TensorMeta, decode_header, encode_header, metas_of
+from .stage import (
+    HEADER_LENGTH,
+    PipelineError,
+    Stage,
+    TensorMeta,
+    UnevenMetas,
+    decode_header,
+    encode_header,
+    metas_of,
+)
 from .tags import agree_tag, check_tensor_count
 
 Metas = tuple[tuple[TensorMeta, ...], ...]
+
+FAILED = "failed"
+"""In place of a stage's metas: it, or a stage before it, could not run on fake tensors."""
+
+
+def _failed_header() -> torch.Tensor:
+    """Return the header that stands for ``FAILED`` (a count of -1)."""
+    header = torch.zeros(HEADER_LENGTH, dtype=torch.int64)
+    header[0] = -1
+    return header
+
+
+def _decoded(header: torch.Tensor):
+    """Return the metas a header describes, or ``FAILED``."""
+    return FAILED if int(header[0]) == -1 else decode_header(header)
 
 
 def signature_of(first_microbatch: tuple) -> tuple:
@@ -51,14 +78,63 @@ class ShapeAgreement:
     def __init__(self, context: RankContext, stages: dict[int, Stage], group=None):
         self.context, self.stages, self.group = context, stages, group
 
-    def agree(self, first_microbatch: tuple[torch.Tensor, ...]) -> tuple[tuple[TensorMeta, ...], ...]:
-        """Return every stage's output metas, found by passing micro-batch 0 through the pipeline once.
+    def agree(self, first_microbatch: tuple[torch.Tensor, ...]) -> Metas:
+        """Return every stage's output metas, found without side effects.
 
-        Each rank runs its stages without gradients in stage order and sends
-        a header and the tensors to the next stage's rank.  Collective: every
-        rank calls it with the same input.  Refuses, with ``PipelineError``,
-        a stage that fails or passes more tensors than a message carries.
+        First every stage runs on fake tensors (``meta_forward``): only the
+        metas travel, nothing is computed, and no buffer, parameter or
+        random state changes.  When a stage cannot run fake, every rank
+        learns it from the shared table and the pipeline passes micro-batch
+        0 through its stages for real, without gradients, undoing the
+        buffer and random-state changes (``restoring``), with a warning on
+        the rank of that stage.  Collective: every rank calls it with the
+        same input.  Refuses, with ``PipelineError``, a stage that fails or
+        passes more tensors than a message carries.
         """
+        metas, causes = self._agree_fake(first_microbatch)
+        shared = self._share_metas(metas)
+        if all(metas is not FAILED for metas in shared):
+            return shared
+        for stage, cause in causes.items():
+            warnings.warn(
+                f"layerpipe: stage {stage} cannot run on meta tensors to agree the boundary shapes ({cause}); "
+                f"they were agreed with a real forward of micro-batch 0 whose changes to buffers and random "
+                f"states were undone",
+                stacklevel=4,
+            )
+        with restoring(self.stages.values(), self.context.device):
+            return self._share_metas(self._agree_real(first_microbatch))
+
+    def _agree_fake(self, first_microbatch: tuple) -> tuple[list, dict[int, str]]:
+        """Return every local stage's metas found on fake tensors (``FAILED`` where it or a stage before failed),
+        and why each local stage that could not run fake failed."""
+        placement, device, mode = self.context.placement, self.context.device, fake_mode()
+        metas: list = [None] * placement.stages
+        causes: dict[int, str] = {}
+        previous = None
+        for stage in (index for index in range(placement.stages) if self.context.owns(index)):
+            if stage == 0:
+                inputs = fake_inputs(mode, first_microbatch, device)
+            elif placement.receives_forward[stage]:
+                received = self._receive_header(stage, placement.rank_of(stage - 1))
+                inputs = FAILED if received is FAILED else fake_tensors(mode, received, device)
+            else:
+                inputs = FAILED if previous is FAILED else fake_tensors(mode, previous, device)
+            previous = FAILED
+            if inputs is not FAILED:
+                try:
+                    outputs = fake_forward(mode, self.stages[stage], inputs, self.context.precision, device)
+                    previous = metas_of(outputs)
+                    check_tensor_count(stage, len(previous))
+                except CannotRunFake as cause:
+                    causes[stage] = str(cause)
+            if placement.sends_forward[stage]:
+                self._send_header(stage, placement.rank_of(stage + 1), previous)
+            metas[stage] = previous
+        return metas, causes
+
+    def _agree_real(self, first_microbatch: tuple) -> list:
+        """Return every local stage's metas found by passing micro-batch 0 through the pipeline, without gradients."""
         placement = self.context.placement
         metas: list[tuple[TensorMeta, ...] | None] = []
         previous_output = None
@@ -79,7 +155,22 @@ class ShapeAgreement:
                 if placement.sends_forward[stage]:
                     self._agree_send(stage, placement.rank_of(stage + 1), previous_output, found)
                 metas.append(found)
-        return self._share_metas(metas)
+        return metas
+
+    def _send_header(self, stage: int, peer: int, metas) -> None:
+        """Send stage ``stage``'s output metas (or ``FAILED``) to ``peer`` while agreeing on fake tensors."""
+        header = (_failed_header() if metas is FAILED else encode_header(metas)).to(self.context.device)
+        what = f"sending stage {stage}'s output shapes to rank {peer} while agreeing tensor shapes"
+        work = dist.isend(header, dst=self.context.peers[peer], tag=agree_tag(stage, 0))
+        wait_for(work, self.context.timeout, self.context.rank, what)
+
+    def _receive_header(self, stage: int, peer: int):
+        """Return stage ``stage - 1``'s output metas (or ``FAILED``) from ``peer``."""
+        header = torch.empty(HEADER_LENGTH, dtype=torch.int64, device=self.context.device)
+        what = f"while agreeing tensor shapes for stage {stage - 1}'s output from rank {peer}"
+        work = dist.irecv(header, src=self.context.peers[peer], tag=agree_tag(stage - 1, 0))
+        wait_for(work, self.context.timeout, self.context.rank, what)
+        return _decoded(header.cpu())
 
     def _agree_forward(self, stage: int, inputs: tuple) -> tuple:
         try:
@@ -127,10 +218,10 @@ class ShapeAgreement:
         table = torch.zeros(len(metas), HEADER_LENGTH, dtype=torch.int64)
         for stage, found in enumerate(metas):
             if found is not None:
-                table[stage] = encode_header(found)
+                table[stage] = _failed_header() if found is FAILED else encode_header(found)
         table = table.to(self.context.device)
         dist.all_reduce(table, group=self.group)
-        return tuple(decode_header(row) for row in table.cpu())
+        return tuple(_decoded(row) for row in table.cpu())
 
 
 class BoundaryShapes:
@@ -157,6 +248,20 @@ class BoundaryShapes:
                 metas = self._agreement.agree(first_microbatch)
             self._agreed[signature] = metas
         return metas
+
+    def metas_for_parts(self, parts: list[tuple], signature: tuple | None = None) -> Metas:
+        """Return every stage's output metas for the micro-batches ``parts`` (agreed on first use).
+
+        When the last micro-batch differs from the others (an uneven
+        evaluation batch), both shapes are agreed and ``UnevenMetas`` holds
+        them with each micro-batch's loss weight.
+        """
+        metas = self.metas_for(parts[0], signature)
+        last = signature_of(parts[-1])
+        if last == signature_of(parts[0]):
+            return metas
+        sizes = tuple(part[0].shape[0] if part and part[0].dim() else 1 for part in parts)
+        return UnevenMetas(metas, self.metas_for(parts[-1], ("last", signature, last)), sizes)
 
     def agreed(self) -> Iterator[Metas]:
         """Yield the metas agreed so far, in the order they were agreed (one per input signature)."""

@@ -1,7 +1,9 @@
 """A stage: a contiguous run of the user's layers, and the tensors that cross its boundaries.
 
 A layer may return one tensor or a tuple of tensors; a tuple is passed to
-the next layer as separate arguments.  Stages therefore take and return
+the next layer as separate arguments.  Anything else (a dict, a list,
+``None``) is refused naming the layer: what crosses a stage boundary is a
+numbered list of tensors.  Stages therefore take and return
 tuples of tensors, and ``TensorMeta`` describes one tensor crossing a stage
 boundary (agreed between ranks on the first step, checked afterwards).
 """
@@ -13,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from .failure import mark_layer
 
 
 class PipelineError(RuntimeError):
@@ -29,6 +33,53 @@ class TensorMeta(NamedTuple):
         return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)}"
 
 
+def layer_list(layers) -> list[nn.Module]:
+    """Return the user's layers as a list: from an ``nn.Sequential``, an ``nn.ModuleList`` or a sequence of modules.
+
+    Refuses, with ``TypeError`` saying how to give layers, a single model
+    object and anything that is not modules.
+    """
+    if isinstance(layers, (nn.Sequential, nn.ModuleList)):
+        return list(layers.children())
+    given = layers
+    try:
+        layers = None if isinstance(layers, nn.Module) else list(layers)
+    except TypeError:
+        layers = None
+    if layers is None:
+        raise TypeError(
+            f"layers: a {type(given).__name__}, not a list of layers; give the model as a list of nn.Module (or an "
+            f"nn.Sequential) whose layers each take the previous one's output, e.g. list(model.children()) when "
+            f"its forward calls them in order (see docs/one-process.md)"
+        )
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"layers[{index}]: a {type(layer).__name__}; every layer must be an nn.Module")
+    return layers
+
+
+def check_layer_output(value, index: int, layer: nn.Module, stage: int) -> None:
+    """Refuse, with ``PipelineError`` naming the layer, an output other than a tensor or a tuple of tensors."""
+    if isinstance(value, tuple) and all(isinstance(item, torch.Tensor) for item in value):
+        return
+    found = _described(value)
+    if isinstance(value, tuple):
+        found = f"a tuple holding {next(_described(i) for i in value if not isinstance(i, torch.Tensor))}"
+    advice = (
+        "; return its values as a tuple, in the order the next layer takes them as arguments"
+        if isinstance(value, dict)
+        else ""
+    )
+    raise PipelineError(
+        f"layer {index} ({type(layer).__name__}) of stage {stage} returned {found}: a layer must return a tensor "
+        f"or a tuple of tensors{advice}"
+    )
+
+
+def _described(value) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
 def as_tuple(value) -> tuple:
     """Return ``value`` as a tuple of tensors (a single tensor becomes a 1-tuple)."""
     return value if isinstance(value, tuple) else (value,)
@@ -37,6 +88,38 @@ def as_tuple(value) -> tuple:
 def metas_of(tensors: Sequence[torch.Tensor]) -> tuple[TensorMeta, ...]:
     """Return the ``TensorMeta`` of each tensor."""
     return tuple(TensorMeta(tuple(t.shape), t.dtype) for t in tensors)
+
+
+class UnevenMetas(tuple):
+    """Every stage's output metas for a batch whose last micro-batch is smaller or larger than the others.
+
+    As a tuple it is the metas of the other micro-batches (``metas[stage]``);
+    ``last`` holds those of micro-batch ``last_microbatch``, and
+    ``loss_weights`` what each micro-batch's mean loss is multiplied by so
+    that their mean is the mean over every sample.
+    """
+
+    last: tuple
+    last_microbatch: int
+    loss_weights: tuple[float, ...]
+
+    def __new__(cls, metas: tuple, last: tuple, sizes: tuple[int, ...]):
+        made = super().__new__(cls, metas)
+        made.last, made.last_microbatch = last, len(sizes) - 1
+        made.loss_weights = tuple(size * len(sizes) / sum(sizes) for size in sizes)
+        return made
+
+
+def stage_metas(metas: tuple, stage: int, microbatch: int) -> tuple[TensorMeta, ...]:
+    """Return stage ``stage``'s output metas for micro-batch ``microbatch``."""
+    if type(metas) is UnevenMetas and microbatch == metas.last_microbatch:
+        return metas.last[stage]
+    return metas[stage]
+
+
+def uneven_key(metas: tuple):
+    """Return what tells uneven metas apart from the even ones they equal as tuples (``None`` for even ones)."""
+    return (metas.last, metas.loss_weights) if type(metas) is UnevenMetas else None
 
 
 def carries_gradient(dtype: torch.dtype) -> bool:
@@ -74,8 +157,14 @@ class Stage(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         value = inputs
-        for layer in self.layers:
-            value = layer(*value) if isinstance(value, tuple) else layer(value)
+        for offset, layer in enumerate(self.layers):
+            try:
+                value = layer(*value) if isinstance(value, tuple) else layer(value)
+            except Exception as error:
+                mark_layer(error, self.first + offset, layer, self.index)
+                raise
+            if not isinstance(value, torch.Tensor):
+                check_layer_output(value, self.first + offset, layer, self.index)
         return as_tuple(value)
 
     def named_model_parameters(self):

@@ -1,4 +1,4 @@
-"""Run-level knobs: precision, spatial bands, timeout and check_every, with the rules between them, stated once.
+"""Run-level knobs: precision, spatial bands, timeout, check_every and broadcast_buffers, with their rules, stated once.
 
 These are facts of a run rather than of its schedule: ``Pipeline`` takes
 them as keyword arguments and ``layerpipe train`` as options (and TOML
@@ -26,6 +26,7 @@ __all__ = [
     "chunk_rule",
     "seconds_rule",
     "steps_rule",
+    "switch_rule",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -61,6 +62,13 @@ def steps_rule(value: object) -> str | None:
     """Return what a valid ``check_every`` is when ``value`` is not one (a whole number of steps, 0 for never)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return "must be a whole number of steps, 0 for never"
+    return None
+
+
+def switch_rule(value: object) -> str | None:
+    """Return what a valid switch is when ``value`` is not one (``True`` or ``False``), else ``None``."""
+    if not isinstance(value, bool):
+        return "must be True or False"
     return None
 
 
@@ -101,6 +109,12 @@ class RunOptions:
         "every so many training steps (and at the first) compare a checksum of the batch over the processes (0: never)",
         check=steps_rule,
         metavar="N",
+    )
+    broadcast_buffers: bool = knob(
+        True,
+        "after every training step give the other data-parallel replicas replica 0's buffers (BatchNorm's "
+        "running statistics), as DistributedDataParallel does, so every process evaluates one model",
+        check=switch_rule,
     )
 
     def checked(self) -> RunOptions:

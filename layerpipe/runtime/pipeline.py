@@ -62,6 +62,13 @@ class Pipeline:
     ``skip_nonfinite=True``; see ``runtime/precision.py``).  The process group's ``world = pipeline ranks ×
     data_parallel``; see ``layout.Layout`` for which process plays which part.
 
+    Replicas start equal: construction gives every replica replica 0's
+    parameters and buffers, as ``DistributedDataParallel`` does.
+    ``broadcast_buffers`` (default on) gives them replica 0's buffers again
+    after every training step.  ``eval_step`` and ``forward`` run the layers
+    in evaluation mode; ``train_step`` in the mode set by ``train()`` and
+    ``eval()``.  See ``docs/one-process.md``.
+
     ``schedule="async"`` (pipelined backpropagation) never drains between
     calls: ``train_step`` feeds ``microbatches`` sub-minibatches and returns
     while the last of them are still in flight; each stage updates on its
@@ -90,13 +97,15 @@ class Pipeline:
         check_every: int = 100,
         precision: str = "fp32",
         spatial: int = 1,
+        broadcast_buffers: bool = True,
         **options,
     ):
-        run = RunOptions(precision, spatial, timeout, check_every).checked()
+        run = RunOptions(precision, spatial, timeout, check_every, broadcast_buffers).checked()
         init_process_group(timeout)
         layers = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
         parts = assemble(layers, loss_fn, schedule, options, run, optimizer, partition, device, sample, track_memory)
         self.check_every, self.precision, self._timeout = check_every, precision, timeout
+        self.training = True  # as a new nn.Module: train_step runs the layers in their own modes
         self.schedule, self.layout, self.groups, self.device = parts.schedule, parts.layout, parts.groups, parts.device
         self.global_rank, self.loss_rank, self.boundaries = parts.global_rank, parts.loss_rank, parts.boundaries
         self.rank = self.layout.pipeline_rank(self.global_rank)
@@ -138,7 +147,7 @@ class Pipeline:
         self._runs.flush()
 
     def eval_step(self, inputs: Tensors, targets: Tensors) -> float:
-        """Return the mean loss over the global batch without gradients (forward only, pipelined, split over replicas).
+        """Return the mean loss over the global batch in evaluation mode, without gradients (pipelined, split over replicas).
 
         Collective over the data-parallel group at ZeRO-3 (the forward programs gather each stage), as is
         ``forward``.  Async: flushes first.
@@ -148,7 +157,7 @@ class Pipeline:
     def forward(self, inputs: Tensors):
         """Return the model's output for the whole batch on each replica's last-stage rank (``None`` on the others).
 
-        Inference is not split over replicas: each runs the whole batch.  Async: flushes first.
+        In evaluation mode; not split over replicas: each runs the whole batch.  Async: flushes first.
         """
         return self._runs.forward(inputs)
 
@@ -221,7 +230,11 @@ class Pipeline:
         self._state.load_optimizer_state_dict(state)
 
     def train(self, mode: bool = True) -> Pipeline:
-        """Set the local stages to training (or evaluation) mode; return the pipeline."""
+        """Set the local stages to training (or evaluation) mode, in which ``train_step`` runs them; return the pipeline.
+
+        ``eval_step`` and ``forward`` always run in evaluation mode and leave the mode as it was.
+        """
+        self.training = mode
         for stage in self.stages.values():
             stage.train(mode)
         return self

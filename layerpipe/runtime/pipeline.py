@@ -38,48 +38,36 @@ __all__ = ["Pipeline", "peak_memory_bytes"]
 class Pipeline:
     """A model split into ``ranks × stages_per_rank`` stages, trained with a pipeline schedule on ``data_parallel`` replicas.
 
-    ``layers``: ``list[nn.Module]`` or ``nn.Sequential``, identical on every
-    process.  ``loss_fn(output, target)`` returns the mean loss over one
-    micro-batch.  ``schedule``: a schedule name, a ``ScheduleConfig``, or a
-    built ``Schedule`` whose programs are run as they are.  With a name, the
-    keyword ``options`` are the other fields of ``ScheduleConfig``
-    (``microbatches``, ``stages_per_rank``, ``group_size``, ``placement``,
-    ``data_parallel``, ``zero``, ``reduce_portions``, ``reduce_order``,
-    ``weight_buffers``, ``recompute``; see their help there); ``ranks`` is
-    always the process count divided by ``data_parallel``.
+    ``layers``: ``list[nn.Module]`` or ``nn.Sequential``, identical on every process.  ``loss_fn(output, target)``
+    returns the mean loss over one micro-batch.  ``schedule``: a schedule name, a ``ScheduleConfig``, or a built
+    ``Schedule`` whose programs are run as they are.  With a name, the keyword ``options`` are the other fields of
+    ``ScheduleConfig`` (``microbatches``, ``stages_per_rank``, ``group_size``, ``placement``, ``data_parallel``,
+    ``zero``, ``reduce_portions``, ``reduce_order``, ``weight_buffers``, ``recompute``; see their help there);
+    ``ranks`` is always the process count divided by ``data_parallel``.
 
-    ``optimizer``: optional ``callable(params) -> Optimizer``, called once
-    per local stage (with the stage's parameters at ``zero=0``, with its
-    flat shard at ``zero`` 1–3).  ``partition``: ``"parameters"`` (default),
-    ``"time"`` (measured on ``sample``, a callable returning one micro-batch
-    input) or the first layer index of every stage.  ``track_memory`` counts
-    saved activation bytes (``memory()``).  ``timeout`` bounds every wait,
-    in seconds.  ``check_every``: every so many training steps (and at the
-    first) the processes compare a checksum of their batch and refuse to
-    train on different ones (0: never).  ``precision``: ``fp32``, ``bf16`` or
-    ``fp16`` compute in the stages (float32 weights, gradients and optimizer
-    state; ``fp16`` scales the loss dynamically and needs
-    ``skip_nonfinite=True``; see ``runtime/precision.py``).  The process group's ``world = pipeline ranks ×
+    ``optimizer``: optional ``callable(params) -> Optimizer``, called once per local stage (with the stage's
+    parameters at ``zero=0``, with its flat shard at ``zero`` 1–3).  ``partition``: ``"parameters"`` (default),
+    ``"time"`` (measured on ``sample``, a callable returning one micro-batch input) or the first layer index of
+    every stage.  ``track_memory`` counts saved activation bytes (``memory()``).  ``timeout`` bounds every wait, in
+    seconds.  ``check_every``: every so many training steps (and at the first) the processes compare a checksum of
+    their batch and refuse to train on different ones (0: never).  ``precision``: ``fp32``, ``bf16`` or ``fp16``
+    compute in the stages (float32 weights, gradients and optimizer state; ``fp16`` scales the loss dynamically and
+    needs ``skip_nonfinite=True``; see ``runtime/precision.py``).  The process group's ``world = pipeline ranks ×
     data_parallel``; see ``layout.Layout`` for which process plays which part.
 
-    Replicas start equal: construction gives every replica replica 0's
-    parameters and buffers, as ``DistributedDataParallel`` does.
-    ``broadcast_buffers`` (default on) gives them replica 0's buffers again
-    after every training step.  ``eval_step`` and ``forward`` run the layers
-    in evaluation mode; ``train_step`` in the mode set by ``train()`` and
-    ``eval()``.  See ``docs/one-process.md``.
+    Replicas start equal: construction gives every replica replica 0's parameters and buffers, as
+    ``DistributedDataParallel`` does. ``broadcast_buffers`` (default on) gives them replica 0's buffers again after
+    every training step.  ``eval_step`` and ``forward`` run the layers in evaluation mode; ``train_step`` in the
+    mode set by ``train()`` and ``eval()``.  See ``docs/one-process.md``.
 
-    ``schedule="async"`` (pipelined backpropagation) never drains between
-    calls: ``train_step`` feeds ``microbatches`` sub-minibatches and returns
-    while the last of them are still in flight; each stage updates on its
-    own after every ``update_every`` of its backwards, with the weights
-    ``weight_policy`` chooses and the ``delay_correction`` asked for (see
-    ``flush`` and ``docs/async.md``).  It needs an ``optimizer``.
+    ``schedule="async"`` (pipelined backpropagation) never drains between calls: ``train_step`` feeds
+    ``microbatches`` sub-minibatches and returns while the last of them are still in flight; each stage updates on
+    its own after every ``update_every`` of its backwards, with the weights ``weight_policy`` chooses and the
+    ``delay_correction`` asked for (see ``flush`` and ``docs/async.md``).  It needs an ``optimizer``.
 
-    Refuses, with ``ConfigError`` naming the argument, the value and what is
-    valid: an unknown option, async without an optimizer, a process count that is not a multiple of
-    ``data_parallel``, a schedule whose rank count does not match, invalid
-    schedule options; with ``PartitionError``, fewer layers than stages.
+    Refuses, with ``ConfigError`` naming the argument, the value and what is valid: an unknown option, async without
+    an optimizer, a process count that is not a multiple of ``data_parallel``, a schedule whose rank count does not
+    match, invalid schedule options; with ``PartitionError``, fewer layers than stages.
     """
 
     def __init__(

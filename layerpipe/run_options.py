@@ -26,7 +26,6 @@ __all__ = [
     "chunk_rule",
     "seconds_rule",
     "steps_rule",
-    "switch_rule",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -62,13 +61,6 @@ def steps_rule(value: object) -> str | None:
     """Return what a valid ``check_every`` is when ``value`` is not one (a whole number of steps, 0 for never)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return "must be a whole number of steps, 0 for never"
-    return None
-
-
-def switch_rule(value: object) -> str | None:
-    """Return what a valid switch is when ``value`` is not one (``True`` or ``False``), else ``None``."""
-    if not isinstance(value, bool):
-        return "must be True or False"
     return None
 
 
@@ -114,7 +106,6 @@ class RunOptions:
         True,
         "after every training step give the other data-parallel replicas replica 0's buffers (BatchNorm's "
         "running statistics), as DistributedDataParallel does, so every process evaluates one model",
-        check=switch_rule,
     )
 
     def checked(self) -> RunOptions:

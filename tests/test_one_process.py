@@ -20,9 +20,8 @@ from runtime_models import relative_error
 from torch import nn
 
 import layerpipe
-from layerpipe.knobs import ConfigError, check_fields
-from layerpipe.run_options import RunOptions
 from layerpipe.runtime.replicas import NO_OPTIMIZER
+from layerpipe.train.config import build_parser, config_from
 
 STEPS = 3
 TOLERANCE = 1e-10
@@ -151,10 +150,10 @@ def test_without_broadcast_buffers_each_replica_keeps_its_own_running_statistics
     assert torch.equal(first[0]["state"]["0.weight"], second[0]["state"]["0.weight"]), "weights stay equal"
 
 
-def test_broadcast_buffers_is_a_switch():
-    with pytest.raises(ConfigError) as caught:
-        check_fields(RunOptions(broadcast_buffers="yes"))
-    assert str(caught.value) == "broadcast_buffers='yes': must be True or False"
+def test_layerpipe_train_takes_the_switch_off(tmp_path):
+    on = config_from(build_parser().parse_args(["--output", str(tmp_path / "on")]))
+    off = config_from(build_parser().parse_args(["--no-broadcast-buffers", "--output", str(tmp_path / "off")]))
+    assert (on.broadcast_buffers, off.broadcast_buffers) == (True, False)
 
 
 # ---------------------------------------------------------------- BatchNorm, modes, dropout

@@ -31,22 +31,26 @@ from .p2p import wait_for
 
 
 def broadcast_tensors(tensors: Iterable[torch.Tensor], source: int, group, timeout: float, rank: int, what: str):
-    """Overwrite ``tensors`` with process ``source``'s values over ``group``: one broadcast per dtype.
+    """Overwrite ``tensors`` with process ``source``'s values over ``group``: one broadcast of all their bytes.
 
     Every member passes tensors of the same shapes and dtypes in the same order.
     """
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for tensor in tensors:
-        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    tensors = list(tensors)
+    if not tensors:
+        return
     with torch.no_grad():
-        for same in by_dtype.values():
-            flat = torch.cat([tensor.detach().reshape(-1) for tensor in same])
-            work = dist.broadcast(flat, src=source, group=group, async_op=True)
-            wait_for(work, timeout, rank, f"broadcasting {what} from process {source}")
-            offset = 0
-            for tensor in same:
-                tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
-                offset += tensor.numel()
+        flat = torch.cat([tensor.detach().reshape(-1).view(torch.uint8) for tensor in tensors])
+        wait_for(
+            dist.broadcast(flat, src=source, group=group, async_op=True),
+            timeout,
+            rank,
+            f"broadcasting {what} from process {source}",
+        )
+        offset = 0
+        for tensor in tensors:
+            size = tensor.numel() * tensor.element_size()
+            tensor.copy_(flat[offset : offset + size].clone().view(tensor.dtype).view_as(tensor))
+            offset += size
 
 
 def stage_buffers(stages: Iterable[nn.Module]) -> list[torch.Tensor]:

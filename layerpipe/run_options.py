@@ -1,4 +1,4 @@
-"""Run-level knobs: precision, spatial bands, timeout and check_every, with the rules between them, stated once.
+"""Run-level knobs: precision, spatial bands, timeout, check_every and broadcast_buffers, with their rules, stated once.
 
 These are facts of a run rather than of its schedule: ``Pipeline`` takes
 them as keyword arguments and ``layerpipe train`` as options (and TOML
@@ -101,6 +101,11 @@ class RunOptions:
         "every so many training steps (and at the first) compare a checksum of the batch over the processes (0: never)",
         check=steps_rule,
         metavar="N",
+    )
+    broadcast_buffers: bool = knob(
+        True,
+        "after every training step give the other data-parallel replicas replica 0's buffers (BatchNorm's "
+        "running statistics), as DistributedDataParallel does, so every process evaluates one model",
     )
 
     def checked(self) -> RunOptions:

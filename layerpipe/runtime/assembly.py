@@ -1,7 +1,8 @@
 """Assembly: what a ``Pipeline`` is made of on this process, built once from its arguments.
 
 The schedule (built from a name, a config or given built), the process
-layout and groups, this rank's stages with their shards and optimizers, the
+layout and groups, this rank's stages (holding replica 0's values, see
+``replicas``) with their shards and optimizers, the
 executor that runs its programs (the async stream's own when the schedule
 streams), and the collaborators that run batches through it.
 """
@@ -29,6 +30,7 @@ from .loss_sharing import LossSharing
 from .memory import ActivationMeter
 from .partition import partition as split_layers
 from .recompute import mark_regions
+from .replicas import LocalModel, ReplicaBuffers, start_replicas_equal
 from .run_state import LocalStage
 from .runs import FlushedRuns
 from .shapes import BoundaryShapes, ShapeAgreement
@@ -83,6 +85,7 @@ def assemble(
     device = torch.device(device) if device is not None else _default_device()
     boundaries = split_layers(layers, placement.stages, partition, sample)
     stages = _local_stages(layers, boundaries, placement, rank, device, groups.spatial)
+    start_replicas_equal(stages, layout, global_rank, groups, run.timeout)  # before the weights are sharded
     shards = {
         index: StageShard(stage, config.zero, config.data_parallel, replica, groups.data, device)
         for index, stage in stages.items()
@@ -104,7 +107,9 @@ def assemble(
     )
     loss_rank = members[placement.loss_rank]
     loss = LossSharing(context, layout, groups, global_rank, loss_rank, early=context.lookahead > 0)
-    runs = (AsyncStream if config.streams else FlushedRuns)(built, executor, shards, batches, shapes, loss)
+    buffers = ReplicaBuffers(stages, layout, global_rank, groups.data, run.timeout, run.broadcast_buffers)
+    model = LocalModel(stages, buffers, updates=optimizer is not None)
+    runs = (AsyncStream if config.streams else FlushedRuns)(built, executor, shards, batches, shapes, loss, model)
     parts = (built, layout, global_rank, groups, device, boundaries, stages, shards, optimizers, meter, executor)
     return Assembly(*parts, loss_rank, shapes, runs)
 

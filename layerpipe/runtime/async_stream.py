@@ -36,7 +36,9 @@ class AsyncStream(FlushedRuns):
         result = self._run_call(programs, inputs, targets)
         self.fed += microbatches
         self.last_training = result
-        return self.loss.share(result, posted)
+        loss = self.loss.share(result, posted)
+        self.model.after_training()
+        return loss
 
     def flush(self) -> None:
         """Drain the stream: run the backwards and updates of every sub-minibatch still in flight (if any)."""

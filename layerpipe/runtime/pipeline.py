@@ -39,41 +39,36 @@ __all__ = ["Pipeline", "peak_memory_bytes"]
 class Pipeline:
     """A model split into ``ranks × stages_per_rank`` stages, trained with a pipeline schedule on ``data_parallel`` replicas.
 
-    ``layers``: ``list[nn.Module]`` or ``nn.Sequential``, identical on every
-    process.  ``loss_fn(output, target)`` returns the mean loss over one
-    micro-batch.  ``schedule``: a schedule name, a ``ScheduleConfig``, or a
-    built ``Schedule`` whose programs are run as they are.  With a name, the
-    keyword ``options`` are the other fields of ``ScheduleConfig``
-    (``microbatches``, ``stages_per_rank``, ``group_size``, ``placement``,
-    ``data_parallel``, ``zero``, ``reduce_portions``, ``reduce_order``,
-    ``weight_buffers``, ``recompute``; see their help there); ``ranks`` is
-    always the process count divided by ``data_parallel``.
+    ``layers``: ``list[nn.Module]`` or ``nn.Sequential``, identical on every process.  ``loss_fn(output, target)``
+    returns the mean loss over one micro-batch.  ``schedule``: a schedule name, a ``ScheduleConfig``, or a built
+    ``Schedule`` whose programs are run as they are.  With a name, the keyword ``options`` are the other fields of
+    ``ScheduleConfig`` (``microbatches``, ``stages_per_rank``, ``group_size``, ``placement``, ``data_parallel``,
+    ``zero``, ``reduce_portions``, ``reduce_order``, ``weight_buffers``, ``recompute``; see their help there);
+    ``ranks`` is always the process count divided by ``data_parallel``.
 
-    ``optimizer``: optional ``callable(params) -> Optimizer``, called once
-    per local stage (with the stage's parameters at ``zero=0``, with its
-    flat shard at ``zero`` 1–3).  ``partition``: ``"parameters"`` (default),
-    ``"time"`` (measured on ``sample``, a callable returning one micro-batch
-    input) or the first layer index of every stage.  ``track_memory`` counts
-    saved activation bytes (``memory()``).  ``timeout`` bounds every wait,
-    in seconds.  ``check_every``: every so many training steps (and at the
-    first) the processes compare a checksum of their batch and refuse to
-    train on different ones (0: never).  ``precision``: ``fp32``, ``bf16`` or
-    ``fp16`` compute in the stages (float32 weights, gradients and optimizer
-    state; ``fp16`` scales the loss dynamically and needs
-    ``skip_nonfinite=True``; see ``runtime/precision.py``).  The process group's ``world = pipeline ranks ×
+    ``optimizer``: optional ``callable(params) -> Optimizer``, called once per local stage (with the stage's
+    parameters at ``zero=0``, with its flat shard at ``zero`` 1–3).  ``partition``: ``"parameters"`` (default),
+    ``"time"`` (measured on ``sample``, a callable returning one micro-batch input) or the first layer index of
+    every stage.  ``track_memory`` counts saved activation bytes (``memory()``).  ``timeout`` bounds every wait, in
+    seconds.  ``check_every``: every so many training steps (and at the first) the processes compare a checksum of
+    their batch and refuse to train on different ones (0: never).  ``precision``: ``fp32``, ``bf16`` or ``fp16``
+    compute in the stages (float32 weights, gradients and optimizer state; ``fp16`` scales the loss dynamically and
+    needs ``skip_nonfinite=True``; see ``runtime/precision.py``).  The process group's ``world = pipeline ranks ×
     data_parallel``; see ``layout.Layout`` for which process plays which part.
 
-    ``schedule="async"`` (pipelined backpropagation) never drains between
-    calls: ``train_step`` feeds ``microbatches`` sub-minibatches and returns
-    while the last of them are still in flight; each stage updates on its
-    own after every ``update_every`` of its backwards, with the weights
-    ``weight_policy`` chooses and the ``delay_correction`` asked for (see
-    ``flush`` and ``docs/async.md``).  It needs an ``optimizer``.
+    Replicas start equal: construction gives every replica replica 0's parameters and buffers, as
+    ``DistributedDataParallel`` does. ``broadcast_buffers`` (default on) gives them replica 0's buffers again after
+    every training step.  ``eval_step`` and ``forward`` run the layers in evaluation mode; ``train_step`` in the
+    mode set by ``train()`` and ``eval()``.  See ``docs/one-process.md``.
 
-    Refuses, with ``ConfigError`` naming the argument, the value and what is
-    valid: an unknown option, async without an optimizer, a process count that is not a multiple of
-    ``data_parallel``, a schedule whose rank count does not match, invalid
-    schedule options; with ``PartitionError``, fewer layers than stages.
+    ``schedule="async"`` (pipelined backpropagation) never drains between calls: ``train_step`` feeds
+    ``microbatches`` sub-minibatches and returns while the last of them are still in flight; each stage updates on
+    its own after every ``update_every`` of its backwards, with the weights ``weight_policy`` chooses and the
+    ``delay_correction`` asked for (see ``flush`` and ``docs/async.md``).  It needs an ``optimizer``.
+
+    Refuses, with ``ConfigError`` naming the argument, the value and what is valid: an unknown option, async without
+    an optimizer, a process count that is not a multiple of ``data_parallel``, a schedule whose rank count does not
+    match, invalid schedule options; with ``PartitionError``, fewer layers than stages.
     """
 
     def __init__(
@@ -91,13 +86,15 @@ class Pipeline:
         check_every: int = 100,
         precision: str = "fp32",
         spatial: int = 1,
+        broadcast_buffers: bool = True,
         **options,
     ):
-        run = RunOptions(precision, spatial, timeout, check_every).checked()
+        run = RunOptions(precision, spatial, timeout, check_every, broadcast_buffers).checked()
         init_process_group(timeout)
         layers = layer_list(layers)
         parts = assemble(layers, loss_fn, schedule, options, run, optimizer, partition, device, sample, track_memory)
         self.check_every, self.precision, self._timeout = check_every, precision, timeout
+        self.training = True  # as a new nn.Module: train_step runs the layers in their own modes
         self.schedule, self.layout, self.groups, self.device = parts.schedule, parts.layout, parts.groups, parts.device
         self.global_rank, self.loss_rank, self.boundaries = parts.global_rank, parts.loss_rank, parts.boundaries
         self.rank = self.layout.pipeline_rank(self.global_rank)
@@ -139,7 +136,7 @@ class Pipeline:
         self._runs.flush()
 
     def eval_step(self, inputs: Tensors, targets: Tensors) -> float:
-        """Return the mean loss over the global batch without gradients (forward only, pipelined, split over replicas).
+        """Return the mean loss over the global batch in evaluation mode, without gradients (pipelined, split over replicas).
 
         Collective over the data-parallel group at ZeRO-3 (the forward programs gather each stage), as is
         ``forward``.  Async: flushes first.
@@ -149,7 +146,7 @@ class Pipeline:
     def forward(self, inputs: Tensors):
         """Return the model's output for the whole batch on each replica's last-stage rank (``None`` on the others).
 
-        Inference is not split over replicas: each runs the whole batch.  Async: flushes first.
+        In evaluation mode; not split over replicas: each runs the whole batch.  Async: flushes first.
         """
         return self._runs.forward(inputs)
 
@@ -222,7 +219,11 @@ class Pipeline:
         self._state.load_optimizer_state_dict(state)
 
     def train(self, mode: bool = True) -> Pipeline:
-        """Set the local stages to training (or evaluation) mode; return the pipeline."""
+        """Set the local stages to training (or evaluation) mode, in which ``train_step`` runs them; return the pipeline.
+
+        ``eval_step`` and ``forward`` always run in evaluation mode and leave the mode as it was.
+        """
+        self.training = mode
         for stage in self.stages.values():
             stage.train(mode)
         return self

@@ -3,7 +3,10 @@
 ``FlushedRuns`` is what ``Pipeline`` calls to run a batch: it checks and
 splits the batch (``Batches``), agrees the boundary shapes on first use
 (``BoundaryShapes``), runs this rank's program in the executor and shares
-the loss (``LossSharing``).  The async stream (``AsyncStream``) is the same
+the loss (``LossSharing``).  ``LocalModel`` says how the stages run:
+evaluation and forward in evaluation mode, training in the mode the user
+set, replica 0's buffers given to the other replicas after each training
+step.  The async stream (``AsyncStream``) is the same
 with sub-minibatches left in flight between calls.
 """
 
@@ -15,6 +18,7 @@ from ..schedule.build import Schedule
 from .batches import Batches, Tensors
 from .executor import Executor
 from .loss_sharing import LossSharing
+from .replicas import LocalModel
 from .run_state import RunResult
 from .shapes import BoundaryShapes, signature_of
 from .sharding import StageShard
@@ -35,32 +39,39 @@ class FlushedRuns:
         batches: Batches,
         shapes: BoundaryShapes,
         loss: LossSharing,
+        model: LocalModel,
     ):
         self.schedule, self.executor, self.shards = schedule, executor, shards
-        self.batches, self.shapes, self.loss = batches, shapes, loss
+        self.batches, self.shapes, self.loss, self.model = batches, shapes, loss, model
         self.last_result: RunResult | None = None  # of the last run: training, evaluation or forward
         self.last_training: RunResult | None = None
 
     def train(self, inputs: Tensors, targets: Tensors) -> float:
-        """Run one training step on the global batch; return its mean loss."""
+        """Run one training step on the global batch in the stages' own mode; return its mean loss."""
+        self.model.before_training()
         for shard in self.shards.values():
             shard.begin_step()
         posted = self.loss.post()
         result = self.run("train", self.schedule.programs, inputs, targets)
         self.last_training = result
-        return self.loss.share(result, posted)
+        loss = self.loss.share(result, posted)
+        self.model.after_training()
+        return loss
 
     def evaluate(self, inputs: Tensors, targets: Tensors) -> float:
-        """Return the mean loss over the global batch without gradients (flushes a stream first)."""
+        """Return the mean loss over the global batch without gradients, in evaluation mode (flushes a stream first)."""
         self.flush()
         posted = self.loss.post()
-        result = self.run("eval", self.schedule.forward, inputs, targets)
+        with self.model.evaluating():
+            result = self.run("eval", self.schedule.forward, inputs, targets)
         return self.loss.share(result, posted)
 
     def forward(self, inputs: Tensors):
-        """Return the model's output for the whole batch on the last stage's rank, ``None`` elsewhere (flushes first)."""
+        """Return the model's output for the whole batch on the last stage's rank, ``None`` elsewhere, in evaluation
+        mode (flushes first)."""
         self.flush()
-        result = self.run("forward", self.schedule.forward, inputs, None, across_replicas=False)
+        with self.model.evaluating():
+            result = self.run("forward", self.schedule.forward, inputs, None, across_replicas=False)
         return self.batches.joined(result.outputs) if result.outputs is not None else None
 
     def flush(self) -> None:

@@ -96,6 +96,11 @@ class TrainConfig:
         check=one_of(PRECISIONS),
         metavar="NAME",
     )
+    broadcast_buffers: bool = knob(
+        True,
+        "after every step give the other data-parallel replicas replica 0's buffers (running statistics; the "
+        "sparse layers' patterns, equal anyway: --no-broadcast-buffers saves their broadcast)",
+    )
     max_skips: int = knob(
         10, "with --skip-nonfinite: stop after this many steps in a row were skipped", check=whole(1), metavar="N"
     )

@@ -92,6 +92,7 @@ def make_pipeline(config: TrainConfig, task) -> Pipeline:
         timeout=config.timeout,
         optimizer=make_optimizer(config),
         precision=config.precision,
+        broadcast_buffers=config.broadcast_buffers,
         spatial=config.spatial,
     )
 

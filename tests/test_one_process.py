@@ -199,9 +199,6 @@ def test_batchnorm_trains_and_evaluates_as_one_process_once_shapes_are_agreed(mi
 
 
 @pytest.mark.multiprocess
-@pytest.mark.xfail(
-    reason="shape agreement runs micro-batch 0 in training mode; fixed by the agreement change", strict=True
-)
 def test_batchnorm_trains_and_evaluates_as_one_process_from_the_first_step():
     per_process = layerpipe.launch(train_batchnorm, 2, (2, False), timeout=300)
     check_batchnorm(2, per_process)

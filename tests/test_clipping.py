@@ -1,0 +1,185 @@
+"""Global gradient-norm clipping equals ``torch.nn.utils.clip_grad_norm_`` on the whole model in one process.
+
+``clip_grad_norm`` puts a ``CLIP`` before each rank's first ``STEP``: one
+all-reduce of per-stage squared norms over every process (which guards
+too), then every stage scales its gradients.  Shown in float64 against a
+single-process reference, with the limit far below the norm so that every
+step clips: every flushed schedule on 2 and 4 ranks, the V-shape placement,
+recomputation, and 2 ranks x 2 replicas at ZeRO 0-3.  One launch per
+process count builds every case's ``Pipeline`` in turn.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from runtime_models import Chain, batch, mlp_layers, relative_error
+from torch import nn
+
+import layerpipe
+from layerpipe.schedule.actions import Kind
+from layerpipe.schedule.build import build_schedule
+from layerpipe.schedule.config import SCHEDULES, ConfigError, ScheduleConfig
+from layerpipe.schedule.registry import schedule_record
+from layerpipe.sim.cost import CostModel
+from layerpipe.sim.simulator import simulate
+from layerpipe.train.config import build_parser, config_from
+
+STEPS, SAMPLES, LIMIT, TOLERANCE = 3, 8, 0.05, 1e-10
+FLUSHED = tuple(name for name in SCHEDULES if not schedule_record(name).streams)
+
+
+def _optimizer(parameters):
+    """SGD with momentum: the update is proportional to the clipped gradient, so a wrong clip shows at once."""
+    return torch.optim.SGD(parameters, lr=0.1, momentum=0.9)
+
+
+def clipped_reference(steps: int = STEPS) -> tuple[list, list, dict]:
+    """Return the losses, the norms ``clip_grad_norm_`` returned and the final parameters of one process."""
+    model = Chain(*copy.deepcopy(mlp_layers()))
+    optimizer = _optimizer(model.parameters())
+    losses, norms = [], []
+    for step in range(steps):
+        inputs, targets = batch(SAMPLES, seed=step + 1)
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(inputs), targets)
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), LIMIT)))
+        losses.append(float(loss.detach()))
+        optimizer.step()
+    return losses, norms, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def flushed_cases(ranks: int) -> list[dict]:
+    """Return every flushed schedule on ``ranks`` ranks with its default stages per rank."""
+    return [
+        dict(schedule=name, group_size=ranks) if "group_size" in schedule_record(name).options else dict(schedule=name)
+        for name in FLUSHED
+    ]
+
+
+def run_cases(cases: list[dict]) -> list[tuple]:
+    """Worker: train every case ``STEPS`` steps with clipping; return per case the losses, norms and final weights."""
+    results = []
+    for options in cases:
+        pipe = layerpipe.Pipeline(
+            mlp_layers(), nn.functional.mse_loss, microbatches=4, clip_grad_norm=LIMIT, timeout=60,
+            optimizer=_optimizer, **options,
+        )  # fmt: skip
+        losses, norms = [], []
+        for step in range(STEPS):
+            losses.append(pipe.train_step(*batch(SAMPLES, seed=step + 1)))
+            norms.append(pipe.last_grad_norm)
+        results.append((losses, norms, pipe.gathered_state_dict()))
+    return results
+
+
+def check(processes: int, cases: list[dict]) -> None:
+    """Run ``cases`` on ``processes`` processes and compare each with the clipped single-process reference."""
+    losses, norms, parameters = clipped_reference()
+    assert min(norms) > 4 * LIMIT, "every step clips"
+    per_process = layerpipe.launch(run_cases, processes, (cases,), timeout=300)
+    for index, case in enumerate(cases):
+        rows = [results[index] for results in per_process]
+        assert len({tuple(row[1]) for row in rows}) == 1, f"{case}: the same norm, to the bit, on every process"
+        for found_losses, found_norms, state in rows:
+            for found, expected in zip(found_losses + found_norms, losses + norms):
+                assert abs(found - expected) <= TOLERANCE * abs(expected), f"{case}: {found} != {expected}"
+            for name, value in state.items():
+                error = relative_error(value, parameters[name])
+                assert error <= TOLERANCE, f"{case}: {name} off by {error:.1e}"
+        assert {name for row in rows for name in row[2]} == set(parameters), f"{case}: every parameter compared"
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_clip_as_one_process_for_every_schedule_the_vshape_and_recomputation():
+    cases = flushed_cases(2) + [
+        dict(schedule="breadth-first", placement="vshape"),
+        dict(schedule="breadth-first", recompute="full"),
+        dict(schedule="1f1b", recompute="selective"),
+    ]
+    check(2, cases)
+
+
+@pytest.mark.multiprocess
+def test_four_ranks_and_two_replicas_at_every_zero_level_clip_as_one_process():
+    replicated = [dict(schedule="breadth-first", data_parallel=2, zero=zero) for zero in range(4)]
+    check(4, flushed_cases(4) + replicated + [dict(schedule="1f1b", data_parallel=2, zero=2, reduce_portions=2)])
+
+
+def poisoned_steps() -> list[tuple]:
+    """Worker: three clipped steps, the second with NaN gradients on rank 1 only; return what each step did."""
+    pipe = layerpipe.Pipeline(
+        mlp_layers(), nn.functional.mse_loss, schedule="gpipe", microbatches=2, clip_grad_norm=LIMIT, timeout=60,
+        optimizer=_optimizer,
+    )  # fmt: skip
+    seen = []
+    for step in range(3):
+        handle = None
+        if step == 1 and pipe.rank == 1:
+            parameter = next(iter(pipe.stages.values())).layers[0].weight
+            handle = parameter.register_hook(lambda gradient: gradient * float("nan"))
+        before = {name: value.detach().clone() for name, value in pipe.named_parameters()}
+        pipe.train_step(*batch(SAMPLES, seed=step + 1))
+        unchanged = all(torch.equal(before[name], value) for name, value in pipe.named_parameters())
+        seen.append((pipe.last_step_skipped, pipe.last_grad_norm, unchanged))
+        if handle is not None:
+            handle.remove()
+    return seen
+
+
+@pytest.mark.multiprocess
+def test_a_norm_that_is_not_finite_skips_the_step_on_every_rank():
+    for clean, poisoned, after in layerpipe.launch(poisoned_steps, 2, timeout=120):
+        assert clean[0] is None and math.isfinite(clean[1]) and not clean[2]
+        assert poisoned[0] == 1 and math.isnan(poisoned[1]) and poisoned[2], "skipped, naming stage 1, NaN norm"
+        assert after[0] is None and math.isfinite(after[1]) and not after[2], "training goes on"
+
+
+def test_the_clip_replaces_the_guard_before_each_ranks_first_step():
+    for guarded in (False, True):
+        config = ScheduleConfig("breadth-first", ranks=2, microbatches=4, clip_grad_norm=1.0, skip_nonfinite=guarded)
+        for program in build_schedule(config).programs:
+            kinds = [action.kind for action in program]
+            assert Kind.GUARD not in kinds, "one all-reduce: the clip carries the guard's agreement"
+            assert kinds.count(Kind.CLIP) == 1 and kinds[kinds.index(Kind.CLIP) + 1] is Kind.STEP
+            assert Kind.STEP not in kinds[: kinds.index(Kind.CLIP)]
+
+
+def test_without_clipping_the_programs_are_unchanged():
+    plain = build_schedule(ScheduleConfig("breadth-first", ranks=2, microbatches=4, skip_nonfinite=True))
+    assert not any(action.kind is Kind.CLIP for program in plain.programs for action in program)
+
+
+def test_the_simulator_charges_the_clip_and_draws_it():
+    cost = CostModel(p2p_latency=0.5, clip_time=0.25)
+    options = dict(ranks=2, microbatches=4)
+    plain = simulate(build_schedule(ScheduleConfig("breadth-first", **options)), cost)
+    clipped = simulate(build_schedule(ScheduleConfig("breadth-first", clip_grad_norm=1.0, **options)), cost)
+    assert clipped.step_time == pytest.approx(plain.step_time + 0.5 + 2 * 0.25), "latency and v = 2 stages' work"
+    clips = [event for event in clipped.timeline.events if event[2].kind is Kind.CLIP]
+    assert len(clips) == 2 and all(event[1] == "compute" for event in clips)
+    assert min(end - start for _, _, _, start, end in clips) == pytest.approx(1.0), "the last to arrive waits for none"
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_bad_limit_is_refused_in_one_line_before_anything_runs(value, tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        build_schedule(ScheduleConfig("1f1b", ranks=2, microbatches=2, clip_grad_norm=value))
+    assert str(caught.value) == f"clip_grad_norm={value!r}: must be a finite number above 0"
+    output = tmp_path / "run"
+    arguments = build_parser().parse_args(["--clip-grad-norm", str(value), "--output", str(output)])
+    with pytest.raises(ConfigError) as caught:
+        config_from(arguments)
+    assert str(caught.value) == f"--clip-grad-norm {value}: must be a finite number above 0"
+    assert "\n" not in str(caught.value) and not output.exists(), "one line, nothing written"
+
+
+def test_async_and_early_steps_refuse_clipping_in_one_line():
+    with pytest.raises(ConfigError, match=r"^clip_grad_norm=1.0: async updates each stage on its own"):
+        build_schedule(ScheduleConfig("async", ranks=2, microbatches=4, clip_grad_norm=1.0))
+    with pytest.raises(ConfigError, match=r"^step_placement='early': clip_grad_norm needs the whole model"):
+        build_schedule(ScheduleConfig("1f1b", ranks=2, microbatches=4, clip_grad_norm=1.0, step_placement="early"))

@@ -5,7 +5,8 @@ all-reduce of per-stage squared norms over every process (which guards
 too), then every stage scales its gradients.  Shown in float64 against a
 single-process reference, with the limit far below the norm so that every
 step clips: every flushed schedule on 2 and 4 ranks, the V-shape placement,
-recomputation, and 2 ranks x 2 replicas at ZeRO 0-3.  One launch per
+recomputation, 2 ranks x 2 replicas at ZeRO 0-3 and 2 ranks x 2 spatial
+bands; float16 is unscaled before it clips.  One launch per
 process count builds every case's ``Pipeline`` in turn.
 """
 
@@ -17,6 +18,7 @@ import math
 import pytest
 import torch
 from runtime_models import Chain, batch, mlp_layers, relative_error
+from test_spatial_pipeline import images, plain_layers, spatial_layers
 from torch import nn
 
 import layerpipe
@@ -183,3 +185,62 @@ def test_async_and_early_steps_refuse_clipping_in_one_line():
         build_schedule(ScheduleConfig("async", ranks=2, microbatches=4, clip_grad_norm=1.0))
     with pytest.raises(ConfigError, match=r"^step_placement='early': clip_grad_norm needs the whole model"):
         build_schedule(ScheduleConfig("1f1b", ranks=2, microbatches=4, clip_grad_norm=1.0, step_placement="early"))
+
+
+def clipped_spatial_reference() -> tuple[list, dict]:
+    """Return the norms ``clip_grad_norm_`` returned and the final parameters of the spatial test's plain model."""
+    model = Chain(*plain_layers())
+    optimizer = _optimizer(model.parameters())
+    norms = []
+    for step in range(STEPS):
+        inputs, targets = images(step)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), LIMIT)))
+        optimizer.step()
+    return norms, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def spatial_and_half_precision() -> tuple:
+    """Worker on 4 processes: clipped spatial bands (2 ranks x 2 bands), then float16 on 4 ranks with an overflow."""
+    pipe = layerpipe.Pipeline(
+        spatial_layers(), nn.functional.mse_loss, microbatches=2, spatial=2, clip_grad_norm=LIMIT, timeout=60,
+        optimizer=_optimizer,
+    )  # fmt: skip
+    norms = []
+    for step in range(STEPS):
+        pipe.train_step(*images(step))
+        norms.append(pipe.last_grad_norm)
+    spatial = (norms, {name: p.detach().clone() for name, p in pipe.named_parameters()})
+    half = layerpipe.Pipeline(
+        [layer.float() for layer in mlp_layers()], nn.functional.mse_loss, schedule="1f1b", microbatches=4,
+        precision="fp16", skip_nonfinite=True, clip_grad_norm=LIMIT, timeout=60, optimizer=_optimizer,
+    )  # fmt: skip
+    seen = []
+    for step in range(STEPS):
+        handle = None
+        if step == 1 and half.rank == 0:
+            parameter = next(iter(half.stages.values())).layers[0].weight
+            handle = parameter.register_hook(lambda gradient: gradient * float("inf"))
+        inputs, targets = batch(SAMPLES, seed=step + 1)
+        half.train_step(inputs.float(), targets.float())
+        seen.append((half.last_grad_norm, half.last_step_skipped, half.loss_scale))
+        if handle is not None:
+            handle.remove()
+    return spatial, seen
+
+
+@pytest.mark.multiprocess
+def test_spatial_bands_count_once_and_float16_unscales_before_it_clips():
+    spatial_norms, spatial_parameters = clipped_spatial_reference()
+    _, norms, _ = clipped_reference()
+    for (found_norms, parameters), half in layerpipe.launch(spatial_and_half_precision, 4, timeout=300):
+        for found, expected in zip(found_norms, spatial_norms):
+            assert abs(found - expected) <= TOLERANCE * expected, f"spatial norm {found} != {expected}"
+        assert all(relative_error(value, spatial_parameters[name]) <= TOLERANCE for name, value in parameters.items())
+        (first, _, scale), (overflowed, skipped, halved), (after, _, _) = half
+        assert abs(first - norms[0]) <= 1e-2 * norms[0], "the float16 norm is the unscaled one"
+        assert skipped == 0 and not math.isfinite(overflowed) and halved == scale / 2, (
+            "an overflow skips and halves the scale"
+        )
+        assert math.isfinite(after)

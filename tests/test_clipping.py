@@ -13,7 +13,11 @@ process count builds every case's ``Pipeline`` in turn.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -244,3 +248,26 @@ def test_spatial_bands_count_once_and_float16_unscales_before_it_clips():
             "an overflow skips and halves the scale"
         )
         assert math.isfinite(after)
+
+
+def _train(output, *options, environment=None):
+    """Run ``layerpipe train`` small, with clipping unless ``options`` turn it off; return the finished process."""
+    small = "--width 32 --heads 2 --blocks 2 --block-size 32 --batch-size 16 --microbatches 4 --sample-length 20"
+    command = [sys.executable, "-m", "layerpipe.cli", "train", *small.split(), *options, "--output", str(output)]
+    env = {**os.environ, **(environment or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.multiprocess
+def test_train_reports_one_gradient_norm_per_step_and_a_resumed_run_keeps_them(tmp_path):
+    options = ("--steps", "4", "--checkpoint-every", "2", "--clip-grad-norm", "0.5")
+    assert _train(tmp_path / "straight", *options).returncode == 0
+    killed = _train(tmp_path / "killed", *options, environment={"LAYERPIPE_KILL_AT": "1:3"})
+    assert killed.returncode == 1 and "signal 9" in killed.stderr, killed.stderr[-2000:]
+    resumed = _train(tmp_path / "killed", *options, "--resume", str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight, again = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("straight", "killed"))
+    assert len(straight["grad_norms"]) == 4 and all(norm > 0 for norm in straight["grad_norms"])
+    assert again["grad_norms"] == straight["grad_norms"] and again["losses"] == straight["losses"]
+    assert _train(tmp_path / "plain", "--steps", "1").returncode == 0
+    assert "grad_norms" not in json.loads((tmp_path / "plain" / "summary.json").read_text()), "no norm without clipping"

@@ -88,17 +88,20 @@ def make_pipeline(config: TrainConfig, task) -> Pipeline:
 
 
 def train(
-    pipe: Pipeline, task, config: TrainConfig, show: bool, resumed: dict | None = None
+    pipe: Pipeline, task, config: TrainConfig, show: bool, resumed: dict | None = None, grad_norms: list | None = None
 ) -> tuple[list[float], list[float]]:
     """Run the training steps (from a resumed checkpoint's step on); return the loss and wall time of every step.
 
-    Writes a checkpoint every ``config.checkpoint_every`` steps and at the end.
+    Writes a checkpoint every ``config.checkpoint_every`` steps and at the end.  ``grad_norms``, when given,
+    receives each step's global gradient norm (clipping computes it), the resumed steps' first.
     """
     generator = torch.Generator().manual_seed(config.seed)
     losses, step_times, first, skips = [], [], 0, 0
     if resumed is not None:
         restore_generator(generator, resumed["data"])
         losses, step_times, first = list(resumed["losses"]), list(resumed["step_times"]), resumed["step"]
+        if grad_norms is not None:
+            grad_norms += resumed.get("grad_norms", [])
     bar = tqdm(total=config.steps, initial=first, desc="train", unit="step", disable=not show, dynamic_ncols=True)
     for step in range(first, config.steps):
         kill_if_asked("step", step)
@@ -109,6 +112,8 @@ def train(
         started = time.perf_counter()
         losses.append(pipe.train_step(inputs, targets))
         step_times.append(time.perf_counter() - started)
+        if grad_norms is not None and pipe.last_grad_norm is not None:
+            grad_norms.append(pipe.last_grad_norm)
         skips = skips + 1 if pipe.last_step_skipped is not None else 0
         if skips >= config.max_skips:
             raise TrainingStopped(
@@ -130,6 +135,7 @@ def train(
                     "losses": losses,
                     "step_times": step_times,
                     "data": generator_state(generator),
+                    **({"grad_norms": grad_norms} if grad_norms else {}),
                 },
             )
     bar.close()
@@ -189,7 +195,8 @@ def run(config: TrainConfig) -> dict | None:
     change = None if resumed is None else steps_change(resumed, config)
     if change is not None and rank == 0:
         print(change)
-    losses, step_times = train(pipe, task, config, show=rank == 0, resumed=resumed)
+    clipped = [] if config.pipeline.clip_grad_norm is not None else None  # each step's gradient norm
+    losses, step_times = train(pipe, task, config, show=rank == 0, resumed=resumed, grad_norms=clipped)
     measured = pipe.timeline(f"{config.pipeline.schedule}, measured last step")
     eval_loss = task.evaluate(pipe)  # async: flushes the stream first
     records = [
@@ -216,6 +223,7 @@ def run(config: TrainConfig) -> dict | None:
         time.perf_counter() - started,
         tuple(memory),
         stream,
+        tuple(clipped) if clipped is not None else None,
     )
     summary = write_outputs(record)
     print_summary(record, summary)

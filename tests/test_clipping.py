@@ -33,6 +33,7 @@ from layerpipe.schedule.registry import schedule_record
 from layerpipe.sim.cost import CostModel
 from layerpipe.sim.simulator import simulate
 from layerpipe.train.config import build_parser, config_from
+from layerpipe.viz.gantt import LABELS, draw_timeline
 
 STEPS, SAMPLES, LIMIT, TOLERANCE = 3, 8, 0.05, 1e-10
 FLUSHED = tuple(name for name in SCHEDULES if not schedule_record(name).streams)
@@ -169,6 +170,16 @@ def test_the_simulator_charges_the_clip_and_draws_it():
     clips = [event for event in clipped.timeline.events if event[2].kind is Kind.CLIP]
     assert len(clips) == 2 and all(event[1] == "compute" for event in clips)
     assert min(end - start for _, _, _, start, end in clips) == pytest.approx(1.0), "the last to arrive waits for none"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots()
+    draw_timeline(axes, clipped.timeline)
+    labels = set(axes.get_legend_handles_labels()[1])
+    plt.close(figure)
+    assert LABELS["CLIP"] in labels, "the pictures draw it"
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
@@ -271,3 +282,24 @@ def test_train_reports_one_gradient_norm_per_step_and_a_resumed_run_keeps_them(t
     assert again["grad_norms"] == straight["grad_norms"] and again["losses"] == straight["losses"]
     assert _train(tmp_path / "plain", "--steps", "1").returncode == 0
     assert "grad_norms" not in json.loads((tmp_path / "plain" / "summary.json").read_text()), "no norm without clipping"
+
+
+BAD_LIMITS = (0.0, -1.0, float("nan"), float("inf"))
+
+
+def refusals() -> list[str]:
+    """Worker: what ``Pipeline`` says to each bad limit."""
+    said = []
+    for value in BAD_LIMITS:
+        try:
+            layerpipe.Pipeline(mlp_layers(), nn.functional.mse_loss, "1f1b", microbatches=2, clip_grad_norm=value)
+            said.append("accepted")
+        except ConfigError as error:
+            said.append(str(error))
+    return said
+
+
+@pytest.mark.multiprocess
+def test_pipeline_refuses_a_bad_limit_in_one_line():
+    said = layerpipe.launch(refusals, 1, timeout=120)[0]
+    assert said == [f"clip_grad_norm={value!r}: must be a finite number above 0" for value in BAD_LIMITS]

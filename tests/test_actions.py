@@ -97,7 +97,7 @@ def test_kind_sets_and_wait_rules_come_from_the_table():
     assert BACKWARD_KINDS == {B, I, W}
     assert P2P_KINDS == {Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B}
     assert RECEIVE_KINDS == {Kind.RECV_F, Kind.RECV_B} and SEND_KINDS == {Kind.SEND_F, Kind.SEND_B}
-    assert COLLECTIVE_KINDS == {Kind.GATHER, Kind.REDUCE} and BARRIER_KINDS == {Kind.GUARD}
+    assert COLLECTIVE_KINDS == {Kind.GATHER, Kind.REDUCE} and BARRIER_KINDS == {Kind.GUARD, Kind.CLIP}
     assert TIMED_KINDS == {F, B, I, W, R, Kind.STEP}
     assert AWAITS == {**dict.fromkeys([F, B, I, W, R, Kind.RELEASE], Kind.GATHER), Kind.STEP: Kind.REDUCE}
 

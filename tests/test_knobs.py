@@ -60,6 +60,7 @@ BAD = {
     "input_gradient_share": 2.0,
     "recompute_time": -1.0,
     "optimizer_time": -1.0,
+    "clip_time": -1.0,
     "p2p_latency": -1.0,
     "p2p_bandwidth": 0.0,
     "boundary_bytes": -1.0,
@@ -72,6 +73,7 @@ BAD = {
     "variation": -1.0,
     "hold_variation": -1.0,
     "step_placement": "late",
+    "clip_grad_norm": 0.0,
     # PlanRequest
     "gpus": 0,
     "gpu_memory": 0.0,

@@ -163,6 +163,7 @@ def _context(
         config.update_every if config.streams else None,
         precision=run.precision,
         downward=groups.downward,
+        clip_grad_norm=config.clip_grad_norm,
     )
     return dataclasses.replace(context, tag_offset=claim_message_tags(placement.stages, context.tag_window))
 

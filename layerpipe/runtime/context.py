@@ -22,7 +22,8 @@ class RankContext:
     ``tag_offset`` where the pipeline's message tags start (``tags.claim_message_tags``);
     ``precision`` the stages' compute precision (``precision.PRECISIONS``);
     ``downward`` the process group of messages to a lower pipeline rank
-    (``None``: every message on the default group).
+    (``None``: every message on the default group); ``clip_grad_norm`` the
+    limit a ``CLIP`` scales the gradients' global norm down to.
     """
 
     rank: int
@@ -37,6 +38,7 @@ class RankContext:
     tag_offset: int = 0
     precision: str = "fp32"
     downward: object = None
+    clip_grad_norm: float | None = None
 
     def group_of(self, sender: int, receiver: int):
         """Return the process group of a message from pipeline rank ``sender`` to ``receiver`` (``None``: the

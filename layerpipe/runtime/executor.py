@@ -35,6 +35,7 @@ from typing import ClassVar
 import torch
 
 from ..schedule.actions import AWAITS, Action, Kind, Program
+from .clipping import clip
 from .collectives import Collectives
 from .context import RankContext
 from .failure import mark_action
@@ -166,6 +167,7 @@ class Executor:
             collectives.exposed,
             buffer_peak=state.buffer_peak,
             skipped=state.skipped,
+            grad_norm=state.grad_norm,
         )
 
     def _finish_transfers(self, state: RunState) -> None:
@@ -310,6 +312,7 @@ class Executor:
         Kind.REDUCE: _reduce,
         Kind.RELEASE: _release_weights,
         Kind.GUARD: guard,
+        Kind.CLIP: clip,
     }
     """The handler of each action kind; it returns the stream to record the action on, or ``None`` when the
     action records itself (collectives, from issue to completion)."""

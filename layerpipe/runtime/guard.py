@@ -24,9 +24,7 @@ def guard(executor, action: Action, state: RunState) -> str:
     ``state.skipped`` names it and the run stops after this action, on
     every rank alike.  ``executor`` is the ``Executor`` running the program (this is its handler of ``GUARD``).
     """
-    for index in sorted(executor.stages):
-        if (index, Kind.REDUCE) in executor.collectives.pending:
-            executor.collectives.wait(index, Kind.REDUCE, action)
+    wait_for_reduces(executor, action)
     bad = [index for index, local in sorted(executor.stages.items()) if not local.shard.gradients_finite()]
     first = torch.tensor([float(bad[0]) if bad else float("inf")], dtype=torch.float64, device=executor.context.device)
     work = dist.all_reduce(first, op=dist.ReduceOp.MIN, async_op=True)
@@ -38,3 +36,10 @@ def guard(executor, action: Action, state: RunState) -> str:
     if executor.scaler is not None:
         executor.scaler.unscale_or_skip([local.shard for local in executor.stages.values()], state.skipped is not None)
     return COMPUTE
+
+
+def wait_for_reduces(executor, action: Action) -> None:
+    """Wait, at ``action``, for the reduces of the rank's local stages still in flight."""
+    for index in sorted(executor.stages):
+        if (index, Kind.REDUCE) in executor.collectives.pending:
+            executor.collectives.wait(index, Kind.REDUCE, action)

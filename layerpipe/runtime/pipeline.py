@@ -281,6 +281,14 @@ class Pipeline:
         return last.skipped if last is not None else None
 
     @property
+    def last_grad_norm(self) -> float | None:
+        """Return the global gradient norm of the last training step before clipping (``clip_grad_norm``), as
+        ``torch.nn.utils.clip_grad_norm_`` on the whole model returns it; equal on every process; ``None`` without
+        clipping."""
+        last = self._runs.last_training
+        return last.grad_norm if last is not None else None
+
+    @property
     def last_exposed_communication(self) -> float:
         """Return the seconds the last run waited for data-parallel collectives."""
         return self.last_result.exposed_data_parallel if self.last_result is not None else 0.0

@@ -40,6 +40,7 @@ class RunResult(NamedTuple):
     skipped: int | None = (
         None  # the first stage whose gradients were not finite anywhere, when a GUARD skipped the step
     )
+    grad_norm: float | None = None  # the global gradient norm before clipping, when a CLIP ran
 
 
 @dataclass(frozen=True)
@@ -78,3 +79,4 @@ class RunState:
     events: list = field(default_factory=list)
     buffer_peak: dict = field(default_factory=dict)
     skipped: int | None = None  # set by a GUARD that stops the rest of the program
+    grad_norm: float | None = None  # set by a CLIP: the global gradient norm before clipping

@@ -181,6 +181,23 @@ class StageShard:
             bool(torch.isfinite(gradient).all()) for _, gradient in self.local_gradients() if gradient is not None
         )
 
+    def counted_gradient(self) -> torch.Tensor:
+        """Return the flat reduced gradient this replica counts in the global norm: its shard, so the replicas
+        together count every element once (the shard's ``.grad`` at ZeRO-2/3; that part of the full buffer below)."""
+        if self.zero >= 2:
+            return self.shard.grad
+        low, high = self.shard_bounds
+        return self.flat_grad[low:high]
+
+    def squared_norm(self) -> torch.Tensor:
+        """Return the sum of the squares of ``counted_gradient`` as a float64 scalar on its device (not finite when
+        a gradient is not)."""
+        return torch.linalg.vector_norm(self.counted_gradient(), dtype=torch.float64) ** 2
+
+    def scale_gradients(self, factor: float) -> None:
+        """Multiply the reduced gradients the step uses by ``factor`` (all of ``.grad`` below ZeRO-2, the shard's above)."""
+        (self.shard.grad if self.zero >= 2 else self.flat_grad).mul_(factor)
+
     def shard_ranges(self):
         """Yield ``(name, start, end)``: the elements ``[start, end)`` of each flattened parameter in this replica's shard.
 

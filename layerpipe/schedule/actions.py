@@ -4,9 +4,9 @@ An action prints as ``<stage><KIND>[<microbatch>]``, the notation of
 ``torch.distributed.pipelining``: ``2F0`` is stage 2's forward of micro-batch
 0, ``1SEND_F4`` sends stage 1's output for micro-batch 4 to the next stage,
 ``0GATHER`` all-gathers stage 0's sharded weights, ``0REDUCE[2/4]`` issues
-portion 2 of 4 of stage 0's gradient reduction and ``0GUARD`` is the rank's
-guard before its steps (written with the stage of its first ``STEP``).  ``parse_action`` reads the
-notation back.
+portion 2 of 4 of stage 0's gradient reduction, ``0GUARD`` is the rank's
+guard before its steps (written with the stage of its first ``STEP``) and
+``0CLIP`` its global-norm clip there.  ``parse_action`` reads the notation back.
 """
 
 from __future__ import annotations
@@ -76,6 +76,9 @@ class Kind(str, Enum):
     STEP = KindRow("STEP", COMPUTE, "REDUCE", False, False, "optimizer step", "#54A24B")
     # every process agrees whether to go on; if not, the rest of the step is skipped everywhere
     GUARD = KindRow("GUARD", COMPUTE, EVERY_RANK, False, False, "finiteness guard", "#333333")
+    # every process sums its part of the squared gradient norm (one all-reduce, which guards too); then every stage's
+    # gradients are scaled down to the clip limit
+    CLIP = KindRow("CLIP", COMPUTE, EVERY_RANK, False, False, "clip gradient norm", "#7F3C8D")
 
     # Enum's own __hash__ is Python code; actions are hashed by the million.
     __hash__ = str.__hash__
@@ -115,7 +118,7 @@ COLLECTIVE_KINDS = _kinds(lambda row: row.stream == DATA_PARALLEL)
 """Kinds that issue a collective over the data-parallel replicas."""
 
 BARRIER_KINDS = _kinds(lambda row: row.waits_for == EVERY_RANK)
-"""Kinds that block until every rank has reached one (the guard)."""
+"""Kinds that block until every rank has reached one (the guard, the clip)."""
 
 TIMED_KINDS = _kinds(lambda row: row.stream == COMPUTE) - BARRIER_KINDS
 """Kinds that occupy the compute stream for a time of their own."""

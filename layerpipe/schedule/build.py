@@ -92,7 +92,9 @@ def lower(
         if config.data_parallel > 1:
             programs = add_gradient_reduces(programs, config.reduce_portions, config.reduce_order)
         programs = add_optimizer_steps(programs, config.zero, config.step_placement == "early")
-        if config.skip_nonfinite:
+        if config.clip_grad_norm is not None:  # its all-reduce carries the guard's agreement too
+            programs = add_guard(programs, Kind.CLIP)
+        elif config.skip_nonfinite:
             programs = add_guard(programs)
     programs = add_p2p(programs, placement)
     if training and config.recomputed_stages:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..knobs import ConfigError, check_fields, knob, one_of, optional, whole
+from ..knobs import ConfigError, check_fields, knob, number, one_of, optional, whole
 from . import generators  # noqa: F401  (registers the built-in schedules before the knobs below list them)
 from .asynchronous import ASYNC_OPTIONS
 from .registry import ScheduleNames, ScheduleRecord, schedule_record, schedule_records
@@ -183,6 +183,15 @@ class ScheduleConfig:
         "guard each step: when any gradient on any process is not finite, every "
         "rank skips the optimizer step together (a GUARD before the steps)",
     )
+    clip_grad_norm: float | None = knob(
+        None,
+        "clip the gradients by their global 2-norm over the whole model to at most this, as "
+        "torch.nn.utils.clip_grad_norm_ on one process (a CLIP before the steps, one all-reduce "
+        "that also guards: a norm that is not finite skips the step on every rank)",
+        check=optional(number(0.0, above=True)),
+        metavar="MAX_NORM",
+        default_text="off",
+    )
     recompute: str | tuple[str, ...] = knob(
         "none",
         "activation recomputation: none, full or selective for every "
@@ -276,6 +285,7 @@ def validate_config(config: ScheduleConfig) -> ScheduleConfig:
     check_fields(config)
     _check_stages(config)
     _check_placement(config)
+    _check_clip(config)
     _check_data_parallel(config)
     _check_recompute(config)
     if config.record.rules is not None:
@@ -351,6 +361,24 @@ def _check_data_parallel(config: ScheduleConfig) -> None:
         )
     if config.weight_buffers is not None and config.zero != 3:
         raise ConfigError("weight_buffers", config.weight_buffers, "bounds gathered weights: needs `zero` 3")
+
+
+def _check_clip(config: ScheduleConfig) -> None:
+    """Refuse clipping where no step waits for the whole model's gradient norm: async, and early steps."""
+    if config.clip_grad_norm is None:
+        return
+    if config.streams:
+        raise ConfigError(
+            "clip_grad_norm",
+            config.clip_grad_norm,
+            "async updates each stage on its own, with no step of the whole model to clip together: leave it off",
+        )
+    if config.step_placement == "early":
+        raise ConfigError(
+            "step_placement",
+            "early",
+            "`clip_grad_norm` needs the whole model's gradient norm before any step: use end with it",
+        )
 
 
 def _check_recompute(config: ScheduleConfig) -> None:

@@ -13,7 +13,8 @@ The passes, in the order ``lower`` applies them:
 * ``add_periodic_updates`` — instead of the two above, for the async
   schedule: ``REDUCE`` and ``STEP`` a stage after every ``k`` of its backwards;
 * ``add_guard`` — a ``GUARD`` before each rank's first ``STEP``: every process
-  agrees whether the step goes on (``skip_nonfinite``);
+  agrees whether the step goes on (``skip_nonfinite``); or a ``CLIP`` there,
+  whose one all-reduce of the squared gradient norm guards too (``clip_grad_norm``);
 * ``add_p2p`` — ``SEND``/``RECV`` pairs for every activation and gradient that
   crosses ranks;
 * ``add_recompute`` — ``R`` right before the backward of recomputed stages.
@@ -309,8 +310,9 @@ def add_periodic_updates(
     return tuple(lowered)
 
 
-def add_guard(programs: Sequence[Program]) -> tuple[Program, ...]:
-    """Return programs with a ``GUARD`` right before each rank's first ``STEP`` (written with that step's stage).
+def add_guard(programs: Sequence[Program], kind: Kind = Kind.GUARD) -> tuple[Program, ...]:
+    """Return programs with a ``GUARD`` (or another barrier ``kind``: ``CLIP``) right before each rank's first
+    ``STEP``, written with that step's stage.
 
     The guard is one agreement of every process: when it fails (a gradient
     that is not finite anywhere), every rank skips the rest of its program —
@@ -328,7 +330,7 @@ def add_guard(programs: Sequence[Program]) -> tuple[Program, ...]:
         after = [action for action in program[first:] if action.kind not in (Kind.STEP, Kind.GATHER)]
         if after:
             raise ValueError(f"{after[0]} follows the first STEP: a guard there could skip it on one rank only")
-        lowered.append(tuple(program[:first]) + (Action(program[first].stage, Kind.GUARD),) + tuple(program[first:]))
+        lowered.append(tuple(program[:first]) + (Action(program[first].stage, kind),) + tuple(program[first:]))
     return tuple(lowered)
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections import defaultdict
 from statistics import mean, median, pstdev
 
-from ..schedule.actions import Kind, Message, message_of
+from ..schedule.actions import BARRIER_KINDS, Kind, Message, message_of
 from .cost import CostModel
 from .timeline import Timeline
 
 _SENDS = (Kind.SEND_F, Kind.SEND_B)
-_NOT_COMPUTE = (Kind.STEP.value, Kind.GUARD.value)  # one per step, and a wait for the replicas
+_NOT_COMPUTE = (Kind.STEP.value, Kind.GUARD.value, Kind.CLIP.value)  # one per step, and waits for every process
 
 
 def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
@@ -102,7 +102,7 @@ def _compute_times(durations: dict, stages: int) -> tuple[list[float], list[floa
 
 def _variation(durations: dict) -> float:
     """Return the compute times' spread: each stage's and kind's standard deviation over mean, weighted by its total
-    (optimizer steps, one per step, and GUARD waits left out)."""
+    (optimizer steps, one per step, and GUARD and CLIP waits left out)."""
     return _weighted_spread(found for (kind, _), found in durations.items() if kind not in _NOT_COMPUTE)
 
 
@@ -173,7 +173,7 @@ def contention(timeline: Timeline, cores: int, replicas: int = 1) -> float:
     changes = sorted(
         point
         for _, stream, action, start, end in timeline.events
-        if stream == "compute" and end > start and action.kind is not Kind.GUARD
+        if stream == "compute" and end > start and action.kind not in BARRIER_KINDS
         for point in ((start, 1), (end, -1))
     )
     busy = alone = 0.0

@@ -75,6 +75,13 @@ class CostModel:
         default_text="the forward time",
     )
     optimizer_time: float = knob(0.0, "optimizer step (STEP) of one stage", check=_SECONDS, metavar="T")
+    clip_time: float = knob(
+        0.0,
+        "a CLIP's work on one stage (its part of the squared gradient norm and the scaling), added to the "
+        "all-reduce's latency (p2p_latency)",
+        check=_SECONDS,
+        metavar="T",
+    )
     action_overhead: float = knob(
         0.0,
         "time a rank spends between two of its actions (dispatch and bookkeeping), added to each compute action",

@@ -8,7 +8,8 @@ the simulator gives it the cost model's times:
   holds the rank for ``send_time``, then its transfer takes latency plus
   size over bandwidth; a ``RECV`` holds its rank for ``receive_time`` once
   the transfer has arrived; ``GATHER`` and ``REDUCE`` take their ring
-  collective's time;
+  collective's time; a ``GUARD`` takes ``p2p_latency`` once every rank has
+  reached it, a ``CLIP`` that and ``clip_time`` per stage of the busiest rank;
 * with a ``variation`` above 0, each compute action's time is drawn from a
   gamma distribution with the cost model's time as its mean (seeded); with a
   ``hold_variation`` above 0, so is each hold of a ``SEND`` or ``RECV``.
@@ -175,7 +176,17 @@ def _costs_of(schedule: Schedule, cost: CostModel, seed: int = 0) -> WalkCosts:
     }
     collective = _collective_times(schedule.config, cost, stages)
     message_base = message_bases(stages, schedule.microbatch_count)
-    return WalkCosts(duration, transfer, collective, message_base, cost.p2p_latency, *holds)
+    return WalkCosts(duration, transfer, collective, message_base, _barrier_time(schedule, cost), *holds)
+
+
+def _barrier_time(schedule: Schedule, cost: CostModel) -> float:
+    """Return how long a GUARD or CLIP takes once every rank has reached it: one small all-reduce's latency, and
+    with clipping the norm and scaling of the busiest rank's stages (every rank waits for the slowest)."""
+    if schedule.config.clip_grad_norm is None:
+        return cost.p2p_latency
+    placement = schedule.placement
+    most = max(len(placement.stages_of(rank)) for rank in range(placement.ranks))
+    return cost.p2p_latency + most * cost.clip_time
 
 
 def _durations(cost: CostModel, stages: int) -> dict:

@@ -97,8 +97,9 @@ def make_pipeline(config: TrainConfig, task) -> Pipeline:
     )
 
 
-HISTORY = ("losses", "step_times", "learning_rates")
-"""The per-step lists of a run: kept in every checkpoint, written to summary.json and (the latest) to TensorBoard."""
+HISTORY = ("losses", "step_times", "learning_rates", "grad_norms")
+"""The per-step lists of a run: kept in every checkpoint, written to summary.json and (the latest) to TensorBoard;
+``grad_norms`` stays empty without clipping, which alone computes the global gradient norm."""
 
 
 def resumed_history(resumed: dict | None, config: TrainConfig) -> dict[str, list]:
@@ -112,7 +113,12 @@ def resumed_history(resumed: dict | None, config: TrainConfig) -> dict[str, list
     if rates is None:
         taken = dataclasses.replace(config, steps=resumed.get("steps", config.steps))
         rates = [get_lr(step, taken) for step in range(resumed["step"])]
-    return {"losses": list(resumed["losses"]), "step_times": list(resumed["step_times"]), "learning_rates": list(rates)}
+    return {
+        "losses": list(resumed["losses"]),
+        "step_times": list(resumed["step_times"]),
+        "learning_rates": list(rates),
+        "grad_norms": list(resumed.get("grad_norms", [])),
+    }
 
 
 def set_learning_rate(pipe: Pipeline, rate: float) -> None:
@@ -143,6 +149,8 @@ def train(
         started = time.perf_counter()
         history["losses"].append(pipe.train_step(inputs, targets))
         history["step_times"].append(time.perf_counter() - started)
+        if pipe.last_grad_norm is not None:
+            history["grad_norms"].append(pipe.last_grad_norm)
         skips = skips + 1 if pipe.last_step_skipped is not None else 0
         if skips >= config.max_skips:
             raise TrainingStopped(
@@ -261,6 +269,7 @@ def run(config: TrainConfig) -> dict | None:
         time.perf_counter() - started,
         tuple(memory),
         stream,
+        tuple(history["grad_norms"]) if config.pipeline.clip_grad_norm is not None else None,
     )
     summary = write_outputs(record)
     print_summary(record, summary)

@@ -42,15 +42,18 @@ def tensorboard_folder(value: str | None) -> str | None:
 def step_scalars(history: dict[str, list], items_per_step: int, unit: str) -> dict[str, float]:
     """Return the scalars of the latest step of ``history`` (the run's per-step lists), by TensorBoard tag.
 
-    A new per-step list (the gradient norm, once clipping records it) is one more line here.
+    The global gradient norm is there when clipping measured it.
     """
     step_time = history["step_times"][-1]
-    return {
+    scalars = {
         "train/loss": history["losses"][-1],
         "train/learning_rate": history["learning_rates"][-1],
         "train/step_time": step_time,
         f"train/{unit}_per_second": items_per_step / step_time,
     }
+    if len(history["grad_norms"]) == len(history["losses"]):  # with clipping, which measures the norm
+        scalars["train/grad_norm"] = history["grad_norms"][-1]
+    return scalars
 
 
 class MetricsWriter:

@@ -55,6 +55,7 @@ class RunRecord:
     wall_time: float
     memory: tuple[dict, ...]
     stream: dict | None = None  # async only: weight versions and measured staleness per stage
+    grad_norms: tuple[float, ...] | None = None  # with --clip-grad-norm: each step's global norm before clipping
 
 
 def stream_report(records_per_process: list, versions_per_process: list) -> dict | None:
@@ -147,6 +148,7 @@ def summary_of(record: RunRecord, simulated_step_time: float) -> dict:
         "gradient and optimizer buffers, measured and as the simulator's memory model predicts",
         **record.outcome.summary,
         **({"stream": record.stream} if record.stream is not None else {}),
+        **({"grad_norms": list(record.grad_norms)} if record.grad_norms is not None else {}),
         "wall_time": record.wall_time,
         "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
         "date": datetime.date.today().isoformat(),

@@ -4,9 +4,9 @@
 final norm with the head.  Each layer reuses the model's own modules (no
 copy) and passes ``hidden`` or ``(hidden, attention_mask)`` to the next:
 
-* the attention mask travels as the caller's ``(batch, time)`` tensor (a few
-  bytes per token, integer, so it carries no gradient) and every decoder
-  layer builds its 4-D mask from it with the model's own mask function;
+* the attention mask travels as the caller's ``(batch, time)`` mask made
+  bool (a byte per token, and no gradient) and every decoder layer builds
+  its 4-D mask from it with the model's own mask function;
 * rotary position embeddings are computed by every decoder layer from the
   model's own rotary module (positions ``0 .. time-1``, as the unsplit model
   uses when called without ``position_ids``): a few thousand sines per layer
@@ -151,7 +151,8 @@ class Embedding(nn.Module):
             hidden = hidden + self.positions(_positions(hidden))
         if self.dropout is not None:
             hidden = self.dropout(hidden)
-        return _with_mask(hidden, attention_mask)
+        # As bool (what the mask functions make of any mask): one byte a token, and never a tensor with a gradient.
+        return _with_mask(hidden, None if attention_mask is None else attention_mask.bool())
 
 
 class Decoder(nn.Module):

@@ -10,7 +10,13 @@ logits to float32, so to 1e-6).  Bad input is refused in one line.
 
 from __future__ import annotations
 
+import ast
 import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,9 +178,6 @@ def test_an_attention_mask_of_another_shape_is_refused_in_one_line():
 
 
 def test_importing_layerpipe_imports_no_transformers():
-    import subprocess
-    import sys
-
     code = "import sys, layerpipe; layerpipe.Pipeline; print('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
@@ -262,3 +265,22 @@ def test_four_processes_and_two_by_two_with_zero3_train_as_the_unsplit_model():
         ("llama", True, "interleaved", dict(microbatches=2, stages_per_rank=2, data_parallel=2, zero=3)),
     ]
     check(4, cases)
+
+
+@pytest.mark.multiprocess
+def test_the_example_of_the_docs_page_trains(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "hf.md").read_text(encoding="utf-8")
+    (example,) = re.findall(r"^```python\n(.*?)^```", page, flags=re.S | re.M)
+    (tmp_path / "example.py").write_text(example, encoding="utf-8")
+    run = subprocess.run(
+        [sys.executable, "example.py"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    losses = ast.literal_eval(run.stdout.strip().splitlines()[-1])
+    assert len(losses) == 3 and losses[0] > losses[-1]

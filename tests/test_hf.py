@@ -253,6 +253,7 @@ def test_two_processes_train_as_the_unsplit_model():
         ("llama", True, "breadth-first", dict(microbatches=2, stages_per_rank=2)),
         ("llama", True, "zero-bubble", dict(microbatches=4)),
         ("qwen2", True, "gpipe", dict(microbatches=2)),
+        ("llama-tied", True, "1f1b", dict(microbatches=2)),
     ]
     check(2, cases)
 

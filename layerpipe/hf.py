@@ -14,7 +14,7 @@ copy) and passes ``hidden`` or ``(hidden, attention_mask)`` to the next:
 
 Covered: ``GPT2LMHeadModel`` and the Llama decoder layout
 (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``), on transformers 5.  ``causal_lm_loss`` is their
+``Qwen3ForCausalLM``), on transformers 4.54 and later.  ``causal_lm_loss`` is their
 training loss (next-token cross-entropy, labels ``-100`` ignored).
 
 transformers is imported only when a function here runs (``import layerpipe`` imports neither).
@@ -202,7 +202,7 @@ def _mask_function(kind: str):
 def _no_cache(build, positions) -> dict:
     """Return the mask function's arguments for a training forward without a key-value cache.
 
-    transformers 5.0 takes ``cache_position`` and ``past_key_values``; later 5.x releases take ``cache``.
+    Releases up to 5.0 at least take ``cache_position`` and ``past_key_values``; later 5.x releases take ``cache``.
     """
     if "cache_position" in inspect.signature(build).parameters:
         return {"cache_position": positions[0], "past_key_values": None, "position_ids": positions}

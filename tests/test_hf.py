@@ -177,6 +177,21 @@ def test_an_attention_mask_of_another_shape_is_refused_in_one_line():
     assert "\n" not in str(refused.value)
 
 
+def train_with_a_short_mask() -> float:
+    """Worker: one step whose attention mask lacks the inputs' first token."""
+    pipe = layerpipe.Pipeline(hf.split(tiny_model("llama")), hf.causal_lm_loss, schedule="1f1b", microbatches=2)
+    ids, mask, labels = padded_batch(1, padded=True)
+    return pipe.train_step((ids, mask[:, 1:]), labels)
+
+
+@pytest.mark.multiprocess
+def test_a_pipeline_refuses_a_short_mask_before_it_trains():
+    with pytest.raises(layerpipe.LaunchError) as refused:
+        layerpipe.launch(train_with_a_short_mask, 2, timeout=120)
+    said = "stage 0 failed on micro-batch 0 while agreeing tensor shapes: attention_mask of shape (4, 7) for input_ids"
+    assert any(said in line for line in str(refused.value).splitlines()), str(refused.value)
+
+
 def test_importing_layerpipe_imports_no_transformers():
     code = "import sys, layerpipe; layerpipe.Pipeline; print('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -234,14 +234,15 @@ def _templates(pipe, optimizer_keys: dict[str, str]) -> dict[str, torch.Tensor]:
     templates = {}
     for index in sorted(pipe.stages):
         stage = pipe.stages[index]
+        stored = stage.stored_names()  # a shared parameter's optimizer state is saved under its first name only
         for offset, layer in enumerate(stage.layers):
             prefix = f"{stage.first + offset}."
-            for name, tensor in list(layer.named_parameters()) + list(layer.named_buffers()):
+            for name, tensor in list(layer.named_parameters(remove_duplicate=False)) + list(layer.named_buffers()):
                 templates[f"model.{prefix}{name}"] = torch.empty(tensor.shape, dtype=tensor.dtype)
             if index not in pipe.optimizers:
                 continue
-            for name, parameter in layer.named_parameters():
-                if not parameter.requires_grad:
+            for name, parameter in layer.named_parameters(remove_duplicate=False):
+                if not parameter.requires_grad or stored[prefix + name] != prefix + name:
                     continue
                 for key, kind in optimizer_keys.items():
                     shape_kind, dtype = kind.split(":")

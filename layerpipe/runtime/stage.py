@@ -167,11 +167,29 @@ class Stage(nn.Module):
                 check_layer_output(value, self.first + offset, layer, self.index)
         return as_tuple(value)
 
-    def named_model_parameters(self):
-        """Yield ``(name, parameter)`` with names as in ``nn.Sequential`` over the whole model."""
+    def named_model_parameters(self, remove_duplicate: bool = True):
+        """Yield ``(name, parameter)`` with names as in ``nn.Sequential`` over the whole model.
+
+        A parameter held by several of the stage's layers (or twice by one) comes once, under its first name, as
+        ``nn.Module.named_parameters`` gives it: it is one slot of the stage's buffers and one entry of its
+        optimizer.  ``remove_duplicate=False`` yields every name, as ``state_dict`` lists them.
+        """
+        seen = set()
         for offset, layer in enumerate(self.layers):
-            for name, parameter in layer.named_parameters():
+            for name, parameter in layer.named_parameters(remove_duplicate=False):
+                if remove_duplicate and id(parameter) in seen:
+                    continue
+                seen.add(id(parameter))
                 yield f"{self.first + offset}.{name}", parameter
+
+    def stored_names(self) -> dict[str, str]:
+        """Return, for every name of the stage's parameters, the name it is stored under: its first (itself unless
+        the parameter is shared)."""
+        first: dict[int, str] = {}
+        return {
+            name: first.setdefault(id(parameter), name)
+            for name, parameter in self.named_model_parameters(remove_duplicate=False)
+        }
 
 
 # A header describes the tensors of a boundary: count, then per tensor dtype code, rank and sizes.

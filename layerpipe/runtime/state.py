@@ -43,12 +43,13 @@ class PipelineState:
         for index in sorted(self.stages):
             stage = self.stages[index]
             full = full_parameters(self.shards[index], self.timeout, self.rank)
+            stored = stage.stored_names()  # every name of a shared parameter gets its one stored value
             for offset, layer in enumerate(stage.layers):
                 prefix = f"{stage.first + offset}."
                 for name, tensor in layer.named_buffers():
                     state[prefix + name] = tensor.detach().clone()
-                for name, parameter in layer.named_parameters():
-                    state[prefix + name] = full.get(prefix + name, parameter.detach())
+                for name, parameter in layer.named_parameters(remove_duplicate=False):
+                    state[prefix + name] = full.get(stored[prefix + name], parameter.detach())
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -58,6 +59,7 @@ class PipelineState:
             missing = [name for name in shard.names if name not in state]
             if missing:
                 raise KeyError(f"the state has no value for {missing[0]} (stage {index})")
+            check_shared_values(stage, state)
             load_parameters(shard, {name: state[name] for name in shard.names})
             with torch.no_grad():
                 for offset, layer in enumerate(stage.layers):
@@ -98,6 +100,17 @@ def full_parameters(shard: StageShard, timeout: float, rank: int) -> dict[str, t
     if released:
         shard.release()
     return values
+
+
+def check_shared_values(stage: Stage, state: dict[str, torch.Tensor]) -> None:
+    """Refuse, with ``ValueError`` naming both, a state giving two names of one shared parameter different values
+    (the parameter is loaded from its first name)."""
+    for name, first in stage.stored_names().items():
+        if name != first and name in state and first in state and not torch.equal(state[name], state[first]):
+            raise ValueError(
+                f"the state gives {first} and {name}, one parameter shared by layers of stage {stage.index}, "
+                f"different values: give both names one value"
+            )
 
 
 def load_parameters(shard: StageShard, values: dict[str, torch.Tensor]) -> None:

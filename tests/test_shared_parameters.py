@@ -17,10 +17,11 @@ import re
 
 import pytest
 import torch
-from runtime_models import batch, reference_run, relative_error
+from runtime_models import Chain, batch, reference_loss, reference_run, relative_error
 from torch import nn
 
 import layerpipe
+from layerpipe.emulation import PipelinedBackprop
 from layerpipe.runtime.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from layerpipe.runtime.launch import LaunchError
 from layerpipe.runtime.partition import PartitionError, partition
@@ -178,6 +179,54 @@ def test_a_state_giving_one_shared_parameter_two_values_is_refused():
         ValueError, match=re.escape("gives 0.weight and 2.weight, one parameter shared by layers of stage 0, different")
     ):
         check_shared_values(Stage(0, 0, layers[:3]), state)
+
+
+def train_async(calls: int) -> tuple[list[float], dict, float, bool]:
+    """Worker: train ``calls`` calls of the async stream (stashed weights), flush; return the losses, the weights,
+    an evaluation loss and whether layers 0 and 2 still hold the parameter the optimizer updates."""
+    layers = tied_layers()
+    pipe = layerpipe.Pipeline(
+        layers,
+        nn.functional.mse_loss,
+        schedule="async",
+        microbatches=2,
+        partition=PARTITION,
+        optimizer=sgd,
+        timeout=60,
+    )
+    held = layers[0].weight
+    losses = [pipe.train_step(*batch(4, seed=call + 1)) for call in range(calls)]
+    state = pipe.gathered_state_dict()  # flushes
+    evaluated = pipe.eval_step(*batch(4, seed=99))
+    return losses, state, evaluated, layers[0].weight is held and layers[2].weight is held
+
+
+def sgd(parameters):
+    return torch.optim.SGD(parameters, lr=0.05, momentum=0.9)
+
+
+@pytest.mark.multiprocess
+def test_the_async_stream_trains_a_layer_used_twice_in_a_stage_as_the_emulator_and_leaves_it_its_weights():
+    calls = 3
+    per_process = layerpipe.launch(train_async, 2, (calls,), timeout=120)
+    layers = tied_layers()
+    stages = [Chain(*layers[first:end]) for first, end in zip(PARTITION, PARTITION[1:] + [len(layers)])]
+    emulator = PipelinedBackprop(stages, nn.functional.mse_loss, sgd, 1, "stashed")
+    inputs, targets = [], []
+    for call in range(calls):
+        call_inputs, call_targets = batch(4, seed=call + 1)
+        inputs += list(call_inputs.chunk(2))
+        targets += list(call_targets.chunk(2))
+    emulator.train(inputs, targets)
+    expected = state_of(dict(nn.Sequential(*layers).named_parameters()))
+    found = {name: value for _, state, _, _ in per_process for name, value in state.items()}
+    assert sorted(found) == sorted(expected)
+    for name, value in found.items():
+        assert relative_error(value, expected[name]) <= TOLERANCE, name
+    assert all(kept for *_, kept in per_process), "a forward on stashed weights left them in the layer"
+    evaluated = per_process[1][2]
+    expected_eval = reference_loss(tied_layers(), found, *batch(4, seed=99))
+    assert abs(evaluated - expected_eval) <= TOLERANCE * expected_eval
 
 
 # ---------------------------------------------------------------- across stages

@@ -34,11 +34,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ..knobs import ConfigError
 from ..runtime.delay import learning_rate_factor
 from ..runtime.stage import backward_roots, carries_gradient
+from ..runtime.substitute import call_with
 from ..runtime.versions import VersionRecord, WeightVersions, check_stream, stage_delay
 from ..schedule.config import WEIGHT_POLICIES
 
@@ -183,7 +183,7 @@ class PipelinedBackprop:
 
         The last stage also records the sub-minibatch's loss, before scaling.
         """
-        outputs = _as_tuple(functional_call(stage.module, weights, leaves))
+        outputs = _as_tuple(call_with(stage.module, weights, leaves))
         if stage.index < len(self.stages) - 1:
             return outputs
         loss = self.loss_fn(outputs[0] if len(outputs) == 1 else outputs, self._targets[microbatch])

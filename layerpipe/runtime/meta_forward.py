@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .precision import compute
 from .spatial_split import has_spatial_layers
 from .stage import PipelineError, Stage, TensorMeta
+from .substitute import call_with
 
 
 class CannotRunFake(Exception):
@@ -55,9 +56,10 @@ def fake_forward(mode: FakeTensorMode, stage: Stage, inputs: tuple, precision: s
     """
     if has_spatial_layers(stage.layers):
         raise CannotRunFake("it holds spatial layers, which exchange rows with their neighbours")
+    state = {name: mode.from_tensor(tensor) for name, tensor in _named_state(stage)}
     try:
-        with _holding_fakes(stage, mode), mode, torch.no_grad(), compute(precision, device):
-            return stage(*inputs)
+        with mode, torch.no_grad(), compute(precision, device):
+            return call_with(stage, state, inputs)
     except PipelineError:
         raise
     except Exception as error:
@@ -82,29 +84,9 @@ def restoring(modules: Iterable[nn.Module], device: torch.device) -> Iterator[No
             torch.cuda.set_rng_state(device_state, device)
 
 
-@contextmanager
-def _holding_fakes(stage: Stage, mode: FakeTensorMode) -> Iterator[None]:
-    """Inside the block the stage's parameters and buffers are fake copies (a shared one stays shared); after it,
-    the originals are back.
-
-    Not ``torch.func.functional_call``: a module reached twice (one layer at two places of the stage) keeps its
-    substitutes after that call, so its real forward would then run on fake weights.
-    """
-    slots = [
-        (store, name, tensor)
-        for module in stage.modules()
-        for store in (module._parameters, module._buffers)
-        for name, tensor in store.items()
-        if tensor is not None
-    ]
-    fakes: dict[int, torch.Tensor] = {}
-    try:
-        for store, name, tensor in slots:
-            store[name] = fakes.setdefault(id(tensor), mode.from_tensor(tensor))
-        yield
-    finally:
-        for store, name, tensor in slots:
-            store[name] = tensor
+def _named_state(stage: Stage) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from stage.named_parameters()
+    yield from stage.named_buffers()
 
 
 def _first_line(error: BaseException) -> str:

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
-from torch.func import functional_call
 
 from ..schedule.actions import Action, Kind
 from .context import RankContext
@@ -36,6 +35,7 @@ from .memory import ActivationMeter
 from .precision import compute
 from .run_state import COMPUTE, LocalStage, RunResult, RunState
 from .stage import as_tuple, backward_roots, carries_gradient
+from .substitute import call_with
 from .versions import VersionRecord, WeightVersions, stage_delay
 
 
@@ -135,7 +135,7 @@ class StreamExecutor(Executor):
         The last stage keeps the sub-minibatch's loss in ``state.losses``.
         """
         with compute(self.context.precision, self.context.device):
-            produced = as_tuple(functional_call(self.stages[stage].module, weights, arguments))
+            produced = as_tuple(call_with(self.stages[stage].module, weights, arguments))
         if stage != self.context.last_stage:
             return produced
         value = produced[0] if len(produced) == 1 else produced

@@ -1,6 +1,7 @@
 """layerpipe: pipeline-parallel training for PyTorch, built around the breadth-first schedule.
 
-``layerpipe.Pipeline`` and ``layerpipe.launch`` import torch when first used,
+``layerpipe.Pipeline``, ``layerpipe.launch``, ``layerpipe.save_checkpoint`` and
+``layerpipe.load_checkpoint`` import torch when first used,
 so the schedule engine and simulator (``layerpipe.schedule``, ``layerpipe.sim``)
 stay importable without it.
 """
@@ -14,6 +15,8 @@ _LAZY = {
     "PipelineError": ("layerpipe.runtime.stage", "PipelineError"),
     "ScheduleConfig": ("layerpipe.schedule.config", "ScheduleConfig"),
     "ConfigError": ("layerpipe.knobs", "ConfigError"),
+    "save_checkpoint": ("layerpipe.runtime.checkpoint", "save_checkpoint"),
+    "load_checkpoint": ("layerpipe.runtime.checkpoint", "load_checkpoint"),
 }
 
 

@@ -156,6 +156,53 @@ def test_an_in_place_relu_at_a_stage_start_trains_equal_to_one_process(schedule)
         assert relative_error(found[name], expected) <= TOLERANCE, name
 
 
+class Twice(nn.Module):
+    """Doubles its input, in place or not: unlike ReLU, doing it twice to one tensor shows."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x):
+        return x.mul_(2) if self.inplace else x * 2
+
+
+def _trains_async_in_place() -> list[tuple[list[float], dict[str, torch.Tensor]]]:
+    """Worker: train the in-place model and its copy without in-place layers under the async schedule.
+
+    For each weight policy and first layer of stage 1 (ReLU, Twice), in place and not: the losses of four calls
+    and this rank's parameters after the stream is drained.  ``stashed`` keeps the forward's graph; ``live`` runs
+    the forward again in the backward, from the stored input, which the first forward must leave as it was.
+    """
+    results = []
+    for policy in ("stashed", "live"):
+        for first in (nn.ReLU, Twice):
+            for in_place in (True, False):
+                layers = _in_place_layers()
+                layers[3] = first(inplace=in_place)
+                pipe = layerpipe.Pipeline(
+                    layers,
+                    nn.functional.mse_loss,
+                    schedule="async",
+                    microbatches=2,
+                    weight_policy=policy,
+                    partition=[0, 3],
+                    optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
+                    timeout=60,
+                )
+                losses = [pipe.train_step(*batch(4, seed=step + 1)) for step in range(4)]
+                results.append((losses, pipe.gathered_state_dict()))  # the state drains the stream
+    return results
+
+
+def test_in_place_layers_at_a_stage_start_train_under_async_as_their_plain_forms_bit_for_bit():
+    for per_run in layerpipe.launch(_trains_async_in_place, 2, timeout=60):
+        for case in range(0, len(per_run), 2):
+            (in_place_losses, in_place), (losses, plain) = per_run[case : case + 2]
+            assert in_place_losses == losses, case
+            assert sorted(in_place) == sorted(plain) and all(torch.equal(in_place[n], plain[n]) for n in plain), case
+
+
 class Boom(nn.Module):
     """Raises on rank 1 in the training step (after the shapes were agreed)."""
 

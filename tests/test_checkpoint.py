@@ -178,3 +178,26 @@ def test_a_crafted_checkpoint_is_refused_without_unpickling_anything(saved, tmp_
     assert message.startswith(f"checkpoint file {folder / 'process-0.json'}: not readable as JSON"), message
     load_weights(str(folder))  # the tensors themselves are fine, and read without the pickles
     assert not marker.exists(), "nothing was unpickled"
+
+
+def save_and_load_with_the_short_spelling(folder: str) -> tuple[dict, dict, dict, list[str]]:
+    """Worker: train a step, save with ``layerpipe.save_checkpoint`` (no training dict), load into a fresh pipeline."""
+    pipe = pipeline({})
+    pipe.train_step(*batch(8))
+    layerpipe.save_checkpoint(pipe, folder)
+    fresh = pipeline({})
+    before = fresh.gathered_state_dict()
+    training = layerpipe.load_checkpoint(fresh, folder)
+    return pipe.gathered_state_dict(), before, fresh.gathered_state_dict(), sorted(training)
+
+
+@pytest.mark.multiprocess
+def test_the_top_level_package_saves_and_loads_without_a_training_dict(tmp_path):
+    folder = str(tmp_path / "saved")
+    for saved, before, loaded, keys in layerpipe.launch(
+        save_and_load_with_the_short_spelling, 2, (folder,), timeout=120
+    ):
+        assert keys == ["random"], "no training dict was saved: only the random states come back"
+        assert sorted(loaded) == sorted(saved) and all(torch.equal(loaded[n], saved[n]) for n in saved)
+        assert not all(torch.equal(before[n], saved[n]) for n in saved), "the step changed the weights"
+    assert json.load(open(os.path.join(folder, "manifest.json")))["step"] is None

@@ -191,6 +191,17 @@ print("imported")
     assert run.returncode == 0 and run.stdout.strip() == "imported", run.stderr[-3000:]
 
 
+def test_the_top_level_package_imports_no_torch_and_names_its_torch_parts_lazily():
+    code = """
+import layerpipe
+assert {"Pipeline", "launch", "save_checkpoint", "load_checkpoint"} <= set(layerpipe.__all__)
+assert not [name for name in sys.modules if name.split(".")[0] == "torch"]
+print("imported")
+"""
+    run = run_without_torch(code)
+    assert run.returncode == 0 and run.stdout.strip() == "imported", run.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     "arguments",
     [

@@ -108,13 +108,15 @@ def kill_if_asked(where: str, step) -> None:
 
 
 # ---------------------------------------------------------------- saving
-def save_checkpoint(pipe, folder: str, training: dict[str, Any]) -> str:
+def save_checkpoint(pipe, folder: str, training: dict[str, Any] | None = None) -> str:
     """Write ``pipe``'s complete state and this process's ``training`` state (JSON-ready) to ``folder``; return it.
 
     Collective over every process of the pipeline.  The folder appears only
     when complete (written as ``<folder>.partial``, then renamed); an earlier
-    folder of the same name is replaced.
+    folder of the same name is replaced.  ``training`` is optional (none: an
+    empty dict); its ``step``, if any, is also the manifest's.
     """
+    training = {} if training is None else training
     partial = folder + ".partial"
     rank = dist.get_rank()
     if rank == 0:
@@ -175,8 +177,9 @@ def load_checkpoint(pipe, folder: str) -> dict[str, Any]:
     """Load a verified checkpoint into ``pipe`` (any layout); return this process's training state.
 
     Collective over every process of the pipeline.  The training state is
-    the one this process saved, or process 0's when the checkpoint was
-    written by fewer processes.  Random states are not restored here (see
+    the one this process saved (empty if it saved none), or process 0's when
+    the checkpoint was written by fewer processes, with the saved random
+    states under ``"random"``; they are not restored here (see
     ``restore_random_states``).
     """
     verify_checkpoint(folder)

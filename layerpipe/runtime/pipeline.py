@@ -138,6 +138,7 @@ class Pipeline:
     def eval_step(self, inputs: Tensors, targets: Tensors) -> float:
         """Return the mean loss over the global batch in evaluation mode, without gradients (pipelined, split over replicas).
 
+        Any batch size: the last micro-batch may be smaller (with replicas, the batch splits into equal shares).
         Collective over the data-parallel group at ZeRO-3 (the forward programs gather each stage), as is
         ``forward``.  Async: flushes first.
         """
@@ -146,7 +147,8 @@ class Pipeline:
     def forward(self, inputs: Tensors):
         """Return the model's output for the whole batch on each replica's last-stage rank (``None`` on the others).
 
-        In evaluation mode; not split over replicas: each runs the whole batch.  Async: flushes first.
+        In evaluation mode; any batch size (the last micro-batch may be smaller); not split over replicas: each
+        runs the whole batch.  Async: flushes first.
         """
         return self._runs.forward(inputs)
 

@@ -9,6 +9,11 @@ alias of each leaf made by an identity ``autograd.Function``: it shares the
 leaf's storage (no copy), is neither a leaf nor a view, and its backward
 passes the gradient on to the leaf, whose ``.grad`` is then what it would
 be without the alias.
+
+The ``async`` schedule's ``live`` weights are the one place a copy is
+needed: their forward runs without a graph and the backward runs it again
+from the stored input, so the first forward gets ``copied`` inputs and
+leaves the stored ones as they were.
 """
 
 from __future__ import annotations
@@ -31,3 +36,8 @@ class _Entry(torch.autograd.Function):
 def entered(arguments: tuple) -> tuple:
     """Return ``arguments`` with every tensor that requires a gradient replaced by an alias layers may modify."""
     return tuple(_Entry.apply(a) if isinstance(a, torch.Tensor) and a.requires_grad else a for a in arguments)
+
+
+def copied(arguments: tuple) -> tuple:
+    """Return ``arguments`` with every tensor replaced by a copy layers may modify (the originals kept as they are)."""
+    return tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in arguments)

@@ -18,6 +18,11 @@ the peer's next call (the backward message of the stage's last tick), and
 the peer may first wait for this rank's loss.  They are waited for at the
 end of the next call, by which time every peer has received them, and at
 the end of a drain.
+
+As in the executor, a forward's layers get aliases of the received
+activations that they may modify in place (``stage_entry``); under ``live``
+weights the first forward gets copies, since the backward's second forward
+starts from the stored input.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .memory import ActivationMeter
 from .precision import compute
 from .run_state import COMPUTE, LocalStage, RunResult, RunState
 from .stage import as_tuple, backward_roots, carries_gradient
+from .stage_entry import copied, entered
 from .substitute import call_with
 from .versions import VersionRecord, WeightVersions, stage_delay
 
@@ -120,8 +126,10 @@ class StreamExecutor(Executor):
         versions = self.versions[stage]
         arguments = self._forward_arguments(action, state)
         random_state = torch.get_rng_state()  # live's second forward draws the same dropout masks
+        # the layers may modify their inputs in place; live's second forward needs them as they were
+        given = entered(arguments) if versions.keeps_graph else copied(arguments)
         with torch.set_grad_enabled(versions.keeps_graph):
-            produced = self._versioned_outputs(stage, microbatch, arguments, versions.forward_weights(), state)
+            produced = self._versioned_outputs(stage, microbatch, given, versions.forward_weights(), state)
         state.stage_inputs[(stage, microbatch)] = (arguments, random_state)
         state.stage_outputs[(stage, microbatch)] = produced
         versions.forward_ran(microbatch, self._tick(stage, Kind.F))
@@ -154,7 +162,7 @@ class StreamExecutor(Executor):
         if not versions.keeps_graph:  # the forward again, from the stored input, on the current weights
             with torch.random.fork_rng(devices=[]), torch.enable_grad():
                 torch.set_rng_state(random_state)
-                outputs = self._versioned_outputs(stage, microbatch, arguments, weights, state)
+                outputs = self._versioned_outputs(stage, microbatch, entered(arguments), weights, state)
         if stage == self.context.last_stage:
             roots, incoming = list(outputs), None
         else:

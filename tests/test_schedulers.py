@@ -139,9 +139,9 @@ def test_a_resumed_run_ends_bit_for_bit_equal_to_the_straight_run(straight_run):
         assert all(torch.equal(second["weights"][name], value) for name, value in first["weights"].items())
 
 
-def guarded() -> list[tuple]:
-    """Worker: four steps with the guard; in the second a gradient is NaN. Return each step's skip and rates."""
-    pipe = pipeline(schedule="gpipe", skip_nonfinite=True, scheduler=decay)
+def guarded(options: dict) -> list[tuple]:
+    """Worker: four guarded steps; in the second a gradient is NaN. Return each step's skip, rates and epochs."""
+    pipe = pipeline(schedule="gpipe", scheduler=decay, **options)
     seen = []
     for step in range(4):
         handle = None
@@ -156,8 +156,9 @@ def guarded() -> list[tuple]:
 
 
 @pytest.mark.multiprocess
-def test_a_skipped_step_does_not_advance_the_scheduler():
-    for rows in layerpipe.launch(guarded, 2, timeout=120):
+@pytest.mark.parametrize("options", [dict(skip_nonfinite=True), dict(clip_grad_norm=1.0)], ids=["guard", "clip"])
+def test_a_skipped_step_does_not_advance_the_scheduler(options):
+    for rows in layerpipe.launch(guarded, 2, (options,), timeout=120):
         assert [skipped is not None for skipped, _, _ in rows] == [False, True, False, False]
         epochs = [set(epoch.values()) for _, _, epoch in rows]
         assert epochs == [{1}, {1}, {2}, {3}], "the scheduler steps when its optimizer steps, not for the skipped step"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR, SequentialLR, StepLR
 import layerpipe
 from layerpipe.checkpoint_files import CheckpointError
 from layerpipe.runtime.checkpoint import load_checkpoint, save_checkpoint
+from layerpipe.runtime.delay import corrected_step
 from layerpipe.runtime.schedulers import load_scheduler_states, scheduler_states
 from layerpipe.schedule.config import ConfigError
 
@@ -186,6 +188,18 @@ def test_async_steps_each_stages_scheduler_after_each_of_its_updates():
                 updates.add(version)
                 assert lr == 0.1 * 0.9**version, "the rate has decayed once per update of the stage"
     assert len(updates) > 2, "the stages updated several times"
+
+
+def test_a_spike_compensated_update_counts_as_the_optimizers_step_for_its_scheduler():
+    parameter = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    parameter.grad = torch.ones(2, dtype=torch.float64)
+    optimizer = sgd([parameter])
+    scheduler = decay(optimizer)
+    corrected_step(optimizer, "spike", 2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.1 * 0.9
 
 
 class Broken:

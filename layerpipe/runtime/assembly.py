@@ -33,6 +33,7 @@ from .recompute import mark_regions
 from .replicas import LocalModel, ReplicaBuffers, start_replicas_equal
 from .run_state import LocalStage
 from .runs import FlushedRuns
+from .schedulers import build_schedulers
 from .shapes import BoundaryShapes, ShapeAgreement
 from .sharding import StageShard
 from .spatial_split import ChunkLoss, hand_group, has_spatial_layers
@@ -60,6 +61,7 @@ class Assembly:
     loss_rank: int
     shapes: BoundaryShapes
     runs: FlushedRuns
+    schedulers: dict[int, torch.optim.lr_scheduler.LRScheduler]
 
 
 def assemble(
@@ -69,6 +71,7 @@ def assemble(
     options: dict,
     run: RunOptions,
     optimizer: Callable | None,
+    scheduler: Callable | None,
     partition: str | Sequence[int],
     device: torch.device | str | None,
     sample: Callable[[], object] | None,
@@ -91,15 +94,13 @@ def assemble(
         for index, stage in stages.items()
     }
     optimizers = _optimizers(optimizer, shards, config.streams)
+    schedulers = build_schedulers(scheduler, optimizers)
     # A function of the shards, not a bound method: the meter must not keep the pipeline (and its groups) alive.
     meter = ActivationMeter(functools.partial(_weight_pointers, shards)) if track_memory else None
     members = layout.pipeline_members(replica, layout.spatial_index(global_rank))
     context = _context(built, rank, members, device, run, groups)
     chunk_loss = ChunkLoss(loss_fn) if run.spatial > 1 else None
-    local = {
-        index: LocalStage(stage, shards[index], optimizers.get(index), config.recompute_modes[index])
-        for index, stage in stages.items()
-    }
+    local = _local(stages, shards, optimizers, schedulers, config.recompute_modes)
     executor = _executor(built, context, local, chunk_loss or loss_fn, meter, groups.pipeline)
     shapes = BoundaryShapes(ShapeAgreement(context, stages, groups.pipeline), shards, run.timeout, global_rank)
     batches = Batches(
@@ -111,7 +112,7 @@ def assemble(
     model = LocalModel(stages, buffers, updates=optimizer is not None)
     runs = (AsyncStream if config.streams else FlushedRuns)(built, executor, shards, batches, shapes, loss, model)
     parts = (built, layout, global_rank, groups, device, boundaries, stages, shards, optimizers, meter, executor)
-    return Assembly(*parts, loss_rank, shapes, runs)
+    return Assembly(*parts, loss_rank, shapes, runs, schedulers)
 
 
 def _local_stages(
@@ -127,6 +128,14 @@ def _local_stages(
     for stage in stages.values():
         mark_regions(stage)  # submodules marked recompute_region become regions for recompute="selective"
     return stages
+
+
+def _local(stages: dict, shards: dict, optimizers: dict, schedulers: dict, recompute_modes) -> dict[int, LocalStage]:
+    """Return what the executor runs of each local stage: its layers, shard, optimizer, recomputation and scheduler."""
+    return {
+        index: LocalStage(stage, shards[index], optimizers.get(index), recompute_modes[index], schedulers.get(index))
+        for index, stage in stages.items()
+    }
 
 
 def _optimizers(optimizer: Callable | None, shards: dict[int, StageShard], streaming: bool) -> dict:

@@ -10,8 +10,9 @@ A checkpoint is a folder:
   ``nn.Sequential(*layers)`` and optimizer state cut into the parameters, so
   the checkpoint loads into another layout;
 * ``process-<n>.json`` — process ``n``'s own state: the caller's training
-  state (step, data position, ...), its random states and the optimizer's
-  hyperparameters;
+  state (step, data position, ...), its random states, the optimizer's
+  hyperparameters and its stages' learning-rate scheduler states (by stage
+  index, each scheduler's ``state_dict()`` as JSON);
 * ``manifest.json`` — written last: the format, the step, and the size and
   SHA-256 digest of every other file.
 
@@ -41,6 +42,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 from ..checkpoint_files import CheckpointError, seal, verify_checkpoint, write_json
+from .schedulers import load_scheduler_states, scheduler_states
 
 
 # ---------------------------------------------------------------- random states
@@ -125,6 +127,7 @@ def save_checkpoint(pipe, folder: str, training: dict[str, Any] | None = None) -
     dist.barrier()
     weights = pipe.gathered_state_dict()
     optimizer = pipe.optimizer_state_dict()
+    schedulers = scheduler_states(pipe.schedulers)  # after the flush; refused before any tensor is written
     tensors = {f"model.{name}": value for name, value in weights.items()}
     tensors.update(
         {
@@ -140,6 +143,7 @@ def save_checkpoint(pipe, folder: str, training: dict[str, Any] | None = None) -
         "random": random_states(),
         "hyperparameters": _plain(optimizer["hyperparameters"]),
         "optimizer_keys": _optimizer_keys(optimizer["state"]),
+        "schedulers": schedulers,
     }
     write_json(os.path.join(partial, f"process-{rank}.json"), own)
     dist.barrier()
@@ -182,7 +186,7 @@ def load_checkpoint(pipe, folder: str) -> dict[str, Any]:
     states under ``"random"``; they are not restored here (see
     ``restore_random_states``).
     """
-    verify_checkpoint(folder)
+    manifest = verify_checkpoint(folder)
     rank = dist.get_rank()
     own_path = os.path.join(folder, f"process-{rank}.json")
     own = _read_json(own_path if os.path.exists(own_path) else os.path.join(folder, "process-0.json"))
@@ -197,7 +201,19 @@ def load_checkpoint(pipe, folder: str) -> dict[str, Any]:
             if found is not None:
                 state.setdefault(name, {})[key] = found
     pipe.load_optimizer_state_dict({"state": state, "hyperparameters": own["hyperparameters"]})
+    if pipe.schedulers:
+        load_scheduler_states(pipe.schedulers, _saved_schedulers(folder, manifest["files"]), folder)
     return {**own["training"], "random": own["random"]}
+
+
+def _saved_schedulers(folder: str, files) -> dict[str, dict]:
+    """Return the scheduler states every process saved (``files``: the manifest's), by stage index (a stage's
+    replicas saved the same)."""
+    states = {}
+    for name in sorted(files):
+        if name.startswith("process-") and name.endswith(".json"):
+            states.update(_read_json(os.path.join(folder, name)).get("schedulers", {}))
+    return states
 
 
 def load_weights(folder: str) -> dict[str, torch.Tensor]:

@@ -104,6 +104,9 @@ def corrected_step(optimizer: torch.optim.Optimizer, correction: str, delay: flo
                 else:
                     velocity.mul_(momentum).add_(gradient)
                 parameter.add_(velocity * now + gradient * late, alpha=-rate)
+    # This was the optimizer's step: say so as its wrapped ``step`` would, or a learning-rate scheduler stepped next
+    # warns that it ran before any optimizer step (torch reads this flag).
+    optimizer._opt_called = True
 
 
 def predicted(parameters: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, delay: float) -> list[torch.Tensor]:

@@ -45,6 +45,7 @@ from .p2p import Mailbox
 from .precision import LossScaler, compute, in_float32
 from .recompute import Recording, recomputed, recording
 from .run_state import COMPUTE, P2P, LocalStage, RunResult, RunState
+from .schedulers import step_scheduler
 from .shapes import check_agreed
 from .stage import (
     PipelineError,
@@ -265,6 +266,7 @@ class Executor:
         local.shard.reduced()
         if local.optimizer is not None:
             local.optimizer.step()
+            step_scheduler(local.scheduler)  # not reached when a GUARD or CLIP skipped the step
         return COMPUTE
 
     # ---------------------------------------------------------------- handlers: communication

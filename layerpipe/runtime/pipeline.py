@@ -28,6 +28,7 @@ from .batches import Tensors
 from .launch import init_process_group
 from .measured import measured_timeline, memory_in_last_step, peak_memory_bytes
 from .run_state import RunResult
+from .schedulers import check_scheduler
 from .sharding import weights_gathered
 from .stage import layer_list
 from .state import PipelineState
@@ -47,7 +48,10 @@ class Pipeline:
     ``ranks`` is always the process count divided by ``data_parallel``.
 
     ``optimizer``: optional ``callable(params) -> Optimizer``, called once per local stage (with the stage's
-    parameters at ``zero=0``, with its flat shard at ``zero`` 1–3).  ``partition``: ``"parameters"`` (default),
+    parameters at ``zero=0``, with its flat shard at ``zero`` 1–3).  ``scheduler``: optional ``callable(optimizer) ->
+    torch.optim.lr_scheduler.LRScheduler``, called once per stage optimizer (``schedulers`` holds them by stage) and
+    stepped exactly when its optimizer steps: not for a step ``skip_nonfinite`` or clipping skipped; async, after
+    each of the stage's updates (see ``runtime/schedulers.py``).  ``partition``: ``"parameters"`` (default),
     ``"time"`` (measured on ``sample``, a callable returning one micro-batch input) or the first layer index of
     every stage.  ``track_memory`` counts saved activation bytes (``memory()``).  ``timeout`` bounds every wait, in
     seconds.  ``check_every``: every so many training steps (and at the first) the processes compare a checksum of
@@ -67,8 +71,9 @@ class Pipeline:
     ``delay_correction`` asked for (see ``flush`` and ``docs/async.md``).  It needs an ``optimizer``.
 
     Refuses, with ``ConfigError`` naming the argument, the value and what is valid: an unknown option, async without
-    an optimizer, a process count that is not a multiple of ``data_parallel``, a schedule whose rank count does not
-    match, invalid schedule options; with ``PartitionError``, fewer layers than stages.
+    an optimizer, a ``scheduler`` that is not callable, comes without an optimizer, raises or returns no scheduler
+    (naming the stage), a process count that is not a multiple of ``data_parallel``, a schedule whose rank count does
+    not match, invalid schedule options; with ``PartitionError``, fewer layers than stages.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class Pipeline:
         schedule: str | ScheduleConfig | Schedule = "breadth-first",
         *,
         optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
         partition: str | Sequence[int] = "parameters",
         device: torch.device | str | None = None,
         timeout: float = 300.0,
@@ -90,9 +96,12 @@ class Pipeline:
         **options,
     ):
         run = RunOptions(precision, spatial, timeout, check_every, broadcast_buffers).checked()
+        check_scheduler(scheduler, optimizer)
         init_process_group(timeout)
         layers = layer_list(layers)
-        parts = assemble(layers, loss_fn, schedule, options, run, optimizer, partition, device, sample, track_memory)
+        parts = assemble(
+            layers, loss_fn, schedule, options, run, optimizer, scheduler, partition, device, sample, track_memory
+        )
         self.check_every, self.precision, self._timeout = check_every, precision, timeout
         self.training = True  # as a new nn.Module: train_step runs the layers in their own modes
         self.schedule, self.layout, self.groups, self.device = parts.schedule, parts.layout, parts.groups, parts.device
@@ -102,6 +111,7 @@ class Pipeline:
         self.spatial_index = self.layout.spatial_index(self.global_rank)
         self.microbatches = self.schedule.config.microbatches
         self.stages, self.shards, self.optimizers = parts.stages, parts.shards, parts.optimizers
+        self.schedulers = parts.schedulers  # stage -> its optimizer's learning-rate scheduler (with ``scheduler``)
         self.meter, self.executor, self.shapes, self._runs = parts.meter, parts.executor, parts.shapes, parts.runs
         self._state = PipelineState(self.stages, self.shards, self.optimizers, timeout, self.global_rank)
 

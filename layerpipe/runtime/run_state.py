@@ -45,12 +45,14 @@ class RunResult(NamedTuple):
 
 @dataclass(frozen=True)
 class LocalStage:
-    """One stage this rank holds: its layers, their sharded buffers, its optimizer and its recomputation mode."""
+    """One stage this rank holds: its layers, their sharded buffers, its optimizer (with its learning-rate
+    scheduler, stepped after it) and its recomputation mode."""
 
     module: Stage
     shard: StageShard
     optimizer: torch.optim.Optimizer | None = None
     recompute: str = "none"
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
     @property
     def parameters(self) -> list[torch.Tensor]:

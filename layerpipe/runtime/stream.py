@@ -39,6 +39,7 @@ from .executor import Executor
 from .memory import ActivationMeter
 from .precision import compute
 from .run_state import COMPUTE, LocalStage, RunResult, RunState
+from .schedulers import step_scheduler
 from .stage import as_tuple, backward_roots, carries_gradient
 from .stage_entry import copied, entered
 from .substitute import call_with
@@ -188,6 +189,7 @@ class StreamExecutor(Executor):
         local = self.stages[action.stage]
         local.shard.reduced()
         self.versions[action.stage].update()
+        step_scheduler(local.scheduler)  # after each update of the stage, as its optimizer steps
         local.shard.begin_step()  # zero the gradient buffer for the next virtual minibatch
         return COMPUTE
 

@@ -191,18 +191,40 @@ def write_outputs(record: RunRecord) -> dict:
 
 
 def plot_losses(record: RunRecord, path: str) -> None:
-    """Draw the training loss of every step to ``path``."""
+    """Draw the training loss of every step to ``path``; with clipping, the global gradient norm in a panel below.
+
+    The norm panel shares the step axis and marks the clip limit; a step
+    whose norm was not finite (skipped) leaves a gap.
+    """
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 3.5))
-    axes.plot(range(1, len(record.losses) + 1), record.losses, linewidth=1)
-    axes.set_xlabel("step")
-    axes.set_ylabel(record.demo.loss_label)
-    axes.set_title(f"{record.demo.title}, {record.config.pipeline.schedule}")
-    axes.grid(alpha=0.3)
+    norms = record.grad_norms
+    panels = 2 if norms else 1
+    figure, axes = plt.subplots(panels, 1, figsize=(7, 3.5 + 2.2 * (panels - 1)), sharex=True, squeeze=False)
+    loss_axes = axes[0][0]
+    steps = range(1, len(record.losses) + 1)
+    loss_axes.plot(steps, record.losses, linewidth=1)
+    loss_axes.set_ylabel(record.demo.loss_label)
+    loss_axes.set_title(f"{record.demo.title}, {record.config.pipeline.schedule}")
+    if norms:
+        norm_axes = axes[1][0]
+        shown = [norm if math.isfinite(norm) else math.nan for norm in norms]
+        norm_axes.plot(
+            range(1, len(shown) + 1), shown, linewidth=1, color="tab:orange", label="global norm before clipping"
+        )
+        norm_axes.axhline(
+            record.config.pipeline.clip_grad_norm, color="grey", linestyle="--", linewidth=1, label="clip limit"
+        )
+        norm_axes.set_ylabel("gradient norm")
+        norm_axes.legend(loc="upper right", fontsize="small")
+    for panel in axes[:, 0]:
+        panel.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("step")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

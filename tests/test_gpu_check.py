@@ -71,3 +71,8 @@ def test_a_check_past_its_budget_is_stopped_and_recorded(gpu_check, monkeypatch)
     record = gpu_check.run_check("endless", gpu_check.Context(torch.device("cpu"), gpu_check.CPU_SIZES), 0.2)
     assert time.perf_counter() - start < 5
     assert record["status"] == "error" and "budget of 0.2 s" in record["error"]
+
+
+def test_the_results_are_named_by_the_gpu(gpu_check):
+    assert gpu_check.result_name({"gpu": "NVIDIA H200", "device": "cuda:0"}) == "gpu_check-nvidia-h200"
+    assert gpu_check.result_name({"device": "cpu"}) == "gpu_check-cpu"

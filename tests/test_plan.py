@@ -435,3 +435,20 @@ def test_best_among_finds_the_fastest_of_the_candidates_it_is_given(tmp_path):
     assert [entry.step_time for entry in found] == [pytest.approx(fastest)]
     assert found[0].candidate.schedule.schedule == "breadth-first"
     assert best_among([], shape, hardware, math.inf) == []
+
+
+def test_the_planner_searches_every_schedule_on_the_v_shape_at_two_stages_a_rank():
+    from layerpipe.plan import best_among, describe
+    from layerpipe.schedule.registry import names_where
+
+    request = PlanRequest(model="demo", gpus=4, gpu_memory=1.0, global_batch=16)
+    shape, hardware = model_shape("demo"), hardware_of(request)
+    on_the_v = [c for c in candidates(request, shape) if c.schedule.placement_name == "vshape"]
+    assert {c.schedule.schedule for c in on_the_v} == set(names_where(lambda record: "vshape" in record.placements))
+    assert {"zb-v", "v-half", "v-min"} <= {c.schedule.schedule for c in on_the_v}
+    assert {c.schedule.stages_per_rank for c in on_the_v} == {2}
+    for name in ("zb-v", "v-half", "v-min", "breadth-first"):
+        found = best_among([c for c in on_the_v if c.schedule.schedule == name], shape, hardware, math.inf, jobs=1)
+        assert found and found[0].candidate.schedule.schedule == name
+    breadth_first = next(c for c in on_the_v if c.schedule.schedule == "breadth-first")
+    assert "placement=vshape" in describe(best_among([breadth_first], shape, hardware, math.inf, jobs=1)[0])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..knobs import ConfigError
 from ..schedule.config import ScheduleConfig, validate_config
+from ..schedule.registry import ScheduleRecord, schedule_records
 from ..sim.gpt_costs import GPTShape
 from .request import PlanRequest
 
@@ -24,19 +26,64 @@ def _divisors(number_: int) -> list[int]:
 
 
 def _schedules(ranks: int, microbatches: int, layers: int, max_stages_per_rank: int) -> Iterator[dict]:
-    """Yield the schedule knobs to try on ``ranks`` pipeline ranks: name, stages per rank and group size."""
-    yield {"schedule": "gpipe"}
-    if ranks == 1:
+    """Yield the schedule knobs to try on ``ranks`` pipeline ranks, read from the schedule registry.
+
+    Every registered schedule that does not stream (the asynchronous one trains differently), on each placement
+    its record names: one stage per rank; looping ``2 .. max_stages_per_rank`` stages a rank; the V-shape (two
+    stages a rank).  A looping schedule runs at one stage per rank too, but only one that splits the backward
+    differs there from the one-stage schedules already tried (ZB-H1).  On one rank every schedule runs alike, so
+    only the first is tried.
+    """
+    most = min(max_stages_per_rank, layers // ranks)
+    for record in schedule_records():
+        if record.streams:
+            continue
+        if ranks == 1:
+            yield {"schedule": record.name}
+            return
+        for knobs_ in _placements(record, most):
+            for options in _options(record, ranks, microbatches):
+                yield {"schedule": record.name, **knobs_, **options}
+
+
+def _placements(record: ScheduleRecord, most: int) -> Iterator[dict]:
+    """Yield the placement knobs to try for ``record`` with at most ``most`` stages a rank."""
+    if record.family == "contiguous":
+        yield {}
         return
-    yield {"schedule": "1f1b"}
-    yield {"schedule": "zero-bubble", "stages_per_rank": 1}
-    for stages_per_rank in range(2, min(max_stages_per_rank, layers // ranks) + 1):
-        for name in ("interleaved", "breadth-first", "zero-bubble"):
-            yield {"schedule": name, "stages_per_rank": stages_per_rank}
-        group = 2 * ranks
-        while group < microbatches:
-            yield {"schedule": "grouped", "stages_per_rank": stages_per_rank, "group_size": group}
-            group *= 2
+    if "contiguous" in record.placements and record.splits_backward:
+        yield {"stages_per_rank": 1}
+    if "looping" in record.placements:
+        for stages_per_rank in range(2, most + 1):
+            yield {"stages_per_rank": stages_per_rank}
+    if "vshape" in record.placements and most >= 2:
+        implied = record.default_placement == "vshape"
+        yield {"stages_per_rank": 2, **({} if implied else {"placement": "vshape"})}
+
+
+def _group_sizes(ranks: int, microbatches: int) -> Iterator[int]:
+    """Yield the group sizes to try between depth-first (``ranks``) and breadth-first (``microbatches``)."""
+    group = 2 * ranks
+    while group < microbatches:
+        yield group
+        group *= 2
+
+
+OPTION_VALUES = {"group_size": _group_sizes}
+"""The values the planner tries for a schedule's own option that has no default (``group_size``): a schedule
+with such an option not listed here is not searched."""
+
+
+def _options(record: ScheduleRecord, ranks: int, microbatches: int) -> Iterator[dict]:
+    """Yield the schedule's own options to try: each value ``OPTION_VALUES`` gives, the record's default else."""
+    chosen = [name for name, default in record.options.items() if default is None]
+    if not chosen:
+        yield {}
+        return
+    if any(name not in OPTION_VALUES for name in chosen):
+        return
+    for values in itertools.product(*(tuple(OPTION_VALUES[name](ranks, microbatches)) for name in chosen)):
+        yield dict(zip(chosen, values))
 
 
 def _sharding(data_parallel: int) -> Iterator[dict]:

@@ -20,6 +20,8 @@ def describe(entry: PlanEntry) -> str:
         f"m={config.microbatches}",
         f"b={entry.candidate.microbatch_size}",
     ]
+    if config.placement != "auto":
+        words.append(f"placement={config.placement}")
     if config.group_size is not None:
         words.append(f"n={config.group_size}")
     if config.data_parallel > 1:

@@ -45,6 +45,8 @@ BAD = {
     "keep": 0,
     "max_skips": 0,
     "max_restarts": -1,
+    "warmup_steps": -1,
+    "tensorboard": "/dev/null",  # an existing file, not a folder
     "precision": "fp8",
     "sparsity": "5:4",
     "sparsity_method": "magic",

@@ -14,6 +14,8 @@ _LAZY = {
     "PipelineError": ("layerpipe.runtime.stage", "PipelineError"),
     "ScheduleConfig": ("layerpipe.schedule.config", "ScheduleConfig"),
     "ConfigError": ("layerpipe.knobs", "ConfigError"),
+    "register_overlap": ("layerpipe.runtime.overlap", "register_overlap"),
+    "OverlapError": ("layerpipe.runtime.overlap", "OverlapError"),
 }
 
 

@@ -41,6 +41,7 @@ from .context import RankContext
 from .failure import mark_action
 from .guard import guard
 from .memory import ActivationMeter
+from .overlap import run_pair
 from .p2p import Mailbox
 from .precision import LossScaler, compute, in_float32
 from .recompute import Recording, recomputed, recording
@@ -313,6 +314,7 @@ class Executor:
         Kind.RELEASE: _release_weights,
         Kind.GUARD: guard,
         Kind.CLIP: clip,
+        Kind.OVERLAP_F_B: run_pair,
     }
     """The handler of each action kind; it returns the stream to record the action on, or ``None`` when the
     action records itself (collectives, from issue to completion)."""

@@ -14,7 +14,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from .actions import COMPUTE_KINDS, P2P_KINDS, RECEIVE_KINDS, SEND_KINDS, Action, Kind, Message, Program, message_of
+from .actions import (
+    COMPUTE_KINDS,
+    P2P_KINDS,
+    RECEIVE_KINDS,
+    SEND_KINDS,
+    Action,
+    Kind,
+    Message,
+    Program,
+    expand_pairs,
+    message_of,
+)
 from .bulk import collector_paused
 from .lowering import add_p2p
 from .placement import Placement
@@ -170,7 +181,7 @@ def check_matching(programs: Sequence[Program], placement: Placement) -> None:
     sent, received = _counts(programs, SEND_KINDS, bases), _counts(programs, RECEIVE_KINDS, bases)
     if sent != received or max(sent.values(), default=1) > 1:
         raise ScheduleError(_mismatch(programs, placement, bases, sent, received))
-    _check_received_before_use(programs, placement, bases)
+    _check_received_before_use([expand_pairs(program) for program in programs], placement, bases)
 
 
 def check_deadlock_free(programs: Sequence[Program], placement: Placement) -> None:
@@ -198,11 +209,13 @@ def check_transfers(programs: Sequence[Program], placement: Placement) -> None:
 def validate(programs: Sequence[Program], placement: Placement, microbatches: int) -> None:
     """Raise ``ScheduleError`` unless the programs can run; return None when they can.
 
-    Compute-only programs are checked as they would run after ``add_p2p``.
+    Compute-only programs are checked as they would run after ``add_p2p``;
+    coverage and local order see each overlapped pair as its two halves.
     """
     with collector_paused():
-        check_coverage(programs, placement, microbatches)
-        check_local_order(programs, placement)
+        expanded = [expand_pairs(program) for program in programs]
+        check_coverage(expanded, placement, microbatches)
+        check_local_order(expanded, placement)
         if not any(action.kind in P2P_KINDS for program in programs for action in program):
             programs = add_p2p(programs, placement)
         check_transfers(programs, placement)

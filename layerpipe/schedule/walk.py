@@ -194,7 +194,7 @@ def _advance(rank: int, program: Program, costs: WalkCosts, tables: _Tables, run
             now, index = passed
         elif kind is PAIR:
             start, end = _pair(action, now, duration, pair_time, awaited[kind], emit, rank)
-            exposed, busy, now = exposed + start - now, busy + end - start, end
+            exposed, busy, now = exposed + (start - now), busy + (end - start), end
         index += 1
     run.positions[rank], run.compute_free[rank] = index, now
     run.busy[rank] += busy

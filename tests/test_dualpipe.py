@@ -19,7 +19,7 @@ from layerpipe.schedule.build import build_schedule
 from layerpipe.schedule.config import ConfigError, ScheduleConfig, validate_config
 from layerpipe.schedule.dualpipe import dualpipe_v
 from layerpipe.schedule.placement import vshape
-from layerpipe.schedule.validation import validate
+from layerpipe.schedule.validation import ScheduleError, check_matching, validate
 from layerpipe.sim.cost import CostModel
 from layerpipe.sim.memory import activation_peak
 from layerpipe.sim.simulator import simulate
@@ -60,6 +60,15 @@ def test_lowering_receives_both_halves_inputs_before_a_pair_and_sends_both_outpu
     text = " ".join(map(str, programs[0]))
     assert "3RECV_F1 3F1 (0F3;3B1)OVERLAP_F_B 0SEND_F3 3SEND_B1" in text.replace(" 3R1", "")
     assert "0RECV_B0 0R0 (3F2;0B0)OVERLAP_F_B" in text  # the recompute of the backward half right before the pair
+
+
+def test_validation_refuses_a_pair_before_the_receipt_of_its_backward_halfs_gradient():
+    schedule = build_schedule(ScheduleConfig("dualpipe-v", 2, 4))
+    program = list(schedule.programs[0])
+    receive = program.index(parse_action("0RECV_B0"))
+    program.insert(receive + 1, program.pop(receive))  # now after (3F2;0B0)OVERLAP_F_B
+    with pytest.raises(ScheduleError, match=r"^rank 0: \(3F2;0B0\)OVERLAP_F_B needs 0RECV_B0 before it$"):
+        check_matching((tuple(program), schedule.programs[1]), schedule.placement)
 
 
 def test_a_pair_costs_the_sum_of_its_halves_or_their_maximum_when_overlapped():

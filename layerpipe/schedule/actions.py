@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from enum import Enum
+from operator import itemgetter
 from typing import NamedTuple
 
 COMPUTE, P2P, DATA_PARALLEL = "compute", "p2p", "data_parallel"
@@ -204,10 +205,13 @@ def halves(action: Action) -> tuple[Action, Action]:
     return Action(stage, Kind.F, microbatch), Action(backward_stage, Kind.B, backward_microbatch)
 
 
+_KIND_OF = itemgetter(1)
+
+
 def expand_pairs(program: Sequence[Action]) -> Program:
     """Return ``program`` with each overlapped pair replaced by its halves (forward, then backward)."""
-    if not any(action[1] is PAIR for action in program):
-        return tuple(program)
+    if PAIR not in map(_KIND_OF, program):  # the scan in C: programs without pairs are the common case
+        return program if isinstance(program, tuple) else tuple(program)
     return tuple(half for action in program for half in (halves(action) if action[1] is PAIR else (action,)))
 
 

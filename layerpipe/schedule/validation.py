@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from .actions import (
     COMPUTE_KINDS,
     P2P_KINDS,
+    PAIR,
     RECEIVE_KINDS,
     SEND_KINDS,
     Action,
@@ -24,6 +25,7 @@ from .actions import (
     Message,
     Program,
     expand_pairs,
+    halves,
     message_of,
 )
 from .bulk import collector_paused
@@ -167,6 +169,9 @@ def _check_received_before_use(programs: Sequence[Program], placement: Placement
                 needed = forward[stage] + microbatch
             elif (kind is B or kind is I) and sends_forward[stage]:
                 needed = backward[stage] + microbatch
+            elif kind is PAIR:  # both halves' inputs before the pair
+                _check_pair_received(rank, action, placement, bases, received)
+                continue
             else:
                 continue
             if needed not in received:
@@ -175,13 +180,21 @@ def _check_received_before_use(programs: Sequence[Program], placement: Placement
                 )
 
 
+def _check_pair_received(rank: int, action: Action, placement: Placement, bases: dict, received: set) -> None:
+    """Raise if an overlapped pair comes before the receipt of what one of its halves needs from another rank."""
+    for half in halves(action):
+        message = _needed_message(half, placement)
+        if message is not None and bases[message.receive()[1]][message.receiver] + half[2] not in received:
+            raise ScheduleError(f"rank {rank}: {action} needs {message.receive()} before it")
+
+
 def check_matching(programs: Sequence[Program], placement: Placement) -> None:
     """Raise unless every message is sent once and received once, and received before the compute that uses it."""
     bases = message_bases(placement.stages, _microbatch_span(programs))
     sent, received = _counts(programs, SEND_KINDS, bases), _counts(programs, RECEIVE_KINDS, bases)
     if sent != received or max(sent.values(), default=1) > 1:
         raise ScheduleError(_mismatch(programs, placement, bases, sent, received))
-    _check_received_before_use([expand_pairs(program) for program in programs], placement, bases)
+    _check_received_before_use(programs, placement, bases)
 
 
 def check_deadlock_free(programs: Sequence[Program], placement: Placement) -> None:

@@ -160,3 +160,26 @@ def test_an_overlap_function_that_raises_is_reported_naming_the_pair_and_the_ran
     message = str(error.value).splitlines()[0]
     assert message.startswith("rank ") and ": the overlap function _failing raised on (" in message
     assert ")OVERLAP_F_B (RuntimeError: the expert exchange failed)" in message
+
+
+def _fake_executor(ran: list) -> types.SimpleNamespace:
+    """An executor whose F and B handlers only note the action they ran."""
+    handlers = {Kind.F: lambda executor, action, state: ran.append(str(action)), Kind.B: None}
+    handlers[Kind.B] = handlers[Kind.F]
+    return types.SimpleNamespace(
+        HANDLERS=handlers, collectives=types.SimpleNamespace(pending={}), context=types.SimpleNamespace(rank=1)
+    )
+
+
+def test_a_pair_runs_forward_then_backward_unless_a_function_is_registered_and_each_half_must_run_once():
+    from layerpipe.runtime.overlap import OverlapError, register_overlap, run_pair
+
+    ran: list = []
+    run_pair(_fake_executor(ran), pair(1, 2, 2, 0), None)
+    assert ran == ["1F2", "2B0"]
+    register_overlap(lambda forward, backward: (forward(), forward()))
+    try:
+        with pytest.raises(OverlapError, match=r"^rank 1: .* must run each half of \(1F2;2B0\)OVERLAP_F_B once: "):
+            run_pair(_fake_executor([]), pair(1, 2, 2, 0), None)
+    finally:
+        register_overlap(None)

@@ -17,6 +17,8 @@ _LAZY = {
     "ConfigError": ("layerpipe.knobs", "ConfigError"),
     "save_checkpoint": ("layerpipe.runtime.checkpoint", "save_checkpoint"),
     "load_checkpoint": ("layerpipe.runtime.checkpoint", "load_checkpoint"),
+    "register_overlap": ("layerpipe.runtime.overlap", "register_overlap"),
+    "OverlapError": ("layerpipe.runtime.overlap", "OverlapError"),
 }
 
 

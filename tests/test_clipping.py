@@ -61,10 +61,12 @@ def clipped_reference(steps: int = STEPS) -> tuple[list, list, dict]:
 
 
 def flushed_cases(ranks: int) -> list[dict]:
-    """Return every flushed schedule on ``ranks`` ranks with its default stages per rank."""
+    """Return every flushed schedule on ``ranks`` ranks with its default stages per rank (not dualpipe-v where the
+    four micro-batches ``run_cases`` uses are fewer than its stages)."""
     return [
         dict(schedule=name, group_size=ranks) if "group_size" in schedule_record(name).options else dict(schedule=name)
         for name in FLUSHED
+        if name != "dualpipe-v" or 2 * ranks <= 4
     ]
 
 

@@ -28,6 +28,8 @@ def configs(draw):
     if "group_size" in record.options:
         microbatches = max(microbatches, ranks)
         group_size = draw(st.integers(ranks, microbatches))
+    if name == "dualpipe-v":
+        microbatches = max(microbatches, 2 * ranks)  # torch's least: as many micro-batches as stages
     if name in ("interleaved", "zero-bubble"):
         rounds = max(1, microbatches // ranks)
         microbatches -= microbatches % rounds
@@ -44,7 +46,7 @@ def configs(draw):
         data_parallel=data_parallel,
         zero=zero,
         reduce_portions=draw(st.integers(1, 3)) if data_parallel > 1 else 1,
-        weight_buffers=draw(st.none() | st.integers(1, 3)) if zero == 3 else None,
+        weight_buffers=draw(st.none() | st.integers(2 if name == "dualpipe-v" else 1, 3)) if zero == 3 else None,
         recompute=tuple(modes) + ("none",),
     )
 

@@ -42,6 +42,7 @@ BUILT_IN = (
     "zb-v",
     "v-half",
     "v-min",
+    "dualpipe-v",
 )
 
 
@@ -84,6 +85,7 @@ def test_the_built_in_schedules_are_registered_in_order():
         "zb-v",
         "v-half",
         "v-min",
+        "dualpipe-v",
     )
     assert set(GENERATORS) == set(BUILT_IN) and GENERATORS["gpipe"] is schedule_record("gpipe").generator
     assert [record.name for record in schedule_records() if record.streams] == ["async"]
@@ -128,7 +130,7 @@ def test_a_schedule_registered_on_import_is_in_the_help():
         "main(['simulate', '--help'])\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert "async,zb-v,v-half,v-min,backwards-reversed" in "".join(done.stdout.split()), (
+    assert "async,zb-v,v-half,v-min,dualpipe-v,backwards-reversed" in "".join(done.stdout.split()), (
         done.stderr
     )  # wrapped lines joined
 

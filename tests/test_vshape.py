@@ -1,5 +1,7 @@
 """The V-shape schedules (zb-v, v-half, v-min): refusals, float64 equality with the reference, unit-cost claims.
 
+dualpipe-v, the fourth schedule on the V alone, has its own tests (``test_dualpipe.py``).
+
 Their orders against torch's are in ``test_generators.py``; the whole-suite
 equivalence tests cover them too (their schedule lists are read from the
 registry), and here they run alone with enough micro-batches to fill the V
@@ -28,12 +30,13 @@ from layerpipe.sim.cost import CostModel
 from layerpipe.sim.memory import activation_peak
 from layerpipe.sim.simulator import simulate
 
-V_SCHEDULES = names_where(lambda record: record.placements == ("vshape",))
+V_SCHEDULES = names_where(lambda record: record.placements == ("vshape",) and record.name != "dualpipe-v")
 
 
 def test_the_v_schedules_are_registered_on_the_vshape_placement():
+    assert names_where(lambda record: record.placements == ("vshape",)) == (*V_SCHEDULES, "dualpipe-v")
     assert V_SCHEDULES == ("zb-v", "v-half", "v-min")
-    for name in V_SCHEDULES:
+    for name in (*V_SCHEDULES, "dualpipe-v"):
         config = validate_config(ScheduleConfig(name, ranks=3, microbatches=6))
         assert config.stages_per_rank == 2 and config.placement_name == "vshape"
 

@@ -40,7 +40,8 @@ from .collectives import Collectives
 from .context import RankContext
 from .failure import mark_action
 from .guard import guard
-from .memory import ActivationMeter
+from .memory import ActivationMeter, note_saved
+from .overlap import run_pair
 from .p2p import Mailbox
 from .precision import LossScaler, compute, in_float32
 from .recompute import Recording, recomputed, recording
@@ -195,7 +196,7 @@ class Executor:
                 value = produced[0] if len(produced) == 1 else produced
                 loss = self._loss(value, state.targets[microbatch], microbatch)
                 state.losses[microbatch] = weighted(loss, state.metas, microbatch)
-        self._note_saved(self.forward_bytes, stage, saved_before)  # with the loss's on the last stage
+        note_saved(self.meter, self.forward_bytes, stage, saved_before)  # with the loss's on the last stage
         if state.training:
             state.stage_inputs[key] = arguments
         state.stage_outputs[key] = produced
@@ -258,7 +259,7 @@ class Executor:
         saved_before = self.meter.current if self.meter is not None else 0
         with compute(self.context.precision, self.context.device):  # the regions again, in the forward's precision
             state.recordings[(action.stage, action.microbatch)].recompute()
-        self._note_saved(self.recompute_bytes, action.stage, saved_before)
+        note_saved(self.meter, self.recompute_bytes, action.stage, saved_before)
         return COMPUTE
 
     def _step(self, action: Action, state: RunState) -> str:
@@ -315,6 +316,7 @@ class Executor:
         Kind.RELEASE: _release_weights,
         Kind.GUARD: guard,
         Kind.CLIP: clip,
+        Kind.OVERLAP_F_B: run_pair,
     }
     """The handler of each action kind; it returns the stream to record the action on, or ``None`` when the
     action records itself (collectives, from issue to completion)."""
@@ -325,11 +327,6 @@ class Executor:
         if self.stages[action.stage].shard.ensure_gradients():
             _note_buffers(self.stages, state)
         return action.stage, action.microbatch
-
-    def _note_saved(self, largest: dict[int, int], stage: int, before: int) -> None:
-        """Raise ``largest[stage]`` to the activation bytes saved since the meter read ``before``."""
-        if self.meter is not None:
-            largest[stage] = max(largest.get(stage, 0), self.meter.current - before)
 
     def _stage_forward(self, stage: int, microbatch: int, arguments: tuple, metas, whole: bool = False) -> tuple:
         """Return the stage's outputs for one micro-batch; ``whole``: as one recomputed region (stores its input only)."""

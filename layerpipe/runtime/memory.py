@@ -77,6 +77,12 @@ class ActivationMeter:
             self.current -= entry[0]
 
 
+def note_saved(meter: ActivationMeter | None, largest: dict[int, int], stage: int, before: int) -> None:
+    """Raise ``largest[stage]`` to the activation bytes ``meter`` counted as saved since it read ``before``."""
+    if meter is not None:
+        largest[stage] = max(largest.get(stage, 0), meter.current - before)
+
+
 def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
     """Return the bytes of every tensor in the optimizers' state."""
     return sum(

@@ -6,7 +6,10 @@ An action prints as ``<stage><KIND>[<microbatch>]``, the notation of
 ``0GATHER`` all-gathers stage 0's sharded weights, ``0REDUCE[2/4]`` issues
 portion 2 of 4 of stage 0's gradient reduction, ``0GUARD`` is the rank's
 guard before its steps (written with the stage of its first ``STEP``) and
-``0CLIP`` its global-norm clip there.  ``parse_action`` reads the notation back.
+``0CLIP`` its global-norm clip there.  An overlapped pair prints as torch
+prints it: ``(0F3;3B1)OVERLAP_F_B`` is stage 0's forward of micro-batch 3
+beside stage 3's backward of micro-batch 1.  ``parse_action`` reads the
+notation back.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from enum import Enum
+from operator import itemgetter
 from typing import NamedTuple
 
 COMPUTE, P2P, DATA_PARALLEL = "compute", "p2p", "data_parallel"
@@ -79,6 +83,10 @@ class Kind(str, Enum):
     # every process sums its part of the squared gradient norm (one all-reduce, which guards too); then every stage's
     # gradients are scaled down to the clip limit
     CLIP = KindRow("CLIP", COMPUTE, EVERY_RANK, False, False, "clip gradient norm", "#7F3C8D")
+    # an overlapped pair: one micro-batch's forward beside another's full backward (DualPipeV), one action whose
+    # halves (``halves``) the passes and interpreters see; not a backward kind itself: a stage's last backward is
+    # always a plain action in the schedules that pair
+    OVERLAP_F_B = KindRow("OVERLAP_F_B", COMPUTE, "GATHER", True, False, "overlapped forward and backward", "#A0A0A0")
 
     # Enum's own __hash__ is Python code; actions are hashed by the million.
     __hash__ = str.__hash__
@@ -120,8 +128,11 @@ COLLECTIVE_KINDS = _kinds(lambda row: row.stream == DATA_PARALLEL)
 BARRIER_KINDS = _kinds(lambda row: row.waits_for == EVERY_RANK)
 """Kinds that block until every rank has reached one (the guard, the clip)."""
 
-TIMED_KINDS = _kinds(lambda row: row.stream == COMPUTE) - BARRIER_KINDS
-"""Kinds that occupy the compute stream for a time of their own."""
+PAIR = Kind.OVERLAP_F_B
+"""The overlapped pair: a forward and a backward in one action (``halves``)."""
+
+TIMED_KINDS = _kinds(lambda row: row.stream == COMPUTE) - BARRIER_KINDS - {PAIR}
+"""Kinds that occupy the compute stream for a time of their own (a pair's time is its halves')."""
 
 _MICROBATCH_KINDS = _kinds(lambda row: row.microbatch)
 
@@ -145,7 +156,10 @@ class Action(NamedTuple):
 
     ``microbatch`` is set exactly for compute and point-to-point kinds.
     ``portion`` and ``portions`` are set only for a reduce split into parts
-    (1-based: portion 2 of 4 prints as ``REDUCE[2/4]``).
+    (1-based: portion 2 of 4 prints as ``REDUCE[2/4]``).  An overlapped pair
+    (``OVERLAP_F_B``, built by ``pair``) keeps its forward half in ``stage``
+    and ``microbatch`` and its backward half's stage and micro-batch in
+    ``portion`` and ``portions``: every action stays five small fields.
     """
 
     stage: int
@@ -155,6 +169,8 @@ class Action(NamedTuple):
     portions: int | None = None
 
     def __str__(self) -> str:
+        if self.kind is PAIR:
+            return f"({self.stage}F{self.microbatch};{self.portion}B{self.portions}){PAIR.value}"
         text = f"{self.stage}{self.kind.value}"
         if self.microbatch is not None:
             text += str(self.microbatch)
@@ -174,6 +190,30 @@ _ACTION_PATTERN = re.compile(
 )
 """The notation: stage, kind (the longest names first, so that ``RECV_F`` is not read as ``R``), micro-batch, portion."""
 
+_PAIR_PATTERN = re.compile(r"\((\d+)F(\d+);(\d+)B(\d+)\)" + PAIR.value)
+"""An overlapped pair as torch prints it: ``(0F3;3B1)OVERLAP_F_B``."""
+
+
+def pair(forward_stage: int, forward_microbatch: int, backward_stage: int, backward_microbatch: int) -> Action:
+    """Return the overlapped pair of ``forward_stage``'s forward and ``backward_stage``'s full backward."""
+    return Action(forward_stage, PAIR, forward_microbatch, backward_stage, backward_microbatch)
+
+
+def halves(action: Action) -> tuple[Action, Action]:
+    """Return the forward and the backward half of an overlapped pair, in the order they run by default."""
+    stage, _, microbatch, backward_stage, backward_microbatch = action
+    return Action(stage, Kind.F, microbatch), Action(backward_stage, Kind.B, backward_microbatch)
+
+
+_KIND_OF = itemgetter(1)
+
+
+def expand_pairs(program: Sequence[Action]) -> Program:
+    """Return ``program`` with each overlapped pair replaced by its halves (forward, then backward)."""
+    if PAIR not in map(_KIND_OF, program):  # the scan in C: programs without pairs are the common case
+        return program if isinstance(program, tuple) else tuple(program)
+    return tuple(half for action in program for half in (halves(action) if action[1] is PAIR else (action,)))
+
 
 def parse_action(text: str) -> Action:
     """Return the action written as ``text`` (the inverse of ``str(action)``).
@@ -183,11 +223,16 @@ def parse_action(text: str) -> Action:
     point-to-point kind, a portion on anything but ``REDUCE``, and a portion
     outside ``1..portions``.
     """
+    match = _PAIR_PATTERN.fullmatch(text.strip())
+    if match is not None:
+        return pair(*map(int, match.groups()))
     match = _ACTION_PATTERN.fullmatch(text.strip())
     if match is None:
         raise ValueError(f"not an action: {text!r} (expected e.g. 2F0, 1SEND_F4, 0GATHER, 0REDUCE[2/4])")
     stage, kind_text, microbatch, portion, portions = match.groups()
     kind = Kind(kind_text)
+    if kind is PAIR:
+        raise ValueError(f"not an action: {text!r} (a pair is written (0F3;3B1){PAIR.value})")
     if kind in _MICROBATCH_KINDS and not microbatch:
         raise ValueError(f"not an action: {text!r} ({kind.value} needs a micro-batch number)")
     if kind not in _MICROBATCH_KINDS and microbatch:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from .actions import Kind, Program
+from .actions import Kind, Program, expand_pairs
 from .asynchronous import stream_slice
 from .bulk import collector_paused
 from .config import ConfigError, ScheduleConfig, validate_config
@@ -56,8 +56,10 @@ class Schedule:
 
     @property
     def forward_compute(self) -> tuple[Program, ...]:
-        """Return the compute programs of a forward-only pass: the schedule's forwards in order."""
-        return tuple(tuple(action for action in program if action.kind is Kind.F) for program in self.compute)
+        """Return the compute programs of a forward-only pass: the schedule's forwards in order (a pair's too)."""
+        return tuple(
+            tuple(action for action in expand_pairs(program) if action.kind is Kind.F) for program in self.compute
+        )
 
 
 def make_placement(config: ScheduleConfig) -> Placement:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Sequence
 
-from .actions import BACKWARD_KINDS, COMPUTE_KINDS, Action, Kind, Program, backward_end
+from .actions import BACKWARD_KINDS, COMPUTE_KINDS, PAIR, Action, Kind, Program, backward_end, halves
 from .placement import Placement
 
 F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
@@ -37,7 +37,9 @@ def add_p2p(programs: Sequence[Program], placement: Placement) -> tuple[Program,
     ``sSEND_Fi`` follows ``sFi`` when stage ``s+1`` lives elsewhere, and
     ``(s+1)RECV_Fi`` precedes ``(s+1)Fi``.  Likewise ``sSEND_Bi`` follows the
     ``B`` (or ``I``) of stage ``s`` when stage ``s-1`` lives elsewhere and
-    ``(s-1)RECV_Bi`` precedes the backward of ``s-1``.
+    ``(s-1)RECV_Bi`` precedes the backward of ``s-1``.  An overlapped pair
+    receives what both of its halves need before it and sends what both
+    produce after it (``_pair_p2p``).
     """
     sends_forward, receives_forward = placement.sends_forward, placement.receives_forward
     new = tuple.__new__  # builds Actions without the keyword handling of Action(...): this pass is hot
@@ -60,10 +62,27 @@ def add_p2p(programs: Sequence[Program], placement: Placement) -> tuple[Program,
                 append(action)
                 if receives_forward[stage]:
                     append(new(Action, (stage, send_b, mb, None, None)))
+            elif kind is PAIR:
+                out += _pair_p2p(action, placement)
             else:
                 append(action)
         lowered.append(tuple(out))
     return tuple(lowered)
+
+
+def _pair_p2p(action: Action, placement: Placement) -> list[Action]:
+    """Return an overlapped pair between the receives its halves need and the sends they make."""
+    forward, backward = halves(action)
+    before, after = [], []
+    if placement.receives_forward[forward.stage]:
+        before.append(Action(forward.stage, Kind.RECV_F, forward.microbatch))
+    if placement.sends_forward[forward.stage]:
+        after.append(Action(forward.stage, Kind.SEND_F, forward.microbatch))
+    if placement.sends_forward[backward.stage]:
+        before.append(Action(backward.stage, Kind.RECV_B, backward.microbatch))
+    if placement.receives_forward[backward.stage]:
+        after.append(Action(backward.stage, Kind.SEND_B, backward.microbatch))
+    return before + [action] + after
 
 
 def add_recompute(programs: Sequence[Program], stages: Iterable[int]) -> tuple[Program, ...]:
@@ -71,6 +90,7 @@ def add_recompute(programs: Sequence[Program], stages: Iterable[int]) -> tuple[P
 
     Run after ``add_p2p`` so that the recompute follows the receipt of the
     output gradient: it happens after the loss gradient, never during forward.
+    An overlapped pair whose backward half is recomputed follows that ``R``.
     """
     recomputed = frozenset(stages)
     lowered = []
@@ -79,6 +99,8 @@ def add_recompute(programs: Sequence[Program], stages: Iterable[int]) -> tuple[P
         for action in program:
             if (action.kind is B or action.kind is I) and action.stage in recomputed:
                 out.append(Action(action.stage, R, action.microbatch))
+            elif action.kind is PAIR and action.portion in recomputed:
+                out.append(Action(action.portion, R, action.portions))
             out.append(action)
         lowered.append(tuple(out))
     return tuple(lowered)

@@ -14,7 +14,20 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from .actions import COMPUTE_KINDS, P2P_KINDS, RECEIVE_KINDS, SEND_KINDS, Action, Kind, Message, Program, message_of
+from .actions import (
+    COMPUTE_KINDS,
+    P2P_KINDS,
+    PAIR,
+    RECEIVE_KINDS,
+    SEND_KINDS,
+    Action,
+    Kind,
+    Message,
+    Program,
+    expand_pairs,
+    halves,
+    message_of,
+)
 from .bulk import collector_paused
 from .lowering import add_p2p
 from .placement import Placement
@@ -156,12 +169,23 @@ def _check_received_before_use(programs: Sequence[Program], placement: Placement
                 needed = forward[stage] + microbatch
             elif (kind is B or kind is I) and sends_forward[stage]:
                 needed = backward[stage] + microbatch
+            elif kind is PAIR:  # both halves' inputs before the pair
+                _check_pair_received(rank, action, placement, bases, received)
+                continue
             else:
                 continue
             if needed not in received:
                 raise ScheduleError(
                     f"rank {rank}: {action} needs {_needed_message(action, placement).receive()} before it"
                 )
+
+
+def _check_pair_received(rank: int, action: Action, placement: Placement, bases: dict, received: set) -> None:
+    """Raise if an overlapped pair comes before the receipt of what one of its halves needs from another rank."""
+    for half in halves(action):
+        message = _needed_message(half, placement)
+        if message is not None and bases[message.receive()[1]][message.receiver] + half[2] not in received:
+            raise ScheduleError(f"rank {rank}: {action} needs {message.receive()} before it")
 
 
 def check_matching(programs: Sequence[Program], placement: Placement) -> None:
@@ -198,11 +222,13 @@ def check_transfers(programs: Sequence[Program], placement: Placement) -> None:
 def validate(programs: Sequence[Program], placement: Placement, microbatches: int) -> None:
     """Raise ``ScheduleError`` unless the programs can run; return None when they can.
 
-    Compute-only programs are checked as they would run after ``add_p2p``.
+    Compute-only programs are checked as they would run after ``add_p2p``;
+    coverage and local order see each overlapped pair as its two halves.
     """
     with collector_paused():
-        check_coverage(programs, placement, microbatches)
-        check_local_order(programs, placement)
+        expanded = [expand_pairs(program) for program in programs]
+        check_coverage(expanded, placement, microbatches)
+        check_local_order(expanded, placement)
         if not any(action.kind in P2P_KINDS for program in programs for action in program):
             programs = add_p2p(programs, placement)
         check_transfers(programs, placement)

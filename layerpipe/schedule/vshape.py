@@ -242,3 +242,5 @@ register(
         ),
     )
 )
+
+from . import dualpipe  # noqa: E402, F401  (DualPipeV, the V with overlapped pairs, registered after these)

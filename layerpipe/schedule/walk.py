@@ -15,14 +15,19 @@ Semantics:
 * a send holds the rank for its hold time, then its transfer starts on the
   rank's point-to-point stream as soon as that stream is free; a receive
   blocks the rank until the matching transfer has arrived, then holds it;
+* an overlapped pair (``OVERLAP_F_B``) is one compute action whose time is
+  ``WalkCosts.pair`` of its halves' times: their sum when the halves run one
+  after the other (the default), their maximum when an overlap function runs
+  them together (``CostModel.overlap_pairs``); it waits for both stages' gathers;
 * ``GATHER`` and ``REDUCE`` run in issue order on the data-parallel stream;
 * with ``overlap`` false, communication occupies the compute stream instead.
 """
 
 from __future__ import annotations
 
+import operator
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from .actions import (
@@ -30,6 +35,7 @@ from .actions import (
     BARRIER_KINDS,
     COLLECTIVE_KINDS,
     P2P_KINDS,
+    PAIR,
     RECEIVE_KINDS,
     SEND_KINDS,
     TIMED_KINDS,
@@ -55,6 +61,7 @@ class WalkCosts(NamedTuple):
     guard_time: float = 0.0  # a GUARD's agreement, once every rank has reached it
     send_hold: Sequence[float] = (0.0,)  # per stage, what a send costs its rank before the transfer goes on alone
     receive_hold: Sequence[float] = (0.0,)  # per stage, what a receive costs its rank once the message is there
+    pair: Callable[[float, float], float] = operator.add  # an overlapped pair's time from its halves' (F, B) times
 
 
 def message_bases(stages: int, microbatches: int) -> dict:
@@ -138,7 +145,7 @@ def _advance(rank: int, program: Program, costs: WalkCosts, tables: _Tables, run
     This loop is the hot path of simulation and validation: the costs and tables are unpacked into locals once per
     call, and the sends and receives handled inline.  The wait rules are ``AWAITS``.
     """
-    duration, transfer, collective, message_base, guard_time, send_hold, receive_hold = costs
+    duration, transfer, collective, message_base, guard_time, send_hold, receive_hold, pair_time = costs
     awaited, finished, arrivals, waiting, emit, overlap, p2p_free, wake = tables
     index, end_of_program, now, busy, exposed = run.positions[rank], len(program), run.compute_free[rank], 0.0, 0.0
     while index < end_of_program:
@@ -185,10 +192,23 @@ def _advance(rank: int, program: Program, costs: WalkCosts, tables: _Tables, run
             if (passed := _pass_guard(rank, program, index, now, run, wake, guard_time)) is None:
                 break
             now, index = passed
+        elif kind is PAIR:
+            start, end = _pair(action, now, duration, pair_time, awaited[kind], emit, rank)
+            exposed, busy, now = exposed + (start - now), busy + (end - start), end
         index += 1
     run.positions[rank], run.compute_free[rank] = index, now
     run.busy[rank] += busy
     run.exposed[rank] += exposed
+
+
+def _pair(action: Action, now: float, duration: dict, pair_time, ready: dict, emit, rank: int) -> tuple[float, float]:
+    """Run an overlapped pair: return when it starts (after both stages' gathers) and ends (``pair_time`` of its
+    halves' times)."""
+    forward_stage, backward_stage = action[0], action[3]
+    start = max(now, ready.get(forward_stage, 0.0), ready.get(backward_stage, 0.0)) if ready else now
+    end = start + pair_time(duration[Kind.F][forward_stage], duration[Kind.B][backward_stage])
+    emit((rank, "compute", action, start, end))
+    return start, end
 
 
 def _collective(rank: int, action: Action, now: float, length: float, run: Walk, finished: dict) -> float:

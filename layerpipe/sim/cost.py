@@ -144,6 +144,11 @@ class CostModel:
     overlap: bool = knob(
         True, "communication runs on its own streams; with --no-overlap it occupies the compute stream"
     )
+    overlap_pairs: bool = knob(
+        False,
+        "an overlapped pair (OVERLAP_F_B, dualpipe-v) takes the longer of its forward and backward halves, as when "
+        "an overlap function runs them together; by default it takes their sum, the halves one after the other",
+    )
 
 
 def draws(cost: CostModel) -> bool:

@@ -4,7 +4,8 @@ Compute on a rank runs in program order, so the activations alive after each
 action follow from the program alone: a forward stores the stage's
 activations for one micro-batch (only its input if the stage recomputes), a
 recompute restores them, and the backward (``B``, or ``W`` when split) frees
-them.
+them.  An overlapped pair stores its forward half's activations, then its
+backward half frees its micro-batch's (the peak counts both at once).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ..schedule.actions import BACKWARD_KINDS, COMPUTE_KINDS, Kind, Program, backward_end
+from ..schedule.actions import BACKWARD_KINDS, COMPUTE_KINDS, PAIR, Kind, Program, backward_end
 
 
 class ActivationPeak(NamedTuple):
@@ -37,8 +38,8 @@ def activation_peak(
     count = peak_count = 0
     size = peak_size = 0.0
     freeing = backward_end(program)
-    forward, recomputing = Kind.F, Kind.R
-    for stage, kind, _, _, _ in program:
+    forward, recomputing, full = Kind.F, Kind.R, Kind.B
+    for stage, kind, _, backward_stage, _ in program:
         if kind is forward:
             if stage in recompute:
                 size += input_bytes[stage]
@@ -48,9 +49,17 @@ def activation_peak(
         elif kind is recomputing:
             count += 1
             size += activation_bytes[stage]
-        elif kind is freeing:
+        elif kind is freeing or kind is full:  # a split program may hold full backwards too (dualpipe-v)
             count -= 1
             size -= activation_bytes[stage] + (input_bytes[stage] if stage in recompute else 0.0)
+        elif kind is PAIR:  # the forward half stores, then the backward half frees
+            stored, added = (input_bytes[stage], 0) if stage in recompute else (activation_bytes[stage], 1)
+            peak_count, peak_size = max(peak_count, count + added), max(peak_size, size + stored)
+            freed = activation_bytes[backward_stage] + (
+                input_bytes[backward_stage] if backward_stage in recompute else 0.0
+            )
+            count, size = count + added - 1, size + stored - freed
+            continue
         else:
             continue
         if count > peak_count:

@@ -21,12 +21,13 @@ bubble, not communication.
 
 from __future__ import annotations
 
+import operator
 import random
 from dataclasses import dataclass, field
 from functools import cached_property
 
 from ..knobs import check_fields
-from ..schedule.actions import BACKWARD_KINDS, Kind
+from ..schedule.actions import BACKWARD_KINDS, PAIR, Kind
 from ..schedule.build import Schedule, build_schedule
 from ..schedule.bulk import collector_paused
 from ..schedule.config import ScheduleConfig
@@ -176,7 +177,10 @@ def _costs_of(schedule: Schedule, cost: CostModel, seed: int = 0) -> WalkCosts:
     }
     collective = _collective_times(schedule.config, cost, stages)
     message_base = message_bases(stages, schedule.microbatch_count)
-    return WalkCosts(duration, transfer, collective, message_base, _barrier_time(schedule, cost), *holds)
+    pair = (
+        max if cost.overlap_pairs else operator.add
+    )  # an overlapped pair: its halves one after the other, or together
+    return WalkCosts(duration, transfer, collective, message_base, _barrier_time(schedule, cost), *holds, pair)
 
 
 def _barrier_time(schedule: Schedule, cost: CostModel) -> float:
@@ -289,9 +293,10 @@ def steady_bubble(events: list[tuple], ranks: int) -> float | None:
     for rank, stream, action, start, end in events:
         if stream != "compute":
             continue
-        if action.kind in BACKWARD_KINDS and (first_backward[rank] is None or start < first_backward[rank]):
+        paired = action.kind is PAIR  # a pair holds a forward and a backward
+        if (paired or action.kind in BACKWARD_KINDS) and (first_backward[rank] is None or start < first_backward[rank]):
             first_backward[rank] = start
-        if action.kind is Kind.F and (last_forward[rank] is None or end > last_forward[rank]):
+        if (paired or action.kind is Kind.F) and (last_forward[rank] is None or end > last_forward[rank]):
             last_forward[rank] = end
     if None in first_backward or None in last_forward:
         return None

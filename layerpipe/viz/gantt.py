@@ -1,17 +1,29 @@
-"""Gantt charts of timelines (matplotlib): one band per rank, compute above, communication below."""
+"""Gantt charts of timelines (matplotlib): one band per rank, compute above, communication below.
+
+An overlapped pair (``OVERLAP_F_B``) is drawn as both of its halves over the
+pair's span: its forward in the upper half of the compute lane, its backward
+in the lower half, each in its own kind's colour and with its micro-batch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..schedule.actions import RECEIVE_KINDS, Kind
+from ..schedule.actions import PAIR, RECEIVE_KINDS, Kind, halves
 from ..sim.timeline import Timeline
 
 COLOURS = {kind.value: kind.row.colour for kind in Kind}
 """Per action kind, the colour of its bars (from the table of action kinds)."""
 LABELS = {kind.value: kind.row.label for kind in Kind}
 """Per action kind, its name in the legend (from the table of action kinds)."""
-_LANES = {"compute": (0.42, 0.5), "p2p": (0.22, 0.18), "data_parallel": (0.02, 0.18)}
+_LANES = {
+    "compute": (0.42, 0.5),
+    "pair_forward": (0.67, 0.25),
+    "pair_backward": (0.42, 0.25),
+    "p2p": (0.22, 0.18),
+    "data_parallel": (0.02, 0.18),
+}
+_COMPUTE_LANES = ("compute", "pair_forward", "pair_backward")
 _MAX_LABELLED = 600
 
 
@@ -29,12 +41,24 @@ def draw_timeline(axes, timeline: Timeline, title: str = "") -> None:
     _finish_axes(axes, timeline, title)
 
 
+def _split_pairs(events):
+    """Yield the events with each overlapped pair's replaced by its halves, on the compute lane's two halves."""
+    for event in events:
+        rank, stream, action, start, end = event
+        if stream == "compute" and action.kind is PAIR:
+            forward, backward = halves(action)
+            yield rank, "pair_forward", forward, start, end
+            yield rank, "pair_backward", backward, start, end
+        else:
+            yield event
+
+
 def _stages_of_ranks(events) -> dict[int, list[int]]:
     """Return, per rank with events, its stages in the order their compute first appears, sorted."""
     stages_of_rank: dict[int, list[int]] = {}
-    for rank, stream, action, _, _ in events:
+    for rank, stream, action, _, _ in _split_pairs(events):
         stages_of_rank.setdefault(rank, [])
-        if action.stage not in stages_of_rank[rank] and stream == "compute":
+        if action.stage not in stages_of_rank[rank] and stream in _COMPUTE_LANES:
             stages_of_rank[rank].append(action.stage)
     return {rank: sorted(stages) for rank, stages in stages_of_rank.items()}
 
@@ -52,21 +76,21 @@ def _bars_by_colour(timeline: Timeline, stages_of_rank: dict[int, list[int]]) ->
     ``depth`` is the stage's place among its rank's stages (0 for the first; communication always 0).
     """
     by_colour: dict[tuple[str, str, float], list[tuple[float, float, int]]] = {}
-    for rank, stream, action, start, end in timeline.events:
+    for rank, stream, action, start, end in _split_pairs(timeline.events):
         if not _shown(timeline, stream, action):
             continue
         local = stages_of_rank.get(rank, [action.stage])
         depth = local.index(action.stage) / max(1, len(local)) if action.stage in local else 0.0
-        key = (action.kind.value, stream, round(depth, 3) if stream == "compute" else 0.0)
+        key = (action.kind.value, stream, round(depth, 3) if stream in _COMPUTE_LANES else 0.0)
         by_colour.setdefault(key, []).append((start, end - start, rank))
     return by_colour
 
 
 def _draw_microbatch_numbers(axes, timeline: Timeline) -> None:
     """Write each compute bar's micro-batch number in its middle."""
-    bottom, height = _LANES["compute"]
-    for rank, stream, action, start, end in timeline.events:
-        if stream == "compute" and action.microbatch is not None:
+    for rank, stream, action, start, end in _split_pairs(timeline.events):
+        if stream in _COMPUTE_LANES and action.microbatch is not None:
+            bottom, height = _LANES[stream]
             axes.text(
                 start + (end - start) / 2,
                 timeline.ranks - 1 - rank + bottom + height / 2,

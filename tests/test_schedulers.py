@@ -26,8 +26,8 @@ from torch.optim.lr_scheduler import LambdaLR, SequentialLR, StepLR
 import layerpipe
 from layerpipe.checkpoint_files import CheckpointError
 from layerpipe.runtime.checkpoint import load_checkpoint, save_checkpoint
-from layerpipe.runtime.delay import corrected_step
 from layerpipe.runtime.schedulers import load_scheduler_states, scheduler_states
+from layerpipe.runtime.stream.delay import corrected_step
 from layerpipe.schedule.config import ConfigError
 
 STEPS, SAVED_AT, SAMPLES = 6, 3, 8

@@ -13,7 +13,7 @@ checked against (bit for bit, ``tests/test_async_runtime.py``).
 Which weights a forward and a backward use (``weight_policy``: stashed,
 double-buffered, live) and how an update corrects for the delay
 (``delay_correction``: none, spike, predict, spike+predict) are
-``runtime.versions.WeightVersions``'s and ``runtime.delay``'s, shared with
+``runtime.stream.versions.WeightVersions``'s and ``runtime.stream.delay``'s, shared with
 the multi-process runtime so that both compute the same tensors.
 ``delay_warmup=K`` scales a stage's learning rate by ``τ^-(1 - min(u/K, 1))``
 at its ``u``-th update, ``τ`` being how many of its updates its gradients
@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from ..knobs import ConfigError
-from ..runtime.delay import learning_rate_factor
 from ..runtime.stage import backward_roots, carries_gradient
+from ..runtime.stream.delay import learning_rate_factor
+from ..runtime.stream.versions import VersionRecord, WeightVersions, check_stream, stage_delay
 from ..runtime.substitute import call_with
-from ..runtime.versions import VersionRecord, WeightVersions, check_stream, stage_delay
 from ..schedule.config import WEIGHT_POLICIES
 
 __all__ = ["WEIGHT_POLICIES", "PipelinedBackprop", "VersionRecord"]
@@ -62,7 +62,7 @@ class PipelinedBackprop:
     Refuses, with ``ConfigError``, an unknown ``weight_policy`` or
     ``delay_correction``, an ``update_every`` below 1, ``double-buffered``
     where a stage's delay exceeds ``update_every``, and a correction the
-    optimizer cannot support (see ``runtime.delay``).
+    optimizer cannot support (see ``runtime.stream.delay``).
     """
 
     def __init__(
@@ -223,7 +223,7 @@ class PipelinedBackprop:
         return self.stages[stage].versions.stale_updates
 
     def learning_rate_factor(self, stage: int, update: int) -> float:
-        """Return the factor of the stage's learning rate at its ``update``-th update (see ``runtime.delay``)."""
+        """Return the factor of the stage's learning rate at its ``update``-th update (see ``runtime.stream.delay``)."""
         return learning_rate_factor(self.stale_updates(stage), update, self.delay_warmup)
 
     def _deliver(self, stage: _Stage, microbatch: int, wanted, gradients) -> None:

@@ -21,7 +21,6 @@ from ..knobs import knobs
 from ..run_options import RunOptions
 from ..schedule.build import Schedule, build_schedule
 from ..schedule.config import ConfigError, ScheduleConfig, pipeline_ranks
-from .async_stream import AsyncStream
 from .batches import Batches
 from .context import RankContext
 from .executor import Executor
@@ -38,9 +37,10 @@ from .shapes import BoundaryShapes, ShapeAgreement
 from .sharding import StageShard
 from .spatial_split import ChunkLoss, hand_group, has_spatial_layers
 from .stage import Stage
-from .stream import StreamExecutor
+from .stream.calls import AsyncStream
+from .stream.executor import StreamExecutor
+from .stream.versions import WeightVersions, stage_delay
 from .tags import claim_message_tags
-from .versions import WeightVersions, stage_delay
 
 
 @dataclasses.dataclass

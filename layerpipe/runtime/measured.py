@@ -12,7 +12,7 @@ from .exchange import all_gather_json
 from .executor import Executor
 from .memory import optimizer_state_bytes
 from .run_state import RunResult
-from .versions import VersionRecord
+from .stream.versions import VersionRecord
 
 
 def measured_timeline(

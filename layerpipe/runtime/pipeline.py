@@ -6,7 +6,7 @@ batch into micro-batches, runs this rank's lowered program (the schedule's
 data, see ``layerpipe.schedule``) and returns the mean loss on every rank.
 
 ``Pipeline`` is a facade: ``assembly`` builds what it is made of, ``runs``
-(or ``async_stream``) runs batches through it with ``batches``,
+(or ``stream.calls``) runs batches through it with ``batches``,
 ``shapes`` and ``loss_sharing``, ``state`` reads and writes its state, and
 ``run_options`` holds the run-level knobs and their rules.
 """
@@ -32,7 +32,7 @@ from .schedulers import check_scheduler
 from .sharding import weights_gathered
 from .stage import layer_list
 from .state import PipelineState
-from .versions import VersionRecord
+from .stream.versions import VersionRecord
 
 __all__ = ["Pipeline", "peak_memory_bytes"]
 

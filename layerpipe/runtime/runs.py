@@ -22,7 +22,7 @@ from .replicas import LocalModel
 from .run_state import RunResult
 from .shapes import BoundaryShapes, signature_of
 from .sharding import StageShard
-from .versions import VersionRecord
+from .stream.versions import VersionRecord
 
 
 class FlushedRuns:

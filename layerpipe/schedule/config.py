@@ -47,10 +47,10 @@ REDUCE_ORDERS = ("priority", "bucketed", "after-flush")
 stage's after the rank's last backward."""
 
 WEIGHT_POLICIES = ("stashed", "double-buffered", "live")
-"""Async only: which weights a sub-minibatch's backward uses (``runtime.versions`` says how)."""
+"""Async only: which weights a sub-minibatch's backward uses (``runtime.stream.versions`` says how)."""
 
 DELAY_CORRECTIONS = ("none", "spike", "predict", "spike+predict")
-"""Async only: how a stage corrects for its delay (``runtime.delay`` gives the formulas)."""
+"""Async only: how a stage corrects for its delay (``runtime.stream.delay`` gives the formulas)."""
 
 STEP_PLACEMENTS = ("end", "early")
 """Where a stage's optimizer ``STEP`` goes: every stage's at the end, or each after the next stage's reduce."""

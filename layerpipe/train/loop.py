@@ -31,7 +31,7 @@ from ..runtime.checkpoint import (
 from ..runtime.exchange import all_gather_json
 from ..runtime.launch import init_process_group
 from ..runtime.pipeline import Pipeline, peak_memory_bytes
-from ..runtime.versions import VersionRecord
+from ..runtime.stream.versions import VersionRecord
 from ..sim.timeline import Timeline
 from .config import OUTPUT_FILES, TrainConfig
 from .metrics import NoMetrics, open_metrics, step_scalars

@@ -33,16 +33,16 @@ from typing import ClassVar
 
 import torch
 
-from ..schedule.actions import Action, Kind
-from .context import RankContext
-from .executor import Executor
-from .memory import ActivationMeter
-from .precision import compute
-from .run_state import COMPUTE, LocalStage, RunResult, RunState
-from .schedulers import step_scheduler
-from .stage import as_tuple, backward_roots, carries_gradient
-from .stage_entry import copied, entered
-from .substitute import call_with
+from ...schedule.actions import Action, Kind
+from ..context import RankContext
+from ..executor import Executor
+from ..memory import ActivationMeter
+from ..precision import compute
+from ..run_state import COMPUTE, LocalStage, RunResult, RunState
+from ..schedulers import step_scheduler
+from ..stage import as_tuple, backward_roots, carries_gradient
+from ..stage_entry import copied, entered
+from ..substitute import call_with
 from .versions import VersionRecord, WeightVersions, stage_delay
 
 

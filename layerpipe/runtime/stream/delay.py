@@ -36,8 +36,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..knobs import ConfigError
-from ..schedule.config import DELAY_CORRECTIONS as CORRECTIONS
+from ...knobs import ConfigError
+from ...schedule.config import DELAY_CORRECTIONS as CORRECTIONS
 
 
 def check_correction(correction: str, optimizer: torch.optim.Optimizer | None) -> None:

@@ -10,11 +10,11 @@ what it was fed.
 
 from __future__ import annotations
 
-from ..schedule.build import stream_programs
-from .batches import Tensors
-from .p2p import Mailbox
-from .run_state import RunResult
-from .runs import FlushedRuns
+from ...schedule.build import stream_programs
+from ..batches import Tensors
+from ..p2p import Mailbox
+from ..run_state import RunResult
+from ..runs import FlushedRuns
 from .versions import VersionRecord, stage_delay
 
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..schedule.asynchronous import stage_delay as stage_delay  # the one spelling of the delay, for the stream's users
-from ..schedule.config import WEIGHT_POLICIES as WEIGHT_POLICIES  # re-exported for the emulator
-from ..schedule.config import ScheduleConfig, validate_config
+from ...schedule.asynchronous import stage_delay as stage_delay  # the one spelling of the delay, for the stream's users
+from ...schedule.config import WEIGHT_POLICIES as WEIGHT_POLICIES  # re-exported for the emulator
+from ...schedule.config import ScheduleConfig, validate_config
 from .delay import check_correction, corrected_step, learning_rate_factor, predicted
 
 

@@ -720,6 +720,18 @@ def test_a_killed_run_with_warm_up_resumes_bit_for_bit_and_its_tensorboard_curve
         assert [step for step, _ in scalars["train/step_time"]] == steps
         assert [step for step, value in scalars["train/tokens_per_second"] if value > 0] == steps
         assert scalars["eval/loss"] == [(6, as_float32([summary["eval_loss"]])[0])]
+        assert "train/grad_norm" not in scalars  # no clipping, no norm measured
+
+
+@pytest.mark.multiprocess
+def test_with_clipping_tensorboard_shows_each_steps_gradient_norm_as_summary_json_has_it(tmp_path):
+    pytest.importorskip("tensorboard")
+    options = [*SMALL, "--steps", "3", "--clip-grad-norm", "0.5"]
+    done = run_train(*options, "--output", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    norms = json.loads((tmp_path / "run" / "summary.json").read_text())["grad_norms"]
+    assert len(norms) == 3 and all(norm > 0 for norm in norms)
+    assert read_scalars(tmp_path / "tb")["train/grad_norm"] == list(zip([1, 2, 3], as_float32(norms)))
 
 
 @pytest.mark.parametrize("inside", [False, True], ids=["a-file", "inside-a-file"])

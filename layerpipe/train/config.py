@@ -151,7 +151,7 @@ class TrainConfig:
     )
     tensorboard: str | None = knob(
         None,
-        "write every step's loss, learning rate, step time and throughput, and the held-out loss, as TensorBoard "
+        "write every step's loss, learning rate, step time, throughput and (with clipping) gradient norm, and the held-out loss, as TensorBoard "
         "scalars into this folder (tensorboard --logdir DIR; needs the extra layerpipe[tensorboard])",
         check=tensorboard_folder,
         metavar="DIR",

@@ -182,6 +182,10 @@ def _worker(
     try:
         # The processes meet in a file in the launcher's private folder: no port open to other hosts.
         init_process_group(timeout, backend, store=dist.FileStore(os.path.join(result_dir, "store"), nprocs))
+        if dist.get_backend() == "gloo":
+            # Every rank's connections are up before any may refuse at once and leave: a peer still connecting
+            # would fail with gloo's "connection closed by peer" instead of reporting the refusal.
+            dist.barrier()
         result = ("ok", fn(*args))
     except BaseException as error:
         result = ("error", traceback.format_exc(), time.time(), one_line(error))

@@ -33,7 +33,8 @@ from ..runtime.launch import init_process_group
 from ..runtime.pipeline import Pipeline, peak_memory_bytes
 from ..runtime.stream.versions import VersionRecord
 from ..sim.timeline import Timeline
-from .config import OUTPUT_FILES, TrainConfig
+from .config import TrainConfig
+from .folders import OUTPUT_FILES
 from .metrics import NoMetrics, open_metrics, step_scalars
 from .report import RunRecord, describe, memory_report, print_summary, stream_report, write_outputs
 from .tasks import task_for

@@ -291,7 +291,7 @@ def check_config(config: TrainConfig) -> None:
     if config.resume is not None:
         check_resume(config.resume)
     if config.init_from is not None:
-        check_init_from(config)
+        check_init_from(config.init_from, config.gpt)
 
 
 def _check_gpt(config: TrainConfig) -> None:

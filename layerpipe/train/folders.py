@@ -5,12 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from typing import TYPE_CHECKING
 
 from ..knobs import ConfigError
-
-if TYPE_CHECKING:
-    from .config import TrainConfig
+from ..models.config import GPTConfig
 
 
 def run_folder_of(resume: str) -> str:
@@ -34,40 +31,40 @@ def check_resume(resume: str) -> None:
         )
 
 
-def check_init_from(config: TrainConfig) -> None:
+def check_init_from(init_from: str, gpt: GPTConfig) -> None:
     """Refuse, with ``ConfigError`` on ``init_from``, a folder without a complete checkpoint or whose weights do not
     fit the configured model (each dense weight must be there, shaped as this model's)."""
     from ..checkpoint_files import CheckpointError, find_checkpoint
     from ..models.gpt import dense_shapes
     from ..runtime.checkpoint import load_weights
 
-    found = find_checkpoint(config.init_from)
+    found = find_checkpoint(init_from)
     if found is None:
         raise ConfigError(
             "init_from",
-            config.init_from,
+            init_from,
             "holds no complete checkpoint (give a run's output folder, "
             "whose checkpoints/step-N have a manifest.json, or one such step folder)",
         )
     try:
         weights = load_weights(found)
     except CheckpointError as error:
-        raise ConfigError("init_from", config.init_from, f"is not a usable checkpoint: {error}") from None
+        raise ConfigError("init_from", init_from, f"is not a usable checkpoint: {error}") from None
     from ..models.text import CharacterText, load_corpus
 
-    model = dataclasses.replace(config.gpt, vocab_size=CharacterText.from_text(*load_corpus()).vocab_size)
+    model = dataclasses.replace(gpt, vocab_size=CharacterText.from_text(*load_corpus()).vocab_size)
     for name, shape in dense_shapes(model).items():
         if name not in weights:
             raise ConfigError(
                 "init_from",
-                config.init_from,
+                init_from,
                 f"has no weight {name}: it comes from another model or a "
                 f"sparse run (start from a dense run of the same `width`, `heads` and `blocks`)",
             )
         if tuple(weights[name].shape) != shape:
             raise ConfigError(
                 "init_from",
-                config.init_from,
+                init_from,
                 f"holds {name} of shape {tuple(weights[name].shape)}, "
                 f"this model's is {shape}: give the model options of that run",
             )

@@ -17,6 +17,7 @@ _LAZY = {
     "ConfigError": ("layerpipe.knobs", "ConfigError"),
     "save_checkpoint": ("layerpipe.runtime.checkpoint", "save_checkpoint"),
     "load_checkpoint": ("layerpipe.runtime.checkpoint", "load_checkpoint"),
+    "materialise": ("layerpipe.runtime.materialise", "materialise"),
     "register_overlap": ("layerpipe.runtime.overlap", "register_overlap"),
     "OverlapError": ("layerpipe.runtime.overlap", "OverlapError"),
 }

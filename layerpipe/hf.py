@@ -56,8 +56,37 @@ def split(model, untie: bool = False) -> list:
         )
     head = _head(model, name, untie)
     if name in GPT2_LAYOUT:
-        return [_gpt2_embedding(model), *_gpt2_decoders(model), head]
-    return [Embedding(model.model.embed_tokens), *_llama_decoders(model), head]
+        return _labelled(model, [_gpt2_embedding(model), *_gpt2_decoders(model), head])
+    return _labelled(model, [Embedding(model.model.embed_tokens), *_llama_decoders(model), head])
+
+
+def _labelled(model, layers: list) -> list:
+    """Return ``layers``, each given the model's weight initialisation and the Hugging Face names of its tensors.
+
+    ``layer.initialise_module`` is the model's ``_init_weights`` (how a meta layer is materialised, see
+    ``runtime/materialise.py``); ``layer.hf_names`` maps each name of ``layer.state_dict()`` to the model's
+    (what ``save_pretrained`` writes).  The head's own copy of a tied weight is named as the output embedding,
+    with ``layer.hf_fallback`` naming the input embedding a tied model's folder holds instead.
+    """
+    names: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), name)
+    output = f"{_module_name(model, model.get_output_embeddings())}.weight"
+    input_name = f"{_module_name(model, model.get_input_embeddings())}.weight"
+    for layer in layers:
+        layer.initialise_module = model._init_weights
+        layer.hf_names = {
+            local: names.get(id(tensor), output) for local, tensor in layer.state_dict(keep_vars=True).items()
+        }
+        layer.hf_fallback = {
+            local: input_name for local, name in layer.hf_names.items() if name == output and is_tied(model)
+        }
+    return layers
+
+
+def _module_name(model, module) -> str:
+    """Return the name of ``module`` inside ``model``."""
+    return next(name for name, found in model.named_modules() if found is module)
 
 
 def is_tied(model) -> bool:

@@ -19,10 +19,10 @@ from .. import __version__
 from ..knobs import ConfigError
 from ..options import Parser
 from ..schedule.validation import ScheduleError
-from . import calibrate, compare, plan, schedule, simulate, train
+from . import calibrate, compare, export, plan, schedule, simulate, train
 from .common import spelling_of
 
-COMMANDS = (train, calibrate, schedule, simulate, compare, plan)
+COMMANDS = (train, calibrate, schedule, simulate, compare, plan, export)
 """The subcommands' modules, in the order ``layerpipe --help`` lists them."""
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -34,7 +34,8 @@ DESCRIPTION = (
     "Pipeline-parallel training. 'train' trains a demo (a small GPT, or 2x super-resolution) on local "
     "processes; 'calibrate' measures its costs into a cost file; 'schedule' prints each rank's program, "
     "'simulate' runs it against a cost model, 'compare' runs several schedules side by side; 'plan' searches the "
-    "fastest configuration for N devices."
+    "fastest configuration for N devices; 'export' writes a checkpoint of a Hugging Face model as a folder "
+    "transformers loads."
 )
 
 

@@ -26,6 +26,7 @@ from .context import RankContext
 from .executor import Executor
 from .layout import Layout, make_groups
 from .loss_sharing import LossSharing
+from .materialise import Initialisation
 from .memory import ActivationMeter
 from .partition import partition as split_layers
 from .recompute import mark_regions
@@ -76,8 +77,13 @@ def assemble(
     device: torch.device | str | None,
     sample: Callable[[], object] | None,
     track_memory: bool,
+    initialisation: Initialisation,
 ) -> Assembly:
-    """Return this process's part of the pipeline (the process group is up); refuse bad arguments with ``ConfigError``."""
+    """Return this process's part of the pipeline (the process group is up); refuse bad arguments with ``ConfigError``.
+
+    Meta layers are materialised (and weights loaded from ``initialisation.init_from``) only for this rank's stages.
+    """
+    initialisation.check(layers)  # every process alike, before any communication
     spatial_layers = _check_spatial(run.spatial, layers)
     built = _schedule_for(schedule, options, dist.get_world_size() // run.spatial, run)
     config, placement = built.config, built.placement
@@ -87,7 +93,7 @@ def assemble(
     groups = make_groups(layout, global_rank, placement.loss_rank, spatial_layers)
     device = torch.device(device) if device is not None else _default_device()
     boundaries = split_layers(layers, placement.stages, partition, sample)
-    stages = _local_stages(layers, boundaries, placement, rank, device, groups.spatial)
+    stages = _local_stages(layers, boundaries, placement, rank, device, groups.spatial, initialisation)
     start_replicas_equal(stages, layout, global_rank, groups, run.timeout)  # before the weights are sharded
     shards = {
         index: StageShard(stage, config.zero, config.data_parallel, replica, groups.data, device)
@@ -116,9 +122,12 @@ def assemble(
 
 
 def _local_stages(
-    layers: list[nn.Module], boundaries: list, placement, rank: int, device: torch.device, spatial_group
+    layers: list[nn.Module], boundaries: list, placement, rank: int, device: torch.device, spatial_group, initialisation
 ) -> dict[int, Stage]:
-    """Return the stages this rank holds, by index, on ``device``, with their spatial group and recomputation regions."""
+    """Return the stages this rank holds, by index, on ``device``, with their spatial group and recomputation regions
+    (their meta layers materialised there, their weights loaded as ``initialisation`` says)."""
+    owned = [(first, end) for stage, (first, end) in enumerate(boundaries) if placement.rank_of(stage) == rank]
+    initialisation.apply(layers, [index for first, end in owned for index in range(first, end)], device)
     stages = {
         stage: Stage(stage, first, layers[first:end]).to(device)
         for stage, (first, end) in enumerate(boundaries)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..sim.partition import Boundaries, PartitionError, balance, balance_counts, check_layer_count
+from .materialise import is_meta
 
 
 def parameter_counts(layers: Sequence[nn.Module]) -> list[int]:
@@ -142,6 +143,10 @@ def _boundaries(
         if how == "time":
             if sample is None:
                 raise PartitionError("partition 'time': needs a sample input to measure the layers with")
+            if any(is_meta(layer) for layer in layers):
+                raise PartitionError(
+                    "partition 'time': layers on the meta device cannot be timed; use 'parameters' or a list of starts"
+                )
             return balance_by_time(layers, stages, sample())
         raise PartitionError(f"partition {how!r}: must be 'parameters', 'time' or a list of stage start layers")
     return explicit_boundaries(len(layers), stages, how)

@@ -26,6 +26,7 @@ from ..sim.timeline import Timeline
 from .assembly import assemble
 from .batches import Tensors
 from .launch import init_process_group
+from .materialise import Initialisation
 from .measured import measured_timeline, memory_in_last_step, peak_memory_bytes
 from .run_state import RunResult
 from .schedulers import check_scheduler
@@ -65,6 +66,12 @@ class Pipeline:
     every training step.  ``eval_step`` and ``forward`` run the layers in evaluation mode; ``train_step`` in the
     mode set by ``train()`` and ``eval()``.  See ``docs/one-process.md``.
 
+    Layers built on the ``meta`` device are materialised only where their stage is owned, each initialised by its
+    own rule under a seed drawn from ``seed`` and its index (the same weights in any layout, and as
+    ``layerpipe.materialise(layers, seed)`` gives them in one process); ``init_from``, a folder written by Hugging
+    Face's ``save_pretrained``, then loads layers of ``layerpipe.hf.split`` reading only this process's tensors
+    (``docs/hf.md``).
+
     ``schedule="async"`` (pipelined backpropagation) never drains between calls: ``train_step`` feeds
     ``microbatches`` sub-minibatches and returns while the last of them are still in flight; each stage updates on
     its own after every ``update_every`` of its backwards, with the weights ``weight_policy`` chooses and the
@@ -73,7 +80,8 @@ class Pipeline:
     Refuses, with ``ConfigError`` naming the argument, the value and what is valid: an unknown option, async without
     an optimizer, a ``scheduler`` that is not callable, comes without an optimizer, raises or returns no scheduler
     (naming the stage), a process count that is not a multiple of ``data_parallel``, a schedule whose rank count does
-    not match, invalid schedule options; with ``PartitionError``, fewer layers than stages.
+    not match, invalid schedule options, a meta layer without an initialisation rule, an ``init_from`` folder whose
+    tensors do not fit the layers; with ``PartitionError``, fewer layers than stages.
     """
 
     def __init__(
@@ -93,14 +101,28 @@ class Pipeline:
         precision: str = "fp32",
         spatial: int = 1,
         broadcast_buffers: bool = True,
+        seed: int = 0,
+        init_from: str | None = None,
         **options,
     ):
         run = RunOptions(precision, spatial, timeout, check_every, broadcast_buffers).checked()
         check_scheduler(scheduler, optimizer)
         init_process_group(timeout)
         layers = layer_list(layers)
+        weights = Initialisation(seed, init_from)
         parts = assemble(
-            layers, loss_fn, schedule, options, run, optimizer, scheduler, partition, device, sample, track_memory
+            layers,
+            loss_fn,
+            schedule,
+            options,
+            run,
+            optimizer,
+            scheduler,
+            partition,
+            device,
+            sample,
+            track_memory,
+            weights,
         )
         self.check_every, self.precision, self._timeout = check_every, precision, timeout
         self.training = True  # as a new nn.Module: train_step runs the layers in their own modes

@@ -209,3 +209,13 @@ def test_a_checkpoint_of_another_model_is_refused_by_export_naming_the_tensor(tm
     with pytest.raises(ConfigError) as refused:
         hf_export.hf_tensors(hf.split(meta_llama()), weights, "ckpt")
     assert "\n" not in str(refused.value) and "2.layer.mlp.up_proj.weight" in str(refused.value)
+
+
+def test_training_the_gpt_demo_from_a_hugging_face_folder_is_refused_in_one_line(tmp_path):
+    from layerpipe.models.config import GPTConfig
+    from layerpipe.train.folders import check_init_from
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        check_init_from(str(tmp_path), GPTConfig())
+    assert "\n" not in str(refused.value) and "Hugging Face save_pretrained folder" in str(refused.value)

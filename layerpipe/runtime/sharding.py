@@ -71,11 +71,14 @@ class StageShard:
         low, high = replica * self.shard_size, (replica + 1) * self.shard_size
         self.shard_bounds = (low, high)
         padded = self.shard_size * replicas
-        self.flat = torch.zeros(padded, dtype=dtype, device=device)
-        self.flat_grad = torch.zeros(padded, dtype=dtype, device=device)
+        # Filled parameter by parameter, each one's own storage freed as it moves in, the gradient buffer made after:
+        # a stage holds its parameters once (not twice, nor three times) at its peak while it is built.
+        self.flat = torch.empty(padded, dtype=dtype, device=device)
+        self.flat[self.length :].zero_()
         for parameter, (start, end) in zip(self.parameters, self.spans):
             self.flat[start:end].copy_(parameter.detach().reshape(-1))
             parameter.data = self.flat[start:end].view_as(parameter)
+        self.flat_grad = torch.zeros(padded, dtype=dtype, device=device)
         self._attach_gradients()
         if self.zero == 0:
             self.optimized = list(self.parameters)

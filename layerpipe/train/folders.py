@@ -35,10 +35,18 @@ def check_init_from(init_from: str, gpt: GPTConfig) -> None:
     """Refuse, with ``ConfigError`` on ``init_from``, a folder without a complete checkpoint or whose weights do not
     fit the configured model (each dense weight must be there, shaped as this model's)."""
     from ..checkpoint_files import CheckpointError, find_checkpoint
+    from ..hf_weights import is_hf_folder
     from ..models.gpt import dense_shapes
     from ..runtime.checkpoint import load_weights
 
     found = find_checkpoint(init_from)
+    if found is None and is_hf_folder(init_from):
+        raise ConfigError(
+            "init_from",
+            init_from,
+            "is a Hugging Face save_pretrained folder, whose weights fit a Hugging Face model, not the GPT demo "
+            "(in Python: Pipeline(layerpipe.hf.split(model), ..., init_from=folder))",
+        )
     if found is None:
         raise ConfigError(
             "init_from",

@@ -51,6 +51,7 @@ def export(checkpoint: str, model, folder: str, untie: bool = False) -> str:
     from .hf import split
     from .runtime.checkpoint import load_weights
 
+    layers = split(model, untie=untie)  # the model's class and tie first: refused before any file is read
     found = find_checkpoint(checkpoint)
     if found is None:
         raise ConfigError("checkpoint", checkpoint, "holds no complete checkpoint (a step-N folder with manifest.json)")
@@ -58,7 +59,6 @@ def export(checkpoint: str, model, folder: str, untie: bool = False) -> str:
         weights = load_weights(found)
     except CheckpointError as error:
         raise ConfigError("checkpoint", checkpoint, f"is not a usable checkpoint: {error}") from None
-    layers = split(model, untie=untie)
     tensors = hf_tensors(layers, weights, found)
     config = copy.deepcopy(model.config)
     if any(getattr(layer, "hf_fallback", None) for layer in layers):

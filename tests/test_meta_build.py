@@ -219,3 +219,17 @@ def test_training_the_gpt_demo_from_a_hugging_face_folder_is_refused_in_one_line
     with pytest.raises(ConfigError) as refused:
         check_init_from(str(tmp_path), GPTConfig())
     assert "\n" not in str(refused.value) and "Hugging Face save_pretrained folder" in str(refused.value)
+
+
+def test_export_refuses_in_one_line_a_missing_checkpoint_and_an_uncovered_model(tmp_path, capsys):
+    tiny_model("llama").config.save_pretrained(tmp_path / "llama")
+    transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(
+        tmp_path / "bert"
+    )
+    for config, said in (("llama", "--checkpoint nowhere: holds no complete checkpoint"), ("bert", "not covered")):
+        status = layerpipe.cli.main(
+            ["export", "nowhere", "--config", str(tmp_path / config), "--output", str(tmp_path / "out")]
+        )
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(lines) == 1 and said in lines[0], lines
+    assert not (tmp_path / "out").exists()

@@ -33,6 +33,16 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Export the checkpoint; refuses, in one line, a config or checkpoint that does not fit."""
-    from ..hf_export import build_on_meta, export
+    import transformers
 
-    wrote(export(args.checkpoint, build_on_meta(args.config), args.output, untie=args.untie))
+    from ..hf_export import build_on_meta, export
+    from ..knobs import ConfigError
+
+    transformers.logging.set_verbosity_error()  # its advice on building a class is not for a one-line command
+    try:
+        model = build_on_meta(args.config)
+        wrote(export(args.checkpoint, model, args.output, untie=args.untie))
+    except ConfigError:
+        raise
+    except ValueError as error:  # transformers' unknown model type, split's uncovered class or tied head
+        raise ConfigError("config", args.config, str(error).splitlines()[0] if str(error) else "not usable") from None

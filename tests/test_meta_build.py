@@ -233,3 +233,20 @@ def test_export_refuses_in_one_line_a_missing_checkpoint_and_an_uncovered_model(
         lines = capsys.readouterr().err.strip().splitlines()
         assert status == 2 and len(lines) == 1 and said in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_materialising_recomputes_the_buffers_hugging_face_does_not_save():
+    layers = layerpipe.materialise(hf.split(meta_llama()), seed=1)
+    real = tiny_model("llama").model.rotary_emb
+    assert torch.equal(layers[1].rotary.inv_freq, real.inv_freq) and not layers[1].rotary.inv_freq.is_meta
+
+
+def test_a_folder_for_layers_split_did_not_make_is_refused_in_one_line(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        hf_weights.check_folder(torch_layers(), str(tmp_path))
+    assert (
+        "\n" not in str(refused.value)
+        and "layer 0 (Embedding)" in str(refused.value)
+        and "hf.split" in str(refused.value)
+    )

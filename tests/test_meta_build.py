@@ -106,6 +106,11 @@ def meta_builds() -> list:
 def loaded_and_exported(llama_folder: str, gpt2_folder: str, checkpoint: str) -> tuple:
     """Worker: the losses of pipelines loaded from the folders, and the logits after two steps and a checkpoint."""
     ids, labels = batch(2)
+    try:  # every process refuses before any communication, so the pipelines below start as usual
+        pipeline(hf.split(meta_llama()), LAYOUTS[0], init_from=gpt2_folder)
+        refusal = None
+    except ConfigError as error:
+        refusal = str(error)
     gpt2 = pipeline(hf.split(meta_gpt2(), untie=True), LAYOUTS[0], init_from=gpt2_folder)
     gpt2_loss = gpt2.eval_step(ids, labels)
     layers = hf.split(meta_llama())
@@ -115,7 +120,7 @@ def loaded_and_exported(llama_folder: str, gpt2_folder: str, checkpoint: str) ->
     for step in range(2):
         pipe.train_step(*batch(3 + step))
     layerpipe.save_checkpoint(pipe, checkpoint)
-    return llama_loss, gpt2_loss, pipe.forward(ids), held
+    return llama_loss, gpt2_loss, pipe.forward(ids), held, refusal
 
 
 def is_meta_layer(layer) -> bool:
@@ -150,7 +155,8 @@ def test_a_saved_folder_loads_into_two_processes_and_exports_back(tmp_path):
     per_process = layerpipe.launch(
         loaded_and_exported, 2, (str(tmp_path / "llama"), str(tmp_path / "gpt2"), checkpoint), timeout=300
     )
-    for llama_loss, gpt2_loss, _, held in per_process:
+    for llama_loss, gpt2_loss, _, held, refusal in per_process:
+        assert refusal is not None and "\n" not in refusal and "has no tensor model.embed_tokens.weight" in refusal
         assert abs(llama_loss - model_loss(llama, 2)) <= TOLERANCE * llama_loss
         assert abs(gpt2_loss - model_loss(gpt2, 2)) <= TOLERANCE * gpt2_loss
         assert 0 < len(held) < 6, f"a process materialised layers {held}, not only its own"
@@ -250,3 +256,11 @@ def test_a_folder_for_layers_split_did_not_make_is_refused_in_one_line(tmp_path)
         and "layer 0 (Embedding)" in str(refused.value)
         and "hf.split" in str(refused.value)
     )
+
+
+def test_each_layer_and_each_seed_draws_its_own_weights():
+    first, again, other = (layerpipe.materialise(hf.split(meta_llama()), seed=seed) for seed in (1, 1, 2))
+    weight = lambda layers, index: layers[index].layer.self_attn.q_proj.weight  # noqa: E731
+    assert torch.equal(weight(first, 1), weight(again, 1)), "the same seed gives the same weights"
+    assert not torch.equal(weight(first, 1), weight(first, 2)), "two decoder layers of one model differ"
+    assert not torch.equal(weight(first, 1), weight(other, 1)), "another seed gives other weights"

@@ -19,6 +19,8 @@ Semantics:
   ``WalkCosts.pair`` of its halves' times: their sum when the halves run one
   after the other (the default), their maximum when an overlap function runs
   them together (``CostModel.overlap_pairs``); it waits for both stages' gathers;
+* a ``TIE`` blocks until every rank of its tie group (the ranks whose programs
+  hold it) has reached it, then takes its group's ``WalkCosts.tie_time``;
 * ``GATHER`` and ``REDUCE`` run in issue order on the data-parallel stream;
 * with ``overlap`` false, communication occupies the compute stream instead.
 """
@@ -38,6 +40,7 @@ from .actions import (
     PAIR,
     RECEIVE_KINDS,
     SEND_KINDS,
+    TIE_KINDS,
     TIMED_KINDS,
     Action,
     Kind,
@@ -45,6 +48,7 @@ from .actions import (
     message_of,
 )
 from .placement import Placement
+from .ties import tie_members
 
 
 class ScheduleError(ValueError):
@@ -62,6 +66,7 @@ class WalkCosts(NamedTuple):
     send_hold: Sequence[float] = (0.0,)  # per stage, what a send costs its rank before the transfer goes on alone
     receive_hold: Sequence[float] = (0.0,)  # per stage, what a receive costs its rank once the message is there
     pair: Callable[[float, float], float] = operator.add  # an overlapped pair's time from its halves' (F, B) times
+    tie_time: dict = {}  # tie group (its first stage) -> a TIE's time once its ranks have reached it
 
 
 def message_bases(stages: int, microbatches: int) -> dict:
@@ -107,6 +112,9 @@ class Walk:
         self.events: list[tuple] = []  # rows of TimelineEvent, built as plain tuples: this loop is hot
         self.guards_passed = [0] * ranks  # per rank, how many GUARDs it has passed
         self.guard_arrivals: dict[int, dict[int, float]] = {}  # guard number -> rank -> when it arrived
+        self.tie_members: dict[int, frozenset[int]] = {}  # tie group (its first stage) -> the ranks that sum it
+        self.ties_passed: dict[tuple[int, int], int] = {}  # (rank, tie group) -> how many of its TIEs it has passed
+        self.tie_arrivals: dict[tuple[int, int], dict[int, float]] = {}  # (group, number) -> rank -> when it arrived
 
 
 class _Tables(NamedTuple):
@@ -129,6 +137,7 @@ def walk(programs: Sequence[Program], costs: WalkCosts, overlap: bool = True, gu
     follow it.  The walk does not raise: ``check_finished`` says whether every rank reached its end.
     """
     run = Walk(len(programs), overlap, guard_fails)
+    run.tie_members = tie_members(programs)
     runnable = deque(range(len(programs)))
     tables = _Tables(
         run.awaited, run.finished, run.arrivals, run.waiting, run.events.append, overlap, run.p2p_free, runnable.append
@@ -145,7 +154,7 @@ def _advance(rank: int, program: Program, costs: WalkCosts, tables: _Tables, run
     This loop is the hot path of simulation and validation: the costs and tables are unpacked into locals once per
     call, and the sends and receives handled inline.  The wait rules are ``AWAITS``.
     """
-    duration, transfer, collective, message_base, guard_time, send_hold, receive_hold, pair_time = costs
+    duration, transfer, collective, message_base, guard_time, send_hold, receive_hold, pair_time, tie_time = costs
     awaited, finished, arrivals, waiting, emit, overlap, p2p_free, wake = tables
     index, end_of_program, now, busy, exposed = run.positions[rank], len(program), run.compute_free[rank], 0.0, 0.0
     while index < end_of_program:
@@ -192,6 +201,11 @@ def _advance(rank: int, program: Program, costs: WalkCosts, tables: _Tables, run
             if (passed := _pass_guard(rank, program, index, now, run, wake, guard_time)) is None:
                 break
             now, index = passed
+        elif kind in TIE_KINDS:
+            if (passed := _tie(rank, stage, now, run, wake, tie_time.get(stage, 0.0))) is None:
+                break
+            emit((rank, "compute", action, now, passed))
+            now = passed
         elif kind is PAIR:
             start, end = _pair(action, now, duration, pair_time, awaited[kind], emit, rank)
             exposed, busy, now = exposed + (start - now), busy + (end - start), end
@@ -263,6 +277,22 @@ def _guard(rank: int, now: float, run: Walk, wake, ranks: int, agree_time: float
     return max(arrivals.values()) + agree_time
 
 
+def _tie(rank: int, group: int, now: float, run: Walk, wake, sum_time: float) -> float | None:
+    """Return when ``rank`` passes its next ``TIE`` of ``group``: once every rank of the group has reached it, plus
+    the sum's time; ``None`` while one has not (this rank blocks; the last to arrive wakes the others)."""
+    arrivals = run.tie_arrivals.setdefault((group, run.ties_passed.get((rank, group), 0)), {})
+    first_visit = rank not in arrivals
+    arrivals.setdefault(rank, now)
+    if len(arrivals) < len(run.tie_members[group]):
+        return None
+    if first_visit:
+        for other in arrivals:
+            if other != rank:
+                wake(other)
+    run.ties_passed[(rank, group)] = run.ties_passed.get((rank, group), 0) + 1
+    return max(arrivals.values()) + sum_time
+
+
 def check_finished(programs: Sequence[Program], positions: Sequence[int], placement: Placement) -> None:
     """Raise ``ScheduleError`` naming each blocked rank unless every rank's walk reached the end of its program."""
     if any(position < len(program) for position, program in zip(positions, programs)):
@@ -282,6 +312,8 @@ def blocked_report(programs: Sequence[Program], positions: Sequence[int], placem
             line += f": waits for {send} from rank {placement.rank_of(send.stage)}"
         elif action.kind in BARRIER_KINDS:
             line += f": waits for {_absent(programs, positions, action.kind)} to reach a {action.kind}"
+        elif action.kind in TIE_KINDS:
+            line += f": waits for the ranks of its tie group {sorted(tie_members(programs)[action.stage])}"
         lines.append(line)
     return "; ".join(lines)
 

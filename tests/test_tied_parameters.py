@@ -1,0 +1,158 @@
+"""Parameters tied across stages train as the one shared ``nn.Parameter`` of a single process.
+
+A model whose first layer's weight is used again by its last layer (as a
+language model's embedding and head), pipelined so that the two uses land on
+different stages: every holder keeps a copy, the program's ``TIE`` sums their
+gradients once per step, and the global gradient norm counts the weight once.
+Shown in float64 against one process running the same layers (one shared
+parameter, ``torch.nn.utils.clip_grad_norm_``, SGD with momentum), with the
+clip limit below the norm so that every step clips: losses, ``last_grad_norm``
+and every parameter after several steps, for every flushed schedule on 2 ranks,
+the V-shape placement, recomputation, 4 ranks and 2 ranks × 2 replicas at
+ZeRO 0–3 — one launch per process count.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from runtime_models import Chain, batch, relative_error
+from test_clipping import flushed_cases
+from torch import nn
+
+import layerpipe
+from layerpipe.schedule.actions import Kind
+from layerpipe.schedule.build import build_schedule
+from layerpipe.schedule.config import ConfigError, ScheduleConfig
+from layerpipe.sim.cost import CostModel
+from layerpipe.sim.simulator import simulate
+
+STEPS, SAMPLES, LIMIT, TOLERANCE = 3, 8, 0.05, 1e-10
+
+
+class TiedHead(nn.Module):
+    """Uses another layer's weight (shape ``(hidden, width)``): ``x @ weight``, then a linear map of its own."""
+
+    def __init__(self, weight: nn.Parameter, out: int):
+        super().__init__()
+        self.weight = weight
+        self.out = nn.Linear(weight.shape[1], out)
+
+    def forward(self, x):
+        return self.out(torch.tanh(x @ self.weight))
+
+
+def tied_layers(seed: int = 0) -> list[nn.Module]:
+    """Return ten float64 layers; the first one's weight is used again by the last."""
+    torch.manual_seed(seed)
+    first = nn.Linear(6, 4)
+    middle = [nn.Tanh(), nn.Linear(4, 7), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 6), nn.Linear(6, 5)]
+    middle += [nn.Linear(5, 4), nn.Linear(4, 4)]
+    return [layer.double() for layer in [first, *middle]] + [TiedHead(first.weight, 3).double()]
+
+
+def optimizer(parameters):
+    return torch.optim.SGD(parameters, lr=0.1, momentum=0.9)
+
+
+def reference(steps: int = STEPS) -> tuple[list, list, dict]:
+    """Return the losses, clip norms and final parameters (every ``state_dict`` name) of one process."""
+    model = Chain(*copy.deepcopy(tied_layers()))
+    assert model[0].weight is model[-1].weight
+    sgd = optimizer(model.parameters())
+    losses, norms = [], []
+    for step in range(steps):
+        inputs, targets = batch(SAMPLES, seed=step + 1)
+        sgd.zero_grad()
+        loss = nn.functional.mse_loss(model(inputs), targets)
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), LIMIT)))
+        losses.append(float(loss.detach()))
+        sgd.step()
+    return losses, norms, {name: value.clone() for name, value in model.state_dict().items()}
+
+
+def run_cases(cases: list[dict]) -> list[tuple]:
+    """Worker: train every case with clipping; return per case the losses, norms, weights and the tie groups."""
+    results = []
+    for options in cases:
+        pipe = layerpipe.Pipeline(
+            tied_layers(), nn.functional.mse_loss, microbatches=4, clip_grad_norm=LIMIT, timeout=60,
+            optimizer=optimizer, **options,
+        )  # fmt: skip
+        losses, norms = [], []
+        for step in range(STEPS):
+            losses.append(pipe.train_step(*batch(SAMPLES, seed=step + 1)))
+            norms.append(pipe.last_grad_norm)
+        results.append((losses, norms, pipe.gathered_state_dict(), pipe.schedule.config.ties))
+    return results
+
+
+def check(processes: int, cases: list[dict]) -> None:
+    """Run ``cases`` on ``processes`` processes and compare each with the single-process reference."""
+    losses, norms, parameters = reference()
+    assert min(norms) > 4 * LIMIT, "every step clips"
+    per_process = layerpipe.launch(run_cases, processes, (cases,), timeout=600)
+    for index, case in enumerate(cases):
+        rows = [results[index] for results in per_process]
+        assert rows[0][3] and rows[0][3][0][0] == 0, f"{case}: the first and the last stage are tied"
+        assert len({tuple(row[1]) for row in rows}) == 1, f"{case}: the same norm, to the bit, on every process"
+        for found_losses, found_norms, state, _ in rows:
+            for found, expected in zip(found_losses + found_norms, losses + norms):
+                assert abs(found - expected) <= TOLERANCE * abs(expected), f"{case}: {found} != {expected}"
+            for name, value in state.items():
+                error = relative_error(value, parameters[name])
+                assert error <= TOLERANCE, f"{case}: {name} off by {error:.1e}"
+        assert {name for row in rows for name in row[2]} == set(parameters), f"{case}: every parameter compared"
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_train_a_tied_weight_as_one_process_for_every_schedule_the_vshape_and_recomputation():
+    cases = flushed_cases(2) + [
+        dict(schedule="breadth-first", placement="vshape"),
+        dict(schedule="breadth-first", recompute="full"),
+        dict(schedule="1f1b", recompute="selective"),
+    ]
+    check(2, cases)
+
+
+@pytest.mark.multiprocess
+def test_four_ranks_and_two_replicas_at_every_zero_level_train_a_tied_weight_as_one_process():
+    four = [dict(schedule=name) for name in ("1f1b", "interleaved", "zb-v", "v-half")]
+    replicated = [dict(schedule="breadth-first", data_parallel=2, zero=zero) for zero in range(4)]
+    check(4, four + replicated + [dict(schedule="1f1b", data_parallel=2, zero=3, reduce_portions=2)])
+
+
+def test_the_tie_sum_comes_after_every_backward_and_before_the_holders_reduces_and_the_clip():
+    config = ScheduleConfig("breadth-first", ranks=2, microbatches=4, data_parallel=2, zero=2, ties=((0, 3),))
+    programs = build_schedule(dataclasses.replace(config, clip_grad_norm=1.0)).programs
+    for program in programs:
+        kinds = [action.kind for action in program]
+        tie = kinds.index(Kind.TIE)
+        assert program[tie].stage == 0, "written with the group's first stage on every holding rank"
+        assert max(i for i, kind in enumerate(kinds) if kind in (Kind.B, Kind.I, Kind.W)) < tie
+        holders = [i for i, a in enumerate(program) if a.kind is Kind.REDUCE and a.stage in (0, 3)]
+        assert holders and min(holders) > tie and kinds.index(Kind.CLIP) > max(holders)
+    untied = build_schedule(dataclasses.replace(config, ties=())).programs
+    assert all(Kind.TIE not in [action.kind for action in program] for program in untied)
+
+
+def test_the_simulator_charges_the_tie_sum_across_ranks_and_nothing_on_one_rank():
+    cost = CostModel(forward_time=1.0, backward_time=2.0, tie_bytes=100.0, p2p_bandwidth=10.0)
+    for name, placement, extra in (("breadth-first", "looping", 10.0), ("zb-v", "vshape", 0.0)):
+        config = ScheduleConfig(name, ranks=2, microbatches=4, placement=placement)
+        plain = simulate(build_schedule(config), cost)
+        tied = simulate(build_schedule(dataclasses.replace(config, ties=((0, 3),))), cost)
+        assert tied.step_time == pytest.approx(plain.step_time + extra), name  # 100 bytes, all-reduce over 2
+        drawn = [event for event in tied.timeline.events if event[2].kind is Kind.TIE]
+        assert len(drawn) == (2 if placement == "looping" else 1)
+
+
+def test_async_and_early_steps_refuse_tied_parameters_in_one_line():
+    with pytest.raises(ConfigError, match="async updates each stage on its own, so the copies"):
+        build_schedule(ScheduleConfig("async", ranks=2, microbatches=4, ties=((0, 1),)))
+    with pytest.raises(ConfigError, match="^step_placement='early': a parameter tied across stages"):
+        build_schedule(ScheduleConfig("1f1b", ranks=2, microbatches=4, step_placement="early", ties=((0, 1),)))

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 
 import pytest
 import torch
 from runtime_models import Chain, batch, relative_error
+from safetensors import safe_open
 from test_clipping import flushed_cases
 from torch import nn
 
 import layerpipe
+from layerpipe.checkpoint_files import CheckpointError
+from layerpipe.runtime.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from layerpipe.schedule.actions import Kind
 from layerpipe.schedule.build import build_schedule
 from layerpipe.schedule.config import ConfigError, ScheduleConfig
@@ -154,5 +158,68 @@ def test_the_simulator_charges_the_tie_sum_across_ranks_and_nothing_on_one_rank(
 def test_async_and_early_steps_refuse_tied_parameters_in_one_line():
     with pytest.raises(ConfigError, match="async updates each stage on its own, so the copies"):
         build_schedule(ScheduleConfig("async", ranks=2, microbatches=4, ties=((0, 1),)))
-    with pytest.raises(ConfigError, match="^step_placement='early': a parameter tied across stages"):
+    with pytest.raises(ConfigError, match=r"^step_placement='early': a parameter tied across stages"):
         build_schedule(ScheduleConfig("1f1b", ranks=2, microbatches=4, step_placement="early", ties=((0, 1),)))
+
+
+def untied_layers() -> list[nn.Module]:
+    """Return ``tied_layers()`` with the last layer holding a weight of its own, of other values (same names)."""
+    layers = tied_layers()
+    layers[-1].weight = nn.Parameter(layers[0].weight.detach() + 1.0)
+    return layers
+
+
+def _pipe(layers, schedule: str, **options):
+    return layerpipe.Pipeline(
+        layers, nn.functional.mse_loss, schedule=schedule, microbatches=4, clip_grad_norm=LIMIT, timeout=60,
+        optimizer=optimizer, **options,
+    )  # fmt: skip
+
+
+def save_resume_refuse(folder: str, untied_folder: str) -> tuple:
+    """Worker: train 2 steps on 1f1b, save, train a third; load the checkpoint into the V-shape (both holders on
+    one rank) and train the third step there; return both states and the refusals of disagreeing copies."""
+    pipe = _pipe(tied_layers(), "1f1b")
+    for step in range(2):
+        pipe.train_step(*batch(SAMPLES, seed=step + 1))
+    save_checkpoint(pipe, folder, {"step": 2})
+    pipe.train_step(*batch(SAMPLES, seed=3))
+    straight = pipe.gathered_state_dict()
+    resumed = _pipe(tied_layers(seed=5), "zb-v")
+    load_checkpoint(resumed, folder)
+    resumed.train_step(*batch(SAMPLES, seed=3))
+    save_checkpoint(_pipe(untied_layers(), "1f1b"), untied_folder, {"step": 0})
+    refusals = []
+    for attempt in (lambda: load_checkpoint(_pipe(tied_layers(), "1f1b"), untied_folder),
+                    lambda: _pipe(tied_layers(), "1f1b").load_state_dict(nn.Sequential(*untied_layers()).state_dict())):  # fmt: skip
+        try:
+            attempt()
+            refusals.append(None)
+        except (CheckpointError, ValueError) as error:
+            refusals.append(str(error))
+    return straight, resumed.gathered_state_dict(), refusals
+
+
+@pytest.mark.multiprocess
+def test_a_checkpoint_stores_a_tied_weight_once_loads_it_into_every_holder_and_refuses_copies_that_disagree(tmp_path):
+    folder, untied = str(tmp_path / "tied"), str(tmp_path / "untied")
+    per_process = layerpipe.launch(save_resume_refuse, 2, (folder, untied), timeout=300)
+    straight = {name: value for row in per_process for name, value in row[0].items()}
+    resumed = {name: value for row in per_process for name, value in row[1].items()}
+    assert set(straight) == set(resumed) == set(nn.Sequential(*tied_layers()).state_dict())
+    for name, value in straight.items():
+        assert relative_error(resumed[name], value) <= TOLERANCE, name
+    keys = set()
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as handle:
+                keys.update(handle.keys())
+    assert "model.0.weight" in keys and "model.9.weight" not in keys, "stored once, under its first name"
+    assert not any(key.startswith("optimizer.9.weight.") for key in keys)
+    weights = load_weights(folder)
+    assert torch.equal(weights["0.weight"], weights["9.weight"])
+    model = nn.Sequential(*tied_layers(seed=7))
+    model.load_state_dict(weights)  # every name nn.Sequential lists
+    message = "one parameter tied across stages 0, 1, different values: give both names one value"
+    for refusal in per_process[0][2]:
+        assert refusal is not None and len(refusal.splitlines()) == 1 and refusal.endswith(message), per_process[0][2]

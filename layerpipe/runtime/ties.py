@@ -36,6 +36,7 @@ class TiedParameter:
     name: str
     names: dict[int, str]  # holding stage -> the parameter's first name among that stage's layers
     shape: tuple[int, ...]
+    dtype: torch.dtype
 
     @property
     def stages(self) -> tuple[int, ...]:
@@ -46,13 +47,15 @@ class TiedParameter:
 def find_tied(layers, boundaries) -> tuple[TiedParameter, ...]:
     """Return the parameters held by layers of more than one stage, in the order their first names come."""
     found: dict[int, dict[int, str]] = {}
-    shapes: dict[int, tuple[int, ...]] = {}
+    shapes: dict[int, tuple] = {}
     for stage, (first, end) in enumerate(boundaries):
         for index in range(first, end):
             for name, parameter in layers[index].named_parameters(remove_duplicate=False):
                 found.setdefault(id(parameter), {}).setdefault(stage, f"{index}.{name}")
-                shapes[id(parameter)] = tuple(parameter.shape)
-    return tuple(TiedParameter(names[min(names)], names, shapes[key]) for key, names in found.items() if len(names) > 1)
+                shapes[id(parameter)] = (tuple(parameter.shape), parameter.dtype)
+    return tuple(
+        TiedParameter(names[min(names)], names, *shapes[key]) for key, names in found.items() if len(names) > 1
+    )
 
 
 def tie_groups(tied: tuple[TiedParameter, ...]) -> Ties:
@@ -68,6 +71,29 @@ def uncounted_names(tied: tuple[TiedParameter, ...], stage: int) -> set[str]:
 def aliases(tied: tuple[TiedParameter, ...]) -> dict[str, str]:
     """Return, for every holder's name of a tied parameter but the first, the first name (stored once under it)."""
     return {name: parameter.name for parameter in tied for name in parameter.names.values() if name != parameter.name}
+
+
+def expand_aliases(values: dict, tied: tuple[TiedParameter, ...]) -> dict:
+    """Return ``values`` (by name) with every holder's name of a tied parameter given the first name's value where
+    it has none of its own (what is stored once loads into every holder)."""
+    found = dict(values)
+    for alias, first in aliases(tied).items():
+        if alias not in found and first in found:
+            found[alias] = found[first]
+    return found
+
+
+def check_tied_values(state: dict, tied: tuple[TiedParameter, ...]) -> None:
+    """Refuse, with ``ValueError`` in one line naming both, a state giving two holders' names of one tied parameter
+    different values (its copies must start equal to stay equal)."""
+    for parameter in tied:
+        given = [name for name in parameter.names.values() if name in state]
+        for name in given[1:]:
+            if not torch.equal(state[name], state[given[0]]):
+                raise ValueError(
+                    f"the state gives {given[0]} and {name}, one parameter tied across stages "
+                    f"{', '.join(map(str, parameter.stages))}, different values: give both names one value"
+                )
 
 
 def untie_local(stages: dict, tied: tuple[TiedParameter, ...]) -> None:

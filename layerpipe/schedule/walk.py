@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import operator
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import NamedTuple
 
 from .actions import (
@@ -66,7 +67,9 @@ class WalkCosts(NamedTuple):
     send_hold: Sequence[float] = (0.0,)  # per stage, what a send costs its rank before the transfer goes on alone
     receive_hold: Sequence[float] = (0.0,)  # per stage, what a receive costs its rank once the message is there
     pair: Callable[[float, float], float] = operator.add  # an overlapped pair's time from its halves' (F, B) times
-    tie_time: dict = {}  # tie group (its first stage) -> a TIE's time once its ranks have reached it
+    tie_time: Mapping = MappingProxyType(
+        {}
+    )  # tie group (its first stage) -> a TIE's time once its ranks have reached it
 
 
 def message_bases(stages: int, microbatches: int) -> dict:
@@ -154,7 +157,7 @@ def _advance(rank: int, program: Program, costs: WalkCosts, tables: _Tables, run
     This loop is the hot path of simulation and validation: the costs and tables are unpacked into locals once per
     call, and the sends and receives handled inline.  The wait rules are ``AWAITS``.
     """
-    duration, transfer, collective, message_base, guard_time, send_hold, receive_hold, pair_time, tie_time = costs
+    duration, transfer, collective, message_base, _, send_hold, receive_hold, pair_time, _ = costs
     awaited, finished, arrivals, waiting, emit, overlap, p2p_free, wake = tables
     index, end_of_program, now, busy, exposed = run.positions[rank], len(program), run.compute_free[rank], 0.0, 0.0
     while index < end_of_program:
@@ -197,15 +200,10 @@ def _advance(rank: int, program: Program, costs: WalkCosts, tables: _Tables, run
             emit((rank, "p2p", action, start, arrived))
         elif kind in COLLECTIVE_KINDS:
             now = _collective(rank, action, now, collective[kind][stage] / (portions or 1), run, finished[kind])
-        elif kind in BARRIER_KINDS:
-            if (passed := _pass_guard(rank, program, index, now, run, wake, guard_time)) is None:
+        elif kind in BARRIER_KINDS or kind in TIE_KINDS:
+            if (passed := _pass_barrier(rank, program, index, now, run, wake, costs)) is None:
                 break
             now, index = passed
-        elif kind in TIE_KINDS:
-            if (passed := _tie(rank, stage, now, run, wake, tie_time.get(stage, 0.0))) is None:
-                break
-            emit((rank, "compute", action, now, passed))
-            now = passed
         elif kind is PAIR:
             start, end = _pair(action, now, duration, pair_time, awaited[kind], emit, rank)
             exposed, busy, now = exposed + (start - now), busy + (end - start), end
@@ -237,6 +235,18 @@ def _collective(rank: int, action: Action, now: float, length: float, run: Walk,
     finished[action[0]] = end
     run.events.append((rank, "data_parallel", action, start, end))
     return now
+
+
+def _pass_barrier(rank: int, program: Program, index: int, now: float, run: Walk, wake, costs: WalkCosts):
+    """Return ``(time, index)`` after the rank's GUARD, CLIP or TIE at ``index``, or ``None`` while it waits."""
+    action = program[index]
+    if action[1] not in TIE_KINDS:
+        return _pass_guard(rank, program, index, now, run, wake, costs.guard_time)
+    passed = _tie(rank, action[0], now, run, wake, costs.tie_time.get(action[0], 0.0))
+    if passed is None:
+        return None
+    run.events.append((rank, "compute", action, now, passed))
+    return passed, index
 
 
 def _pass_guard(rank: int, program: Program, index: int, now: float, run: Walk, wake, agree_time: float):

@@ -10,7 +10,12 @@ from .cost import CostModel
 from .timeline import Timeline
 
 _SENDS = (Kind.SEND_F, Kind.SEND_B)
-_NOT_COMPUTE = (Kind.STEP.value, Kind.GUARD.value, Kind.CLIP.value, Kind.TIE.value)  # one per step, and waits for every process
+_NOT_COMPUTE = (
+    Kind.STEP.value,
+    Kind.GUARD.value,
+    Kind.CLIP.value,
+    Kind.TIE.value,
+)  # one per step, and waits for every process
 
 
 def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:

@@ -223,3 +223,48 @@ def test_a_checkpoint_stores_a_tied_weight_once_loads_it_into_every_holder_and_r
     message = "one parameter tied across stages 0, 1, different values: give both names one value"
     for refusal in per_process[0][2]:
         assert refusal is not None and len(refusal.splitlines()) == 1 and refusal.endswith(message), per_process[0][2]
+
+
+def float32_reference(autocast_dtype: torch.dtype) -> tuple[list, dict]:
+    """Return the losses and final state of one process running the float32 tied model under ``autocast_dtype``."""
+    model = Chain(*[layer.float() for layer in copy.deepcopy(tied_layers())])
+    sgd = optimizer(model.parameters())
+    losses = []
+    for step in range(STEPS):
+        inputs, targets = (t.float() for t in batch(SAMPLES, seed=step + 1))
+        sgd.zero_grad()
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            loss = nn.functional.mse_loss(model(inputs).float(), targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), LIMIT)
+        losses.append(float(loss.detach()))
+        sgd.step()
+    return losses, {name: value.clone() for name, value in model.state_dict().items()}
+
+
+def half_precision_runs() -> list[tuple]:
+    """Worker: train the float32 tied model in bfloat16 and in float16 (loss scaling, guard) with clipping."""
+    results = []
+    for precision in ("bf16", "fp16"):
+        pipe = _pipe(
+            [layer.float() for layer in tied_layers()], "1f1b", precision=precision, skip_nonfinite=precision == "fp16"
+        )
+        losses = [pipe.train_step(*(t.float() for t in batch(SAMPLES, seed=step + 1))) for step in range(STEPS)]
+        results.append((losses, pipe.gathered_state_dict()))
+    return results
+
+
+@pytest.mark.multiprocess
+def test_half_precision_keeps_the_tied_copies_equal_and_updates_them_as_one_process_within_its_rounding():
+    per_process = layerpipe.launch(half_precision_runs, 2, timeout=300)
+    for index, dtype in enumerate((torch.bfloat16, torch.float16)):
+        losses, expected = float32_reference(dtype)
+        first, last = per_process[0][index], per_process[1][index]
+        assert torch.equal(first[1]["0.weight"], last[1]["9.weight"]), f"{dtype}: the copies are one to the bit"
+        for found, wanted in zip(last[0], losses):
+            assert abs(found - wanted) <= 1e-2 * abs(wanted), f"{dtype}: loss {found} != {wanted}"
+        initial = tied_layers()[0].weight.float()
+        error = relative_error(first[1]["0.weight"] - initial, expected["0.weight"] - initial)
+        assert error <= (5e-2 if dtype is torch.bfloat16 else 1e-2), (
+            f"{dtype}: the tied weight's update off by {error:.1e}"
+        )

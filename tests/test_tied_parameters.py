@@ -31,8 +31,10 @@ from layerpipe.runtime.checkpoint import load_checkpoint, load_weights, save_che
 from layerpipe.schedule.actions import Kind
 from layerpipe.schedule.build import build_schedule
 from layerpipe.schedule.config import ConfigError, ScheduleConfig
+from layerpipe.schedule.ties import merge_ties
 from layerpipe.sim.cost import CostModel
 from layerpipe.sim.simulator import simulate
+from layerpipe.viz.gantt import LABELS, draw_timeline
 
 STEPS, SAMPLES, LIMIT, TOLERANCE = 3, 8, 0.05, 1e-10
 
@@ -153,6 +155,16 @@ def test_the_simulator_charges_the_tie_sum_across_ranks_and_nothing_on_one_rank(
         assert tied.step_time == pytest.approx(plain.step_time + extra), name  # 100 bytes, all-reduce over 2
         drawn = [event for event in tied.timeline.events if event[2].kind is Kind.TIE]
         assert len(drawn) == (2 if placement == "looping" else 1)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots()
+    draw_timeline(axes, tied.timeline)
+    labels = set(axes.get_legend_handles_labels()[1])
+    plt.close(figure)
+    assert LABELS["TIE"] in labels, "the pictures draw it"
 
 
 def test_async_and_early_steps_refuse_tied_parameters_in_one_line():
@@ -268,3 +280,9 @@ def test_half_precision_keeps_the_tied_copies_equal_and_updates_them_as_one_proc
         assert error <= (5e-2 if dtype is torch.bfloat16 else 1e-2), (
             f"{dtype}: the tied weight's update off by {error:.1e}"
         )
+
+
+def test_ties_whose_stages_overlap_are_one_group_named_by_its_first_stage():
+    assert merge_ties([(3, 0), (2, 5), (5, 3), (1,), (4, 6)]) == ((0, 2, 3, 5), (4, 6))
+    with pytest.raises(ConfigError, match="must be disjoint sorted groups"):
+        build_schedule(ScheduleConfig("1f1b", ranks=2, microbatches=4, ties=((1, 0),)))

@@ -195,7 +195,7 @@ class StageShard:
 
     def squared_norm(self) -> torch.Tensor:
         """Return the sum of the squares of ``counted_gradient`` as a float64 scalar on its device (not finite when
-        a gradient is not)."""
+        a gradient is not), without the copies of tied parameters another stage counts (``uncounted``)."""
         gradient, low = self.counted_gradient(), self.shard_bounds[0]
         if not self.uncounted:
             return torch.linalg.vector_norm(gradient, dtype=torch.float64) ** 2

@@ -45,12 +45,14 @@ class TiedParameter:
 
 
 def find_tied(layers, boundaries) -> tuple[TiedParameter, ...]:
-    """Return the parameters held by layers of more than one stage, in the order their first names come."""
+    """Return the trainable parameters held by layers of more than one stage, in the order their first names come."""
     found: dict[int, dict[int, str]] = {}
     shapes: dict[int, tuple] = {}
     for stage, (first, end) in enumerate(boundaries):
         for index in range(first, end):
             for name, parameter in layers[index].named_parameters(remove_duplicate=False):
+                if not parameter.requires_grad:  # a frozen copy never changes: nothing to sum
+                    continue
                 found.setdefault(id(parameter), {}).setdefault(stage, f"{index}.{name}")
                 shapes[id(parameter)] = (tuple(parameter.shape), parameter.dtype)
     return tuple(

@@ -93,7 +93,12 @@ def run_cases(cases: list[dict]) -> list[tuple]:
         for step in range(STEPS):
             losses.append(pipe.train_step(*batch(SAMPLES, seed=step + 1)))
             norms.append(pipe.last_grad_norm)
-        results.append((losses, norms, pipe.gathered_state_dict(), pipe.schedule.config.ties))
+        momentum = {
+            name: state["momentum_buffer"]
+            for name, state in pipe.optimizer_state_dict()["state"].items()
+            if name in ("0.weight", "9.weight")
+        }
+        results.append((losses, norms, pipe.gathered_state_dict(), pipe.schedule.config.ties, momentum))
     return results
 
 
@@ -106,7 +111,9 @@ def check(processes: int, cases: list[dict]) -> None:
         rows = [results[index] for results in per_process]
         assert rows[0][3] and rows[0][3][0][0] == 0, f"{case}: the first and the last stage are tied"
         assert len({tuple(row[1]) for row in rows}) == 1, f"{case}: the same norm, to the bit, on every process"
-        for found_losses, found_norms, state, _ in rows:
+        momentum = {name: value for row in rows for name, value in row[4].items()}
+        assert torch.equal(momentum["0.weight"], momentum["9.weight"]), f"{case}: the copies' optimizer states agree"
+        for found_losses, found_norms, state, _, _ in rows:
             for found, expected in zip(found_losses + found_norms, losses + norms):
                 assert abs(found - expected) <= TOLERANCE * abs(expected), f"{case}: {found} != {expected}"
             for name, value in state.items():

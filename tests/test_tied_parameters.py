@@ -8,8 +8,9 @@ Shown in float64 against one process running the same layers (one shared
 parameter, ``torch.nn.utils.clip_grad_norm_``, SGD with momentum), with the
 clip limit below the norm so that every step clips: losses, ``last_grad_norm``
 and every parameter after several steps, for every flushed schedule on 2 ranks,
-the V-shape placement, recomputation, 4 ranks and 2 ranks × 2 replicas at
-ZeRO 0–3 — one launch per process count.
+the V-shape placement, recomputation, two ties whose stages overlap (one group,
+some ranks without a copy of one of its parameters), 4 ranks and 2 ranks × 2
+replicas at ZeRO 0–3 — one launch per process count.
 """
 
 from __future__ import annotations
@@ -60,14 +61,43 @@ def tied_layers(seed: int = 0) -> list[nn.Module]:
     return [layer.double() for layer in [first, *middle]] + [TiedHead(first.weight, 3).double()]
 
 
+class Uses(nn.Module):
+    """``tanh(x @ w.T)`` for each of the given weights (held, not copied) in turn, plus a bias of its own; then
+    ``out`` when given."""
+
+    def __init__(self, weights: list[nn.Parameter], out: nn.Module | None = None):
+        super().__init__()
+        self.weights = nn.ParameterList(weights)
+        self.bias = nn.Parameter(torch.zeros(weights[-1].shape[0], dtype=weights[-1].dtype))
+        self.out = out
+
+    def forward(self, x):
+        for weight in self.weights:
+            x = torch.tanh(x @ weight.T)
+        x = x + self.bias
+        return x if self.out is None else self.out(x)
+
+
+def overlapping_layers() -> list[nn.Module]:
+    """Return four float64 layers, one per stage: A's weight is held by stages 0, 2 and 3, B's by 1 and 3 (one tie
+    group of all four stages, some of whose ranks hold no copy of B)."""
+    torch.manual_seed(1)
+    first, second = nn.Linear(6, 6).double(), nn.Linear(6, 6).double()
+    return [first, second, Uses([first.weight]), Uses([first.weight, second.weight], nn.Linear(6, 3).double())]
+
+
+MODELS = {"head": tied_layers, "overlapping": overlapping_layers}
+"""The tied models the equality tests train, by name (a worker builds its own from the name)."""
+
+
 def optimizer(parameters):
     return torch.optim.SGD(parameters, lr=0.1, momentum=0.9)
 
 
-def reference(steps: int = STEPS) -> tuple[list, list, dict]:
-    """Return the losses, clip norms and final parameters (every ``state_dict`` name) of one process."""
-    model = Chain(*copy.deepcopy(tied_layers()))
-    assert model[0].weight is model[-1].weight
+def reference(steps: int = STEPS, name: str = "head") -> tuple[list, list, dict]:
+    """Return the losses, clip norms and final parameters (every ``state_dict`` name) of one process running
+    ``MODELS[name]``."""
+    model = Chain(*copy.deepcopy(MODELS[name]()))
     sgd = optimizer(model.parameters())
     losses, norms = [], []
     for step in range(steps):
@@ -85,8 +115,10 @@ def run_cases(cases: list[dict]) -> list[tuple]:
     """Worker: train every case with clipping; return per case the losses, norms, weights and the tie groups."""
     results = []
     for options in cases:
+        options = dict(options)
+        layers = MODELS[options.pop("model", "head")]()
         pipe = layerpipe.Pipeline(
-            tied_layers(), nn.functional.mse_loss, microbatches=4, clip_grad_norm=LIMIT, timeout=60,
+            layers, nn.functional.mse_loss, microbatches=4, clip_grad_norm=LIMIT, timeout=60,
             optimizer=optimizer, **options,
         )  # fmt: skip
         losses, norms = [], []
@@ -103,16 +135,19 @@ def run_cases(cases: list[dict]) -> list[tuple]:
 
 
 def check(processes: int, cases: list[dict]) -> None:
-    """Run ``cases`` on ``processes`` processes and compare each with the single-process reference."""
-    losses, norms, parameters = reference()
-    assert min(norms) > 4 * LIMIT, "every step clips"
+    """Run ``cases`` on ``processes`` processes and compare each with the single-process reference of its model."""
+    references = {name: reference(name=name) for name in {case.get("model", "head") for case in cases}}
+    assert all(min(norms) > 4 * LIMIT for _, norms, _ in references.values()), "every step clips"
     per_process = layerpipe.launch(run_cases, processes, (cases,), timeout=600)
     for index, case in enumerate(cases):
         rows = [results[index] for results in per_process]
-        assert rows[0][3] and rows[0][3][0][0] == 0, f"{case}: the first and the last stage are tied"
+        losses, norms, parameters = references[case.get("model", "head")]
+        groups = ((0, 1, 2, 3),) if "model" in case else ((0, rows[0][3][0][-1]),)
+        assert rows[0][3] == groups, f"{case}: tie groups {rows[0][3]}"
         assert len({tuple(row[1]) for row in rows}) == 1, f"{case}: the same norm, to the bit, on every process"
         momentum = {name: value for row in rows for name, value in row[4].items()}
-        assert torch.equal(momentum["0.weight"], momentum["9.weight"]), f"{case}: the copies' optimizer states agree"
+        if "model" not in case:
+            assert torch.equal(momentum["0.weight"], momentum["9.weight"]), f"{case}: the copies' optimizer states"
         for found_losses, found_norms, state, _, _ in rows:
             for found, expected in zip(found_losses + found_norms, losses + norms):
                 assert abs(found - expected) <= TOLERANCE * abs(expected), f"{case}: {found} != {expected}"
@@ -128,6 +163,8 @@ def test_two_ranks_train_a_tied_weight_as_one_process_for_every_schedule_the_vsh
         dict(schedule="breadth-first", placement="vshape"),
         dict(schedule="breadth-first", recompute="full"),
         dict(schedule="1f1b", recompute="selective"),
+        dict(model="overlapping", schedule="breadth-first", partition=[0, 1, 2, 3]),
+        dict(model="overlapping", schedule="zb-v", partition=[0, 1, 2, 3]),
     ]
     check(2, cases)
 

@@ -41,12 +41,13 @@ def split(model, untie: bool = False) -> list:
     Train it with ``Pipeline(split(model), causal_lm_loss, ...)`` and
     ``pipe.train_step((input_ids, attention_mask), labels)`` (or
     ``train_step(input_ids, labels)`` without padding).  The layers hold the
-    model's own modules.  A model whose head shares its weight with the input
-    embedding is refused unless ``untie=True``, which gives the head its own
-    copy of that weight (the model then has two matrices that train apart:
-    a different model from the tied one; the ``model`` object keeps its tie).
-    Refuses, with ``ValueError`` in one line, a class not covered and a tied
-    head without ``untie``.
+    model's own modules.  A head that shares its weight with the input
+    embedding keeps sharing it: the pipeline ties the first and the last stage
+    and sums their gradients once per step, so the model trains as one
+    process trains it.  ``untie=True`` gives the head its own copy of that
+    weight instead (two matrices that train apart: a different model from
+    the tied one; the ``model`` object keeps its tie).  Refuses, with
+    ``ValueError`` in one line, a class not covered.
     """
     name = type(model).__name__
     if name not in COVERED:
@@ -95,15 +96,10 @@ def is_tied(model) -> bool:
 
 
 def _head(model, name: str, untie: bool):
-    """Return the last layer, refusing a tied head unless ``untie`` (which copies its weight)."""
+    """Return the last layer: the model's head, tied to its input embedding as the model has it unless ``untie``
+    (which gives the head a copy of its weight)."""
     linear = model.get_output_embeddings()
-    if is_tied(model):
-        if not untie:
-            raise ValueError(
-                f"layerpipe.hf.split: {name} ties its head to its input embedding (tie_word_embeddings=True), and "
-                f"layerpipe cannot yet share one parameter between stages: pass untie=True to give the head "
-                f"its own copy (a different model), or build it with tie_word_embeddings=False"
-            )
+    if is_tied(model) and untie:
         linear = copy.deepcopy(linear)
     norm = model.transformer.ln_f if name in GPT2_LAYOUT else model.model.norm
     return Head(norm, linear)

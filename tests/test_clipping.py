@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,8 @@ from test_spatial_pipeline import images, plain_layers, spatial_layers
 from torch import nn
 
 import layerpipe
+from layerpipe.checkpoint_files import latest_checkpoint
+from layerpipe.runtime.checkpoint import load_weights
 from layerpipe.schedule.actions import Kind
 from layerpipe.schedule.build import build_schedule
 from layerpipe.schedule.config import SCHEDULES, ConfigError, ScheduleConfig
@@ -273,7 +276,10 @@ def _train(output, *options, environment=None):
 
 @pytest.mark.multiprocess
 def test_train_reports_one_gradient_norm_per_step_and_a_resumed_run_keeps_them(tmp_path):
-    options = ("--steps", "4", "--checkpoint-every", "2", "--clip-grad-norm", "0.5")
+    """With warm-up, the cosine schedule, clipping and the embedding tied to the head: killed after a checkpoint and
+    resumed, the run ends bit for bit as the straight run (losses, norms and every weight)."""
+    options = ("--steps", "4", "--checkpoint-every", "2", "--clip-grad-norm", "0.5", "--warmup-steps", "2")
+    options += ("--tie-embeddings",)
     assert _train(tmp_path / "straight", *options).returncode == 0
     killed = _train(tmp_path / "killed", *options, environment={"LAYERPIPE_KILL_AT": "1:3"})
     assert killed.returncode == 1 and "signal 9" in killed.stderr, killed.stderr[-2000:]
@@ -282,6 +288,12 @@ def test_train_reports_one_gradient_norm_per_step_and_a_resumed_run_keeps_them(t
     straight, again = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("straight", "killed"))
     assert len(straight["grad_norms"]) == 4 and all(norm > 0 for norm in straight["grad_norms"])
     assert again["grad_norms"] == straight["grad_norms"] and again["losses"] == straight["losses"]
+    weights, reference = (
+        load_weights(latest_checkpoint(str(tmp_path / name / "checkpoints"))) for name in ("killed", "straight")
+    )
+    assert set(weights) == set(reference) and all(torch.equal(weights[name], reference[name]) for name in reference)
+    tied = json.loads((Path(latest_checkpoint(str(tmp_path / "straight" / "checkpoints"))) / "tied.json").read_text())
+    assert tied == {"3.linear.weight": "0.tokens.weight"}, "the head's weight is the embedding's, stored once"
     assert _train(tmp_path / "plain", "--steps", "1").returncode == 0
     assert "grad_norms" not in json.loads((tmp_path / "plain" / "summary.json").read_text()), "no norm without clipping"
 

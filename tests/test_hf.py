@@ -156,13 +156,11 @@ def test_an_architecture_not_covered_is_refused_in_one_line():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama-tied"])
-def test_a_tied_head_is_refused_unless_untied(family):
+def test_a_tied_head_stays_tied_unless_untied(family):
     model = tiny_model(family)
-    with pytest.raises(ValueError, match="ties its head to its input embedding") as refused:
-        hf.split(model)
-    assert "\n" not in str(refused.value) and "untie=True" in str(refused.value)
-    head = hf.split(model, untie=True)[-1].linear
     embedding = model.get_input_embeddings().weight
+    assert hf.split(model)[-1].linear.weight is embedding
+    head = hf.split(model, untie=True)[-1].linear
     assert head.weight is not embedding and torch.equal(head.weight, embedding)
     assert hf.is_tied(model), "the caller's model keeps its tie"
 
@@ -197,12 +195,13 @@ def test_importing_layerpipe_imports_no_transformers():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
-def reference_run(model, padded: bool) -> tuple[list, list, dict]:
-    """Train an untied copy of ``model`` unsplit for ``STEPS`` AdamW steps on ``padded_batch(step + 1, padded)``.
+def reference_run(model, padded: bool, untie: bool = True) -> tuple[list, list, dict]:
+    """Train a copy of ``model`` (untied with ``untie``) unsplit for ``STEPS`` AdamW steps on
+    ``padded_batch(step + 1, padded)``.
 
     Return per step the float64 loss and the model's own ``labels=`` loss, and the parameters after the steps.
     """
-    reference = untied_copy(model)
+    reference = untied_copy(model) if untie else copy.deepcopy(model)
     optimizer = torch.optim.AdamW(reference.parameters(), lr=0.01)
     losses, own_losses = [], []
     for step in range(STEPS):
@@ -221,9 +220,11 @@ def run_cases(cases: list[tuple]) -> list[tuple]:
     """Worker: train every case through a pipeline; return per case the largest errors and the names held."""
     results = []
     for family, padded, schedule, options in cases:
+        options = dict(options)
+        untie = options.pop("untie", True)
         model = tiny_model(family)
-        losses, own_losses, expected = reference_run(model, padded)
-        layers = hf.split(model, untie=True)
+        losses, own_losses, expected = reference_run(model, padded, untie)
+        layers = hf.split(model, untie=untie)
         names = hugging_face_names(model, layers)
         pipe = layerpipe.Pipeline(
             layers,
@@ -252,7 +253,10 @@ def check(processes: int, cases: list[tuple]) -> None:
         rows = [results[index] for results in per_process]
         replicas = case[3].get("data_parallel", 1)
         held = sorted(name for row in rows for name in row[3])
-        assert held == sorted(rows[0][4] * replicas), f"{case}: every parameter on one rank of each replica"
+        if case[3].get("untie", True):
+            assert held == sorted(rows[0][4] * replicas), f"{case}: every parameter on one rank of each replica"
+        else:  # the tied embedding is held by the first and the last stage
+            assert set(held) == set(rows[0][4]) and len(held) == len(rows[0][4]) + 1, f"{case}: {held}"
         for process, (loss_error, own_loss_error, parameter_error, _, _) in enumerate(rows):
             assert loss_error <= TOLERANCE, f"{case} process {process}: loss relative error {loss_error:.2e}"
             assert own_loss_error <= HF_LOSS_TOLERANCE, f"{case} process {process}: vs labels= {own_loss_error:.2e}"
@@ -269,6 +273,8 @@ def test_two_processes_train_as_the_unsplit_model():
         ("llama", True, "zero-bubble", dict(microbatches=4)),
         ("qwen2", True, "gpipe", dict(microbatches=2)),
         ("llama-tied", True, "1f1b", dict(microbatches=2)),
+        ("gpt2", True, "1f1b", dict(microbatches=2, untie=False)),
+        ("llama-tied", True, "breadth-first", dict(microbatches=2, stages_per_rank=2, untie=False)),
     ]
     check(2, cases)
 

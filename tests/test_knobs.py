@@ -68,6 +68,7 @@ BAD = {
     "boundary_bytes": -1.0,
     "activation_bytes": -1.0,
     "weight_bytes": -1.0,
+    "tie_bytes": -1.0,
     "data_parallel_latency": -1.0,
     "data_parallel_bandwidth": 0.0,
     "send_time": -1.0,

@@ -1,4 +1,4 @@
-"""Parameters shared by several layers: inside one stage they train as in one process; across stages they are refused.
+"""Parameters shared by several layers inside one stage train as in one process (across stages: ``test_tied_parameters``).
 
 Inside one stage a shared parameter is one slot of the stage's flat buffers,
 given to the optimizer once, and every layer holding it sees that storage:
@@ -6,9 +6,7 @@ losses, gradients and parameters after three AdamW steps equal a
 single-process float64 reference on 2 pipeline ranks and on 1×2 and 2×2 data
 parallelism at every ZeRO level.  State dicts list every name of a shared
 parameter as ``nn.Sequential(*layers).state_dict()`` does, and a checkpoint
-loads back into the tie.  A parameter held by layers of two stages would be
-trained as two copies (one per stage), so the pipeline refuses it before any
-step, naming the parameter and the stages.
+loads back into the tie.
 """
 
 from __future__ import annotations
@@ -23,8 +21,7 @@ from torch import nn
 import layerpipe
 from layerpipe.emulation import PipelinedBackprop
 from layerpipe.runtime.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from layerpipe.runtime.launch import LaunchError
-from layerpipe.runtime.partition import PartitionError, partition
+from layerpipe.runtime.partition import partition
 from layerpipe.runtime.stage import Stage
 from layerpipe.runtime.state import check_shared_values
 
@@ -230,30 +227,6 @@ def test_the_async_stream_trains_a_layer_used_twice_in_a_stage_as_the_emulator_a
 
 
 # ---------------------------------------------------------------- across stages
-CROSS_MESSAGE = (
-    "layers 0 and 2 share one parameter (0.weight and 2.weight) but are on stages 0 and 1: tied weights across "
-    "stages are not supported yet (each stage would train its own copy); put those layers on one stage with "
-    "partition=[...] or untie them (give each layer its own nn.Parameter)"
-)
-
-
-def test_a_parameter_shared_across_stages_is_refused_where_the_stages_are_cut():
-    with pytest.raises(PartitionError) as caught:
-        partition(tied_layers(), 2, [0, 2])
-    assert str(caught.value) == CROSS_MESSAGE
-
-
-def test_a_parameter_shared_inside_one_stage_passes_the_partition():
-    assert partition(tied_layers(), 2, PARTITION) == ((0, 3), (3, 7))
-
-
-def _build_across_stages():
-    return pipeline(1, 0, partition=[0, 2])
-
-
-@pytest.mark.multiprocess
-def test_a_parameter_shared_across_stages_is_refused_by_every_process_before_any_step():
-    with pytest.raises(LaunchError) as caught:
-        layerpipe.launch(_build_across_stages, 2, timeout=120)
-    message = str(caught.value)
-    assert message.splitlines()[0].endswith(CROSS_MESSAGE), message
+def test_a_parameter_shared_across_stages_passes_the_partition_as_a_tie():
+    """Cut between its holders, a shared parameter is tied across the stages (``test_tied_parameters`` trains it)."""
+    assert partition(tied_layers(), 2, [0, 2]) == ((0, 2), (2, 7))

@@ -255,6 +255,7 @@ def test_a_toml_config_sets_options_and_the_command_line_wins(tmp_path):
         (["--model", "vit"], "--model vit: choose one of gpt, superres"),
         (["--warmup-steps", "-1"], "--warmup-steps -1: must be a whole number of at least 0"),
         (["--steps", "5", "--warmup-steps", "5"], "--warmup-steps 5: must be below --steps (5)"),
+        (["--schedule", "async", "--tie-embeddings"], "--schedule async: async updates each stage on its own, so the"),
     ],
 )
 def test_bad_options_give_one_line_and_status_2(tmp_path, arguments, message):

@@ -21,6 +21,11 @@ class GPTConfig(GPTShape):
         check=lambda value: number(0.0)(value) or ("must be below 1" if value >= 1 else None),
         metavar="P",
     )
+    tie_embeddings: bool = knob(
+        False,
+        "tie the head's weight to the token embedding (one parameter, as GPT-2's): the pipeline keeps a copy on "
+        "the first and the last stage and sums their gradients once per step (a TIE; flushed schedules only)",
+    )
 
     def to_json(self) -> dict:
         """Return the sizes as a JSON-ready dictionary."""

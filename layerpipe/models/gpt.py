@@ -101,7 +101,8 @@ class Head(nn.Module):
 
 
 def gpt_layers(config: GPTConfig, seed: int = 0) -> list[nn.Module]:
-    """Return ``[Embedding, Block × blocks, Head]`` initialised from ``seed`` (GPT-2's scheme)."""
+    """Return ``[Embedding, Block × blocks, Head]`` initialised from ``seed`` (GPT-2's scheme); with
+    ``config.tie_embeddings`` the head holds the token embedding's very parameter."""
     torch.manual_seed(seed)
     layers = [Embedding(config), *(Block(config) for _ in range(config.blocks)), Head(config)]
     for layer in layers:
@@ -111,6 +112,8 @@ def gpt_layers(config: GPTConfig, seed: int = 0) -> list[nn.Module]:
                 nn.init.normal_(parameter, mean=0.0, std=std)
             elif name.endswith("bias"):
                 nn.init.zeros_(parameter)
+    if getattr(config, "tie_embeddings", False):
+        layers[-1].linear.weight = layers[0].tokens.weight
     return layers
 
 

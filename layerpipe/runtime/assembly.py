@@ -42,6 +42,7 @@ from .stream.calls import AsyncStream
 from .stream.executor import StreamExecutor
 from .stream.versions import WeightVersions, stage_delay
 from .tags import claim_message_tags
+from .ties import LocalTies, TiedParameter, find_tied, tie_groups, uncounted_names, untie_local
 
 
 @dataclasses.dataclass
@@ -63,6 +64,7 @@ class Assembly:
     shapes: BoundaryShapes
     runs: FlushedRuns
     schedulers: dict[int, torch.optim.lr_scheduler.LRScheduler]
+    tied: tuple[TiedParameter, ...]
 
 
 def assemble(
@@ -93,12 +95,19 @@ def assemble(
     groups = make_groups(layout, global_rank, placement.loss_rank, spatial_layers)
     device = torch.device(device) if device is not None else _default_device()
     boundaries = split_layers(layers, placement.stages, partition, sample)
+    tied = find_tied(layers, boundaries)
+    built = _with_ties(built, tie_groups(tied))
+    config = built.config
     stages = _local_stages(layers, boundaries, placement, rank, device, groups.spatial, initialisation)
+    untie_local(stages, tied)  # before the shards: each holder's flat buffer holds its own copy
     start_replicas_equal(stages, layout, global_rank, groups, run.timeout)  # before the weights are sharded
     shards = {
-        index: StageShard(stage, config.zero, config.data_parallel, replica, groups.data, device)
+        index: StageShard(
+            stage, config.zero, config.data_parallel, replica, groups.data, device, uncounted_names(tied, index)
+        )
         for index, stage in stages.items()
     }
+    ties = LocalTies(tied, config.ties, shards, layout, global_rank, placement)
     optimizers = _optimizers(optimizer, shards, config.streams)
     schedulers = build_schedulers(scheduler, optimizers)
     # A function of the shards, not a bound method: the meter must not keep the pipeline (and its groups) alive.
@@ -108,6 +117,7 @@ def assemble(
     chunk_loss = ChunkLoss(loss_fn) if run.spatial > 1 else None
     local = _local(stages, shards, optimizers, schedulers, config.recompute_modes)
     executor = _executor(built, context, local, chunk_loss or loss_fn, meter, groups.pipeline)
+    executor.ties = ties
     shapes = BoundaryShapes(ShapeAgreement(context, stages, groups.pipeline), shards, run.timeout, global_rank)
     batches = Batches(
         config.microbatches, layout, global_rank, groups.spatial, chunk_loss, run.check_every, run.timeout, device
@@ -118,7 +128,16 @@ def assemble(
     model = LocalModel(stages, buffers, updates=optimizer is not None)
     runs = (AsyncStream if config.streams else FlushedRuns)(built, executor, shards, batches, shapes, loss, model)
     parts = (built, layout, global_rank, groups, device, boundaries, stages, shards, optimizers, meter, executor)
-    return Assembly(*parts, loss_rank, shapes, runs, schedulers)
+    return Assembly(*parts, loss_rank, shapes, runs, schedulers, tied)
+
+
+def _with_ties(schedule: Schedule, ties) -> Schedule:
+    """Return ``schedule`` built again with the tie groups the layers hold (as it is when they are its own).
+
+    Refuses, with ``ConfigError``, ties the schedule cannot sum (async, early steps)."""
+    if schedule.config.ties == ties:
+        return schedule
+    return build_schedule(dataclasses.replace(schedule.config, ties=ties))
 
 
 def _local_stages(

@@ -13,6 +13,8 @@ A checkpoint is a folder:
   state (step, data position, ...), its random states, the optimizer's
   hyperparameters and its stages' learning-rate scheduler states (by stage
   index, each scheduler's ``state_dict()`` as JSON);
+* ``tied.json`` — where the model ties a parameter across stages: the
+  other holders' names of it, each with the name it is stored under once;
 * ``manifest.json`` — written last: the format, the step, and the size and
   SHA-256 digest of every other file.
 
@@ -43,6 +45,10 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 
 from ..checkpoint_files import CheckpointError, seal, verify_checkpoint, write_json
 from .schedulers import load_scheduler_states, scheduler_states
+from .ties import aliases, check_tied_values
+
+TIED_FILE = "tied.json"
+"""The names of parameters tied across stages, each holder's but the first -> the first, stored under it once."""
 
 
 # ---------------------------------------------------------------- random states
@@ -125,8 +131,10 @@ def save_checkpoint(pipe, folder: str, training: dict[str, Any] | None = None) -
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     dist.barrier()
-    weights = pipe.gathered_state_dict()
+    stored_once = aliases(pipe.tied)  # a tied parameter's other holders' names: stored under its first name only
+    weights = {name: value for name, value in pipe.gathered_state_dict().items() if name not in stored_once}
     optimizer = pipe.optimizer_state_dict()
+    optimizer["state"] = {name: value for name, value in optimizer["state"].items() if name not in stored_once}
     schedulers = scheduler_states(pipe.schedulers)  # after the flush; refused before any tensor is written
     tensors = {f"model.{name}": value for name, value in weights.items()}
     tensors.update(
@@ -146,6 +154,8 @@ def save_checkpoint(pipe, folder: str, training: dict[str, Any] | None = None) -
         "schedulers": schedulers,
     }
     write_json(os.path.join(partial, f"process-{rank}.json"), own)
+    if rank == 0 and stored_once:
+        write_json(os.path.join(partial, TIED_FILE), stored_once)
     dist.barrier()
     if rank == 0:
         seal(partial, folder, training.get("step"))
@@ -190,9 +200,13 @@ def load_checkpoint(pipe, folder: str) -> dict[str, Any]:
     rank = dist.get_rank()
     own_path = os.path.join(folder, f"process-{rank}.json")
     own = _read_json(own_path if os.path.exists(own_path) else os.path.join(folder, "process-0.json"))
-    templates = _templates(pipe, own["optimizer_keys"])
+    templates = _templates(pipe, own["optimizer_keys"], _stored_keys(folder, manifest["files"]))
     dcp.load(templates, storage_reader=HuggingFaceStorageReader(folder))
     weights = {key.removeprefix("model."): value for key, value in templates.items() if key.startswith("model.")}
+    try:
+        check_tied_values(weights, pipe.tied)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {folder}: {error}") from None
     pipe.load_state_dict(weights)
     state: dict[str, dict] = {}
     for name in weights:
@@ -232,7 +246,34 @@ def load_weights(folder: str) -> dict[str, torch.Tensor]:
             for key, value in load_file(os.path.join(folder, name)).items():
                 if key.startswith("model."):
                     weights[key.removeprefix("model.")] = value
-    return weights
+    tied = _read_tied(folder) if TIED_FILE in manifest["files"] else {}  # stored once: every name again
+    return {**{alias: weights[first] for alias, first in tied.items() if first in weights}, **weights}
+
+
+def _read_tied(folder: str) -> dict[str, str]:
+    """Return the checkpoint's names of tied parameters stored once: each holder's name -> the name stored."""
+    path = os.path.join(folder, TIED_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint file {path}: not readable as JSON ({error})") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise CheckpointError(f"checkpoint file {path}: not a map of parameter names")
+    return value
+
+
+def _stored_keys(folder: str, files) -> set[str]:
+    """Return the tensor keys a verified checkpoint holds (``files``: its manifest's), read from the safetensors
+    headers alone."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for name in files:
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as handle:
+                keys.update(handle.keys())
+    return keys
 
 
 def _read_json(path: str) -> dict:
@@ -248,16 +289,21 @@ def _read_json(path: str) -> dict:
     return value
 
 
-def _templates(pipe, optimizer_keys: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Return empty tensors for every value this process's stages need from a checkpoint, by checkpoint key."""
-    templates = {}
+def _templates(pipe, optimizer_keys: dict[str, str], held_keys: set[str]) -> dict[str, torch.Tensor]:
+    """Return empty tensors for every value this process's stages need from a checkpoint, by checkpoint key.
+
+    A tied parameter's other holders read its first name (where it is stored once); every process reads each of
+    its names the checkpoint holds (``held_keys``), so that every one sees copies that disagree."""
+    templates, renamed = {}, aliases(pipe.tied)
     for index in sorted(pipe.stages):
         stage = pipe.stages[index]
         stored = stage.stored_names()  # a shared parameter's optimizer state is saved under its first name only
         for offset, layer in enumerate(stage.layers):
             prefix = f"{stage.first + offset}."
             for name, tensor in list(layer.named_parameters(remove_duplicate=False)) + list(layer.named_buffers()):
-                templates[f"model.{prefix}{name}"] = torch.empty(tensor.shape, dtype=tensor.dtype)
+                key = renamed.get(prefix + name, prefix + name)
+                for held in {key, prefix + name} if f"model.{prefix}{name}" in held_keys else {key}:
+                    templates[f"model.{held}"] = torch.empty(tensor.shape, dtype=tensor.dtype)
             if index not in pipe.optimizers:
                 continue
             for name, parameter in layer.named_parameters(remove_duplicate=False):
@@ -266,5 +312,10 @@ def _templates(pipe, optimizer_keys: dict[str, str]) -> dict[str, torch.Tensor]:
                 for key, kind in optimizer_keys.items():
                     shape_kind, dtype = kind.split(":")
                     shape = () if shape_kind == "scalar" else parameter.shape
-                    templates[f"optimizer.{prefix}{name}.{key}"] = torch.empty(shape, dtype=getattr(torch, dtype))
+                    saved = renamed.get(prefix + name, prefix + name)
+                    templates[f"optimizer.{saved}.{key}"] = torch.empty(shape, dtype=getattr(torch, dtype))
+    for parameter in pipe.tied:  # every process reads every stored copy: all refuse copies that disagree alike
+        for name in parameter.names.values():
+            if f"model.{name}" in held_keys:
+                templates[f"model.{name}"] = torch.empty(parameter.shape, dtype=parameter.dtype)
     return templates

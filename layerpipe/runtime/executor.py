@@ -58,6 +58,7 @@ from .stage import (
 )
 from .stage_entry import entered
 from .tags import check_capacity
+from .ties import sum_ties
 
 F, B, I, W, R = Kind.F, Kind.B, Kind.I, Kind.W, Kind.R
 
@@ -89,6 +90,7 @@ class Executor:
         self.recompute_bytes: dict[int, int] = {}  # activation bytes one R of the stage added back (largest seen)
         self.collectives = Collectives(context.rank, context.timeout, completion_times=context.device.type == "cpu")
         self._mailboxes: dict[tuple, Mailbox] = {}
+        self.ties = None  # the ``LocalTies`` a ``TIE`` sums (set by the assembly)
 
     # ---------------------------------------------------------------- running
     def mailbox(self, key: tuple, programs: Sequence[Program], metas) -> Mailbox:
@@ -316,6 +318,7 @@ class Executor:
         Kind.RELEASE: _release_weights,
         Kind.GUARD: guard,
         Kind.CLIP: clip,
+        Kind.TIE: sum_ties,
         Kind.OVERLAP_F_B: run_pair,
     }
     """The handler of each action kind; it returns the stream to record the action on, or ``None`` when the

@@ -104,34 +104,11 @@ def partition(
 ) -> Boundaries:
     """Return the stage ranges for ``how``: ``"parameters"``, ``"time"`` (needs ``sample``) or a list of starts.
 
-    Refuses an unknown method, ``"time"`` without a sample input, fewer
-    layers than stages, and a parameter held by layers of two stages (see
-    ``check_untied``), each with ``PartitionError``.
+    Refuses an unknown method, ``"time"`` without a sample input and fewer
+    layers than stages, each with ``PartitionError``.  A parameter held by
+    layers of two stages is tied across them (``runtime.ties``).
     """
-    boundaries = _boundaries(layers, stages, how, sample)
-    check_untied(layers, boundaries)
-    return boundaries
-
-
-def check_untied(layers: Sequence[nn.Module], boundaries: Boundaries) -> None:
-    """Refuse, with ``PartitionError`` naming it, a parameter held by layers of two stages.
-
-    Each stage would train its own copy of it, silently apart (tied weights across stages, kept equal by a
-    reduce, are not supported yet).  Every process builds the same layers, so every one refuses alike, before
-    any communication.  A parameter shared inside one stage is one parameter of that stage and trains as usual.
-    """
-    holders: dict[int, tuple[int, str, int]] = {}  # parameter -> its first (layer, name, stage)
-    for stage, (first, end) in enumerate(boundaries):
-        for index in range(first, end):
-            for name, parameter in layers[index].named_parameters(remove_duplicate=False):
-                layer, held, holder = holders.setdefault(id(parameter), (index, name, stage))
-                if holder != stage:
-                    raise PartitionError(
-                        f"layers {layer} and {index} share one parameter ({layer}.{held} and {index}.{name}) but are "
-                        f"on stages {holder} and {stage}: tied weights across stages are not supported yet (each "
-                        f"stage would train its own copy); put those layers on one stage with partition=[...] or "
-                        f"untie them (give each layer its own nn.Parameter)"
-                    )
+    return _boundaries(layers, stages, how, sample)
 
 
 def _boundaries(

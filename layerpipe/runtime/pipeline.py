@@ -135,7 +135,8 @@ class Pipeline:
         self.stages, self.shards, self.optimizers = parts.stages, parts.shards, parts.optimizers
         self.schedulers = parts.schedulers  # stage -> its optimizer's learning-rate scheduler (with ``scheduler``)
         self.meter, self.executor, self.shapes, self._runs = parts.meter, parts.executor, parts.shapes, parts.runs
-        self._state = PipelineState(self.stages, self.shards, self.optimizers, timeout, self.global_rank)
+        self.tied = parts.tied  # parameters tied across stages (``runtime.ties``)
+        self._state = PipelineState(self.stages, self.shards, self.optimizers, timeout, self.global_rank, self.tied)
 
     # ---------------------------------------------------------------- running
     def train_step(self, inputs: Tensors, targets: Tensors) -> float:
@@ -231,7 +232,8 @@ class Pipeline:
         Every process passes the same values (or at least those of its
         stages); each keeps what its layout stores, so values saved from one
         layout load into another.  Async: flushes first.  Refuses, with
-        ``KeyError`` naming it, a value this rank's stages need and ``state`` lacks.
+        ``KeyError`` naming it, a value this rank's stages need and ``state`` lacks,
+        and with ``ValueError`` two names of one tied parameter given different values.
         """
         self.flush()
         self._state.load_state_dict(state)

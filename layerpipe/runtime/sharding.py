@@ -45,7 +45,9 @@ def _portion(length: int, portion: int, portions: int) -> tuple[int, int]:
 class StageShard:
     """The flat buffers of one local stage and the collectives that keep them consistent across replicas."""
 
-    def __init__(self, stage: Stage, zero: int, replicas: int, replica: int, group, device: torch.device):
+    def __init__(
+        self, stage: Stage, zero: int, replicas: int, replica: int, group, device: torch.device, uncounted=frozenset()
+    ):
         self.stage_index = stage.index
         self.zero = zero if replicas > 1 else 0  # one replica: nothing to shard, the full buffer is its own shard
         self.replicas = replicas
@@ -67,6 +69,8 @@ class StageShard:
             start = self.spans[-1][1] if self.spans else 0
             self.spans.append((start, start + parameter.numel()))
         self.length = self.spans[-1][1] if self.spans else 0
+        # the flat ranges of copies of tied parameters that the global norm counts on another stage
+        self.uncounted = sorted(span for name, span in zip(self.names, self.spans) if name in uncounted)
         self.shard_size = -(-self.length // replicas)
         low, high = replica * self.shard_size, (replica + 1) * self.shard_size
         self.shard_bounds = (low, high)
@@ -194,8 +198,14 @@ class StageShard:
 
     def squared_norm(self) -> torch.Tensor:
         """Return the sum of the squares of ``counted_gradient`` as a float64 scalar on its device (not finite when
-        a gradient is not)."""
-        return torch.linalg.vector_norm(self.counted_gradient(), dtype=torch.float64) ** 2
+        a gradient is not), without the copies of tied parameters another stage counts (``uncounted``)."""
+        gradient, low = self.counted_gradient(), self.shard_bounds[0]
+        if not self.uncounted:
+            return torch.linalg.vector_norm(gradient, dtype=torch.float64) ** 2
+        total = torch.zeros((), dtype=torch.float64, device=gradient.device)
+        for start, end in _counted_ranges(self.shard_bounds, self.uncounted):
+            total += torch.linalg.vector_norm(gradient[start - low : end - low], dtype=torch.float64) ** 2
+        return total
 
     def scale_gradients(self, factor: float) -> None:
         """Multiply the reduced gradients the step uses by ``factor`` (all of ``.grad`` below ZeRO-2, the shard's above)."""
@@ -256,6 +266,19 @@ class StageShard:
         if self.zero >= 2:
             gradients += self.shard.grad.untyped_storage().nbytes()
         return {"parameters": parameters, "gradients": gradients}
+
+
+def _counted_ranges(bounds: tuple[int, int], uncounted: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Return the parts of the flat range ``bounds`` outside the sorted ``uncounted`` ranges."""
+    low, high = bounds
+    ranges, start = [], low
+    for left, right in uncounted:
+        if left > start:
+            ranges.append((start, min(left, high)))
+        start = max(start, right)
+    if start < high:
+        ranges.append((start, high))
+    return [(a, b) for a, b in ranges if a < b]
 
 
 def _allocate(tensor: torch.Tensor) -> None:

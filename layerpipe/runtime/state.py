@@ -16,6 +16,7 @@ import torch
 from .p2p import wait_for
 from .sharding import StageShard, all_gather_into
 from .stage import Stage
+from .ties import check_tied_values, expand_aliases
 
 
 class PipelineState:
@@ -28,9 +29,11 @@ class PipelineState:
         optimizers: dict[int, torch.optim.Optimizer],
         timeout: float,
         rank: int,
+        tied: tuple = (),
     ):
         self.stages, self.shards, self.optimizers = stages, shards, optimizers
         self.timeout, self.rank = timeout, rank
+        self.tied = tied  # parameters tied across stages (``runtime.ties``): stored once, loaded into every holder
 
     def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield this process's parameters by model name (at ZeRO-3 the part this replica stores)."""
@@ -53,7 +56,12 @@ class PipelineState:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load full parameter and buffer values by model name; ``KeyError`` names one the stages need and lack."""
+        """Load full parameter and buffer values by model name; ``KeyError`` names one the stages need and lack.
+
+        A tied parameter given under its first name only loads into every holder; given under two names with
+        different values it is refused (``ValueError``, ``check_tied_values``)."""
+        check_tied_values(state, self.tied)
+        state = expand_aliases(state, self.tied)
         for index in sorted(self.stages):
             stage, shard = self.stages[index], self.shards[index]
             missing = [name for name in shard.names if name not in state]
@@ -80,9 +88,10 @@ class PipelineState:
 
     def load_optimizer_state_dict(self, state: dict) -> None:
         """Load what ``optimizer_state_dict`` returned (on this or another layout) into the optimizers."""
+        values = expand_aliases(state["state"], self.tied)
         for index, optimizer in sorted(self.optimizers.items()):
             shard = self.shards[index]
-            load_optimizer_state(shard, optimizer, state["state"])
+            load_optimizer_state(shard, optimizer, values)
             options = state.get("hyperparameters", {}).get(shard.names[0]) if shard.names else None
             for group in optimizer.param_groups:
                 group.update({key: value for key, value in (options or {}).items() if key in group})

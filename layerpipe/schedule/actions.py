@@ -6,7 +6,8 @@ An action prints as ``<stage><KIND>[<microbatch>]``, the notation of
 ``0GATHER`` all-gathers stage 0's sharded weights, ``0REDUCE[2/4]`` issues
 portion 2 of 4 of stage 0's gradient reduction, ``0GUARD`` is the rank's
 guard before its steps (written with the stage of its first ``STEP``) and
-``0CLIP`` its global-norm clip there.  An overlapped pair prints as torch
+``0CLIP`` its global-norm clip there; ``0TIE`` sums the gradients of the
+tie group whose first stage is 0.  An overlapped pair prints as torch
 prints it: ``(0F3;3B1)OVERLAP_F_B`` is stage 0's forward of micro-batch 3
 beside stage 3's backward of micro-batch 1.  ``parse_action`` reads the
 notation back.
@@ -23,8 +24,9 @@ from typing import NamedTuple
 COMPUTE, P2P, DATA_PARALLEL = "compute", "p2p", "data_parallel"
 """The streams of a rank, spelled as the timeline spells them."""
 
-ITS_SEND, EVERY_RANK = "its send", "every rank"
-"""What a receive waits for (the matching send) and what a guard waits for (every rank to reach its guard)."""
+ITS_SEND, EVERY_RANK, TIE_GROUP = "its send", "every rank", "its tie group"
+"""What a receive waits for (the matching send), what a guard waits for (every rank to reach its guard) and what a
+tie sum waits for (every rank holding a stage of its tie group to reach its own)."""
 
 
 class KindRow(NamedTuple):
@@ -83,6 +85,9 @@ class Kind(str, Enum):
     # every process sums its part of the squared gradient norm (one all-reduce, which guards too); then every stage's
     # gradients are scaled down to the clip limit
     CLIP = KindRow("CLIP", COMPUTE, EVERY_RANK, False, False, "clip gradient norm", "#7F3C8D")
+    # sum the gradients of the parameters tied across stages over the holders of one tie group (written with the
+    # group's first stage; one all-reduce over the holding ranks, a local sum where one rank holds them all)
+    TIE = KindRow("TIE", COMPUTE, TIE_GROUP, False, False, "sum tied gradients", "#17BECF")
     # an overlapped pair: one micro-batch's forward beside another's full backward (DualPipeV), one action whose
     # halves (``halves``) the passes and interpreters see; not a backward kind itself: a stage's last backward is
     # always a plain action in the schedules that pair
@@ -128,10 +133,13 @@ COLLECTIVE_KINDS = _kinds(lambda row: row.stream == DATA_PARALLEL)
 BARRIER_KINDS = _kinds(lambda row: row.waits_for == EVERY_RANK)
 """Kinds that block until every rank has reached one (the guard, the clip)."""
 
+TIE_KINDS = _kinds(lambda row: row.waits_for == TIE_GROUP)
+"""Kinds that block until every rank of their tie group has reached one (the tie sum)."""
+
 PAIR = Kind.OVERLAP_F_B
 """The overlapped pair: a forward and a backward in one action (``halves``)."""
 
-TIMED_KINDS = _kinds(lambda row: row.stream == COMPUTE) - BARRIER_KINDS - {PAIR}
+TIMED_KINDS = _kinds(lambda row: row.stream == COMPUTE) - BARRIER_KINDS - TIE_KINDS - {PAIR}
 """Kinds that occupy the compute stream for a time of their own (a pair's time is its halves')."""
 
 _MICROBATCH_KINDS = _kinds(lambda row: row.microbatch)

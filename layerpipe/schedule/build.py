@@ -20,6 +20,7 @@ from .lowering import (
 )
 from .placement import Placement, contiguous, looping, vshape
 from .registry import names_where
+from .ties import add_tie_sums
 from .validation import validate
 
 
@@ -94,6 +95,8 @@ def lower(
         if config.data_parallel > 1:
             programs = add_gradient_reduces(programs, config.reduce_portions, config.reduce_order)
         programs = add_optimizer_steps(programs, config.zero, config.step_placement == "early")
+        if config.ties:
+            programs = add_tie_sums(programs, config.ties)
         if config.clip_grad_norm is not None:  # its all-reduce carries the guard's agreement too
             programs = add_guard(programs, Kind.CLIP)
         elif config.skip_nonfinite:

@@ -13,6 +13,7 @@ from ..knobs import ConfigError, check_fields, knob, number, one_of, optional, w
 from . import generators  # noqa: F401  (registers the built-in schedules before the knobs below list them)
 from .asynchronous import ASYNC_OPTIONS
 from .registry import ScheduleNames, ScheduleRecord, schedule_record, schedule_records
+from .ties import check_ties
 
 __all__ = [
     "DELAY_CORRECTIONS",
@@ -200,6 +201,10 @@ class ScheduleConfig:
         metavar="MODE",
     )
 
+    ties: tuple[tuple[int, ...], ...] = ()
+    """Tie groups (``schedule.ties``): the stages holding each parameter tied across stages, found by the runtime
+    from the layers (not a knob: no command line or TOML spelling)."""
+
     def __post_init__(self) -> None:
         record = self.record
         if self.stages_per_rank is None:
@@ -253,7 +258,10 @@ class ScheduleConfig:
     def to_json(self) -> dict:
         """Return the configuration as a JSON-ready dictionary of its fields."""
         recompute = self.recompute if isinstance(self.recompute, str) else list(self.recompute)
-        return {**self.__dict__, "recompute": recompute}
+        fields = {**self.__dict__, "recompute": recompute}
+        if not self.ties:
+            del fields["ties"]  # set by the runtime from the layers; written only where there are some
+        return fields
 
 
 ASYNC_DEFAULTS = ASYNC_OPTIONS
@@ -288,6 +296,7 @@ def validate_config(config: ScheduleConfig) -> ScheduleConfig:
     _check_clip(config)
     _check_data_parallel(config)
     _check_recompute(config)
+    _check_ties(config)
     if config.record.rules is not None:
         config.record.rules(config)
     return config
@@ -378,6 +387,29 @@ def _check_clip(config: ScheduleConfig) -> None:
             "step_placement",
             "early",
             "`clip_grad_norm` needs the whole model's gradient norm before any step: use end with it",
+        )
+
+
+def _check_ties(config: ScheduleConfig) -> None:
+    """Refuse tie groups that are not groups of stages, and ties where no step of the whole model sums them."""
+    if not config.ties:
+        return
+    reason = check_ties(config.ties, config.stages)
+    if reason is not None:
+        raise ConfigError("ties", config.ties, reason)
+    if config.streams:
+        raise ConfigError(
+            "schedule",
+            config.schedule,
+            "async updates each stage on its own, so the copies of a parameter tied across stages "
+            f"{list(config.ties[0])} would drift apart: use a flushed schedule, or put the holders on one stage",
+        )
+    if config.step_placement == "early":
+        raise ConfigError(
+            "step_placement",
+            "early",
+            f"a parameter tied across stages {list(config.ties[0])} sums its gradient after every backward, "
+            "before any holder steps: use end with it",
         )
 
 

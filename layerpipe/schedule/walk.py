@@ -19,6 +19,8 @@ Semantics:
   ``WalkCosts.pair`` of its halves' times: their sum when the halves run one
   after the other (the default), their maximum when an overlap function runs
   them together (``CostModel.overlap_pairs``); it waits for both stages' gathers;
+* a ``TIE`` blocks until every rank of its tie group (the ranks whose programs
+  hold it) has reached it, then takes its group's ``WalkCosts.tie_time``;
 * ``GATHER`` and ``REDUCE`` run in issue order on the data-parallel stream;
 * with ``overlap`` false, communication occupies the compute stream instead.
 """
@@ -27,7 +29,8 @@ from __future__ import annotations
 
 import operator
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import NamedTuple
 
 from .actions import (
@@ -38,6 +41,7 @@ from .actions import (
     PAIR,
     RECEIVE_KINDS,
     SEND_KINDS,
+    TIE_KINDS,
     TIMED_KINDS,
     Action,
     Kind,
@@ -45,6 +49,7 @@ from .actions import (
     message_of,
 )
 from .placement import Placement
+from .ties import tie_members
 
 
 class ScheduleError(ValueError):
@@ -62,6 +67,9 @@ class WalkCosts(NamedTuple):
     send_hold: Sequence[float] = (0.0,)  # per stage, what a send costs its rank before the transfer goes on alone
     receive_hold: Sequence[float] = (0.0,)  # per stage, what a receive costs its rank once the message is there
     pair: Callable[[float, float], float] = operator.add  # an overlapped pair's time from its halves' (F, B) times
+    tie_time: Mapping = MappingProxyType(
+        {}
+    )  # tie group (its first stage) -> a TIE's time once its ranks have reached it
 
 
 def message_bases(stages: int, microbatches: int) -> dict:
@@ -107,6 +115,9 @@ class Walk:
         self.events: list[tuple] = []  # rows of TimelineEvent, built as plain tuples: this loop is hot
         self.guards_passed = [0] * ranks  # per rank, how many GUARDs it has passed
         self.guard_arrivals: dict[int, dict[int, float]] = {}  # guard number -> rank -> when it arrived
+        self.tie_members: dict[int, frozenset[int]] = {}  # tie group (its first stage) -> the ranks that sum it
+        self.ties_passed: dict[tuple[int, int], int] = {}  # (rank, tie group) -> how many of its TIEs it has passed
+        self.tie_arrivals: dict[tuple[int, int], dict[int, float]] = {}  # (group, number) -> rank -> when it arrived
 
 
 class _Tables(NamedTuple):
@@ -129,6 +140,7 @@ def walk(programs: Sequence[Program], costs: WalkCosts, overlap: bool = True, gu
     follow it.  The walk does not raise: ``check_finished`` says whether every rank reached its end.
     """
     run = Walk(len(programs), overlap, guard_fails)
+    run.tie_members = tie_members(programs)
     runnable = deque(range(len(programs)))
     tables = _Tables(
         run.awaited, run.finished, run.arrivals, run.waiting, run.events.append, overlap, run.p2p_free, runnable.append
@@ -145,7 +157,7 @@ def _advance(rank: int, program: Program, costs: WalkCosts, tables: _Tables, run
     This loop is the hot path of simulation and validation: the costs and tables are unpacked into locals once per
     call, and the sends and receives handled inline.  The wait rules are ``AWAITS``.
     """
-    duration, transfer, collective, message_base, guard_time, send_hold, receive_hold, pair_time = costs
+    duration, transfer, collective, message_base, _, send_hold, receive_hold, pair_time, _ = costs
     awaited, finished, arrivals, waiting, emit, overlap, p2p_free, wake = tables
     index, end_of_program, now, busy, exposed = run.positions[rank], len(program), run.compute_free[rank], 0.0, 0.0
     while index < end_of_program:
@@ -188,8 +200,8 @@ def _advance(rank: int, program: Program, costs: WalkCosts, tables: _Tables, run
             emit((rank, "p2p", action, start, arrived))
         elif kind in COLLECTIVE_KINDS:
             now = _collective(rank, action, now, collective[kind][stage] / (portions or 1), run, finished[kind])
-        elif kind in BARRIER_KINDS:
-            if (passed := _pass_guard(rank, program, index, now, run, wake, guard_time)) is None:
+        elif kind in BARRIER_KINDS or kind in TIE_KINDS:
+            if (passed := _pass_barrier(rank, program, index, now, run, wake, costs)) is None:
                 break
             now, index = passed
         elif kind is PAIR:
@@ -223,6 +235,18 @@ def _collective(rank: int, action: Action, now: float, length: float, run: Walk,
     finished[action[0]] = end
     run.events.append((rank, "data_parallel", action, start, end))
     return now
+
+
+def _pass_barrier(rank: int, program: Program, index: int, now: float, run: Walk, wake, costs: WalkCosts):
+    """Return ``(time, index)`` after the rank's GUARD, CLIP or TIE at ``index``, or ``None`` while it waits."""
+    action = program[index]
+    if action[1] not in TIE_KINDS:
+        return _pass_guard(rank, program, index, now, run, wake, costs.guard_time)
+    passed = _tie(rank, action[0], now, run, wake, costs.tie_time.get(action[0], 0.0))
+    if passed is None:
+        return None
+    run.events.append((rank, "compute", action, now, passed))
+    return passed, index
 
 
 def _pass_guard(rank: int, program: Program, index: int, now: float, run: Walk, wake, agree_time: float):
@@ -263,6 +287,22 @@ def _guard(rank: int, now: float, run: Walk, wake, ranks: int, agree_time: float
     return max(arrivals.values()) + agree_time
 
 
+def _tie(rank: int, group: int, now: float, run: Walk, wake, sum_time: float) -> float | None:
+    """Return when ``rank`` passes its next ``TIE`` of ``group``: once every rank of the group has reached it, plus
+    the sum's time; ``None`` while one has not (this rank blocks; the last to arrive wakes the others)."""
+    arrivals = run.tie_arrivals.setdefault((group, run.ties_passed.get((rank, group), 0)), {})
+    first_visit = rank not in arrivals
+    arrivals.setdefault(rank, now)
+    if len(arrivals) < len(run.tie_members[group]):
+        return None
+    if first_visit:
+        for other in arrivals:
+            if other != rank:
+                wake(other)
+    run.ties_passed[(rank, group)] = run.ties_passed.get((rank, group), 0) + 1
+    return max(arrivals.values()) + sum_time
+
+
 def check_finished(programs: Sequence[Program], positions: Sequence[int], placement: Placement) -> None:
     """Raise ``ScheduleError`` naming each blocked rank unless every rank's walk reached the end of its program."""
     if any(position < len(program) for position, program in zip(positions, programs)):
@@ -282,6 +322,8 @@ def blocked_report(programs: Sequence[Program], positions: Sequence[int], placem
             line += f": waits for {send} from rank {placement.rank_of(send.stage)}"
         elif action.kind in BARRIER_KINDS:
             line += f": waits for {_absent(programs, positions, action.kind)} to reach a {action.kind}"
+        elif action.kind in TIE_KINDS:
+            line += f": waits for the ranks of its tie group {sorted(tie_members(programs)[action.stage])}"
         lines.append(line)
     return "; ".join(lines)
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 from collections import defaultdict
 from statistics import mean, median, pstdev
 
-from ..schedule.actions import BARRIER_KINDS, Kind, Message, message_of
+from ..schedule.actions import BARRIER_KINDS, TIE_KINDS, Kind, Message, message_of
 from .cost import CostModel
 from .timeline import Timeline
 
 _SENDS = (Kind.SEND_F, Kind.SEND_B)
-_NOT_COMPUTE = (Kind.STEP.value, Kind.GUARD.value, Kind.CLIP.value)  # one per step, and waits for every process
+_NOT_COMPUTE = (
+    Kind.STEP.value,
+    Kind.GUARD.value,
+    Kind.CLIP.value,
+    Kind.TIE.value,
+)  # one per step, and waits for every process
 
 
 def calibrated_cost(timeline: Timeline, stages: int) -> CostModel:
@@ -173,7 +178,7 @@ def contention(timeline: Timeline, cores: int, replicas: int = 1) -> float:
     changes = sorted(
         point
         for _, stream, action, start, end in timeline.events
-        if stream == "compute" and end > start and action.kind not in BARRIER_KINDS
+        if stream == "compute" and end > start and action.kind not in BARRIER_KINDS | TIE_KINDS
         for point in ((start, 1), (end, -1))
     )
     busy = alone = 0.0

@@ -121,6 +121,13 @@ class CostModel:
         check=_BYTES,
         metavar="BYTES",
     )
+    tie_bytes: float = knob(
+        0.0,
+        "bytes of the gradients of each tie group's parameters (tied across stages), summed once per step by an "
+        "all-reduce over the group's ranks (p2p latency and bandwidth; nothing where one rank holds them all)",
+        check=_BYTES,
+        metavar="BYTES",
+    )
     data_parallel_latency: float = knob(0.0, "latency of one data-parallel collective", check=_SECONDS, metavar="T")
     data_parallel_bandwidth: float = knob(
         math.inf, "bytes per time unit of the data-parallel link", check=_BANDWIDTH, metavar="BYTES"

@@ -10,6 +10,8 @@ the simulator gives it the cost model's times:
   the transfer has arrived; ``GATHER`` and ``REDUCE`` take their ring
   collective's time; a ``GUARD`` takes ``p2p_latency`` once every rank has
   reached it, a ``CLIP`` that and ``clip_time`` per stage of the busiest rank;
+  a ``TIE`` an all-reduce of ``tie_bytes`` over its tie group's ranks once they
+  have all reached it (nothing when one rank holds the group);
 * with a ``variation`` above 0, each compute action's time is drawn from a
   gamma distribution with the cost model's time as its mean (seeded); with a
   ``hold_variation`` above 0, so is each hold of a ``SEND`` or ``RECV``.
@@ -180,7 +182,20 @@ def _costs_of(schedule: Schedule, cost: CostModel, seed: int = 0) -> WalkCosts:
     pair = (
         max if cost.overlap_pairs else operator.add
     )  # an overlapped pair: its halves one after the other, or together
-    return WalkCosts(duration, transfer, collective, message_base, _barrier_time(schedule, cost), *holds, pair)
+    ties = _tie_times(schedule, cost)
+    return WalkCosts(duration, transfer, collective, message_base, _barrier_time(schedule, cost), *holds, pair, ties)
+
+
+def _tie_times(schedule: Schedule, cost: CostModel) -> dict:
+    """Return, per tie group (its first stage), a ``TIE``'s time: a ring all-reduce of ``tie_bytes`` over the
+    group's ranks at the pipeline link's latency and bandwidth (0 where one rank holds the whole group)."""
+    rank_of = schedule.placement.rank_of
+    return {
+        group[0]: collective_time(
+            "all_reduce", cost.tie_bytes, len({rank_of(s) for s in group}), cost.p2p_bandwidth, cost.p2p_latency
+        )
+        for group in schedule.config.ties
+    }
 
 
 def _barrier_time(schedule: Schedule, cost: CostModel) -> float:

@@ -296,6 +296,8 @@ def check_config(config: TrainConfig) -> None:
 
 def _check_gpt(config: TrainConfig) -> None:
     schedule, model = config.pipeline, config.gpt
+    if model.tie_embeddings and schedule.stages > 1:  # the schedule's own rule for the tie the pipeline will find
+        validate_config(dataclasses.replace(schedule, ties=((0, schedule.stages - 1),)))
     if config.spatial > 1:
         raise ConfigError(
             "spatial",

@@ -101,12 +101,7 @@ def assemble(
     stages = _local_stages(layers, boundaries, placement, rank, device, groups.spatial, initialisation)
     untie_local(stages, tied)  # before the shards: each holder's flat buffer holds its own copy
     start_replicas_equal(stages, layout, global_rank, groups, run.timeout)  # before the weights are sharded
-    shards = {
-        index: StageShard(
-            stage, config.zero, config.data_parallel, replica, groups.data, device, uncounted_names(tied, index)
-        )
-        for index, stage in stages.items()
-    }
+    shards = _shards(stages, config, replica, groups.data, device, tied)
     ties = LocalTies(tied, config.ties, shards, layout, global_rank, placement)
     optimizers = _optimizers(optimizer, shards, config.streams)
     schedulers = build_schedulers(scheduler, optimizers)
@@ -156,6 +151,16 @@ def _local_stages(
     for stage in stages.values():
         mark_regions(stage)  # submodules marked recompute_region become regions for recompute="selective"
     return stages
+
+
+def _shards(stages: dict, config, replica: int, data_group, device: torch.device, tied) -> dict[int, StageShard]:
+    """Return each local stage's shard of its weights and gradients (a tied parameter's later copies uncounted)."""
+    return {
+        index: StageShard(
+            stage, config.zero, config.data_parallel, replica, data_group, device, uncounted_names(tied, index)
+        )
+        for index, stage in stages.items()
+    }
 
 
 def _local(stages: dict, shards: dict, optimizers: dict, schedulers: dict, recompute_modes) -> dict[int, LocalStage]:

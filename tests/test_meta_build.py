@@ -4,7 +4,8 @@ One launch of 2 gloo processes checks: layers built on the meta device get
 the weights ``layerpipe.materialise`` gives in one process, in two layouts
 (2 ranks × 1 stage and 2 ranks × 2 stages), for plain torch layers and a
 Hugging Face Llama, whose float64 evaluation loss on a fixed batch is the
-reference's in both; a tiny random Llama saved sharded and a tied GPT-2
+reference's in both, untied and tied (the tied head starts as the embedding
+on every rank, as in one process); a tiny random Llama saved sharded and a tied GPT-2
 saved whole load into a 2-process pipeline built on the meta device and give
 the model's own loss; a checkpoint of that pipeline after two AdamW steps,
 exported, loads in ``transformers`` with the pipeline's logits.  Bad input
@@ -90,6 +91,7 @@ def meta_builds() -> list:
     with torch.no_grad():
         reference_loss = float(hf.causal_lm_loss(run_layers([layer.eval() for layer in reference_llama], ids), labels))
     reference_torch = named_tensors(layerpipe.materialise(torch_layers(), seed=7))
+    tied = tied_reference_loss(ids, labels)
     for layout in LAYOUTS:
         pipe = layerpipe.Pipeline(torch_layers(), nn.functional.mse_loss, microbatches=2, seed=7, **layout)
         state = pipe.gathered_state_dict()
@@ -99,8 +101,18 @@ def meta_builds() -> list:
         expected = named_tensors(reference_llama)
         llama_error = largest_difference(state, expected)
         loss = pipe.eval_step(ids, labels)
-        results.append((torch_error, llama_error, sorted(state), abs(loss - reference_loss) / reference_loss))
+        tied_loss = pipeline(hf.split(meta_llama(tied=True)), layout, seed=7).eval_step(ids, labels)
+        errors = [abs(value - expected) / expected for value, expected in ((loss, reference_loss), (tied_loss, tied))]
+        results.append((torch_error, llama_error, sorted(state), max(errors)))
     return results
+
+
+def tied_reference_loss(ids, labels) -> float:
+    """Return the evaluation loss of the tied meta Llama materialised in one process, whose head is its embedding."""
+    layers = layerpipe.materialise(hf.split(meta_llama(tied=True)), seed=7)
+    assert layers[-1].linear.weight is layers[0].tokens.weight, "materialising keeps the tie"
+    with torch.no_grad():
+        return float(hf.causal_lm_loss(run_layers([layer.eval() for layer in layers], ids), labels))
 
 
 def loaded_and_exported(llama_folder: str, gpt2_folder: str, checkpoint: str) -> tuple:

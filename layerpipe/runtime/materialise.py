@@ -22,6 +22,7 @@ A meta tensor that no rule covers is refused, before anything is built.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -97,9 +98,44 @@ def materialise(layers: Sequence[nn.Module], seed: int = 0, device: torch.device
     (before any layer is touched).
     """
     check_initialisable(layers)
+    shared = shared_meta_parameters(layers)
     for index, layer in enumerate(layers):
         materialise_layer(layer, index, seed, device)
+    retie(layers, shared, range(len(layers)), seed, device)
     return layers
+
+
+def shared_meta_parameters(layers: Sequence[nn.Module]) -> list[list[tuple[int, str]]]:
+    """Return, for each meta parameter held under more than one name, its holders ``(layer index, name)`` in order.
+
+    Found before materialising: ``to_empty`` gives every holder a tensor of its own, which ``retie`` undoes.
+    """
+    holders: dict[int, list[tuple[int, str]]] = {}
+    for index, layer in enumerate(layers):
+        for name, parameter in layer.named_parameters(remove_duplicate=False):
+            if parameter.is_meta:
+                holders.setdefault(id(parameter), []).append((index, name))
+    return [found for found in holders.values() if len(found) > 1]
+
+
+def retie(layers: Sequence[nn.Module], shared: list, indices, seed: int, device: torch.device | str) -> None:
+    """Point every materialised holder among layers ``indices`` of each ``shared`` parameter at one ``nn.Parameter``
+    whose value is what its first holder's rule gives (materialised from a copy of that layer where it is not here),
+    so a tied parameter starts as in one process whichever layers this process holds."""
+    local = set(indices)
+    for holders in shared:
+        here = [(index, name) for index, name in holders if index in local]
+        if not here:
+            continue
+        first, first_name = holders[0]
+        if first in local:
+            value = layers[first].get_parameter(first_name)
+        else:
+            source = materialise_layer(copy.deepcopy(layers[first]), first, seed, device).get_parameter(first_name)
+            value = nn.Parameter(source.detach(), requires_grad=source.requires_grad)
+        for index, name in here:
+            owner, _, leaf = name.rpartition(".")
+            setattr(layers[index].get_submodule(owner), leaf, value)
 
 
 def _own_rule(layer: nn.Module):
@@ -144,8 +180,10 @@ class Initialisation:
 
     def apply(self, layers: Sequence[nn.Module], indices: Sequence[int], device: torch.device) -> None:
         """Materialise layers ``indices`` on ``device`` and load their tensors from ``init_from``, if given."""
+        shared = shared_meta_parameters(layers)
         for index in indices:
             materialise_layer(layers[index], index, self.seed, device)
+        retie(layers, shared, indices, self.seed, device)
         if self.init_from is not None:
             from ..hf_weights import load_layers
 

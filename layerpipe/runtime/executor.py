@@ -49,6 +49,7 @@ from .run_state import COMPUTE, P2P, LocalStage, RunResult, RunState
 from .schedulers import step_scheduler
 from .shapes import check_agreed
 from .stage import (
+    ListedMetas,
     PipelineError,
     UnevenMetas,
     backward_roots,
@@ -99,6 +100,7 @@ class Executor:
             mailbox = Mailbox(self.context, programs, metas)
             self._mailboxes[key] = mailbox
         else:
+            mailbox.boundary_metas = metas  # a list of micro-batches keeps one mailbox for every run's shapes
             mailbox.reset()
         return mailbox
 
@@ -396,8 +398,9 @@ def _note_buffers(stages: dict[int, LocalStage], state: RunState) -> None:
 
 
 def weighted(loss: torch.Tensor, metas: tuple, microbatch: int) -> torch.Tensor:
-    """Return a micro-batch's mean loss weighted by its share of the samples when micro-batches are uneven."""
-    return loss * metas.loss_weights[microbatch] if type(metas) is UnevenMetas else loss
+    """Return a micro-batch's mean loss weighted by its share of the samples when micro-batches are uneven, or of
+    the counted tokens in a list of micro-batches."""
+    return loss * metas.loss_weights[microbatch] if type(metas) in (UnevenMetas, ListedMetas) else loss
 
 
 def _free_recording(recorded: Recording | None) -> None:

@@ -151,7 +151,8 @@ class Mailbox:
 
     def _metas(self, message: Message) -> tuple[TensorMeta, ...]:
         if message.backward:
-            return tuple(meta for meta in self.boundary_metas[message.receiver] if carries_gradient(meta.dtype))
+            metas = stage_metas(self.boundary_metas, message.receiver, message.microbatch)
+            return tuple(meta for meta in metas if carries_gradient(meta.dtype))
         return stage_metas(self.boundary_metas, message.sender, message.microbatch)
 
     def _post_through(self, peer: int, index: int) -> None:

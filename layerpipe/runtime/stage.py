@@ -110,15 +110,38 @@ class UnevenMetas(tuple):
         return made
 
 
+class ListedMetas(tuple):
+    """Every stage's output metas for each micro-batch of a list of micro-batches (their shapes may differ).
+
+    As a tuple it is micro-batch 0's metas; ``per_microbatch[i]`` holds
+    micro-batch ``i``'s, and ``loss_weights`` what each micro-batch's mean
+    loss is multiplied by so that the step's loss is the mean over every
+    counted token of the step (``microbatch_lists.loss_weights``).
+    """
+
+    per_microbatch: tuple
+    loss_weights: tuple[float, ...]
+
+    def __new__(cls, per_microbatch: tuple, loss_weights: tuple[float, ...]):
+        made = super().__new__(cls, per_microbatch[0])
+        made.per_microbatch, made.loss_weights = per_microbatch, loss_weights
+        return made
+
+
 def stage_metas(metas: tuple, stage: int, microbatch: int) -> tuple[TensorMeta, ...]:
     """Return stage ``stage``'s output metas for micro-batch ``microbatch``."""
+    if type(metas) is ListedMetas:
+        return metas.per_microbatch[microbatch][stage]
     if type(metas) is UnevenMetas and microbatch == metas.last_microbatch:
         return metas.last[stage]
     return metas[stage]
 
 
 def uneven_key(metas: tuple):
-    """Return what tells uneven metas apart from the even ones they equal as tuples (``None`` for even ones)."""
+    """Return what tells uneven metas apart from the even ones they equal as tuples (``None`` for even ones;
+    one key for every list of micro-batches, whose mailbox is handed each run's metas)."""
+    if type(metas) is ListedMetas:
+        return "listed"
     return (metas.last, metas.loss_weights) if type(metas) is UnevenMetas else None
 
 

@@ -16,6 +16,9 @@ case's ``Pipeline`` in turn.
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -188,3 +191,29 @@ def test_bad_lists_are_refused_in_one_line_before_anything_runs():
         assert said[-2] == "inputs: a list; forward takes one batch (a tensor, or a tuple of tensors)"
         assert said[-1].startswith("inputs: a list of micro-batches; schedule='async' streams sub-minibatches")
         assert len(said) == 2 * len(starts) + 2
+
+
+def test_length_buckets_give_micro_batches_of_their_own_length_and_about_equal_tokens():
+    from layerpipe.models.text import CharacterText
+    from layerpipe.train.tasks import bucketed
+
+    text = CharacterText.from_text("test", "abcdefghij" * 50)
+    model = GPTConfig(vocab_size=10, block_size=16, length_buckets=4)
+    inputs, targets = bucketed(text, 2, 12, model, torch.Generator().manual_seed(0))
+    lengths = [ids.shape[1] for ids in inputs]
+    assert set(lengths) <= {4, 8, 12, 16} and len(set(lengths)) > 2, lengths
+    for ids, labels in zip(inputs, targets):
+        assert ids.shape == labels.shape and ids.shape[0] == 2 * 16 // ids.shape[1]
+        assert torch.equal(ids[:, 1:], labels[:, :-1]), "targets are the next characters"
+
+
+@pytest.mark.multiprocess
+def test_layerpipe_train_learns_on_length_buckets(tmp_path):
+    small = "--width 32 --heads 2 --blocks 2 --block-size 32 --batch-size 16 --microbatches 4 --sample-length 10"
+    command = [sys.executable, "-m", "layerpipe.cli", "train", *small.split(), "--steps", "20", "--learning-rate",
+               "0.01", "--length-buckets", "4", "--output", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["length_buckets"] == 4 and len(summary["losses"]) == 20
+    assert summary["final_loss"] < 0.85 * summary["first_loss"]

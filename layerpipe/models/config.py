@@ -10,7 +10,8 @@ from ..sim.gpt_costs import GPTShape
 
 @dataclass(frozen=True)
 class GPTConfig(GPTShape):
-    """The demo GPT: its sizes (``GPTShape``'s: vocabulary, context length, width, heads and blocks) and its dropout.
+    """The demo GPT: its sizes (``GPTShape``'s: vocabulary, context length, width, heads and blocks), its dropout
+    and the length buckets of its training micro-batches.
 
     ``vocab_size`` is set from the text, not by the user, so it is no knob.
     """
@@ -20,6 +21,13 @@ class GPTConfig(GPTShape):
         "dropout probability",
         check=lambda value: number(0.0)(value) or ("must be below 1" if value >= 1 else None),
         metavar="P",
+    )
+    length_buckets: int = knob(
+        0,
+        "micro-batches of different lengths: each draws its sequence length from N buckets up to block_size, "
+        "with rows for about the same tokens (0: every sequence block_size long)",
+        check=whole(0),
+        metavar="N",
     )
 
     def to_json(self) -> dict:

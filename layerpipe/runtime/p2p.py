@@ -14,6 +14,12 @@ messages one way only (the shape agreement of the first step still goes both
 ways on the default group). Sends never block: they are waited for when the
 program ends. Every wait has a timeout whose error names the rank, the action
 and the peer.
+
+A step given as a list of micro-batches (``microbatch_lists``), whose
+shapes may differ, agrees no shapes: every message announces its own, a
+header of its tensors' shapes and dtypes (``stage.encode_header``) in the
+slot before them.  The header's receive is posted ahead, as a message's
+tensors are for one shape; the tensors' receives follow when it arrives.
 """
 
 from __future__ import annotations
@@ -31,8 +37,21 @@ import torch.distributed as dist
 
 from ..schedule.actions import Action, Kind, Message, Program, message_of, peer_stage
 from .context import RankContext
-from .stage import PipelineError, TensorMeta, carries_gradient, stage_metas
-from .tags import message_tag
+from .stage import (
+    HEADER_LENGTH,
+    ListedMetas,
+    PipelineError,
+    TensorMeta,
+    carries_gradient,
+    decode_header,
+    encode_header,
+    metas_of,
+    stage_metas,
+)
+from .tags import TENSOR_SLOTS, message_tag
+
+HEADER_META = TensorMeta((HEADER_LENGTH,), torch.int64)
+"""What a message of a list of micro-batches sends first: the shapes and dtypes of its tensors."""
 
 
 def failure_reason(error: BaseException) -> str:
@@ -163,16 +182,33 @@ class Mailbox:
             self.receives[message] = self._post(message, peer)
             self.posted[peer] += 1
 
-    def _post(self, message: Message, peer: int) -> tuple[list, list]:
+    @property
+    def announced(self) -> bool:
+        """Return whether every message announces its shapes (a header ahead of its tensors) instead of agreed ones."""
+        return type(self.boundary_metas) is ListedMetas
+
+    def _post(self, message: Message, peer: int, first_slot: int = 0, metas=None) -> tuple[list, list]:
+        """Post the receives of a message's tensors (of ``metas``; its header alone when messages announce shapes)."""
         context = self.context
         source = context.peers[peer]
-        buffers = [torch.empty(meta.shape, dtype=meta.dtype, device=context.device) for meta in self._metas(message)]
+        if metas is None:
+            metas = (HEADER_META,) if self.announced else self._metas(message)
+        buffers = [torch.empty(meta.shape, dtype=meta.dtype, device=context.device) for meta in metas]
         group = context.group_of(peer, context.rank)
         works = [
-            dist.irecv(buffer, src=source, tag=self._tag(message, slot), group=group)
+            dist.irecv(buffer, src=source, tag=self._tag(message, first_slot + slot), group=group)
             for slot, buffer in enumerate(buffers)
         ]
         return buffers, works
+
+    def _announced_tensors(self, message: Message, peer: int, header: list, works: list, waiting: str) -> tuple:
+        """Wait for a message's header, then receive the tensors it announces (slots after the header's)."""
+        self._wait(works, waiting)
+        return self._post(message, peer, 1, decode_header(header[0].cpu()))
+
+    def _wait(self, works: list, waiting: str) -> None:
+        for work in works:
+            wait_for(work, self.context.timeout, self.context.rank, waiting)
 
     def receive(self, action: Action) -> tuple[torch.Tensor, ...]:
         """Return the tensors ``action`` (a ``RECV``) waits for.
@@ -188,13 +224,10 @@ class Mailbox:
         else:  # the peer's program never sends it: post anyway, so the wait times out and says so
             peer = self._peer_of(action)
             buffers, works = self._post(message, peer)
-        for work in works:
-            wait_for(
-                work,
-                self.context.timeout,
-                self.context.rank,
-                f"at {action} waiting for {message.describe()} from rank {peer}",
-            )
+        waiting = f"at {action} waiting for {message.describe()} from rank {peer}"
+        if self.announced:
+            buffers, works = self._announced_tensors(message, peer, buffers, works, waiting)
+        self._wait(works, waiting)
         return tuple(buffers)
 
     def send(self, action: Action, tensors: Sequence[torch.Tensor]) -> None:
@@ -203,6 +236,13 @@ class Mailbox:
         peer = self._peer_of(action)
         destination, group = self.context.peers[peer], self.context.group_of(self.context.rank, peer)
         payload = [t.detach().contiguous() for t in tensors]
+        if self.announced:  # the header of their shapes goes first, in slot 0
+            if len(payload) >= TENSOR_SLOTS:
+                raise PipelineError(
+                    f"stage {action.stage} passes {len(payload)} tensors; a message of a list of micro-batches "
+                    f"carries at most {TENSOR_SLOTS - 1} (and their header): concatenate or stack some of them"
+                )
+            payload.insert(0, encode_header(metas_of(payload)).to(self.context.device))
         works = [
             dist.isend(tensor, dst=destination, tag=self._tag(message, slot), group=group)
             for slot, tensor in enumerate(payload)

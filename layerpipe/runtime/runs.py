@@ -23,6 +23,7 @@ from .replicas import LocalModel
 from .run_state import RunResult
 from .shapes import BoundaryShapes, signature_of
 from .sharding import StageShard
+from .stage import ListedMetas
 from .stream.versions import VersionRecord
 
 
@@ -106,7 +107,7 @@ class FlushedRuns:
         forward."""
         if isinstance(inputs, ListedStep):
             step = inputs
-            metas = self.shapes.metas_for_list(step.everyone, step.inputs, step.loss_weights)
+            metas = ListedMetas(step.loss_weights)  # no shapes agreed: every message announces its own
             return self._run_program(mode, programs, "listed", metas, step.inputs, step.targets)
         input_parts, target_parts = self.batches.split(mode == "train", inputs, targets, across_replicas)
         # The whole images' shapes, not this band's: two heights can give one band the same rows, and the

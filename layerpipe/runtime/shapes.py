@@ -22,7 +22,6 @@ from .precision import compute
 from .sharding import StageShard, weights_gathered
 from .stage import (
     HEADER_LENGTH,
-    ListedMetas,
     PipelineError,
     Stage,
     TensorMeta,
@@ -263,17 +262,6 @@ class BoundaryShapes:
             return metas
         sizes = tuple(part[0].shape[0] if part and part[0].dim() else 1 for part in parts)
         return UnevenMetas(metas, self.metas_for(parts[-1], ("last", signature, last)), sizes)
-
-    def metas_for_list(self, everyone: list[tuple], parts: list[tuple], loss_weights: tuple) -> ListedMetas:
-        """Return every stage's output metas for each of ``parts`` (this replica's micro-batches of a list).
-
-        Every input shape of ``everyone`` (the whole list, every replica's)
-        is agreed on first use, in list order, so that every process takes
-        part in the same agreements (collective over the replicas at ZeRO-3).
-        """
-        for part in everyone:
-            self.metas_for(part)
-        return ListedMetas(tuple(self._agreed[signature_of(part)] for part in parts), loss_weights)
 
     def agreed(self) -> Iterator[Metas]:
         """Yield the metas agreed so far, in the order they were agreed (one per input signature)."""

@@ -111,27 +111,22 @@ class UnevenMetas(tuple):
 
 
 class ListedMetas(tuple):
-    """Every stage's output metas for each micro-batch of a list of micro-batches (their shapes may differ).
+    """The metas of a list of micro-batches (``microbatch_lists``): none agreed ahead, as every message announces
+    its own shapes (``p2p.Mailbox``); ``loss_weights`` is what each micro-batch's mean loss is multiplied by so
+    that the step's loss is the mean over every counted token of the step."""
 
-    As a tuple it is micro-batch 0's metas; ``per_microbatch[i]`` holds
-    micro-batch ``i``'s, and ``loss_weights`` what each micro-batch's mean
-    loss is multiplied by so that the step's loss is the mean over every
-    counted token of the step (``microbatch_lists.loss_weights``).
-    """
-
-    per_microbatch: tuple
     loss_weights: tuple[float, ...]
 
-    def __new__(cls, per_microbatch: tuple, loss_weights: tuple[float, ...]):
-        made = super().__new__(cls, per_microbatch[0])
-        made.per_microbatch, made.loss_weights = per_microbatch, loss_weights
+    def __new__(cls, loss_weights: tuple[float, ...]):
+        made = super().__new__(cls, ())
+        made.loss_weights = loss_weights
         return made
 
 
 def stage_metas(metas: tuple, stage: int, microbatch: int) -> tuple[TensorMeta, ...]:
-    """Return stage ``stage``'s output metas for micro-batch ``microbatch``."""
+    """Return stage ``stage``'s output metas for micro-batch ``microbatch`` (``None``: announced by each message)."""
     if type(metas) is ListedMetas:
-        return metas.per_microbatch[microbatch][stage]
+        return None
     if type(metas) is UnevenMetas and microbatch == metas.last_microbatch:
         return metas.last[stage]
     return metas[stage]

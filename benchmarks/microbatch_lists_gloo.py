@@ -3,19 +3,23 @@
     python benchmarks/microbatch_lists_gloo.py [--repeats 15] [--quick]
 
 The demo GPT (4 blocks, width 128, float32), 1F1B on 2 ranks, m = 4, SGD,
-128 tokens per micro-batch in every variant.  A list of micro-batches
-announces its shapes ahead: every input shape is agreed once, when first
-met (a pass on fake tensors through the pipeline), and the program's
-receives are then posted with each micro-batch's own sizes, as for one
-shape — no message carries a header.  Variants, interleaved (A B C D A B C
-D ...), each step bracketed by barriers:
+about 128 tokens per micro-batch in every variant.  A list of micro-batches
+of different shapes agrees none: every activation and gradient message
+sends a header of its shapes first (its receive posted ahead, the tensors'
+receives posted when it arrives).  Variants, interleaved (A B C D E A B C D
+E ...), each step bracketed by barriers:
 
 * one batch tensor, 8 × 64 (today's path);
-* a list of four 2 × 64 micro-batches (the list's own work: checks, token counts, per-micro-batch sizes);
-* a list of 4 × 32, 2 × 64, 1 × 128 and 2 × 64 (different lengths, shapes agreed at the warm-up);
-* a list whose third micro-batch has a length never met before at every step (one agreement per step).
+* a list of four 2 × 64 micro-batches (one shape: agreed as a batch's, no header; the list's checks and token
+  weights);
+* a list of three 2 × 64 and one 2 × 63 (about the same compute, but the shapes differ: every message sends a
+  header first);
+* a list of 4 × 32, 2 × 64, 1 × 128 and 2 × 64 (headers; the attention of the longer sequences costs more);
+* a list whose third micro-batch has a length never met before at every step (headers; nothing agreed).
 
-The table gives the median step time and the ratio to the batch tensor.
+The table gives the median step time, its quartiles, the ratio to the
+batch tensor, and the median time each rank waited at its ``RECV`` actions
+per step (where a late header or tensor would show).
 Results go to ``benchmarks/results/microbatch_lists_gloo.{json,md}``.
 """
 
@@ -33,10 +37,16 @@ from timing import time_steps_alternately
 import layerpipe
 from layerpipe.models.config import GPTConfig
 from layerpipe.models.gpt import gpt_layers, next_token_loss
+from layerpipe.schedule.actions import Kind
 
 MODEL = GPTConfig(vocab_size=65, block_size=1024, width=128, heads=4, blocks=4)
 QUICK_MODEL = GPTConfig(vocab_size=65, block_size=1024, width=32, heads=2, blocks=2)
-SHAPES = {"same": [(2, 64)] * 4, "different": [(4, 32), (2, 64), (1, 128), (2, 64)]}
+RECEIVES = (Kind.RECV_F, Kind.RECV_B)
+SHAPES = {
+    "same": [(2, 64)] * 4,
+    "one shorter": [(2, 64)] * 3 + [(2, 63)],
+    "different": [(4, 32), (2, 64), (1, 128), (2, 64)],
+}
 
 
 def tokens(rows: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +71,7 @@ def worker(repeats: int, model: GPTConfig) -> dict:
     )  # fmt: skip
     batch = tokens(8, 64, generator)
     same, different = listed(SHAPES["same"], generator), listed(SHAPES["different"], generator)
+    shorter = listed(SHAPES["one shorter"], generator)
     fresh = (16 + 2 * k for k in itertools.count())  # 16, 18, ...: tokens of the third micro-batch vary by little
 
     def new_length():
@@ -71,19 +82,30 @@ def worker(repeats: int, model: GPTConfig) -> dict:
 
     steps = {
         "one batch tensor, 8 × 64 (fixed shape)": lambda: pipe.train_step(*batch),
-        "list, four 2 × 64": lambda: pipe.train_step(*same),
-        "list, 4 × 32, 2 × 64, 1 × 128, 2 × 64": lambda: pipe.train_step(*different),
-        "list with a length never met before": new_length,
+        "list, four 2 × 64 (one shape: agreed, no header)": lambda: pipe.train_step(*same),
+        "list, 2 × 64 three times and 2 × 63 (headers)": lambda: pipe.train_step(*shorter),
+        "list, 4 × 32, 2 × 64, 1 × 128, 2 × 64 (headers)": lambda: pipe.train_step(*different),
+        "list with a length never met before (headers)": new_length,
     }
-    return time_steps_alternately(steps, repeats)
+    waits: dict[str, list[float]] = {name: [] for name in steps}
+    times = time_steps_alternately(steps, repeats, after=lambda name: waits[name].append(_receive_wait(pipe)))
+    return {"times": times, "receive_waits": waits}
+
+
+def _receive_wait(pipe) -> float:
+    """Return the seconds the last step waited at its RECVs on this process (header and tensors)."""
+    return sum(end - start for _, _, action, start, end in pipe.last_result.events if action.kind in RECEIVES)
 
 
 def main() -> None:
     args = repeated_benchmark_arguments(__doc__, "width 32, 2 blocks and 3 repetitions (for a test of the script)")
     model, repeats = (QUICK_MODEL, 3) if args.quick else (MODEL, args.repeats)
     today, machine = datetime.date.today().isoformat(), gloo_machine()
-    times = layerpipe.launch(worker, 2, (repeats, model), timeout=3600)[0]
+    found = layerpipe.launch(worker, 2, (repeats, model), timeout=3600)
+    times = found[0]["times"]
     medians = {name: statistics.median(samples) for name, samples in times.items()}
+    quartiles = {name: statistics.quantiles(samples, n=4) for name, samples in times.items()}
+    waits = {name: [statistics.median(f["receive_waits"][name]) for f in found] for name in times}
     base = next(iter(medians.values()))
     lines = [
         f"# Micro-batches of different shapes against one shape, measured ({today})",
@@ -91,13 +113,18 @@ def main() -> None:
         f"Machine: {machine}. GPT of {model.blocks} blocks, width {model.width}, float32; 1F1B on 2 ranks, m = 4, "
         f"128 tokens per micro-batch, SGD; {repeats} interleaved repetitions, medians.",
         "",
-        "| variant | step (ms) | ratio to one batch tensor |",
-        "| --- | --- | --- |",
-        *(f"| {name} | {1e3 * value:.1f} | {value / base:.3f} |" for name, value in medians.items()),
+        "| variant | step (ms) | quartiles (ms) | ratio to one batch tensor | waits at RECVs, rank 0 / 1 (ms) |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {name} | {1e3 * value:.1f} | {1e3 * quartiles[name][0]:.1f}–{1e3 * quartiles[name][2]:.1f} | "
+            f"{value / base:.3f} | {' / '.join(f'{1e3 * wait:.2f}' for wait in waits[name])} |"
+            for name, value in medians.items()
+        ),
         "",
         f"Load average (1, 5, 15 minutes) at the end: {', '.join(f'{load:.1f}' for load in os.getloadavg())}.",
     ]
     record = {"date": today, "machine": machine, "model": model.to_json(), "repeats": repeats, "times": times}
+    record["receive_wait_medians"] = waits
     print(write_results(args.output, "microbatch_lists_gloo", record, lines))
 
 

@@ -52,6 +52,8 @@ def microbatch_lists(step: int, count: int) -> tuple[list, list]:
     inputs, targets = [], []
     for index in range(count):
         samples, length = 1 + (index + step) % 2, 3 + (5 * index + step) % (CONFIG.block_size - 3)
+        if step == 1:  # one shape, counts still differing: the agreed shapes, no header, weighted by counted tokens
+            samples, length = 2, 6
         ids = torch.randint(0, CONFIG.vocab_size, (samples, length + 1), generator=generator)
         labels = ids[:, 1:].clone()
         labels[torch.rand(labels.shape, generator=generator) < 0.3] = -100

@@ -20,7 +20,8 @@ over ``d`` replicas, so the gradients summed by the reduce are those of the
 mean loss over the step's global batch (``loss_fn`` returns a mean over its
 micro-batch and training micro-batches are equal); an evaluation batch
 whose last micro-batch differs weights each micro-batch's loss by its share
-of the samples (``UnevenMetas``), so the mean is over samples.  A stage's floating-point inputs
+of the samples (``UnevenMetas``), so the mean is over samples, and a list
+of micro-batches by its share of the counted tokens (``ListedMetas``).  A stage's floating-point inputs
 are leaves that require a gradient, so ``B`` (or ``I``) leaves in them the
 gradient to send to the previous stage; the layers receive aliases of them
 that they may modify in place (``stage_entry``).

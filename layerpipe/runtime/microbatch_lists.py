@@ -6,12 +6,12 @@ step's ``microbatches × data_parallel`` micro-batches and a ``list`` of
 their targets: replica ``d`` runs items ``d·m … d·m + m - 1``, as it takes
 the ``d``-th share of a batch tensor.  Every process passes the same lists.
 
-Shapes: every rank holds every micro-batch, so each knows the input shape
-of each; the shape agreement (``shapes.py``) announces every stage's output
-shapes for an input shape the first time it is met, to every rank, before
-the program runs.  The receives of the program are then posted ahead with
-the sizes of their own micro-batch, as for one shape, and no message needs
-a header.
+Shapes: when the list's micro-batches differ in shape, no shapes are
+agreed; every activation and gradient message announces its own, a header
+of its tensors' shapes and dtypes sent before them (``p2p.Mailbox``), so a
+length met for the first time costs no pass through the pipeline and no
+rank waits on a wrong size.  A list of one shape is agreed as a batch is
+(``shapes.py``), and sends no header.
 
 Loss: the step's loss is the mean over every counted token of the step, as
 one process computes it on all the micro-batches at once:

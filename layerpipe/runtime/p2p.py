@@ -19,7 +19,9 @@ A step given as a list of micro-batches (``microbatch_lists``), whose
 shapes may differ, agrees no shapes: every message announces its own, a
 header of its tensors' shapes and dtypes (``stage.encode_header``) in the
 slot before them.  The header's receive is posted ahead, as a message's
-tensors are for one shape; the tensors' receives follow when it arrives.
+tensors are for one shape; the tensors' receives are posted as soon as this
+rank sees it arrived (``poll``: at each send and receive), else at the
+``RECV``.
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ class Mailbox:
         self.posted = {peer: 0 for peer in self.incoming}
         self.receives: dict[Message, tuple[list, list]] = {}
         self.sends: deque[tuple[Action, list, list]] = deque()
+        self.expanded: set[Message] = set()  # messages whose announced tensors' receives are posted
         if self.context.lookahead:
             for peer in self.incoming:
                 self._post_through(peer, self.context.lookahead - 1)
@@ -185,7 +188,7 @@ class Mailbox:
     @property
     def announced(self) -> bool:
         """Return whether every message announces its shapes (a header ahead of its tensors) instead of agreed ones."""
-        return type(self.boundary_metas) is ListedMetas
+        return type(self.boundary_metas) is ListedMetas and not self.boundary_metas
 
     def _post(self, message: Message, peer: int, first_slot: int = 0, metas=None) -> tuple[list, list]:
         """Post the receives of a message's tensors (of ``metas``; its header alone when messages announce shapes)."""
@@ -225,10 +228,23 @@ class Mailbox:
             peer = self._peer_of(action)
             buffers, works = self._post(message, peer)
         waiting = f"at {action} waiting for {message.describe()} from rank {peer}"
-        if self.announced:
+        if self.announced and message not in self.expanded:
             buffers, works = self._announced_tensors(message, peer, buffers, works, waiting)
         self._wait(works, waiting)
+        self.poll()
         return tuple(buffers)
+
+    def poll(self) -> None:
+        """Post the tensors' receives of every message posted ahead whose header has arrived, so that they too
+        arrive while this rank computes (messages that announce their shapes; nothing otherwise)."""
+        if not self.announced:
+            return
+        for message, (buffers, works) in list(self.receives.items()):
+            if message not in self.expanded and all(work.is_completed() for work in works):
+                peer = self.position[message][0]
+                waiting = f"for the header of {message.describe()} from rank {peer}"
+                self.receives[message] = self._announced_tensors(message, peer, buffers, works, waiting)
+                self.expanded.add(message)
 
     def send(self, action: Action, tensors: Sequence[torch.Tensor]) -> None:
         """Start sending ``tensors`` for ``action`` (a ``SEND``) without waiting."""
@@ -248,6 +264,7 @@ class Mailbox:
             for slot, tensor in enumerate(payload)
         ]
         self.sends.append((action, works, payload))
+        self.poll()
 
     def finish(self) -> None:
         """Wait for every send of the program (each names its action and peer if it times out)."""

@@ -107,8 +107,10 @@ class FlushedRuns:
         forward."""
         if isinstance(inputs, ListedStep):
             step = inputs
-            metas = ListedMetas(step.loss_weights)  # no shapes agreed: every message announces its own
-            return self._run_program(mode, programs, "listed", metas, step.inputs, step.targets)
+            signatures = {signature_of(part) for part in step.everyone}  # every replica decides alike (ZeRO-3)
+            agreed = self.shapes.metas_for(step.inputs[0]) if len(signatures) == 1 else ()
+            metas = ListedMetas(step.loss_weights, agreed)  # of shapes that differ none agreed: each message announces
+            return self._run_program(mode, programs, ("listed", bool(agreed)), metas, step.inputs, step.targets)
         input_parts, target_parts = self.batches.split(mode == "train", inputs, targets, across_replicas)
         # The whole images' shapes, not this band's: two heights can give one band the same rows, and the
         # bands must agree (and gather) together.

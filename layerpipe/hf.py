@@ -162,6 +162,14 @@ def causal_lm_loss(logits, labels):
     return nn.functional.cross_entropy(flat, shifted.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX)
 
 
+def _counted_labels(labels) -> int:
+    """Return how many labels ``causal_lm_loss`` averages over: those after each row's first that are not -100."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+causal_lm_loss.counted_targets = _counted_labels  # weighs lists of micro-batches by counted tokens (microbatch_lists)
+
+
 class Embedding(nn.Module):
     """Token ids (and a mask) to ``hidden (batch, time, width)``: the token embedding, plus GPT-2's positions."""
 

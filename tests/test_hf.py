@@ -306,3 +306,52 @@ def test_the_example_of_the_docs_page_trains(tmp_path):
     assert run.returncode == 0, run.stderr
     losses = ast.literal_eval(run.stdout.strip().splitlines()[-1])
     assert len(losses) == 3 and losses[0] > losses[-1]
+
+
+def padded_lists(seed: int) -> tuple[list, list]:
+    """Return two micro-batches of ``(input_ids, attention_mask)`` of lengths 5 and 8, left-padded, and labels."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs, labels = [], []
+    for rows, time, padding in ((2, 5, (0, 2)), (1, 8, (3,))):
+        ids = torch.randint(0, VOCABULARY, (rows, time), generator=generator)
+        mask = torch.ones(rows, time, dtype=torch.long)
+        for row, pad in enumerate(padding):
+            mask[row, :pad] = 0
+        inputs.append((ids, mask))
+        labels.append(ids.masked_fill(mask == 0, hf.IGNORE_INDEX))
+    return inputs, labels
+
+
+def train_on_lists() -> tuple[list, dict]:
+    """Worker: train the tiny Llama, split, ``STEPS`` AdamW steps on ``padded_lists``; return losses and state."""
+    layers = hf.split(tiny_model("llama"), untie=True)
+    pipe = layerpipe.Pipeline(
+        layers, hf.causal_lm_loss, "interleaved", microbatches=2, stages_per_rank=2, timeout=60,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=0.01),
+    )  # fmt: skip
+    losses = [pipe.train_step(*padded_lists(step)) for step in range(STEPS)]
+    return losses, pipe.gathered_state_dict()
+
+
+@pytest.mark.multiprocess
+def test_tuple_microbatches_of_different_lengths_train_as_the_unsplit_model_over_their_tokens():
+    model = untied_copy(tiny_model("llama"))
+    names = hugging_face_names(model, hf.split(model, untie=True))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    losses = []
+    for step in range(STEPS):
+        inputs, labels = padded_lists(step)
+        optimizer.zero_grad()
+        logits = [model(input_ids=ids, attention_mask=mask).logits[:, :-1] for ids, mask in inputs]
+        flat = torch.cat([lo.reshape(-1, VOCABULARY) for lo in logits])
+        loss = nn.functional.cross_entropy(flat, torch.cat([la[:, 1:].reshape(-1) for la in labels]))
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    expected = dict(model.named_parameters())
+    for found_losses, state in layerpipe.launch(train_on_lists, 2, timeout=300):
+        assert max(abs(f - e) / e for f, e in zip(found_losses, losses)) <= TOLERANCE
+        compared = [name for name in state if name in names]  # parameters, not buffers
+        assert len(compared) > 3
+        for name in compared:
+            assert relative_error(state[name], expected[names[name]].detach()) <= TOLERANCE, name

@@ -92,6 +92,7 @@ BAD = {
     "heads": 0,
     "blocks": 0,
     "dropout": 1.0,
+    "length_buckets": -1,
     # TrainConfig
     "steps": 0,
     "batch_size": 0,

@@ -249,6 +249,8 @@ def test_a_toml_config_sets_options_and_the_command_line_wins(tmp_path):
         (["--sparsity-method", "lottery"], "--sparsity-method lottery: choose one of fixed, sr-ste"),
         (["--init-from", "nowhere"], "--init-from nowhere: holds no complete checkpoint"),
         (["--spatial", "2"], "--spatial 2: the GPT's layers see whole sequences, not bands of rows"),
+        (["--length-buckets", "65"], "--length-buckets 65: at most --block-size (64)"),
+        (["--schedule", "async", "--length-buckets", "2"], "--length-buckets 2: async streams one shape"),
         (["--model", "superres", "--crop", "30"], "--crop 30: must be a multiple of 4"),
         (["--model", "superres", "--spatial", "4", "--crop", "40"], "--crop 40: its low-resolution half must split"),
         (["--model", "superres", "--sparsity", "2:4"], "--sparsity 2:4: applies to --model gpt only"),

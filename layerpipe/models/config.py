@@ -10,7 +10,8 @@ from ..sim.gpt_costs import GPTShape
 
 @dataclass(frozen=True)
 class GPTConfig(GPTShape):
-    """The demo GPT: its sizes (``GPTShape``'s: vocabulary, context length, width, heads and blocks) and its dropout.
+    """The demo GPT: its sizes (``GPTShape``'s: vocabulary, context length, width, heads and blocks), its dropout
+    and the length buckets of its training micro-batches.
 
     ``vocab_size`` is set from the text, not by the user, so it is no knob.
     """
@@ -25,6 +26,13 @@ class GPTConfig(GPTShape):
         False,
         "tie the head's weight to the token embedding (one parameter, as GPT-2's): the pipeline keeps a copy on "
         "the first and the last stage and sums their gradients once per step (a TIE; flushed schedules only)",
+    )
+    length_buckets: int = knob(
+        0,
+        "micro-batches of different lengths: each draws its sequence length from N buckets up to block_size, "
+        "with rows for about the same tokens (0: every sequence block_size long)",
+        check=whole(0),
+        metavar="N",
     )
 
     def to_json(self) -> dict:

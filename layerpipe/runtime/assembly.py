@@ -115,8 +115,9 @@ def assemble(
     executor.ties = ties
     shapes = BoundaryShapes(ShapeAgreement(context, stages, groups.pipeline), shards, run.timeout, global_rank)
     batches = Batches(
-        config.microbatches, layout, global_rank, groups.spatial, chunk_loss, run.check_every, run.timeout, device
-    )
+        config.microbatches, layout, global_rank, groups.spatial, chunk_loss, run.check_every, run.timeout, device,
+        getattr(loss_fn, "counted_targets", None),
+    )  # fmt: skip
     loss_rank = members[placement.loss_rank]
     loss = LossSharing(context, layout, groups, global_rank, loss_rank, early=context.lookahead > 0)
     buffers = ReplicaBuffers(stages, layout, global_rank, groups.data, run.timeout, run.broadcast_buffers)

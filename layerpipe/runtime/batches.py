@@ -1,7 +1,8 @@
 """Batches: a global batch checked and split into this replica's micro-batches (and this process's bands of rows).
 
 Every process passes the same global batch; replica ``d`` takes its
-``d``-th contiguous share, cut into ``microbatches`` equal micro-batches.
+``d``-th contiguous share, cut into ``microbatches`` equal micro-batches
+(or the ``d``-th share of a list of micro-batches, ``microbatch_lists``).
 With spatial chunks each process keeps its band of every image's rows, and
 its targets' rows that its outputs stand for.  The checks refuse, in one
 line, targets of another batch size, a batch that does not split, and
@@ -10,13 +11,14 @@ line, targets of another batch size, a batch that does not split, and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..ops.spatial import gather_bounds
 from .layout import Layout
+from .microbatch_lists import ListedStep, all_tensors, listed_step
 from .p2p import wait_for
 from .spatial_split import ChunkLoss, gather_rows, rows_of
 from .stage import PipelineError, as_tuple
@@ -25,7 +27,8 @@ Tensors = torch.Tensor | Sequence[torch.Tensor]
 
 
 class Batches:
-    """Splits global batches for one process of ``layout``; ``chunk_loss`` weighs its band's loss (spatial only)."""
+    """Splits global batches for one process of ``layout``; ``chunk_loss`` weighs its band's loss (spatial only);
+    ``count_targets`` counts a micro-batch's targets for lists of micro-batches (``microbatch_lists``)."""
 
     def __init__(
         self,
@@ -37,12 +40,14 @@ class Batches:
         check_every: int,
         timeout: float,
         device: torch.device,
+        count_targets: Callable | None = None,
     ):
         self.microbatches, self.layout, self.global_rank = microbatches, layout, global_rank
         self.replica, self.spatial_index = layout.replica(global_rank), layout.spatial_index(global_rank)
         self.spatial_group, self.chunk_loss = spatial_group, chunk_loss
         self.check_every, self.timeout, self.device = check_every, timeout, device
         self.training_calls = 0
+        self.count_targets = count_targets  # loss_fn.counted_targets, for lists of micro-batches
         self._target_rows: dict[tuple, tuple[int, int, int]] = {}
 
     def split(self, training: bool, inputs: Tensors, targets: Tensors | None, across_replicas: bool = True):
@@ -65,6 +70,24 @@ class Batches:
             else None
         )
         return input_parts, target_parts
+
+    def listed(self, training: bool, inputs: list, targets: list | None) -> ListedStep:
+        """Return this replica's part of a list of micro-batches (``microbatch_lists``), checked as ``split`` checks.
+
+        Refuses lists with spatial chunks, whose bands are cut from one batch shape, with ``ValueError``.
+        """
+        if self.layout.spatial > 1:
+            raise ValueError(
+                f"inputs: a list of micro-batches, but spatial={self.layout.spatial} cuts bands from one batch: "
+                f"give one batch tensor (or spatial=1)"
+            )
+        step = listed_step(
+            inputs, targets, self.microbatches, self.layout.data_parallel, self.replica, self.count_targets
+        )
+        if training and self.check_every and self.training_calls % self.check_every == 0:
+            self._check_same_batch_everywhere(all_tensors(step.everyone))
+        self.training_calls += training
+        return step
 
     def bands(self, input_parts: list) -> list:
         """Return this process's band of rows of every micro-batch (the micro-batches themselves without chunks)."""

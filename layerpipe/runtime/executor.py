@@ -20,7 +20,8 @@ over ``d`` replicas, so the gradients summed by the reduce are those of the
 mean loss over the step's global batch (``loss_fn`` returns a mean over its
 micro-batch and training micro-batches are equal); an evaluation batch
 whose last micro-batch differs weights each micro-batch's loss by its share
-of the samples (``UnevenMetas``), so the mean is over samples.  A stage's floating-point inputs
+of the samples (``UnevenMetas``), so the mean is over samples, and a list
+of micro-batches by its share of the counted tokens (``ListedMetas``).  A stage's floating-point inputs
 are leaves that require a gradient, so ``B`` (or ``I``) leaves in them the
 gradient to send to the previous stage; the layers receive aliases of them
 that they may modify in place (``stage_entry``).
@@ -49,6 +50,7 @@ from .run_state import COMPUTE, P2P, LocalStage, RunResult, RunState
 from .schedulers import step_scheduler
 from .shapes import check_agreed
 from .stage import (
+    ListedMetas,
     PipelineError,
     UnevenMetas,
     backward_roots,
@@ -101,6 +103,7 @@ class Executor:
             mailbox = Mailbox(self.context, programs, metas)
             self._mailboxes[key] = mailbox
         else:
+            mailbox.boundary_metas = metas  # a list of micro-batches keeps one mailbox for every run's shapes
             mailbox.reset()
         return mailbox
 
@@ -399,8 +402,9 @@ def _note_buffers(stages: dict[int, LocalStage], state: RunState) -> None:
 
 
 def weighted(loss: torch.Tensor, metas: tuple, microbatch: int) -> torch.Tensor:
-    """Return a micro-batch's mean loss weighted by its share of the samples when micro-batches are uneven."""
-    return loss * metas.loss_weights[microbatch] if type(metas) is UnevenMetas else loss
+    """Return a micro-batch's mean loss weighted by its share of the samples when micro-batches are uneven, or of
+    the counted tokens in a list of micro-batches."""
+    return loss * metas.loss_weights[microbatch] if type(metas) in (UnevenMetas, ListedMetas) else loss
 
 
 def _free_recording(recorded: Recording | None) -> None:

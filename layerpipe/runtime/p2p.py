@@ -14,6 +14,14 @@ messages one way only (the shape agreement of the first step still goes both
 ways on the default group). Sends never block: they are waited for when the
 program ends. Every wait has a timeout whose error names the rank, the action
 and the peer.
+
+A step given as a list of micro-batches (``microbatch_lists``), whose
+shapes may differ, agrees no shapes: every message announces its own, a
+header of its tensors' shapes and dtypes (``stage.encode_header``) in the
+slot before them.  The header's receive is posted ahead, as a message's
+tensors are for one shape; the tensors' receives are posted as soon as this
+rank sees it arrived (``poll``: at each send and receive), else at the
+``RECV``.
 """
 
 from __future__ import annotations
@@ -31,8 +39,21 @@ import torch.distributed as dist
 
 from ..schedule.actions import Action, Kind, Message, Program, message_of, peer_stage
 from .context import RankContext
-from .stage import PipelineError, TensorMeta, carries_gradient, stage_metas
-from .tags import message_tag
+from .stage import (
+    HEADER_LENGTH,
+    ListedMetas,
+    PipelineError,
+    TensorMeta,
+    carries_gradient,
+    decode_header,
+    encode_header,
+    metas_of,
+    stage_metas,
+)
+from .tags import TENSOR_SLOTS, message_tag
+
+HEADER_META = TensorMeta((HEADER_LENGTH,), torch.int64)
+"""What a message of a list of micro-batches sends first: the shapes and dtypes of its tensors."""
 
 
 def failure_reason(error: BaseException) -> str:
@@ -139,6 +160,7 @@ class Mailbox:
         self.posted = {peer: 0 for peer in self.incoming}
         self.receives: dict[Message, tuple[list, list]] = {}
         self.sends: deque[tuple[Action, list, list]] = deque()
+        self.expanded: set[Message] = set()  # messages whose announced tensors' receives are posted
         if self.context.lookahead:
             for peer in self.incoming:
                 self._post_through(peer, self.context.lookahead - 1)
@@ -151,7 +173,8 @@ class Mailbox:
 
     def _metas(self, message: Message) -> tuple[TensorMeta, ...]:
         if message.backward:
-            return tuple(meta for meta in self.boundary_metas[message.receiver] if carries_gradient(meta.dtype))
+            metas = stage_metas(self.boundary_metas, message.receiver, message.microbatch)
+            return tuple(meta for meta in metas if carries_gradient(meta.dtype))
         return stage_metas(self.boundary_metas, message.sender, message.microbatch)
 
     def _post_through(self, peer: int, index: int) -> None:
@@ -162,16 +185,33 @@ class Mailbox:
             self.receives[message] = self._post(message, peer)
             self.posted[peer] += 1
 
-    def _post(self, message: Message, peer: int) -> tuple[list, list]:
+    @property
+    def announced(self) -> bool:
+        """Return whether every message announces its shapes (a header ahead of its tensors) instead of agreed ones."""
+        return type(self.boundary_metas) is ListedMetas and not self.boundary_metas
+
+    def _post(self, message: Message, peer: int, first_slot: int = 0, metas=None) -> tuple[list, list]:
+        """Post the receives of a message's tensors (of ``metas``; its header alone when messages announce shapes)."""
         context = self.context
         source = context.peers[peer]
-        buffers = [torch.empty(meta.shape, dtype=meta.dtype, device=context.device) for meta in self._metas(message)]
+        if metas is None:
+            metas = (HEADER_META,) if self.announced else self._metas(message)
+        buffers = [torch.empty(meta.shape, dtype=meta.dtype, device=context.device) for meta in metas]
         group = context.group_of(peer, context.rank)
         works = [
-            dist.irecv(buffer, src=source, tag=self._tag(message, slot), group=group)
+            dist.irecv(buffer, src=source, tag=self._tag(message, first_slot + slot), group=group)
             for slot, buffer in enumerate(buffers)
         ]
         return buffers, works
+
+    def _announced_tensors(self, message: Message, peer: int, header: list, works: list, waiting: str) -> tuple:
+        """Wait for a message's header, then receive the tensors it announces (slots after the header's)."""
+        self._wait(works, waiting)
+        return self._post(message, peer, 1, decode_header(header[0].cpu()))
+
+    def _wait(self, works: list, waiting: str) -> None:
+        for work in works:
+            wait_for(work, self.context.timeout, self.context.rank, waiting)
 
     def receive(self, action: Action) -> tuple[torch.Tensor, ...]:
         """Return the tensors ``action`` (a ``RECV``) waits for.
@@ -187,14 +227,24 @@ class Mailbox:
         else:  # the peer's program never sends it: post anyway, so the wait times out and says so
             peer = self._peer_of(action)
             buffers, works = self._post(message, peer)
-        for work in works:
-            wait_for(
-                work,
-                self.context.timeout,
-                self.context.rank,
-                f"at {action} waiting for {message.describe()} from rank {peer}",
-            )
+        waiting = f"at {action} waiting for {message.describe()} from rank {peer}"
+        if self.announced and message not in self.expanded:
+            buffers, works = self._announced_tensors(message, peer, buffers, works, waiting)
+        self._wait(works, waiting)
+        self.poll()
         return tuple(buffers)
+
+    def poll(self) -> None:
+        """Post the tensors' receives of every message posted ahead whose header has arrived, so that they too
+        arrive while this rank computes (messages that announce their shapes; nothing otherwise)."""
+        if not self.announced:
+            return
+        for message, (buffers, works) in list(self.receives.items()):
+            if message not in self.expanded and all(work.is_completed() for work in works):
+                peer = self.position[message][0]
+                waiting = f"for the header of {message.describe()} from rank {peer}"
+                self.receives[message] = self._announced_tensors(message, peer, buffers, works, waiting)
+                self.expanded.add(message)
 
     def send(self, action: Action, tensors: Sequence[torch.Tensor]) -> None:
         """Start sending ``tensors`` for ``action`` (a ``SEND``) without waiting."""
@@ -202,11 +252,19 @@ class Mailbox:
         peer = self._peer_of(action)
         destination, group = self.context.peers[peer], self.context.group_of(self.context.rank, peer)
         payload = [t.detach().contiguous() for t in tensors]
+        if self.announced:  # the header of their shapes goes first, in slot 0
+            if len(payload) >= TENSOR_SLOTS:
+                raise PipelineError(
+                    f"stage {action.stage} passes {len(payload)} tensors; a message of a list of micro-batches "
+                    f"carries at most {TENSOR_SLOTS - 1} (and their header): concatenate or stack some of them"
+                )
+            payload.insert(0, encode_header(metas_of(payload)).to(self.context.device))
         works = [
             dist.isend(tensor, dst=destination, tag=self._tag(message, slot), group=group)
             for slot, tensor in enumerate(payload)
         ]
         self.sends.append((action, works, payload))
+        self.poll()
 
     def finish(self) -> None:
         """Wait for every send of the program (each names its action and peer if it times out)."""

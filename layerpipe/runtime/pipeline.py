@@ -149,6 +149,15 @@ class Pipeline:
         was given.  Refuses a batch that does not split into equal
         micro-batches with ``ValueError``.
 
+        Or a ``list`` of the step's ``microbatches × data_parallel``
+        micro-batches (each a tensor or a tuple of tensors; their shapes may
+        differ) and a ``list`` of their targets: replica ``d`` runs items
+        ``d·m`` to ``d·m + m - 1``, every message announces its shapes, and
+        the loss is the mean over the step's counted tokens (targets not
+        -100; see ``runtime/microbatch_lists.py``).  Refuses, with
+        ``ValueError`` in one line before anything runs, lists of other
+        lengths, a target unlike its micro-batch, and async.
+
         Async: feeds the batch's ``microbatches`` sub-minibatches into the
         stream and returns without draining; the gradients live inside the
         stream (each stage's are zeroed after its update).  The loss returned
@@ -172,6 +181,7 @@ class Pipeline:
         """Return the mean loss over the global batch in evaluation mode, without gradients (pipelined, split over replicas).
 
         Any batch size: the last micro-batch may be smaller (with replicas, the batch splits into equal shares).
+        Or lists of micro-batches and targets as ``train_step`` takes them, the loss over their counted tokens.
         Collective over the data-parallel group at ZeRO-3 (the forward programs gather each stage), as is
         ``forward``.  Async: flushes first.
         """

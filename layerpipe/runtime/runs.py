@@ -18,10 +18,12 @@ from ..schedule.build import Schedule
 from .batches import Batches, Tensors
 from .executor import Executor
 from .loss_sharing import LossSharing
+from .microbatch_lists import ListedStep, is_listed
 from .replicas import LocalModel
 from .run_state import RunResult
 from .shapes import BoundaryShapes, signature_of
 from .sharding import StageShard
+from .stage import ListedMetas
 from .stream.versions import VersionRecord
 
 
@@ -48,6 +50,7 @@ class FlushedRuns:
 
     def train(self, inputs: Tensors, targets: Tensors) -> float:
         """Run one training step on the global batch in the stages' own mode; return its mean loss."""
+        inputs = self._listed("train", inputs, targets)  # checked before anything starts
         self.model.before_training()
         for shard in self.shards.values():
             shard.begin_step()
@@ -60,6 +63,7 @@ class FlushedRuns:
 
     def evaluate(self, inputs: Tensors, targets: Tensors) -> float:
         """Return the mean loss over the global batch without gradients, in evaluation mode (flushes a stream first)."""
+        inputs = self._listed("eval", inputs, targets)
         self.flush()
         posted = self.loss.post()
         with self.model.evaluating():
@@ -68,7 +72,9 @@ class FlushedRuns:
 
     def forward(self, inputs: Tensors):
         """Return the model's output for the whole batch on the last stage's rank, ``None`` elsewhere, in evaluation
-        mode (flushes first)."""
+        mode (flushes first); refuses a list of micro-batches with ``ValueError``."""
+        if is_listed(inputs):
+            raise ValueError("inputs: a list; forward takes one batch (a tensor, or a tuple of tensors)")
         self.flush()
         with self.model.evaluating():
             result = self.run("forward", self.schedule.forward, inputs, None, across_replicas=False)
@@ -97,7 +103,14 @@ class FlushedRuns:
         targets: Tensors | None,
         across_replicas: bool = True,
     ) -> RunResult:
-        """Run this rank's program of ``programs`` on the batch; ``mode``: train, eval or forward."""
+        """Run this rank's program of ``programs`` on the batch (or list of micro-batches); ``mode``: train, eval or
+        forward."""
+        if isinstance(inputs, ListedStep):
+            step = inputs
+            signatures = {signature_of(part) for part in step.everyone}  # every replica decides alike (ZeRO-3)
+            agreed = self.shapes.metas_for(step.inputs[0]) if len(signatures) == 1 else ()
+            metas = ListedMetas(step.loss_weights, agreed)  # of shapes that differ none agreed: each message announces
+            return self._run_program(mode, programs, ("listed", bool(agreed)), metas, step.inputs, step.targets)
         input_parts, target_parts = self.batches.split(mode == "train", inputs, targets, across_replicas)
         # The whole images' shapes, not this band's: two heights can give one band the same rows, and the
         # bands must agree (and gather) together.
@@ -105,6 +118,16 @@ class FlushedRuns:
         input_parts = self.batches.bands(input_parts)
         metas = self.shapes.metas_for_parts(input_parts, signature)
         target_parts = self.batches.target_bands(signature, metas, target_parts)
+        return self._run_program(mode, programs, signature, metas, input_parts, target_parts)
+
+    def _listed(self, mode: str, inputs, targets):
+        """Return a list of micro-batches checked as a ``ListedStep`` (the inputs themselves when not a list)."""
+        if not is_listed(inputs, targets):
+            return inputs
+        return self.batches.listed(mode == "train", inputs, targets)
+
+    def _run_program(self, mode: str, programs: Sequence, signature, metas, input_parts, target_parts) -> RunResult:
+        """Run this rank's program on the split micro-batches with their agreed ``metas``."""
         mailbox = self.executor.mailbox((mode != "train", signature), programs, metas)
         result = self.executor.run(
             programs[self.executor.context.rank], mailbox, metas, input_parts, target_parts, training=mode == "train"

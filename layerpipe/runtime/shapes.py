@@ -55,8 +55,11 @@ def signature_of(first_microbatch: tuple) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in first_microbatch)
 
 
-def check_agreed(rank: int, stage: int, microbatch: int, produced: tuple, expected: tuple) -> None:
-    """Refuse, with ``PipelineError``, a stage's outputs of other shapes or dtypes than the agreed ``expected``."""
+def check_agreed(rank: int, stage: int, microbatch: int, produced: tuple, expected: tuple | None) -> None:
+    """Refuse, with ``PipelineError``, a stage's outputs of other shapes or dtypes than the agreed ``expected``
+    (``None``: nothing agreed, each message announces its shapes)."""
+    if expected is None:
+        return
     if len(produced) != len(expected) or any(
         tuple(t.shape) != meta.shape or t.dtype != meta.dtype for t, meta in zip(produced, expected)
     ):

@@ -110,15 +110,34 @@ class UnevenMetas(tuple):
         return made
 
 
+class ListedMetas(tuple):
+    """The metas of a list of micro-batches (``microbatch_lists``): as a tuple, the agreed metas when every
+    micro-batch of the list has one shape, else empty, as every message then announces its own shapes
+    (``p2p.Mailbox``); ``loss_weights`` is what each micro-batch's mean loss is multiplied by so that the step's
+    loss is the mean over every counted token of the step."""
+
+    loss_weights: tuple[float, ...]
+
+    def __new__(cls, loss_weights: tuple[float, ...], agreed: tuple = ()):
+        made = super().__new__(cls, agreed)
+        made.loss_weights = loss_weights
+        return made
+
+
 def stage_metas(metas: tuple, stage: int, microbatch: int) -> tuple[TensorMeta, ...]:
-    """Return stage ``stage``'s output metas for micro-batch ``microbatch``."""
+    """Return stage ``stage``'s output metas for micro-batch ``microbatch`` (``None``: announced by each message)."""
+    if type(metas) is ListedMetas and not metas:
+        return None
     if type(metas) is UnevenMetas and microbatch == metas.last_microbatch:
         return metas.last[stage]
     return metas[stage]
 
 
 def uneven_key(metas: tuple):
-    """Return what tells uneven metas apart from the even ones they equal as tuples (``None`` for even ones)."""
+    """Return what tells uneven metas apart from the even ones they equal as tuples (``None`` for even ones;
+    one key for every list of micro-batches, whose mailbox is handed each run's metas)."""
+    if type(metas) is ListedMetas:
+        return "listed"
     return (metas.last, metas.loss_weights) if type(metas) is UnevenMetas else None
 
 

@@ -306,6 +306,9 @@ def _check_gpt(config: TrainConfig) -> None:
         )
     if model.width % model.heads:
         raise ConfigError("heads", model.heads, f"must divide `width` ({model.width})")
+    if model.length_buckets > model.block_size or (model.length_buckets and schedule.streams):
+        why = "async streams one shape: use a flushed schedule" if schedule.streams else "at most `block_size`"
+        raise ConfigError("length_buckets", model.length_buckets, f"{why} ({model.block_size})")
     if model.blocks + 2 < schedule.stages:
         raise ConfigError(
             "blocks",

@@ -73,8 +73,13 @@ class GPTTask:
         return layers
 
     def batch(self, generator: torch.Generator):
-        """Return one training batch of sequences and their next characters."""
-        return self.training.batch(self.config.batch_size, self.config.gpt.block_size, generator)
+        """Return one training batch of sequences and their next characters (with ``length_buckets``, a list of
+        micro-batches of different lengths and a list of their targets)."""
+        config = self.config
+        if config.gpt.length_buckets:
+            count = config.pipeline.microbatches * config.pipeline.data_parallel
+            return bucketed(self.training, config.batch_size // count, count, config.gpt, generator)
+        return self.training.batch(config.batch_size, config.gpt.block_size, generator)
 
     def evaluate(self, pipe) -> float:
         """Return the mean loss of one batch of held-out text, forward only."""
@@ -87,6 +92,21 @@ class GPTTask:
         """Return a sample of generated text."""
         sample = generate(pipe, self.text, self.config)
         return Outcome({"sample": sample}, (), ("", "sample:", sample))
+
+
+def bucketed(text: CharacterText, rows: int, count: int, model: GPTConfig, generator: torch.Generator):
+    """Return ``count`` micro-batches of windows and their targets, each of a length drawn from ``model``'s
+    ``length_buckets`` (``block_size · k / buckets``), with ``rows · block_size / length`` rows (at least one): about
+    the tokens of ``rows`` full windows each, as length-bucketed batching keeps them."""
+    buckets, block = model.length_buckets, model.block_size
+    drawn = torch.randint(1, buckets + 1, (count,), generator=generator).tolist()
+    inputs, targets = [], []
+    for bucket in drawn:
+        length = -(-block * bucket // buckets)
+        ids, labels = text.batch(max(1, rows * block // length), length, generator)
+        inputs.append(ids)
+        targets.append(labels)
+    return inputs, targets
 
 
 def split_text(text: CharacterText) -> tuple[CharacterText, CharacterText]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ...schedule.build import stream_programs
 from ..batches import Tensors
+from ..microbatch_lists import is_listed
 from ..p2p import Mailbox
 from ..run_state import RunResult
 from ..runs import FlushedRuns
@@ -29,7 +30,15 @@ class AsyncStream(FlushedRuns):
         self._stream_metas: tuple | None = None
 
     def train(self, inputs: Tensors, targets: Tensors) -> float:
-        """Feed the batch's sub-minibatches into the stream; return their mean loss without draining."""
+        """Feed the batch's sub-minibatches into the stream; return their mean loss without draining.
+
+        Refuses a list of micro-batches with ``ValueError``: a stream's sub-minibatches share one shape.
+        """
+        if is_listed(inputs, targets):
+            raise ValueError(
+                "inputs: a list of micro-batches; schedule='async' streams sub-minibatches of one shape: give one "
+                "batch (a tensor or a tuple of tensors), or a flushed schedule for micro-batches of different shapes"
+            )
         microbatches = self.batches.microbatches
         programs = stream_programs(self.schedule, self.stream_start, self.fed, microbatches, drain=False)
         posted = self.loss.post()

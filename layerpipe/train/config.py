@@ -45,7 +45,8 @@ class TrainConfig:
         "gpt",
         "which demo to train: gpt (a character-level GPT on Shakespeare's plays), superres "
         "(2x super-resolution of the photographs scikit-image ships; needs the images extra) or llama "
-        "(a Hugging Face Llama, or --hf-config's model, on the same text; needs the hf extra)",
+        "(a Hugging Face Llama, or --hf-config's model, on the same text, --block-size characters a sequence; needs "
+        "the hf extra)",
         check=one_of(MODELS),
         metavar="NAME",
     )
@@ -192,8 +193,9 @@ def build_parser(skip: Iterable[str] = ()) -> argparse.ArgumentParser:
     ``TrainConfig()``."""
     parser = Parser(
         prog="layerpipe train",
-        description="Train a small character-level GPT with pipeline parallelism on local processes "
-        "(or under torchrun) and write a summary, pictures, a trace and a checkpoint.",
+        description="Train a small character-level GPT (or, with --model llama, a Hugging Face Llama or the model "
+        "of --hf-config) with pipeline parallelism on local processes (or under torchrun) and write a summary, "
+        "pictures, a trace and a checkpoint.",
         epilog="Options may also come from a TOML file (--config run.toml) whose keys are the option names "
         "with underscores, e.g. stages_per_rank = 2; options on the command line win.",
     )

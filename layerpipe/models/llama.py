@@ -44,9 +44,8 @@ def check_llama(sizes: LlamaDemoConfig, block_size: int, stages: int) -> None:
     """Refuse, with ``ConfigError`` naming the knob, sizes that do not make a model or do not fill ``stages`` stages.
 
     Without ``hf_config``: heads that do not divide the width, key-value heads
-    that do not divide the heads.  With it: whatever ``read_hf_config``
-    refuses, a ``--llama-*`` size given beside it, and a ``block_size`` past
-    the model's positions, a model transformers cannot build.  Either way, fewer than one layer per stage.
+    that do not divide the heads.  With it: what ``_check_hf_config`` refuses.
+    Either way, fewer layers than stages.
     """
     if sizes.hf_config is None:
         if sizes.llama_width % sizes.llama_heads:
@@ -55,39 +54,42 @@ def check_llama(sizes: LlamaDemoConfig, block_size: int, stages: int) -> None:
             raise ConfigError(
                 "llama_kv_heads", sizes.llama_kv_heads, f"must divide `llama_heads` ({sizes.llama_heads})"
             )
-        field, value, layers = "llama_layers", sizes.llama_layers, sizes.llama_layers
+        field, layers = "llama_layers", sizes.llama_layers
     else:
-        default = LlamaDemoConfig()
-        for name in ("llama_width", "llama_layers", "llama_heads", "llama_kv_heads", "llama_mlp_width"):
-            if getattr(sizes, name) != getattr(default, name):
-                raise ConfigError(
-                    name,
-                    getattr(sizes, name),
-                    f"the model's sizes come from `hf_config` ({sizes.hf_config}): leave it out",
-                )
-        config = read_hf_config(sizes.hf_config)
-        try:
-            describe(
-                config, sizes.hf_config
-            )  # built on the meta device: what transformers cannot build is refused here
-        except Exception as error:
-            reason = " ".join(f"{type(error).__name__}: {error}".split())
-            raise ConfigError("hf_config", sizes.hf_config, f"transformers cannot build its model ({reason})") from None
-        positions = getattr(config, "max_position_embeddings", None)
-        if positions is not None and block_size > positions:
-            raise ConfigError(
-                "block_size",
-                block_size,
-                f"the model of `hf_config` ({sizes.hf_config}) has {positions} positions (max_position_embeddings)",
-            )
-        field, value, layers = "hf_config", sizes.hf_config, config.num_hidden_layers
+        field, layers = "hf_config", _check_hf_config(sizes, block_size)
     if layers + 2 < stages:
         raise ConfigError(
             field,
-            value,
+            getattr(sizes, field),
             f"the model has {layers + 2} layers (embedding, {layers} decoder layers, norm and head) but {stages} "
             f"stages (`ranks` × `stages_per_rank`) need one each",
         )
+
+
+def _check_hf_config(sizes: LlamaDemoConfig, block_size: int) -> int:
+    """Return the decoder layers of ``sizes.hf_config``'s model; refuse, with ``ConfigError``, what
+    ``read_hf_config`` refuses, a ``llama_*`` size given beside it, a model transformers cannot build (tried on
+    the meta device: nothing allocated) and a ``block_size`` past the model's positions."""
+    default = LlamaDemoConfig()
+    for name in ("llama_width", "llama_layers", "llama_heads", "llama_kv_heads", "llama_mlp_width"):
+        if getattr(sizes, name) != getattr(default, name):
+            raise ConfigError(
+                name, getattr(sizes, name), f"the model's sizes come from `hf_config` ({sizes.hf_config}): leave it out"
+            )
+    config = read_hf_config(sizes.hf_config)
+    try:
+        describe(_for_the_text(config, config.vocab_size), sizes.hf_config)
+    except Exception as error:  # transformers' own failure, on one line
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise ConfigError("hf_config", sizes.hf_config, f"transformers cannot build its model ({reason})") from None
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and block_size > positions:
+        raise ConfigError(
+            "block_size",
+            block_size,
+            f"the model of `hf_config` ({sizes.hf_config}) has {positions} positions (max_position_embeddings)",
+        )
+    return config.num_hidden_layers
 
 
 def read_hf_config(path: str):
@@ -182,6 +184,12 @@ def demo_config(sizes: LlamaDemoConfig, vocab_size: int, block_size: int):
             max_position_embeddings=block_size,
             tie_word_embeddings=False,
         )
+    return _for_the_text(config, vocab_size)
+
+
+def _for_the_text(config, vocab_size: int):
+    """Return ``config`` with a vocabulary of ``vocab_size`` characters, no padding token (a character may have
+    any id) and no key-value cache."""
     config.vocab_size, config.pad_token_id, config.use_cache = vocab_size, None, False
     return config
 

@@ -57,3 +57,44 @@ class SuperResConfig:
     def to_json(self) -> dict:
         """Return the sizes as a JSON-ready dictionary."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class LlamaDemoConfig:
+    """The demo Llama (``--model llama``): its sizes, or a Hugging Face config file of a covered family instead.
+
+    Its vocabulary is the text's characters and its sequences are ``block_size`` long (the GPT's knob, which both
+    text demos read); ``layerpipe.models.llama`` builds it with transformers.
+    """
+
+    llama_width: int = knob(
+        128, "model width of the Llama (--model llama; its hidden_size)", check=whole(1), metavar="N"
+    )
+    llama_layers: int = knob(
+        4,
+        "decoder layers of the Llama (--model llama; it has layers + 2 layers: embedding, decoder layers, norm and head)",
+        check=whole(1),
+        metavar="N",
+    )
+    llama_heads: int = knob(4, "attention heads of the Llama (must divide --llama-width)", check=whole(1), metavar="N")
+    llama_kv_heads: int = knob(
+        2,
+        "key-value heads of the Llama (grouped-query attention; must divide --llama-heads)",
+        check=whole(1),
+        metavar="N",
+    )
+    llama_mlp_width: int = knob(
+        344, "inner width of the Llama's gated MLP (its intermediate_size)", check=whole(1), metavar="N"
+    )
+    hf_config: str | None = knob(
+        None,
+        "with --model llama, train the model of this Hugging Face config instead of the Llama the --llama-* options "
+        "size: a config.json (or a folder holding one) of a covered family (Llama, Mistral, Qwen2, Qwen3, GPT-2), "
+        "read by transformers, nothing downloaded; its vocabulary becomes the text's characters",
+        metavar="FILE",
+        default_text="none",
+    )
+
+    def to_json(self) -> dict:
+        """Return the knobs as a JSON-ready dictionary."""
+        return asdict(self)

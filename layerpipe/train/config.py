@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..knobs import COMMAND_LINE, ConfigError, Spelling, check_fields, knob, knobs, number, one_of, toml_spelling, whole
-from ..models.config import GPTConfig, SuperResConfig
+from ..models.config import GPTConfig, LlamaDemoConfig, SuperResConfig
 from ..ops.pattern import SPARSE_KERNELS, nm_pattern, parse_pattern
 from ..options import Parser, add_knobs, given, read_toml
 from ..run_options import PRECISIONS, check_precision, check_spatial, chunk_rule, seconds_rule
@@ -26,7 +26,7 @@ from .metrics import tensorboard_folder
 OPTIMIZERS = ("adamw", "sgd")
 """The optimizers ``layerpipe train`` can give every stage."""
 
-MODELS = ("gpt", "superres")
+MODELS = ("gpt", "superres", "llama")
 """The demos ``layerpipe train`` trains."""
 
 SPARSITY_METHODS = ("fixed", "sr-ste")
@@ -40,10 +40,13 @@ class TrainConfig:
     pipeline: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(ranks=2))
     gpt: GPTConfig = field(default_factory=GPTConfig)
     superres: SuperResConfig = field(default_factory=SuperResConfig)
+    llama: LlamaDemoConfig = field(default_factory=LlamaDemoConfig)
     model: str = knob(
         "gpt",
-        "which demo to train: gpt (a character-level GPT on Shakespeare's plays) or superres "
-        "(2x super-resolution of the photographs scikit-image ships; needs the images extra)",
+        "which demo to train: gpt (a character-level GPT on Shakespeare's plays), superres "
+        "(2x super-resolution of the photographs scikit-image ships; needs the images extra) or llama "
+        "(a Hugging Face Llama, or --hf-config's model, on the same text, --block-size characters a sequence; needs "
+        "the hf extra)",
         check=one_of(MODELS),
         metavar="NAME",
     )
@@ -176,11 +179,12 @@ class TrainConfig:
             **self.pipeline.to_json(),
             **{f.name: getattr(self.gpt, f.name) for f in knobs(GPTConfig)},
             **{f.name: getattr(self.superres, f.name) for f in knobs(SuperResConfig)},
+            **self.llama.to_json(),
             **{f.name: getattr(self, f.name) for f in knobs(TrainConfig)},
         }
 
 
-PARTS = (ScheduleConfig, GPTConfig, SuperResConfig, TrainConfig)
+PARTS = (ScheduleConfig, GPTConfig, SuperResConfig, LlamaDemoConfig, TrainConfig)
 """The configurations whose knobs ``layerpipe train`` takes, in the order ``--help`` lists them."""
 
 
@@ -189,8 +193,9 @@ def build_parser(skip: Iterable[str] = ()) -> argparse.ArgumentParser:
     ``TrainConfig()``."""
     parser = Parser(
         prog="layerpipe train",
-        description="Train a small character-level GPT with pipeline parallelism on local processes "
-        "(or under torchrun) and write a summary, pictures, a trace and a checkpoint.",
+        description="Train a small character-level GPT (or, with --model llama, a Hugging Face Llama or the model "
+        "of --hf-config) with pipeline parallelism on local processes (or under torchrun) and write a summary, "
+        "pictures, a trace and a checkpoint.",
         epilog="Options may also come from a TOML file (--config run.toml) whose keys are the option names "
         "with underscores, e.g. stages_per_rank = 2; options on the command line win.",
     )
@@ -199,6 +204,7 @@ def build_parser(skip: Iterable[str] = ()) -> argparse.ArgumentParser:
     add_knobs(parser.add_argument_group("schedule (ScheduleConfig)"), defaults.pipeline)
     add_knobs(parser.add_argument_group("model (GPTConfig)"), defaults.gpt)
     add_knobs(parser.add_argument_group("super-resolution model (SuperResConfig)"), defaults.superres)
+    add_knobs(parser.add_argument_group("Llama model (LlamaDemoConfig)"), defaults.llama)
     add_knobs(parser.add_argument_group("run"), defaults, skip=skip)
     return parser
 
@@ -235,6 +241,7 @@ def config_from(arguments: argparse.Namespace, world: int | None = None, writes_
             pipeline=ScheduleConfig(**{"ranks": 2, **values[ScheduleConfig]}),
             gpt=GPTConfig(**values[GPTConfig]),
             superres=SuperResConfig(**values[SuperResConfig]),
+            llama=LlamaDemoConfig(**values[LlamaDemoConfig]),
             **values[TrainConfig],
         )
         check_config(config)
@@ -268,6 +275,7 @@ def check_config(config: TrainConfig) -> None:
     validate_config(config.pipeline)
     check_fields(config.gpt)
     check_fields(config.superres)
+    check_fields(config.llama)
     check_fields(config)
     check_spatial(config.spatial, schedule.streams)
     if schedule.delay_correction not in (None, "none") and config.optimizer != "sgd":
@@ -287,7 +295,9 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(
             "warmup_steps", config.warmup_steps, f"must be below `steps` ({config.steps}): the cosine decay follows it"
         )
-    (_check_gpt if config.model == "gpt" else _check_superres)(config)
+    MODEL_CHECKS[config.model](config)
+    for name, value in _changed(config.llama, LlamaDemoConfig())[:1] if config.model != "llama" else ():
+        raise ConfigError(name, value, "applies to `model` llama only")
     if config.resume is not None:
         check_resume(config.resume)
     if config.init_from is not None:
@@ -330,9 +340,7 @@ SUPERRES_LAYERS = 6
 
 def _check_superres(config: TrainConfig) -> None:
     schedule = config.pipeline
-    for name in ("sparsity", "init_from"):
-        if getattr(config, name) is not None:
-            raise ConfigError(name, getattr(config, name), "applies to `model` gpt only")
+    _refuse_gpt_only(config)
     if SUPERRES_LAYERS < schedule.stages:
         raise ConfigError(
             "stages_per_rank",
@@ -350,6 +358,51 @@ def _check_superres(config: TrainConfig) -> None:
         )
 
 
+def _refuse_gpt_only(config: TrainConfig) -> None:
+    for name in ("sparsity", "init_from"):
+        if getattr(config, name) is not None:
+            raise ConfigError(name, getattr(config, name), GPT_ONLY)
+
+
+GPT_ONLY = "applies to `model` gpt only"
+
+
+def _check_llama(config: TrainConfig) -> None:
+    from ..models.llama import check_llama, check_transformers
+
+    check_transformers("model", config.model)
+    _refuse_gpt_only(config)
+    if config.spatial > 1:
+        raise ConfigError("spatial", config.spatial, "the Llama's layers see whole sequences, not bands of rows")
+    for name, value in _changed(config.gpt, GPTConfig(), keep=("block_size",))[:1]:  # the text demos share it
+        instead = LLAMA_SIZES.get(name)
+        raise ConfigError(name, value, f"sizes `model` gpt: the Llama's is `{instead}`" if instead else GPT_ONLY)
+    if "selective" in config.pipeline.recompute_modes:
+        raise ConfigError(
+            "recompute",
+            config.pipeline.recompute,
+            "the Llama's layers mark no region to recompute selectively (its sdpa attention keeps no attention "
+            "weights): use full or none",
+        )
+    check_llama(config.llama, config.gpt.block_size, config.pipeline.stages)
+
+
+def _changed(part, default, keep=()) -> list[tuple[str, object]]:
+    """Return the knobs of ``part`` (a model's configuration) that differ from ``default``'s, but those in ``keep``."""
+    return [
+        (f.name, getattr(part, f.name))
+        for f in knobs(type(part))
+        if f.name not in keep and getattr(part, f.name) != getattr(default, f.name)
+    ]
+
+
+LLAMA_SIZES = {"width": "llama_width", "heads": "llama_heads", "blocks": "llama_layers"}
+"""The Llama's knob in place of each GPT size (a GPT size given with ``model`` llama is refused, naming it)."""
+
+MODEL_CHECKS = {"gpt": _check_gpt, "superres": _check_superres, "llama": _check_llama}
+"""What each demo of ``MODELS`` refuses beyond the knobs' own rules."""
+
+
 def replaced(config: TrainConfig, **changes: Any) -> TrainConfig:
     """Return ``config`` with knobs changed by name, whichever part (schedule, model, run) owns them."""
     parts = {cls: {} for cls in PARTS}
@@ -361,5 +414,6 @@ def replaced(config: TrainConfig, **changes: Any) -> TrainConfig:
         pipeline=dataclasses.replace(config.pipeline, **parts[ScheduleConfig]),
         gpt=dataclasses.replace(config.gpt, **parts[GPTConfig]),
         superres=dataclasses.replace(config.superres, **parts[SuperResConfig]),
+        llama=dataclasses.replace(config.llama, **parts[LlamaDemoConfig]),
         **parts[TrainConfig],
     )

@@ -34,7 +34,7 @@ class Demo:
 
 
 def describe(task) -> Demo:
-    """Return the report's description of a demo (``tasks.GPTTask`` or ``tasks.SuperResTask``)."""
+    """Return the report's description of a demo (one of ``tasks.TASKS``)."""
     return Demo(task.model.to_json(), task.corpus, task.title, task.unit, task.items_per_step, task.loss_label)
 
 

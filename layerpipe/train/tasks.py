@@ -145,6 +145,37 @@ def generate(pipe: Pipeline, text: CharacterText, config: TrainConfig) -> str:
     return text.decode(ids)
 
 
+class LlamaTask(GPTTask):
+    """The GPT demo's text, batches, held-out loss and sample, with a Hugging Face causal LM split by
+    ``layerpipe.hf.split``: a small Llama of the ``--llama-*`` sizes, or ``--hf-config``'s model."""
+
+    def __init__(self, config: TrainConfig):
+        from ..models.llama import demo_config, describe
+
+        super().__init__(config)
+        self.hf_config = demo_config(config.llama, self.text.vocab_size, config.gpt.block_size)
+        self.model = Description(describe(self.hf_config, config.llama.hf_config))
+        sizes = self.model.sizes
+        self.title = f"{sizes['num_hidden_layers']}-layer {sizes['class']} on {self.corpus}"
+
+    def layers(self) -> list[nn.Module]:
+        """Return the model's layers: embedding, one per decoder layer, norm and head, initialised from the seed."""
+        from ..models.llama import llama_layers
+
+        return llama_layers(self.hf_config, self.config.seed)
+
+
+@dataclass(frozen=True)
+class Description:
+    """A model as a run's summary names it (``to_json``), for a model whose configuration is not a knob class."""
+
+    sizes: dict
+
+    def to_json(self) -> dict:
+        """Return the description."""
+        return dict(self.sizes)
+
+
 EVALUATION_CROPS = 96
 """Side of the held-out crops, in pixels, at least (rounded up so that every band has an even number of rows)."""
 
@@ -243,9 +274,13 @@ def draw_comparison(
     plt.close(figure)
 
 
+TASKS = {"gpt": GPTTask, "superres": SuperResTask, "llama": LlamaTask}
+"""The demo of each ``--model`` name (``config.MODELS``)."""
+
+
 def task_for(config: TrainConfig):
     """Return the demo ``config.model`` names."""
-    return GPTTask(config) if config.model == "gpt" else SuperResTask(config)
+    return TASKS[config.model](config)
 
 
 def gathered_first(value):

@@ -1,8 +1,9 @@
 """`layerpipe train --model llama`: the Shakespeare demo with a Hugging Face causal LM split by ``layerpipe.hf.split``.
 
 A small Llama trains, prints a sample that its trained weights give, resumes
-from a checkpoint bit for bit, trains at 2 × 2 with ZeRO-3 on zb-v as it does
-on 2 processes; a GPT-2 config file trains in its place; bad input is refused
+from a checkpoint bit for bit, exports to a folder ``--init-from`` starts
+from, trains at 2 × 2 with ZeRO-3 on zb-v as it does
+on 2 processes; a GPT-2 config file (its head tied) trains in its place; bad input is refused
 in one line before any process starts.  (The default run's loss falls by more
 than 40 %: measured once, in docs/hf.md, as it takes minutes.)
 """
@@ -76,13 +77,14 @@ def sample_of_the_weights(checkpoint: str, arguments: list[str]) -> str:
     """In one process: the demo's layers with the checkpoint's weights, one stage; return the text they generate."""
     import torch
 
+    import layerpipe
     from layerpipe.runtime.pipeline import Pipeline
     from layerpipe.train.config import build_parser, config_from
     from layerpipe.train.tasks import LlamaTask, generate
 
     config = config_from(build_parser().parse_args(arguments), writes_output=False)
     task = LlamaTask(config)
-    layers = task.layers()
+    layers = layerpipe.materialise(task.layers(), seed=config.seed)  # built on the meta device
     missing, unexpected = torch.nn.Sequential(*layers).load_state_dict(weights_of(checkpoint), strict=False)
     assert not missing and all(".rotary." in name for name in unexpected), (missing, unexpected)  # rotary: recomputed
     return generate(Pipeline(layers, task.loss_fn, config.pipeline), task.text, config)
@@ -91,6 +93,7 @@ def sample_of_the_weights(checkpoint: str, arguments: list[str]) -> str:
 @pytest.mark.multiprocess
 def test_the_llama_learns_prints_the_sample_its_trained_weights_give_and_resumes_bit_for_bit(straight, tmp_path):
     import layerpipe
+    import layerpipe.cli
 
     output, printed = straight
     summary = json.loads((output / "summary.json").read_text())
@@ -115,6 +118,13 @@ def test_the_llama_learns_prints_the_sample_its_trained_weights_give_and_resumes
     assert sorted(weights) == sorted(reference)
     assert all(weights[name].equal(reference[name]) for name in reference)
 
+    exported = tmp_path / "exported"  # the run wrote the model's config.json beside its checkpoints
+    layerpipe.cli.main(["export", str(output), "--config", str(output), "--output", str(exported)])
+    done = run_train(*LLAMA, "--steps", "2", "--init-from", str(exported), "--output", str(tmp_path / "warm"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    warm = json.loads((tmp_path / "warm" / "summary.json").read_text())["losses"]
+    assert warm[0] < 0.9 * losses[0], "started from the trained weights, not the seed's"
+
 
 @pytest.mark.multiprocess
 def test_the_llama_trains_at_2x2_with_zero3_on_zb_v_as_on_two_processes(straight, tmp_path):
@@ -134,6 +144,7 @@ def write_json(path, data) -> str:
 
 
 GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "tie_word_embeddings": False}
+TIED_GPT2 = {**GPT2, "tie_word_embeddings": True}
 
 
 @pytest.mark.multiprocess
@@ -142,7 +153,7 @@ def test_a_gpt2_config_file_trains_in_the_llamas_place_with_the_texts_characters
 
     from layerpipe.models.text import CharacterText, load_corpus
 
-    config = write_json(tmp_path / "gpt2.json", {**GPT2, "vocab_size": 50257, "torch_dtype": "bfloat16"})
+    config = write_json(tmp_path / "gpt2.json", {**TIED_GPT2, "vocab_size": 50257, "torch_dtype": "bfloat16"})
     small = ["--block-size", "32", "--batch-size", "8", "--microbatches", "2", "--sample-length", "10"]
     options = ["--model", "llama", "--hf-config", config, *small, "--schedule", "1f1b", "--steps", "3"]
     done = run_train(*options, "--output", str(tmp_path / "run"))
@@ -154,6 +165,8 @@ def test_a_gpt2_config_file_trains_in_the_llamas_place_with_the_texts_characters
     assert len(summary["losses"]) == 3 and "sample:" in done.stdout
     weights = weights_of(tmp_path / "run" / "checkpoints" / "step-3")
     assert all(tensor.dtype == torch.float32 for tensor in weights.values() if tensor.is_floating_point())
+    embedding, head = (weights[name] for name in ("0.tokens.weight", "3.linear.weight"))
+    assert embedding.equal(head), "the tied head trained as the embedding's one parameter"
 
 
 BAD_FILES = {
@@ -162,7 +175,7 @@ BAD_FILES = {
     "no-type.json": json.dumps({"hidden_size": 32}),
     "unknown.json": json.dumps({"model_type": "no-such-model"}),
     "bert.json": json.dumps({"model_type": "bert"}),
-    "tied.json": json.dumps({"model_type": "qwen3", "tie_word_embeddings": True}),
+    "tied.json": json.dumps({**GPT2, "tie_word_embeddings": True}),
     "kv.json": json.dumps({"model_type": "mistral", "num_attention_heads": 4, "num_key_value_heads": 3}),
     "rope.json": json.dumps({"model_type": "llama", "rope_scaling": {"rope_type": "nope"}}),
     "short.json": json.dumps({**GPT2, "n_positions": 16}),
@@ -184,7 +197,7 @@ BAD_FILES = {
             "--hf-config bert.json: builds BertLMHeadModel, which layerpipe.hf.split does not cover: it covers "
             "GPT2LMHeadModel, LlamaForCausalLM",
         ),
-        (["--hf-config", "tied.json"], "--hf-config tied.json: ties the head of its Qwen3ForCausalLM to the input"),
+        (["--hf-config", "tied.json", "--schedule", "async"], "--schedule async: async updates each stage on its own"),
         (["--hf-config", "rope.json"], "--hf-config rope.json: transformers cannot build its model (KeyError: 'nope')"),
         (
             ["--hf-config", "kv.json"],
@@ -207,7 +220,7 @@ BAD_FILES = {
         (["--llama-layers", "0"], "--llama-layers 0: must be a whole number of at least 1"),
         (["--llama-layers", "1", "--stages-per-rank", "2"], "--llama-layers 1: the model has 3 layers"),
         (["--sparsity", "2:4"], "--sparsity 2:4: applies to --model gpt only"),
-        (["--init-from", "somewhere"], "--init-from somewhere: applies to --model gpt only"),
+        (["--init-from", "."], "--init-from .: is no folder written by save_pretrained"),
         (["--width", "64"], "--width 64: sizes --model gpt: the Llama's is --llama-width"),
         (["--dropout", "0.1"], "--dropout 0.1: applies to --model gpt only"),
         (["--spatial", "2"], "--spatial 2: the Llama's layers see whole sequences"),

@@ -4,19 +4,22 @@
 By default a small Llama whose sizes are the ``--llama-*`` knobs
 (``LlamaDemoConfig``); with ``--hf-config FILE`` the configuration a user
 wrote for a covered family (Llama, Mistral, Qwen2, Qwen3, GPT-2).  Either
-way the vocabulary becomes the text's characters, the weights are the
-model's own random initialisation drawn from the run's seed, and nothing is
-downloaded.  transformers (the extra ``hf``) is imported only when a
+way the vocabulary becomes the text's characters; the model is built on the
+meta device and each process materialises its own layers by the model's own
+initialisation under the run's seed (or loads them from ``--init-from``'s
+``save_pretrained`` folder), and nothing is downloaded.  transformers (the extra ``hf``) is imported only when a
 function here runs, so ``layerpipe train --help`` stays quick.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 
 from ..knobs import ConfigError
+from ..schedule.config import ScheduleConfig, validate_config
 from .config import LlamaDemoConfig
 
 HF_EXTRA = "install the extra with pip install 'layerpipe[hf]'"
@@ -40,13 +43,14 @@ def check_transformers(field: str, value) -> None:
         raise ConfigError(field, value, f"needs the transformers package: {HF_EXTRA}")
 
 
-def check_llama(sizes: LlamaDemoConfig, block_size: int, stages: int) -> None:
+def check_llama(sizes: LlamaDemoConfig, block_size: int, schedule: ScheduleConfig) -> None:
     """Refuse, with ``ConfigError`` naming the knob, sizes that do not make a model or do not fill ``stages`` stages.
 
     Without ``hf_config``: heads that do not divide the width, key-value heads
     that do not divide the heads.  With it: what ``_check_hf_config`` refuses.
-    Either way, fewer layers than stages.
+    Either way, fewer layers than stages, and a tied head on a schedule that cannot sum a tie.
     """
+    stages = schedule.stages
     if sizes.hf_config is None:
         if sizes.llama_width % sizes.llama_heads:
             raise ConfigError("llama_heads", sizes.llama_heads, f"must divide `llama_width` ({sizes.llama_width})")
@@ -57,6 +61,10 @@ def check_llama(sizes: LlamaDemoConfig, block_size: int, stages: int) -> None:
         field, layers = "llama_layers", sizes.llama_layers
     else:
         field, layers = "hf_config", _check_hf_config(sizes, block_size)
+        if (
+            getattr(read_hf_config(sizes.hf_config), "tie_word_embeddings", False) and stages > 1
+        ):  # the schedule's rule for the tie
+            validate_config(dataclasses.replace(schedule, ties=((0, stages - 1),)))
     if layers + 2 < stages:
         raise ConfigError(
             field,
@@ -100,9 +108,10 @@ def read_hf_config(path: str):
     sets the compute).  Refuses, with ``ConfigError`` on ``hf_config`` in one
     line: a missing or unreadable file, one that is not a JSON object, no or an
     unknown ``model_type``, a model class ``layerpipe.hf.split`` does not
-    cover (named), a configuration transformers refuses, key-value heads that
-    do not divide the heads, and a head tied to the input embedding (layerpipe
-    cannot yet share one parameter between stages).
+    cover (named), a configuration transformers refuses and key-value heads
+    that do not divide the heads.  A head tied to the input embedding stays
+    tied: the pipeline keeps a copy on the first and last stage and sums their
+    gradients (a ``TIE``).
     """
     data = _json_object(path)
     model_type = data.pop("model_type", None)
@@ -136,13 +145,6 @@ def read_hf_config(path: str):
     if kv_heads and heads % kv_heads:
         raise ConfigError(
             "hf_config", path, f"num_key_value_heads ({kv_heads}) must divide num_attention_heads ({heads})"
-        )
-    if getattr(config, "tie_word_embeddings", False):
-        raise ConfigError(
-            "hf_config",
-            path,
-            f"ties the head of its {name} to the input embedding (tie_word_embeddings true), and layerpipe cannot "
-            f'yet share one parameter between stages: set "tie_word_embeddings": false in the file',
         )
     return config
 
@@ -207,13 +209,30 @@ def describe(config, hf_config: str | None) -> dict:
     return {"class": type(model).__name__, "hf_config": hf_config, "parameters": parameters, **sizes}
 
 
-def llama_layers(config, seed: int) -> list:
-    """Return ``layerpipe.hf.split`` of the causal LM ``config`` describes, float32, its weights drawn by the model's
-    own initialisation from ``seed`` (the same in every process)."""
+def llama_layers(config) -> list:
+    """Return ``layerpipe.hf.split`` of the float32 causal LM ``config`` describes, built on the meta device: the
+    pipeline materialises each process's own layers by the model's initialisation under ``Pipeline(seed=...)``."""
     import torch
     import transformers
 
     from ..hf import split
 
-    torch.manual_seed(seed)
-    return split(transformers.AutoModelForCausalLM.from_config(config).float())
+    with torch.device("meta"):
+        return split(transformers.AutoModelForCausalLM.from_config(config).float())
+
+
+def check_init_from(folder: str, sizes: LlamaDemoConfig, block_size: int) -> None:
+    """Refuse, with ``ConfigError`` on ``init_from`` in one line, a folder that is not a ``save_pretrained`` folder
+    (or ``layerpipe export``'s) of the demo's model of ``sizes``, naming the first tensor that does not fit."""
+    from ..hf_weights import check_folder, is_hf_folder
+    from .text import CharacterText, load_corpus
+
+    if not is_hf_folder(folder):
+        raise ConfigError(
+            "init_from",
+            folder,
+            "is no folder written by save_pretrained (config.json and model.safetensors): for `model` llama give "
+            "one of the same sizes and the text's characters as vocabulary, e.g. from `layerpipe export`",
+        )
+    config = demo_config(sizes, CharacterText.from_text(*load_corpus()).vocab_size, block_size)
+    check_folder(llama_layers(config), folder)

@@ -300,7 +300,7 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(name, value, "applies to `model` llama only")
     if config.resume is not None:
         check_resume(config.resume)
-    if config.init_from is not None:
+    if config.init_from is not None and config.model != "llama":  # the Llama's folder is checked by its sizes
         check_init_from(config.init_from, config.gpt)
 
 
@@ -368,10 +368,12 @@ GPT_ONLY = "applies to `model` gpt only"
 
 
 def _check_llama(config: TrainConfig) -> None:
+    from ..models.llama import check_init_from as check_llama_folder
     from ..models.llama import check_llama, check_transformers
 
     check_transformers("model", config.model)
-    _refuse_gpt_only(config)
+    if config.sparsity is not None:
+        raise ConfigError("sparsity", config.sparsity, GPT_ONLY)
     if config.spatial > 1:
         raise ConfigError("spatial", config.spatial, "the Llama's layers see whole sequences, not bands of rows")
     for name, value in _changed(config.gpt, GPTConfig(), keep=("block_size",))[:1]:  # the text demos share it
@@ -384,7 +386,9 @@ def _check_llama(config: TrainConfig) -> None:
             "the Llama's layers mark no region to recompute selectively (its sdpa attention keeps no attention "
             "weights): use full or none",
         )
-    check_llama(config.llama, config.gpt.block_size, config.pipeline.stages)
+    check_llama(config.llama, config.gpt.block_size, config.pipeline)
+    if config.init_from is not None:
+        check_llama_folder(config.init_from, config.llama, config.gpt.block_size)
 
 
 def _changed(part, default, keep=()) -> list[tuple[str, object]]:

@@ -95,6 +95,7 @@ def make_pipeline(config: TrainConfig, task) -> Pipeline:
         precision=config.precision,
         broadcast_buffers=config.broadcast_buffers,
         spatial=config.spatial,
+        **task.pipeline_options(),
     )
 
 

@@ -50,6 +50,10 @@ class GPTTask:
         self.title = f"{self.model.blocks}-block GPT on {self.corpus}"
         self.loss_fn = next_token_loss
 
+    def pipeline_options(self) -> dict:
+        """Return the ``Pipeline`` options of the task's layers: none, they are built with their weights."""
+        return {}
+
     def layers(self) -> list[nn.Module]:
         """Return the GPT's layers: from the seed or ``init_from``'s weights, then N:M sparse when asked.
 
@@ -162,7 +166,22 @@ class LlamaTask(GPTTask):
         """Return the model's layers: embedding, one per decoder layer, norm and head, initialised from the seed."""
         from ..models.llama import llama_layers
 
-        return llama_layers(self.hf_config, self.config.seed)
+        return llama_layers(self.hf_config)
+
+    def pipeline_options(self) -> dict:
+        """Return where the meta-built layers' weights come from: the seed, or ``--init-from``'s folder."""
+        return {"seed": self.config.seed, "init_from": self.config.init_from}
+
+    def finish(self, pipe) -> Outcome:
+        """Return the GPT demo's sample; write the model's ``config.json`` into the output folder (rank 0), which
+        ``layerpipe export`` reads to turn a checkpoint into a ``save_pretrained`` folder."""
+        outcome = super().finish(pipe)
+        if pipe.global_rank == 0:
+            os.makedirs(self.config.output, exist_ok=True)
+            partial = os.path.join(self.config.output, "config.json.partial")
+            self.hf_config.to_json_file(partial)
+            os.replace(partial, os.path.join(self.config.output, "config.json"))
+        return outcome
 
 
 @dataclass(frozen=True)
@@ -205,6 +224,10 @@ class SuperResTask:
         self.evaluation = self.held_out.centre_crops(
             schedule.microbatches * schedule.data_parallel, evaluation_crop(config.spatial)
         )  # inputs, targets
+
+    def pipeline_options(self) -> dict:
+        """Return the ``Pipeline`` options of the task's layers: none, they are built with their weights."""
+        return {}
 
     def layers(self) -> list[nn.Module]:
         """Return the network's layers (spatial ones when the images are split into bands)."""

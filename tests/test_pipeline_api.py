@@ -144,3 +144,36 @@ def test_the_agreed_shapes_and_whole_weights_have_public_accessors():
     for result in layerpipe.launch(_accessors, 2, timeout=60):
         assert result["before"] == "none yet" and result["metas"]
         assert result["held"] == ([False], [True], [False])
+
+
+def _threads() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads"))
+
+
+def closed_pipelines_keep_no_threads() -> tuple[int, int, float]:
+    """Worker: threads after one closed 2×2 pipeline with a tie, after five more, and the last one's loss."""
+
+    def layers():
+        chain = [nn.Linear(4, 4).double() for _ in range(4)]
+        chain[-1].weight = chain[0].weight  # tied across stages: the tie sums over a group of its own
+        return chain
+
+    inputs, targets = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    counts, loss = [], None
+    for _ in range(2):
+        for _ in range(1 if not counts else 5):
+            with layerpipe.Pipeline(layers(), nn.functional.mse_loss, "1f1b", microbatches=2, data_parallel=2) as pipe:
+                loss = pipe.train_step(inputs, targets)
+        counts.append(_threads())
+    return counts[0], counts[1], loss
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="counts threads in /proc")
+def test_a_closed_pipeline_releases_its_process_groups_and_their_threads():
+    """Every gloo group keeps threads until destroyed: without ``close`` a process building pipelines in a loop
+    gathers thousands of them."""
+    for first, later, loss in layerpipe.launch(closed_pipelines_keep_no_threads, 4, timeout=120):
+        assert later <= first + 2, f"threads grew from {first} to {later} over five closed pipelines"
+        assert loss == loss and loss > 0

@@ -156,3 +156,16 @@ def make_groups(layout: Layout, rank: int, loss_pipeline_rank: int, spatial_laye
         spatials.get((pipeline_rank, replica)),
         downwards.get((replica, index)),
     )
+
+
+def release_groups(groups: Groups, others) -> None:
+    """Destroy this process's groups of ``groups`` and ``others`` (never the world's), once every process is here.
+
+    Collective over the world: the barrier first, so that no peer still reads a message on a group being closed
+    (gloo would report its connection closed).  Every gloo group keeps threads of its own until destroyed.
+    """
+    dist.barrier()
+    mine = [groups.pipeline, groups.data, groups.loss, groups.spatial, groups.downward, *others]
+    for group in {id(group): group for group in mine if group is not None}.values():
+        if group is not dist.group.WORLD and group is not dist.GroupMember.NON_GROUP_MEMBER:
+            dist.destroy_process_group(group)

@@ -26,6 +26,7 @@ from ..sim.timeline import Timeline
 from .assembly import assemble
 from .batches import Tensors
 from .launch import init_process_group
+from .layout import release_groups
 from .materialise import Initialisation
 from .measured import measured_timeline, memory_in_last_step, peak_memory_bytes
 from .run_state import RunResult
@@ -61,21 +62,12 @@ class Pipeline:
     needs ``skip_nonfinite=True``; see ``runtime/precision.py``).  The process group's ``world = pipeline ranks ×
     data_parallel``; see ``layout.Layout`` for which process plays which part.
 
-    Replicas start equal: construction gives every replica replica 0's parameters and buffers, as
-    ``DistributedDataParallel`` does. ``broadcast_buffers`` (default on) gives them replica 0's buffers again after
-    every training step.  ``eval_step`` and ``forward`` run the layers in evaluation mode; ``train_step`` in the
-    mode set by ``train()`` and ``eval()``.  See ``docs/one-process.md``.
-
-    Layers built on the ``meta`` device are materialised only where their stage is owned, each initialised by its
-    own rule under a seed drawn from ``seed`` and its index (the same weights in any layout, and as
-    ``layerpipe.materialise(layers, seed)`` gives them in one process); ``init_from``, a folder written by Hugging
-    Face's ``save_pretrained``, then loads layers of ``layerpipe.hf.split`` reading only this process's tensors
-    (``docs/hf.md``).
-
-    ``schedule="async"`` (pipelined backpropagation) never drains between calls: ``train_step`` feeds
-    ``microbatches`` sub-minibatches and returns while the last of them are still in flight; each stage updates on
-    its own after every ``update_every`` of its backwards, with the weights ``weight_policy`` chooses and the
-    ``delay_correction`` asked for (see ``flush`` and ``docs/async.md``).  It needs an ``optimizer``.
+    Replicas start equal (replica 0's parameters and buffers, as ``DistributedDataParallel``; ``broadcast_buffers``
+    gives them its buffers again after every step).  ``eval_step`` and ``forward`` run the layers in evaluation mode,
+    ``train_step`` in the mode ``train()``/``eval()`` set (``docs/one-process.md``).  Meta layers are materialised
+    only where owned, each by its own rule under a seed of ``(seed, index)``, as ``layerpipe.materialise`` does;
+    ``init_from``, a ``save_pretrained`` folder, then loads this process's tensors (``docs/hf.md``).
+    ``schedule="async"`` never drains between calls (``flush``, ``docs/async.md``) and needs an ``optimizer``.
 
     Refuses, with ``ConfigError`` naming the argument, the value and what is valid: an unknown option, async without
     an optimizer, a ``scheduler`` that is not callable, comes without an optimizer, raises or returns no scheduler
@@ -149,14 +141,10 @@ class Pipeline:
         was given.  Refuses a batch that does not split into equal
         micro-batches with ``ValueError``.
 
-        Or a ``list`` of the step's ``microbatches × data_parallel``
-        micro-batches (each a tensor or a tuple of tensors; their shapes may
-        differ) and a ``list`` of their targets: replica ``d`` runs items
-        ``d·m`` to ``d·m + m - 1``, every message announces its shapes, and
-        the loss is the mean over the step's counted tokens (targets not
-        -100; see ``runtime/microbatch_lists.py``).  Refuses, with
-        ``ValueError`` in one line before anything runs, lists of other
-        lengths, a target unlike its micro-batch, and async.
+        Or a ``list`` of all ``microbatches × data_parallel`` micro-batches
+        (shapes may differ) and a ``list`` of their targets; the loss is the
+        mean over counted tokens (``runtime/microbatch_lists.py``, which says
+        what it refuses).
 
         Async: feeds the batch's ``microbatches`` sub-minibatches into the
         stream and returns without draining; the gradients live inside the
@@ -165,6 +153,19 @@ class Pipeline:
         forward on the weights every stage held when it passed.
         """
         return self._runs.train(inputs, targets)
+
+    def close(self) -> None:
+        """Release the process groups the pipeline made, once every process calls it (async: after a ``flush``);
+        the pipeline cannot run afterwards.  ``with Pipeline(...) as pipe:`` closes it at the end."""
+        self.flush()
+        release_groups(self.groups, self.executor.ties.process_groups.values())
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:  # after an error a peer may never arrive at close's barrier
+            self.close()
 
     def flush(self) -> None:
         """Drain the async stream: run the backwards and updates of every sub-minibatch still in flight.

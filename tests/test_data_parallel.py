@@ -96,6 +96,7 @@ def run_configurations(
             (relative_error(state[name], expected_params[name]) for name, _ in pipe.named_parameters()), default=0.0
         )
         names = sorted(state)
+        pipe.close()  # each case's groups go: hundreds of cases would keep thousands of gloo threads
         results.append(
             (
                 (schedule, zero, recompute, portions),

@@ -96,6 +96,7 @@ def run_cases(cases: list[dict], data_parallel: int = 1, zero: int = 0) -> list[
         results.append(
             dict(losses=losses, state=state, records=pipe.version_records(), versions=pipe.weight_versions())
         )
+        pipe.close()  # its gloo groups' threads would outlive it
     return results
 
 

@@ -86,6 +86,7 @@ def run_cases(cases: list[dict]) -> list[tuple]:
             losses.append(pipe.train_step(*batch(SAMPLES, seed=step + 1)))
             norms.append(pipe.last_grad_norm)
         results.append((losses, norms, pipe.gathered_state_dict()))
+        pipe.close()  # its gloo groups' threads would outlive it
     return results
 
 

@@ -244,6 +244,7 @@ def run_cases(cases: list[tuple]) -> list[tuple]:
         held = sorted(names[name] for name in state if name in names)
         parameter_error = max(relative_error(state[name], expected[names[name]]) for name in state if name in names)
         results.append((loss_error, own_loss_error, parameter_error, held, sorted(expected)))
+        pipe.close()  # its gloo groups' threads would outlive it
     return results
 
 

@@ -101,6 +101,7 @@ def run_cases(cases: list[dict]) -> list[tuple]:
             norms.append(pipe.last_grad_norm)
             evaluations.append(pipe.eval_step(*microbatch_lists(10 + step, count)))
         results.append((losses, norms, evaluations, pipe.gathered_state_dict()))
+        pipe.close()  # its gloo groups' threads would outlive it
     return results
 
 

@@ -70,6 +70,7 @@ def run_configurations(cases: list[tuple]) -> list[tuple]:
             max(relative_error(p.detach(), expected_params[n]) for n, p in pipe.named_parameters()) if names else 0.0
         )
         results.append(((schedule, v, m, group_size, model), loss_error, grad_error, param_error, sorted(names)))
+        pipe.close()  # its gloo groups' threads would outlive it
     return results
 
 

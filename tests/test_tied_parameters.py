@@ -131,6 +131,7 @@ def run_cases(cases: list[dict]) -> list[tuple]:
             if name in ("0.weight", "9.weight")
         }
         results.append((losses, norms, pipe.gathered_state_dict(), pipe.schedule.config.ties, momentum))
+        pipe.close()  # its gloo groups' threads would outlive it
     return results
 
 

@@ -232,7 +232,7 @@ def unit_cost_table(ranks: tuple[int, ...], per_rank: int) -> list[str]:
         "reordering of the warm-up and cool-down). `tests/test_vshape.py` asserts these relations for "
         "`p` = 2 to 8, and measures V-Half's and V-Min's peaks against 1F1B's with the activation meter on gloo "
         "(`p = 4`, one model): within 10 % of the stated `(p+2)//2 / p` and `(p+4)//3 / p`, and of the memory "
-        "model on every rank. DualPipeV's bubble and memory are stated per stage (chunk) of the `2p`-stage model, "
+        "model on every rank; the figures measured at `p` = 4 and 8 are in docs/performance.md. DualPipeV's bubble and memory are stated per stage (chunk) of the `2p`-stage model, "
         "`F`, `B` (full backward) and `W` its times and `F&B` the time of an overlapped forward and backward pair: "
         "run one after the other, as layerpipe does by default, `F&B = F+B`, which makes the bubble `(p-1)/(3m)` of "
         "the compute, ZB-H1's; its `2p+1` stored stage activations are `p + 1/2` in this table's unit. The "

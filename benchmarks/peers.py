@@ -1,14 +1,16 @@
 """layerpipe beside the pipeline trainers a user would pick instead: same model, layout, batch and dtype, one run.
 
-    python benchmarks/peers.py [--rounds 3] [--repeats 5] [--widths 512 1024] [--quick] [--no-venv-peers]
+    python benchmarks/peers.py [--rounds 3] [--repeats 5] [--widths 512 1024] [--quick] [--no-venv-peers] [--v-shape]
 
 Systems, on 2 processes (pipeline 2) unless said:
 
 - layerpipe, every flushed schedule (gpipe, 1f1b, interleaved, breadth-first,
-  grouped, zero-bubble; async for reference: it never drains, so its step
-  is not the same work);
+  grouped, zero-bubble, zb-v, dualpipe-v; async for reference: it never
+  drains, so its step is not the same work);
 - ``torch.distributed.pipelining``: ScheduleGPipe, Schedule1F1B,
-  ScheduleInterleaved1F1B, ScheduleLoopedBFS, ScheduleInterleavedZeroBubble;
+  ScheduleInterleaved1F1B, ScheduleLoopedBFS, ScheduleInterleavedZeroBubble,
+  ScheduleZBVZeroBubble and ScheduleDualPipeV (these two with torch's V
+  placement: stages r and 2p-1-r on rank r);
 - pipeline × data = 2 × 2 (4 processes): layerpipe breadth-first at ZeRO-3
   against ``torch.distributed.pipelining`` (ScheduleLoopedBFS) composed with
   FSDP2 (``fully_shard`` over the data-parallel mesh dimension, weights kept
@@ -32,7 +34,9 @@ memory is its own); the launches are interleaved over ``--rounds`` rounds
 (A B C A B C ...), each timing ``--repeats`` steps bracketed by barriers
 after two warm-up steps; the table gives the median over all of them, the
 ratio to the fastest peer, and the peak resident memory per process.
-Results: ``benchmarks/results/peers.{json,md,csv}`` and ``peers.png``.
+Results: ``benchmarks/results/peers.{json,md,csv}`` and ``peers.png``;
+``--v-shape`` runs only the V schedules beside 1F1B and the zero-bubble
+orders, on 2 processes, into ``peers_vshape.*``.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ LAYERPIPE_SCHEDULES = (
     ("breadth-first", 2),
     ("grouped", 2),
     ("zero-bubble", 2),
+    ("zb-v", 2),
+    ("dualpipe-v", 2),
     ("async", 1),
 )
 TORCH_SCHEDULES = (
@@ -79,7 +85,15 @@ TORCH_SCHEDULES = (
     ("ScheduleInterleaved1F1B", 2),
     ("ScheduleLoopedBFS", 2),
     ("ScheduleInterleavedZeroBubble", 2),
+    ("ScheduleZBVZeroBubble", 2),
+    ("ScheduleDualPipeV", 2),
 )
+TORCH_V_SHAPE = ("ScheduleZBVZeroBubble", "ScheduleDualPipeV")
+"""torch's schedules that place stages in a V: rank r holds stages r and 2p-1-r (its ``generate_stage_to_rank_mapping``
+with style "v"), not the looping r and r+p."""
+V_SHAPE_ONLY = {"1f1b", "zero-bubble", "zb-v", "dualpipe-v", "Schedule1F1B", "ScheduleInterleavedZeroBubble"}
+V_SHAPE_ONLY |= set(TORCH_V_SHAPE)
+"""What ``--v-shape`` runs: the V schedules of both and the 1F1B and zero-bubble orders they improve on."""
 TOLERANCE = 1e-5
 
 
@@ -182,6 +196,8 @@ def _torch_pipeline(
     stages = ranks * stages_per_rank
     boundaries = partition(layers, stages)
     indices = [rank + ranks * k for k in range(stages_per_rank)]
+    if schedule_name in TORCH_V_SHAPE:
+        indices = [rank, 2 * ranks - 1 - rank]
     modules = {index: nn.Sequential(*layers[boundaries[index][0] : boundaries[index][1]]) for index in indices}
     if shard is not None:
         for module in modules.values():
@@ -266,11 +282,14 @@ TORCH_PAIR = {
     "interleaved": "ScheduleInterleaved1F1B",
     "breadth-first": "ScheduleLoopedBFS",
     "zero-bubble": "ScheduleInterleavedZeroBubble",
+    "zb-v": "ScheduleZBVZeroBubble",
+    "dualpipe-v": "ScheduleDualPipeV",
 }
 
 
-def systems(model: str, venv_peers: bool) -> list[dict]:
-    """Return every system to run on ``model``: name, schedule, layout and how to start it."""
+def systems(model: str, venv_peers: bool, only: set[str] | None = None) -> list[dict]:
+    """Return every system to run on ``model``: name, schedule, layout and how to start it (with ``only``, the
+    2-process ones whose schedule it names)."""
     m = 4
     found = [
         {
@@ -333,6 +352,8 @@ def systems(model: str, venv_peers: bool) -> list[dict]:
                 "peer": ("deepspeed", common + ["--pipeline", "2", "--data", "2", "--zero", "1"], 4),
             },
         ]
+    if only is not None:
+        return [entry for entry in found if entry["schedule"] in only and entry["layout"] == "2"]
     return found
 
 
@@ -355,11 +376,14 @@ def run_once(entry: dict, repeats: int, scratch: str) -> dict | None:
     return layerpipe.launch(function, processes, arguments + (repeats,), timeout=900, start_method="spawn")[0]
 
 
-def run(models: list[str], rounds: int, repeats: int, venv_peers: bool, scratch: str) -> list[dict]:
-    """Run every system of every model over ``rounds`` interleaved rounds; return one row per system."""
+def run(
+    models: list[str], rounds: int, repeats: int, venv_peers: bool, scratch: str, only: set[str] | None = None
+) -> list[dict]:
+    """Run every system of every model (or those ``only`` names) over ``rounds`` interleaved rounds; return one row
+    per system."""
     rows = []
     for model in models:
-        entries = systems(model, venv_peers)
+        entries = systems(model, venv_peers, only)
         results: dict[int, list[dict]] = {index: [] for index in range(len(entries))}
         for round_ in range(rounds):
             for index, entry in enumerate(entries):
@@ -404,6 +428,10 @@ LIMIT_SCHEDULE = {
     "ScheduleInterleaved1F1B": ("interleaved", 2),
     "ScheduleLoopedBFS": ("breadth-first", 2),
     "ScheduleInterleavedZeroBubble": ("zero-bubble", 2),
+    "zb-v": ("zb-v", 2),
+    "dualpipe-v": ("dualpipe-v", 2),
+    "ScheduleZBVZeroBubble": ("zb-v", 2),
+    "ScheduleDualPipeV": ("dualpipe-v", 2),
 }
 
 
@@ -570,12 +598,21 @@ def main() -> None:
     parser.add_argument("--no-gpt", action="store_true", help="leave out the demo GPT")
     parser.add_argument("--no-venv-peers", action="store_true", help="leave out DeepSpeed, Colossal-AI and torchgpipe")
     parser.add_argument("--quick", action="store_true", help="one round, width 512 only")
+    parser.add_argument(
+        "--v-shape",
+        action="store_true",
+        help="only the V schedules (zb-v, dualpipe-v; torch's ScheduleZBVZeroBubble, ScheduleDualPipeV) beside 1F1B "
+        "and zero-bubble, on 2 processes; results to peers_vshape.*",
+    )
     parser.add_argument("--output", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
     rounds, widths = (1, [512]) if args.quick else (args.rounds, args.widths)
     models = [f"stack-{width}" for width in widths] + ([] if args.no_gpt else ["gpt"])
     with tempfile.TemporaryDirectory(prefix="peers-") as scratch:
-        rows = run(models, rounds, args.repeats, not args.no_venv_peers, scratch)
+        rows = run(
+            models, rounds, args.repeats, not args.no_venv_peers, scratch, V_SHAPE_ONLY if args.v_shape else None
+        )
+    name = "peers_vshape" if args.v_shape else "peers"
     _ratios(rows)
     record = {
         "date": datetime.date.today().isoformat(),
@@ -584,9 +621,9 @@ def main() -> None:
         "repeats": args.repeats,
         "rows": rows,
     }
-    picture(rows, os.path.join(args.output, "peers.png"))
-    write_csv(rows, os.path.join(args.output, "peers.csv"))
-    print(write_results(args.output, "peers", record, report(rows, rounds, args.repeats)))
+    picture(rows, os.path.join(args.output, f"{name}.png"))
+    write_csv(rows, os.path.join(args.output, f"{name}.csv"))
+    print(write_results(args.output, name, record, report(rows, rounds, args.repeats)))
 
 
 if __name__ == "__main__":

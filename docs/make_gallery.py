@@ -183,6 +183,14 @@ STATED = (
         lambda p: (p + 4) // 3,
         "Qi et al., NeurIPS 2024",
     ),
+    (
+        "dualpipe-v",
+        "(p-1)(F&B+B-3W) = (p-1)/(3m)",
+        lambda p, m: (p - 1) / (3 * m),
+        "2p+1 stages = p+1/2",
+        lambda p: p + 0.5,
+        "DeepSeek-V3 report; DeepSeek's DualPipe repository (DualPipeV)",
+    ),
 )
 """Each schedule's bubble and peak activation memory as its paper states them for equal F, I and W."""
 
@@ -207,7 +215,7 @@ def unit_cost_table(ranks: tuple[int, ...], per_rank: int) -> list[str]:
     for p in ranks:
         m = per_rank * p
         for name, bubble_text, bubble, memory_text, memory, source in STATED:
-            v = 2 if name in ("zb-v", "v-half", "v-min") else 1
+            v = 2 if name in ("zb-v", "v-half", "v-min", "dualpipe-v") else 1
             cost = CostModel(forward_time=1 / v, backward_time=2 / v, activation_bytes=1 / v)
             result = simulate(build_schedule(ScheduleConfig(name, p, m, v)), cost)
             peak = max(rank.peak_activation_bytes for rank in result.ranks)
@@ -224,7 +232,11 @@ def unit_cost_table(ranks: tuple[int, ...], per_rank: int) -> list[str]:
         "reordering of the warm-up and cool-down). `tests/test_vshape.py` asserts these relations for "
         "`p` = 2 to 8, and measures V-Half's and V-Min's peaks against 1F1B's with the activation meter on gloo "
         "(`p = 4`, one model): within 10 % of the stated `(p+2)//2 / p` and `(p+4)//3 / p`, and of the memory "
-        "model on every rank.",
+        "model on every rank; the figures measured at `p` = 4 and 8 are in docs/performance.md. DualPipeV's bubble and memory are stated per stage (chunk) of the `2p`-stage model, "
+        "`F`, `B` (full backward) and `W` its times and `F&B` the time of an overlapped forward and backward pair: "
+        "run one after the other, as layerpipe does by default, `F&B = F+B`, which makes the bubble `(p-1)/(3m)` of "
+        "the compute, ZB-H1's; its `2p+1` stored stage activations are `p + 1/2` in this table's unit. The "
+        "simulated schedule meets both exactly (with `--overlap-pairs`, a pair takes the longer half).",
         "",
     ]
     return lines

@@ -39,8 +39,11 @@ def _default_text(field: dataclasses.Field, default: Any) -> str:
     return str(default)
 
 
-def add_knobs(parser: argparse.ArgumentParser | Any, defaults: Any, skip: Iterable[str] = ()) -> None:
-    """Add an option for every knob of the configuration ``defaults`` (an instance: its values are the defaults shown).
+def add_knobs(
+    parser: argparse.ArgumentParser | Any, defaults: Any, skip: Iterable[str] = (), shown: dict[str, str] | None = None
+) -> None:
+    """Add an option for every knob of the configuration ``defaults`` (an instance: its values are the defaults shown,
+    or the text ``shown`` gives a knob by name).
 
     Options default to ``None`` (not given); values stay text until the
     knob parses them.  A boolean knob gets ``--name`` and ``--no-name``.
@@ -48,7 +51,8 @@ def add_knobs(parser: argparse.ArgumentParser | Any, defaults: Any, skip: Iterab
     for field in knobs(type(defaults)):
         if field.name in skip:
             continue
-        help_text = f"{field.metadata['help']} (default: {_default_text(field, getattr(defaults, field.name))})"
+        default = (shown or {}).get(field.name) or _default_text(field, getattr(defaults, field.name))
+        help_text = f"{field.metadata['help']} (default: {default})"
         names = [COMMAND_LINE.name(field.name)] + ([field.metadata["short"]] if field.metadata.get("short") else [])
         if field.type == "bool":
             parser.add_argument(

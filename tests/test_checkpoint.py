@@ -32,11 +32,7 @@ def pipeline(options: dict) -> layerpipe.Pipeline:
     return layerpipe.Pipeline(
         mlp_layers(),
         nn.functional.mse_loss,
-        schedule="breadth-first",
-        microbatches=4,
-        optimizer=adamw,
-        timeout=60,
-        **options,
+        **{"schedule": "breadth-first", "microbatches": 4, "optimizer": adamw, "timeout": 60, **options},
     )
 
 
@@ -201,3 +197,27 @@ def test_the_top_level_package_saves_and_loads_without_a_training_dict(tmp_path)
         assert sorted(loaded) == sorted(saved) and all(torch.equal(loaded[n], saved[n]) for n in saved)
         assert not all(torch.equal(before[n], saved[n]) for n in saved), "the step changed the weights"
     assert json.load(open(os.path.join(folder, "manifest.json")))["step"] is None
+
+
+V_SCHEDULES = ("zb-v", "v-half", "v-min", "dualpipe-v")
+"""The schedules on the V-shape placement: rank r holds stages r and 2p-1-r, so a rank's stages are not consecutive."""
+
+
+def v_schedules_resume(folder: str) -> list[tuple]:
+    """Worker: per V schedule, with clipping on, train, save, train on; then a fresh pipeline loads the checkpoint and
+    trains on; return both continuations' losses and final weights."""
+    results = []
+    for name in V_SCHEDULES:
+        options = dict(schedule=name, stages_per_rank=2, clip_grad_norm=0.05)
+        losses, weights = train_save_continue(os.path.join(folder, name), options)
+        found_losses, found, step = load_continue(os.path.join(folder, name), options)
+        results.append((name, losses, weights, found_losses, found, step))
+    return results
+
+
+@pytest.mark.multiprocess
+def test_every_v_schedule_with_clipping_resumes_bit_for_bit(tmp_path):
+    for rows in layerpipe.launch(v_schedules_resume, 2, (str(tmp_path),), timeout=300):
+        for name, losses, weights, found_losses, found, step in rows:
+            assert step == STEPS_BEFORE and found_losses == losses, name
+            assert sorted(found) == sorted(weights) and all(torch.equal(found[n], weights[n]) for n in weights), name

@@ -81,6 +81,18 @@ def test_a_pair_costs_the_sum_of_its_halves_or_their_maximum_when_overlapped():
     assert overlapped < default
 
 
+@pytest.mark.parametrize("ranks", [2, 3, 4, 6, 8])
+def test_with_unit_costs_the_bubble_and_memory_are_deepseeks_formulas(ranks):
+    """DualPipeV (DeepSeek's DualPipe repository): bubble (p-1)(F&B+B-3W) in stage times, F&B = F+B when the halves
+    run one after the other, i.e. (p-1)/(3m) of the compute; 2p+1 stage activations, p + 1/2 of a whole-rank
+    stage's (the table in docs/schedules.md)."""
+    for microbatches in (2 * ranks, 4 * ranks):
+        cost = CostModel(forward_time=0.5, backward_time=1.0, activation_bytes=0.5)
+        result = simulate(build_schedule(ScheduleConfig("dualpipe-v", ranks, microbatches)), cost)
+        assert result.step_time / result.ideal_time - 1 == pytest.approx((ranks - 1) / (3 * microbatches))
+        assert max(rank.peak_activation_bytes for rank in result.ranks) == ranks + 0.5
+
+
 @pytest.mark.parametrize("recompute", ["none", "full"])
 def test_the_memory_model_counts_a_pair_as_its_forward_then_its_backward(recompute):
     schedule = build_schedule(ScheduleConfig("dualpipe-v", 3, 8, recompute=recompute))

@@ -652,6 +652,7 @@ def test_a_run_resumed_with_more_steps_prints_the_change_and_goes_on(tmp_path, d
 
 
 def test_the_learning_rate_warms_up_linearly_then_decays_by_cosine_and_no_warm_up_is_the_old_rule():
+    """Warm-up is on by default (test_training_defaults.py); ``warmup_steps=0`` gives the rule of before."""
     import math
 
     from layerpipe.train.config import TrainConfig
@@ -661,9 +662,9 @@ def test_the_learning_rate_warms_up_linearly_then_decays_by_cosine_and_no_warm_u
     rates = [get_lr(step, warm) for step in range(10)]
     assert rates[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]  # (step + 1) / (warmup + 1), then the peak
     assert all(a > b for a, b in zip(rates[4:], rates[5:])) and rates[-1] == pytest.approx(0.1)
-    plain = TrainConfig(steps=7, learning_rate=3e-3)
+    plain = TrainConfig(steps=7, learning_rate=3e-3, warmup_steps=0)
     old = [3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / 6))) for step in range(7)]
-    assert [get_lr(step, plain) for step in range(7)] == old  # bit for bit: the default run is unchanged
+    assert [get_lr(step, plain) for step in range(7)] == old  # bit for bit: the run of before
 
 
 def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
@@ -683,7 +684,7 @@ def as_float32(values) -> list[float]:
 
 
 @pytest.mark.multiprocess
-def test_a_killed_run_with_warm_up_resumes_bit_for_bit_and_its_tensorboard_curves_go_on(tmp_path):
+def test_a_killed_run_with_warm_up_and_clipping_resumes_bit_for_bit_and_its_tensorboard_curves_go_on(tmp_path):
     pytest.importorskip("tensorboard")
     import torch
 
@@ -710,6 +711,7 @@ def test_a_killed_run_with_warm_up_resumes_bit_for_bit_and_its_tensorboard_curve
     expected = json.loads((straight / "summary.json").read_text())
     found = json.loads((killed / "summary.json").read_text())
     assert found["losses"] == expected["losses"] and found["learning_rates"] == expected["learning_rates"]
+    assert found["grad_norms"] == expected["grad_norms"] and len(found["grad_norms"]) == 6
     config = TrainConfig(steps=6, warmup_steps=2, learning_rate=0.01)
     assert found["learning_rates"] == [get_lr(step, config) for step in range(6)]
     assert found["learning_rates"][0] < found["learning_rates"][1] < found["learning_rates"][2] == 0.01
@@ -723,7 +725,7 @@ def test_a_killed_run_with_warm_up_resumes_bit_for_bit_and_its_tensorboard_curve
         assert [step for step, _ in scalars["train/step_time"]] == steps
         assert [step for step, value in scalars["train/tokens_per_second"] if value > 0] == steps
         assert scalars["eval/loss"] == [(6, as_float32([summary["eval_loss"]])[0])]
-        assert "train/grad_norm" not in scalars  # no clipping, no norm measured
+        assert scalars["train/grad_norm"] == list(zip(steps, as_float32(summary["grad_norms"])))  # clipped by default
 
 
 @pytest.mark.multiprocess

@@ -283,6 +283,22 @@ def pipeline_ranks(processes: int, data_parallel: object) -> int:
     return processes // data_parallel
 
 
+def ranks_under_torchrun(schedule_values: dict, world: int, spatial: int) -> int:
+    """Return the pipeline ranks of the ``world`` processes torchrun started (given ``data_parallel`` and ``spatial``);
+    refuse, with ``ConfigError`` on ``ranks``, a given ``ranks`` that disagrees."""
+    data_parallel = schedule_values.get("data_parallel", 1)
+    ranks = pipeline_ranks(world // spatial if world % spatial == 0 else world, data_parallel)
+    if schedule_values.get("ranks", ranks) != ranks:
+        raise ConfigError(
+            "ranks",
+            schedule_values["ranks"],
+            f"torchrun started {world} processes = `ranks` × "
+            f"`data_parallel` ({data_parallel}) × `spatial` ({spatial}); leave `ranks` out or make "
+            f"them agree",
+        )
+    return ranks
+
+
 def validate_config(config: ScheduleConfig) -> ScheduleConfig:
     """Return ``config`` unchanged if it is consistent, else raise ``ConfigError``.
 

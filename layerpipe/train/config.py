@@ -14,12 +14,25 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..knobs import COMMAND_LINE, ConfigError, Spelling, check_fields, knob, knobs, number, one_of, toml_spelling, whole
+from ..knobs import (
+    COMMAND_LINE,
+    ConfigError,
+    Spelling,
+    check_fields,
+    knob,
+    knobs,
+    number,
+    one_of,
+    optional,
+    toml_spelling,
+    whole,
+)
 from ..models.config import GPTConfig, LlamaDemoConfig, SuperResConfig
 from ..ops.pattern import SPARSE_KERNELS, nm_pattern, parse_pattern
 from ..options import Parser, add_knobs, given, read_toml
 from ..run_options import PRECISIONS, check_precision, check_spatial, chunk_rule, seconds_rule
-from ..schedule.config import ScheduleConfig, pipeline_ranks, validate_config
+from ..schedule.config import ScheduleConfig, ranks_under_torchrun, validate_config
+from .defaults import CLIP_GRAD_NORM, WARMUP_TEXT, default_clip_grad_norm, default_warmup
 from .folders import check_init_from, check_output, check_resume, run_folder_of
 from .metrics import tensorboard_folder
 
@@ -37,7 +50,7 @@ SPARSITY_METHODS = ("fixed", "sr-ste")
 class TrainConfig:
     """Everything a training run is set up by; the defaults finish in about two minutes on two cores."""
 
-    pipeline: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(ranks=2))
+    pipeline: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(ranks=2, clip_grad_norm=CLIP_GRAD_NORM))
     gpt: GPTConfig = field(default_factory=GPTConfig)
     superres: SuperResConfig = field(default_factory=SuperResConfig)
     llama: LlamaDemoConfig = field(default_factory=LlamaDemoConfig)
@@ -79,8 +92,12 @@ class TrainConfig:
         check=number(0.0, above=True),
         metavar="RATE",
     )
-    warmup_steps: int = knob(
-        0, "steps of linear learning-rate warm-up before the cosine decay", check=whole(0), metavar="N"
+    warmup_steps: int | None = knob(
+        None,
+        "steps of linear learning-rate warm-up before the cosine decay (0: none)",
+        check=optional(whole(0)),
+        metavar="N",
+        default_text=WARMUP_TEXT,
     )
     seed: int = knob(0, "seed for weights and batches (the same on every rank)", check=whole(0), metavar="N")
     sample_length: int = knob(300, "characters of text to generate after training", check=whole(0), metavar="N")
@@ -169,6 +186,11 @@ class TrainConfig:
     )
 
     @property
+    def warmup(self) -> int:
+        """Return the warm-up steps of the run: ``warmup_steps``, or when not given the default for ``steps``."""
+        return default_warmup(self.steps) if self.warmup_steps is None else self.warmup_steps
+
+    @property
     def processes(self) -> int:
         """Return the number of processes the run needs: pipeline ranks × data-parallel replicas × spatial chunks."""
         return self.pipeline.ranks * self.pipeline.data_parallel * self.spatial
@@ -181,6 +203,7 @@ class TrainConfig:
             **{f.name: getattr(self.superres, f.name) for f in knobs(SuperResConfig)},
             **self.llama.to_json(),
             **{f.name: getattr(self, f.name) for f in knobs(TrainConfig)},
+            "warmup_steps": self.warmup,
         }
 
 
@@ -201,7 +224,11 @@ def build_parser(skip: Iterable[str] = ()) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file with any of the options below")
     defaults = TrainConfig()
-    add_knobs(parser.add_argument_group("schedule (ScheduleConfig)"), defaults.pipeline)
+    add_knobs(
+        parser.add_argument_group("schedule (ScheduleConfig)"),
+        defaults.pipeline,
+        shown={"clip_grad_norm": f"{CLIP_GRAD_NORM}, off for async; none: off"},
+    )
     add_knobs(parser.add_argument_group("model (GPTConfig)"), defaults.gpt)
     add_knobs(parser.add_argument_group("super-resolution model (SuperResConfig)"), defaults.superres)
     add_knobs(parser.add_argument_group("Llama model (LlamaDemoConfig)"), defaults.llama)
@@ -231,14 +258,17 @@ def config_from(arguments: argparse.Namespace, world: int | None = None, writes_
             values[cls].update(found)
             spelling.update({name: COMMAND_LINE for name in found})
         if world is not None:
-            values[ScheduleConfig]["ranks"] = _ranks_under_torchrun(
+            values[ScheduleConfig]["ranks"] = ranks_under_torchrun(
                 values[ScheduleConfig], world, values[TrainConfig].get("spatial", 1)
             )
         resume = values[TrainConfig].get("resume")
         if resume is not None and "output" not in values[TrainConfig]:
             values[TrainConfig]["output"] = run_folder_of(resume)
+        pipeline = ScheduleConfig(**{"ranks": 2, **values[ScheduleConfig]})
+        if "clip_grad_norm" not in values[ScheduleConfig]:
+            pipeline = dataclasses.replace(pipeline, clip_grad_norm=default_clip_grad_norm(pipeline))
         config = TrainConfig(
-            pipeline=ScheduleConfig(**{"ranks": 2, **values[ScheduleConfig]}),
+            pipeline=pipeline,
             gpt=GPTConfig(**values[GPTConfig]),
             superres=SuperResConfig(**values[SuperResConfig]),
             llama=LlamaDemoConfig(**values[LlamaDemoConfig]),
@@ -250,20 +280,6 @@ def config_from(arguments: argparse.Namespace, world: int | None = None, writes_
     except ConfigError as error:
         raise error.spelled(spelling.get(error.field, COMMAND_LINE)) from None
     return config
-
-
-def _ranks_under_torchrun(schedule_values: dict, world: int, spatial: int) -> int:
-    data_parallel = schedule_values.get("data_parallel", 1)
-    ranks = pipeline_ranks(world // spatial if world % spatial == 0 else world, data_parallel)
-    if schedule_values.get("ranks", ranks) != ranks:
-        raise ConfigError(
-            "ranks",
-            schedule_values["ranks"],
-            f"torchrun started {world} processes = `ranks` × "
-            f"`data_parallel` ({data_parallel}) × `spatial` ({spatial}); leave `ranks` out or make "
-            f"them agree",
-        )
-    return ranks
 
 
 def check_config(config: TrainConfig) -> None:
@@ -291,7 +307,7 @@ def check_config(config: TrainConfig) -> None:
             f"must be a multiple of `microbatches` "
             f"({schedule.microbatches}) × `data_parallel` ({schedule.data_parallel})",
         )
-    if config.warmup_steps >= config.steps:
+    if config.warmup_steps is not None and config.warmup_steps >= config.steps:
         raise ConfigError(
             "warmup_steps", config.warmup_steps, f"must be below `steps` ({config.steps}): the cosine decay follows it"
         )

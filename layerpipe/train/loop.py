@@ -49,8 +49,9 @@ class TrainingStopped(RuntimeError):
 
 def get_lr(step: int, config: TrainConfig) -> float:
     """Return the learning rate of ``step``: a linear warm-up over ``warmup_steps`` to ``learning_rate``, then cosine
-    decay to a tenth of it by the last step (no warm-up: the decay starts at step 0)."""
-    warmup = config.warmup_steps
+    decay to a tenth of it by the last step (no warm-up: the decay starts at step 0).  ``config.warmup`` is
+    ``warmup_steps``, or by default a quarter of the steps, at most 100."""
+    warmup = config.warmup
     if step < warmup:
         return config.learning_rate * (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, config.steps - 1 - warmup)

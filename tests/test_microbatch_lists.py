@@ -90,11 +90,11 @@ def run_cases(cases: list[dict]) -> list[tuple]:
     """Worker: train every case ``STEPS`` steps on lists of micro-batches, evaluating after each step."""
     results = []
     for options in cases:
+        options = {"microbatches": MICROBATCHES, **options}  # dualpipe-v's cases ask for the 2p it needs
         pipe = layerpipe.Pipeline(
-            layers(), next_token_loss, microbatches=MICROBATCHES, clip_grad_norm=LIMIT, timeout=60,
-            optimizer=_optimizer, **options,
+            layers(), next_token_loss, clip_grad_norm=LIMIT, timeout=60, optimizer=_optimizer, **options,
         )  # fmt: skip
-        count = MICROBATCHES * options.get("data_parallel", 1)
+        count = options["microbatches"] * options.get("data_parallel", 1)
         losses, norms, evaluations = [], [], []
         for step in range(STEPS):
             losses.append(pipe.train_step(*microbatch_lists(step, count)))

@@ -31,7 +31,7 @@ from layerpipe.sim.cost import CostModel
 from layerpipe.sim.cost_file import write_cost_file
 from layerpipe.sim.gpt_costs import GPTShape, layer_activation_bytes, layer_forward_flops, layer_parameters
 from layerpipe.sim.hardware import PRESETS
-from layerpipe.train.config import build_parser, config_from
+from layerpipe.train.config import TrainConfig, build_parser, config_from
 
 SMALL = GPTShape(vocab_size=50, block_size=16, width=32, heads=4, blocks=3)
 
@@ -228,7 +228,9 @@ def test_the_plan_is_a_train_config_file_with_the_chosen_knobs(tmp_path):
     path = tmp_path / "plan.toml"
     path.write_text(train_toml(result.best[0], result, request))
     config = config_from(build_parser().parse_args(["--config", str(path), "--output", str(tmp_path / "run")]))
-    assert config.pipeline == result.best[0].candidate.schedule
+    chosen = result.best[0].candidate.schedule  # the plan leaves clipping out: train's default (on) applies
+    assert dataclasses.replace(config.pipeline, clip_grad_norm=chosen.clip_grad_norm) == chosen
+    assert config.pipeline.clip_grad_norm == TrainConfig().pipeline.clip_grad_norm
     assert config.batch_size == 32 and config.processes == 2
     assert (config.gpt.width, config.gpt.blocks) == (MODELS["demo"].width, MODELS["demo"].blocks)
 

@@ -115,11 +115,10 @@ def run_cases(cases: list[dict]) -> list[tuple]:
     """Worker: train every case with clipping; return per case the losses, norms, weights and the tie groups."""
     results = []
     for options in cases:
-        options = dict(options)
+        options = {"microbatches": 4, **options}  # dualpipe-v's cases ask for the 2p it needs
         layers = MODELS[options.pop("model", "head")]()
         pipe = layerpipe.Pipeline(
-            layers, nn.functional.mse_loss, microbatches=4, clip_grad_norm=LIMIT, timeout=60,
-            optimizer=optimizer, **options,
+            layers, nn.functional.mse_loss, clip_grad_norm=LIMIT, timeout=60, optimizer=optimizer, **options,
         )  # fmt: skip
         losses, norms = [], []
         for step in range(STEPS):

@@ -119,23 +119,21 @@ def table(record: dict, args) -> list[str]:
         "",
         f"float32 Llama, width {args.width}, {args.layers} decoder layers, MLP {4 * args.width}, vocabulary "
         f"{args.vocabulary}: the whole model is {model / GIB:.2f} GiB. One 1F1B evaluation step, 1 row × 32 tokens; "
-        f"each stage also holds its flat gradient buffer, as large as its parameters, the last column leaves it out. "
+        f"a stage makes its gradient buffer at its first backward, so an evaluation holds none. "
         f"Builds: " + "; ".join(f"{name}: {text}" for name, text in BUILDS.items()) + ".",
         "",
         "| build | process | layers | own stages | peak before build | peak after step | resident after step "
-        "| peak − before | of which not the gradient buffer |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| peak − before |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for build, rows in record["runs"].items():
         for row in rows:
             grown = row["peak_after_step_bytes"] - row["peak_before_build_bytes"]
-            held = grown - row["own_stage_bytes"]  # the stage's flat gradient buffer is as large as its parameters
             lines.append(
                 f"| {build} | {row['rank']} | {row['layers'][row['rank']]} | {row['own_stage_bytes'] / GIB:.2f} GiB "
                 f"({row['own_stage_bytes'] / model:.0%}) | {row['peak_before_build_bytes'] / GIB:.2f} GiB | "
                 f"{row['peak_after_step_bytes'] / GIB:.2f} GiB | {row['resident_after_step_bytes'] / GIB:.2f} GiB | "
-                f"{grown / GIB:.2f} GiB ({grown / model:.0%} of the model) | "
-                f"{held / GIB:.2f} GiB ({held / model:.0%} of the model) |"
+                f"{grown / GIB:.2f} GiB ({grown / model:.0%} of the model) |"
             )
     return lines
 

@@ -82,14 +82,16 @@ class StageShard:
         for parameter, (start, end) in zip(self.parameters, self.spans):
             self.flat[start:end].copy_(parameter.detach().reshape(-1))
             parameter.data = self.flat[start:end].view_as(parameter)
-        self.flat_grad = torch.zeros(padded, dtype=dtype, device=device)
-        self._attach_gradients()
+        # made (zeroed) at the stage's first backward, ``ensure_gradients``: a pipeline that only evaluates, and every
+        # stage until its first backward, holds no gradient buffer
+        self.flat_grad = torch.empty(padded, dtype=dtype, device=device)
+        self.flat_grad.untyped_storage().resize_(0)
         if self.zero == 0:
             self.optimized = list(self.parameters)
         else:
             data = self.flat[low:high].clone() if self.zero == 3 else self.flat[low:high]
             shard = nn.Parameter(data)
-            shard.grad = self.flat_grad[low:high] if self.zero == 1 else torch.zeros_like(data)
+            shard.grad = None if self.zero == 1 else torch.zeros_like(data)  # ZeRO-1: a view of the buffer, once made
             self.optimized = [shard]
         self.shard = self.optimized[0] if self.zero else None
         self.gathered = True
@@ -111,11 +113,12 @@ class StageShard:
 
     @property
     def has_gradients(self) -> bool:
-        """Return whether the full gradient buffer is allocated (always, below ZeRO-2)."""
+        """Return whether the full gradient buffer is allocated (below ZeRO-2: from the stage's first backward on)."""
         return self.flat_grad.untyped_storage().nbytes() > 0 or self.flat_grad.numel() == 0
 
     def ensure_gradients(self) -> bool:
-        """Refill the emptied gradient buffer (ZeRO-2/3) before a backward accumulates into it; return whether it did."""
+        """Make or refill the gradient buffer (first backward; ZeRO-2/3: after each reduce emptied it) before a backward
+        accumulates into it; return whether it did."""
         if self.has_gradients:
             return False
         self.before_backward()
@@ -130,6 +133,9 @@ class StageShard:
     def _attach_gradients(self) -> None:
         for parameter, (start, end) in zip(self.parameters, self.spans):
             parameter.grad = self.flat_grad[start:end].view_as(parameter)
+        if self.zero == 1:
+            low, high = self.shard_bounds
+            self.shard.grad = self.flat_grad[low:high]
 
     def gather(self):
         """Issue the all-gather of the replicas' shards into the full parameter buffer; return its work.

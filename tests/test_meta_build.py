@@ -101,6 +101,7 @@ def meta_builds() -> list:
         expected = named_tensors(reference_llama)
         llama_error = largest_difference(state, expected)
         loss = pipe.eval_step(ids, labels)
+        assert not any(shard.has_gradients for shard in pipe.shards.values()), "evaluating makes no gradient buffer"
         tied_loss = pipeline(hf.split(meta_llama(tied=True)), layout, seed=7).eval_step(ids, labels)
         errors = [abs(value - expected) / expected for value, expected in ((loss, reference_loss), (tied_loss, tied))]
         results.append((torch_error, llama_error, sorted(state), max(errors)))

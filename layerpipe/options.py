@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .knobs import COMMAND_LINE, ConfigError, check_type, knobs, parse_text, toml_spelling
+from .knobs import COMMAND_LINE, ConfigError, check_type, field_type, knobs, parse_text, toml_spelling
 
 
 class Parser(argparse.ArgumentParser):
@@ -111,6 +111,8 @@ def read_toml(
             continue
         if name not in owners:
             raise ConfigError(option, path, f"unknown key {key!r} (valid: {', '.join(sorted(owners))})")
+        if value == "none" and field_type(owners[name], name).endswith("| None"):
+            value = None  # TOML has no null: "none" stands for it, as on the command line
         try:
             check_type(owners[name], name, value)
         except ConfigError as error:

@@ -286,6 +286,8 @@ def test_four_processes_and_two_by_two_with_zero3_train_as_the_unsplit_model():
         ("llama", True, "1f1b", dict(microbatches=4)),
         ("gpt2", False, "breadth-first", dict(microbatches=2, stages_per_rank=2, data_parallel=2, zero=3)),
         ("llama", True, "interleaved", dict(microbatches=2, stages_per_rank=2, data_parallel=2, zero=3)),
+        ("llama-tied", True, "1f1b", dict(microbatches=4, untie=False)),
+        ("gpt2", True, "breadth-first", dict(microbatches=2, stages_per_rank=2, data_parallel=2, zero=3, untie=False)),
     ]
     check(4, cases)
 

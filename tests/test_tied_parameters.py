@@ -171,7 +171,7 @@ def test_two_ranks_train_a_tied_weight_as_one_process_for_every_schedule_the_vsh
 
 @pytest.mark.multiprocess
 def test_four_ranks_and_two_replicas_at_every_zero_level_train_a_tied_weight_as_one_process():
-    four = [dict(schedule=name) for name in ("1f1b", "interleaved", "zb-v", "v-half")]
+    four = flushed_cases(4)  # every flushed schedule of the registry
     replicated = [dict(schedule="breadth-first", data_parallel=2, zero=zero) for zero in range(4)]
     check(4, four + replicated + [dict(schedule="1f1b", data_parallel=2, zero=3, reduce_portions=2)])
 

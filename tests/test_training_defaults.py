@@ -34,6 +34,8 @@ def test_train_clips_by_default_except_where_clipping_cannot_run_or_none_is_aske
     assert configured(tmp_path, "--steps", "1").warmup == 0, "a one-step run is accepted"
     assert configured(tmp_path, "--clip-grad-norm", "none").pipeline.clip_grad_norm is None
     assert configured(tmp_path, "--clip-grad-norm", "0.5").pipeline.clip_grad_norm == 0.5
+    (tmp_path / "off.toml").write_text('clip_grad_norm = "none"\n')  # TOML has no null
+    assert configured(tmp_path, "--config", str(tmp_path / "off.toml")).pipeline.clip_grad_norm is None
     assert configured(tmp_path, "--schedule", "async").pipeline.clip_grad_norm is None
     assert configured(tmp_path, "--step-placement", "early").pipeline.clip_grad_norm is None
     helps = {action.dest: action.help for action in train_parser()._actions}

@@ -165,6 +165,7 @@ def closed_pipelines_keep_no_threads() -> tuple[int, int, float]:
         for _ in range(1 if not counts else 5):
             with layerpipe.Pipeline(layers(), nn.functional.mse_loss, "1f1b", microbatches=2, data_parallel=2) as pipe:
                 loss = pipe.train_step(inputs, targets)
+                pipe.close()  # and once more on leaving the block: the second call does nothing
         counts.append(_threads())
     return counts[0], counts[1], loss
 

@@ -292,8 +292,9 @@ def _read_json(path: str) -> dict:
 def _templates(pipe, optimizer_keys: dict[str, str], held_keys: set[str]) -> dict[str, torch.Tensor]:
     """Return empty tensors for every value this process's stages need from a checkpoint, by checkpoint key.
 
-    A tied parameter's other holders read its first name (where it is stored once); every process reads each of
-    its names the checkpoint holds (``held_keys``), so that every one sees copies that disagree."""
+    A tied parameter's other holders read its first name (where it is stored once); where a checkpoint holds
+    several of its names (``held_keys``), every process reads them all, so that every one sees copies that
+    disagree."""
     templates, renamed = {}, aliases(pipe.tied)
     for index in sorted(pipe.stages):
         stage = pipe.stages[index]
@@ -314,8 +315,8 @@ def _templates(pipe, optimizer_keys: dict[str, str], held_keys: set[str]) -> dic
                     shape = () if shape_kind == "scalar" else parameter.shape
                     saved = renamed.get(prefix + name, prefix + name)
                     templates[f"optimizer.{saved}.{key}"] = torch.empty(shape, dtype=getattr(torch, dtype))
-    for parameter in pipe.tied:  # every process reads every stored copy: all refuse copies that disagree alike
-        for name in parameter.names.values():
-            if f"model.{name}" in held_keys:
-                templates[f"model.{name}"] = torch.empty(parameter.shape, dtype=parameter.dtype)
+    for parameter in pipe.tied:  # where several copies are stored every process reads them: all refuse alike
+        stored = [name for name in parameter.names.values() if f"model.{name}" in held_keys]
+        for name in stored if len(stored) > 1 else ():  # stored once (as layerpipe writes): nothing to compare
+            templates[f"model.{name}"] = torch.empty(parameter.shape, dtype=parameter.dtype)
     return templates

@@ -116,7 +116,7 @@ class Pipeline:
             track_memory,
             weights,
         )
-        self.check_every, self.precision, self._timeout = check_every, precision, timeout
+        self.check_every, self.precision, self._timeout, self._closed = check_every, precision, timeout, False
         self.training = True  # as a new nn.Module: train_step runs the layers in their own modes
         self.schedule, self.layout, self.groups, self.device = parts.schedule, parts.layout, parts.groups, parts.device
         self.global_rank, self.loss_rank, self.boundaries = parts.global_rank, parts.loss_rank, parts.boundaries
@@ -146,19 +146,19 @@ class Pipeline:
         mean over counted tokens (``runtime/microbatch_lists.py``, which says
         what it refuses).
 
-        Async: feeds the batch's ``microbatches`` sub-minibatches into the
-        stream and returns without draining; the gradients live inside the
-        stream (each stage's are zeroed after its update).  The loss returned
-        is the mean over this call's sub-minibatches, each computed by its
-        forward on the weights every stage held when it passed.
+        Async: feeds the batch's sub-minibatches into the stream and returns
+        without draining; the loss is the mean of their losses, each on the
+        weights its forward passed (``docs/async.md``).
         """
         return self._runs.train(inputs, targets)
 
     def close(self) -> None:
         """Release the process groups the pipeline made, once every process calls it (async: after a ``flush``);
         the pipeline cannot run afterwards.  ``with Pipeline(...) as pipe:`` closes it at the end."""
-        self.flush()
-        release_groups(self.groups, self.executor.ties.process_groups.values())
+        if not self._closed:  # a second call (close inside a with block) has nothing left to release
+            self.flush()
+            release_groups(self.groups, self.executor.ties.process_groups.values())
+            self._closed = True
 
     def __enter__(self) -> Pipeline:
         return self

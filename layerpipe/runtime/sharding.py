@@ -83,7 +83,8 @@ class StageShard:
             self.flat[start:end].copy_(parameter.detach().reshape(-1))
             parameter.data = self.flat[start:end].view_as(parameter)
         # made (zeroed) at the stage's first backward, ``ensure_gradients``: a pipeline that only evaluates, and every
-        # stage until its first backward, holds no gradient buffer
+        # stage until its first backward, holds no gradient buffer.  It is sized here and emptied at once: on CPU its
+        # untouched pages never become resident; CUDA's caching allocator keeps the block for the first backward.
         self.flat_grad = torch.empty(padded, dtype=dtype, device=device)
         self.flat_grad.untyped_storage().resize_(0)
         if self.zero == 0:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+from test_train import run_train
 
 pytest.importorskip("transformers")
 
@@ -46,16 +47,6 @@ LLAMA = [
     "--steps",
     "24",
 ]
-
-
-def run_train(*arguments, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "layerpipe.cli", "train", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-    )
 
 
 def weights_of(folder):
